@@ -1,0 +1,32 @@
+"""calibrl_kernels: fused log-prob / entropy / group-statistics / CalibRL-loss ops for PyTorch.
+
+Public API (see DESIGN.md): token_logprobs, linear_token_logprobs, group_advantages, expert_baseline,
+calibrl_loss, fused_calibrl_loss, fused_linear_calibrl_loss, CalibRLConfig, GroupStats, LossOutput.
+``calibrl_kernels.reference`` holds the torch reference of every op.
+"""
+
+from ._version import __version__
+from .config import CalibRLConfig, GroupStats, LossOutput
+from .ops import (
+    calibrl_loss,
+    expert_baseline,
+    fused_calibrl_loss,
+    fused_linear_calibrl_loss,
+    group_advantages,
+    linear_token_logprobs,
+    token_logprobs,
+)
+
+__all__ = [
+    "__version__",
+    "CalibRLConfig",
+    "GroupStats",
+    "LossOutput",
+    "calibrl_loss",
+    "expert_baseline",
+    "fused_calibrl_loss",
+    "fused_linear_calibrl_loss",
+    "group_advantages",
+    "linear_token_logprobs",
+    "token_logprobs",
+]

@@ -1,0 +1,277 @@
+"""Input validation for every public op, in one place.
+
+Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape, device or
+value) with a message that names the argument and states what was expected and what was given.
+Nothing is broadcast or truncated silently: per-row tensors must have exactly B rows, per-token
+tensors exactly (B, T).
+
+Checks on tensor *values* (targets in range, every group has an on-policy row) read the data and so
+synchronise a GPU with the host; set ``CALIBRL_VALUE_CHECKS=0`` to skip only those in hot loops.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from .config import CalibRLConfig
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def value_checks_enabled() -> bool:
+    """Whether checks that read tensor values (and synchronise the device) run."""
+    return os.environ.get("CALIBRL_VALUE_CHECKS", "1") != "0"
+
+
+def require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float32, bfloat16, float16 or float64), got {t.dtype}")
+
+
+def check_integer(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{name}: expected an integer dtype (int64 or int32), got {t.dtype}")
+
+
+def check_bool(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.bool:
+        raise TypeError(f"{name}: expected dtype torch.bool, got {t.dtype}")
+
+
+def check_mask_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.bool and t.dtype not in FLOAT_DTYPES and t.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise TypeError(f"{name}: expected a bool, integer or floating 0/1 mask, got {t.dtype}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {what} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_ndim(name: str, t: torch.Tensor, allowed: Sequence[int], what: str) -> None:
+    if t.dim() not in allowed:
+        raise ValueError(f"{name}: expected {what}, got a {t.dim()}-d tensor of shape {tuple(t.shape)}")
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device, reference_name: str) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of {reference_name}), got one on {t.device}")
+
+
+def check_positive_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+
+
+def check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """targets must lie in [0, V) or equal ignore_index."""
+    if not value_checks_enabled() or targets.numel() == 0:
+        return
+    bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0]) if bad.dim() == 1 else tuple(bad.nonzero()[0].tolist())
+        value = int(targets[first])
+        raise ValueError(
+            f"targets: expected values in [0, {vocab_size}) or ignore_index={ignore_index}, "
+            f"got {value} at position {first}"
+        )
+
+
+def check_token_logprobs_inputs(logits: torch.Tensor, targets: torch.Tensor, temperature, ignore_index) -> None:
+    require_tensor("logits", logits)
+    require_tensor("targets", targets)
+    check_floating("logits", logits)
+    check_integer("targets", targets)
+    check_ndim("logits", logits, (2, 3), "(N, V) or (B, T, V)")
+    check_shape("targets", targets, logits.shape[:-1], "logits.shape[:-1]")
+    check_device("targets", targets, logits.device, "logits")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits: expected a vocabulary of at least one entry, got V = 0")
+    check_positive_number("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_targets(targets, logits.shape[-1], ignore_index)
+
+
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias, temperature, ignore_index) -> None:
+    require_tensor("hidden", hidden)
+    require_tensor("weight", weight)
+    require_tensor("targets", targets)
+    check_floating("hidden", hidden)
+    check_floating("weight", weight)
+    check_integer("targets", targets)
+    check_ndim("hidden", hidden, (2, 3), "(N, D) or (B, T, D)")
+    check_ndim("weight", weight, (2,), "(V, D)")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight: expected shape (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight: expected a vocabulary of at least one row, got V = 0")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    check_shape("targets", targets, hidden.shape[:-1], "hidden.shape[:-1]")
+    check_device("weight", weight, hidden.device, "hidden")
+    check_device("targets", targets, hidden.device, "hidden")
+    if bias is not None:
+        require_tensor("bias", bias)
+        check_floating("bias", bias)
+        check_shape("bias", bias, (weight.shape[0],), "(V,)")
+        check_device("bias", bias, hidden.device, "hidden")
+    check_positive_number("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_targets(targets, weight.shape[0], ignore_index)
+
+
+def check_group_inputs(scores: torch.Tensor, group_ids: torch.Tensor, is_expert: Optional[torch.Tensor]) -> None:
+    require_tensor("scores", scores)
+    require_tensor("group_ids", group_ids)
+    check_floating("scores", scores)
+    check_ndim("scores", scores, (1,), "(B,)")
+    check_integer("group_ids", group_ids)
+    check_shape("group_ids", group_ids, scores.shape, "(B,) like scores")
+    check_device("group_ids", group_ids, scores.device, "scores")
+    if scores.numel() == 0:
+        raise ValueError("scores: expected at least one row, got B = 0")
+    if is_expert is not None:
+        require_tensor("is_expert", is_expert)
+        check_bool("is_expert", is_expert)
+        check_shape("is_expert", is_expert, scores.shape, "(B,) like scores")
+        check_device("is_expert", is_expert, scores.device, "scores")
+
+
+def check_every_group_has_on_policy_rows(count: torch.Tensor, group_keys: torch.Tensor) -> None:
+    """count (G,): on-policy rows per group. A group made of expert rows only has no statistics."""
+    if not value_checks_enabled():
+        return
+    empty = count == 0
+    if bool(empty.any()):
+        keys = group_keys[empty][:5].tolist()
+        raise ValueError(
+            f"is_expert: expected every group to have at least one on-policy row, "
+            f"got {int(empty.sum())} group(s) with expert rows only (group ids {keys})"
+        )
+
+
+def check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert) -> None:
+    require_tensor("old_logp", old_logp)
+    check_floating("old_logp", old_logp)
+    check_ndim("old_logp", old_logp, (2,), "(B, T)")
+    B = old_logp.shape[0]
+    for name, t, what in (("mask", mask, "(B, T)"), ("group_ids", group_ids, "(B,)"), ("is_expert", is_expert, "(B,)")):
+        require_tensor(name, t)
+        check_shape(name, t, old_logp.shape if what == "(B, T)" else (B,), what)
+        check_device(name, t, old_logp.device, "old_logp")
+    check_mask_dtype("mask", mask)
+    check_integer("group_ids", group_ids)
+    check_bool("is_expert", is_expert)
+
+
+def check_one_expert_per_group(expert_count: torch.Tensor, group_keys: torch.Tensor) -> None:
+    if not value_checks_enabled():
+        return
+    bad = expert_count != 1
+    if bool(bad.any()):
+        idx = bad.nonzero()[0, 0]
+        raise ValueError(
+            f"is_expert: expected exactly one expert row in every group, got {int(expert_count[idx])} "
+            f"in group {int(group_keys[idx])} ({int(bad.sum())} group(s) affected)"
+        )
+
+
+def check_config(config) -> None:
+    if not isinstance(config, CalibRLConfig):
+        raise TypeError(f"config: expected a CalibRLConfig, got {type(config).__name__}")
+
+
+def check_loss_inputs(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    expert_logp: Optional[torch.Tensor],
+    passed: Optional[torch.Tensor],
+    is_expert: Optional[torch.Tensor],
+    entropy: Optional[torch.Tensor],
+    expert_mask: Optional[torch.Tensor],
+    config: CalibRLConfig,
+    logp_name: str = "logp",
+    computes_entropy: bool = False,
+) -> None:
+    """Validate the (B, T) / (B,) tensors of the loss against logp's shape and device.
+
+    Fused ops pass old_logp as ``logp`` (logp_name="old_logp") and computes_entropy=True.
+    """
+    check_config(config)
+    require_tensor(logp_name, logp)
+    check_floating(logp_name, logp)
+    check_ndim(logp_name, logp, (2,), "(B, T)")
+    B, T = logp.shape
+    device = logp.device
+
+    def per_token(name, t, floating=True):
+        require_tensor(name, t)
+        check_shape(name, t, (B, T), "(B, T)")
+        check_device(name, t, device, logp_name)
+        if floating:
+            check_floating(name, t)
+
+    def per_row(name, t):
+        require_tensor(name, t)
+        check_shape(name, t, (B,), "(B,)")
+        check_device(name, t, device, logp_name)
+        check_bool(name, t)
+
+    per_token("old_logp", old_logp)
+    per_token("mask", mask, floating=False)
+    check_mask_dtype("mask", mask)
+    require_tensor("advantages", advantages)
+    check_floating("advantages", advantages)
+    if tuple(advantages.shape) not in ((B,), (B, T)):
+        raise ValueError(f"advantages: expected shape (B,) = {(B,)} or (B, T) = {(B, T)}, got {tuple(advantages.shape)}")
+    check_device("advantages", advantages, device, logp_name)
+    if expert_logp is not None:
+        require_tensor("expert_logp", expert_logp)
+        check_floating("expert_logp", expert_logp)
+        if tuple(expert_logp.shape) not in ((B,), (B, T)):
+            raise ValueError(
+                f"expert_logp: expected shape (B, T) = {(B, T)} (position baseline) or (B,) = {(B,)} "
+                f"(one baseline per row), got {tuple(expert_logp.shape)}"
+            )
+        check_device("expert_logp", expert_logp, device, logp_name)
+    if passed is not None:
+        per_row("passed", passed)
+    if is_expert is not None:
+        per_row("is_expert", is_expert)
+    if entropy is not None:
+        per_token("entropy", entropy)
+    if expert_mask is not None:
+        per_token("expert_mask", expert_mask, floating=False)
+        check_mask_dtype("expert_mask", expert_mask)
+    if config.uses_guide:
+        if expert_logp is None:
+            raise ValueError(
+                f"expert_logp: required for mode='calibrl' with activation={config.activation!r} "
+                "(build it with expert_baseline(old_logp, mask, group_ids, is_expert))"
+            )
+        if passed is None:
+            raise ValueError("passed: required for mode='calibrl' (the (B,) bool pass flags, e.g. GroupStats.passed)")
+        if config.mask_beyond_expert and expert_mask is None:
+            raise ValueError(
+                "expert_mask: required when config.mask_beyond_expert=True "
+                "(get it from expert_baseline(..., return_mask=True))"
+            )
+    if config.entropy_coef != 0.0 and entropy is None and not computes_entropy:
+        raise ValueError(f"entropy: required when config.entropy_coef is non-zero ({config.entropy_coef})")

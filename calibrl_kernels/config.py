@@ -1,0 +1,197 @@
+"""Configuration and result types shared by every implementation of the CalibRL loss.
+
+The semantics are those of ``../shared/CALIBRL.md`` (arXiv 2602.20197 and the authors' verl-based
+code). ``CalibRLConfig`` is frozen and validated on construction: a bad field raises ``ValueError``
+or ``TypeError`` naming the field, the allowed values and the value given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+MODES = ("calibrl", "grpo", "dapo", "drgrpo", "luffy", "rlplus")
+ACTIVATIONS = ("leaky_relu", "relu", "tanh", "sigmoid", "huber", "none")
+BASELINES = ("position", "sequence-mean")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+# Modes whose loss drops expert rows (they enter only through group statistics and the baseline).
+ON_POLICY_ONLY_MODES = ("calibrl", "grpo", "dapo", "drgrpo")
+
+# The log importance ratio log(pi / pi_old) is clamped to +-LOG_RATIO_CLAMP before exp(), as in
+# verl's compute_policy_loss (which the authors' code builds on); it only matters for runaway ratios
+# and keeps exp() finite so that gradients never become inf * 0.
+LOG_RATIO_CLAMP = 20.0
+
+# Constants of the hybrid-policy baselines' expert-token terms (LUFFY's policy shaping and RL-PLUS).
+LUFFY_SHAPING_GAMMA = 0.1
+RLPLUS_OLD_WEIGHT = 1.5
+RLPLUS_MIX = 0.5
+RLPLUS_FOCAL_POWER = 0.5
+
+# Denominator guard of token-mean aggregation, exactly as in the formula sum(m*l) / (sum(m) + 1e-8).
+AGG_EPS = 1e-8
+
+
+def _fail(field: str, expected: str, actual) -> None:
+    raise ValueError(f"CalibRLConfig.{field}: expected {expected}, got {actual!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibRLConfig:
+    """Every knob of the CalibRL loss (and of the baselines the same function offers)."""
+
+    # Which loss: calibrl (PPO + calibrated guide), grpo/dapo/drgrpo (PPO term only, on-policy rows),
+    # luffy / rlplus (expert rows kept, with their expert-token terms).
+    mode: str = "calibrl"
+    # PPO ratio clip: rho is clamped to [1 - clip_low, 1 + clip_high].
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    # Dual clip for negative advantages: the PPO term is capped at -dual_clip_c * A (must be > 1).
+    dual_clip_c: float = 3.0
+    # beta: weight of the guide (calibration) term in the total loss.
+    guide_coef: float = 0.1
+    # Activation applied to z = -s * (lp - b); leaky_relu is CalibRL, the others are the paper's ablation.
+    activation: str = "leaky_relu"
+    # alpha: slope of leaky_relu on the z < 0 side (must lie in [0, 1]).
+    negative_slope: float = 0.5
+    # Weight the guide term by w = |A| (group rareness); False uses w = 1.
+    weight_by_advantage: bool = True
+    # Expert baseline b: "position" (authors' code: expert old log-prob at the same index) or
+    # "sequence-mean" (the expert's mean token log-prob, one scalar per group).
+    baseline: str = "position"
+    # Drop guide terms at positions past the expert's length instead of comparing against b = 0.
+    mask_beyond_expert: bool = False
+    # Entropy bonus: loss -= entropy_coef * agg(H).
+    entropy_coef: float = 0.0
+    # How token terms become a scalar: token-mean, seq-mean-token-mean, seq-mean-token-sum,
+    # seq-mean-token-sum-norm (the last divides by loss_scale_factor, default the padded length T).
+    loss_agg_mode: str = "token-mean"
+    # Constant divisor of seq-mean-token-sum-norm (Dr.GRPO); None uses the mask's T.
+    loss_scale_factor: Optional[float] = None
+    # Sampling temperature: fused ops divide logits by it before the softmax.
+    temperature: float = 1.0
+    # Group statistics used when the fused ops are given scores + group ids instead of advantages:
+    # A = r - mean (False) or (r - mean) / (std + adv_eps) (True); a row passes when r > pass_threshold.
+    norm_by_std: bool = False
+    adv_eps: float = 1e-6
+    pass_threshold: float = 0.1
+    # Transition point of the "huber" ablation activation.
+    huber_delta: float = 1.0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "mode": MODES,
+            "activation": ACTIVATIONS,
+            "baseline": BASELINES,
+            "loss_agg_mode": LOSS_AGG_MODES,
+        }
+        for field, allowed in choices.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                _fail(field, f"one of {allowed}", value)
+        for field in ("weight_by_advantage", "mask_beyond_expert", "norm_by_std"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"CalibRLConfig.{field}: expected bool, got {type(getattr(self, field)).__name__}")
+        for field in (
+            "clip_low", "clip_high", "dual_clip_c", "guide_coef", "negative_slope", "entropy_coef",
+            "temperature", "adv_eps", "pass_threshold", "huber_delta",
+        ):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                _fail(field, "a finite number", value)
+        if not 0.0 <= self.clip_low < 1.0:
+            _fail("clip_low", "a number in [0, 1)", self.clip_low)
+        if self.clip_high < 0.0:
+            _fail("clip_high", "a number >= 0", self.clip_high)
+        if self.dual_clip_c <= 1.0:
+            _fail("dual_clip_c", "a number > 1", self.dual_clip_c)
+        if self.guide_coef < 0.0:
+            _fail("guide_coef", "a number >= 0", self.guide_coef)
+        if not 0.0 <= self.negative_slope <= 1.0:
+            _fail("negative_slope", "a number in [0, 1]", self.negative_slope)
+        if self.temperature <= 0.0:
+            _fail("temperature", "a number > 0", self.temperature)
+        if self.adv_eps <= 0.0:
+            _fail("adv_eps", "a number > 0", self.adv_eps)
+        if self.huber_delta <= 0.0:
+            _fail("huber_delta", "a number > 0", self.huber_delta)
+        if self.loss_scale_factor is not None and not (
+            isinstance(self.loss_scale_factor, (int, float)) and math.isfinite(self.loss_scale_factor)
+            and self.loss_scale_factor > 0
+        ):
+            _fail("loss_scale_factor", "None or a number > 0", self.loss_scale_factor)
+
+    @property
+    def uses_guide(self) -> bool:
+        """True when the loss has a calibration (guide) term at all."""
+        return self.mode == "calibrl" and self.activation != "none"
+
+    @property
+    def keeps_expert_rows(self) -> bool:
+        """True for the hybrid baselines (luffy, rlplus) whose loss counts expert rows."""
+        return self.mode not in ON_POLICY_ONLY_MODES
+
+    def replace(self, **changes) -> "CalibRLConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_algo(cls, algo: str, **overrides) -> "CalibRLConfig":
+        """The configuration of a named algorithm, as compared in the paper, with overrides.
+
+        calibrl: A = r - mean (Dr.GRPO-style), token-mean, guide on.
+        grpo:    A = (r - mean) / std, seq-mean-token-mean.     sft+grpo: grpo (the warm start is the trainer's).
+        dapo:    A = (r - mean) / std, token-mean.
+        drgrpo:  A = r - mean, seq-mean-token-sum-norm.
+        luffy, rlplus: A = r - mean (std-normalising would divide an expert's reward by a zero std when
+                 every rollout of a group fails, since group statistics exclude the expert), token-mean.
+        """
+        presets = {
+            "calibrl": dict(mode="calibrl", norm_by_std=False, loss_agg_mode="token-mean"),
+            "grpo": dict(mode="grpo", norm_by_std=True, loss_agg_mode="seq-mean-token-mean"),
+            "sft+grpo": dict(mode="grpo", norm_by_std=True, loss_agg_mode="seq-mean-token-mean"),
+            "dapo": dict(mode="dapo", norm_by_std=True, loss_agg_mode="token-mean"),
+            "drgrpo": dict(mode="drgrpo", norm_by_std=False, loss_agg_mode="seq-mean-token-sum-norm"),
+            "luffy": dict(mode="luffy", norm_by_std=False, loss_agg_mode="token-mean"),
+            "rlplus": dict(mode="rlplus", norm_by_std=False, loss_agg_mode="token-mean"),
+        }
+        if algo not in presets:
+            raise ValueError(f"for_algo: algo expected one of {tuple(presets)}, got {algo!r}")
+        return cls(**{**presets[algo], **overrides})
+
+
+class GroupStats(NamedTuple):
+    """Group statistics over on-policy rows (expert rows excluded), per row and per group.
+
+    Groups are ordered by ascending group id; ``group_index`` maps each row to its group's position.
+    """
+
+    advantages: torch.Tensor  # (B,) A = r - mean[g] (or divided by std[g] + eps), expert rows included
+    weights: torch.Tensor  # (B,) |A|, the rareness weight
+    passed: torch.Tensor  # (B,) bool, r > pass_threshold
+    mean: torch.Tensor  # (G,) on-policy mean reward (0 for a single on-policy row)
+    std: torch.Tensor  # (G,) on-policy unbiased std (1 for a single on-policy row)
+    pass_rate: torch.Tensor  # (G,) fraction of on-policy rows that pass
+    count: torch.Tensor  # (G,) int64 number of on-policy rows
+    group_index: torch.Tensor  # (B,) int64 in [0, G)
+    group_keys: torch.Tensor  # (G,) the distinct group ids, ascending
+
+
+class LossOutput(NamedTuple):
+    """Result of every loss op: ``loss`` carries the gradient, the rest are detached metrics."""
+
+    loss: torch.Tensor  # pg_loss + guide_coef * guide_loss - entropy_coef * agg(H)
+    pg_loss: torch.Tensor  # agg of the policy term (PPO dual clip; LUFFY/RL-PLUS terms on expert rows)
+    guide_loss: torch.Tensor  # agg of w * act(z) over on-policy rows (0 when there is no guide)
+    entropy: torch.Tensor  # token-mean entropy of on-policy rows (nan when entropy was not given)
+    clipfrac: torch.Tensor  # token-mean of (l2 > l1) over every row, expert rows included
+    clipfrac_lower: torch.Tensor  # token-mean of (lc > -c*A) & (A < 0) over every row
+    ppo_kl: torch.Tensor  # token-mean of old_logp - logp over every row
+
+    def metrics(self, prefix: str = "") -> dict:
+        """All fields as Python floats (this synchronises with the device)."""
+        return {prefix + name: float(value.detach()) for name, value in self._asdict().items()}

@@ -1,0 +1,225 @@
+"""The public ops: validate inputs, resolve the RL batch fields, dispatch to a backend.
+
+Every backend function has the signature of its twin in ``reference`` and receives validated,
+fully resolved inputs (advantages, pass flags and expert baseline already computed).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks, _dispatch, reference
+from .config import CalibRLConfig, GroupStats, LossOutput
+
+_DEFAULT_CONFIG = CalibRLConfig()
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Log-prob of each target under softmax(logits / temperature) [and the entropy], one pass over V.
+
+    logits (N, V) or (B, T, V) (fp32 / bf16 / fp16 / fp64), targets (N,) or (B, T) integer.
+    Returns logp [, entropy] shaped like targets, float32 (float64 for float64 logits),
+    differentiable in both outputs. Targets equal to ignore_index give 0 and no gradient.
+    """
+    _checks.check_token_logprobs_inputs(logits, targets, temperature, ignore_index)
+    fn = _dispatch.implementation("token_logprobs", logits.device)
+    return fn(logits, targets, temperature, ignore_index, return_entropy)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """token_logprobs of hidden (N, D) or (B, T, D) @ weight (V, D)^T + bias, without (N, V) logits."""
+    _checks.check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    fn = _dispatch.implementation("linear_token_logprobs", hidden.device)
+    return fn(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    is_expert: Optional[torch.Tensor] = None,
+    norm_by_std: bool = False,
+    eps: float = 1e-6,
+    pass_threshold: float = 0.1,
+) -> GroupStats:
+    """Group statistics over on-policy rows and per-row advantages, |A| weights and pass flags.
+
+    scores (B,) float rewards; group_ids (B,) any integers (one id per prompt); is_expert (B,) bool.
+    """
+    _checks.check_group_inputs(scores, group_ids, is_expert)
+    _checks.check_positive_number("eps", eps)
+    fn = _dispatch.implementation("group_advantages", scores.device)
+    return fn(scores, group_ids, is_expert, norm_by_std, eps, float(pass_threshold))
+
+
+def expert_baseline(
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    is_expert: torch.Tensor,
+    *,
+    kind: str = "position",
+    return_mask: bool = False,
+):
+    """The expert baseline b (B, T) of every row from its group's expert row; see reference.expert_baseline."""
+    _checks.check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert)
+    return reference.expert_baseline(old_logp, mask, group_ids, is_expert, kind, return_mask)
+
+
+def calibrl_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    expert_logp: Optional[torch.Tensor] = None,
+    passed: Optional[torch.Tensor] = None,
+    is_expert: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    expert_mask: Optional[torch.Tensor] = None,
+    config: CalibRLConfig = _DEFAULT_CONFIG,
+) -> LossOutput:
+    """The CalibRL loss from per-token log-probs (the reference semantics every fused op matches).
+
+    logp, old_logp, mask (B, T); advantages (B,) or (B, T); expert_logp (B, T) or (B,);
+    passed, is_expert (B,) bool; entropy (B, T) (needed when config.entropy_coef != 0; gives the
+    entropy metric); expert_mask (B, T) (needed when config.mask_beyond_expert).
+    """
+    _checks.check_loss_inputs(
+        logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        entropy=entropy, expert_mask=expert_mask, config=config,
+    )
+    return reference.calibrl_loss(
+        logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        entropy=entropy, expert_mask=expert_mask, config=config,
+    )
+
+
+def _resolve_rl_fields(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config):
+    """Fill in advantages / passed from scores + group_ids, and the expert baseline from the batch."""
+    _checks.require_tensor("old_logp", old_logp)
+    _checks.require_tensor("mask", mask)
+    if advantages is None:
+        if scores is None or group_ids is None:
+            raise ValueError("advantages: give either advantages (B,) / (B, T) or both scores (B,) and group_ids (B,)")
+        stats = group_advantages(
+            scores, group_ids, is_expert=is_expert, norm_by_std=config.norm_by_std, eps=config.adv_eps,
+            pass_threshold=config.pass_threshold,
+        )
+        advantages = stats.advantages
+        passed = stats.passed if passed is None else passed
+    elif passed is None and scores is not None:
+        _checks.require_tensor("scores", scores)
+        passed = scores > config.pass_threshold
+    if config.uses_guide and expert_logp is None:
+        if group_ids is None or is_expert is None:
+            raise ValueError(
+                "expert_logp: required for mode='calibrl'; pass it, or pass group_ids and is_expert so that "
+                "it is built from the batch's expert rows"
+            )
+        expert_logp, built_mask = expert_baseline(
+            old_logp, mask, group_ids, is_expert, kind=config.baseline, return_mask=True
+        )
+        expert_mask = built_mask if expert_mask is None else expert_mask
+    return advantages, expert_logp, passed, expert_mask
+
+
+def fused_calibrl_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    *,
+    scores: Optional[torch.Tensor] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    expert_logp: Optional[torch.Tensor] = None,
+    passed: Optional[torch.Tensor] = None,
+    is_expert: Optional[torch.Tensor] = None,
+    expert_mask: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    config: CalibRLConfig = _DEFAULT_CONFIG,
+) -> LossOutput:
+    """log-prob, entropy and the CalibRL loss from logits (B, T, V) in one pass over the vocabulary.
+
+    targets (B, T) sampled tokens; old_logp, mask (B, T); advantages (B,) / (B, T), or None with
+    scores (B,) + group_ids (B,) to compute group statistics here (config.norm_by_std,
+    config.pass_threshold). expert_logp (B, T) / (B,) or built from group_ids + is_expert.
+    Targets equal to ignore_index are left out of the loss. Gradients flow to ``logits``.
+    """
+    _checks.check_config(config)
+    _checks.check_token_logprobs_inputs(logits, targets, config.temperature, ignore_index)
+    if logits.dim() != 3:
+        raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
+    advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
+        old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config
+    )
+    _checks.check_shape("old_logp", old_logp, targets.shape, "(B, T) like targets")
+    _checks.check_loss_inputs(
+        old_logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        entropy=None, expert_mask=expert_mask, config=config, logp_name="old_logp", computes_entropy=True,
+    )
+    fn = _dispatch.implementation("fused_calibrl_loss", logits.device)
+    return fn(
+        logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        expert_mask=expert_mask, ignore_index=ignore_index, config=config,
+    )
+
+
+def fused_linear_calibrl_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: Optional[torch.Tensor],
+    mask: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    scores: Optional[torch.Tensor] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    expert_logp: Optional[torch.Tensor] = None,
+    passed: Optional[torch.Tensor] = None,
+    is_expert: Optional[torch.Tensor] = None,
+    expert_mask: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    config: CalibRLConfig = _DEFAULT_CONFIG,
+) -> LossOutput:
+    """fused_calibrl_loss starting from hidden states (B, T, D) and the lm_head weight (V, D) [+ bias (V,)].
+
+    The (B*T, V) logits are never materialised; gradients flow to hidden, weight and bias.
+    """
+    _checks.check_config(config)
+    _checks.check_linear_inputs(hidden, weight, targets, bias, config.temperature, ignore_index)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
+    advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
+        old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config
+    )
+    _checks.check_shape("old_logp", old_logp, targets.shape, "(B, T) like targets")
+    _checks.check_loss_inputs(
+        old_logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        entropy=None, expert_mask=expert_mask, config=config, logp_name="old_logp", computes_entropy=True,
+    )
+    fn = _dispatch.implementation("fused_linear_calibrl_loss", hidden.device)
+    return fn(
+        hidden, weight, targets, old_logp, advantages, mask, bias=bias, expert_logp=expert_logp, passed=passed,
+        is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
+    )
