@@ -263,3 +263,30 @@ def test_expert_response_ids_and_errors():
     assert expert_text_of({"extra_info": {"expert": "x"}}) == "x"
     with pytest.raises(ValueError, match="expert: the dataset row has no 'expert' field"):
         expert_text_of({"raw_prompt": [], "extra_info": {}})
+
+
+def test_example_config_composes_and_passes_verl_validation():
+    """examples/verl/calibrl.yaml, as run_one_node.sh passes it, is a valid verl 0.9 configuration."""
+    import os
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from verl.trainer import main_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "verl", "calibrl.yaml")
+    lines = [re.sub(r"#.*", "", line).strip() for line in open(path)]
+    overrides = [re.sub(r":\s*", "=", line, count=1) for line in lines if line] + [
+        "actor_rollout_ref.model.path=/nonexistent", "data.train_files=/nonexistent.parquet",
+        "data.val_files=/nonexistent.parquet", "data.train_batch_size=480", "actor_rollout_ref.actor.ppo_mini_batch_size=120",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8", "trainer.n_gpus_per_node=8", "trainer.nnodes=1",
+    ]
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(main_ppo.__file__), "config"), version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    loss_cfg = cverl.loss_config(actor.policy_loss.loss_mode, actor, actor.loss_agg_mode, cverl.calibrl_overrides(dict(cfg.calibrl)))
+    assert (loss_cfg.mode, loss_cfg.guide_coef, loss_cfg.negative_slope) == ("calibrl", 0.1, 0.5)
+    assert cfg.trainer.v1.trainer_mode == "calibrl_sync" and cfg.algorithm.adv_estimator == "calibrl"
