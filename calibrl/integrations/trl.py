@@ -253,8 +253,6 @@ class CalibRLTrainer(GRPOTrainer):
                 "vllm_importance_sampling_correction: not supported by the CalibRL loss; set it to False "
                 "(old log-probs are then recomputed by the training model)"
             )
-        if args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps:
-            pass  # supported: TRL computes old_per_token_logps for the on-policy rows, we do for the experts
 
     def _check_dataset_columns(self, dataset, name: str) -> None:
         columns = getattr(dataset, "column_names", None)
