@@ -1,0 +1,119 @@
+"""What every trainer integration shares: the per-row fields of a hybrid batch, and the per-batch loss.
+
+A hybrid batch holds whole groups: for each prompt (group id) ``n`` on-policy rows and, when experts are
+used, exactly one expert row. Group statistics (advantages, pass flags) and the expert baseline depend on
+the whole group, so they are computed once, right after scoring and before the trainer splits or
+shuffles the batch, and then travel with each row as plain per-row tensors. The loss of any micro-batch
+is afterwards a function of its own rows only (``calibrl_batch_loss``), which is what lets TRL shuffle,
+verl re-balance and both split into micro-batches.
+
+Only the public API of ``calibrl_kernels`` is used here.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+import calibrl_kernels as ck
+
+# Names of the per-row fields an integration adds to its trainer's batch (prefixed, so they never clash
+# with the trainer's own keys). Shapes: B rows, T completion tokens.
+FIELD_IS_EXPERT = "calibrl_is_expert"  # (B,) bool, True on the expert row of each group
+FIELD_PASSED = "calibrl_passed"  # (B,) bool, reward > config.pass_threshold
+FIELD_GROUP_IDS = "calibrl_group_ids"  # (B,) int64, one id per prompt
+FIELD_SCORES = "calibrl_scores"  # (B,) float32, the scalar reward of the row
+FIELD_EXPERT_LOGP = "calibrl_expert_logp"  # (B, T) float32, expert baseline b of the row's group
+FIELD_EXPERT_MASK = "calibrl_expert_mask"  # (B, T) bool, the expert's token mask (mask_beyond_expert)
+ROW_FIELDS = (FIELD_IS_EXPERT, FIELD_PASSED, FIELD_GROUP_IDS, FIELD_SCORES, FIELD_EXPERT_LOGP, FIELD_EXPERT_MASK)
+
+
+def needs_experts(config: ck.CalibRLConfig) -> bool:
+    """Whether a loss with this configuration cannot run without one expert row per group."""
+    return config.uses_guide or config.keeps_expert_rows
+
+
+def hybrid_batch_fields(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor,
+    is_expert: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    config: ck.CalibRLConfig,
+) -> Dict[str, torch.Tensor]:
+    """Group statistics and expert baseline of a batch of whole groups, as per-row tensors.
+
+    scores (B,) float rewards; group_ids (B,) integer; is_expert (B,) bool; old_logp (B, T) log-probs of
+    the sampling policy (only the expert rows are read, for the baseline); mask (B, T) completion mask.
+    Returns ``advantages`` (B,) plus the ``ROW_FIELDS`` above. A group without on-policy rows, or (when
+    the configuration needs experts) without exactly one expert row, raises ValueError naming the field.
+    """
+    if not isinstance(is_expert, torch.Tensor) or is_expert.dtype != torch.bool:
+        raise TypeError(f"is_expert: expected a torch.bool tensor, got {getattr(is_expert, 'dtype', type(is_expert))}")
+    if needs_experts(config) and not bool(is_expert.any()):
+        raise ValueError(
+            f"is_expert: mode={config.mode!r} needs one expert row per group, got a batch without expert rows "
+            "(give the dataset an expert column)"
+        )
+    stats = ck.group_advantages(
+        scores, group_ids, is_expert=is_expert, norm_by_std=config.norm_by_std, eps=config.adv_eps,
+        pass_threshold=config.pass_threshold,
+    )
+    B, T = mask.shape
+    if bool(is_expert.any()):
+        expert_logp, expert_mask = ck.expert_baseline(
+            old_logp.float(), mask, group_ids, is_expert, kind=config.baseline, return_mask=True
+        )
+    else:  # plain GRPO/DAPO/Dr.GRPO batches: no baseline exists and none is used
+        expert_logp = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
+        expert_mask = torch.zeros(B, T, dtype=torch.bool, device=mask.device)
+    return {
+        "advantages": stats.advantages.float(),
+        FIELD_IS_EXPERT: is_expert,
+        FIELD_PASSED: stats.passed,
+        FIELD_GROUP_IDS: group_ids.long(),
+        FIELD_SCORES: scores.float(),
+        FIELD_EXPERT_LOGP: expert_logp.float(),
+        FIELD_EXPERT_MASK: expert_mask,
+    }
+
+
+def calibrl_batch_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    old_logp: Optional[torch.Tensor],
+    fields: Dict[str, torch.Tensor],
+    config: ck.CalibRLConfig,
+    *,
+    bias: Optional[torch.Tensor] = None,
+) -> ck.LossOutput:
+    """The loss of one micro-batch from last hidden states and the lm_head, with plain tensors.
+
+    hidden (B, T, D) hidden states that predict the T completion tokens; weight (V, D) [bias (V,)];
+    completion_ids, completion_mask (B, T); old_logp (B, T) or None (= the current log-probs, detached:
+    the first PPO epoch on freshly sampled data); ``fields``: ``advantages`` and ``ROW_FIELDS`` as built by
+    ``hybrid_batch_fields``. Calls ``calibrl_kernels.fused_linear_calibrl_loss`` (logits never exist).
+    """
+    missing = [name for name in ("advantages", FIELD_IS_EXPERT, FIELD_PASSED) if name not in fields]
+    if missing:
+        raise ValueError(f"fields: missing {missing}; build them with hybrid_batch_fields before the batch is split")
+    if hidden.dtype != weight.dtype:  # e.g. an fp32 lm_head (TRL's cast_lm_head_to_fp32) behind a bf16 body
+        hidden = hidden.to(weight.dtype)
+    if old_logp is None:
+        with torch.no_grad():
+            old_logp = ck.linear_token_logprobs(
+                hidden.detach(), weight.detach(), completion_ids, bias=None if bias is None else bias.detach(),
+                temperature=config.temperature,
+            )
+    use_baseline = config.uses_guide
+    return ck.fused_linear_calibrl_loss(
+        hidden, weight, completion_ids, old_logp.float(), fields["advantages"], completion_mask, bias=bias,
+        expert_logp=fields[FIELD_EXPERT_LOGP] if use_baseline else None,
+        passed=fields[FIELD_PASSED],
+        is_expert=fields[FIELD_IS_EXPERT],
+        expert_mask=fields[FIELD_EXPERT_MASK] if use_baseline and config.mask_beyond_expert else None,
+        config=config,
+    )

@@ -1,0 +1,359 @@
+"""CalibRL inside verl 0.9 (tested against verl 0.9.1): registered policy losses and advantage estimator.
+
+Importing this module registers, through verl's own registries,
+
+* policy losses (``verl.trainer.ppo.core_algos.register_policy_loss``), selected with
+  ``actor_rollout_ref.actor.policy_loss.loss_mode=NAME``:
+  ``calibrl`` (PPO dual clip + calibrated guide), ``calibrl_grpo``, ``calibrl_dapo``, ``calibrl_drgrpo``
+  (PPO term on on-policy rows), ``calibrl_luffy``, ``calibrl_rlplus`` (expert rows kept). Names do not
+  clash with verl's built-ins. Signature: verl's ``PolicyLossFn`` plus keyword-only per-row fields
+  (``expert_logp``, ``passed``, ``is_expert``, ``expert_mask``, ``entropy``, ``calibrl_overrides``);
+* the advantage estimator ``calibrl`` (``register_adv_est``; ``algorithm.adv_estimator=calibrl``):
+  group statistics over on-policy rows, expert rows excluded when ``is_expert`` is given.
+
+verl's stock actor loss (``verl.workers.utils.losses.ppo_loss``) hands a policy loss only
+old/new log-probs, advantages and the mask, so expert baselines and pass flags cannot reach it. The
+smallest addition that carries them is in ``calibrl.integrations.verl_trainer``: an agent loop that
+emits each prompt's expert row (``calibrl_expert_agent``), a trainer mode (``calibrl_sync``, a
+``PPOTrainerSync`` subclass) whose advantage step writes the per-row fields into verl's TransferQueue,
+and ``calibrl_ppo_loss`` (a copy of ``ppo_loss``'s plumbing that also selects those fields), installed
+on the actor with verl's ``set_loss_fn``. The modes without expert terms (``calibrl_grpo``/``dapo``/
+``drgrpo``) also run under verl's stock trainer and loss.
+
+This module imports without verl; the registrations happen when verl is importable, and the functions
+raise ImportError naming the missing package only when verl itself is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+import calibrl_kernels as ck
+from calibrl_kernels.config import AGG_EPS
+
+from . import _core
+
+logger = logging.getLogger(__name__)
+
+# verl policy-loss name -> CalibRLConfig.mode
+POLICY_LOSSES = {
+    "calibrl": "calibrl",
+    "calibrl_grpo": "grpo",
+    "calibrl_dapo": "dapo",
+    "calibrl_drgrpo": "drgrpo",
+    "calibrl_luffy": "luffy",
+    "calibrl_rlplus": "rlplus",
+}
+ADV_ESTIMATOR = "calibrl"
+# CalibRLConfig fields that verl's own config owns (set them there, not in the `calibrl:` section).
+VERL_OWNED_FIELDS = {
+    "mode": "actor_rollout_ref.actor.policy_loss.loss_mode",
+    "clip_low": "actor_rollout_ref.actor.clip_ratio_low",
+    "clip_high": "actor_rollout_ref.actor.clip_ratio_high",
+    "dual_clip_c": "actor_rollout_ref.actor.clip_ratio_c",
+    "loss_agg_mode": "actor_rollout_ref.actor.loss_agg_mode",
+    "loss_scale_factor": "actor_rollout_ref.actor.loss_scale_factor",
+    "entropy_coef": "actor_rollout_ref.actor.entropy_coeff",
+    "temperature": "actor_rollout_ref.rollout.temperature",
+    "norm_by_std": "algorithm.norm_adv_by_std_in_grpo",
+}
+
+
+def require_verl():
+    """verl.trainer.ppo.core_algos, or ImportError saying how to get it."""
+    try:
+        from verl.trainer.ppo import core_algos
+    except ImportError as error:
+        raise ImportError(
+            "calibrl.integrations.verl needs verl 0.9 (pip install 'calibrl[verl]'; verl 0.9.1 requires "
+            f"transformers>=5.5.3,<5.11): {error}"
+        ) from error
+    return core_algos
+
+
+def _get(config: Any, key: str, default=None):
+    """config[key] for dicts, OmegaConf configs and verl's BaseConfig dataclasses (None -> default)."""
+    if config is None:
+        return default
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return default if value is None else value
+
+
+def calibrl_overrides(section: Any) -> Dict[str, Any]:
+    """The CalibRLConfig fields of a ``calibrl:`` config section, refusing the ones verl owns."""
+    overrides = dict(section or {})
+    for name in overrides:
+        if name in VERL_OWNED_FIELDS:
+            raise ValueError(f"calibrl.{name}: set it through verl's {VERL_OWNED_FIELDS[name]} instead")
+        if name not in ck.CalibRLConfig.__dataclass_fields__:
+            raise ValueError(f"calibrl.{name}: not a CalibRLConfig field (fields: {sorted(ck.CalibRLConfig.__dataclass_fields__)})")
+    return overrides
+
+
+def loss_config(mode: str, actor_config: Any, loss_agg_mode: str, overrides: Optional[dict] = None) -> ck.CalibRLConfig:
+    """The CalibRLConfig of a verl actor: clip ratios, dual clip and aggregation from verl's ActorConfig."""
+    clip = _get(actor_config, "clip_ratio", 0.2)
+    info = _get(actor_config, "global_batch_info", {}) or {}
+    return ck.CalibRLConfig(
+        mode=mode,
+        clip_low=float(_get(actor_config, "clip_ratio_low", clip)),
+        clip_high=float(_get(actor_config, "clip_ratio_high", clip)),
+        dual_clip_c=float(_get(actor_config, "clip_ratio_c", 3.0)),
+        loss_agg_mode=loss_agg_mode,
+        loss_scale_factor=info.get("loss_scale_factor", _get(actor_config, "loss_scale_factor")),
+        entropy_coef=0.0,  # verl's ppo_loss adds its own entropy bonus (actor.entropy_coeff)
+        **calibrl_overrides(overrides),
+    )
+
+
+def global_scale(config: ck.CalibRLConfig, mask: torch.Tensor, is_expert: Optional[torch.Tensor], info: dict) -> torch.Tensor:
+    """Factor turning the micro-batch aggregation of calibrl_kernels into verl 0.9's global one.
+
+    verl normalises every micro-batch loss by global counts (``batch_num_tokens`` or ``global_batch_size``
+    over the data-parallel group, times ``dp_size``) and sums micro-batches (``agg_loss``). Without those
+    counts the factor is 1 and the loss is exactly ``calibrl_kernels``' (micro-batch token-mean).
+    """
+    dp_size = int(info.get("dp_size") or 1)
+    counted = mask.to(torch.float64)  # exact counts; the factor is applied to the loss in its own dtype
+    if is_expert is not None and not config.keeps_expert_rows:
+        counted = counted * (~is_expert)[:, None].to(torch.float64)
+    if config.loss_agg_mode == "token-mean":
+        total = info.get("batch_num_tokens")
+        if total is None:
+            if dp_size > 1:
+                raise ValueError("global_batch_info.batch_num_tokens: required when dp_size > 1 (as in verl's agg_loss)")
+            return torch.ones((), dtype=torch.float64, device=mask.device)
+        if config.mask_beyond_expert and config.uses_guide:
+            raise NotImplementedError(
+                "mask_beyond_expert with verl's global token normalisation: the guide term's token count differs "
+                "from the policy term's; use mask_beyond_expert=False under verl"
+            )
+        return (counted.sum() + AGG_EPS) / float(total) * dp_size
+    rows = info.get("global_batch_size")
+    if rows is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_info.global_batch_size: required when dp_size > 1 (as in verl's agg_loss)")
+        return torch.ones((), device=mask.device)
+    local_rows = (counted.sum(-1) > 0).sum().clamp_min(1).to(torch.float64)
+    return local_rows / float(rows) * dp_size
+
+
+def policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    *,
+    mode: str = "calibrl",
+    expert_logp: Optional[torch.Tensor] = None,
+    passed: Optional[torch.Tensor] = None,
+    is_expert: Optional[torch.Tensor] = None,
+    expert_mask: Optional[torch.Tensor] = None,
+    entropy: Optional[torch.Tensor] = None,
+    calibrl_overrides: Optional[dict] = None,
+):
+    """verl policy loss (``PolicyLossFn``) computing the CalibRL loss of ``mode`` with calibrl_kernels.
+
+    old_log_prob, log_prob, response_mask (B, T); advantages (B, T) (verl's token-level advantages) or
+    (B,); expert_logp (B, T); passed, is_expert (B,) bool; expert_mask (B, T); entropy (B, T) for the
+    on-policy entropy metric. Returns (loss scalar, metrics dict) like verl's built-in losses.
+    """
+    if rollout_is_weights is not None:
+        raise ValueError(
+            "rollout_is_weights: token importance weights are not part of the CalibRL loss; disable "
+            "algorithm.rollout_correction (or use bypass mode without IS weights)"
+        )
+    cfg = loss_config(mode, config, loss_agg_mode, calibrl_overrides)
+    if cfg.uses_guide and (expert_logp is None or passed is None):
+        raise ValueError(
+            f"expert_logp/passed: loss_mode 'calibrl' needs the per-row expert baseline and pass flags, which verl's "
+            "stock ppo_loss does not pass; run with trainer.v1.trainer_mode=calibrl_sync (see examples/verl)"
+        )
+    if cfg.keeps_expert_rows and is_expert is None:
+        raise ValueError(f"is_expert: loss_mode for {mode!r} needs the (B,) expert-row flags (trainer_mode=calibrl_sync)")
+    out = ck.calibrl_loss(
+        log_prob, old_log_prob, advantages if advantages.is_floating_point() else advantages.float(), response_mask, expert_logp=expert_logp, passed=passed,
+        is_expert=is_expert, entropy=entropy, expert_mask=expert_mask, config=cfg,
+    )
+    info = _get(config, "global_batch_info", {}) or {}
+    loss = out.loss * global_scale(cfg, response_mask, is_expert, info).to(out.loss.dtype)
+    metrics = {
+        "actor/pg_clipfrac": out.clipfrac.item(),
+        "actor/ppo_kl": out.ppo_kl.item(),
+        "actor/pg_clipfrac_lower": out.clipfrac_lower.item(),
+        "actor/calibrl_pg_loss": out.pg_loss.item(),
+        "actor/guide_loss": out.guide_loss.item(),
+    }
+    if entropy is not None:
+        metrics["actor/onpolicy_entropy"] = out.entropy.item()
+    return loss, metrics
+
+
+def uid_group_ids(uids: Sequence, device=None) -> torch.Tensor:
+    """verl's per-row prompt uids (strings) -> int64 group ids (B,)."""
+    _, inverse = np.unique(np.asarray(list(uids), dtype=object).astype(str), return_inverse=True)
+    return torch.as_tensor(inverse, dtype=torch.long, device=device)
+
+
+def compute_calibrl_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Optional[Sequence] = None,
+    config: Any = None,
+    is_expert: Optional[torch.Tensor] = None,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: Optional[bool] = None,
+    pass_threshold: float = 0.1,
+    **unused,
+):
+    """CalibRL's group statistics as a verl advantage estimator: (advantages (B, T), returns (B, T)).
+
+    A = r - mean of the group's on-policy rows (or / (std + epsilon) with algorithm.norm_adv_by_std_in_grpo);
+    expert rows (``is_expert``) get advantages but do not enter the statistics.
+    """
+    if index is None:
+        raise ValueError("index: the per-row prompt uid is required for group statistics")
+    scores = token_level_rewards.sum(dim=-1).float()
+    if len(index) != scores.shape[0]:
+        raise ValueError(f"index: expected {scores.shape[0]} uids (one per row), got {len(index)}")
+    norm = norm_adv_by_std_in_grpo
+    if norm is None:
+        norm = bool(_get(config, "norm_adv_by_std_in_grpo", False))
+    stats = ck.group_advantages(
+        scores, uid_group_ids(index, scores.device), is_expert=is_expert, norm_by_std=norm, eps=epsilon,
+        pass_threshold=pass_threshold,
+    )
+    advantages = stats.advantages[:, None] * response_mask
+    return advantages, advantages
+
+
+def hybrid_rows(
+    scores: torch.Tensor,
+    uids: Sequence,
+    is_expert: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: ck.CalibRLConfig,
+) -> Dict[str, torch.Tensor]:
+    """Everything the advantage step of ``calibrl_sync`` writes back to verl, from plain tensors.
+
+    scores (B,), uids (B,) prompt uids, is_expert (B,) bool, old_log_probs and response_mask (B, T).
+    Returns token-level ``advantages``/``returns`` (B, T), ``loss_mask`` (B, T) (expert rows zeroed for
+    modes that drop them, so that verl's global token count counts the tokens the loss counts) and the
+    per-row fields of ``calibrl.integrations._core``.
+    """
+    group_ids = uid_group_ids(uids, scores.device)
+    fields = _core.hybrid_batch_fields(scores.float(), group_ids, is_expert, old_log_probs, response_mask, config)
+    token_advantages = fields.pop("advantages")[:, None] * response_mask
+    mask = response_mask.float()
+    loss_mask = mask if config.keeps_expert_rows else mask * (~is_expert)[:, None].float()
+    return {"advantages": token_advantages, "returns": token_advantages, "loss_mask": loss_mask, **fields}
+
+
+def calibrl_ppo_loss(config, model_output, data, dp_group=None, calibrl_overrides: Optional[dict] = None):
+    """verl's ``ppo_loss`` plumbing with the CalibRL per-row fields handed to the policy loss.
+
+    Same arguments and return as ``verl.workers.utils.losses.ppo_loss`` (bind ``config`` with
+    functools.partial and install with ``set_loss_fn``); loss modes other than the CalibRL ones are
+    delegated to verl's ``ppo_loss`` unchanged.
+    """
+    require_verl()
+    from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
+    from verl.utils.metric import AggregationType, Metric
+    from verl.workers.utils.losses import ppo_loss
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    loss_mode = config.policy_loss.get("loss_mode", "vanilla")
+    if loss_mode not in POLICY_LOSSES:
+        return ppo_loss(config, model_output, data, dp_group)
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    entropy = model_output.get("entropy", None)
+    if entropy is not None:
+        entropy = no_padding_2_padding(entropy, data)
+    for key in ("dp_size", "batch_num_tokens", "global_batch_size"):
+        config.global_batch_info[key] = data[key]
+    config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
+    global_normalisation = (
+        data["dp_size"] > 1 or data["batch_num_tokens"] is not None or data["global_batch_size"] is not None
+        or config.loss_scale_factor is not None
+    )
+    metric_aggregation = AggregationType.SUM if global_normalisation else AggregationType.MEAN
+
+    fields = ["response_mask", "old_log_probs", "advantages", _core.FIELD_IS_EXPERT, _core.FIELD_PASSED,
+              _core.FIELD_EXPERT_LOGP, _core.FIELD_EXPERT_MASK]
+    missing = [name for name in fields if name not in data.keys()]
+    if missing:
+        raise ValueError(f"data: missing {missing}; loss_mode {loss_mode!r} needs trainer.v1.trainer_mode=calibrl_sync")
+    optional = [name for name in ("rollout_is_weights", "ref_log_prob") if name in data.keys()]
+    batch = data.select(*fields, *optional).to_padded_tensor()
+    response_mask = batch["response_mask"].to(bool)
+    pg_loss, pg_metrics = get_policy_loss_fn(loss_mode)(
+        old_log_prob=batch["old_log_probs"], log_prob=log_prob, advantages=batch["advantages"],
+        response_mask=response_mask, loss_agg_mode=config.loss_agg_mode, config=config,
+        rollout_is_weights=batch.get("rollout_is_weights", None),
+        expert_logp=batch[_core.FIELD_EXPERT_LOGP].float(), passed=batch[_core.FIELD_PASSED].bool(),
+        is_expert=batch[_core.FIELD_IS_EXPERT].bool(), expert_mask=batch[_core.FIELD_EXPERT_MASK].bool(),
+        entropy=entropy, calibrl_overrides=calibrl_overrides,
+    )
+    metrics = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
+    metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)
+    policy_loss_value = pg_loss
+    if entropy is not None:
+        entropy_loss = agg_loss(loss_mat=entropy, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode,
+                                **config.global_batch_info)
+        policy_loss_value = policy_loss_value - config.entropy_coeff * entropy_loss
+        metrics["actor/entropy_loss"] = Metric(value=entropy_loss, aggregation=metric_aggregation)
+    if config.use_kl_loss:
+        kld = kl_penalty(logprob=log_prob, ref_logprob=batch["ref_log_prob"], kl_penalty=config.kl_loss_type)
+        kl_loss = agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode,
+                           **config.global_batch_info)
+        policy_loss_value = policy_loss_value + kl_loss * config.kl_loss_coef
+        metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
+        metrics["kl_coef"] = config.kl_loss_coef
+    return policy_loss_value, metrics
+
+
+def _named_policy_loss(name: str, mode: str):
+    fn = functools.partial(policy_loss, mode=mode)
+    fn.__name__ = f"compute_policy_loss_{name}"
+    fn.__doc__ = f"verl policy loss {name!r}: the CalibRL loss with CalibRLConfig.mode={mode!r}."
+    return fn
+
+
+def register() -> bool:
+    """Register the policy losses and the advantage estimator in verl's registries (idempotent).
+
+    Returns False (and registers nothing) when verl is not installed.
+    """
+    try:
+        core_algos = require_verl()
+    except ImportError:
+        return False
+    for name, mode in POLICY_LOSSES.items():
+        if not getattr(core_algos.POLICY_LOSS_REGISTRY.get(name), "_calibrl", False):
+            fn = _named_policy_loss(name, mode)
+            fn._calibrl = True
+            core_algos.register_policy_loss(name)(fn)
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(ADV_ESTIMATOR) is not compute_calibrl_outcome_advantage:
+        core_algos.register_adv_est(ADV_ESTIMATOR)(compute_calibrl_outcome_advantage)
+    return True
+
+
+def _register_on_import() -> None:
+    if not register():
+        return
+    try:  # the agent loop and trainer mode need verl's v1 trainer stack (ray, TransferQueue, ...)
+        from . import verl_trainer  # noqa: F401
+    except ImportError as error:
+        logger.info("calibrl: verl trainer mode calibrl_sync not registered (%s)", error)
+
+
+_register_on_import()

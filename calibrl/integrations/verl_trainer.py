@@ -1,0 +1,179 @@
+"""The verl 0.9 pieces that carry expert rows, expert log-probs and pass flags from rollout to actor.
+
+verl offers no hook that hands per-row fields to a policy loss, so this module adds the smallest set of
+subclasses, each registered through verl's own registries:
+
+* ``CalibRLExpertAgentLoop`` (agent loop ``calibrl_expert_agent``, a ``SingleTurnAgentLoop``): with
+  ``rollout.n = n + 1`` the first ``n`` sessions of a prompt generate as usual and the last one emits the
+  prompt's expert completion (from the dataset row's ``expert`` field or ``extra_info.expert``) as its
+  response, flagged ``calibrl_is_expert`` in ``extra_fields``. It then flows through verl like any row:
+  reward loop, old log-prob recomputation, TransferQueue, batch balancing.
+* ``CalibRLSyncTrainer`` (trainer mode ``calibrl_sync``, a ``PPOTrainerSync``): its advantage step
+  (``algorithm.adv_estimator=calibrl``) reads rewards, uids, old log-probs and the expert flags, computes
+  group statistics and the expert baseline (``calibrl.integrations.verl.hybrid_rows``) and writes
+  advantages, ``loss_mask`` and the per-row fields back to the TransferQueue; at set-up it installs
+  ``calibrl_ppo_loss`` on the actor with verl's ``set_loss_fn``.
+
+Importing it needs verl's v1 trainer stack (ray, TransferQueue); ``calibrl.integrations.verl`` imports
+it when available.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+
+import calibrl_kernels as ck
+
+from . import _core
+from .verl import ADV_ESTIMATOR, POLICY_LOSSES, calibrl_overrides, calibrl_ppo_loss, hybrid_rows, require_verl
+
+require_verl()
+import transfer_queue as tq  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, register  # noqa: E402
+from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop  # noqa: E402
+from verl.protocol import DataProto  # noqa: E402
+from verl.trainer.ppo.v1.trainer_base import register_trainer  # noqa: E402
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync  # noqa: E402
+from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
+from verl.workers.utils.padding import response_to_nested  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+AGENT_LOOP = "calibrl_expert_agent"
+TRAINER_MODE = "calibrl_sync"
+EXPERT_FLAG = "calibrl_is_expert"
+
+
+def expert_response_ids(tokenizer, text: Any, response_length: int, *, field: str = "expert") -> List[int]:
+    """Token ids of an expert completion as the policy would emit them: text tokens + EOS.
+
+    Raises ValueError naming ``field`` when the text is missing/empty or longer than response_length.
+    """
+    if isinstance(text, (list, tuple)) and text and isinstance(text[-1], dict):  # assistant message(s)
+        text = text[-1].get("content")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{field}: expected a non-empty expert completion string, got {text!r}")
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    if len(ids) > response_length:
+        raise ValueError(
+            f"{field}: the expert completion has {len(ids)} tokens, more than "
+            f"actor_rollout_ref.rollout.response_length={response_length}"
+        )
+    return ids
+
+
+def expert_text_of(kwargs: dict, key: str = "expert") -> Any:
+    """The expert completion of a dataset row: its ``key`` field or ``extra_info[key]``."""
+    if kwargs.get(key) is not None:
+        return kwargs[key]
+    extra = kwargs.get("extra_info") or {}
+    if isinstance(extra, dict) and extra.get(key) is not None:
+        return extra[key]
+    raise ValueError(f"{key}: the dataset row has no {key!r} field nor extra_info[{key!r}] (keys: {sorted(kwargs)})")
+
+
+@register(AGENT_LOOP)
+class CalibRLExpertAgentLoop(SingleTurnAgentLoop):
+    """Single-turn agent loop whose last session per prompt emits the expert completion (rollout.n = n + 1)."""
+
+    async def run(self, sampling_params: dict, **kwargs) -> AgentLoopOutput:
+        num_sessions = int(self.rollout_config.n)
+        if num_sessions < 2:
+            raise ValueError(f"actor_rollout_ref.rollout.n: expected n on-policy sessions + 1 expert (>= 2), got {num_sessions}")
+        if int(kwargs.get("session_id", 0)) != num_sessions - 1:
+            output = await super().run(sampling_params, **kwargs)
+            output.extra_fields[EXPERT_FLAG] = False
+            return output
+        messages = list(kwargs["raw_prompt"])
+        multi_modal_data = await self.process_multi_modal_info(messages)
+        self._assert_mm_supported(bool(multi_modal_data))
+        prompt_ids = await self.ct_build_initial_tokens(
+            messages, images=multi_modal_data.get("images"), videos=multi_modal_data.get("videos"),
+            audios=multi_modal_data.get("audios"), mm_inputs_out={},
+        )
+        response_ids = expert_response_ids(self.tokenizer, expert_text_of(kwargs), self.response_length)
+        logprobs = [0.0] * len(response_ids) if self.rollout_config.calculate_log_probs else None
+        return AgentLoopOutput(
+            prompt_ids=prompt_ids, response_ids=response_ids, response_mask=[1] * len(response_ids),
+            response_logprobs=logprobs, multi_modal_data=multi_modal_data,
+            mm_processor_kwargs=self._get_mm_processor_kwargs(multi_modal_data.get("audios")),
+            num_turns=2, metrics={}, extra_fields={EXPERT_FLAG: True, "turn_scores": [], "tool_rewards": []},
+        )
+
+
+def _expert_flags(extra_fields) -> torch.Tensor:
+    flags = []
+    for row, extra in enumerate(extra_fields):
+        if not isinstance(extra, dict) or EXPERT_FLAG not in extra:
+            raise ValueError(
+                f"extra_fields.{EXPERT_FLAG}: missing on row {row}; set "
+                f"actor_rollout_ref.rollout.agent.default_agent_loop={AGENT_LOOP}"
+            )
+        flags.append(bool(extra[EXPERT_FLAG]))
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+@register_trainer(TRAINER_MODE)
+class CalibRLSyncTrainer(PPOTrainerSync):
+    """verl's synchronous v1 trainer with CalibRL's advantage step and actor loss."""
+
+    def _calibrl_settings(self):
+        section = self.config.get("calibrl", None)
+        return calibrl_overrides(None if section is None else dict(section))
+
+    def _loss_mode(self) -> str:
+        return self.config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla")
+
+    def _setup(self):
+        super()._setup()
+        if self._loss_mode() in POLICY_LOSSES:
+            actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+            self.actor_rollout_wg.set_loss_fn(
+                partial(calibrl_ppo_loss, config=actor_config, calibrl_overrides=self._calibrl_settings())
+            )
+
+    def _compute_advantage(self, batch, metrics: dict):
+        if self.config.algorithm.adv_estimator != ADV_ESTIMATOR:
+            return super()._compute_advantage(batch, metrics)
+        if self._loss_mode() not in POLICY_LOSSES:
+            raise ValueError(
+                f"actor_rollout_ref.actor.policy_loss.loss_mode: adv_estimator=calibrl needs one of {sorted(POLICY_LOSSES)}, "
+                f"got {self._loss_mode()!r}"
+            )
+        fields = ["uid", "response_mask", "rm_scores", "old_log_probs", "extra_fields"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask_nested = data["response_mask"]
+        is_expert = _expert_flags(data["extra_fields"].tolist() if hasattr(data["extra_fields"], "tolist") else list(data["extra_fields"]))
+        padded = DataProto(batch=data.select("response_mask", "rm_scores", "old_log_probs").to_padded_tensor())
+        uids = np.array(data["uid"].tolist() if hasattr(data["uid"], "tolist") else list(data["uid"]), dtype=object)
+        config = ck.CalibRLConfig(
+            mode=POLICY_LOSSES[self._loss_mode()],
+            norm_by_std=bool(self.config.algorithm.get("norm_adv_by_std_in_grpo", False)),
+            **self._calibrl_settings(),
+        )
+        response_mask = padded.batch["response_mask"]
+        rows = hybrid_rows(
+            padded.batch["rm_scores"].sum(-1), uids, is_expert.to(response_mask.device),
+            padded.batch["old_log_probs"], response_mask, config,
+        )
+        out = {}
+        for name in ("advantages", "returns", "loss_mask", _core.FIELD_EXPERT_LOGP):
+            out[name] = response_to_nested(rows[name].float(), response_mask_nested)
+        out[_core.FIELD_EXPERT_MASK] = response_to_nested(rows[_core.FIELD_EXPERT_MASK].float(), response_mask_nested)
+        for name in (_core.FIELD_IS_EXPERT, _core.FIELD_PASSED, _core.FIELD_GROUP_IDS, _core.FIELD_SCORES):
+            out[name] = rows[name]
+        on_policy = ~rows[_core.FIELD_IS_EXPERT]
+        metrics["calibrl/pass_rate"] = rows[_core.FIELD_PASSED][on_policy].float().mean().item()
+        if bool(rows[_core.FIELD_IS_EXPERT].any()):
+            metrics["calibrl/expert_reward"] = rows[_core.FIELD_SCORES][~on_policy].mean().item()
+        return tq.kv_batch_put(
+            keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(out, batch_size=len(batch))
+        )
