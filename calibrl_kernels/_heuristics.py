@@ -40,24 +40,27 @@ def next_power_of_2(n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class RowLaunch:
-    block_v: int  # vocabulary entries per loop trip of one row
+    block_n: int  # token rows per program
+    block_v: int  # vocabulary entries per loop trip of each row
     num_warps: int
     num_stages: int
 
     def meta(self) -> dict:
-        """Launch keywords of the row kernels (their block constexpr is BLOCK_V)."""
+        """The launch keywords autotuning may replace (BLOCK_N is fixed: the grid depends on it)."""
         return dict(BLOCK_V=self.block_v, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 # Interpreter: the block is a quarter of the (power-of-2 rounded) vocabulary, within [16, 4096], so
 # that every test vocabulary above 64 takes at least four trips with a partial last one (V = 1000:
-# 4 x 256; V = 32003: 8 x 4096) while large rows stay few numpy calls.
+# 4 x 256; V = 32003: 8 x 4096); 16 rows per program amortise the interpreter's per-operation cost.
 INTERPRETER_MAX_BLOCK_V = 4096
-# GPU default. One program per row streams the row once per pass; with bf16 logits a 4096-entry
-# block is 8 KiB per trip, 16 elements (two 16-byte vector loads) per thread at 8 warps, which keeps
-# enough bytes in flight per SM (several resident programs x 8 KiB) to saturate HBM while the
-# fp32 work per element (a subtract, one exp, a few FMAs) stays far below the SM's arithmetic rate.
-GPU_BLOCK_V = 4096
+INTERPRETER_BLOCK_N = 16
+# GPU default. One program per row for real vocabularies: it streams the row once per pass; with bf16
+# logits a 4096-entry block is 8 KiB per trip, 16 elements (two 16-byte vector loads) per thread at
+# 8 warps, which keeps enough bytes in flight per SM (several resident programs x 8 KiB) to saturate
+# HBM, while the fp32 work per element (a subtract, one exp, a few FMAs) stays far below the SM's
+# arithmetic (and MUFU exp) rate. Small vocabularies pack several rows into the same 4096-entry tile.
+GPU_TILE = 4096
 GPU_NUM_WARPS = 8
 GPU_NUM_STAGES = 2
 # Smallest block: keeps every layout valid on the GPU; masked lanes cost nothing in memory traffic.
@@ -67,10 +70,12 @@ MIN_BLOCK_V = 16
 def row_launch(vocab_size: int) -> RowLaunch:
     """Fixed launch configuration of the per-row logits kernels for a vocabulary of ``vocab_size``."""
     if interpreting():
-        return RowLaunch(max(MIN_BLOCK_V, min(next_power_of_2(vocab_size) // 4, INTERPRETER_MAX_BLOCK_V)), 1, 1)
-    block = max(MIN_BLOCK_V, min(next_power_of_2(vocab_size), GPU_BLOCK_V))
-    warps = max(1, min(GPU_NUM_WARPS, block // 256))  # >= 8 elements (16 bytes of bf16) per thread
-    return RowLaunch(block, warps, GPU_NUM_STAGES)
+        block_v = max(MIN_BLOCK_V, min(next_power_of_2(vocab_size) // 4, INTERPRETER_MAX_BLOCK_V))
+        return RowLaunch(INTERPRETER_BLOCK_N, block_v, 1, 1)
+    block_v = max(MIN_BLOCK_V, min(next_power_of_2(vocab_size), GPU_TILE))
+    block_n = max(1, min(16, GPU_TILE // block_v))
+    warps = max(1, min(GPU_NUM_WARPS, block_n * block_v // 256))  # >= 8 elements (16 B of bf16) per thread
+    return RowLaunch(block_n, block_v, warps, GPU_NUM_STAGES)
 
 
 def row_autotune_configs() -> List[dict]:

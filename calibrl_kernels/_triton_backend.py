@@ -13,7 +13,7 @@ from typing import Tuple
 import torch
 
 from . import _triton_common
-from .calibrl_loss import fused_calibrl_loss
+from .calibrl_loss_triton import fused_calibrl_loss
 from .group_stats import group_advantages
 from .logprob_entropy import token_logprobs
 

@@ -110,19 +110,29 @@ def logits_grad_tile(z, is_target, lse, entropy, coef_lp, coef_ent):
 
 
 @triton.jit
-def logits_row_statistics(row_ptr, V, temperature, active, BLOCK_V: tl.constexpr):
-    """(lse, entropy), each [1] fp32, of one row of logits at ``row_ptr`` (unit stride, V entries).
+def token_row_pointers(base_ptr, rows, rows_per_batch, stride_b, stride_t):
+    """Pointers [R] to the first entry of token rows ``rows`` ([R] int64) of a (B, T, ...) tensor.
 
-    The row is streamed once in BLOCK_V tiles; an inactive row (``active`` false) is not read at all
-    (zero loop trips) and gives lse = -inf, entropy = NaN, which callers replace.
+    Flat row r sits at (r // T, r % T); all offsets are int64.
     """
-    m = tl.full([1], float("-inf"), tl.float32)
-    s = tl.zeros([1], tl.float32)
-    t = tl.zeros([1], tl.float32)
-    end = tl.where(active, V, 0)
+    return base_ptr + (rows // rows_per_batch) * stride_b + (rows % rows_per_batch) * stride_t
+
+
+@triton.jit
+def logits_row_statistics(row_ptrs, V, temperature, active, BLOCK_V: tl.constexpr):
+    """(lse, entropy), each [R] fp32, of the rows of logits at ``row_ptrs`` [R] (unit stride, V entries).
+
+    Rows are streamed once in [R, BLOCK_V] tiles. Inactive rows (``active`` [R] false) are not read
+    (masked loads; no loop trip at all when no row is active) and give lse = -inf, entropy = NaN,
+    which callers replace.
+    """
+    m = tl.full(active.shape, float("-inf"), tl.float32)
+    s = tl.zeros(active.shape, tl.float32)
+    t = tl.zeros(active.shape, tl.float32)
+    end = tl.where(tl.max(active.to(tl.int32), axis=0) != 0, V, 0)
     for start in range(0, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols[None, :], mask=cols[None, :] < V, other=float("-inf"))
+        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=active[:, None] & (cols[None, :] < V), other=float("-inf"))
         m, s, t = online_softmax_update(m, s, t, x.to(tl.float32) / temperature)
     return finalize_softmax_statistics(m, s, t)
 

@@ -1,13 +1,14 @@
 """Token log-probs and entropies from logits in one streaming pass over the vocabulary (Triton).
 
-Forward: one program per token row streams its V logits in BLOCK_V tiles and keeps an online max /
+Forward: each program takes BLOCK_N token rows (1 for real vocabularies on a GPU) and streams their V
+logits in [BLOCK_N, BLOCK_V] tiles, keeping an online max /
 sum-exp / shifted sum(z e) in fp32 (``_triton_common.online_softmax_update``), so the row is read
 exactly once; logp = z_y - lse and H = lse - sum_j p_j z_j come out per row, plus lse for the backward.
 
 Backward: the upstream gradients give two coefficients per row, a = -dL/dlogp and b = -dL/dH, and
 ``_logits_grad_kernel`` streams the row again writing dL/dlogits = (a (p - onehot(y)) + b p (z - lse + H))
 / temperature tile by tile (one read, one write). The same kernel produces the gradient of the fused
-CalibRL loss (``calibrl_loss.py``), whose coefficients come from the loss in closed form, optionally
+CalibRL loss (``calibrl_loss_triton.py``), whose coefficients come from the loss in closed form, optionally
 writing it over the logits buffer.
 
 Logits may be (N, V) or (B, T, V) with any batch / time strides (offsets in int64); a last dimension
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _heuristics, reference
-from ._triton_common import cast_for_store, launch, logits_grad_tile, logits_row_statistics
+from ._triton_common import cast_for_store, launch, logits_grad_tile, logits_row_statistics, token_row_pointers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,26 +36,28 @@ def _token_logprobs_fwd_kernel(
     stride_b,  # element stride between batch entries of logits
     stride_t,  # element stride between time steps of logits
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
-    targets_ptr,  # (N,) int64 target ids, N = B * T
+    n_rows,  # N = B * T
+    targets_ptr,  # (N,) int64 target ids
     logp_ptr,  # (N,) fp32 out: log softmax(logits / temperature)[target], 0 where ignored
     entropy_ptr,  # (N,) fp32 out: entropy of softmax(logits / temperature), 0 where ignored
     lse_ptr,  # (N,) fp32 out: logsumexp(logits / temperature), 0 where ignored (for the backward)
     V,  # vocabulary size
     temperature,  # fp32 runtime scalar, logits are divided by it
     ignore_index,  # target value marking a token without log-prob
+    BLOCK_N: tl.constexpr,  # token rows per program
     BLOCK_V: tl.constexpr,  # vocabulary tile
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // rows_per_batch) * stride_b + (row % rows_per_batch) * stride_t
-    target = tl.load(targets_ptr + row)
-    valid = target != ignore_index
-    lse, entropy = logits_row_statistics(row_ptr, V, temperature, valid, BLOCK_V)
-    target_logit = tl.load(row_ptr + tl.where(valid, target, 0), mask=valid, other=0.0).to(tl.float32)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64
+    in_range = rows < n_rows
+    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
+    valid = in_range & (targets != ignore_index)
+    lse, entropy = logits_row_statistics(row_ptrs, V, temperature, valid, BLOCK_V)
+    target_logit = tl.load(row_ptrs + tl.where(valid, targets, 0), mask=valid, other=0.0).to(tl.float32)
     logp = target_logit / temperature - lse
-    here = row + tl.arange(0, 1)
-    tl.store(logp_ptr + here, tl.where(valid, logp, 0.0))
-    tl.store(entropy_ptr + here, tl.where(valid, entropy, 0.0))
-    tl.store(lse_ptr + here, tl.where(valid, lse, 0.0))
+    tl.store(logp_ptr + rows, tl.where(valid, logp, 0.0), mask=in_range)
+    tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=in_range)
+    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=in_range)
 
 
 @triton.jit
@@ -63,6 +66,7 @@ def _logits_grad_kernel(
     stride_b,  # element stride between batch entries of logits
     stride_t,  # element stride between time steps of logits
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
+    n_rows,  # N = B * T
     grad_ptr,  # (B, T, V) out: dL/dlogits in the logits dtype; may be logits_ptr itself (in place)
     grad_stride_b,  # element stride between batch entries of grad
     grad_stride_t,  # element stride between time steps of grad
@@ -76,36 +80,38 @@ def _logits_grad_kernel(
     temperature,  # fp32 runtime scalar of the forward
     ignore_index,  # target value of rows that get a zero gradient
     HAS_SCALE: tl.constexpr,  # whether to multiply by *scale_ptr
+    BLOCK_N: tl.constexpr,  # token rows per program
     BLOCK_V: tl.constexpr,  # vocabulary tile
 ):
-    row = tl.program_id(0).to(tl.int64)
-    batch = row // rows_per_batch
-    step = row % rows_per_batch
-    row_ptr = logits_ptr + batch * stride_b + step * stride_t
-    grad_row_ptr = grad_ptr + batch * grad_stride_b + step * grad_stride_t
-    target = tl.load(targets_ptr + row)
-    here = row + tl.arange(0, 1)
-    coef_lp = tl.load(coef_lp_ptr + here)
-    coef_ent = tl.load(coef_ent_ptr + here)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64
+    in_range = rows < n_rows
+    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    grad_row_ptrs = token_row_pointers(grad_ptr, rows, rows_per_batch, grad_stride_b, grad_stride_t)
+    targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
+    coef_lp = tl.load(coef_lp_ptr + rows, mask=in_range, other=0.0)
+    coef_ent = tl.load(coef_ent_ptr + rows, mask=in_range, other=0.0)
     if HAS_SCALE:
         scale = tl.load(scale_ptr)
         coef_lp = coef_lp * scale
         coef_ent = coef_ent * scale
-    valid = target != ignore_index
+    valid = in_range & (targets != ignore_index)
     coef_lp = tl.where(valid, coef_lp, 0.0)
     coef_ent = tl.where(valid, coef_ent, 0.0)
-    # A row without gradient is not read, only zero-filled.
-    active = (coef_lp != 0) | (coef_ent != 0)  # [1]
-    lse = tl.load(lse_ptr + here)
-    entropy = tl.load(entropy_ptr + here)
+    # Rows without gradient are not read, only zero-filled.
+    active = (coef_lp != 0) | (coef_ent != 0)  # [R]
+    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols[None, :] < V
-        x = tl.load(row_ptr + cols[None, :], mask=in_row & active[:, None], other=float("-inf"))
+        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=active[:, None] & in_row, other=float("-inf"))
         z = x.to(tl.float32) / temperature
-        grad = logits_grad_tile(z, cols[None, :] == target, lse, entropy, coef_lp, coef_ent) / temperature
+        grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) / temperature
         grad = tl.where(active[:, None], grad, 0.0)
-        tl.store(grad_row_ptr + cols[None, :], cast_for_store(grad, grad_ptr.dtype.element_ty), mask=in_row)
+        tl.store(
+            grad_row_ptrs[:, None] + cols[None, :], cast_for_store(grad, grad_ptr.dtype.element_ty),
+            mask=in_range[:, None] & in_row,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,9 +129,10 @@ def _flat_targets(targets: torch.Tensor) -> torch.Tensor:
     return targets.reshape(-1).to(torch.int64).contiguous()
 
 
-def _row_launch_args(vocab_size: int):
-    fixed = _heuristics.row_launch(vocab_size).meta()
-    return fixed, _heuristics.row_autotune_configs()
+def row_kernel_launch(vocab_size: int, n_rows: int):
+    """(grid, BLOCK_N, fixed meta-parameters, autotune configs) of the per-row logits kernels."""
+    config = _heuristics.row_launch(vocab_size)
+    return (triton.cdiv(n_rows, config.block_n),), config.block_n, config.meta(), _heuristics.row_autotune_configs()
 
 
 def logprob_entropy_forward(
@@ -139,12 +146,12 @@ def logprob_entropy_forward(
     lse = torch.empty_like(logp)
     if n == 0:
         return logp, entropy, lse
-    fixed, tune = _row_launch_args(V)
+    grid, block_n, fixed, tune = row_kernel_launch(V, n)
     launch(
-        _token_logprobs_fwd_kernel, (n,),
+        _token_logprobs_fwd_kernel, grid,
         dict(
-            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T,
-            targets_ptr=targets, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse, V=V,
+            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=n,
+            BLOCK_N=block_n, targets_ptr=targets, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse, V=V,
             temperature=float(temperature), ignore_index=int(ignore_index),
         ),
         fixed, tune, ["V"],
@@ -175,12 +182,12 @@ def logits_backward(
         return grad
     has_scale = scale is not None
     scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
-    fixed, tune = _row_launch_args(V)
+    grid, block_n, fixed, tune = row_kernel_launch(V, B * T)
     launch(
-        _logits_grad_kernel, (B * T,),
+        _logits_grad_kernel, grid,
         dict(
-            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T,
-            grad_ptr=grad, grad_stride_b=grad.stride(0), grad_stride_t=grad.stride(1),
+            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=B * T,
+            BLOCK_N=block_n, grad_ptr=grad, grad_stride_b=grad.stride(0), grad_stride_t=grad.stride(1),
             targets_ptr=targets, lse_ptr=lse, entropy_ptr=entropy, coef_lp_ptr=coef_lp,
             coef_ent_ptr=coef_ent, scale_ptr=scale_arg, V=V, temperature=float(temperature),
             ignore_index=int(ignore_index), HAS_SCALE=has_scale,

@@ -211,6 +211,12 @@ def test_forcing_triton_on_cpu_without_interpreter_raises(monkeypatch):
         ck.token_logprobs(logits, targets)
 
 
+def test_backend_modules_do_not_shadow_public_names():
+    """Importing a submodule sets it as a package attribute: none may be named like a public op."""
+    for name in ck.__all__:
+        assert not isinstance(getattr(ck, name), type(os)), f"calibrl_kernels.{name} is a module"
+
+
 def test_importing_the_package_does_not_import_triton():
     code = "import sys, calibrl_kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
     env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -248,8 +254,24 @@ _OFFSET_SCRIPT = textwrap.dedent(
     err = max((lp.cpu() - lp64).abs().max().item(), (h.cpu() - h64).abs().max().item())
     gerr = (x.grad.float().cpu() - d.grad).abs().max().item()
     rss_mb = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20 if sys.platform.startswith("linux") else 0
-    print(f"err={err} gerr={gerr} rss_mb={rss_mb}")
+    print(f"err={err} gerr={gerr}")
     assert err < 1e-4 and gerr < 2e-2, (err, gerr)
+    # the fused loss over the same rows as (B, T, V) = (1, 3, V), gradient written in place
+    import calibrl_kernels as ck
+    mask = torch.ones(1, rows, device=device)
+    old = lp.detach().reshape(1, rows) + 0.1
+    args = (targets.reshape(1, rows), old, torch.tensor([0.5], device=device), mask)
+    kw = dict(expert_logp=torch.full((1, rows), -2.0, device=device), passed=torch.tensor([True], device=device),
+              config=ck.CalibRLConfig(entropy_coef=0.1))
+    dense_out = ck.fused_calibrl_loss(dense.to(device).reshape(1, rows, V).requires_grad_(True), *args, **kw)
+    y = logits.unsqueeze(0).detach().requires_grad_(True)  # (1, 3, V), time stride 2^30 + 64
+    out = ck.fused_calibrl_loss(y, *args, **kw, inplace_backward=True)
+    assert torch.equal(out.loss, dense_out.loss), (out.loss, dense_out.loss)
+    x_dense = dense.to(device).reshape(1, rows, V).requires_grad_(True)
+    ck.fused_calibrl_loss(x_dense, *args, **kw).loss.backward()
+    out.loss.backward()
+    assert torch.equal(storage[2 * stride:2 * stride + V], x_dense.grad[0, 2]), "in-place gradient of row 2"
+    rss_mb = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2 ** 20 if sys.platform.startswith("linux") else 0
     assert rss_mb < 3000, rss_mb
     print("ok")
     """

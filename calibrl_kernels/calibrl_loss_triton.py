@@ -1,6 +1,10 @@
 """The CalibRL loss (and GRPO / DAPO / Dr.GRPO / LUFFY / RL-PLUS) fused over logits (B, T, V) (Triton).
 
-Forward, one kernel, one program per token: stream the token's V logits once (online max / sum-exp /
+(Named ``calibrl_loss_triton`` rather than ``calibrl_loss``: a submodule ``calibrl_kernels.calibrl_loss``
+would replace the public function ``calibrl_kernels.calibrl_loss`` as a package attribute once imported.)
+
+Forward, one kernel, BLOCK_N tokens per program (1 on a GPU for real vocabularies): stream each
+token's V logits once (online max / sum-exp /
 shifted sum(z e), fp32) -> lp, H; then, in closed form (``_triton_common.calibrl_token_terms``), the
 token's weighted policy and guide terms, the metric flags, and the two gradient coefficients
 a = -dL/dlp and b = -dL/dH. The aggregation weights c (B, T) of every term depend on the mask only
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _heuristics, reference
+from . import reference
 from ._triton_common import (
     ACT_CODES,
     IN_ADVANTAGE,
@@ -60,9 +64,10 @@ from ._triton_common import (
     loss_epilogue,
     policy_code,
     token_is_counted,
+    token_row_pointers,
 )
 from .config import CalibRLConfig, LossOutput
-from .logprob_entropy import as_token_rows, logits_backward
+from .logprob_entropy import as_token_rows, logits_backward, row_kernel_launch
 
 _DEFAULT_CONFIG = CalibRLConfig()
 
@@ -91,19 +96,20 @@ def _calibrl_loss_fwd_kernel(
     USES_GUIDE: tl.constexpr,  # whether the guide term exists (mode calibrl, activation != none)
     WEIGHT_BY_ADVANTAGE: tl.constexpr,  # guide weight |A| (else 1)
     ACTIVATION: tl.constexpr,  # guide activation code
+    BLOCK_N: tl.constexpr,  # token rows per program
     BLOCK_V: tl.constexpr,  # vocabulary tile
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + (row // rows_per_batch) * stride_b + (row % rows_per_batch) * stride_t
-    here = row + tl.arange(0, 1)  # [1] this token, for the per-token tables
-    target = tl.load(targets_ptr + row)
-    counted = token_is_counted(table_ptr, n_tokens, here, here < n_tokens) & (target != ignore_index)
-    active = tl.max(counted.to(tl.int32), axis=0) != 0  # scalar: read this token's logits at all?
-    lse, entropy = logits_row_statistics(row_ptr, V, temperature, active, BLOCK_V)
-    target_logit = tl.load(row_ptr + tl.where(active, target, 0), mask=active, other=0.0).to(tl.float32)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64 token indices
+    in_range = rows < n_tokens
+    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
+    # Tokens without any weight (padding, ignored targets, dropped expert rows) are not read at all.
+    counted = token_is_counted(table_ptr, n_tokens, rows, in_range) & (targets != ignore_index)
+    lse, entropy = logits_row_statistics(row_ptrs, V, temperature, counted, BLOCK_V)
+    target_logit = tl.load(row_ptrs + tl.where(counted, targets, 0), mask=counted, other=0.0).to(tl.float32)
     lp = target_logit / temperature - lse
     loss_epilogue(
-        table_ptr, out_ptr, n_tokens, here, here < n_tokens, counted, lp, entropy, lse,
+        table_ptr, out_ptr, n_tokens, rows, in_range, counted, lp, entropy, lse,
         clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
         POLICY, USES_GUIDE, WEIGHT_BY_ADVANTAGE, ACTIVATION,
     )
@@ -209,14 +215,16 @@ def calibrl_loss_forward(
     token_out = torch.zeros(TOKEN_OUTPUTS, n, dtype=torch.float32, device=rows.device)
     if n == 0:
         return token_out
+    grid, block_n, fixed, tune = row_kernel_launch(V, n)
     launch(
-        _calibrl_loss_fwd_kernel, (n,),
+        _calibrl_loss_fwd_kernel, grid,
         dict(
             logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T,
             targets_ptr=targets, table_ptr=table, out_ptr=token_out, n_tokens=n, V=V,
-            temperature=float(config.temperature), ignore_index=int(ignore_index), **kernel_loss_arguments(config),
+            temperature=float(config.temperature), ignore_index=int(ignore_index), BLOCK_N=block_n,
+            **kernel_loss_arguments(config),
         ),
-        _heuristics.row_launch(V).meta(), _heuristics.row_autotune_configs(), ["V"],
+        fixed, tune, ["V"],
     )
     return token_out
 
