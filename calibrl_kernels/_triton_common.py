@@ -119,7 +119,7 @@ def token_row_pointers(base_ptr, rows, rows_per_batch, stride_b, stride_t):
 
 
 @triton.jit
-def logits_row_statistics(row_ptrs, V, temperature, active, BLOCK_V: tl.constexpr):
+def logits_row_statistics(row_ptrs, V, inv_temperature, active, BLOCK_V: tl.constexpr):
     """(lse, entropy), each [R] fp32, of the rows of logits at ``row_ptrs`` [R] (unit stride, V entries).
 
     Rows are streamed once in [R, BLOCK_V] tiles. Inactive rows (``active`` [R] false) are not read
@@ -133,7 +133,7 @@ def logits_row_statistics(row_ptrs, V, temperature, active, BLOCK_V: tl.constexp
     for start in range(0, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_ptrs[:, None] + cols[None, :], mask=active[:, None] & (cols[None, :] < V), other=float("-inf"))
-        m, s, t = online_softmax_update(m, s, t, x.to(tl.float32) / temperature)
+        m, s, t = online_softmax_update(m, s, t, x.to(tl.float32) * inv_temperature)
     return finalize_softmax_statistics(m, s, t)
 
 

@@ -83,7 +83,7 @@ def _calibrl_loss_fwd_kernel(
     out_ptr,  # (TOKEN_OUTPUTS, N) fp32 out: weighted terms, lse, H, a, b, lp (see OUT_*)
     n_tokens,  # N
     V,  # vocabulary size
-    temperature,  # fp32 runtime scalar, logits are divided by it
+    inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (a multiply, not a divide, per element)
     ignore_index,  # target value of tokens left out of the loss
     clip_low,  # PPO: rho is clipped to [1 - clip_low, 1 + clip_high]
     clip_high,
@@ -105,9 +105,9 @@ def _calibrl_loss_fwd_kernel(
     targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
     # Tokens without any weight (padding, ignored targets, dropped expert rows) are not read at all.
     counted = token_is_counted(table_ptr, n_tokens, rows, in_range) & (targets != ignore_index)
-    lse, entropy = logits_row_statistics(row_ptrs, V, temperature, counted, BLOCK_V)
+    lse, entropy = logits_row_statistics(row_ptrs, V, inv_temperature, counted, BLOCK_V)
     target_logit = tl.load(row_ptrs + tl.where(counted, targets, 0), mask=counted, other=0.0).to(tl.float32)
-    lp = target_logit / temperature - lse
+    lp = target_logit * inv_temperature - lse
     loss_epilogue(
         table_ptr, out_ptr, n_tokens, rows, in_range, counted, lp, entropy, lse,
         clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
@@ -221,7 +221,7 @@ def calibrl_loss_forward(
         dict(
             logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T,
             targets_ptr=targets, table_ptr=table, out_ptr=token_out, n_tokens=n, V=V,
-            temperature=float(config.temperature), ignore_index=int(ignore_index), BLOCK_N=block_n,
+            inv_temperature=1.0 / float(config.temperature), ignore_index=int(ignore_index), BLOCK_N=block_n,
             **kernel_loss_arguments(config),
         ),
         fixed, tune, ["V"],

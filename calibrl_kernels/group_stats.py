@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _checks, _heuristics
+from ._triton_common import launch
 from .config import GroupStats
 from .reference import compute_dtype
 
@@ -132,11 +133,17 @@ def group_advantages(
     std = torch.empty_like(mean)
     pass_rate = torch.empty_like(mean)
     count = torch.empty(B, dtype=torch.int64, device=device)
-    launch = _heuristics.group_launch()
-    _group_stats_kernel[(B,)](
-        order, run_start, r, on_policy.to(dt), passed.to(dt), torch.tensor(eps, dtype=dt, device=device),
-        advantages, weights, group_index, mean, std, pass_rate, count,
-        NORM_BY_STD=bool(norm_by_std), BLOCK_ROWS=launch.block_rows, num_warps=launch.num_warps,
+    config = _heuristics.group_launch()
+    launch(
+        _group_stats_kernel, (B,),
+        dict(
+            order_ptr=order, run_start_ptr=run_start, scores_ptr=r, on_policy_ptr=on_policy.to(dt),
+            passed_ptr=passed.to(dt), eps_ptr=torch.tensor(eps, dtype=dt, device=device),
+            advantages_ptr=advantages, weights_ptr=weights, group_index_ptr=group_index, mean_ptr=mean,
+            std_ptr=std, pass_rate_ptr=pass_rate, count_ptr=count, NORM_BY_STD=bool(norm_by_std),
+        ),
+        dict(BLOCK_ROWS=config.block_rows, num_warps=config.num_warps, num_stages=1), (), (),
+        allow_autotune=False,  # a few microseconds of work: nothing to tune
     )
 
     if num_groups is None:

@@ -42,7 +42,7 @@ def _token_logprobs_fwd_kernel(
     entropy_ptr,  # (N,) fp32 out: entropy of softmax(logits / temperature), 0 where ignored
     lse_ptr,  # (N,) fp32 out: logsumexp(logits / temperature), 0 where ignored (for the backward)
     V,  # vocabulary size
-    temperature,  # fp32 runtime scalar, logits are divided by it
+    inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (a multiply, not a divide, per element)
     ignore_index,  # target value marking a token without log-prob
     BLOCK_N: tl.constexpr,  # token rows per program
     BLOCK_V: tl.constexpr,  # vocabulary tile
@@ -52,9 +52,9 @@ def _token_logprobs_fwd_kernel(
     row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
     targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
     valid = in_range & (targets != ignore_index)
-    lse, entropy = logits_row_statistics(row_ptrs, V, temperature, valid, BLOCK_V)
+    lse, entropy = logits_row_statistics(row_ptrs, V, inv_temperature, valid, BLOCK_V)
     target_logit = tl.load(row_ptrs + tl.where(valid, targets, 0), mask=valid, other=0.0).to(tl.float32)
-    logp = target_logit / temperature - lse
+    logp = target_logit * inv_temperature - lse
     tl.store(logp_ptr + rows, tl.where(valid, logp, 0.0), mask=in_range)
     tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=in_range)
     tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=in_range)
@@ -77,7 +77,7 @@ def _logits_grad_kernel(
     coef_ent_ptr,  # (N,) fp32 b = -dL/dH per row
     scale_ptr,  # () fp32 factor on both coefficients (upstream dL_total/dL), read on device; unused without HAS_SCALE
     V,  # vocabulary size
-    temperature,  # fp32 runtime scalar of the forward
+    inv_temperature,  # fp32 runtime scalar 1 / temperature of the forward
     ignore_index,  # target value of rows that get a zero gradient
     HAS_SCALE: tl.constexpr,  # whether to multiply by *scale_ptr
     BLOCK_N: tl.constexpr,  # token rows per program
@@ -105,8 +105,8 @@ def _logits_grad_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols[None, :] < V
         x = tl.load(row_ptrs[:, None] + cols[None, :], mask=active[:, None] & in_row, other=float("-inf"))
-        z = x.to(tl.float32) / temperature
-        grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) / temperature
+        z = x.to(tl.float32) * inv_temperature
+        grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) * inv_temperature
         grad = tl.where(active[:, None], grad, 0.0)
         tl.store(
             grad_row_ptrs[:, None] + cols[None, :], cast_for_store(grad, grad_ptr.dtype.element_ty),
@@ -152,7 +152,7 @@ def logprob_entropy_forward(
         dict(
             logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=n,
             BLOCK_N=block_n, targets_ptr=targets, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse, V=V,
-            temperature=float(temperature), ignore_index=int(ignore_index),
+            inv_temperature=1.0 / float(temperature), ignore_index=int(ignore_index),
         ),
         fixed, tune, ["V"],
     )
@@ -189,7 +189,7 @@ def logits_backward(
             logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=B * T,
             BLOCK_N=block_n, grad_ptr=grad, grad_stride_b=grad.stride(0), grad_stride_t=grad.stride(1),
             targets_ptr=targets, lse_ptr=lse, entropy_ptr=entropy, coef_lp_ptr=coef_lp,
-            coef_ent_ptr=coef_ent, scale_ptr=scale_arg, V=V, temperature=float(temperature),
+            coef_ent_ptr=coef_ent, scale_ptr=scale_arg, V=V, inv_temperature=1.0 / float(temperature),
             ignore_index=int(ignore_index), HAS_SCALE=has_scale,
         ),
         fixed, tune, ["V"],

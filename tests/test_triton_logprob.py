@@ -18,6 +18,7 @@ from calibrl_kernels import _dispatch, reference
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy, interpreter only
 
 pytest.importorskip("triton")
@@ -211,6 +212,52 @@ def test_forcing_triton_on_cpu_without_interpreter_raises(monkeypatch):
         ck.token_logprobs(logits, targets)
 
 
+def test_autotune_wiring(monkeypatch, triton_device):
+    """CALIBRL_AUTOTUNE=1 wraps kernels in triton.autotune keyed on V (faked here: the interpreter cannot
+    time configs), never for in-place launches; results stay those of the fixed configuration."""
+    from calibrl_kernels import _heuristics, _triton_common
+
+    wrapped = []
+
+    class FakeAutotuner:
+        def __init__(self, kernel, configs, key):
+            self.kernel, self.configs, self.key = kernel, configs, key
+
+        def __getitem__(self, grid):
+            def run(**kwargs):
+                config = self.configs[0]
+                assert not set(config.kwargs) & set(kwargs), "tuned meta-parameters passed twice"
+                self.kernel[grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            return run
+
+    def fake_autotune(configs, key):
+        assert configs and all(isinstance(c, _triton_common.triton.Config) for c in configs)
+        def wrap(kernel):
+            wrapped.append((kernel.__name__, tuple(key)))
+            return FakeAutotuner(kernel, configs, key)
+        return wrap
+
+    monkeypatch.setattr(_heuristics, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(_triton_common.triton, "autotune", fake_autotune)
+    monkeypatch.setattr(_triton_common, "_AUTOTUNED", {})
+    logits, targets, w_lp, w_h = _case(5, 300, torch.float32, triton_device, seed=1)
+    lp, h, grad = _run(logits, targets, w_lp, w_h, 1.0, fn=ck.token_logprobs)
+    assert ("_token_logprobs_fwd_kernel", ("V",)) in wrapped and ("_logits_grad_kernel", ("V",)) in wrapped
+    lp64, h64, grad64 = _reference(logits, targets, w_lp, w_h, 1.0, dtype=torch.float64)
+    assert_close_rel(lp, lp64, 1e-5, "logp")
+    assert_close_rel(grad, grad64, 1e-5, "dlogits")
+    # the in-place gradient of the fused loss must not be autotuned (the tuner reruns launches)
+    wrapped.clear()
+    monkeypatch.setattr(_triton_common, "_AUTOTUNED", {})
+    x = logits.clone().reshape(1, 5, 300).requires_grad_(True)
+    out = ck.fused_calibrl_loss(
+        x, targets.reshape(1, 5).clamp_min(0), torch.zeros(1, 5), torch.ones(1), torch.ones(1, 5),
+        config=ck.CalibRLConfig.for_algo("grpo"), inplace_backward=True,
+    )
+    out.loss.backward()
+    assert [name for name, _ in wrapped] == ["_calibrl_loss_fwd_kernel"]
+
+
 def test_backend_modules_do_not_shadow_public_names():
     """Importing a submodule sets it as a package attribute: none may be named like a public op."""
     for name in ck.__all__:
@@ -219,7 +266,7 @@ def test_backend_modules_do_not_shadow_public_names():
 
 def test_importing_the_package_does_not_import_triton():
     code = "import sys, calibrl_kernels; assert 'triton' not in sys.modules, 'triton imported'; print('ok')"
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
@@ -279,6 +326,6 @@ _OFFSET_SCRIPT = textwrap.dedent(
 
 
 def test_int64_offsets_past_2_pow_31_elements(triton_device):
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", _OFFSET_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, f"rc={out.returncode}\n{out.stdout}\n{out.stderr[-3000:]}"

@@ -132,6 +132,13 @@ def test_shapes(B, T, V, triton_device):
     assert_matches_fp64(inputs, CalibRLConfig(entropy_coef=0.01))
 
 
+@pytest.mark.parametrize("config", [CalibRLConfig(), CalibRLConfig.for_algo("rlplus")], ids=["calibrl", "rlplus"])
+def test_token_level_advantages_and_bool_mask(config, triton_device):
+    logits, targets, old_logp, adv, mask, kw = make_inputs(6, 4, 30, triton_device, seed=12)
+    token_adv = adv[:, None] * torch.linspace(0.5, 1.5, 4, device=triton_device)[None, :]  # (B, T)
+    assert_matches_fp64((logits, targets, old_logp, token_adv, mask.bool(), kw), config)
+
+
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
 def test_temperature(temperature, triton_device):
     inputs = make_inputs(4, 3, 100, triton_device, seed=3)

@@ -1,0 +1,137 @@
+"""Compile every Triton kernel of the library for a GPU target without a GPU (run as a script).
+
+The interpreter accepts programs the GPU compiler rejects (type mismatches across branches or loop
+iterations, constexpr misuse, unsupported casts), so CPU-only test runs would not see such errors.
+Here each launcher of the library runs on small CPU tensors with ``_triton_common.launch`` replaced by
+a recorder; every recorded launch (the real argument set and the GPU launch configuration of
+``_heuristics``) is then compiled by ``triton.compile`` for sm_90 (H100) down to a cubin, with the
+16-byte divisibility hints the JIT would give aligned pointers and strides. Prints one line per kernel
+(registers / spills from cuobjdump when available) and "ok" at the end.
+
+Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from calibrl_kernels import CalibRLConfig, _triton_common  # noqa: E402
+from calibrl_kernels import calibrl_loss_triton, group_stats, logprob_entropy  # noqa: E402
+
+TYPES = {
+    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+}
+TARGET = GPUTarget("cuda", 90, 32)
+recorded = []
+
+
+def record(kernel, grid, kwargs, fixed, tune_configs, tune_key, allow_autotune=True):
+    recorded.append((kernel, {**kwargs, **fixed}))
+
+
+def signature_of(kernel, args):
+    names = kernel.arg_names
+    signature, constexprs, attrs = {}, {}, {}
+    constexpr_params = {p.name for p in kernel.params if p.is_constexpr}
+    for name in names:
+        value = args[name]
+        if name in constexpr_params:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPES[value.dtype]
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]  # a GPU allocation is 16-byte aligned
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
+            if value % 16 == 0 and value != 0:
+                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}.{name}: cannot type {type(value).__name__}")
+    return signature, constexprs, attrs
+
+
+def resource_usage(cubin: bytes) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return "(no cuobjdump)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return "REG:{} STACK:{} SHARED:{} LOCAL:{}".format(*match.groups()) if match else out.strip()[-200:]
+
+
+def run_launchers():
+    """Every launcher, on small CPU tensors, with each kernel variant the library can launch."""
+    B, T, V = 2, 3, 4096
+    targets = torch.randint(0, V, (B * T,))
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        rows = torch.empty(B, T, V, dtype=dtype)
+        logprob_entropy.logprob_entropy_forward(rows, targets, 0.7, -100)
+        stats = torch.zeros(B * T)
+        logprob_entropy.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100)
+        logprob_entropy.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100, scale=torch.ones(()), inplace=True)
+    rows = torch.empty(B, T, V, dtype=torch.bfloat16)
+    configs = [CalibRLConfig(activation=a) for a in ("leaky_relu", "relu", "tanh", "sigmoid", "huber", "none")]
+    configs += [CalibRLConfig.for_algo(m) for m in ("grpo", "luffy", "rlplus")]
+    configs += [CalibRLConfig(weight_by_advantage=False, entropy_coef=0.1)]
+    table = torch.zeros(_triton_common.TOKEN_INPUTS, B * T)
+    for config in configs:
+        calibrl_loss_triton.calibrl_loss_forward(rows, targets, table, config, -100)
+    for dtype in (torch.float32, torch.float64):
+        for norm in (False, True):
+            group_stats.group_advantages(torch.rand(8, dtype=dtype), torch.arange(8) // 3, None, norm)
+
+
+def main():
+    os.environ["CALIBRL_VALUE_CHECKS"] = "0"  # nothing runs: outputs hold no values to check
+    _triton_common.launch = record
+    logprob_entropy.launch = record
+    calibrl_loss_triton.launch = record
+    group_stats.launch = record
+    for name in ("linear_triton",):  # issue 5's kernels, when present
+        try:
+            module = __import__(f"calibrl_kernels.{name}", fromlist=["run_compile_check_launchers"])
+        except ImportError:
+            continue
+        module.launch = record
+        if hasattr(module, "run_compile_check_launchers"):
+            module.run_compile_check_launchers()
+    run_launchers()
+    seen = set()
+    for kernel, args in recorded:
+        signature, constexprs, attrs = signature_of(kernel, args)
+        key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        options = {"num_warps": args.get("num_warps", 4), "num_stages": args.get("num_stages", 3)}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=TARGET, options=options)
+        usage = resource_usage(compiled.asm["cubin"])
+        print(f"{kernel.__name__} {constexprs} {options}: {usage}", flush=True)
+        assert "LOCAL:0" in usage or "no cuobjdump" in usage, f"register spills in {kernel.__name__}: {usage}"
+    print(f"compiled {len(seen)} kernel variants")
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
