@@ -64,25 +64,37 @@ def policy_code(mode: str) -> int:
 # 1. Row statistics and the logits gradient of one tile
 # ==============================================================================================
 @triton.jit
+def merge_softmax_statistics(m1, s1, t1, m2, s2, t2):
+    """Statistics (m, s, t) [R] of the union of two disjoint parts of rows, each summarised by its own.
+
+    Each t_i is relative to its own m_i: moving it to m gives e^(m_i - m) (t_i + (m_i - m) s_i).
+    An empty part (m_i = -inf, s_i = t_i = 0) contributes nothing, without NaN.
+    """
+    m = tl.maximum(m1, m2)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    shift1 = tl.where(m1 == float("-inf"), 0.0, m1 - m_ref)
+    shift2 = tl.where(m2 == float("-inf"), 0.0, m2 - m_ref)
+    scale1 = tl.exp(shift1)
+    scale2 = tl.exp(shift2)
+    s = s1 * scale1 + s2 * scale2
+    t = (t1 + shift1 * s1) * scale1 + (t2 + shift2 * s2) * scale2
+    return m, s, t
+
+
+@triton.jit
 def online_softmax_update(m, s, t, z):
     """Fold a tile of scaled logits z [R, BV] (fp32, -inf allowed) into the row statistics [R].
 
     m: running max; s = sum e^(z - m); t = sum (z - m) e^(z - m). Returns the updated (m, s, t).
-    Rows whose entries so far are all -inf keep m = -inf, s = t = 0 without producing NaN.
+    One exp per element; rows whose entries so far are all -inf keep m = -inf, s = t = 0.
     """
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    # Reference point of the exponentials: the new max, or 0 while a row has seen only -inf.
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    # Shift of the old sums to the new reference (0 when the old ones are empty: s = t = 0 then).
-    shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-    scale = tl.exp(shift)
-    d = z - m_ref[:, None]
+    tile_max = tl.max(z, axis=1)
+    tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+    d = z - tile_ref[:, None]
     e = tl.exp(d)
-    de = tl.where(z == float("-inf"), 0.0, d * e)
-    # sum (z - m') e^(z - m') over old entries = e^(m - m') (t + (m - m') s)
-    t_new = (t + shift * s) * scale + tl.sum(de, axis=1)
-    s_new = s * scale + tl.sum(e, axis=1)
-    return m_new, s_new, t_new
+    tile_s = tl.sum(e, axis=1)
+    tile_t = tl.sum(tl.where(z == float("-inf"), 0.0, d * e), axis=1)
+    return merge_softmax_statistics(m, s, t, tile_max, tile_s, tile_t)
 
 
 @triton.jit
