@@ -106,40 +106,89 @@ def group_launch() -> GroupLaunch:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused lm_head kernels (linear_triton.py): tiles of rows x vocabulary x hidden
+# Fused lm_head kernels (linear_triton.py): tiles of rows x vocabulary x hidden, and plain GEMMs
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class LinearLaunch:
-    block_n: int  # rows (tokens) per program
-    block_v: int  # vocabulary entries per tile
-    block_d: int  # hidden features per tl.dot step
+class TileLaunch:
+    block_m: int  # rows of the output tile (tokens, or vocabulary entries for dWeight)
+    block_n: int  # columns of the output tile (vocabulary entries, or hidden features)
+    block_k: int  # reduction step of one tl.dot
     num_warps: int
     num_stages: int
 
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
 
-def linear_launch(n_rows: int, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> LinearLaunch:
-    """Tiles of the fused lm_head kernels (forward statistics and both gradient passes).
 
-    GPU (H100, bf16): 128 x 128 output tiles with 64-deep K steps are the standard tensor-core GEMM
-    tile (128*64*2 B * 2 operands = 32 KiB of shared memory per stage, 3 stages = 96 KiB, leaving room
-    for the fp32 accumulators of one 128 x 128 tile in registers at 8 warps). fp32 inputs halve the
-    K step to keep the same shared-memory footprint.
+def _narrow(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def linear_tile_launch(dtype: torch.dtype) -> TileLaunch:
+    """Tiles of the fused lm_head kernels (statistics and logits gradient): tokens x vocabulary, K = hidden.
+
+    GPU (H100): a 64 x 128 fp32 accumulator with 64-deep bf16 K steps: 2 operands x (64 + 128) x 64 x 2 B
+    = 24 KiB of shared memory per stage, 4 stages = 96 KiB of 228 KiB. The online-softmax epilogue
+    keeps a second tile-sized fp32 temporary alive, and at 128 x 128 ptxas needs all 255 registers and
+    spills (checked with tests/_triton_compile_check.py); 64 x 128 at 8 warps fits in ~180 registers.
+    Arithmetic intensity per stage: 2 * 64 * 128 * 64 FLOP / 24 KiB = 43 FLOP/B of shared memory, and
+    operands are shared across programs through L2, so wgmma stays the bottleneck, not HBM.
+    fp32 operands halve the K step (same shared memory).
     """
     if interpreting():
-        return LinearLaunch(
-            block_n=16, block_v=32 if vocab_size > 16 else 16, block_d=16 if hidden_size > 8 else 16,
-            num_warps=1, num_stages=1,
-        )
-    block_d = 64 if dtype in (torch.bfloat16, torch.float16) else 32
-    return LinearLaunch(block_n=128, block_v=128, block_d=block_d, num_warps=8, num_stages=3)
+        return TileLaunch(16, 32, 16, 1, 1)
+    return TileLaunch(64, 128, 64 if _narrow(dtype) else 32, 8, 4)
+
+
+def gemm_tile_launch(dtype: torch.dtype) -> TileLaunch:
+    """Tiles of the plain GEMMs of the lm_head backward (dWeight, dHidden): 128 x 128 outputs, 64-deep
+    bf16 K steps, 8 warps, 3 stages (96 KiB of shared memory; ~250 registers, no spills). fp32 operands
+    take the FMA path (exact fp32, no tensor cores), where a 128 x 128 accumulating tile spills:
+    64 x 128 with 32-deep steps."""
+    if interpreting():
+        return TileLaunch(16, 32, 16, 1, 1)
+    if _narrow(dtype):
+        return TileLaunch(128, 128, 64, 8, 3)
+    return TileLaunch(64, 128, 32, 8, 3)
 
 
 def linear_autotune_configs(dtype: torch.dtype) -> List[dict]:
-    """The grid CALIBRL_AUTOTUNE=1 searches for the fused lm_head kernels."""
-    wide = dtype in (torch.bfloat16, torch.float16)
-    configs = []
-    for block_n, block_v in ((128, 128), (64, 128), (128, 64), (64, 64), (128, 256)):
-        for block_d in ((64, 128) if wide else (32, 64)):
-            for warps, stages in ((4, 3), (8, 3), (8, 4)):
-                configs.append(dict(block_n=block_n, block_v=block_v, block_d=block_d, num_warps=warps, num_stages=stages))
-    return configs
+    """The grid CALIBRL_AUTOTUNE=1 searches for the lm_head kernels (keyed on the problem sizes)."""
+    steps = (64, 128) if _narrow(dtype) else (32, 64)
+    return [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        for bm, bn in ((128, 128), (64, 128), (128, 64), (128, 256))
+        for bk in steps
+        for warps, stages in ((4, 3), (8, 3), (8, 4))
+    ]
+
+
+def linear_vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device) -> int:
+    """How many programs share one block of rows in the statistics pass (split-V, merged afterwards).
+
+    Without a split the grid has N / BLOCK_M programs: 128 at N = 16384, under one wave on 132 SMs,
+    and far fewer for short batches. Splitting the vocabulary brings the grid to >= 2 waves; each split
+    costs 4 floats per row of partial statistics and one merge.
+    """
+    if interpreting():
+        return max(1, min(2, vocab_tiles))  # exercise the merge in tests
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(vocab_tiles, -(-2 * sms // max(row_blocks, 1))))
+
+
+# Memory budget of the backward's logits-gradient chunk (rows x vocabulary columns, input dtype).
+LINEAR_CHUNK_BYTES = 128 * 2 ** 20
+
+
+def linear_chunk_columns(n_rows: int, vocab_size: int, element_bytes: int, block_v: int) -> int:
+    """Vocabulary columns per backward chunk: the (N, columns) gradient chunk fits LINEAR_CHUNK_BYTES.
+
+    N = 16384 rows of bf16 give 4096 columns (37 chunks for V = 151936). Under the interpreter two
+    tiles per chunk, so that tests cover several chunks.
+    """
+    if interpreting():
+        return 2 * block_v
+    columns = LINEAR_CHUNK_BYTES // max(1, n_rows * element_bytes)
+    columns = max(block_v, columns // block_v * block_v)
+    return min(columns, -(-vocab_size // block_v) * block_v)

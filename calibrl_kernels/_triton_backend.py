@@ -15,12 +15,15 @@ import torch
 from . import _triton_common
 from .calibrl_loss_triton import fused_calibrl_loss
 from .group_stats import group_advantages
+from .linear_triton import fused_linear_calibrl_loss, linear_token_logprobs
 from .logprob_entropy import token_logprobs
 
 OPS = {
     "token_logprobs": token_logprobs,
     "group_advantages": group_advantages,
     "fused_calibrl_loss": fused_calibrl_loss,
+    "linear_token_logprobs": linear_token_logprobs,
+    "fused_linear_calibrl_loss": fused_linear_calibrl_loss,
 }
 
 

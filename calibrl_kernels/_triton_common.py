@@ -168,6 +168,21 @@ def cast_for_store(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+# The interpreter's tl.dot on bf16 operands is unreliable (triton 3.6-3.9): there, operands are upcast.
+_UPCAST_DOT_OPERANDS = tl.constexpr(BUILT_FOR_INTERPRETER)
+
+
+@triton.jit
+def dot_tile(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b with an fp32 accumulator. On the GPU bf16 / fp16 operands go to the tensor cores as
+    they are (INPUT_PRECISION only matters for fp32 operands: "ieee" or "tf32"); under the interpreter
+    both operands are upcast to fp32 first (bf16 products are exact in fp32, so results agree)."""
+    if _UPCAST_DOT_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
 # ==============================================================================================
 # 2. The loss in closed form (elementwise; fp32)
 # ==============================================================================================
@@ -236,10 +251,13 @@ def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
         decay = tl.exp(-2.0 * tl.abs(z))
         magnitude = (1.0 - decay) / (1.0 + decay)
         value = tl.where(z < 0, -magnitude, magnitude)
-        slope = 1.0 - value * value
-    elif ACTIVATION == 3:  # sigmoid
-        value = tl.sigmoid(z)
-        slope = value * (1.0 - value)
+        # 1 - tanh^2 = 4 e^(-2|z|) / (1 + e^(-2|z|))^2: no cancellation when |tanh| -> 1
+        slope = 4.0 * decay / ((1.0 + decay) * (1.0 + decay))
+    elif ACTIVATION == 3:  # sigmoid(z), from e^(-|z|) so that neither side overflows
+        decay = tl.exp(-tl.abs(z))
+        value = tl.where(z >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
+        # sigmoid (1 - sigmoid) = e^(-|z|) / (1 + e^(-|z|))^2: no cancellation when sigmoid -> 1
+        slope = decay / ((1.0 + decay) * (1.0 + decay))
     else:  # huber with transition huber_delta
         magnitude = tl.abs(z)
         value = tl.where(magnitude < huber_delta, 0.5 * z * z, huber_delta * (magnitude - 0.5 * huber_delta))
@@ -347,6 +365,12 @@ _OUT_ENTROPY = tl.constexpr(OUT_ENTROPY)
 _OUT_COEF_LP = tl.constexpr(OUT_COEF_LP)
 _OUT_COEF_ENT = tl.constexpr(OUT_COEF_ENT)
 _OUT_LOGP = tl.constexpr(OUT_LOGP)
+
+
+def counted_tokens(table, targets, ignore_index: int):
+    """(N,) bool, host-side twin of ``token_is_counted``: tokens with any loss / metric weight."""
+    weights = table[IN_W_LOSS:IN_W_ENTROPY_METRIC + 1]
+    return (weights != 0).any(dim=0) & (targets != ignore_index)
 
 
 @triton.jit
