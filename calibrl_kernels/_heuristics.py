@@ -128,39 +128,48 @@ def _narrow(dtype: torch.dtype) -> bool:
 def linear_tile_launch(dtype: torch.dtype) -> TileLaunch:
     """Tiles of the fused lm_head kernels (statistics and logits gradient): tokens x vocabulary, K = hidden.
 
-    GPU (H100): a 64 x 128 fp32 accumulator with 64-deep bf16 K steps: 2 operands x (64 + 128) x 64 x 2 B
-    = 24 KiB of shared memory per stage, 4 stages = 96 KiB of 228 KiB. The online-softmax epilogue
-    keeps a second tile-sized fp32 temporary alive, and at 128 x 128 ptxas needs all 255 registers and
-    spills (checked with tests/_triton_compile_check.py); 64 x 128 at 8 warps fits in ~180 registers.
-    Arithmetic intensity per stage: 2 * 64 * 128 * 64 FLOP / 24 KiB = 43 FLOP/B of shared memory, and
-    operands are shared across programs through L2, so wgmma stays the bottleneck, not HBM.
-    fp32 operands halve the K step (same shared memory).
+    GPU (H100, bf16): 128 x 128 output tiles with 64-deep K steps, 16 warps, 3 stages. Each K step
+    moves (128 + 128) x 64 x 2 B = 32 KiB for 2 x 128 x 128 x 64 FLOP: 64 FLOP/B (a 64 x 128 tile
+    gives 43, which makes the L2 -> SM traffic, not wgmma, the limit). The online-softmax epilogue keeps
+    a second tile-sized fp32 temporary alive: at 8 warps ptxas runs out of its 255 registers and spills
+    (up to 96 B of stack, measured with tests/_triton_compile_check.py); 16 warps halve the per-thread
+    share of the tile and compile without spills at 128 registers. 3 stages = 96 KiB of shared memory.
+    fp32 operands (FMA path, exact) use 64 x 128 tiles with 32-deep steps at 8 warps.
     """
     if interpreting():
         return TileLaunch(16, 32, 16, 1, 1)
-    return TileLaunch(64, 128, 64 if _narrow(dtype) else 32, 8, 4)
+    if _narrow(dtype):
+        return TileLaunch(128, 128, 64, 16, 3)
+    return TileLaunch(64, 128, 32, 8, 4)
 
 
-def gemm_tile_launch(dtype: torch.dtype) -> TileLaunch:
-    """Tiles of the plain GEMMs of the lm_head backward (dWeight, dHidden): 128 x 128 outputs, 64-deep
-    bf16 K steps, 8 warps, 3 stages (96 KiB of shared memory; ~250 registers, no spills). fp32 operands
-    take the FMA path (exact fp32, no tensor cores), where a 128 x 128 accumulating tile spills:
-    64 x 128 with 32-deep steps."""
+def gemm_tile_launch(dtype: torch.dtype, accumulate: bool) -> TileLaunch:
+    """Tiles of the plain GEMMs of the lm_head backward (dWeight written once, dHidden accumulated).
+
+    GPU (H100, bf16): 128 x 256 outputs, 64-deep K steps, 16 warps, 3 stages: (128 + 256) x 64 x 2 B
+    = 48 KiB per step for 4.2 MFLOP, 85 FLOP/B, the shape of Hopper's best Triton GEMMs; 144 KiB of
+    shared memory, ~115 registers, no spills. Accumulating into an fp32 output adds the loaded output
+    tile to the live registers, which at 128 x 256 (16 warps, 128 registers each) spills: 128 x 128 at
+    8 warps there (64 FLOP/B, no spills). fp32 operands take the FMA path (exact fp32, no tensor cores),
+    where a 128 x 128 accumulating tile spills: 64 x 128 with 32-deep steps.
+    """
     if interpreting():
         return TileLaunch(16, 32, 16, 1, 1)
-    if _narrow(dtype):
+    if not _narrow(dtype):
+        return TileLaunch(64, 128, 32, 8, 3)
+    if accumulate:
         return TileLaunch(128, 128, 64, 8, 3)
-    return TileLaunch(64, 128, 32, 8, 3)
+    return TileLaunch(128, 256, 64, 16, 3)
 
 
 def linear_autotune_configs(dtype: torch.dtype) -> List[dict]:
     """The grid CALIBRL_AUTOTUNE=1 searches for the lm_head kernels (keyed on the problem sizes)."""
-    steps = (64, 128) if _narrow(dtype) else (32, 64)
+    steps = (64, 128) if _narrow(dtype) else (32,)
     return [
         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
         for bm, bn in ((128, 128), (64, 128), (128, 64), (128, 256))
         for bk in steps
-        for warps, stages in ((4, 3), (8, 3), (8, 4))
+        for warps, stages in ((8, 3), (8, 4), (16, 3))
     ]
 
 

@@ -316,8 +316,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _tiles(dtype: torch.dtype, gemm: bool = False):
-    fixed = _heuristics.gemm_tile_launch(dtype) if gemm else _heuristics.linear_tile_launch(dtype)
+def _tiles(dtype: torch.dtype, gemm: bool = False, accumulate: bool = False):
+    fixed = _heuristics.gemm_tile_launch(dtype, accumulate) if gemm else _heuristics.linear_tile_launch(dtype)
     return fixed, fixed.meta(), _heuristics.linear_autotune_configs(dtype)
 
 
@@ -425,7 +425,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool,
     """c (+)= a @ b on strided 2-D views (one program per output tile)."""
     M, K = a.shape
     N = b.shape[1]
-    fixed, meta, tune = _tiles(a.dtype, gemm=True)
+    fixed, meta, tune = _tiles(a.dtype, gemm=True, accumulate=accumulate)
     launch(
         _matmul_kernel,
         lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),),
