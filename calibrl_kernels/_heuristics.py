@@ -173,6 +173,14 @@ def linear_autotune_configs(dtype: torch.dtype) -> List[dict]:
     ]
 
 
+def finish_launch() -> dict:
+    """The per-row finishing kernel of the lm_head path (merge of partial statistics + loss epilogue):
+    O(N) elementwise work, 128 rows per program on a GPU, 16 under the interpreter."""
+    if interpreting():
+        return dict(BLOCK_M=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_M=128, num_warps=4, num_stages=1)
+
+
 def linear_vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device) -> int:
     """How many programs share one block of rows in the statistics pass (split-V, merged afterwards).
 

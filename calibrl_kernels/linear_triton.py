@@ -359,12 +359,12 @@ def finish_statistics(partial, splits, targets, ignore_index, table=None, config
         logp, entropy, lse = torch.empty(3, N, dtype=torch.float32, device=device).unbind(0)
         outputs = dict(table_ptr=logp, out_ptr=logp, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse)
         loss_args = kernel_loss_arguments(_DEFAULT_CONFIG)
-    block = 16 if _heuristics.interpreting() else 128
+    meta = _heuristics.finish_launch()
     launch(
-        _linear_finish_kernel, (triton.cdiv(N, block),),
+        _linear_finish_kernel, (triton.cdiv(N, meta["BLOCK_M"]),),
         dict(partial_ptr=partial, splits=splits, targets_ptr=targets, N=N, ignore_index=int(ignore_index),
-             **outputs, **loss_args, WITH_LOSS=with_loss, BLOCK_M=block),
-        dict(num_warps=4, num_stages=1), (), (), allow_autotune=False,
+             **outputs, **loss_args, WITH_LOSS=with_loss),
+        meta, (), (), allow_autotune=False,
     )
     return token_out if with_loss else (logp, entropy, lse)
 

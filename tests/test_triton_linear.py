@@ -249,6 +249,7 @@ CONFIGS = [
     CalibRLConfig(activation="tanh", mask_beyond_expert=True),
     CalibRLConfig(activation="huber", weight_by_advantage=False),
     CalibRLConfig.for_algo("grpo"),
+    CalibRLConfig.for_algo("dapo", clip_high=0.28),
     CalibRLConfig.for_algo("drgrpo"),
     CalibRLConfig.for_algo("luffy"),
     CalibRLConfig.for_algo("rlplus", entropy_coef=0.01),
@@ -294,6 +295,22 @@ def test_loss_bf16_error_no_worse_than_twice_the_reference(config, triton_device
         assert a.dtype == torch.bfloat16
         assert_no_worse_than_reference(a, e, t, slack=0.0, name=name + " vs eager bf16")
         assert_grad_close(a, t, scale, 2 ** -7, name)
+
+
+def test_loss_fp16(triton_device):
+    config = CalibRLConfig(entropy_coef=0.01)
+    batch = make_batch(4, 3, 24, 97, triton_device, dtype=torch.float16, seed=11)
+    ours, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config)
+    ref, _ = run_loss(reference.fused_linear_calibrl_loss, batch, config)
+    _, grads_eager = run_loss(eager_bf16_loss, batch, config)  # eager fp16 here: the matmul runs in the input dtype
+    truth, grads64 = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
+    for name in FIELDS:
+        assert_no_worse_than_reference(getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name)
+    scales = gemm_scales(batch[0], batch[1], batch[2], loss_objective(batch, config))
+    for name, a, e, t, scale in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads64, scales):
+        assert a.dtype == torch.float16
+        assert_no_worse_than_reference(a, e, t, slack=0.0, name=name + " vs eager fp16")
+        assert_grad_close(a, t, scale, 2 ** -9, name)  # 4 ulps of fp16, as 2^-7 is for bf16
 
 
 def test_loss_scaled_incoming_gradient_and_frozen_weight(triton_device):
