@@ -372,6 +372,7 @@ def test_the_backward_is_chunked_and_never_allocates_n_by_v(triton_device, monke
         return original(a, b, c, accumulate, precision)
 
     monkeypatch.setattr(linear_triton, "_matmul", spy)
+    monkeypatch.setattr(linear_triton._heuristics, "LINEAR_CHUNK_BYTES", 6 * 16 * 4)  # GPU: one tile per chunk
     batch = make_batch(2, 3, 16, 150, triton_device, seed=10, masked="none")
     run_loss(ck.fused_linear_calibrl_loss, batch, CalibRLConfig())
     chunk = linear_triton._heuristics.linear_chunk_columns(6, 150, 4, linear_triton._heuristics.linear_tile_launch(torch.float32).block_n)

@@ -251,7 +251,8 @@ def test_autotune_wiring(monkeypatch, triton_device):
     monkeypatch.setattr(_triton_common, "_AUTOTUNED", {})
     x = logits.clone().reshape(1, 5, 300).requires_grad_(True)
     out = ck.fused_calibrl_loss(
-        x, targets.reshape(1, 5).clamp_min(0), torch.zeros(1, 5), torch.ones(1), torch.ones(1, 5),
+        x, targets.reshape(1, 5).clamp_min(0), torch.zeros(1, 5, device=triton_device),
+        torch.ones(1, device=triton_device), torch.ones(1, 5, device=triton_device),
         config=ck.CalibRLConfig.for_algo("grpo"), inplace_backward=True,
     )
     out.loss.backward()

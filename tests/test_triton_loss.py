@@ -277,9 +277,10 @@ def test_coefficients_at_ties_and_kinks_follow_torch(config, triton_device):
     """lp == old_lp (l1 == l2), A == 0 (everything ties), lp == baseline (z == 0, the activation's kink)."""
     logits, targets, old_logp, adv, mask, kw = make_inputs(6, 4, 20, triton_device, seed=9, masked="none")
     lp = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)[common.OUT_LOGP]
-    old_logp = torch.where(torch.arange(4)[None, :] % 2 == 0, lp, old_logp)  # exact ratio 1 on even positions
+    steps = torch.arange(4, device=triton_device)[None, :]
+    old_logp = torch.where(steps % 2 == 0, lp, old_logp)  # exact ratio 1 on even positions
     adv[1] = 0.0
-    kw["expert_logp"] = torch.where(torch.arange(4)[None, :] >= 2, lp, kw["expert_logp"])  # z == 0
+    kw["expert_logp"] = torch.where(steps >= 2, lp, kw["expert_logp"])  # z == 0
     out = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)
     assert torch.equal(out[common.OUT_LOGP], lp)  # deterministic: the ties are exact
     a, b = reference_coefficients(lp, out[common.OUT_ENTROPY], targets, old_logp, adv, mask, kw, config)
