@@ -164,6 +164,22 @@ def check_every_group_has_on_policy_rows(count: torch.Tensor, group_keys: torch.
         )
 
 
+def check_num_groups_argument(num_groups, batch_size: int) -> None:
+    """num_groups, when given, is an int in [1, B] (its agreement with the data is a value check)."""
+    if num_groups is None:
+        return
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups: expected None or an int, got {type(num_groups).__name__}")
+    if not 1 <= num_groups <= batch_size:
+        raise ValueError(f"num_groups: expected None or an int in [1, B = {batch_size}], got {num_groups}")
+
+
+def check_num_groups(num_groups: int, actual: int) -> None:
+    """The num_groups a caller promised must equal the number of distinct group ids."""
+    if num_groups != actual:
+        raise ValueError(f"num_groups: expected the number of distinct group_ids ({actual}), got {num_groups}")
+
+
 def check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert) -> None:
     require_tensor("old_logp", old_logp)
     check_floating("old_logp", old_logp)

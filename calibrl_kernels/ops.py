@@ -59,15 +59,21 @@ def group_advantages(
     norm_by_std: bool = False,
     eps: float = 1e-6,
     pass_threshold: float = 0.1,
+    num_groups: Optional[int] = None,
 ) -> GroupStats:
     """Group statistics over on-policy rows and per-row advantages, |A| weights and pass flags.
 
     scores (B,) float rewards; group_ids (B,) any integers (one id per prompt); is_expert (B,) bool.
+    num_groups: the number of distinct group ids, if the caller knows it (e.g. prompts per batch):
+    the (G,) outputs then need no host synchronisation on a GPU (it is verified while value checks
+    are on, which synchronises; CALIBRL_VALUE_CHECKS=0 skips that).
     """
     _checks.check_group_inputs(scores, group_ids, is_expert)
     _checks.check_positive_number("eps", eps)
+    _checks.check_num_groups_argument(num_groups, scores.numel())
     fn = _dispatch.implementation("group_advantages", scores.device)
-    return fn(scores, group_ids, is_expert, norm_by_std, eps, float(pass_threshold))
+    extra = {} if num_groups is None else {"num_groups": num_groups}
+    return fn(scores, group_ids, is_expert, norm_by_std, eps, float(pass_threshold), **extra)
 
 
 def expert_baseline(
@@ -157,6 +163,7 @@ def fused_calibrl_loss(
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     config: CalibRLConfig = _DEFAULT_CONFIG,
+    inplace_backward: bool = False,
 ) -> LossOutput:
     """log-prob, entropy and the CalibRL loss from logits (B, T, V) in one pass over the vocabulary.
 
@@ -164,7 +171,12 @@ def fused_calibrl_loss(
     scores (B,) + group_ids (B,) to compute group statistics here (config.norm_by_std,
     config.pass_threshold). expert_logp (B, T) / (B,) or built from group_ids + is_expert.
     Targets equal to ignore_index are left out of the loss. Gradients flow to ``logits``.
+    inplace_backward=True (opt-in) lets the backend write dL/dlogits over the logits buffer in the
+    backward pass, saving a logits-sized gradient buffer: afterwards ``logits`` is overwritten (holds
+    its gradient) and must not be used again; one backward pass only.
     """
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}")
     _checks.check_config(config)
     _checks.check_token_logprobs_inputs(logits, targets, config.temperature, ignore_index)
     if logits.dim() != 3:
@@ -178,9 +190,10 @@ def fused_calibrl_loss(
         entropy=None, expert_mask=expert_mask, config=config, logp_name="old_logp", computes_entropy=True,
     )
     fn = _dispatch.implementation("fused_calibrl_loss", logits.device)
+    extra = {"inplace_backward": True} if inplace_backward else {}  # backends without the option ignore no request
     return fn(
         logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, ignore_index=ignore_index, config=config,
+        expert_mask=expert_mask, ignore_index=ignore_index, config=config, **extra,
     )
 
 

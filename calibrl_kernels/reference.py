@@ -100,15 +100,20 @@ def group_advantages(
     norm_by_std: bool = False,
     eps: float = 1e-6,
     pass_threshold: float = 0.1,
+    num_groups: Optional[int] = None,
 ) -> GroupStats:
     """Group mean / unbiased std / pass rate over on-policy rows, advantages for every row.
 
     scores (B,) rewards, group_ids (B,) any integers, is_expert (B,) bool or None (all on-policy).
     A group with one on-policy row uses mean 0 and std 1; a group with none raises ValueError.
+    num_groups (optional): the number of distinct ids, checked (value check) here; fused backends use
+    it to avoid a host synchronisation.
     """
     dt = compute_dtype(scores)
     r = scores.to(dt)  # (B,)
     group_keys, group_index = torch.unique(group_ids, sorted=True, return_inverse=True)  # (G,), (B,)
+    if num_groups is not None and _checks.value_checks_enabled():
+        _checks.check_num_groups(num_groups, group_keys.numel())
     num_groups = group_keys.numel()
     on_policy = torch.ones_like(r, dtype=torch.bool) if is_expert is None else ~is_expert  # (B,)
     on_f = on_policy.to(dt)
@@ -378,10 +383,14 @@ def fused_calibrl_loss(
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     config: CalibRLConfig = _DEFAULT_CONFIG,
+    inplace_backward: bool = False,
 ) -> LossOutput:
     """Reference twin of the fused op: explicit log-softmax of logits (B, T, V), then calibrl_loss.
 
     Tokens whose target is ignore_index are left out of the loss (as if masked).
+    inplace_backward: accepted for signature parity with the fused backends, which may then write the
+    gradient over the logits buffer; the reference never does (the logits' content after backward is
+    unspecified under that option, so callers must not rely on it either way).
     """
     logp, entropy = token_logprobs(logits, targets, config.temperature, ignore_index, return_entropy=True)
     token_mask = mask.to(logp.dtype) * (targets != ignore_index).to(logp.dtype)

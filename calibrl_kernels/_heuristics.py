@@ -1,0 +1,211 @@
+"""Launch heuristics of every Triton kernel (block sizes, warps, stages), in one place.
+
+Three regimes:
+- interpreting (``TRITON_INTERPRET=1``, CPU tests): one fixed, small configuration; the interpreter runs
+  programs one after the other with numpy, so block size only trades loop trips against numpy overhead,
+  and it must be small enough that test shapes still take several vocabulary blocks.
+- GPU, default: a fixed configuration reasoned from the kernels' byte/FLOP budgets (comments below).
+- GPU with ``CALIBRL_AUTOTUNE=1``: ``triton.autotune`` over a small grid around the default, keyed on
+  the problem sizes. Launches that write into one of their own inputs (the in-place logits gradient)
+  are never autotuned, since the tuner would run them several times over their own output.
+
+This module imports no triton at module level, so ``import calibrl_kernels`` never does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import List
+
+import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under the interpreter (must be decided before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """CALIBRL_AUTOTUNE=1 turns on triton.autotune for the kernels that allow it (never when interpreting)."""
+    return os.environ.get("CALIBRL_AUTOTUNE", "0") == "1" and not interpreting()
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------
+# Row kernels over logits (token_logprobs forward/backward, the fused loss forward, the gradient)
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RowLaunch:
+    block_n: int  # token rows per program
+    block_v: int  # vocabulary entries per loop trip of each row
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        """The launch keywords autotuning may replace (BLOCK_N is fixed: the grid depends on it)."""
+        return dict(BLOCK_V=self.block_v, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Interpreter: the block is a quarter of the (power-of-2 rounded) vocabulary, within [16, 4096], so
+# that every test vocabulary above 64 takes at least four trips with a partial last one (V = 1000:
+# 4 x 256; V = 32003: 8 x 4096); 16 rows per program amortise the interpreter's per-operation cost.
+INTERPRETER_MAX_BLOCK_V = 4096
+INTERPRETER_BLOCK_N = 16
+# GPU default. One program per row for real vocabularies: it streams the row once per pass; with bf16
+# logits a 4096-entry block is 8 KiB per trip, 16 elements (two 16-byte vector loads) per thread at
+# 8 warps, which keeps enough bytes in flight per SM (several resident programs x 8 KiB) to saturate
+# HBM, while the fp32 work per element (a subtract, one exp, a few FMAs) stays far below the SM's
+# arithmetic (and MUFU exp) rate. Small vocabularies pack several rows into the same 4096-entry tile.
+GPU_TILE = 4096
+GPU_NUM_WARPS = 8
+GPU_NUM_STAGES = 2
+# Smallest block: keeps every layout valid on the GPU; masked lanes cost nothing in memory traffic.
+MIN_BLOCK_V = 16
+
+
+def row_launch(vocab_size: int) -> RowLaunch:
+    """Fixed launch configuration of the per-row logits kernels for a vocabulary of ``vocab_size``."""
+    if interpreting():
+        block_v = max(MIN_BLOCK_V, min(next_power_of_2(vocab_size) // 4, INTERPRETER_MAX_BLOCK_V))
+        return RowLaunch(INTERPRETER_BLOCK_N, block_v, 1, 1)
+    block_v = max(MIN_BLOCK_V, min(next_power_of_2(vocab_size), GPU_TILE))
+    block_n = max(1, min(16, GPU_TILE // block_v))
+    warps = max(1, min(GPU_NUM_WARPS, block_n * block_v // 256))  # >= 8 elements (16 B of bf16) per thread
+    return RowLaunch(block_n, block_v, warps, GPU_NUM_STAGES)
+
+
+def row_autotune_configs() -> List[dict]:
+    """The grid CALIBRL_AUTOTUNE=1 searches for the row kernels (keyed on V): block x warps x stages."""
+    return [
+        dict(BLOCK_V=block, num_warps=warps, num_stages=stages)
+        for block in (1024, 2048, 4096, 8192, 16384)
+        for warps in (4, 8, 16)
+        for stages in (1, 2, 3)
+        if block // (32 * warps) >= 4  # at least 4 elements per thread
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Group statistics (one program per group slot, rows of a group streamed in blocks)
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GroupLaunch:
+    block_rows: int  # rows of one group read per loop trip
+    num_warps: int
+
+
+def group_launch() -> GroupLaunch:
+    """Groups hold ~2-64 rows (n rollouts + 1 expert): a 64-row block covers a group in one trip."""
+    if interpreting():
+        return GroupLaunch(16, 1)  # small, so tests cover groups spanning several blocks
+    return GroupLaunch(64, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused lm_head kernels (linear_triton.py): tiles of rows x vocabulary x hidden, and plain GEMMs
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TileLaunch:
+    block_m: int  # rows of the output tile (tokens, or vocabulary entries for dWeight)
+    block_n: int  # columns of the output tile (vocabulary entries, or hidden features)
+    block_k: int  # reduction step of one tl.dot
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _narrow(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def linear_tile_launch(dtype: torch.dtype) -> TileLaunch:
+    """Tiles of the fused lm_head kernels (statistics and logits gradient): tokens x vocabulary, K = hidden.
+
+    GPU (H100, bf16): 128 x 128 output tiles with 64-deep K steps, 16 warps, 3 stages. Each K step
+    moves (128 + 128) x 64 x 2 B = 32 KiB for 2 x 128 x 128 x 64 FLOP: 64 FLOP/B (a 64 x 128 tile
+    gives 43, which makes the L2 -> SM traffic, not wgmma, the limit). The online-softmax epilogue keeps
+    a second tile-sized fp32 temporary alive: at 8 warps ptxas runs out of its 255 registers and spills
+    (up to 96 B of stack, measured with tests/_triton_compile_check.py); 16 warps halve the per-thread
+    share of the tile and compile without spills at 128 registers. 3 stages = 96 KiB of shared memory.
+    fp32 operands (FMA path, exact) use 64 x 128 tiles with 32-deep steps at 8 warps.
+    """
+    if interpreting():
+        return TileLaunch(16, 32, 16, 1, 1)
+    if _narrow(dtype):
+        return TileLaunch(128, 128, 64, 16, 3)
+    return TileLaunch(64, 128, 32, 8, 4)
+
+
+def gemm_tile_launch(dtype: torch.dtype, accumulate: bool) -> TileLaunch:
+    """Tiles of the plain GEMMs of the lm_head backward (dWeight written once, dHidden accumulated).
+
+    GPU (H100, bf16): 128 x 256 outputs, 64-deep K steps, 16 warps, 3 stages: (128 + 256) x 64 x 2 B
+    = 48 KiB per step for 4.2 MFLOP, 85 FLOP/B, the shape of Hopper's best Triton GEMMs; 144 KiB of
+    shared memory, ~115 registers, no spills. Accumulating into an fp32 output adds the loaded output
+    tile to the live registers, which at 128 x 256 (16 warps, 128 registers each) spills: 128 x 128 at
+    8 warps there (64 FLOP/B, no spills). fp32 operands take the FMA path (exact fp32, no tensor cores),
+    where a 128 x 128 accumulating tile spills: 64 x 128 with 32-deep steps.
+    """
+    if interpreting():
+        return TileLaunch(16, 32, 16, 1, 1)
+    if not _narrow(dtype):
+        return TileLaunch(64, 128, 32, 8, 3)
+    if accumulate:
+        return TileLaunch(128, 128, 64, 8, 3)
+    return TileLaunch(128, 256, 64, 16, 3)
+
+
+def linear_autotune_configs(dtype: torch.dtype) -> List[dict]:
+    """The grid CALIBRL_AUTOTUNE=1 searches for the lm_head kernels (keyed on the problem sizes)."""
+    steps = (64, 128) if _narrow(dtype) else (32,)
+    return [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        for bm, bn in ((128, 128), (64, 128), (128, 64), (128, 256))
+        for bk in steps
+        for warps, stages in ((8, 3), (8, 4), (16, 3))
+    ]
+
+
+def finish_launch() -> dict:
+    """The per-row finishing kernel of the lm_head path (merge of partial statistics + loss epilogue):
+    O(N) elementwise work, 128 rows per program on a GPU, 16 under the interpreter."""
+    if interpreting():
+        return dict(BLOCK_M=16, num_warps=1, num_stages=1)
+    return dict(BLOCK_M=128, num_warps=4, num_stages=1)
+
+
+def linear_vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device) -> int:
+    """How many programs share one block of rows in the statistics pass (split-V, merged afterwards).
+
+    Without a split the grid has N / BLOCK_M programs: 128 at N = 16384, under one wave on 132 SMs,
+    and far fewer for short batches. Splitting the vocabulary brings the grid to >= 2 waves; each split
+    costs 4 floats per row of partial statistics and one merge.
+    """
+    if interpreting():
+        return max(1, min(2, vocab_tiles))  # exercise the merge in tests
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(vocab_tiles, -(-2 * sms // max(row_blocks, 1))))
+
+
+# Memory budget of the backward's logits-gradient chunk (rows x vocabulary columns, input dtype).
+LINEAR_CHUNK_BYTES = 128 * 2 ** 20
+
+
+def linear_chunk_columns(n_rows: int, vocab_size: int, element_bytes: int, block_v: int) -> int:
+    """Vocabulary columns per backward chunk: the (N, columns) gradient chunk fits LINEAR_CHUNK_BYTES.
+
+    N = 16384 rows of bf16 give 4096 columns (37 chunks for V = 151936). Under the interpreter two
+    tiles per chunk, so that tests cover several chunks.
+    """
+    if interpreting():
+        return 2 * block_v
+    columns = LINEAR_CHUNK_BYTES // max(1, n_rows * element_bytes)
+    columns = max(block_v, columns // block_v * block_v)
+    return min(columns, -(-vocab_size // block_v) * block_v)

@@ -1,0 +1,456 @@
+"""Triton building blocks shared by every kernel of the library (logits path and lm_head path).
+
+Two families of ``@triton.jit`` helpers, written once:
+
+1. Row statistics over the vocabulary, streamed tile by tile (``online_softmax_update`` /
+   ``finalize_softmax_statistics``) and the gradient of one tile (``logits_grad_tile``). For a row of
+   scaled logits z (temperature applied) they keep, in fp32, the running maximum m, s = sum_j e^(z_j - m)
+   and t = sum_j (z_j - m) e^(z_j - m); then lse = m + log s and the entropy H = log s - t / s. The
+   shifted sum t avoids the cancellation of lse - sum_j p_j z_j when |z| is large. -inf logits (a
+   masked vocabulary, and the padding lanes of the last tile) are the identity of every update.
+2. The closed form of the CalibRL loss (and the baselines') per token: the policy term, the guide
+   term, the metric flags and the two gradient coefficients a = -dL/dlp and b = -dL/dH (see DESIGN.md
+   "The single pass"). Ties (max/min of equal values, clamp at its bounds) follow torch's autograd rules
+   so that the coefficients equal ``reference.gradient_coefficients`` exactly, not just almost.
+
+Tiles are 2-D ``[R, BV]`` (rows x vocabulary); the logits kernels use R = 1, the lm_head kernels R =
+BLOCK_N rows. Per-row values are ``[R]``; the loss helpers are elementwise and take any shape.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import _heuristics
+from .config import (
+    ACTIVATIONS,
+    LOG_RATIO_CLAMP,
+    LUFFY_SHAPING_GAMMA,
+    RLPLUS_MIX,
+    RLPLUS_OLD_WEIGHT,
+)
+
+# Whether the kernels of this process were built for the interpreter: triton reads TRITON_INTERPRET
+# when a function is decorated (at import of the kernel modules), not when it is launched.
+BUILT_FOR_INTERPRETER = _heuristics.interpreting()
+
+# Globals read inside kernels must be constexpr.
+_LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
+_LUFFY_GAMMA = tl.constexpr(LUFFY_SHAPING_GAMMA)
+_RLPLUS_OLD_WEIGHT = tl.constexpr(RLPLUS_OLD_WEIGHT)
+_RLPLUS_MIX = tl.constexpr(RLPLUS_MIX)
+
+# Policy-term kinds (constexpr codes): PPO dual clip on every loss token, or the hybrid baselines'
+# expert-token terms on expert rows (PPO elsewhere).
+POLICY_PPO = 0
+POLICY_LUFFY = 1
+POLICY_RLPLUS = 2
+# Guide activations, in the order of config.ACTIVATIONS ("none" never reaches a kernel).
+ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+ACT_LEAKY_RELU = tl.constexpr(ACT_CODES["leaky_relu"])
+ACT_RELU = tl.constexpr(ACT_CODES["relu"])
+ACT_TANH = tl.constexpr(ACT_CODES["tanh"])
+ACT_SIGMOID = tl.constexpr(ACT_CODES["sigmoid"])
+ACT_HUBER = tl.constexpr(ACT_CODES["huber"])
+
+
+def policy_code(mode: str) -> int:
+    """The constexpr policy-term kind of a CalibRLConfig.mode."""
+    return {"luffy": POLICY_LUFFY, "rlplus": POLICY_RLPLUS}.get(mode, POLICY_PPO)
+
+
+# ==============================================================================================
+# 1. Row statistics and the logits gradient of one tile
+# ==============================================================================================
+@triton.jit
+def merge_softmax_statistics(m1, s1, t1, m2, s2, t2):
+    """Statistics (m, s, t) [R] of the union of two disjoint parts of rows, each summarised by its own.
+
+    Each t_i is relative to its own m_i: moving it to m gives e^(m_i - m) (t_i + (m_i - m) s_i).
+    An empty part (m_i = -inf, s_i = t_i = 0) contributes nothing, without NaN.
+    """
+    m = tl.maximum(m1, m2)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    shift1 = tl.where(m1 == float("-inf"), 0.0, m1 - m_ref)
+    shift2 = tl.where(m2 == float("-inf"), 0.0, m2 - m_ref)
+    scale1 = tl.exp(shift1)
+    scale2 = tl.exp(shift2)
+    s = s1 * scale1 + s2 * scale2
+    t = (t1 + shift1 * s1) * scale1 + (t2 + shift2 * s2) * scale2
+    return m, s, t
+
+
+@triton.jit
+def online_softmax_update(m, s, t, z):
+    """Fold a tile of scaled logits z [R, BV] (fp32, -inf allowed) into the row statistics [R].
+
+    m: running max; s = sum e^(z - m); t = sum (z - m) e^(z - m). Returns the updated (m, s, t).
+    One exp per element; rows whose entries so far are all -inf keep m = -inf, s = t = 0.
+    """
+    tile_max = tl.max(z, axis=1)
+    tile_ref = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+    d = z - tile_ref[:, None]
+    e = tl.exp(d)
+    tile_s = tl.sum(e, axis=1)
+    tile_t = tl.sum(tl.where(z == float("-inf"), 0.0, d * e), axis=1)
+    return merge_softmax_statistics(m, s, t, tile_max, tile_s, tile_t)
+
+
+@triton.jit
+def finalize_softmax_statistics(m, s, t):
+    """(lse, entropy) of rows summarised by (m, s, t) [R]; an all -inf row gives (-inf, NaN) like torch."""
+    nonempty = s > 0
+    safe_s = tl.where(nonempty, s, 1.0)
+    log_s = tl.log(safe_s)
+    lse = tl.where(nonempty, m + log_s, float("-inf"))
+    entropy = tl.where(nonempty, log_s - t / safe_s, float("nan"))
+    return lse, entropy
+
+
+@triton.jit
+def logits_grad_tile(z, is_target, lse, entropy, coef_lp, coef_ent):
+    """dL/dz of one tile [R, BV] from the two per-row coefficients [R].
+
+    dL/dz_j = a (p_j - [j = y]) + b p_j (z_j - lse + H), with a = coef_lp = -dL/dlp and
+    b = coef_ent = -dL/dH; a -inf logit has p_j = 0 and gets a zero gradient (0 * -inf guarded).
+    """
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    entropy_part = tl.where(z == float("-inf"), 0.0, p * (log_p + entropy[:, None]))
+    return coef_lp[:, None] * (p - is_target.to(tl.float32)) + coef_ent[:, None] * entropy_part
+
+
+@triton.jit
+def token_row_pointers(base_ptr, rows, rows_per_batch, stride_b, stride_t):
+    """Pointers [R] to the first entry of token rows ``rows`` ([R] int64) of a (B, T, ...) tensor.
+
+    Flat row r sits at (r // T, r % T); all offsets are int64.
+    """
+    return base_ptr + (rows // rows_per_batch) * stride_b + (rows % rows_per_batch) * stride_t
+
+
+@triton.jit
+def logits_row_statistics(row_ptrs, V, inv_temperature, active, BLOCK_V: tl.constexpr):
+    """(lse, entropy), each [R] fp32, of the rows of logits at ``row_ptrs`` [R] (unit stride, V entries).
+
+    Rows are streamed once in [R, BLOCK_V] tiles. Inactive rows (``active`` [R] false) are not read
+    (masked loads; no loop trip at all when no row is active) and give lse = -inf, entropy = NaN,
+    which callers replace.
+    """
+    m = tl.full(active.shape, float("-inf"), tl.float32)
+    s = tl.zeros(active.shape, tl.float32)
+    t = tl.zeros(active.shape, tl.float32)
+    end = tl.where(tl.max(active.to(tl.int32), axis=0) != 0, V, 0)
+    for start in range(0, end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=active[:, None] & (cols[None, :] < V), other=float("-inf"))
+        m, s, t = online_softmax_update(m, s, t, x.to(tl.float32) * inv_temperature)
+    return finalize_softmax_statistics(m, s, t)
+
+
+# The interpreter (triton 3.6-3.9) truncates fp32 -> bf16 conversions where the GPU rounds to nearest
+# even; under the interpreter the rounding is done by hand so that CPU tests see GPU numerics.
+_ROUND_BF16_BY_HAND = tl.constexpr(BUILT_FOR_INTERPRETER)
+
+
+@triton.jit
+def cast_for_store(x, dtype: tl.constexpr):
+    """fp32 x in the element type ``dtype`` of an output, rounded to nearest even when narrowing."""
+    if dtype == tl.float32:
+        return x
+    elif _ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even on the 16 dropped bits
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN stays NaN
+    else:
+        return x.to(dtype)
+
+
+# The interpreter's tl.dot on bf16 operands is unreliable (triton 3.6-3.9): there, operands are upcast.
+_UPCAST_DOT_OPERANDS = tl.constexpr(BUILT_FOR_INTERPRETER)
+
+
+@triton.jit
+def dot_tile(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b with an fp32 accumulator. On the GPU bf16 / fp16 operands go to the tensor cores as
+    they are (INPUT_PRECISION only matters for fp32 operands: "ieee" or "tf32"); under the interpreter
+    both operands are upcast to fp32 first (bf16 products are exact in fp32, so results agree)."""
+    if _UPCAST_DOT_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+# ==============================================================================================
+# 2. The loss in closed form (elementwise; fp32)
+# ==============================================================================================
+@triton.jit
+def ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c):
+    """PPO dual-clip term, its derivative d l / d lp and the two clip flags (torch's tie rules).
+
+    rho = exp(clamp(lp - old_lp, +-20)); l1 = -A rho; l2 = -A clamp(rho, 1 - eps_low, 1 + eps_high);
+    lc = max(l1, l2); l = min(lc, -c A) where A < 0 else lc.
+    """
+    log_ratio = lp - old_lp
+    in_range = (log_ratio >= -_LOG_RATIO_CLAMP) & (log_ratio <= _LOG_RATIO_CLAMP)
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP))
+    d_ratio = tl.where(in_range, ratio, 0.0)
+    low = 1.0 - clip_low
+    high = 1.0 + clip_high
+    ratio_clipped = tl.minimum(tl.maximum(ratio, low), high)
+    neg_adv = -adv
+    l1 = neg_adv * ratio
+    l2 = neg_adv * ratio_clipped
+    d_l1 = neg_adv * d_ratio
+    d_l2 = tl.where((ratio >= low) & (ratio <= high), d_l1, 0.0)
+    lc = tl.maximum(l1, l2)
+    # max(x, y): the gradient goes to the larger argument, half to each on a tie.
+    d_lc = tl.where(l1 > l2, d_l1, tl.where(l2 > l1, d_l2, 0.5 * (d_l1 + d_l2)))
+    l3 = -dual_clip_c * adv
+    negative = adv < 0
+    term = tl.where(negative, tl.minimum(lc, l3), lc)
+    d_capped = tl.where(lc < l3, d_lc, tl.where(lc > l3, 0.0, 0.5 * d_lc))
+    d_term = tl.where(negative, d_capped, d_lc)
+    clipped = l2 > l1
+    clipped_lower = (lc > l3) & negative
+    return term, d_term, clipped, clipped_lower
+
+
+@triton.jit
+def expert_token_term(lp, old_lp, adv, POLICY: tl.constexpr):
+    """The hybrid baselines' term on expert tokens and d term / d lp.
+
+    luffy:  -A p / (p + 0.1);                                     p = exp(lp)
+    rlplus: -A 2p / (1.5 p_old + 0.5) (1 - sg(p))^0.5;            its derivative equals the term itself
+            (d p / d lp = p, and the focal factor is a stop-gradient).
+    """
+    p = tl.exp(lp)
+    if POLICY == 1:  # POLICY_LUFFY
+        term = -adv * p / (p + _LUFFY_GAMMA)
+        d_term = -adv * _LUFFY_GAMMA * p / ((p + _LUFFY_GAMMA) * (p + _LUFFY_GAMMA))
+    else:  # POLICY_RLPLUS
+        p_old = tl.exp(old_lp)
+        focal = tl.sqrt(tl.maximum(1.0 - p, 0.0))
+        term = -adv * 2.0 * p / (_RLPLUS_OLD_WEIGHT * p_old + _RLPLUS_MIX) * focal
+        d_term = term
+    return term, d_term
+
+
+@triton.jit
+def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
+    """act(z) of the calibration term and act'(z), with torch's conventions at the kinks."""
+    if ACTIVATION == 0:  # leaky_relu: slope alpha for z <= 0
+        value = tl.where(z > 0, z, z * negative_slope)
+        slope = tl.where(z > 0, 1.0, negative_slope)
+    elif ACTIVATION == 1:  # relu
+        value = tl.where(z > 0, z, 0.0)
+        slope = tl.where(z > 0, 1.0, 0.0)
+    elif ACTIVATION == 2:  # tanh(z) = sign(z) (1 - e^(-2|z|)) / (1 + e^(-2|z|)), overflow-free
+        decay = tl.exp(-2.0 * tl.abs(z))
+        magnitude = (1.0 - decay) / (1.0 + decay)
+        value = tl.where(z < 0, -magnitude, magnitude)
+        # 1 - tanh^2 = 4 e^(-2|z|) / (1 + e^(-2|z|))^2: no cancellation when |tanh| -> 1
+        slope = 4.0 * decay / ((1.0 + decay) * (1.0 + decay))
+    elif ACTIVATION == 3:  # sigmoid(z), from e^(-|z|) so that neither side overflows
+        decay = tl.exp(-tl.abs(z))
+        value = tl.where(z >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
+        # sigmoid (1 - sigmoid) = e^(-|z|) / (1 + e^(-|z|))^2: no cancellation when sigmoid -> 1
+        slope = decay / ((1.0 + decay) * (1.0 + decay))
+    else:  # huber with transition huber_delta
+        magnitude = tl.abs(z)
+        value = tl.where(magnitude < huber_delta, 0.5 * z * z, huber_delta * (magnitude - 0.5 * huber_delta))
+        slope = tl.where(z < -huber_delta, -huber_delta, tl.where(z > huber_delta, huber_delta, z))
+    return value, slope
+
+
+@triton.jit
+def calibrl_token_terms(
+    lp, entropy, old_lp, adv, baseline, sign, is_expert_token,
+    w_loss, w_guide,
+    clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
+    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, WEIGHT_BY_ADVANTAGE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+):
+    """Everything the loss needs from one token, in closed form.
+
+    Inputs (elementwise, fp32): lp, entropy of the current policy; old_lp; adv (A); baseline (b, the
+    expert's log-prob baseline); sign (+1 passed, -1 failed); is_expert_token (bool); w_loss and
+    w_guide, the aggregation weights (reference.aggregation_weights) of the policy/entropy terms and
+    of the guide term (0 where the token does not count).
+    Returns (w_loss * l_pg, w_guide * l_guide, clipped, clipped_lower, a, b): the weighted loss
+    terms (0 where the weight is 0, whatever the term), the PPO clip flags, and the gradient
+    coefficients a = -dL/dlp, b = -dL/dH of L = sum w_loss l_pg + beta sum w_guide l_guide
+    - entropy_coef sum w_loss H.
+    """
+    pg, d_pg, clipped, clipped_lower = ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c)
+    if POLICY != 0:  # luffy / rlplus: expert tokens use their own term
+        expert_term, d_expert = expert_token_term(lp, old_lp, adv, POLICY)
+        pg = tl.where(is_expert_token, expert_term, pg)
+        d_pg = tl.where(is_expert_token, d_expert, d_pg)
+    counted = w_loss != 0
+    pg_weighted = tl.where(counted, w_loss * pg, 0.0)
+    d_loss = tl.where(counted, w_loss * d_pg, 0.0)
+    if USES_GUIDE:
+        z = -sign * (lp - baseline)
+        act, d_act = guide_activation(z, negative_slope, huber_delta, ACTIVATION)
+        if WEIGHT_BY_ADVANTAGE:
+            strength = tl.abs(adv)
+        else:
+            strength = tl.full(adv.shape, 1.0, tl.float32)
+        guided = w_guide != 0
+        guide_weighted = tl.where(guided, w_guide * (strength * act), 0.0)
+        # d (w act(z)) / d lp = w act'(z) dz/dlp, dz/dlp = -s
+        d_loss += tl.where(guided, guide_coef * w_guide * (strength * d_act * -sign), 0.0)
+    else:
+        guide_weighted = tl.zeros(lp.shape, tl.float32)
+    coef_lp = -d_loss
+    coef_ent = tl.where(counted, entropy_coef * w_loss, 0.0)
+    return pg_weighted, guide_weighted, clipped, clipped_lower, coef_lp, coef_ent
+
+
+# ==============================================================================================
+# 3. Per-token inputs and outputs of the loss kernels (shared by the logits and lm_head kernels)
+# ==============================================================================================
+# The launcher packs every per-token input of the loss into one fp32 table (TOKEN_INPUTS, N),
+# field-major so that a block of rows reads each field contiguously; the kernels write one fp32
+# table (TOKEN_OUTPUTS, N). Rows 0..6 of the output are weighted terms whose column sums are the
+# loss parts and metrics; rows 7..11 are what the backward pass and the tests need.
+IN_OLD_LOGP = 0  # old_logp, log-prob under the sampling policy
+IN_ADVANTAGE = 1  # A, expanded to tokens
+IN_BASELINE = 2  # b, the expert baseline (0 when there is no guide term)
+IN_SIGN = 3  # +1 for a passed row, -1 for a failed one
+IN_IS_EXPERT = 4  # 1 on expert rows
+IN_W_LOSS = 5  # aggregation weight of the policy and entropy terms (0 when not counted)
+IN_W_GUIDE = 6  # aggregation weight of the guide term
+IN_W_METRIC = 7  # token-mean weight over every valid token (clip fractions, KL)
+IN_W_ENTROPY_METRIC = 8  # token-mean weight over on-policy tokens (entropy metric)
+TOKEN_INPUTS = 9
+
+OUT_PG = 0  # w_loss * l_pg
+OUT_GUIDE = 1  # w_guide * w * act(z)
+OUT_ENTROPY_LOSS = 2  # w_loss * H
+OUT_CLIPFRAC = 3  # w_metric * [l2 > l1]
+OUT_CLIPFRAC_LOWER = 4  # w_metric * [lc > -cA and A < 0]
+OUT_KL = 5  # w_metric * (old_lp - lp)
+OUT_ENTROPY_METRIC = 6  # w_entropy_metric * H
+OUT_LSE = 7  # log-sum-exp of the scaled logits (0 for tokens that are not counted)
+OUT_ENTROPY = 8  # H
+OUT_COEF_LP = 9  # a = -dL/dlp
+OUT_COEF_ENT = 10  # b = -dL/dH
+OUT_LOGP = 11  # lp
+TOKEN_OUTPUTS = 12
+SUMMED_OUTPUTS = 7  # rows 0..6 are summed over tokens
+
+# constexpr mirrors of the field numbers, for use inside kernels
+_IN_OLD_LOGP = tl.constexpr(IN_OLD_LOGP)
+_IN_ADVANTAGE = tl.constexpr(IN_ADVANTAGE)
+_IN_BASELINE = tl.constexpr(IN_BASELINE)
+_IN_SIGN = tl.constexpr(IN_SIGN)
+_IN_IS_EXPERT = tl.constexpr(IN_IS_EXPERT)
+_IN_W_LOSS = tl.constexpr(IN_W_LOSS)
+_IN_W_GUIDE = tl.constexpr(IN_W_GUIDE)
+_IN_W_METRIC = tl.constexpr(IN_W_METRIC)
+_IN_W_ENTROPY_METRIC = tl.constexpr(IN_W_ENTROPY_METRIC)
+_OUT_PG = tl.constexpr(OUT_PG)
+_OUT_GUIDE = tl.constexpr(OUT_GUIDE)
+_OUT_ENTROPY_LOSS = tl.constexpr(OUT_ENTROPY_LOSS)
+_OUT_CLIPFRAC = tl.constexpr(OUT_CLIPFRAC)
+_OUT_CLIPFRAC_LOWER = tl.constexpr(OUT_CLIPFRAC_LOWER)
+_OUT_KL = tl.constexpr(OUT_KL)
+_OUT_ENTROPY_METRIC = tl.constexpr(OUT_ENTROPY_METRIC)
+_OUT_LSE = tl.constexpr(OUT_LSE)
+_OUT_ENTROPY = tl.constexpr(OUT_ENTROPY)
+_OUT_COEF_LP = tl.constexpr(OUT_COEF_LP)
+_OUT_COEF_ENT = tl.constexpr(OUT_COEF_ENT)
+_OUT_LOGP = tl.constexpr(OUT_LOGP)
+
+
+def counted_tokens(table, targets, ignore_index: int):
+    """(N,) bool, host-side twin of ``token_is_counted``: tokens with any loss / metric weight."""
+    weights = table[IN_W_LOSS:IN_W_ENTROPY_METRIC + 1]
+    return (weights != 0).any(dim=0) & (targets != ignore_index)
+
+
+@triton.jit
+def token_is_counted(table_ptr, n_tokens, rows, row_mask):
+    """Whether any loss or metric weight of the tokens ``rows`` is non-zero (else skip their logits)."""
+    counted = tl.load(table_ptr + _IN_W_LOSS * n_tokens + rows, mask=row_mask, other=0.0) != 0
+    counted = counted | (tl.load(table_ptr + _IN_W_GUIDE * n_tokens + rows, mask=row_mask, other=0.0) != 0)
+    counted = counted | (tl.load(table_ptr + _IN_W_METRIC * n_tokens + rows, mask=row_mask, other=0.0) != 0)
+    counted = counted | (tl.load(table_ptr + _IN_W_ENTROPY_METRIC * n_tokens + rows, mask=row_mask, other=0.0) != 0)
+    return counted & row_mask
+
+
+@triton.jit
+def loss_epilogue(
+    table_ptr, out_ptr, n_tokens, rows, row_mask, counted, lp, entropy, lse,
+    clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
+    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, WEIGHT_BY_ADVANTAGE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+):
+    """From the row statistics of tokens ``rows`` to every output of the loss kernels.
+
+    table_ptr: (TOKEN_INPUTS, n_tokens) fp32 inputs; out_ptr: (TOKEN_OUTPUTS, n_tokens) fp32 outputs;
+    rows [R] int64 token indices, row_mask [R] which of them exist, counted [R] which have a weight;
+    lp, entropy, lse [R] fp32 (ignored where not counted: such tokens get zeros everywhere).
+    """
+    lp = tl.where(counted, lp, 0.0)
+    entropy = tl.where(counted, entropy, 0.0)
+    lse = tl.where(counted, lse, 0.0)
+    old_lp = tl.load(table_ptr + _IN_OLD_LOGP * n_tokens + rows, mask=row_mask, other=0.0)
+    adv = tl.load(table_ptr + _IN_ADVANTAGE * n_tokens + rows, mask=row_mask, other=0.0)
+    baseline = tl.load(table_ptr + _IN_BASELINE * n_tokens + rows, mask=row_mask, other=0.0)
+    sign = tl.load(table_ptr + _IN_SIGN * n_tokens + rows, mask=row_mask, other=1.0)
+    is_expert = tl.load(table_ptr + _IN_IS_EXPERT * n_tokens + rows, mask=row_mask, other=0.0) != 0
+    w_loss = tl.load(table_ptr + _IN_W_LOSS * n_tokens + rows, mask=row_mask, other=0.0)
+    w_guide = tl.load(table_ptr + _IN_W_GUIDE * n_tokens + rows, mask=row_mask, other=0.0)
+    w_metric = tl.load(table_ptr + _IN_W_METRIC * n_tokens + rows, mask=row_mask, other=0.0)
+    w_entropy_metric = tl.load(table_ptr + _IN_W_ENTROPY_METRIC * n_tokens + rows, mask=row_mask, other=0.0)
+    pg, guide, clipped, clipped_lower, coef_lp, coef_ent = calibrl_token_terms(
+        lp, entropy, old_lp, adv, baseline, sign, is_expert, w_loss, w_guide,
+        clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
+        POLICY, USES_GUIDE, WEIGHT_BY_ADVANTAGE, ACTIVATION,
+    )
+    in_metric = w_metric != 0
+    tl.store(out_ptr + _OUT_PG * n_tokens + rows, pg, mask=row_mask)
+    tl.store(out_ptr + _OUT_GUIDE * n_tokens + rows, guide, mask=row_mask)
+    tl.store(out_ptr + _OUT_ENTROPY_LOSS * n_tokens + rows, tl.where(w_loss != 0, w_loss * entropy, 0.0), mask=row_mask)
+    tl.store(out_ptr + _OUT_CLIPFRAC * n_tokens + rows, tl.where(in_metric & clipped, w_metric, 0.0), mask=row_mask)
+    tl.store(out_ptr + _OUT_CLIPFRAC_LOWER * n_tokens + rows, tl.where(in_metric & clipped_lower, w_metric, 0.0), mask=row_mask)
+    tl.store(out_ptr + _OUT_KL * n_tokens + rows, tl.where(in_metric, w_metric * (old_lp - lp), 0.0), mask=row_mask)
+    tl.store(
+        out_ptr + _OUT_ENTROPY_METRIC * n_tokens + rows, tl.where(w_entropy_metric != 0, w_entropy_metric * entropy, 0.0),
+        mask=row_mask,
+    )
+    tl.store(out_ptr + _OUT_LSE * n_tokens + rows, lse, mask=row_mask)
+    tl.store(out_ptr + _OUT_ENTROPY * n_tokens + rows, entropy, mask=row_mask)
+    tl.store(out_ptr + _OUT_COEF_LP * n_tokens + rows, tl.where(counted, coef_lp, 0.0), mask=row_mask)
+    tl.store(out_ptr + _OUT_COEF_ENT * n_tokens + rows, tl.where(counted, coef_ent, 0.0), mask=row_mask)
+    tl.store(out_ptr + _OUT_LOGP * n_tokens + rows, lp, mask=row_mask)
+
+
+# ==============================================================================================
+# Launching with a fixed configuration or, on request, with triton.autotune
+# ==============================================================================================
+_AUTOTUNED = {}
+
+
+def launch(kernel, grid, kwargs: dict, fixed: dict, tune_configs, tune_key, allow_autotune: bool = True) -> None:
+    """Launch ``kernel`` on ``grid`` with ``kwargs`` plus either the ``fixed`` meta-parameters
+    (dict with the kernel's block constexprs and num_warps / num_stages), or, when CALIBRL_AUTOTUNE=1
+    and ``allow_autotune``, the best of ``tune_configs`` (same dicts) chosen by triton.autotune keyed
+    on the argument names ``tune_key``.
+    """
+    if allow_autotune and _heuristics.autotune_enabled():
+        cache_key = (kernel, tuple(tune_key))
+        if cache_key not in _AUTOTUNED:
+            configs = []
+            for config in tune_configs:
+                meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+                configs.append(triton.Config(meta, num_warps=config["num_warps"], num_stages=config["num_stages"]))
+            _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=list(tune_key))(kernel)
+        _AUTOTUNED[cache_key][grid](**kwargs)
+        return
+    kernel[grid](**kwargs, **fixed)

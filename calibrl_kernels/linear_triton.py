@@ -1,0 +1,566 @@
+"""Fused lm_head + log-prob / entropy / CalibRL loss from hidden states (Triton): no (N, V) logits.
+
+logits = hidden (N, D) @ weight (V, D)^T + bias (V,), divided by the temperature. All kernels tile
+tokens x vocabulary and reduce over D with ``tl.dot`` (fp32 accumulation; bf16 / fp16 / fp32 inputs).
+
+Forward (2 N D V FLOPs): ``_linear_stats_kernel`` computes each [BLOCK_M tokens x BLOCK_N vocabulary]
+logit tile in registers and folds it into online row statistics (max, sum-exp, shifted sum(z e) and the
+target's logit; ``_triton_common.online_softmax_update``). The vocabulary is split over several programs
+per row block when rows alone would not fill the GPU; ``_linear_finish_kernel`` merges the partial
+statistics (``merge_softmax_statistics``) into lse, H, lp and runs the same closed-form loss epilogue
+as the logits path (``loss_epilogue``), or writes log-probs / entropies for ``linear_token_logprobs``.
+Only O(N) floats leave the kernels.
+
+Backward: the gradient pass recomputes the logits, chunk by chunk of vocabulary columns:
+``_linear_dlogits_kernel`` rebuilds a logit tile (tl.dot over D), turns it into dL/dlogits with the two
+per-row coefficients (``logits_grad_tile``) and stores it into an (N, C) chunk buffer in the input dtype;
+then two GEMMs (``_matmul_kernel``): dWeight[chunk] = dlogits_chunk^T @ hidden and
+dHidden += dlogits_chunk @ weight[chunk] (fp32 accumulator), and dBias[chunk] = column sums.
+
+Why recompute instead of keeping logit tiles: a tile cannot be turned into its gradient before the
+whole row's lse / H / loss coefficients are known, i.e. after the full vocabulary has been seen, so
+the logits would have to survive the forward. On chip that is impossible (one row block of 128 tokens
+x V = 151936 in bf16 is 39 MB, against 228 KiB of shared memory per SM); in HBM it is the (N, V) tensor
+this op exists to avoid (N = 16384: 5 GB). Recomputing costs one more 2 N D V GEMM: 8 N D V FLOPs in all
+instead of the 6 N D V roofline (forward 2, backward recompute 2 + dHidden 2 + dWeight 2), i.e. a
+1.33x floor, paid in tensor-core time rather than memory. The alternative that reaches 6 N D V (compute
+the gradient during the forward from a materialised chunk of full rows, as Liger-Kernel does) must chunk
+over rows, and then every row chunk re-reads and re-writes all of dWeight (V x D fp32: 2.5 GB at
+V = 151936, D = 4096) - 32 chunks of 512 rows move 160 GB, more time than the GEMM it saves.
+
+Chunking the backward over vocabulary columns instead makes dWeight cheap and exact: each dWeight tile
+is produced once by one program whose fp32 accumulator runs over all N rows in a fixed order, so it is
+deterministic by construction (no fp32 atomics, nothing to opt out of) and needs no (V, D) buffer.
+dHidden is accumulated across the V / C chunks in an fp32 (N, D) buffer (a read and write of N D 4 bytes
+per chunk: 37 chunks x 0.5 GB = 20 GB at N = 16384, D = 4096, C = 4096, ~7 ms of a ~100 ms step).
+Extra memory: the chunk (<= ``_heuristics.LINEAR_CHUNK_BYTES``, 128 MiB) + the fp32 dHidden accumulator
+when hidden is not fp32 (N D 4 bytes) + O(N) statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _heuristics, reference
+from ._triton_common import (
+    OUT_COEF_ENT,
+    OUT_COEF_LP,
+    OUT_ENTROPY,
+    OUT_LSE,
+    TOKEN_OUTPUTS,
+    cast_for_store,
+    counted_tokens,
+    dot_tile,
+    finalize_softmax_statistics,
+    launch,
+    logits_grad_tile,
+    loss_epilogue,
+    merge_softmax_statistics,
+    online_softmax_update,
+    token_is_counted,
+)
+from .calibrl_loss_triton import (
+    check_table_size,
+    combine_token_outputs,
+    kernel_loss_arguments,
+    loss_output,
+    prepare_token_table,
+)
+from .config import CalibRLConfig, LossOutput
+
+_DEFAULT_CONFIG = CalibRLConfig()
+# Partial statistics of the split-V forward, one (SPLITS, N) plane each.
+_PART_MAX, _PART_SUM, _PART_SHIFTED, _PART_TARGET = 0, 1, 2, 3
+PARTIAL_FIELDS = 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def linear_logits_tile(
+    hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr, rows, row_mask, cols, col_mask, D, d_end,
+    inv_temperature, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Scaled logits [R, C] fp32 of token rows ``rows`` [R] and vocabulary entries ``cols`` [C] (int64):
+    (hidden[rows] . weight[cols] + bias[cols]) / temperature, reducing over D in BLOCK_K steps up to
+    ``d_end`` (D, or 0 to skip the work for rows that need nothing)."""
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
+    for d0 in range(0, d_end, BLOCK_K):
+        dd = d0 + tl.arange(0, BLOCK_K)
+        in_d = dd[None, :] < D
+        h = tl.load(hidden_ptr + rows[:, None] * stride_hn + dd[None, :], mask=row_mask[:, None] & in_d, other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * stride_wv + dd[None, :], mask=col_mask[:, None] & in_d, other=0.0)
+        acc = dot_tile(h, tl.trans(w), acc, INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temperature
+
+
+@triton.jit
+def _linear_stats_kernel(
+    hidden_ptr,  # (N, D) hidden states, last dim contiguous
+    stride_hn,  # element stride between rows of hidden
+    weight_ptr,  # (V, D) lm_head weight, last dim contiguous
+    stride_wv,  # element stride between rows of weight
+    bias_ptr,  # (V,) bias (unused without HAS_BIAS)
+    targets_ptr,  # (N,) int64 target ids (ignore_index never matches a column)
+    active_ptr,  # (N,) int8: 1 where the row's statistics are needed
+    partial_ptr,  # (PARTIAL_FIELDS, SPLITS, N) fp32 out: per split max, sum-exp, shifted sum, target logit
+    N, V, D,  # sizes
+    splits,  # SPLITS: programs sharing the vocabulary of one row block
+    inv_temperature,  # fp32 runtime scalar 1 / temperature
+    HAS_BIAS: tl.constexpr,  # whether bias_ptr is read
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee" or "tf32")
+    BLOCK_M: tl.constexpr,  # token rows per program
+    BLOCK_N: tl.constexpr,  # vocabulary tile
+    BLOCK_K: tl.constexpr,  # hidden-feature step of tl.dot
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    row_mask = rows < N
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=-1)
+    active = (tl.load(active_ptr + rows, mask=row_mask, other=0) != 0) & row_mask
+    d_end = tl.where(tl.max(active.to(tl.int32), axis=0) != 0, D, 0)  # a block without work skips its GEMMs
+    per_split = tl.cdiv(tl.cdiv(V, splits), BLOCK_N) * BLOCK_N
+    v_begin = split * per_split
+    v_end = tl.minimum(V, v_begin + per_split)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    t = tl.zeros([BLOCK_M], tl.float32)
+    target_logit = tl.zeros([BLOCK_M], tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_N):
+        cols = v0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_mask = cols < v_end
+        z = linear_logits_tile(
+            hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr, rows, row_mask, cols, col_mask, D, d_end,
+            inv_temperature, HAS_BIAS, INPUT_PRECISION, BLOCK_K,
+        )
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m, s, t = online_softmax_update(m, s, t, z)
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
+    plane = splits * N
+    here = split * N + rows
+    tl.store(partial_ptr + 0 * plane + here, m, mask=row_mask)
+    tl.store(partial_ptr + 1 * plane + here, s, mask=row_mask)
+    tl.store(partial_ptr + 2 * plane + here, t, mask=row_mask)
+    tl.store(partial_ptr + 3 * plane + here, target_logit, mask=row_mask)
+
+
+@triton.jit
+def _linear_finish_kernel(
+    partial_ptr,  # (PARTIAL_FIELDS, SPLITS, N) fp32 partial statistics of _linear_stats_kernel
+    splits,  # SPLITS
+    targets_ptr,  # (N,) int64 target ids
+    N,  # tokens
+    ignore_index,  # target value of tokens without log-prob
+    table_ptr,  # WITH_LOSS: (TOKEN_INPUTS, N) fp32 per-token loss inputs
+    out_ptr,  # WITH_LOSS: (TOKEN_OUTPUTS, N) fp32 out, as the logits path's loss kernel
+    logp_ptr,  # not WITH_LOSS: (N,) fp32 out log-prob (0 where ignored)
+    entropy_ptr,  # not WITH_LOSS: (N,) fp32 out entropy (0 where ignored)
+    lse_ptr,  # not WITH_LOSS: (N,) fp32 out logsumexp (0 where ignored)
+    clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,  # loss scalars
+    POLICY: tl.constexpr,  # loss constexprs, as in the logits path (unused without WITH_LOSS)
+    USES_GUIDE: tl.constexpr,
+    WEIGHT_BY_ADVANTAGE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    WITH_LOSS: tl.constexpr,  # loss epilogue, or plain log-prob / entropy outputs
+    BLOCK_M: tl.constexpr,  # tokens per program
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    plane = splits * N
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_M], tl.float32)
+    t = tl.zeros([BLOCK_M], tl.float32)
+    target_logit = tl.zeros([BLOCK_M], tl.float32)
+    for split in range(0, splits):
+        here = split * N + rows
+        m_i = tl.load(partial_ptr + 0 * plane + here, mask=row_mask, other=float("-inf"))
+        s_i = tl.load(partial_ptr + 1 * plane + here, mask=row_mask, other=0.0)
+        t_i = tl.load(partial_ptr + 2 * plane + here, mask=row_mask, other=0.0)
+        m, s, t = merge_softmax_statistics(m, s, t, m_i, s_i, t_i)
+        target_logit += tl.load(partial_ptr + 3 * plane + here, mask=row_mask, other=0.0)
+    lse, entropy = finalize_softmax_statistics(m, s, t)
+    lp = target_logit - lse
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (targets != ignore_index)
+    if WITH_LOSS:
+        counted = token_is_counted(table_ptr, N, rows, row_mask) & valid
+        loss_epilogue(
+            table_ptr, out_ptr, N, rows, row_mask, counted, lp, entropy, lse,
+            clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
+            POLICY, USES_GUIDE, WEIGHT_BY_ADVANTAGE, ACTIVATION,
+        )
+    else:
+        tl.store(logp_ptr + rows, tl.where(valid, lp, 0.0), mask=row_mask)
+        tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=row_mask)
+        tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_mask)
+
+
+@triton.jit
+def _linear_dlogits_kernel(
+    hidden_ptr,  # (N, D) hidden states, last dim contiguous
+    stride_hn,  # element stride between rows of hidden
+    weight_ptr,  # (V, D) lm_head weight, last dim contiguous
+    stride_wv,  # element stride between rows of weight
+    bias_ptr,  # (V,) bias (unused without HAS_BIAS)
+    targets_ptr,  # (N,) int64 target ids
+    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (forward)
+    entropy_ptr,  # (N,) fp32 entropy (forward)
+    coef_lp_ptr,  # (N,) fp32 a = -dL/dlp
+    coef_ent_ptr,  # (N,) fp32 b = -dL/dH
+    scale_ptr,  # () fp32 incoming gradient multiplying a and b (unused without HAS_SCALE)
+    dlogits_ptr,  # (N, C) out: dL/dlogits of vocabulary columns [v_begin, v_end), in the input dtype
+    stride_gn,  # element stride between rows of dlogits
+    N, V, D,  # sizes
+    v_begin,  # first vocabulary column of this chunk
+    v_end,  # one past its last column
+    inv_temperature,  # fp32 runtime scalar 1 / temperature
+    ignore_index,  # target value of rows without gradient
+    HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
+    BLOCK_M: tl.constexpr,  # token rows per program
+    BLOCK_N: tl.constexpr,  # vocabulary tile
+    BLOCK_K: tl.constexpr,  # hidden-feature step of tl.dot
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = v_begin + tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    col_mask = cols < v_end
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    coef_lp = tl.load(coef_lp_ptr + rows, mask=row_mask, other=0.0)
+    coef_ent = tl.load(coef_ent_ptr + rows, mask=row_mask, other=0.0)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr)
+        coef_lp = coef_lp * scale
+        coef_ent = coef_ent * scale
+    valid = row_mask & (targets != ignore_index)
+    coef_lp = tl.where(valid, coef_lp, 0.0)
+    coef_ent = tl.where(valid, coef_ent, 0.0)
+    active = (coef_lp != 0) | (coef_ent != 0)
+    d_end = tl.where(tl.max(active.to(tl.int32), axis=0) != 0, D, 0)  # blocks without gradient: zeros
+    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
+    z = linear_logits_tile(
+        hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr, rows, row_mask, cols, col_mask, D, d_end,
+        inv_temperature, HAS_BIAS, INPUT_PRECISION, BLOCK_K,
+    )
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) * inv_temperature
+    grad = tl.where(active[:, None] & col_mask[None, :], grad, 0.0)
+    tl.store(
+        dlogits_ptr + rows[:, None] * stride_gn + (cols - v_begin)[None, :],
+        cast_for_store(grad, dlogits_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr,  # (M, K) left operand, any strides
+    stride_am, stride_ak,
+    b_ptr,  # (K, N) right operand, any strides (same dtype as a)
+    stride_bk, stride_bn,
+    c_ptr,  # (M, N) out; with ACCUMULATE read as well (fp32)
+    stride_cm, stride_cn,
+    M, N, K,  # sizes
+    ACCUMULATE: tl.constexpr,  # c += a @ b instead of c = a @ b
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row tiles per group of the launch order (L2 reuse of b's column tiles)
+):
+    """c (+)= a @ b with an fp32 accumulator; every output tile is owned by one program (deterministic)."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_size
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_size
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = dot_tile(a, b, acc, INPUT_PRECISION)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, cast_for_store(acc, c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact fp32 products unless torch itself allows TF32 matmuls (as the reference would)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _tiles(dtype: torch.dtype, gemm: bool = False, accumulate: bool = False):
+    fixed = _heuristics.gemm_tile_launch(dtype, accumulate) if gemm else _heuristics.linear_tile_launch(dtype)
+    return fixed, fixed.meta(), _heuristics.linear_autotune_configs(dtype)
+
+
+def linear_statistics(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    active: torch.Tensor, temperature: float,
+):
+    """Partial row statistics (PARTIAL_FIELDS, SPLITS, N) fp32 and SPLITS (forward pass over V)."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    fixed, meta, tune = _tiles(hidden.dtype)
+    row_blocks = triton.cdiv(N, fixed.block_m)
+    splits = _heuristics.linear_vocab_splits(row_blocks, triton.cdiv(V, fixed.block_n), hidden.device)
+    partial = torch.empty(PARTIAL_FIELDS, splits, N, dtype=torch.float32, device=hidden.device)
+    launch(
+        _linear_stats_kernel, lambda meta_: (triton.cdiv(N, meta_["BLOCK_M"]), splits),
+        dict(
+            hidden_ptr=hidden, stride_hn=hidden.stride(0), weight_ptr=weight, stride_wv=weight.stride(0),
+            bias_ptr=bias if bias is not None else weight, targets_ptr=targets, active_ptr=active,
+            partial_ptr=partial, N=N, V=V, D=D, splits=splits, inv_temperature=1.0 / float(temperature),
+            HAS_BIAS=bias is not None, INPUT_PRECISION=_dot_precision(hidden.dtype),
+        ),
+        meta, tune, ["N", "V", "D"],
+    )
+    return partial, splits
+
+
+def finish_statistics(partial, splits, targets, ignore_index, table=None, config=None):
+    """Merge the partial statistics; with ``table`` run the loss epilogue -> (TOKEN_OUTPUTS, N),
+    otherwise -> (logp, entropy, lse) each (N,) fp32."""
+    N = targets.numel()
+    device = targets.device
+    with_loss = table is not None
+    if with_loss:
+        token_out = torch.zeros(TOKEN_OUTPUTS, N, dtype=torch.float32, device=device)
+        outputs = dict(table_ptr=table, out_ptr=token_out, logp_ptr=token_out, entropy_ptr=token_out, lse_ptr=token_out)
+        loss_args = kernel_loss_arguments(config)
+    else:
+        logp, entropy, lse = torch.empty(3, N, dtype=torch.float32, device=device).unbind(0)
+        outputs = dict(table_ptr=logp, out_ptr=logp, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse)
+        loss_args = kernel_loss_arguments(_DEFAULT_CONFIG)
+    meta = _heuristics.finish_launch()
+    launch(
+        _linear_finish_kernel, (triton.cdiv(N, meta["BLOCK_M"]),),
+        dict(partial_ptr=partial, splits=splits, targets_ptr=targets, N=N, ignore_index=int(ignore_index),
+             **outputs, **loss_args, WITH_LOSS=with_loss),
+        meta, (), (), allow_autotune=False,
+    )
+    return token_out if with_loss else (logp, entropy, lse)
+
+
+def linear_gradients(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+    lse: torch.Tensor, entropy: torch.Tensor, coef_lp: torch.Tensor, coef_ent: torch.Tensor,
+    scale: Optional[torch.Tensor], temperature: float, ignore_index: int,
+    need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
+):
+    """(dHidden (N, D), dWeight (V, D), dBias (V,)) in the input dtypes (None where not needed) from the
+    per-row coefficients a = coef_lp, b = coef_ent (N,) fp32, times ``scale`` (0-d, on the device)."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    dtype = hidden.dtype
+    fixed, meta, tune = _tiles(dtype)
+    precision = _dot_precision(dtype)
+    chunk = _heuristics.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
+    dlogits = torch.empty(N, chunk, dtype=dtype, device=device)
+    d_hidden = torch.empty(N, D, dtype=torch.float32, device=device) if need_hidden else None  # fp32 accumulator
+    d_weight = torch.empty(V, D, dtype=weight.dtype, device=device) if need_weight else None
+    d_bias = torch.empty(V, dtype=torch.float32, device=device) if need_bias and bias is not None else None
+    has_scale = scale is not None
+    scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
+    gemm_key = ["M", "N", "K"]
+    for v_begin in range(0, V, chunk):
+        v_end = min(V, v_begin + chunk)
+        width = v_end - v_begin
+        launch(
+            _linear_dlogits_kernel,
+            lambda meta_, width=width: (triton.cdiv(N, meta_["BLOCK_M"]), triton.cdiv(width, meta_["BLOCK_N"])),
+            dict(
+                hidden_ptr=hidden, stride_hn=hidden.stride(0), weight_ptr=weight, stride_wv=weight.stride(0),
+                bias_ptr=bias if bias is not None else weight, targets_ptr=targets, lse_ptr=lse,
+                entropy_ptr=entropy, coef_lp_ptr=coef_lp, coef_ent_ptr=coef_ent, scale_ptr=scale_arg,
+                dlogits_ptr=dlogits, stride_gn=dlogits.stride(0), N=N, V=V, D=D, v_begin=v_begin, v_end=v_end,
+                inv_temperature=1.0 / float(temperature), ignore_index=int(ignore_index),
+                HAS_BIAS=bias is not None, HAS_SCALE=has_scale, INPUT_PRECISION=precision,
+            ),
+            meta, tune, ["N", "D"],
+        )
+        g = dlogits[:, :width]  # (N, width)
+        if d_weight is not None:  # dWeight[chunk] = g^T @ hidden, K = N: one writer per tile
+            _matmul(g.t(), hidden, d_weight[v_begin:v_end], accumulate=False, precision=precision)
+        if d_hidden is not None:  # dHidden += g @ weight[chunk]
+            _matmul(g, weight[v_begin:v_end], d_hidden, accumulate=v_begin > 0, precision=precision)
+        if d_bias is not None:
+            torch.sum(g, dim=0, dtype=torch.float32, out=d_bias[v_begin:v_end])
+    if d_hidden is not None:
+        d_hidden = d_hidden.to(dtype)
+    if d_bias is not None:
+        d_bias = d_bias.to(bias.dtype)
+    return d_hidden, d_weight, d_bias  # input dtypes
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, precision: str) -> None:
+    """c (+)= a @ b on strided 2-D views (one program per output tile)."""
+    M, K = a.shape
+    N = b.shape[1]
+    fixed, meta, tune = _tiles(a.dtype, gemm=True, accumulate=accumulate)
+    launch(
+        _matmul_kernel,
+        lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),),
+        dict(
+            a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1), b_ptr=b, stride_bk=b.stride(0),
+            stride_bn=b.stride(1), c_ptr=c, stride_cm=c.stride(0), stride_cn=c.stride(1), M=M, N=N, K=K,
+            ACCUMULATE=accumulate, INPUT_PRECISION=precision, GROUP_M=8,
+        ),
+        meta, tune, ["M", "N", "K"],
+        allow_autotune=not accumulate,  # the tuner would add into c once per trial
+    )
+
+
+def _prepare(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor):
+    """2-D hidden (N, D) and weight (V, D) with contiguous last dims, flat int64 targets."""
+    D = hidden.shape[-1]
+    hidden2 = hidden.reshape(-1, D)
+    if hidden2.stride(-1) != 1:
+        hidden2 = hidden2.contiguous()
+    weight2 = weight if weight.stride(-1) == 1 else weight.contiguous()
+    bias2 = None if bias is None else bias.contiguous()
+    return hidden2, weight2, bias2, targets.reshape(-1).to(torch.int64).contiguous()
+
+
+def _reshape_grads(ctx, d_hidden, d_weight, d_bias):
+    return None if d_hidden is None else d_hidden.view(ctx.hidden_shape), d_weight, d_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the backend ops
+# ----------------------------------------------------------------------------------------------
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index):
+        h, w, b, flat_targets = _prepare(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets)
+        active = (flat_targets != ignore_index).to(torch.int8)
+        partial, splits = linear_statistics(h, w, b, flat_targets, active, temperature)
+        logp, entropy, lse = finish_statistics(partial, splits, flat_targets, ignore_index)
+        ctx.save_for_backward(h, w, b, flat_targets, lse, entropy)
+        ctx.hidden_shape = hidden.shape
+        ctx.temperature = temperature
+        ctx.ignore_index = ignore_index
+        return logp.view(targets.shape), entropy.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        h, w, b, flat_targets, lse, entropy = ctx.saved_tensors
+        n = flat_targets.numel()
+        zeros = torch.zeros(n, dtype=torch.float32, device=lse.device)
+        coef_lp = zeros if grad_logp is None else (-grad_logp.reshape(-1)).to(torch.float32).contiguous()
+        coef_ent = zeros if grad_entropy is None else (-grad_entropy.reshape(-1)).to(torch.float32).contiguous()
+        grads = linear_gradients(
+            h, w, b, flat_targets, lse, entropy, coef_lp, coef_ent, None, ctx.temperature, ctx.ignore_index,
+            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            need_bias=b is not None and ctx.needs_input_grad[2],
+        )
+        return (*_reshape_grads(ctx, *grads), None, None, None)
+
+
+class _FusedLinearCalibRLLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index):
+        h, w, b, flat_targets = _prepare(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets)
+        check_table_size(flat_targets.numel())
+        counted = counted_tokens(table, flat_targets, ignore_index).to(torch.int8)
+        partial, splits = linear_statistics(h, w, b, flat_targets, counted, config.temperature)
+        token_out = finish_statistics(partial, splits, flat_targets, ignore_index, table=table, config=config)
+        loss, metrics = combine_token_outputs(token_out, config)
+        ctx.save_for_backward(h, w, b, flat_targets, token_out)
+        ctx.mark_non_differentiable(metrics)
+        ctx.hidden_shape = hidden.shape
+        ctx.temperature = config.temperature
+        ctx.ignore_index = ignore_index
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_metrics):
+        h, w, b, flat_targets, token_out = ctx.saved_tensors
+        grads = linear_gradients(
+            h, w, b, flat_targets, token_out[OUT_LSE], token_out[OUT_ENTROPY], token_out[OUT_COEF_LP],
+            token_out[OUT_COEF_ENT], grad_loss, ctx.temperature, ctx.ignore_index,
+            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            need_bias=b is not None and ctx.needs_input_grad[2],
+        )
+        return (*_reshape_grads(ctx, *grads), None, None, None, None)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """The Triton twin of ``reference.linear_token_logprobs`` (never materialises (N, V) logits).
+
+    float64 inputs run the reference (the kernels accumulate in fp32).
+    """
+    if hidden.dtype == torch.float64:
+        return reference.linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+    logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index))
+    return (logp, entropy) if return_entropy else logp
+
+
+def fused_linear_calibrl_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    expert_logp: Optional[torch.Tensor] = None,
+    passed: Optional[torch.Tensor] = None,
+    is_expert: Optional[torch.Tensor] = None,
+    expert_mask: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    config: CalibRLConfig = _DEFAULT_CONFIG,
+) -> LossOutput:
+    """The Triton twin of ``reference.fused_linear_calibrl_loss`` (same signature and results).
+
+    Gradients flow to hidden, weight and bias; dWeight is deterministic (see the module docstring).
+    float64 inputs run the reference.
+    """
+    if hidden.dtype == torch.float64:
+        return reference.fused_linear_calibrl_loss(
+            hidden, weight, targets, old_logp, advantages, mask, bias=bias, expert_logp=expert_logp, passed=passed,
+            is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
+        )
+    table = prepare_token_table(
+        targets, old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index, config
+    )
+    loss, metrics = _FusedLinearCalibRLLoss.apply(hidden, weight, bias, targets, table, config, int(ignore_index))
+    return loss_output(loss, metrics)
+
