@@ -51,7 +51,7 @@ def _draw(axis, rows: List[dict], metric: str, mode: str) -> bool:
         positive = positive and all(r["p20"] > 0 for r in points)
         if provider == ROOFLINE:
             label = "roofline (GEMM / bandwidth floor)" if metric == "speed" else "floor (gradients returned)"
-            axis.plot(xs, [r["p50"] for r in points], "k--", label=label, linewidth=1.5)
+            axis.plot(xs, [r["p50"] for r in points], "k--", marker="_", markersize=14, label=label, linewidth=1.5)
         else:
             line, = axis.plot(xs, [r["p50"] for r in points], marker="o", label=provider)
             axis.fill_between(xs, [r["p20"] for r in points], [r["p80"] for r in points], color=line.get_color(), alpha=0.15)
