@@ -17,7 +17,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel==0.8.5
 #
 # Environment: PYTHON (default python3), RESULTS (results folder), and per-step limits in seconds:
-# TEST_TIMEOUT (150), KERNEL_TIMEOUT (240), TRAIN_TIMEOUT (90), PLOT_TIMEOUT (60; plots + table).
+# TEST_TIMEOUT (140), KERNEL_TIMEOUT (200), TRAIN_TIMEOUT (70), PLOT_TIMEOUT (40; plots + table);
+# with the 30 s environment step at most 8 minutes in all.
 # Exit status: 0 when every step passed, 1 when any failed or timed out (the later steps still run).
 
 set -uo pipefail
@@ -35,10 +36,10 @@ for arg in "$@"; do
 done
 
 PYTHON="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-150}"
-KERNEL_TIMEOUT="${KERNEL_TIMEOUT:-240}"
-TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-90}"
-PLOT_TIMEOUT="${PLOT_TIMEOUT:-60}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-140}"
+KERNEL_TIMEOUT="${KERNEL_TIMEOUT:-200}"
+TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-70}"
+PLOT_TIMEOUT="${PLOT_TIMEOUT:-40}"
 export PYTHONUNBUFFERED=1
 
 # Packages brought along as wheels: installed into /tmp/site, never over the machine's torch / triton.
@@ -111,7 +112,7 @@ show() {
 }
 
 log "repository $REPO; results $RESULTS; dry run $DRY_RUN; python $PYTHON; PYTHONPATH $PYTHONPATH"
-step environment 60 "$PYTHON" -c '
+step environment 30 "$PYTHON" -c '
 import importlib.metadata as metadata, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| available", torch.cuda.is_available())

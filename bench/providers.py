@@ -62,10 +62,12 @@ def interpreting(device: torch.device) -> bool:
 
 def calibrl_providers(
     op: str, device: torch.device, *, all_impls: bool = False, allow_interpreter: bool = False,
+    exclude: Tuple[str, ...] = (),
 ) -> Tuple[List[Provider], List[Tuple[str, str]]]:
     """calibrl providers for ``op`` on ``device`` and, for each backend left out, (name, reason).
 
-    ``all_impls`` also adds ``calibrl-<impl>`` for the backend the default already runs.
+    ``all_impls`` also adds ``calibrl-<impl>`` for the backend the default already runs and for the
+    backends in ``exclude`` (which a suite leaves out to save time).
     """
     device = torch.device(device)
     skipped: List[Tuple[str, str]] = []
@@ -83,6 +85,9 @@ def calibrl_providers(
             continue
         if impl == default and not all_impls:
             continue  # the 'calibrl' provider measures it
+        if impl in exclude and not all_impls:
+            skipped.append((name, "left out by the suite (--all-impls adds it)"))
+            continue
         with forced_impl(impl):
             resolved = _dispatch.selected_impl(op, device, impl)
         if resolved != impl:

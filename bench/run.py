@@ -214,6 +214,7 @@ def _providers_for(workload: Workload, sweep: Sweep, point: Point, device: torch
                    suite: Suite, writer: ResultWriter) -> List[Provider]:
     providers, skipped = calibrl_providers(
         workload.op, device, all_impls=options.all_impls, allow_interpreter=options.allow_interpreter,
+        exclude=suite.impls_excluded,
     )
     for name, reason in skipped:
         writer.event(kind="skipped", kernel=workload.name, provider=name, x_name=point.x_name, x=point.x, reason=reason)

@@ -70,10 +70,10 @@ class Point:
         return Point(data["kernel"], data["axis"], tuple((key, int(value)) for key, value in data["dims"]), data["dtype"])
 
 
-def split_tokens(num_tokens: int, max_tokens_per_row: int) -> Tuple[int, int]:
-    """N tokens as B rows of T tokens with B >= 2 (a group needs an expert and an on-policy row)."""
-    tokens_per_row = min(max_tokens_per_row, max(1, num_tokens // 2))
-    if num_tokens < 2 or num_tokens % tokens_per_row != 0:
+def split_tokens(num_tokens: int, max_tokens_per_row: int, rows_wanted: int = 8) -> Tuple[int, int]:
+    """N tokens as B rows of T tokens: about ``rows_wanted`` rows (two groups of four), T at most the cap."""
+    tokens_per_row = min(max_tokens_per_row, max(1, num_tokens // rows_wanted))
+    if num_tokens < 2 or num_tokens % tokens_per_row != 0 or num_tokens // tokens_per_row < 2:
         raise ValueError(
             f"N: expected a multiple of T = {tokens_per_row} with at least 2 rows (max T = {max_tokens_per_row}), got {num_tokens}"
         )
@@ -97,7 +97,7 @@ def rl_batch(rows: int, tokens_per_row: int, vocab: int, device: torch.device, g
     is_expert = row % size == 0  # (B,)
     lengths = torch.randint(max(1, tokens_per_row // 2), tokens_per_row + 1, (rows,), device=device)
     mask = (torch.arange(tokens_per_row, device=device)[None, :] < lengths[:, None]).float()  # (B, T)
-    scores = (torch.rand(rows, device=device) > 0.5).float()  # (B,) 0/1 rewards
+    scores = torch.rand(rows, device=device)  # (B,) rewards in [0, 1): every on-policy row gets an advantage
     old_logp = -math.log(vocab) + 0.1 * torch.randn(rows, tokens_per_row, device=device)  # (B, T)
     stats = ck.group_advantages(scores, group_ids, is_expert=is_expert)
     return {
@@ -240,7 +240,7 @@ class TokenLogprobs(LogitsWorkload):
 
     def build(self, point, device):
         n, v = point.d["N"], point.d["V"]
-        logits = (2.0 * torch.randn(n, v, device=device)).to(point.torch_dtype).requires_grad_(True)
+        logits = torch.randn(n, v, device=device, dtype=point.torch_dtype).mul_(2.0).requires_grad_(True)
         return {"logits": logits, "targets": torch.randint(0, v, (n,), device=device)}
 
     def calibrl(self, inputs):
@@ -267,7 +267,7 @@ class FusedCalibrlLoss(LogitsWorkload):
     def build(self, point, device):
         rows, tokens = split_tokens(point.d["N"], self.max_tokens_per_row)
         batch = rl_batch(rows, tokens, point.d["V"], device)
-        logits = (2.0 * torch.randn(rows, tokens, point.d["V"], device=device)).to(point.torch_dtype)
+        logits = torch.randn(rows, tokens, point.d["V"], device=device, dtype=point.torch_dtype).mul_(2.0)
         batch["logits"] = logits.requires_grad_(True)  # (B, T, V)
         return batch
 
@@ -306,8 +306,9 @@ class FusedLinearCalibrlLoss(Workload):
         rows, tokens = split_tokens(point.d["N"], self.max_tokens_per_row)
         d, v = point.d["D"], point.d["V"]
         batch = rl_batch(rows, tokens, v, device)
-        batch["hidden"] = torch.randn(rows, tokens, d, device=device).to(point.torch_dtype).requires_grad_(True)  # (B, T, D)
-        batch["weight"] = (torch.randn(v, d, device=device) / math.sqrt(d)).to(point.torch_dtype).requires_grad_(True)  # (V, D)
+        batch["hidden"] = torch.randn(rows, tokens, d, device=device, dtype=point.torch_dtype).requires_grad_(True)  # (B, T, D)
+        weight = torch.randn(v, d, device=device, dtype=point.torch_dtype).div_(math.sqrt(d))
+        batch["weight"] = weight.requires_grad_(True)  # (V, D)
         return batch
 
     def calibrl(self, inputs):

@@ -157,7 +157,28 @@ def test_providers_compute_the_same_loss():
         inputs = workload.build(Point(kernel, "N", dims), CPU)
         ours = workload.calibrl(inputs)()
         eager = workload.eager(inputs)()
+        assert float(ours) != 0.0  # the batch has non-zero advantages: the comparison means something
         torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Liger's Triton kernels under the interpreter")
+def test_liger_logits_providers_run_under_the_triton_interpreter():
+    """The GPU-only Liger calls (cross-entropy, GRPO loss on logits) have the right signatures: checked
+    on CPU tensors through Triton's interpreter, as if on CUDA."""
+    for kernel, dims in (("token_logprobs", (("N", 8), ("V", 37))), ("fused_calibrl_loss", (("N", 16), ("V", 37)))):
+        workload = WORKLOADS[kernel]
+        torch.manual_seed(0)
+        inputs = workload.build(Point(kernel, "N", dims), CPU)
+        with pytest.raises(Exception, match="CUDA"):
+            workload.liger(inputs, CPU)
+        forward, grad_tensors = workload.liger(inputs, torch.device("cuda"))
+        loss = forward()
+        (grad,) = torch.autograd.grad(loss, grad_tensors)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert grad_tensors[0] is not inputs["logits"]  # Liger gets its own copy (it writes into its input)
+        if kernel == "token_logprobs":  # -sum(nll) of Liger's cross-entropy is our sum of log-probs
+            ours = torch.log_softmax(inputs["logits"].float(), -1).gather(-1, inputs["targets"][:, None]).sum()
+            torch.testing.assert_close(loss.float(), ours, rtol=1e-5, atol=1e-5)
 
 
 def test_failed_provider_is_recorded_not_raised(tmp_path, monkeypatch):
@@ -216,6 +237,7 @@ def test_train_step_providers_compute_the_same_loss():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         batch = bench_train.synthetic_batch(config, config.responses[0], CPU)
         losses[name] = bench_train.make_step(Provider(name), model, optimizer, batch, config.prompt)()
+    assert float(losses["eager"]) != 0.0
     torch.testing.assert_close(losses["calibrl"], losses["eager"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["calibrl-logits"], losses["eager"], rtol=1e-5, atol=1e-6)
 
