@@ -81,37 +81,82 @@ def make_call(workload: Workload, provider: Provider, inputs: Dict[str, torch.Te
     raise ValueError(f"provider: unknown {provider.name!r}")
 
 
+def _as_outcome(error: BaseException) -> Outcome:
+    if isinstance(error, Unavailable):
+        return Outcome("skipped", reason=str(error))
+    if isinstance(error, torch.OutOfMemoryError):
+        return Outcome("failed", reason=f"out of memory: {str(error).splitlines()[0]}")
+    message = " ".join(str(error).split())[:400]
+    return Outcome("failed", reason=f"{type(error).__name__}: {message}")
+
+
+def _impl_context(provider: Provider):
+    return forced_impl(provider.impl) if provider.is_calibrl else contextlib.nullcontext()
+
+
+def measure_many(
+    workload: Workload, providers: Sequence[Provider], mode: str, inputs: Dict[str, torch.Tensor], device: torch.device,
+    timing: TimingConfig,
+) -> Dict[str, Outcome]:
+    """Every provider in one mode: warm-up and peak memory each, then timed calls interleaved round by
+    round (one call of each provider per round), so that a load change on a shared machine hits all
+    providers alike and their ratios stay meaningful. A provider that raises is recorded and dropped."""
+    outcomes: Dict[str, Outcome] = {}
+    calls: Dict[str, Tuple[Provider, Callable[[], object]]] = {}
+    for provider in providers:
+        try:
+            with _impl_context(provider):
+                forward, grad_tensors = make_call(workload, provider, inputs, device)
+                if mode == "full":
+                    def call(forward=forward, grad_tensors=grad_tensors):
+                        return torch.autograd.grad(forward(), grad_tensors)
+                else:
+                    call = forward
+                for _ in range(timing.warmup):
+                    result = call()
+                    harness.synchronize(device)
+                    del result
+                memory = [harness.peak_memory_bytes(call, device) for _ in range(timing.memory_reps)]
+            outcomes[provider.name] = Outcome("ok", [], memory)
+            calls[provider.name] = (provider, call)
+        except Exception as error:  # a compile failure, out of memory, a backend error: record it and go on
+            outcomes[provider.name] = _as_outcome(error)
+            _release(device)
+    started, rounds = time.perf_counter(), 0
+    while calls and rounds < timing.max_reps and (
+        rounds < timing.min_reps or time.perf_counter() - started < timing.min_time_s * len(calls)
+    ):
+        for name, (provider, call) in list(calls.items()):
+            try:
+                with _impl_context(provider):
+                    harness.synchronize(device)
+                    t0 = time.perf_counter()
+                    result = call()
+                    harness.synchronize(device)
+                    outcomes[name].times_s.append(time.perf_counter() - t0)
+                    del result
+            except Exception as error:
+                outcomes[name] = _as_outcome(error)
+                del calls[name]
+                _release(device)
+        rounds += 1
+    calls.clear()
+    _release(device)
+    return outcomes
+
+
 def measure(
     workload: Workload, provider: Provider, mode: str, inputs: Dict[str, torch.Tensor], device: torch.device,
     timing: TimingConfig,
 ) -> Outcome:
     """Warm up, then peak memory, then timed calls of one provider in one mode."""
-    try:
-        with forced_impl(provider.impl) if provider.is_calibrl else contextlib.nullcontext():
-            forward, grad_tensors = make_call(workload, provider, inputs, device)
-            if mode == "full":
-                def call():
-                    return torch.autograd.grad(forward(), grad_tensors)
-            else:
-                call = forward
-            for _ in range(timing.warmup):
-                result = call()
-                harness.synchronize(device)
-                del result
-            memory = [harness.peak_memory_bytes(call, device) for _ in range(timing.memory_reps)]
-            times = harness.time_call(call, device, dataclasses.replace(timing, warmup=0))
-        return Outcome("ok", times, memory)
-    except Unavailable as why:
-        return Outcome("skipped", reason=str(why))
-    except torch.OutOfMemoryError as error:
-        return Outcome("failed", reason=f"out of memory: {str(error).splitlines()[0]}")
-    except Exception as error:  # a compile failure, a backend error: record it and go on
-        message = " ".join(str(error).split())[:400]
-        return Outcome("failed", reason=f"{type(error).__name__}: {message}")
-    finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    return measure_many(workload, [provider], mode, inputs, device, timing)[provider.name]
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def estimated_bytes(workload: Workload, point: Point, provider: Provider, mode: str) -> float:
@@ -264,25 +309,30 @@ def run_point(workload: Workload, sweep: Sweep, point: Point, suite: Suite, devi
     providers = _providers_for(workload, sweep, point, device, options, suite, writer)
     cap = min(options.mem_cap_bytes, harness.free_device_memory_bytes(device) * 0.9)
     inputs = None
-    for provider in providers:
-        for mode in modes:
+    for mode in modes:
+        in_process: List[Provider] = []
+        outcomes: Dict[str, Outcome] = {}
+        for provider in providers:
             estimate = estimated_bytes(workload, point, provider, mode)
             if estimate > cap:
-                outcome = Outcome("not-run", reason=(
+                outcomes[provider.name] = Outcome("not-run", reason=(
                     f"not run: estimated peak {estimate / 2**30:.1f} GiB exceeds the memory cap {cap / 2**30:.1f} GiB"
                 ))
             elif sweep.isolate and device.type == "cpu":
-                outcome = measure_isolated(point, provider, mode, device, timing, options.mem_cap_bytes, options.child_timeout_s)
+                outcomes[provider.name] = measure_isolated(
+                    point, provider, mode, device, timing, options.mem_cap_bytes, options.child_timeout_s,
+                )
             else:
-                if inputs is None:
-                    torch.manual_seed(0)
-                    inputs = workload.build(point, device)
-                outcome = measure(workload, provider, mode, inputs, device, timing)
-            _write_outcome(writer, point, provider, mode, outcome)
+                in_process.append(provider)
+        if in_process:
+            if inputs is None:
+                torch.manual_seed(0)
+                inputs = workload.build(point, device)
+            outcomes.update(measure_many(workload, in_process, mode, inputs, device, timing))
+        for provider in providers:
+            _write_outcome(writer, point, provider, mode, outcomes[provider.name])
     del inputs
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _release(device)
 
 
 def run_suite(suite: Suite, device: torch.device, out_dir: Path, options: RunOptions, kernels: Optional[Sequence[str]] = None,
