@@ -107,6 +107,9 @@ class Results:
                 info[f"GEMM {harness.parse_x_name(row['x_name'])[1].get('dtype', '')} {int(row['x'])}^3"] = f"{row['p50']:.3g} TFLOP/s"
             elif row["kernel"] == "copy":
                 info["copy (read+write)"] = f"{row['p50']:.3g} GB/s"
+        threads = sorted({str(e["threads"]) for e in self.events if e.get("kind") == "rates" and "threads" in e})
+        if threads:
+            info["torch threads"] = ", ".join(threads)
         devices = sorted({str(r["device"]) for r in self.rows})
         versions = sorted({str(r["version"]) for r in self.rows})
         stamps = sorted({str(r["timestamp"]) for r in self.rows})

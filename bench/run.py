@@ -233,6 +233,8 @@ class RunOptions:
     mem_cap_bytes: float = math.inf
     child_timeout_s: float = 1800.0
     liger_compiled: Optional[bool] = None
+    threads: Optional[int] = None  # torch intra-op threads (None: the suite's setting, else every core)
+    skip_isolated: bool = False  # leave out the sweeps marked isolate (the Qwen-size head: minutes on a CPU)
 
 
 def measure_rates(suite: Suite, device: torch.device, writer: ResultWriter, dtypes: Sequence[str]) -> Rates:
@@ -337,7 +339,7 @@ def run_point(workload: Workload, sweep: Sweep, point: Point, suite: Suite, devi
 
 def run_suite(suite: Suite, device: torch.device, out_dir: Path, options: RunOptions, kernels: Optional[Sequence[str]] = None,
               train: bool = True, plot: bool = True, table: bool = True) -> Path:
-    with harness.quiet_garbage_collector(), harness.intra_op_threads(suite.threads):
+    with harness.quiet_garbage_collector(), harness.intra_op_threads(options.threads or suite.threads):
         return _run_suite(suite, device, out_dir, options, kernels, train, plot, table)
 
 
@@ -346,12 +348,14 @@ def _run_suite(suite: Suite, device: torch.device, out_dir: Path, options: RunOp
     harness.prepare_host_memory()
     FusedLinearCalibrlLoss.liger_compiled = options.liger_compiled
     writer = ResultWriter(out_dir / "kernels.csv", device)
-    sweeps = [s for s in suite.sweeps if not kernels or s.kernel in kernels]
-    print(f"suite {suite.name} on {writer.device} ({device}); results in {out_dir}; version {writer.version}", flush=True)
+    sweeps = [s for s in suite.sweeps if (not kernels or s.kernel in kernels) and not (options.skip_isolated and s.isolate)]
+    print(f"suite {suite.name} on {writer.device} ({device}, {torch.get_num_threads()} threads); results in {out_dir}; "
+          f"version {writer.version}", flush=True)
     rates = measure_rates(suite, device, writer, [s.dtype for s in sweeps if s.kernel == "fused_linear_calibrl_loss"])
     print("floors: " + ", ".join(f"GEMM {k} {v / 1e12:.3f} TFLOP/s" for k, v in rates.gemm_flops.items())
           + f", copy {rates.copy_bytes_per_s / 1e9:.1f} GB/s", flush=True)
-    writer.event(kind="rates", gemm_flops=rates.gemm_flops, copy_bytes_per_s=rates.copy_bytes_per_s, suite=suite.name)
+    writer.event(kind="rates", gemm_flops=rates.gemm_flops, copy_bytes_per_s=rates.copy_bytes_per_s, suite=suite.name,
+                 threads=torch.get_num_threads(), skipped_isolated=options.skip_isolated)
     for sweep in sweeps:
         workload = WORKLOADS[sweep.kernel]
         for point in sweep.points():
@@ -360,7 +364,7 @@ def _run_suite(suite: Suite, device: torch.device, out_dir: Path, options: RunOp
         from . import bench_train
 
         bench_train.run(suite.train, device, out_dir / "train.csv", timestamp=writer.timestamp, version=writer.version,
-                        threads=suite.threads)
+                        threads=options.threads or suite.threads)
     if plot:
         from . import plot as plot_module
 
@@ -400,6 +404,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per isolated measurement")
     parser.add_argument("--liger-compiled", choices=("auto", "yes", "no"), default="auto",
                         help="Liger's own torch.compile of its loss math (auto: on CUDA only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: every core)")
+    parser.add_argument("--skip-isolated", action="store_true",
+                        help="leave out the sweeps run in capped child processes (the Qwen-size head)")
     parser.add_argument("--no-train", action="store_true", help="skip the train-step benchmark")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-table", action="store_true")
@@ -420,6 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         mem_cap_bytes=args.mem_cap_gib * 2**30 if args.mem_cap_gib is not None else default_mem_cap_bytes(),
         child_timeout_s=args.child_timeout,
         liger_compiled={"auto": None, "yes": True, "no": False}[args.liger_compiled],
+        threads=args.threads, skip_isolated=args.skip_isolated,
     )
     run_suite(suite, device, out_dir, options, kernels=args.kernels, train=not args.no_train, plot=not args.no_plot,
               table=not args.no_table)
