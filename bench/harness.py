@@ -328,20 +328,28 @@ def free_device_memory_bytes(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------
 # Machine floors (measured in the same run as the kernels)
 # --------------------------------------------------------------------------------------------
-def gemm_seconds(device: torch.device, dtype: torch.dtype, size: int, config: TimingConfig) -> List[float]:
-    """Seconds per square (size x size) @ (size x size) product in ``dtype``."""
+def gemm_call(device: torch.device, dtype: torch.dtype, size: int) -> Callable[[], torch.Tensor]:
+    """A square (size x size) @ (size x size) product in ``dtype``: 2 * size^3 FLOP per call."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
-    return time_call(lambda: torch.mm(a, b, out=out), device, config)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def copy_call(device: torch.device, nbytes: int) -> Callable[[], torch.Tensor]:
+    """A device-to-device copy of ``nbytes``: it moves 2 * nbytes (one read, one write) per call."""
+    source = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+    target = torch.empty_like(source)
+    return lambda: target.copy_(source)
+
+
+def gemm_seconds(device: torch.device, dtype: torch.dtype, size: int, config: TimingConfig) -> List[float]:
+    return time_call(gemm_call(device, dtype, size), device, config)
 
 
 def copy_seconds(device: torch.device, nbytes: int, config: TimingConfig) -> List[float]:
-    """Seconds per device-to-device copy of ``nbytes`` (it moves 2 * nbytes: one read, one write)."""
-    source = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
-    target = torch.empty_like(source)
-    return time_call(lambda: target.copy_(source), device, config)
+    return time_call(copy_call(device, nbytes), device, config)
 
 
 # --------------------------------------------------------------------------------------------

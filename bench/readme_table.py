@@ -123,7 +123,7 @@ class Results:
 def _fmt(value: float, digits: int = 3) -> str:
     if value is None or math.isnan(value):
         return "n/a"
-    if abs(value) >= 1000:
+    if abs(value) >= 100:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
 
@@ -287,10 +287,11 @@ def targets_table(results: Results, target_set: str) -> List[str]:
 
 def qwen_head_lines(results: Results) -> List[str]:
     shape = CPU_QWEN_HEAD
-    if not results.providers(shape):
-        return []
-    eager = results.value(shape, EAGER, "memory")
     estimate = _linear.materialized_bytes(shape.point, "full") / 2**30
+    if not results.providers(shape):
+        return [f"Qwen-size head (N 8192, D 896, V 151936, fp32): not measured in this run (eager would need "
+                f"~{estimate:.0f} GiB by estimate: fp32 logits, log-softmax, probabilities and their gradients).", ""]
+    eager = results.value(shape, EAGER, "memory")
     eager_text = (f"{_fmt(eager)} MiB" if not math.isnan(eager)
                   else f"not measured ({_short(results.reason(shape, EAGER), 80)}); estimated ~{estimate:.0f} GiB")
     lines = ["Qwen-size head (N 8192, D 896, V 151936, fp32, forward+backward), peak memory above inputs:", ""]

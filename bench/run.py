@@ -96,11 +96,14 @@ def _impl_context(provider: Provider):
 
 def measure_many(
     workload: Workload, providers: Sequence[Provider], mode: str, inputs: Dict[str, torch.Tensor], device: torch.device,
-    timing: TimingConfig,
+    timing: TimingConfig, probe: Optional[Callable[[], object]] = None, probe_times: Optional[List[float]] = None,
 ) -> Dict[str, Outcome]:
     """Every provider in one mode: warm-up and peak memory each, then timed calls interleaved round by
     round (one call of each provider per round), so that a load change on a shared machine hits all
-    providers alike and their ratios stay meaningful. A provider that raises is recorded and dropped."""
+    providers alike and their ratios stay meaningful. A provider that raises is recorded and dropped.
+
+    ``probe`` (the roofline's GEMM or copy) is timed once per round too, into ``probe_times``, so the
+    floor is measured under the same conditions as the providers."""
     outcomes: Dict[str, Outcome] = {}
     calls: Dict[str, Tuple[Provider, Callable[[], object]]] = {}
     for provider in providers:
@@ -122,10 +125,18 @@ def measure_many(
         except Exception as error:  # a compile failure, out of memory, a backend error: record it and go on
             outcomes[provider.name] = _as_outcome(error)
             _release(device)
+    if probe is not None:
+        probe()  # warm-up
     started, rounds = time.perf_counter(), 0
     while calls and rounds < timing.max_reps and (
         rounds < timing.min_reps or time.perf_counter() - started < timing.min_time_s * len(calls)
     ):
+        if probe is not None:
+            harness.synchronize(device)
+            t0 = time.perf_counter()
+            probe()
+            harness.synchronize(device)
+            probe_times.append(time.perf_counter() - t0)
         for name, (provider, call) in list(calls.items()):
             try:
                 with _impl_context(provider):
@@ -293,6 +304,30 @@ def _write_outcome(writer: ResultWriter, point: Point, provider: Provider, mode:
         print(f"  {provider.name:16s} {mode:7s} p50 {speed[1]:10.3f} ms   peak +{memory[1]:9.1f} MiB", flush=True)
 
 
+def _floor_probe(workload: Workload, point: Point, suite: Suite, device: torch.device) -> Callable[[], object]:
+    if workload.floor_kind == "gemm":
+        return harness.gemm_call(device, point.torch_dtype, suite.gemm_size)
+    return harness.copy_call(device, suite.copy_bytes)
+
+
+def _point_rates(workload: Workload, point: Point, suite: Suite, rates: Rates, probe_times: List[float]) -> Rates:
+    """The run's rates, with the one this point's roofline uses re-measured during its rounds (if it was)."""
+    if not probe_times:
+        return rates
+    seconds = percentiles(probe_times)[1]
+    if workload.floor_kind == "gemm":
+        return dataclasses.replace(rates, gemm_flops=dict(rates.gemm_flops, **{point.dtype: 2.0 * suite.gemm_size ** 3 / seconds}))
+    return dataclasses.replace(rates, copy_bytes_per_s=2.0 * suite.copy_bytes / seconds)
+
+
+def _write_roofline(writer: ResultWriter, workload: Workload, point: Point, mode: str, rates: Rates) -> None:
+    floor = workload.roofline_seconds(point, mode, rates)
+    writer.row(point.kernel, ROOFLINE, mode, "speed", "ms", point.x_name, point.x, [floor * 1e3] * 3)
+    if mode == "full" and workload.gradient_bytes(point) > 0:
+        writer.row(point.kernel, ROOFLINE, mode, "memory", "MiB", point.x_name, point.x,
+                   [workload.gradient_bytes(point) / MIB] * 3)
+
+
 def run_point(workload: Workload, sweep: Sweep, point: Point, suite: Suite, device: torch.device, rates: Rates,
               writer: ResultWriter, options: RunOptions) -> None:
     timing = sweep.timing or suite.timing
@@ -302,12 +337,6 @@ def run_point(workload: Workload, sweep: Sweep, point: Point, suite: Suite, devi
     if not modes:
         return
     print(f"{point.kernel}  {point.x_name}  {point.axis}={point.x}", flush=True)
-    for mode in modes:
-        floor = workload.roofline_seconds(point, mode, rates)
-        writer.row(point.kernel, ROOFLINE, mode, "speed", "ms", point.x_name, point.x, [floor * 1e3] * 3)
-        if mode == "full" and workload.gradient_bytes(point) > 0:
-            writer.row(point.kernel, ROOFLINE, mode, "memory", "MiB", point.x_name, point.x,
-                       [workload.gradient_bytes(point) / MIB] * 3)
     providers = _providers_for(workload, sweep, point, device, options, suite, writer)
     cap = min(options.mem_cap_bytes, harness.free_device_memory_bytes(device) * 0.9)
     inputs = None
@@ -326,11 +355,15 @@ def run_point(workload: Workload, sweep: Sweep, point: Point, suite: Suite, devi
                 )
             else:
                 in_process.append(provider)
+        probe_times: List[float] = []
         if in_process:
             if inputs is None:
                 torch.manual_seed(0)
                 inputs = workload.build(point, device)
-            outcomes.update(measure_many(workload, in_process, mode, inputs, device, timing))
+            probe = _floor_probe(workload, point, suite, device)
+            outcomes.update(measure_many(workload, in_process, mode, inputs, device, timing, probe, probe_times))
+            del probe
+        _write_roofline(writer, workload, point, mode, _point_rates(workload, point, suite, rates, probe_times))
         for provider in providers:
             _write_outcome(writer, point, provider, mode, outcomes[provider.name])
     del inputs

@@ -167,6 +167,7 @@ class Workload:
     name: str = ""
     op: str = ""  # the calibrl_kernels._dispatch op name
     differentiable: bool = True
+    floor_kind = "copy"  # the machine rate its roofline divides by: "gemm" (FLOP/s) or "copy" (bytes/s)
     max_tokens_per_row = 512
 
     # ---- inputs
@@ -299,6 +300,7 @@ class FusedCalibrlLoss(LogitsWorkload):
 
 class FusedLinearCalibrlLoss(Workload):
     name = op = "fused_linear_calibrl_loss"
+    floor_kind = "gemm"
     eager_function = staticmethod(eager_fused_linear_calibrl_loss)
     liger_compiled: Optional[bool] = None  # None: Liger's torch.compile of its loss math on CUDA only
 
