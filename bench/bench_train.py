@@ -14,9 +14,9 @@ expert's, each P prompt + T response tokens. One step = group statistics + exper
 - ``calibrl-logits``: hidden -> lm_head logits -> ``calibrl_kernels.fused_calibrl_loss``;
 - ``eager``: hidden -> lm_head logits -> fp32 log_softmax + gather + entropy -> the reference loss.
 
-Throughput counts every token through the model, B * (P + T), per step. Peak memory is measured after
-a warm-up step (so AdamW's state exists) above what is allocated before the step: activations,
-logits and gradients. Rows go to ``train.csv`` (kernel ``train_step``, mode ``full``).
+Throughput counts every token through the model, B * (P + T), per step; timed steps of the providers
+are interleaved round by round. Peak memory is measured after a warm-up step (so AdamW's state
+exists) above what is allocated before the step: activations, logits and gradients. Rows go to ``train.csv`` (kernel ``train_step``, mode ``full``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import contextlib
 import gc
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -148,26 +149,70 @@ def train_providers(device: torch.device, writer: ResultWriter) -> List[Provider
     return providers + [Provider(LOGITS_PROVIDER), Provider(EAGER)]
 
 
-def measure_step(config: TrainConfig, provider: Provider, response: int, device: torch.device):
-    """(seconds per step, peak bytes) of ``provider``'s step, or raises."""
-    model = build_model(config, device, config.prompt + response)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batch = synthetic_batch(config, response, device)
-    try:
-        with forced_impl(provider.impl) if provider.is_calibrl and provider.name != LOGITS_PROVIDER else contextlib.nullcontext():
-            step = make_step(provider, model, optimizer, batch, config.prompt)
-            for _ in range(max(1, config.timing.warmup)):  # at least one: AdamW's state must exist before the peak
-                step()
-            harness.synchronize(device)
-            memory = [harness.peak_memory_bytes(step, device) for _ in range(config.timing.memory_reps)]
-            times = harness.time_call(step, device, TimingConfig(0, config.timing.min_reps, config.timing.max_reps,
-                                                                 config.timing.min_time_s))
-        return times, memory
-    finally:
-        del model, optimizer, batch
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+def _impl_context(provider: Provider):
+    if provider.is_calibrl and provider.name != LOGITS_PROVIDER:
+        return forced_impl(provider.impl)
+    return contextlib.nullcontext()
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_steps(config: TrainConfig, providers: Sequence[Provider], response: int,
+                  device: torch.device) -> Dict[str, Tuple[List[float], List[float], str]]:
+    """provider -> (seconds per step, peak bytes, failure reason or "").
+
+    Each provider gets its own model (same initial weights), AdamW and batch; after warm-up (AdamW's
+    state must exist before the peak is taken) and the memory measurement, timed steps are interleaved
+    round by round, so a load change on a shared machine hits every provider alike."""
+    results: Dict[str, Tuple[List[float], List[float], str]] = {}
+    steps: Dict[str, Tuple[Provider, Callable[[], torch.Tensor]]] = {}
+    for provider in providers:
+        try:
+            model = build_model(config, device, config.prompt + response)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            batch = synthetic_batch(config, response, device)
+            with _impl_context(provider):
+                step = make_step(provider, model, optimizer, batch, config.prompt)
+                for _ in range(max(1, config.timing.warmup)):
+                    step()
+                harness.synchronize(device)
+                memory = [harness.peak_memory_bytes(step, device) for _ in range(config.timing.memory_reps)]
+            steps[provider.name] = (provider, step)
+            results[provider.name] = ([], memory, "")
+        except Exception as error:  # out of memory, a backend error: record and go on
+            results[provider.name] = ([], [], _reason(error))
+        finally:
+            model = optimizer = batch = step = None  # the step closure keeps what it needs
+            _release(device)
+    timing = config.timing
+    started, rounds = time.perf_counter(), 0
+    while steps and rounds < timing.max_reps and (
+        rounds < timing.min_reps or time.perf_counter() - started < timing.min_time_s * len(steps)
+    ):
+        for name, (provider, step) in list(steps.items()):
+            try:
+                with _impl_context(provider):
+                    harness.synchronize(device)
+                    t0 = time.perf_counter()
+                    step()
+                    harness.synchronize(device)
+                    results[name][0].append(time.perf_counter() - t0)
+            except Exception as error:
+                results[name] = ([], [], _reason(error))
+                del steps[name]
+                _release(device)
+        rounds += 1
+    steps.clear()
+    _release(device)
+    return results
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"
 
 
 def run(config_name: str, device: torch.device, csv_path: Path, timestamp: Optional[str] = None,
@@ -190,20 +235,17 @@ def _run(config: TrainConfig, device: torch.device, csv_path: Path, timestamp: O
         name = harness.x_name("T", B=config.rows, P=config.prompt, D=config.hidden, L=config.layers, V=config.vocab,
                               dtype=config.dtype)
         print(f"{KERNEL}  {name}  T={response} ({tokens} tokens per step)", flush=True)
+        measured = measure_steps(config, candidates, response, device)
         for provider in candidates:
-            try:
-                times, memory = measure_step(config, provider, response, device)
-                status, reason = "ok", ""
-            except Exception as error:  # out of memory, a backend error: record and go on
-                times, memory = [], []
-                status, reason = "failed", f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"
+            times, memory, reason = measured[provider.name]
+            if reason:
                 writer.event(kind="failed", kernel=KERNEL, provider=provider.name, mode="full", x_name=name, x=response,
                              reason=reason)
             throughput = percentiles([tokens / t for t in times])
             peak = percentiles([b / MIB for b in memory])
             writer.row(KERNEL, provider.name, "full", "speed", "tokens/s", name, response, throughput)
             writer.row(KERNEL, provider.name, "full", "memory", "MiB", name, response, peak)
-            if status == "ok":
+            if not reason:
                 print(f"  {provider.name:16s} p50 {throughput[1]:10.0f} tokens/s   peak +{peak[1]:9.1f} MiB", flush=True)
             else:
                 print(f"  {provider.name:16s} failed: {reason}", flush=True)
