@@ -36,7 +36,7 @@ import torch
 from . import harness
 from .harness import MIB, ResultWriter, TimingConfig, percentiles
 from .providers import (
-    BASELINES, CALIBRL, COMPILED, EAGER, LIGER, ROOFLINE, Provider, calibrl_providers, forced_impl, liger_available,
+    CALIBRL, COMPILED, EAGER, LIGER, ROOFLINE, Provider, calibrl_providers, forced_impl, liger_available,
     provider_from_name,
 )
 from .suites import SUITES, Suite, Sweep
