@@ -17,8 +17,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel==0.8.5
 #
 # Environment: PYTHON (default python3), RESULTS (results folder), and per-step limits in seconds:
-# TEST_TIMEOUT (140), KERNEL_TIMEOUT (200), TRAIN_TIMEOUT (70), PLOT_TIMEOUT (40; plots + table);
-# with the 30 s environment step at most 8 minutes in all.
+# TEST_TIMEOUT (180), KERNEL_TIMEOUT (180), TRAIN_TIMEOUT (70), PLOT_TIMEOUT (40; plots + table);
+# with the 30 s environment step at most 8.4 minutes in all. TEST_WORKERS (4): pytest-xdist workers.
 # Exit status: 0 when every step passed, 1 when any failed or timed out (the later steps still run).
 
 set -uo pipefail
@@ -36,8 +36,8 @@ for arg in "$@"; do
 done
 
 PYTHON="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-140}"
-KERNEL_TIMEOUT="${KERNEL_TIMEOUT:-200}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
+KERNEL_TIMEOUT="${KERNEL_TIMEOUT:-180}"
 TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-70}"
 PLOT_TIMEOUT="${PLOT_TIMEOUT:-40}"
 export PYTHONUNBUFFERED=1
@@ -132,7 +132,10 @@ for impl in dispatch.IMPLS:
 if [ "$DRY_RUN" = 0 ]; then
     command -v nvidia-smi >/dev/null && nvidia-smi 2>&1 | tee -a "$LOG"
     unset TRITON_INTERPRET  # the kernels run natively; conftest leaves the interpreter off on CUDA
-    step tests "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$RESULTS/pytest.xml" tests
+    # pytest-xdist (on that machine's image) spreads the suite over a few workers when it is there
+    PARALLEL=()
+    if "$PYTHON" -c 'import xdist' 2>/dev/null; then PARALLEL=(-n "${TEST_WORKERS:-4}"); fi
+    step tests "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} --junitxml="$RESULTS/pytest.xml" tests
     step kernels "$KERNEL_TIMEOUT" "$PYTHON" -m bench.run --suite "$SUITE" --device "$DEVICE" --out "$RESULTS" \
         --no-train --no-plot --no-table
 else

@@ -433,7 +433,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--all-impls", action="store_true", help="also add calibrl-<impl> for the default backend")
     parser.add_argument("--allow-interpreter", action="store_true", help="benchmark Triton under TRITON_INTERPRET on CPU")
     parser.add_argument("--mem-cap-gib", type=float, default=None,
-                        help="skip/kill providers whose peak would exceed this (default: half the available memory)")
+                        help="skip/kill providers whose peak would exceed this (default: half the available RAM on "
+                             "CPU; the free GPU memory on CUDA)")
     parser.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per isolated measurement")
     parser.add_argument("--liger-compiled", choices=("auto", "yes", "no"), default="auto",
                         help="Liger's own torch.compile of its loss math (auto: on CUDA only)")
@@ -457,7 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options = RunOptions(
         providers=args.providers, modes=args.modes, compiled=args.compiled, all_impls=args.all_impls,
         allow_interpreter=args.allow_interpreter,
-        mem_cap_bytes=args.mem_cap_gib * 2**30 if args.mem_cap_gib is not None else default_mem_cap_bytes(),
+        mem_cap_bytes=(args.mem_cap_gib * 2**30 if args.mem_cap_gib is not None
+                       else math.inf if device.type == "cuda" else default_mem_cap_bytes()),  # on CUDA: free GPU memory
         child_timeout_s=args.child_timeout,
         liger_compiled={"auto": None, "yes": True, "no": False}[args.liger_compiled],
         threads=args.threads, skip_isolated=args.skip_isolated,
