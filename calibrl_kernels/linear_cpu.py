@@ -287,8 +287,9 @@ class _FusedLinearLoss(torch.autograd.Function):
     """Loss and metrics in forward with the gradients formed on the way; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index, row_math, budget):
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index, row_math, budget, grad_enabled):
+        # Under torch.no_grad needs_input_grad still says True: grad_enabled (taken outside) decides.
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         hidden2d, flat_targets = _flatten(hidden, targets)
         ops = _Operands(hidden2d, weight, bias, budget)
         grads = _Gradients(ops, need_hidden, need_weight, need_bias) if any((need_hidden, need_weight, need_bias)) else None
@@ -326,7 +327,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             for g in gradients:
                 if g is not None:
                     g.mul_(grad_loss.to(g.dtype))
-        return gradients + (None,) * 6
+        return gradients + (None,) * 7
 
 
 def fused_linear_calibrl_loss(
@@ -359,7 +360,8 @@ def fused_linear_calibrl_loss(
         expert_mask=expert_mask, config=config, dtype=dtype,
     )
     outputs = _FusedLinearLoss.apply(
-        hidden, weight, bias, targets, table, config, ignore_index, row_math, chunk_budget(chunk_bytes)
+        hidden, weight, bias, targets, table, config, ignore_index, row_math, chunk_budget(chunk_bytes),
+        torch.is_grad_enabled(),
     )
     return LossOutput(*outputs)
 

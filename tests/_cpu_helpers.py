@@ -107,3 +107,67 @@ def assert_loss_outputs_close(actual, expected, rtol, atol, what=""):
             a.to(torch.float64), e.to(torch.float64), rtol=rtol, atol=atol, equal_nan=True,
             msg=lambda m, name=name: f"{what} LossOutput.{name}: {m}",
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Linear (lm_head) cases and comparison helpers
+# --------------------------------------------------------------------------------------------
+class LinearCase(NamedTuple):
+    hidden: torch.Tensor  # (B, T, D) leaf requiring grad
+    weight: torch.Tensor  # (V, D) leaf requiring grad
+    bias: object  # (V,) leaf requiring grad, or None
+    targets: torch.Tensor  # (B, T) int64 with some ignore_index entries
+    batch: Batch
+
+    def leaves(self):
+        return tuple(t for t in (self.hidden, self.weight, self.bias) if t is not None)
+
+
+def make_linear_case(config: CalibRLConfig, *, groups=2, rows_per_group=2, T=5, D=9, V=67, dtype=torch.float64,
+                     bias=True, seed=0, ignore_index=-100, all_masked=False) -> LinearCase:
+    g = torch.Generator().manual_seed(seed + 100)
+    batch = make_batch(groups, rows_per_group, T, config=config, dtype=torch.float64, seed=seed, all_masked=all_masked)
+    B = batch.old_logp.shape[0]
+    hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, D, generator=g, dtype=torch.float64) * 1.5).to(dtype).requires_grad_(True)
+    b = (torch.randn(V, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True) if bias else None
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[0, 0] = ignore_index
+    if T > 2:
+        targets[-1, 2] = ignore_index
+    return LinearCase(hidden, weight, b, targets, batch)
+
+
+def upcast_leaves(case: LinearCase) -> LinearCase:
+    """The same case with fp64 copies of hidden / weight / bias (the exact reference's inputs)."""
+    up = lambda t: None if t is None else t.detach().to(torch.float64).requires_grad_(True)  # noqa: E731
+    return case._replace(hidden=up(case.hidden), weight=up(case.weight), bias=up(case.bias))
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (in fp64; 0 / 0 counts as 0)."""
+    a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
+    scale = float(e.abs().max()) if e.numel() else 0.0
+    err = float((a - e).abs().max()) if e.numel() else 0.0
+    return err / scale if scale > 0 else err
+
+
+def loss_and_grads(fn, case: LinearCase, config: CalibRLConfig, ignore_index=-100, scale=1.0, **extra):
+    """Run a fused linear loss fn(hidden, weight, targets, ...) and backpropagate scale * loss."""
+    b = case.batch
+    out = fn(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias,
+             ignore_index=ignore_index, **b.kwargs(config), **extra)
+    grads = torch.autograd.grad(out.loss * scale, case.leaves())
+    return out, grads
+
+
+def cpp_module_or_skip():
+    """The built C++ extension, or a skip naming why it could not be built on this machine."""
+    import pytest
+
+    from calibrl_kernels import build
+
+    module = build.extension()
+    if module is None:
+        pytest.skip(f"the C++ extension cannot be built here: {build.build_error()}")
+    return module
