@@ -59,8 +59,7 @@ def _compile_and_load(verbose: bool = False):
     src = source_dir()
     return cpp_extension.load(
         name=extension_name(),
-        sources=[str(src / name) for name in SOURCES],
-        extra_include_paths=[str(src)],
+        sources=[str(src / name) for name in SOURCES],  # cpu_ops.h sits beside them (ninja tracks it)
         extra_cflags=CFLAGS,
         extra_ldflags=LDFLAGS,
         verbose=verbose,
