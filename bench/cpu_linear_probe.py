@@ -10,8 +10,9 @@ All timings are taken in one process, providers interleaved round by round, the 
   eager       logits = h @ W^T, log_softmax, gather, the same loss (reference.calibrl_loss), backward
   liger       Liger-Kernel LigerFusedLinearGRPOLoss(compiled=False, loss_type="dapo", beta=0)
 
-Memory (--memory): every provider runs once in a fresh subprocess; extra peak = VmHWM during the
-step - RSS before it (inputs allocated, one warm-up step done) - the bytes of the input gradients.
+Memory (--memory): every provider runs once in a fresh subprocess (glibc told to return freed memory
+at once); extra peak = VmHWM during the step - RSS before it (inputs allocated, one warm-up step done
+where cheap) - the bytes of the input gradients.
 
   PYTHONPATH=. python bench/cpu_linear_probe.py                      # N 2048, D 512, V 32000, 2 threads
   PYTHONPATH=. python bench/cpu_linear_probe.py --memory
@@ -178,7 +179,9 @@ def memory(args) -> None:
                "--threads", str(args.threads), "--providers", p]
         if args.chunk_bytes:
             cmd += ["--chunk-bytes", str(args.chunk_bytes)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        # glibc returns freed memory to the OS at once, so that RSS before the step holds no reusable garbage.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(f"  {p}: failed: {out.stderr.strip().splitlines()[-1:]}")
             continue

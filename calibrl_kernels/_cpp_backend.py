@@ -73,10 +73,12 @@ def _row_math() -> Optional[CppRowMath]:
     return None if module is None else CppRowMath(module)
 
 
-def _rows_2d(logits: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (N, V) with unit stride along V (a view when possible)."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    return flat if flat.stride(-1) == 1 or flat.shape[-1] == 1 else flat.contiguous()
+def _row_view(logits: torch.Tensor) -> torch.Tensor:
+    """logits (N, V) / (B, T, V) as the kernels take them: any strides but a unit one along V (else a copy).
+
+    So a slice such as logits[:, :-1] of a (B, L, V) tensor is read in place, never copied.
+    """
+    return logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()
 
 
 def _row_table(num_rows: int, logits: torch.Tensor) -> torch.Tensor:
@@ -89,9 +91,9 @@ def _row_table(num_rows: int, logits: torch.Tensor) -> torch.Tensor:
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, inv_temperature, ignore_index, math):
-        logits2d, flat_targets = _rows_2d(logits), targets.reshape(-1).long().contiguous()
+        logits_rows, flat_targets = _row_view(logits), targets.reshape(-1).long().contiguous()
         rows = _row_table(flat_targets.numel(), logits)
-        math.module.row_stats(logits2d, flat_targets, inv_temperature, ignore_index, rows)
+        math.module.row_stats(logits_rows, flat_targets, inv_temperature, ignore_index, rows)
         ctx.save_for_backward(logits, flat_targets, rows)
         ctx.settings = (inv_temperature, ignore_index, math)
         return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
@@ -105,9 +107,9 @@ class _TokenLogprobs(torch.autograd.Function):
         rows = rows.clone()
         rows[:, ROW["coef_a"]] = 0.0 if grad_logp is None else -grad_logp.reshape(-1).to(rows.dtype)
         rows[:, ROW["coef_b"]] = 0.0 if grad_entropy is None else -grad_entropy.reshape(-1).to(rows.dtype)
-        logits2d = _rows_2d(logits)
-        grad = torch.empty(logits2d.shape, dtype=logits.dtype)
-        math.module.row_gradient(logits2d, flat_targets, rows, inv_temperature, ignore_index, grad)
+        logits_rows = _row_view(logits)
+        grad = torch.empty(logits.shape, dtype=logits.dtype)
+        math.module.row_gradient(logits_rows, flat_targets, rows, inv_temperature, ignore_index, grad)
         return (grad.view(logits.shape),) + (None,) * 4
 
 
@@ -125,11 +127,11 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_e
 class _FusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, table, config, ignore_index, math):
-        logits2d, flat_targets = _rows_2d(logits), targets.reshape(-1).long().contiguous()
+        logits_rows, flat_targets = _row_view(logits), targets.reshape(-1).long().contiguous()
         rows = _row_table(flat_targets.numel(), logits)
         inv_temperature = 1.0 / config.temperature
         math.module.row_loss(
-            logits2d, flat_targets, table, rows, config.mode, config.activation, loss_params(config),
+            logits_rows, flat_targets, table, rows, config.mode, config.activation, loss_params(config),
             inv_temperature, ignore_index, False,
         )
         out = coef.loss_output(rows[:, ROW["pg"]:].sum(0), config)
@@ -149,9 +151,9 @@ class _FusedLoss(torch.autograd.Function):
         rows = rows.clone()
         rows[:, ROW["coef_a"]] *= grad_loss.to(rows.dtype)
         rows[:, ROW["coef_b"]] *= grad_loss.to(rows.dtype)
-        logits2d = _rows_2d(logits)
-        grad = torch.empty(logits2d.shape, dtype=logits.dtype)
-        math.module.row_gradient(logits2d, flat_targets, rows, inv_temperature, ignore_index, grad)
+        logits_rows = _row_view(logits)
+        grad = torch.empty(logits.shape, dtype=logits.dtype)
+        math.module.row_gradient(logits_rows, flat_targets, rows, inv_temperature, ignore_index, grad)
         return (grad.view(logits.shape),) + (None,) * 5
 
 

@@ -22,9 +22,11 @@ reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flo
 Memory: the chunk holds ``rows_per_chunk * V`` logits of the compute dtype; its size comes from a byte
 budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 32 MiB) that also covers the row
 math's temporaries. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
-inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight, sized from
-the same budget), so statistics and every GEMM accumulate in fp32, and dWeight is accumulated in an fp32
-(V, D) buffer cast to the weight's dtype at the end.
+inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight; the budget is
+then split in halves between the logits chunk and the weight block), so statistics and every GEMM
+accumulate in fp32, and dWeight is accumulated in an fp32 (V, D) buffer cast to the weight's dtype at
+the end. Large vocabularies favour larger budgets: the dWeight update is a rank-(chunk rows) GEMM that
+streams the whole (V, D) accumulator once per chunk.
 """
 
 from __future__ import annotations
@@ -193,11 +195,14 @@ class _Operands:
         self.num_rows, self.dim = hidden2d.shape
         self.vocab = weight.shape[0]
         element = torch.finfo(self.dtype).bits // 8
-        # A 16-bit weight is upcast one vocabulary block at a time (half the budget per block).
+        # A 16-bit weight is upcast one vocabulary block at a time: half the budget for the block, half
+        # for the logits chunk.
         if weight.dtype == self.dtype:
             self.block_rows = self.vocab
+            self.chunk_budget = budget
         else:
             self.block_rows = max(1, min(self.vocab, budget // 2 // max(1, self.dim * element)))
+            self.chunk_budget = max(1, budget // 2)
         self.bias_c = None if bias is None else bias.to(self.dtype)
 
     def hidden_rows(self, start: int, end: int) -> torch.Tensor:
@@ -233,19 +238,20 @@ class _Gradients:
     def add_chunk(self, grad_logits: torch.Tensor, h: torch.Tensor, start: int, end: int) -> None:
         """dHidden[start:end] = dZ @ W; dWeight += dZ^T @ h; dBias += sum_rows dZ."""
         ops = self.ops
-        if self.hidden is not None:
-            target = self.hidden[start:end] if self._direct_hidden else torch.empty(end - start, ops.dim, dtype=ops.dtype, device=h.device)
-        for v0, v1, w in ops.weight_blocks() if (self.hidden is not None or self.weight is not None) else ():
-            block = grad_logits[:, v0:v1]
+        if self.hidden is not None or self.weight is not None:
             if self.hidden is not None:
-                if v0 == 0:
-                    torch.mm(block, w, out=target)
-                else:
-                    target.addmm_(block, w)
-            if self.weight is not None:
-                self.weight[v0:v1].addmm_(block.t(), h)
-        if self.hidden is not None and not self._direct_hidden:
-            self.hidden[start:end].copy_(target)
+                target = self.hidden[start:end] if self._direct_hidden else h.new_empty(end - start, ops.dim)
+            for v0, v1, w in ops.weight_blocks():
+                block = grad_logits[:, v0:v1]
+                if self.hidden is not None:
+                    if v0 == 0:
+                        torch.mm(block, w, out=target)
+                    else:
+                        target.addmm_(block, w)
+                if self.weight is not None:
+                    self.weight[v0:v1].addmm_(block.t(), h)
+            if self.hidden is not None and not self._direct_hidden:
+                self.hidden[start:end].copy_(target)
         if self.bias is not None:
             self.bias.add_(grad_logits.sum(0))
 
@@ -256,10 +262,10 @@ class _Gradients:
         return self.hidden, weight, bias
 
 
-def _stream(ops: _Operands, row_math, budget: int, grads: Optional[_Gradients], process) -> None:
+def _stream(ops: _Operands, row_math, grads: Optional[_Gradients], process) -> None:
     """Run ``process(chunk_logits, start, end)`` on every row chunk, then backpropagate it into grads."""
     element = torch.finfo(ops.dtype).bits // 8
-    n_rows = rows_per_chunk(ops.num_rows, ops.vocab, element, row_math.buffers_per_chunk, budget)
+    n_rows = rows_per_chunk(ops.num_rows, ops.vocab, element, row_math.buffers_per_chunk, ops.chunk_budget)
     buffer = torch.empty(n_rows, ops.vocab, dtype=ops.dtype, device=ops.hidden.device)
     _note_chunk(ChunkRecord(n_rows, ops.vocab, buffer.numel() * element, ops.block_rows))
     for start in range(0, ops.num_rows, n_rows):
@@ -302,7 +308,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 ignore_index, grads is not None,
             )
 
-        _stream(ops, row_math, budget, grads, process)
+        _stream(ops, row_math, grads, process)
         out = coef.loss_output(rows[:, ROW["pg"]:].sum(0), config)
         if grads is not None:
             d_hidden, d_weight, d_bias = grads.finish(weight.dtype, None if bias is None else bias.dtype)
@@ -382,7 +388,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         def process(chunk, start, end):
             row_math.stats(chunk, flat_targets[start:end], inv_temperature, ignore_index, rows[start:end])
 
-        _stream(ops, row_math, budget, None, process)
+        _stream(ops, row_math, None, process)
         ctx.save_for_backward(hidden, weight, bias, targets, rows[:, ROW["lse"]].clone(), rows[:, ROW["entropy"]].clone())
         ctx.settings = (inv_temperature, ignore_index, row_math, budget)
         return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
@@ -408,7 +414,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         def process(chunk, start, end):
             row_math.gradient(chunk, flat_targets[start:end], rows[start:end], inv_temperature, ignore_index)
 
-        _stream(ops, row_math, budget, grads, process)
+        _stream(ops, row_math, grads, process)
         d_hidden, d_weight, d_bias = grads.finish(weight.dtype, None if bias is None else bias.dtype)
         d_hidden = None if d_hidden is None else d_hidden.view(hidden.shape)
         return (d_hidden, d_weight, d_bias) + (None,) * 5

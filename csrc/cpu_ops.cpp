@@ -1,6 +1,6 @@
 // Tensor entry points of the CalibRL CPU backend (built on first use by calibrl_kernels/build.py).
 //
-// Every op works on a logits chunk (n, V) with unit stride along V (any row stride), one token per row,
+// Every op works on logits (n, V) or (B, T, V) with unit stride along V (any other strides), one token per row,
 // in parallel over rows with at::parallel_for (torch's OpenMP pool, so torch.set_num_threads applies):
 //   row_stats        (a) lse, entropy, logp per row                       -> row table
 //   row_coefficients (b) loss terms and a = -dL/dlp, b = -dL/dH per row   -> row table
@@ -34,6 +34,17 @@ inline int64_t target_of(const int64_t* targets, int64_t i, int64_t ignore_index
   return t;
 }
 
+// Where row i of a (n, V) or (B, T, V) logits tensor starts (unit stride along V, any other strides).
+struct RowLayout {
+  int64_t rows;          // n = B * T
+  int64_t vocab;         // V
+  int64_t inner_rows;    // T (n for a 2-d tensor)
+  int64_t inner_stride;  // stride between rows t and t + 1 of one sequence
+  int64_t outer_stride;  // stride between sequences b and b + 1 (unused for a 2-d tensor)
+
+  int64_t offset(int64_t i) const { return (i / inner_rows) * outer_stride + (i % inner_rows) * inner_stride; }
+};
+
 template <typename scalar_t, typename acc_t>
 CALIBRL_INLINE void stats_one(const scalar_t* row, int64_t vocab, int64_t target, acc_t inv_temperature, acc_t* out) {
   const RowStats<acc_t> st = row_stats_body<scalar_t, acc_t>(row, vocab, inv_temperature);
@@ -43,11 +54,11 @@ CALIBRL_INLINE void stats_one(const scalar_t* row, int64_t vocab, int64_t target
 }
 
 template <typename scalar_t, typename acc_t>
-CALIBRL_HOT void stats_range(const scalar_t* logits, int64_t row_stride, int64_t vocab, const int64_t* targets,
+CALIBRL_HOT void stats_range(const scalar_t* logits, const RowLayout& layout, const int64_t* targets,
                              int64_t ignore_index, acc_t inv_temperature, acc_t* rows, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    stats_one(logits + i * row_stride, vocab, target_of(targets, i, ignore_index, vocab), inv_temperature,
-              rows + i * row::kCount);
+    stats_one(logits + layout.offset(i), layout.vocab, target_of(targets, i, ignore_index, layout.vocab),
+              inv_temperature, rows + i * row::kCount);
   }
 }
 
@@ -60,29 +71,29 @@ void coefficients_range(acc_t* rows, const acc_t* tokens, const LossParams& para
 }
 
 template <typename scalar_t, typename acc_t>
-CALIBRL_HOT void gradient_range(const scalar_t* logits, int64_t row_stride, scalar_t* out, int64_t out_stride,
-                                int64_t vocab, const int64_t* targets, int64_t ignore_index, acc_t inv_temperature,
-                                const acc_t* rows, int64_t begin, int64_t end) {
+CALIBRL_HOT void gradient_range(const scalar_t* logits, const RowLayout& layout, scalar_t* out,
+                                const RowLayout& out_layout, const int64_t* targets, int64_t ignore_index,
+                                acc_t inv_temperature, const acc_t* rows, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const acc_t* r = rows + i * row::kCount;
-    row_gradient_body<scalar_t, scalar_t, acc_t>(logits + i * row_stride, out + i * out_stride, vocab,
-                                                 target_of(targets, i, ignore_index, vocab), r[row::kLse],
+    row_gradient_body<scalar_t, scalar_t, acc_t>(logits + layout.offset(i), out + out_layout.offset(i), layout.vocab,
+                                                 target_of(targets, i, ignore_index, layout.vocab), r[row::kLse],
                                                  r[row::kEntropy], r[row::kCoefA], r[row::kCoefB], inv_temperature);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-CALIBRL_HOT void loss_range(scalar_t* logits, int64_t row_stride, int64_t vocab, const int64_t* targets,
-                            int64_t ignore_index, acc_t inv_temperature, const acc_t* tokens, acc_t* rows,
-                            const LossParams& params, bool form_gradient, int64_t begin, int64_t end) {
+CALIBRL_HOT void loss_range(scalar_t* logits, const RowLayout& layout, const int64_t* targets, int64_t ignore_index,
+                            acc_t inv_temperature, const acc_t* tokens, acc_t* rows, const LossParams& params,
+                            bool form_gradient, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
-    scalar_t* row = logits + i * row_stride;
+    scalar_t* row = logits + layout.offset(i);
     acc_t* r = rows + i * row::kCount;
-    const int64_t target = target_of(targets, i, ignore_index, vocab);
-    stats_one(row, vocab, target, inv_temperature, r);
+    const int64_t target = target_of(targets, i, ignore_index, layout.vocab);
+    stats_one(row, layout.vocab, target, inv_temperature, r);
     row_terms(r[row::kLogp], r[row::kEntropy], tokens + i * token::kCount, params, r);
     if (form_gradient) {
-      row_gradient_body<scalar_t, scalar_t, acc_t>(row, row, vocab, target, r[row::kLse], r[row::kEntropy],
+      row_gradient_body<scalar_t, scalar_t, acc_t>(row, row, layout.vocab, target, r[row::kLse], r[row::kEntropy],
                                                    r[row::kCoefA], r[row::kCoefB], inv_temperature);
     }
   }
@@ -91,11 +102,16 @@ CALIBRL_HOT void loss_range(scalar_t* logits, int64_t row_stride, int64_t vocab,
 // ---------------------------------------------------------------------------------------------
 // Argument checks and parameters
 // ---------------------------------------------------------------------------------------------
-void check_logits(const at::Tensor& logits, const char* name) {
+RowLayout check_logits(const at::Tensor& logits, const char* name) {
   TORCH_CHECK(logits.device().is_cpu(), name, ": expected a CPU tensor, got one on ", logits.device());
-  TORCH_CHECK(logits.dim() == 2, name, ": expected shape (n, V), got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) == 0 || logits.stride(1) == 1 || logits.size(1) == 1, name,
-              ": expected unit stride along V, got strides ", logits.strides());
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, name, ": expected shape (n, V) or (B, T, V), got ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(-1) >= 1, name, ": expected a vocabulary of at least one entry, got ", logits.sizes());
+  TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) == 1, name, ": expected unit stride along V, got strides ",
+              logits.strides());
+  const int64_t vocab = logits.size(-1), rows = logits.numel() / vocab;
+  if (logits.dim() == 2) return {rows, vocab, std::max<int64_t>(rows, 1), logits.stride(0), 0};
+  return {rows, vocab, std::max<int64_t>(logits.size(1), 1), logits.stride(1), logits.stride(0)};
 }
 
 void check_table(const at::Tensor& table, const char* name, int64_t rows, int64_t columns, at::ScalarType dtype) {
@@ -155,8 +171,8 @@ LossParams parse_params(const std::string& mode, const std::string& activation,
 // ---------------------------------------------------------------------------------------------
 void row_stats(const at::Tensor& logits, const at::Tensor& targets, double inv_temperature, int64_t ignore_index,
                at::Tensor rows) {
-  check_logits(logits, "logits");
-  const int64_t n = logits.size(0), vocab = logits.size(1);
+  const RowLayout layout = check_logits(logits, "logits");
+  const int64_t n = layout.rows;
   check_targets(targets, n);
   check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_stats", [&] {
@@ -165,8 +181,7 @@ void row_stats(const at::Tensor& logits, const at::Tensor& targets, double inv_t
     const int64_t* t = targets.const_data_ptr<int64_t>();
     acc_t* r = rows.data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      stats_range<scalar_t, acc_t>(data, logits.stride(0), vocab, t, ignore_index, static_cast<acc_t>(inv_temperature),
-                                   r, begin, end);
+      stats_range<scalar_t, acc_t>(data, layout, t, ignore_index, static_cast<acc_t>(inv_temperature), r, begin, end);
     });
   });
 }
@@ -189,9 +204,9 @@ void row_coefficients(at::Tensor rows, const at::Tensor& tokens, const std::stri
 
 void row_gradient(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& rows, double inv_temperature,
                   int64_t ignore_index, at::Tensor out) {
-  check_logits(logits, "logits");
-  check_logits(out, "out");
-  const int64_t n = logits.size(0), vocab = logits.size(1);
+  const RowLayout layout = check_logits(logits, "logits");
+  const RowLayout out_layout = check_logits(out, "out");
+  const int64_t n = layout.rows;
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type(),
               "out: expected the shape and dtype of logits ", logits.sizes(), " ", logits.scalar_type(), ", got ",
               out.sizes(), " ", out.scalar_type());
@@ -204,8 +219,8 @@ void row_gradient(const at::Tensor& logits, const at::Tensor& targets, const at:
     const int64_t* t = targets.const_data_ptr<int64_t>();
     const acc_t* r = rows.const_data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      gradient_range<scalar_t, acc_t>(data, logits.stride(0), o, out.stride(0), vocab, t, ignore_index,
-                                      static_cast<acc_t>(inv_temperature), r, begin, end);
+      gradient_range<scalar_t, acc_t>(data, layout, o, out_layout, t, ignore_index, static_cast<acc_t>(inv_temperature),
+                                      r, begin, end);
     });
   });
 }
@@ -213,8 +228,8 @@ void row_gradient(const at::Tensor& logits, const at::Tensor& targets, const at:
 void row_loss(at::Tensor logits, const at::Tensor& targets, const at::Tensor& tokens, at::Tensor rows,
               const std::string& mode, const std::string& activation, const std::map<std::string, double>& values,
               double inv_temperature, int64_t ignore_index, bool form_gradient) {
-  check_logits(logits, "logits");
-  const int64_t n = logits.size(0), vocab = logits.size(1);
+  const RowLayout layout = check_logits(logits, "logits");
+  const int64_t n = layout.rows;
   check_targets(targets, n);
   const at::ScalarType acc = accumulation_type(logits.scalar_type());
   check_table(rows, "rows", n, row::kCount, acc);
@@ -227,8 +242,8 @@ void row_loss(at::Tensor logits, const at::Tensor& targets, const at::Tensor& to
     const acc_t* tok = tokens.const_data_ptr<acc_t>();
     acc_t* r = rows.data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      loss_range<scalar_t, acc_t>(data, logits.stride(0), vocab, t, ignore_index, static_cast<acc_t>(inv_temperature),
-                                  tok, r, params, form_gradient, begin, end);
+      loss_range<scalar_t, acc_t>(data, layout, t, ignore_index, static_cast<acc_t>(inv_temperature), tok, r, params,
+                                  form_gradient, begin, end);
     });
   });
 }

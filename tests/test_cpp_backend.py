@@ -76,6 +76,26 @@ def test_token_logprobs_awkward_rows(cpp, temperature):
     _check_against_exact(_cpp_backend.token_logprobs, logits[:1], targets[:1], temperature)
 
 
+def test_shifted_logits_are_read_in_place(cpp):
+    """logits[:, :-1] of a (B, L, V) tensor (the usual shift by one) is not viewable as (N, V): the kernels
+    read its strides instead of copying it."""
+    config = CalibRLConfig()
+    batch = make_batch(2, 2, 5, config=config, dtype=torch.float32)
+    B, T = batch.old_logp.shape
+    full = _logits((B, T + 1, 300), torch.float32, seed=8).requires_grad_(True)
+    shifted = full[:, :-1]
+    assert not shifted.is_contiguous() and _cpp_backend._row_view(shifted).data_ptr() == shifted.data_ptr()
+    targets = torch.randint(0, 300, (B, T))
+    args = (targets, batch.old_logp, batch.advantages, batch.mask)
+    ref = reference.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
+    out = _cpp_backend.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
+    assert_loss_outputs_close(out, ref, rtol=1e-5, atol=1e-6)
+    (want,) = torch.autograd.grad(ref.loss, (full,))
+    (got,) = torch.autograd.grad(out.loss, (full,))
+    assert max_rel_error(got, want) < 1e-5
+    _check_against_exact(_cpp_backend.token_logprobs, shifted.detach(), targets, 1.0)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fused_calibrl_loss_every_config_fp64(cpp, name):
     config = CONFIGS[name].replace(temperature=1.3 if "luffy" in name else 1.0)
