@@ -47,9 +47,10 @@ class _NoRowMath:
         pass
 
 
-def make_inputs(n: int, d: int, v: int, seed: int = 0):
+def make_inputs(n: int, d: int, v: int, seed: int = 0, rows: int = 2):
+    """`rows` sequences of n / rows tokens (Liger chunks by sequence: 2 x 1024 keeps its chunks large)."""
     g = torch.Generator().manual_seed(seed)
-    B = 16 if n % 16 == 0 else 1
+    B = rows if n % rows == 0 else 1
     T = n // B
     hidden = (torch.randn(B, T, d, generator=g) * 0.5).requires_grad_(True)
     weight = (torch.randn(v, d, generator=g) / d**0.5).requires_grad_(True)

@@ -290,3 +290,23 @@ def test_public_ops_dispatch_to_the_chunked_path(monkeypatch):
     ref = reference.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
                                               bias=case.bias, **b.kwargs(config))
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_are_handed_over_without_a_copy(row_math, monkeypatch):
+    """The forward's gradient buffers become .grad as they are (no (V, D) copy in backward)."""
+    config = CalibRLConfig(mode="grpo")
+    case = make_linear_case(config, dtype=torch.float32, bias=False, seed=17)
+    buffers = []
+    original = linear_cpu._Gradients.finish
+
+    def spy(self, *args):
+        result = original(self, *args)
+        buffers.append([t.data_ptr() for t in result if t is not None])
+        return result
+
+    monkeypatch.setattr(linear_cpu._Gradients, "finish", spy)
+    b = case.batch
+    out = linear_cpu.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
+                                               row_math=row_math, config=config)
+    out.loss.backward()
+    assert buffers == [[case.hidden.grad.data_ptr(), case.weight.grad.data_ptr()]]
