@@ -20,7 +20,7 @@ reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flo
 6) rather than keeping (N, V) logits alive between forward and backward.
 
 Memory: the chunk holds ``rows_per_chunk * V`` logits of the compute dtype; its size comes from a byte
-budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 32 MiB) that also covers the row
+budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 48 MiB) that also covers the row
 math's temporaries. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
 inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight; the budget is
 then split in halves between the logits chunk and the weight block), so statistics and every GEMM
@@ -43,7 +43,7 @@ from .reference import compute_dtype
 
 ROW = coef.ROW
 ENV_CHUNK_BYTES = "CALIBRL_CHUNK_BYTES"
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BYTES = 48 * 2**20
 _DEFAULT_CONFIG = CalibRLConfig()
 
 
@@ -71,13 +71,17 @@ def chunk_budget(chunk_bytes: Optional[int] = None) -> int:
 def rows_per_chunk(num_rows: int, vocab: int, element_bytes: int, buffers: int, budget: int) -> int:
     """Rows of a logits chunk so that ``buffers`` chunk-sized tensors fit in ``budget`` bytes.
 
-    At least one row (a single row over the budget still runs); a multiple of 16 rows when the
-    budget allows it, which keeps the GEMMs on whole register tiles.
+    The rows are spread evenly over the fewest chunks the budget allows (no small last chunk), rounded
+    up to a multiple of 16 (whole GEMM register tiles) where that stays within the budget. At least
+    one row: a single row over the budget still runs.
     """
-    rows = budget // max(1, vocab * element_bytes * buffers)
-    if rows >= 32:
-        rows -= rows % 16
-    return int(max(1, min(num_rows, rows)))
+    most = max(1, budget // max(1, vocab * element_bytes * buffers))
+    if num_rows <= most:
+        return max(1, num_rows)
+    chunks = -(-num_rows // most)
+    rows = -(-num_rows // chunks)
+    tiled = -(-rows // 16) * 16
+    return int(tiled if tiled <= most else rows)
 
 
 class ChunkRecord(NamedTuple):

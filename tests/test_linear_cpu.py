@@ -255,9 +255,13 @@ def test_chunk_budget_sources_and_validation(monkeypatch):
         linear_cpu.chunk_budget()
     with pytest.raises(ValueError, match="chunk_bytes"):
         linear_cpu.chunk_budget(0)
-    # The default plan keeps the chunk under the budget and on 16-row tiles.
+    # Chunks stay under the budget, even, and on 16-row tiles where possible.
     assert linear_cpu.rows_per_chunk(2048, 32000, 4, 1, 32 * 2**20) == 256
+    assert linear_cpu.rows_per_chunk(2048, 32000, 4, 1, 48 * 2**20) == 352  # 6 chunks, not 5 x 384 + 128
+    assert linear_cpu.rows_per_chunk(100, 10, 4, 1, 10 * 40) == 10
+    assert linear_cpu.rows_per_chunk(30, 67, 8, 4, 7 * 67 * 8 * 4) == 6  # 5 even chunks of 6 rows
     assert linear_cpu.rows_per_chunk(3, 151936, 4, 1, 1) == 1
+    assert linear_cpu.rows_per_chunk(5, 10, 4, 1, 10**9) == 5
 
 
 def test_strided_hidden_and_int32_targets(row_math):
