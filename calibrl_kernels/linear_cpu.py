@@ -20,7 +20,7 @@ reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flo
 6) rather than keeping (N, V) logits alive between forward and backward.
 
 Memory: the chunk holds ``rows_per_chunk * V`` logits of the compute dtype; its size comes from a byte
-budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 48 MiB) that also covers the row
+budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 40 MiB) that also covers the row
 math's temporaries. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
 inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight; the budget is
 then split in halves between the logits chunk and the weight block), so statistics and every GEMM
@@ -43,7 +43,7 @@ from .reference import compute_dtype
 
 ROW = coef.ROW
 ENV_CHUNK_BYTES = "CALIBRL_CHUNK_BYTES"
-DEFAULT_CHUNK_BYTES = 48 * 2**20
+DEFAULT_CHUNK_BYTES = 40 * 2**20
 _DEFAULT_CONFIG = CalibRLConfig()
 
 
