@@ -5,6 +5,8 @@ All timings are taken in one process, providers interleaved round by round, the 
 
   floor       6 N D V / (fp32 rate of a 2048^3 torch.mm measured in the same run)
   gemm_only   our chunk loop with the row math switched off: the three GEMMs as our layout runs them
+              (non-GEMM share: 1 - gemm_only / cpp, and, less sensitive to load, the time outside the
+              GEMM calls timed inside cpp's own runs)
   cpp         fused_linear_calibrl_loss, C++ row math (calibrl config)
   torch       fused_linear_calibrl_loss, torch row math
   eager       logits = h @ W^T, log_softmax, gather, the same loss (reference.calibrl_loss), backward
@@ -16,7 +18,9 @@ where cheap) - the bytes of the input gradients.
 
   PYTHONPATH=. python bench/cpu_linear_probe.py                      # N 2048, D 512, V 32000, 2 threads
   PYTHONPATH=. python bench/cpu_linear_probe.py --memory
-  PYTHONPATH=. python bench/cpu_linear_probe.py --n 8192 --d 896 --v 151936 --providers cpp --rounds 1 --memory
+  PYTHONPATH=. python bench/cpu_linear_probe.py --n 8192 --d 896 --v 151936 --providers cpp --memory
+  PYTHONPATH=. python bench/cpu_linear_probe.py --n 8192 --d 896 --v 151936 --providers cpp --rounds 1 \
+      --warmup 0 --share-rounds 1
 """
 
 from __future__ import annotations
@@ -121,7 +125,7 @@ def _clear_grads(x):
 def timings(args) -> None:
     x = make_inputs(args.n, args.d, args.v)
     runs = {p: step_fn(p, x, args.chunk_bytes) for p in args.providers}
-    for fn in runs.values():  # warm-up (and the C++ build)
+    for fn in runs.values() if args.warmup else ():  # warm-up (and the C++ build)
         _clear_grads(x)
         fn()
     times = {p: [] for p in runs}
@@ -147,7 +151,41 @@ def timings(args) -> None:
                 if other in t:
                     print(f"  cpp vs {other}: {t[other] / t['cpp']:.2f}x faster")
             if "gemm_only" in t:
-                print(f"  non-GEMM share of cpp: {1 - t['gemm_only'] / t['cpp']:.1%}")
+                print(f"  non-GEMM share of cpp (cpp vs gemm_only runs): {1 - t['gemm_only'] / t['cpp']:.1%}")
+    if "cpp" in runs:
+        shares = gemm_share(x, args.chunk_bytes, args.share_rounds)
+        print(f"non-GEMM share of cpp timed inside its own runs: median {statistics.median(shares):.1%} "
+              f"(runs: {', '.join(f'{s:.1%}' for s in shares)})")
+
+
+def gemm_share(x: dict, chunk_bytes, rounds: int = 3) -> list:
+    """Per run of the cpp provider: the fraction of its step spent outside the three GEMM calls, timed
+    inside the same run (robust to load changing between runs, unlike gemm_only vs cpp)."""
+    spent = {"gemm": 0.0}
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent["gemm"] += time.perf_counter() - start
+        return wrapper
+
+    originals = (linear_cpu._Operands.logits_into, linear_cpu._Gradients.add_chunk)
+    linear_cpu._Operands.logits_into = timed(originals[0])
+    linear_cpu._Gradients.add_chunk = timed(originals[1])
+    try:
+        run = step_fn("cpp", x, chunk_bytes)
+        shares = []
+        for _ in range(rounds):
+            _clear_grads(x)
+            spent["gemm"] = 0.0
+            total = _time(run)
+            shares.append(1 - spent["gemm"] / total)
+        return shares
+    finally:
+        linear_cpu._Operands.logits_into, linear_cpu._Gradients.add_chunk = originals
 
 
 def _rss_kib(field: str) -> int:
@@ -202,6 +240,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chunk-bytes", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1, help="0 skips the warm-up step (large shapes)")
+    parser.add_argument("--share-rounds", type=int, default=3, help="instrumented cpp runs for the non-GEMM share")
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--memory", action="store_true", help="peak memory per provider (subprocesses)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
