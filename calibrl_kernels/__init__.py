@@ -1,12 +1,14 @@
 """calibrl_kernels: fused log-prob / entropy / group-statistics / CalibRL-loss ops for PyTorch.
 
 Public API (see DESIGN.md): token_logprobs, linear_token_logprobs, group_advantages, expert_baseline,
-calibrl_loss, fused_calibrl_loss, fused_linear_calibrl_loss, CalibRLConfig, GroupStats, LossOutput.
+calibrl_loss, fused_calibrl_loss, fused_linear_calibrl_loss, CalibRLConfig, GroupStats, LossOutput,
+and the modules CalibRLLoss / LinearCalibRLLoss.
 ``calibrl_kernels.reference`` holds the torch reference of every op.
 """
 
 from ._version import __version__
 from .config import CalibRLConfig, GroupStats, LossOutput
+from .modules import CalibRLLoss, LinearCalibRLLoss
 from .ops import (
     calibrl_loss,
     expert_baseline,
@@ -20,6 +22,8 @@ from .ops import (
 __all__ = [
     "__version__",
     "CalibRLConfig",
+    "CalibRLLoss",
+    "LinearCalibRLLoss",
     "GroupStats",
     "LossOutput",
     "calibrl_loss",

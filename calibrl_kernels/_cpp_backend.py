@@ -1,0 +1,227 @@
+"""The C++/OpenMP CPU backend: the row kernels of ``csrc/`` on logits, and on the chunks of the linear path.
+
+Importing this module is cheap: the extension is built on the first call of one of its ops
+(``build.extension()``). ``availability`` says yes for CPU tensors until a build attempt has failed;
+an op whose build fails (one warning) runs the torch backend's implementation instead.
+
+Ops (reference signatures):
+- ``token_logprobs``: forward = one pass per row (row_stats); backward = one pass writing dlogits.
+- ``fused_calibrl_loss``: forward = one pass per row with the closed-form coefficients (row_loss);
+  backward = one pass writing dlogits with a, b scaled by the incoming gradient. So the logits are
+  read twice and the gradient written once, with no (N, V) temporary.
+- ``linear_token_logprobs`` / ``fused_linear_calibrl_loss``: the chunked driver of ``linear_cpu`` with
+  ``CppRowMath`` (statistics, coefficients and in-place gradient formation in one pass per row).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _coefficients as coef
+from . import _torch_backend, build, linear_cpu
+from .config import (
+    LOG_RATIO_CLAMP,
+    LUFFY_SHAPING_GAMMA,
+    RLPLUS_FOCAL_POWER,
+    RLPLUS_MIX,
+    RLPLUS_OLD_WEIGHT,
+    CalibRLConfig,
+    LossOutput,
+)
+from .reference import compute_dtype
+
+ROW = coef.ROW
+_DEFAULT_CONFIG = CalibRLConfig()
+
+
+def loss_params(config: CalibRLConfig) -> dict:
+    """The numeric loss parameters the C++ row_terms reads (by name)."""
+    return dict(
+        clip_low=config.clip_low, clip_high=config.clip_high, dual_clip_c=config.dual_clip_c,
+        guide_coef=config.guide_coef, negative_slope=config.negative_slope, huber_delta=config.huber_delta,
+        entropy_coef=config.entropy_coef, log_ratio_clamp=LOG_RATIO_CLAMP, luffy_gamma=LUFFY_SHAPING_GAMMA,
+        rlplus_old_weight=RLPLUS_OLD_WEIGHT, rlplus_mix=RLPLUS_MIX, rlplus_focal_power=RLPLUS_FOCAL_POWER,
+    )
+
+
+class CppRowMath:
+    """linear_cpu's row-math interface on the C++ kernels (CPU tensors; chunk is scratch, see TorchRowMath)."""
+
+    name = "cpp"
+    buffers_per_chunk = 1  # one pass per row, in place: no chunk-sized temporaries
+
+    def __init__(self, module):
+        self.module = module
+
+    def stats(self, logits, targets, inv_temperature, ignore_index, rows):
+        self.module.row_stats(logits, targets.long().contiguous(), inv_temperature, ignore_index, rows)
+
+    def loss(self, logits, targets, table, rows, config, inv_temperature, ignore_index, form_gradient):
+        self.module.row_loss(
+            logits, targets.long().contiguous(), table, rows, config.mode, config.activation, loss_params(config),
+            inv_temperature, ignore_index, form_gradient,
+        )
+
+    def gradient(self, logits, targets, rows, inv_temperature, ignore_index):
+        self.module.row_gradient(logits, targets.long().contiguous(), rows, inv_temperature, ignore_index, logits)
+
+
+def _row_math() -> Optional[CppRowMath]:
+    module = build.extension()
+    return None if module is None else CppRowMath(module)
+
+
+def _row_view(logits: torch.Tensor) -> torch.Tensor:
+    """logits (N, V) / (B, T, V) as the kernels take them: any strides but a unit one along V (else a copy).
+
+    So a slice such as logits[:, :-1] of a (B, L, V) tensor is read in place, never copied.
+    """
+    return logits if logits.stride(-1) == 1 or logits.shape[-1] == 1 else logits.contiguous()
+
+
+def _row_table(num_rows: int, logits: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(num_rows, len(coef.ROW_FIELDS), dtype=compute_dtype(logits), device=logits.device)
+
+
+# --------------------------------------------------------------------------------------------
+# token_logprobs
+# --------------------------------------------------------------------------------------------
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, inv_temperature, ignore_index, math):
+        logits_rows, flat_targets = _row_view(logits), targets.reshape(-1).long().contiguous()
+        rows = _row_table(flat_targets.numel(), logits)
+        math.module.row_stats(logits_rows, flat_targets, inv_temperature, ignore_index, rows)
+        ctx.save_for_backward(logits, flat_targets, rows)
+        ctx.settings = (inv_temperature, ignore_index, math)
+        return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits, flat_targets, rows = ctx.saved_tensors
+        inv_temperature, ignore_index, math = ctx.settings
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 5
+        rows = rows.clone()
+        rows[:, ROW["coef_a"]] = 0.0 if grad_logp is None else -grad_logp.reshape(-1).to(rows.dtype)
+        rows[:, ROW["coef_b"]] = 0.0 if grad_entropy is None else -grad_entropy.reshape(-1).to(rows.dtype)
+        logits_rows = _row_view(logits)
+        grad = torch.empty(logits.shape, dtype=logits.dtype)
+        math.module.row_gradient(logits_rows, flat_targets, rows, inv_temperature, ignore_index, grad)
+        return (grad.view(logits.shape),) + (None,) * 4
+
+
+def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False):
+    math = _row_math()
+    if math is None:
+        return _torch_backend.OPS["token_logprobs"](logits, targets, temperature, ignore_index, return_entropy)
+    logp, entropy = _TokenLogprobs.apply(logits, targets, 1.0 / float(temperature), ignore_index, math)
+    return (logp, entropy) if return_entropy else logp
+
+
+# --------------------------------------------------------------------------------------------
+# fused_calibrl_loss
+# --------------------------------------------------------------------------------------------
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, table, config, ignore_index, math):
+        logits_rows, flat_targets = _row_view(logits), targets.reshape(-1).long().contiguous()
+        rows = _row_table(flat_targets.numel(), logits)
+        inv_temperature = 1.0 / config.temperature
+        math.module.row_loss(
+            logits_rows, flat_targets, table, rows, config.mode, config.activation, loss_params(config),
+            inv_temperature, ignore_index, False,
+        )
+        out = coef.loss_output(rows[:, ROW["pg"]:].sum(0), config)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, flat_targets, rows)
+        ctx.settings = (inv_temperature, ignore_index, math)
+        metrics = tuple(out[1:])
+        ctx.mark_non_differentiable(*metrics)
+        return (out.loss.clone(),) + metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_metric_grads):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        logits, flat_targets, rows = ctx.saved_tensors
+        inv_temperature, ignore_index, math = ctx.settings
+        rows = rows.clone()
+        rows[:, ROW["coef_a"]] *= grad_loss.to(rows.dtype)
+        rows[:, ROW["coef_b"]] *= grad_loss.to(rows.dtype)
+        logits_rows = _row_view(logits)
+        grad = torch.empty(logits.shape, dtype=logits.dtype)
+        math.module.row_gradient(logits_rows, flat_targets, rows, inv_temperature, ignore_index, grad)
+        return (grad.view(logits.shape),) + (None,) * 5
+
+
+def fused_calibrl_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    expert_logp: Optional[torch.Tensor] = None,
+    passed: Optional[torch.Tensor] = None,
+    is_expert: Optional[torch.Tensor] = None,
+    expert_mask: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    config: CalibRLConfig = _DEFAULT_CONFIG,
+) -> LossOutput:
+    math = _row_math()
+    if math is None:
+        return _torch_backend.OPS["fused_calibrl_loss"](
+            logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed,
+            is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
+        )
+    dtype = compute_dtype(logits)
+    token_mask = mask.to(dtype) * (targets != ignore_index).to(dtype)  # (B, T)
+    table = coef.token_table(
+        old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        expert_mask=expert_mask, config=config, dtype=dtype,
+    )
+    return LossOutput(*_FusedLoss.apply(logits, targets, table, config, ignore_index, math))
+
+
+# --------------------------------------------------------------------------------------------
+# The linear (lm_head) ops: linear_cpu's driver with the C++ row math
+# --------------------------------------------------------------------------------------------
+def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False, *, chunk_bytes=None):
+    math = _row_math()
+    if math is None:
+        return _torch_backend.OPS["linear_token_logprobs"](
+            hidden, weight, targets, bias, temperature, ignore_index, return_entropy
+        )
+    return linear_cpu.linear_token_logprobs(
+        hidden, weight, targets, bias, temperature, ignore_index, return_entropy, row_math=math, chunk_bytes=chunk_bytes
+    )
+
+
+def fused_linear_calibrl_loss(hidden, weight, targets, old_logp, advantages, mask, *, chunk_bytes=None, **kwargs) -> LossOutput:
+    math = _row_math()
+    if math is None:
+        return _torch_backend.OPS["fused_linear_calibrl_loss"](hidden, weight, targets, old_logp, advantages, mask, **kwargs)
+    return linear_cpu.fused_linear_calibrl_loss(
+        hidden, weight, targets, old_logp, advantages, mask, row_math=math, chunk_bytes=chunk_bytes, **kwargs
+    )
+
+
+OPS = {
+    "token_logprobs": token_logprobs,
+    "fused_calibrl_loss": fused_calibrl_loss,
+    "linear_token_logprobs": linear_token_logprobs,
+    "fused_linear_calibrl_loss": fused_linear_calibrl_loss,
+}
+
+
+def availability(device: torch.device) -> Tuple[bool, str]:
+    """CPU tensors only, and only while the extension has not failed to build (it builds on first use)."""
+    if torch.device(device).type != "cpu":
+        return False, f"the C++ kernels run on CPU tensors only, not on {torch.device(device)}"
+    if build.attempted() and build.build_error() is not None:
+        return False, f"the C++ kernels could not be built: {build.build_error()}"
+    return True, ""

@@ -1,0 +1,138 @@
+"""Build and load the C++/OpenMP CPU kernels of ``csrc/`` (on first use; never at import).
+
+``extension()`` compiles the sources with ``torch.utils.cpp_extension.load`` (ninja, the C++ compiler
+torch finds) the first time a process needs them, caches the module for the process (torch caches the
+built library on disk, under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, so later
+processes only load it), and is thread-safe. When there is no compiler, no ninja, or the build fails,
+it warns once and returns None, and the callers use the torch path.
+
+Prebuild (e.g. in a Docker image) and print where the library is::
+
+    python -m calibrl_kernels.build
+
+The sources ship inside the package as ``calibrl_kernels/_csrc`` (a wheel) or sit in the repository's
+``csrc/`` (a source checkout); both are found.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+SOURCES = ("cpu_ops.cpp",)
+HEADERS = ("cpu_ops.h",)
+# Portable flags only: no -march; cpu_ops.h picks AVX2 / AVX-512 code paths at load time.
+# -ffp-contract=fast lets those paths use FMA (ISO C++ mode turns contraction off by default).
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_module = None
+_error: Optional[BaseException] = None
+
+
+def extension_name() -> str:
+    """A module name per torch build, so that a library built for another torch is never loaded."""
+    return "calibrl_cpu_ops_" + re.sub(r"\W", "_", torch.__version__)
+
+
+def source_dir() -> Path:
+    """The folder holding cpu_ops.cpp: the package's _csrc (installed) or the repository's csrc/."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_csrc", package.parent / "csrc"):
+        if (candidate / SOURCES[0]).is_file():
+            return candidate
+    raise FileNotFoundError(f"calibrl_kernels: the C++ sources {SOURCES} are neither in {package / '_csrc'} nor in {package.parent / 'csrc'}")
+
+
+def _compile_and_load(verbose: bool = False):
+    """Compile (if the cached build is stale) and import the extension module."""
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    return cpp_extension.load(
+        name=extension_name(),
+        sources=[str(src / name) for name in SOURCES],  # cpu_ops.h sits beside them (ninja tracks it)
+        extra_cflags=CFLAGS,
+        extra_ldflags=LDFLAGS,
+        verbose=verbose,
+    )
+
+
+def _check_layout(module) -> None:
+    """The C++ table columns must be those of _coefficients (a stale or foreign build fails here)."""
+    from . import _coefficients as coef
+
+    layout = module.layout()
+    expected = {name: i for i, name in enumerate(coef.TOKEN_FIELDS)}
+    expected.update({f"row.{name}": i for i, name in enumerate(coef.ROW_FIELDS)})
+    expected.update(token_count=len(coef.TOKEN_FIELDS), row_count=len(coef.ROW_FIELDS))
+    if layout != expected:
+        raise RuntimeError(f"table layout of the C++ kernels {layout} differs from calibrl_kernels._coefficients {expected}")
+
+
+def extension(verbose: bool = False):
+    """The loaded C++ module, building it on first use; None (after one warning) if it cannot be built."""
+    global _module, _error
+    if _module is not None or _error is not None:
+        return _module
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                module = _compile_and_load(verbose)
+                _check_layout(module)
+                _module = module
+            except Exception as error:  # no compiler / ninja, compile error, stale library ...
+                _error = error
+                warnings.warn(
+                    f"calibrl_kernels: the C++ CPU kernels could not be built ({type(error).__name__}: "
+                    f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the torch path. "
+                    "Run `python -m calibrl_kernels.build` to see the full build log.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _module
+
+
+def attempted() -> bool:
+    """Whether this process already tried to build (successfully or not)."""
+    return _module is not None or _error is not None
+
+
+def build_error() -> Optional[BaseException]:
+    """Why the build failed in this process (None when it did not fail or was not tried)."""
+    return _error
+
+
+def _reset() -> None:
+    """Forget this process's build attempt (tests)."""
+    global _module, _error
+    with _lock:
+        _module, _error = None, None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "-q" not in argv and "--quiet" not in argv
+    start = time.perf_counter()
+    try:
+        module = _compile_and_load(verbose=verbose)
+        _check_layout(module)
+    except Exception as error:
+        print(f"calibrl_kernels: building the C++ CPU kernels failed: {error}", file=sys.stderr)
+        return 1
+    print(f"calibrl_kernels: C++ CPU kernels ready in {time.perf_counter() - start:.1f} s")
+    print(f"  library: {module.__file__}")
+    print(f"  sources: {source_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Chunked path of the fused lm_head ops: from hidden states and the lm_head weight, never (N, V) logits.
+
+``linear_token_logprobs`` and ``fused_linear_calibrl_loss`` stream the N = B*T token rows in chunks.
+For each chunk of n rows:
+
+1. logits chunk Z (n, V) = h (n, D) @ W^T (+ bias), one GEMM into a reused buffer,
+2. row math on Z (per row: log-sum-exp, entropy, target log-prob; for the loss also the closed-form
+   coefficients a = -dL/dlp, b = -dL/dH of ``_coefficients``), then the gradient formed in place:
+   dZ = [a (p - onehot(y)) + b p (z - lse + H)] / temperature,
+3. dHidden rows = dZ @ W and dWeight += dZ^T @ h (fp32 accumulation), dBias += sum over rows of dZ.
+
+The row math is pluggable (one driver, two implementations): ``TorchRowMath`` here (device-agnostic
+torch, a few chunk-sized temporaries) and the C++/OpenMP kernels of ``csrc/`` (``_cpp_backend``, one
+pass per row, no temporaries). Both fill the same row table (``_coefficients.ROW_FIELDS``).
+
+The loss computes its gradients during the forward (the coefficients are known there) and backward
+only scales them by the incoming gradient. ``linear_token_logprobs`` cannot: its a, b are the incoming
+gradients of logp and entropy, known only in backward, and dWeight needs them inside the V x D
+reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flops in all instead of
+6) rather than keeping (N, V) logits alive between forward and backward.
+
+Memory: the chunk holds ``rows_per_chunk * V`` logits of the compute dtype; its size comes from a byte
+budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 40 MiB) that also covers the row
+math's temporaries. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
+inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight; the budget is
+then split in halves between the logits chunk and the weight block), so statistics and every GEMM
+accumulate in fp32, and dWeight is accumulated in an fp32 (V, D) buffer cast to the weight's dtype at
+the end. Large vocabularies favour larger budgets: the dWeight update is a rank-(chunk rows) GEMM that
+streams the whole (V, D) accumulator once per chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from . import _coefficients as coef
+from .config import CalibRLConfig, LossOutput
+from .reference import compute_dtype
+
+ROW = coef.ROW
+ENV_CHUNK_BYTES = "CALIBRL_CHUNK_BYTES"
+DEFAULT_CHUNK_BYTES = 40 * 2**20
+_DEFAULT_CONFIG = CalibRLConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk plan and its introspection hook
+# --------------------------------------------------------------------------------------------
+def chunk_budget(chunk_bytes: Optional[int] = None) -> int:
+    """The chunk byte budget: the argument, else env CALIBRL_CHUNK_BYTES, else DEFAULT_CHUNK_BYTES."""
+    if chunk_bytes is None:
+        raw = os.environ.get(ENV_CHUNK_BYTES, "").strip()
+        if not raw:
+            return DEFAULT_CHUNK_BYTES
+        try:
+            chunk_bytes = int(float(raw))
+        except ValueError:
+            raise ValueError(f"{ENV_CHUNK_BYTES}: expected a number of bytes, got {raw!r}") from None
+        name = ENV_CHUNK_BYTES
+    else:
+        name = "chunk_bytes"
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"{name}: expected a positive number of bytes, got {chunk_bytes!r}")
+    return chunk_bytes
+
+
+def rows_per_chunk(num_rows: int, vocab: int, element_bytes: int, buffers: int, budget: int) -> int:
+    """Rows of a logits chunk so that ``buffers`` chunk-sized tensors fit in ``budget`` bytes.
+
+    The rows are spread evenly over the fewest chunks the budget allows (no small last chunk), rounded
+    up to a multiple of 16 (whole GEMM register tiles) where that stays within the budget. At least
+    one row: a single row over the budget still runs.
+    """
+    most = max(1, budget // max(1, vocab * element_bytes * buffers))
+    if num_rows <= most:
+        return max(1, num_rows)
+    chunks = -(-num_rows // most)
+    rows = -(-num_rows // chunks)
+    tiled = -(-rows // 16) * 16
+    return int(tiled if tiled <= most else rows)
+
+
+class ChunkRecord(NamedTuple):
+    """One logits chunk buffer the driver allocated (for tests and benchmarks)."""
+
+    rows: int  # rows of the buffer (tokens per chunk)
+    vocab: int  # its columns (V)
+    bytes: int  # its size
+    weight_block_rows: int  # vocabulary rows per upcast weight block (V when the weight is used as is)
+
+
+_chunk_logs: List[List[ChunkRecord]] = []
+
+
+@contextlib.contextmanager
+def record_chunks() -> Iterator[List[ChunkRecord]]:
+    """Collect a ChunkRecord for every chunk buffer allocated inside the block."""
+    log: List[ChunkRecord] = []
+    _chunk_logs.append(log)
+    try:
+        yield log
+    finally:
+        _chunk_logs.remove(log)
+
+
+def _note_chunk(record: ChunkRecord) -> None:
+    for log in _chunk_logs:
+        log.append(record)
+
+
+# --------------------------------------------------------------------------------------------
+# Row math (torch implementation; csrc/ provides the same interface in C++)
+# --------------------------------------------------------------------------------------------
+def _valid_and_safe_targets(targets: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    valid = targets != ignore_index  # (n,)
+    return valid, torch.where(valid, targets, torch.zeros_like(targets)).long()
+
+
+class TorchRowMath:
+    """Row statistics, coefficients and gradient of a logits chunk with torch ops (any device).
+
+    Every method gets a chunk ``logits`` (n, V), contiguous, compute dtype, holding raw logits (before
+    the temperature). The chunk is scratch: methods may overwrite it, and after ``loss(...,
+    form_gradient=True)`` or ``gradient`` it holds dL/dlogits. ``rows`` is the chunk's (n, len(ROW_FIELDS))
+    slice of the row table.
+    """
+
+    name = "torch"
+    buffers_per_chunk = 4  # the chunk plus up to three chunk-sized temporaries
+
+    def _log_probs_(self, logits, inv_temperature, rows):
+        """logits -> log p in place; returns p (a temporary); fills rows' lse."""
+        if inv_temperature != 1.0:
+            logits.mul_(inv_temperature)
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        rows[:, ROW["lse"]] = lse
+        log_p = logits.sub_(lse[:, None])
+        return log_p, torch.exp(log_p)
+
+    def stats(self, logits, targets, inv_temperature, ignore_index, rows):
+        """Fill rows' logp, entropy, lse; return (log p, p) of the chunk (log p is the chunk itself)."""
+        valid, safe = _valid_and_safe_targets(targets, ignore_index)
+        log_p, p = self._log_probs_(logits, inv_temperature, rows)
+        p_log_p = p * log_p
+        p_log_p.masked_fill_(p == 0, 0.0)  # 0 * log 0 = 0 (a -inf logit has no entropy share)
+        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        rows[:, ROW["entropy"]] = torch.where(valid, -p_log_p.sum(-1), zero)
+        del p_log_p
+        rows[:, ROW["logp"]] = torch.where(valid, log_p.gather(1, safe[:, None]).squeeze(1), zero)
+        return log_p, p
+
+    def loss(self, logits, targets, table, rows, config: CalibRLConfig, inv_temperature, ignore_index, form_gradient):
+        """stats, then the closed-form coefficients and loss terms, then (optionally) the gradient in place."""
+        log_p, p = self.stats(logits, targets, inv_temperature, ignore_index, rows)
+        coef.fill_row_terms(rows, table, config)
+        if form_gradient:
+            self._gradient_from_log_probs_(log_p, p, targets, rows, inv_temperature, ignore_index)
+
+    def gradient(self, logits, targets, rows, inv_temperature, ignore_index):
+        """dL/dlogits in place from rows' lse, entropy, coef_a, coef_b."""
+        if inv_temperature != 1.0:
+            logits.mul_(inv_temperature)
+        log_p = logits.sub_(rows[:, ROW["lse"], None])
+        self._gradient_from_log_probs_(log_p, torch.exp(log_p), targets, rows, inv_temperature, ignore_index)
+
+    @staticmethod
+    def _gradient_from_log_probs_(log_p, p, targets, rows, inv_temperature, ignore_index):
+        """log_p (the chunk) := [p (a + b (log p + H)) - a onehot(y)] / T, zero on ignored rows."""
+        valid, safe = _valid_and_safe_targets(targets, ignore_index)
+        zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+        a = torch.where(valid, rows[:, ROW["coef_a"]], zero) * inv_temperature  # (n,)
+        b = torch.where(valid, rows[:, ROW["coef_b"]], zero) * inv_temperature  # (n,)
+        if bool((b != 0).any()):
+            # z - lse + H = log p + H; where p == 0 the product is 0 (guards -inf * 0).
+            grad = log_p.add_(rows[:, ROW["entropy"], None]).mul_(b[:, None]).add_(a[:, None]).mul_(p)
+            grad.masked_fill_(p == 0, 0.0)
+        else:
+            grad = log_p.copy_(p).mul_(a[:, None])
+        grad.scatter_add_(1, safe[:, None], -a[:, None])
+        grad.masked_fill_(~valid[:, None], 0.0)
+
+
+TORCH_ROW_MATH = TorchRowMath()
+
+
+# --------------------------------------------------------------------------------------------
+# The driver: GEMMs around the row math, shared by every row-math implementation
+# --------------------------------------------------------------------------------------------
+class _Operands:
+    """hidden rows (N, D), weight (V, D), bias (V,) and how the GEMMs read them in the compute dtype."""
+
+    def __init__(self, hidden2d, weight, bias, budget: int):
+        self.hidden, self.weight, self.bias = hidden2d, weight, bias
+        self.dtype = compute_dtype(hidden2d)
+        self.num_rows, self.dim = hidden2d.shape
+        self.vocab = weight.shape[0]
+        element = torch.finfo(self.dtype).bits // 8
+        # A 16-bit weight is upcast one vocabulary block at a time: half the budget for the block, half
+        # for the logits chunk.
+        if weight.dtype == self.dtype:
+            self.block_rows = self.vocab
+            self.chunk_budget = budget
+        else:
+            self.block_rows = max(1, min(self.vocab, budget // 2 // max(1, self.dim * element)))
+            self.chunk_budget = max(1, budget // 2)
+        self.bias_c = None if bias is None else bias.to(self.dtype)
+
+    def hidden_rows(self, start: int, end: int) -> torch.Tensor:
+        return self.hidden[start:end].to(self.dtype)
+
+    def weight_blocks(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """(v0, v1, weight[v0:v1] in the compute dtype) covering the vocabulary."""
+        for v0 in range(0, self.vocab, self.block_rows):
+            v1 = min(self.vocab, v0 + self.block_rows)
+            yield v0, v1, self.weight[v0:v1].to(self.dtype)
+
+    def logits_into(self, out: torch.Tensor, h: torch.Tensor) -> None:
+        """out (n, V) = h (n, D) @ W^T (+ bias), block by block into column slices of out."""
+        for v0, v1, w in self.weight_blocks():
+            if self.bias_c is None:
+                torch.mm(h, w.t(), out=out[:, v0:v1])
+            else:
+                torch.addmm(self.bias_c[v0:v1], h, w.t(), out=out[:, v0:v1])
+
+
+class _Gradients:
+    """Gradient buffers of hidden (N, D), weight (V, D) (fp32 accumulation) and bias (V,)."""
+
+    def __init__(self, ops: _Operands, need_hidden: bool, need_weight: bool, need_bias: bool):
+        acc = ops.dtype  # fp32 (fp64 for fp64 inputs)
+        self.ops = ops
+        self.hidden = torch.empty(ops.num_rows, ops.dim, dtype=ops.hidden.dtype, device=ops.hidden.device) if need_hidden else None
+        self.weight = torch.zeros(ops.vocab, ops.dim, dtype=acc, device=ops.weight.device) if need_weight else None
+        self.bias = torch.zeros(ops.vocab, dtype=acc, device=ops.weight.device) if need_bias else None
+        # 16-bit hidden or several weight blocks: accumulate a chunk's dHidden in the compute dtype first.
+        self._direct_hidden = ops.hidden.dtype == acc and ops.block_rows == ops.vocab
+
+    def add_chunk(self, grad_logits: torch.Tensor, h: torch.Tensor, start: int, end: int) -> None:
+        """dHidden[start:end] = dZ @ W; dWeight += dZ^T @ h; dBias += sum_rows dZ."""
+        ops = self.ops
+        if self.hidden is not None or self.weight is not None:
+            if self.hidden is not None:
+                target = self.hidden[start:end] if self._direct_hidden else h.new_empty(end - start, ops.dim)
+            for v0, v1, w in ops.weight_blocks():
+                block = grad_logits[:, v0:v1]
+                if self.hidden is not None:
+                    if v0 == 0:
+                        torch.mm(block, w, out=target)
+                    else:
+                        target.addmm_(block, w)
+                if self.weight is not None:
+                    self.weight[v0:v1].addmm_(block.t(), h)
+            if self.hidden is not None and not self._direct_hidden:
+                self.hidden[start:end].copy_(target)
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(0))
+
+    def finish(self, weight_dtype, bias_dtype):
+        """(dHidden, dWeight, dBias) in the dtypes of their inputs (None where not needed)."""
+        weight = None if self.weight is None else self.weight.to(weight_dtype)
+        bias = None if self.bias is None else self.bias.to(bias_dtype)
+        return self.hidden, weight, bias
+
+
+def _stream(ops: _Operands, row_math, grads: Optional[_Gradients], process) -> None:
+    """Run ``process(chunk_logits, start, end)`` on every row chunk, then backpropagate it into grads."""
+    element = torch.finfo(ops.dtype).bits // 8
+    n_rows = rows_per_chunk(ops.num_rows, ops.vocab, element, row_math.buffers_per_chunk, ops.chunk_budget)
+    buffer = torch.empty(n_rows, ops.vocab, dtype=ops.dtype, device=ops.hidden.device)
+    _note_chunk(ChunkRecord(n_rows, ops.vocab, buffer.numel() * element, ops.block_rows))
+    for start in range(0, ops.num_rows, n_rows):
+        end = min(ops.num_rows, start + n_rows)
+        chunk = buffer[: end - start]
+        h = ops.hidden_rows(start, end)
+        ops.logits_into(chunk, h)
+        process(chunk, start, end)
+        if grads is not None:
+            grads.add_chunk(chunk, h, start, end)
+
+
+def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
+    """(B, T, D) / (N, D) -> (N, D) with unit last stride; targets -> (N,)."""
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    if hidden2d.stride(-1) != 1:
+        hidden2d = hidden2d.contiguous()
+    return hidden2d, targets.reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# fused_linear_calibrl_loss
+# --------------------------------------------------------------------------------------------
+class _FusedLinearLoss(torch.autograd.Function):
+    """Loss and metrics in forward with the gradients formed on the way; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index, row_math, budget, grad_enabled):
+        # Under torch.no_grad needs_input_grad still says True: grad_enabled (taken outside) decides.
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        hidden2d, flat_targets = _flatten(hidden, targets)
+        ops = _Operands(hidden2d, weight, bias, budget)
+        grads = _Gradients(ops, need_hidden, need_weight, need_bias) if any((need_hidden, need_weight, need_bias)) else None
+        rows = torch.empty(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
+        inv_temperature = 1.0 / config.temperature
+
+        def process(chunk, start, end):
+            row_math.loss(
+                chunk, flat_targets[start:end], table[start:end], rows[start:end], config, inv_temperature,
+                ignore_index, grads is not None,
+            )
+
+        _stream(ops, row_math, grads, process)
+        out = coef.loss_output(rows[:, ROW["pg"]:].sum(0), config)
+        if grads is not None:
+            d_hidden, d_weight, d_bias = grads.finish(weight.dtype, None if bias is None else bias.dtype)
+            ctx.gradients = (None if d_hidden is None else d_hidden.view(hidden.shape), d_weight, d_bias)
+        else:
+            ctx.gradients = (None, None, None)
+        metrics = tuple(out[1:])
+        ctx.mark_non_differentiable(*metrics)
+        return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_metric_grads):
+        gradients = ctx.gradients
+        if gradients is None:
+            raise RuntimeError(
+                "fused_linear_calibrl_loss: backward ran twice through the same forward; its gradients are "
+                "formed in the forward and handed over (not copied) on the first backward, so run the "
+                "forward again instead of retain_graph=True"
+            )
+        ctx.gradients = None  # hand the buffers over: autograd can then keep them without a copy
+        if bool(grad_loss != 1):
+            for g in gradients:
+                if g is not None:
+                    g.mul_(grad_loss.to(g.dtype))
+        return gradients + (None,) * 7
+
+
+def fused_linear_calibrl_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    expert_logp: Optional[torch.Tensor] = None,
+    passed: Optional[torch.Tensor] = None,
+    is_expert: Optional[torch.Tensor] = None,
+    expert_mask: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    config: CalibRLConfig = _DEFAULT_CONFIG,
+    row_math=TORCH_ROW_MATH,
+    chunk_bytes: Optional[int] = None,
+) -> LossOutput:
+    """The chunked twin of ``reference.fused_linear_calibrl_loss`` (same arguments, validated inputs).
+
+    hidden (B, T, D), weight (V, D), bias (V,) or None; targets, old_logp, mask (B, T); advantages (B,)
+    or (B, T); see ``ops.fused_linear_calibrl_loss``. Gradients flow to hidden, weight and bias.
+    """
+    dtype = compute_dtype(hidden)
+    token_mask = mask.to(dtype) * (targets != ignore_index).to(dtype)  # (B, T) ignored targets leave the loss
+    table = coef.token_table(
+        old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        expert_mask=expert_mask, config=config, dtype=dtype,
+    )
+    outputs = _FusedLinearLoss.apply(
+        hidden, weight, bias, targets, table, config, ignore_index, row_math, chunk_budget(chunk_bytes),
+        torch.is_grad_enabled(),
+    )
+    return LossOutput(*outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_token_logprobs
+# --------------------------------------------------------------------------------------------
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """logp and entropy per row; backward recomputes each logits chunk (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, row_math, budget):
+        hidden2d, flat_targets = _flatten(hidden, targets)
+        ops = _Operands(hidden2d, weight, bias, budget)
+        rows = torch.empty(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
+        inv_temperature = 1.0 / temperature
+
+        def process(chunk, start, end):
+            row_math.stats(chunk, flat_targets[start:end], inv_temperature, ignore_index, rows[start:end])
+
+        _stream(ops, row_math, None, process)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows[:, ROW["lse"]].clone(), rows[:, ROW["entropy"]].clone())
+        ctx.settings = (inv_temperature, ignore_index, row_math, budget)
+        return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        inv_temperature, ignore_index, row_math, budget = ctx.settings
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if not (need_hidden or need_weight or need_bias):
+            return (None,) * 8
+        hidden2d, flat_targets = _flatten(hidden, targets)
+        ops = _Operands(hidden2d, weight, bias, budget)
+        rows = torch.zeros(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
+        rows[:, ROW["lse"]] = lse
+        rows[:, ROW["entropy"]] = entropy
+        if grad_logp is not None:
+            rows[:, ROW["coef_a"]] = -grad_logp.reshape(-1).to(ops.dtype)
+        if grad_entropy is not None:
+            rows[:, ROW["coef_b"]] = -grad_entropy.reshape(-1).to(ops.dtype)
+        grads = _Gradients(ops, need_hidden, need_weight, need_bias)
+
+        def process(chunk, start, end):
+            row_math.gradient(chunk, flat_targets[start:end], rows[start:end], inv_temperature, ignore_index)
+
+        _stream(ops, row_math, grads, process)
+        d_hidden, d_weight, d_bias = grads.finish(weight.dtype, None if bias is None else bias.dtype)
+        d_hidden = None if d_hidden is None else d_hidden.view(hidden.shape)
+        return (d_hidden, d_weight, d_bias) + (None,) * 5
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    *,
+    row_math=TORCH_ROW_MATH,
+    chunk_bytes: Optional[int] = None,
+):
+    """The chunked twin of ``reference.linear_token_logprobs``: hidden (N, D) / (B, T, D), weight (V, D).
+
+    Returns logp [, entropy] shaped like targets (fp32; fp64 for fp64 inputs), differentiable in both.
+    """
+    logp, entropy = _LinearTokenLogprobs.apply(
+        hidden, weight, bias, targets, float(temperature), ignore_index, row_math, chunk_budget(chunk_bytes)
+    )
+    return (logp, entropy) if return_entropy else logp

@@ -1,0 +1,79 @@
+"""``torch.nn.Module`` wrappers of the fused losses, for trainers that prefer modules.
+
+Both hold a ``CalibRLConfig`` (and ``ignore_index``) and call the public ops, so they dispatch like
+them (Triton on CUDA, C++ on CPU, torch otherwise) and return the same ``LossOutput``. Neither owns
+parameters: the lm_head weight is passed to ``LinearCalibRLLoss`` (it belongs to the model), as in
+Liger-Kernel's fused-linear loss modules.
+
+    loss_fn = LinearCalibRLLoss(CalibRLConfig.for_algo("calibrl"))
+    out = loss_fn(hidden, model.lm_head.weight, response_ids, old_logp, None, mask,
+                  scores=rewards, group_ids=prompt_ids, is_expert=is_expert)
+    out.loss.backward()
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _checks, ops
+from .config import CalibRLConfig, LossOutput
+
+
+class _ConfiguredLoss(torch.nn.Module):
+    def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100):
+        super().__init__()
+        config = CalibRLConfig() if config is None else config
+        _checks.check_config(config)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+        self.config = config
+        self.ignore_index = ignore_index
+
+    def extra_repr(self) -> str:
+        return f"config={self.config!r}, ignore_index={self.ignore_index}"
+
+
+class CalibRLLoss(_ConfiguredLoss):
+    """CalibRL loss (or a baseline's, per ``config.mode``) from logits (B, T, V); see ``ops.fused_calibrl_loss``."""
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        old_logp: torch.Tensor,
+        advantages: Optional[torch.Tensor],
+        mask: torch.Tensor,
+        **batch_fields,
+    ) -> LossOutput:
+        """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
+        return ops.fused_calibrl_loss(
+            logits, targets, old_logp, advantages, mask, ignore_index=self.ignore_index, config=self.config,
+            **batch_fields,
+        )
+
+
+class LinearCalibRLLoss(_ConfiguredLoss):
+    """The loss from hidden states (B, T, D) and the lm_head weight (V, D) [+ bias], without (N, V) logits.
+
+    See ``ops.fused_linear_calibrl_loss``; gradients flow to hidden, weight and bias.
+    """
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        old_logp: torch.Tensor,
+        advantages: Optional[torch.Tensor],
+        mask: torch.Tensor,
+        *,
+        bias: Optional[torch.Tensor] = None,
+        **batch_fields,
+    ) -> LossOutput:
+        """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
+        return ops.fused_linear_calibrl_loss(
+            hidden, weight, targets, old_logp, advantages, mask, bias=bias, ignore_index=self.ignore_index,
+            config=self.config, **batch_fields,
+        )

@@ -1,0 +1,280 @@
+// Tensor entry points of the CalibRL CPU backend (built on first use by calibrl_kernels/build.py).
+//
+// Every op works on logits (n, V) or (B, T, V) with unit stride along V (any other strides), one token per row,
+// in parallel over rows with at::parallel_for (torch's OpenMP pool, so torch.set_num_threads applies):
+//   row_stats        (a) lse, entropy, logp per row                       -> row table
+//   row_coefficients (b) loss terms and a = -dL/dlp, b = -dL/dH per row   -> row table
+//   row_gradient     (c) dL/dlogits from the row table's lse, entropy, a, b -> out (may be the logits)
+//   row_loss         (a) + (b) + optionally (c) in place, row by row while the row is in cache
+// The row math itself is in cpu_ops.h; table layouts are those of calibrl_kernels/_coefficients.py.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <map>
+#include <string>
+
+#include "cpu_ops.h"
+
+namespace calibrl {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Row ranges (the parallel work items); CALIBRL_HOT compiles them per instruction set.
+// ---------------------------------------------------------------------------------------------
+// A token's target, or -1 when it is ignored.
+inline int64_t target_of(const int64_t* targets, int64_t i, int64_t ignore_index, int64_t vocab) {
+  const int64_t t = targets[i];
+  if (t == ignore_index) return -1;
+  TORCH_CHECK(t >= 0 && t < vocab, "targets: expected values in [0, ", vocab, ") or ignore_index=", ignore_index,
+              ", got ", t, " at row ", i);
+  return t;
+}
+
+// Where row i of a (n, V) or (B, T, V) logits tensor starts (unit stride along V, any other strides).
+struct RowLayout {
+  int64_t rows;          // n = B * T
+  int64_t vocab;         // V
+  int64_t inner_rows;    // T (n for a 2-d tensor)
+  int64_t inner_stride;  // stride between rows t and t + 1 of one sequence
+  int64_t outer_stride;  // stride between sequences b and b + 1 (unused for a 2-d tensor)
+
+  int64_t offset(int64_t i) const { return (i / inner_rows) * outer_stride + (i % inner_rows) * inner_stride; }
+};
+
+template <typename scalar_t, typename acc_t>
+CALIBRL_INLINE void stats_one(const scalar_t* row, int64_t vocab, int64_t target, acc_t inv_temperature, acc_t* out) {
+  const RowStats<acc_t> st = row_stats_body<scalar_t, acc_t>(row, vocab, inv_temperature);
+  out[row::kLse] = st.lse;
+  out[row::kEntropy] = target < 0 ? acc_t(0) : st.entropy;
+  out[row::kLogp] = target < 0 ? acc_t(0) : static_cast<acc_t>(row[target]) * inv_temperature - st.lse;
+}
+
+template <typename scalar_t, typename acc_t>
+CALIBRL_HOT void stats_range(const scalar_t* logits, const RowLayout& layout, const int64_t* targets,
+                             int64_t ignore_index, acc_t inv_temperature, acc_t* rows, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    stats_one(logits + layout.offset(i), layout.vocab, target_of(targets, i, ignore_index, layout.vocab),
+              inv_temperature, rows + i * row::kCount);
+  }
+}
+
+template <typename acc_t>
+void coefficients_range(acc_t* rows, const acc_t* tokens, const LossParams& params, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    acc_t* out = rows + i * row::kCount;
+    row_terms(out[row::kLogp], out[row::kEntropy], tokens + i * token::kCount, params, out);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+CALIBRL_HOT void gradient_range(const scalar_t* logits, const RowLayout& layout, scalar_t* out,
+                                const RowLayout& out_layout, const int64_t* targets, int64_t ignore_index,
+                                acc_t inv_temperature, const acc_t* rows, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t* r = rows + i * row::kCount;
+    row_gradient_body<scalar_t, scalar_t, acc_t>(logits + layout.offset(i), out + out_layout.offset(i), layout.vocab,
+                                                 target_of(targets, i, ignore_index, layout.vocab), r[row::kLse],
+                                                 r[row::kEntropy], r[row::kCoefA], r[row::kCoefB], inv_temperature);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+CALIBRL_HOT void loss_range(scalar_t* logits, const RowLayout& layout, const int64_t* targets, int64_t ignore_index,
+                            acc_t inv_temperature, const acc_t* tokens, acc_t* rows, const LossParams& params,
+                            bool form_gradient, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    scalar_t* row = logits + layout.offset(i);
+    acc_t* r = rows + i * row::kCount;
+    const int64_t target = target_of(targets, i, ignore_index, layout.vocab);
+    stats_one(row, layout.vocab, target, inv_temperature, r);
+    row_terms(r[row::kLogp], r[row::kEntropy], tokens + i * token::kCount, params, r);
+    if (form_gradient) {
+      row_gradient_body<scalar_t, scalar_t, acc_t>(row, row, layout.vocab, target, r[row::kLse], r[row::kEntropy],
+                                                   r[row::kCoefA], r[row::kCoefB], inv_temperature);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks and parameters
+// ---------------------------------------------------------------------------------------------
+RowLayout check_logits(const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(logits.device().is_cpu(), name, ": expected a CPU tensor, got one on ", logits.device());
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, name, ": expected shape (n, V) or (B, T, V), got ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(-1) >= 1, name, ": expected a vocabulary of at least one entry, got ", logits.sizes());
+  TORCH_CHECK(logits.stride(-1) == 1 || logits.size(-1) == 1, name, ": expected unit stride along V, got strides ",
+              logits.strides());
+  const int64_t vocab = logits.size(-1), rows = logits.numel() / vocab;
+  if (logits.dim() == 2) return {rows, vocab, std::max<int64_t>(rows, 1), logits.stride(0), 0};
+  return {rows, vocab, std::max<int64_t>(logits.size(1), 1), logits.stride(1), logits.stride(0)};
+}
+
+void check_table(const at::Tensor& table, const char* name, int64_t rows, int64_t columns, at::ScalarType dtype) {
+  TORCH_CHECK(table.device().is_cpu() && table.is_contiguous(), name, ": expected a contiguous CPU tensor");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == rows && table.size(1) == columns, name, ": expected shape (",
+              rows, ", ", columns, "), got ", table.sizes());
+  TORCH_CHECK(table.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ", table.scalar_type());
+}
+
+void check_targets(const at::Tensor& targets, int64_t rows) {
+  TORCH_CHECK(targets.device().is_cpu() && targets.is_contiguous() && targets.scalar_type() == at::kLong,
+              "targets: expected a contiguous CPU int64 tensor, got ", targets.scalar_type());
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == rows, "targets: expected shape (", rows, ",), got ",
+              targets.sizes());
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+double param(const std::map<std::string, double>& values, const std::string& key) {
+  const auto it = values.find(key);
+  TORCH_CHECK(it != values.end(), "loss parameters: missing ", key);
+  return it->second;
+}
+
+LossParams parse_params(const std::string& mode, const std::string& activation,
+                        const std::map<std::string, double>& values) {
+  static const std::map<std::string, Mode> modes = {{"calibrl", Mode::kCalibrl}, {"grpo", Mode::kGrpo},
+                                                    {"dapo", Mode::kDapo},       {"drgrpo", Mode::kDrgrpo},
+                                                    {"luffy", Mode::kLuffy},     {"rlplus", Mode::kRlplus}};
+  static const std::map<std::string, Activation> activations = {
+      {"leaky_relu", Activation::kLeakyRelu}, {"relu", Activation::kRelu}, {"tanh", Activation::kTanh},
+      {"sigmoid", Activation::kSigmoid},      {"huber", Activation::kHuber}, {"none", Activation::kNone}};
+  TORCH_CHECK(modes.count(mode), "mode: unknown ", mode);
+  TORCH_CHECK(activations.count(activation), "activation: unknown ", activation);
+  LossParams p;
+  p.mode = modes.at(mode);
+  p.activation = activations.at(activation);
+  p.keeps_expert_rows = p.mode == Mode::kLuffy || p.mode == Mode::kRlplus;
+  p.uses_guide = p.mode == Mode::kCalibrl && p.activation != Activation::kNone;
+  p.clip_low = param(values, "clip_low");
+  p.clip_high = param(values, "clip_high");
+  p.dual_clip_c = param(values, "dual_clip_c");
+  p.guide_coef = param(values, "guide_coef");
+  p.negative_slope = param(values, "negative_slope");
+  p.huber_delta = param(values, "huber_delta");
+  p.entropy_coef = param(values, "entropy_coef");
+  p.log_ratio_clamp = param(values, "log_ratio_clamp");
+  p.luffy_gamma = param(values, "luffy_gamma");
+  p.rlplus_old_weight = param(values, "rlplus_old_weight");
+  p.rlplus_mix = param(values, "rlplus_mix");
+  p.rlplus_focal_power = param(values, "rlplus_focal_power");
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+void row_stats(const at::Tensor& logits, const at::Tensor& targets, double inv_temperature, int64_t ignore_index,
+               at::Tensor rows) {
+  const RowLayout layout = check_logits(logits, "logits");
+  const int64_t n = layout.rows;
+  check_targets(targets, n);
+  check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* data = logits.const_data_ptr<scalar_t>();
+    const int64_t* t = targets.const_data_ptr<int64_t>();
+    acc_t* r = rows.data_ptr<acc_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      stats_range<scalar_t, acc_t>(data, layout, t, ignore_index, static_cast<acc_t>(inv_temperature), r, begin, end);
+    });
+  });
+}
+
+void row_coefficients(at::Tensor rows, const at::Tensor& tokens, const std::string& mode,
+                      const std::string& activation, const std::map<std::string, double>& values) {
+  TORCH_CHECK(rows.dim() == 2, "rows: expected shape (n, ", row::kCount, "), got ", rows.sizes());
+  const int64_t n = rows.size(0);
+  const at::ScalarType acc = rows.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "rows: expected float32 or float64, got ", acc);
+  check_table(rows, "rows", n, row::kCount, acc);
+  check_table(tokens, "tokens", n, token::kCount, acc);
+  const LossParams params = parse_params(mode, activation, values);
+  AT_DISPATCH_FLOATING_TYPES(acc, "calibrl_row_coefficients", [&] {
+    scalar_t* r = rows.data_ptr<scalar_t>();
+    const scalar_t* tok = tokens.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) { coefficients_range(r, tok, params, begin, end); });
+  });
+}
+
+void row_gradient(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& rows, double inv_temperature,
+                  int64_t ignore_index, at::Tensor out) {
+  const RowLayout layout = check_logits(logits, "logits");
+  const RowLayout out_layout = check_logits(out, "out");
+  const int64_t n = layout.rows;
+  TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type(),
+              "out: expected the shape and dtype of logits ", logits.sizes(), " ", logits.scalar_type(), ", got ",
+              out.sizes(), " ", out.scalar_type());
+  check_targets(targets, n);
+  check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_gradient", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* data = logits.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t* t = targets.const_data_ptr<int64_t>();
+    const acc_t* r = rows.const_data_ptr<acc_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      gradient_range<scalar_t, acc_t>(data, layout, o, out_layout, t, ignore_index, static_cast<acc_t>(inv_temperature),
+                                      r, begin, end);
+    });
+  });
+}
+
+void row_loss(at::Tensor logits, const at::Tensor& targets, const at::Tensor& tokens, at::Tensor rows,
+              const std::string& mode, const std::string& activation, const std::map<std::string, double>& values,
+              double inv_temperature, int64_t ignore_index, bool form_gradient) {
+  const RowLayout layout = check_logits(logits, "logits");
+  const int64_t n = layout.rows;
+  check_targets(targets, n);
+  const at::ScalarType acc = accumulation_type(logits.scalar_type());
+  check_table(rows, "rows", n, row::kCount, acc);
+  check_table(tokens, "tokens", n, token::kCount, acc);
+  const LossParams params = parse_params(mode, activation, values);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_loss", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* data = logits.data_ptr<scalar_t>();
+    const int64_t* t = targets.const_data_ptr<int64_t>();
+    const acc_t* tok = tokens.const_data_ptr<acc_t>();
+    acc_t* r = rows.data_ptr<acc_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      loss_range<scalar_t, acc_t>(data, layout, t, ignore_index, static_cast<acc_t>(inv_temperature), tok, r, params,
+                                  form_gradient, begin, end);
+    });
+  });
+}
+
+std::map<std::string, int64_t> layout() {
+  return {{"token_count", token::kCount}, {"row_count", row::kCount},     {"old_logp", token::kOldLogp},
+          {"advantage", token::kAdvantage}, {"baseline", token::kBaseline}, {"sign", token::kSign},
+          {"guide_weight", token::kGuideWeight}, {"expert", token::kExpert}, {"c_loss", token::kCLoss},
+          {"c_guide", token::kCGuide}, {"c_entropy_metric", token::kCEntropyMetric}, {"c_all", token::kCAll},
+          {"row.logp", row::kLogp}, {"row.entropy", row::kEntropy}, {"row.lse", row::kLse},
+          {"row.coef_a", row::kCoefA}, {"row.coef_b", row::kCoefB}, {"row.pg", row::kPg},
+          {"row.guide", row::kGuide}, {"row.entropy_loss", row::kEntropyLoss},
+          {"row.entropy_metric", row::kEntropyMetric}, {"row.clipfrac", row::kClipfrac},
+          {"row.clipfrac_lower", row::kClipfracLower}, {"row.ppo_kl", row::kPpoKl}};
+}
+
+}  // namespace
+}  // namespace calibrl
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CalibRL CPU row kernels on logits chunks (see csrc/cpu_ops.h)";
+  m.def("row_stats", &calibrl::row_stats, "(a) lse, entropy, logp of each row into the row table", py::arg("logits"),
+        py::arg("targets"), py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("rows"));
+  m.def("row_coefficients", &calibrl::row_coefficients, "(b) loss terms and gradient coefficients per row",
+        py::arg("rows"), py::arg("tokens"), py::arg("mode"), py::arg("activation"), py::arg("params"));
+  m.def("row_gradient", &calibrl::row_gradient, "(c) dL/dlogits from the row table into out (may alias logits)",
+        py::arg("logits"), py::arg("targets"), py::arg("rows"), py::arg("inv_temperature"), py::arg("ignore_index"),
+        py::arg("out"));
+  m.def("row_loss", &calibrl::row_loss, "(a)+(b)+(c) row by row; the gradient replaces the logits in place",
+        py::arg("logits"), py::arg("targets"), py::arg("tokens"), py::arg("rows"), py::arg("mode"),
+        py::arg("activation"), py::arg("params"), py::arg("inv_temperature"), py::arg("ignore_index"),
+        py::arg("form_gradient"));
+  m.def("layout", &calibrl::layout, "column indices of the token and row tables");
+}

@@ -1,0 +1,287 @@
+// Row kernels of the CalibRL CPU backend: per-row math on a (rows, V) logits chunk.
+//
+// Everything here works on one row (one token) at a time; cpu_ops.cpp parallelises over rows and
+// binds the entry points. A row's loss depends on its logits z = logits / temperature only through
+// lp = z_y - lse and H = lse - sum_j p_j z_j, so a row needs
+//   (a) one streaming pass for max, lse, H, z_y (RowStats),
+//   (b) the closed-form per-token loss terms and the coefficients a = -dL/dlp, b = -dL/dH
+//       (row_terms, the C++ twin of calibrl_kernels/_coefficients.py::token_terms),
+//   (c) the gradient dL/dlogits_j = [a (p_j - [j = y]) + b p_j (z_j - lse + H)] / temperature.
+// Accumulation is in float for float / bfloat16 / half logits and in double for double logits.
+//
+// Portability: plain C++17, vectorised by the compiler (`omp simd` loops, a branch-free exp). On
+// x86-64 Linux with GCC the hot loops are also compiled for x86-64-v3 (AVX2+FMA) and x86-64-v4
+// (AVX-512) and picked at load time (target_clones), so no -march flag is needed and the same
+// binary runs on any x86-64; other targets (aarch64, clang) use the compiler's baseline vectors.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace calibrl {
+
+// Columns of the token table and of the row table: calibrl_kernels/_coefficients.py TOKEN_FIELDS and
+// ROW_FIELDS, in the same order (the Python loader checks them against layout()).
+namespace token {
+enum : int64_t {
+  kOldLogp, kAdvantage, kBaseline, kSign, kGuideWeight, kExpert, kCLoss, kCGuide, kCEntropyMetric, kCAll, kCount
+};
+}  // namespace token
+namespace row {
+enum : int64_t {
+  kLogp, kEntropy, kLse, kCoefA, kCoefB, kPg, kGuide, kEntropyLoss, kEntropyMetric, kClipfrac, kClipfracLower,
+  kPpoKl, kCount
+};
+}  // namespace row
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define CALIBRL_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CALIBRL_HOT
+#endif
+#define CALIBRL_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers
+// ---------------------------------------------------------------------------------------------
+// exp(x) for float without a libm call, so that loops over it vectorise: x = k ln2 + r, |r| <= ln2/2,
+// e^r by the Cephes expf polynomial (about 1 ulp), 2^k from the exponent bits. Exact 0 below -87
+// (true value < 1.7e-38, the smallest normal float) and for x = -inf.
+CALIBRL_INLINE float exp_fast(float x) {
+  const float lo = -87.0f, hi = 88.0f;
+  const float xc = std::min(std::max(x, lo), hi);
+  const float shift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer (round to nearest)
+  const float k = (xc * 1.44269504088896341f + shift) - shift;
+  float r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? 0.0f : p * scale;
+}
+CALIBRL_INLINE double exp_fast(double x) { return std::exp(x); }
+
+template <typename acc_t>
+CALIBRL_INLINE acc_t weighted(acc_t c, acc_t value) {  // c * value, exactly 0 where c == 0
+  return c != acc_t(0) ? c * value : acc_t(0);
+}
+
+template <typename acc_t>
+CALIBRL_INLINE acc_t tie_share_greater(acc_t x, acc_t other) {  // autograd's share of x in max(x, other)
+  return x > other ? acc_t(1) : (x == other ? acc_t(0.5) : acc_t(0));
+}
+
+template <typename acc_t>
+CALIBRL_INLINE acc_t tie_share_less(acc_t x, acc_t other) {  // autograd's share of x in min(x, other)
+  return x < other ? acc_t(1) : (x == other ? acc_t(0.5) : acc_t(0));
+}
+
+template <typename acc_t>
+CALIBRL_INLINE acc_t inside(acc_t x, acc_t low, acc_t high) {  // where clamp passes the gradient
+  return (x >= low && x <= high) ? acc_t(1) : acc_t(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) row statistics: one pass over the row
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct RowStats {
+  acc_t lse;      // log sum_j exp(z_j)
+  acc_t entropy;  // lse - sum_j p_j z_j
+};
+
+// One pass in blocks of kStatBlock: the block's max (block stays in L1), then its exp-sums relative to
+// the running max m, rescaling the running sums when m grows:
+//   s = sum e^(z - m),  t = sum e^(z - m) (z - m),  lse = m + log s,  H = log s - t / s.
+constexpr int64_t kStatBlock = 512;
+
+template <typename scalar_t, typename acc_t>
+CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row, int64_t vocab, acc_t inv_temperature) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  acc_t m = neg_inf, s = 0, t = 0;
+  for (int64_t v0 = 0; v0 < vocab; v0 += kStatBlock) {
+    const int64_t len = std::min(kStatBlock, vocab - v0);
+    const scalar_t* block = row + v0;
+    acc_t block_max = neg_inf;
+#pragma omp simd reduction(max : block_max)
+    for (int64_t j = 0; j < len; ++j) {
+      block_max = std::max(block_max, static_cast<acc_t>(block[j]) * inv_temperature);
+    }
+    if (block_max == neg_inf) continue;  // an all -inf block adds nothing
+    if (block_max > m) {
+      if (m != neg_inf) {
+        const acc_t shift = m - block_max, f = exp_fast(shift);
+        t = f * (t + s * shift);
+        s = f * s;
+      }
+      m = block_max;
+    }
+    acc_t bs = 0, bt = 0;
+#pragma omp simd reduction(+ : bs, bt)
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t u = static_cast<acc_t>(block[j]) * inv_temperature - m;
+      const acc_t e = exp_fast(u);
+      bs += e;
+      bt += e > acc_t(0) ? e * u : acc_t(0);  // e = 0 for u = -inf: no 0 * inf
+    }
+    s += bs;
+    t += bt;
+  }
+  const acc_t log_s = std::log(s);
+  return {m + log_s, log_s - t / s};
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) per-token loss terms and gradient coefficients (mirrors _coefficients.token_terms)
+// ---------------------------------------------------------------------------------------------
+enum class Mode { kCalibrl, kGrpo, kDapo, kDrgrpo, kLuffy, kRlplus };
+enum class Activation { kLeakyRelu, kRelu, kTanh, kSigmoid, kHuber, kNone };
+
+struct LossParams {
+  Mode mode;
+  Activation activation;
+  bool uses_guide;         // calibrl with an activation other than none
+  bool keeps_expert_rows;  // luffy / rlplus: expert tokens get the expert term
+  double clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef;
+  double log_ratio_clamp;   // LOG_RATIO_CLAMP
+  double luffy_gamma;       // LUFFY_SHAPING_GAMMA
+  double rlplus_old_weight, rlplus_mix, rlplus_focal_power;
+};
+
+// act(z) and act'(z) with torch's values at the kinks (leaky_relu: slope at 0, relu: 0 at 0).
+template <typename acc_t>
+CALIBRL_INLINE void guide_activation(acc_t z, const LossParams& P, acc_t* value, acc_t* slope) {
+  switch (P.activation) {
+    case Activation::kLeakyRelu: {
+      const acc_t alpha = static_cast<acc_t>(P.negative_slope);
+      *value = z > 0 ? z : z * alpha;
+      *slope = z > 0 ? acc_t(1) : alpha;
+      return;
+    }
+    case Activation::kRelu:
+      *value = z > 0 ? z : acc_t(0);
+      *slope = z > 0 ? acc_t(1) : acc_t(0);
+      return;
+    case Activation::kTanh: {
+      const acc_t y = std::tanh(z);
+      *value = y;
+      *slope = acc_t(1) - y * y;
+      return;
+    }
+    case Activation::kSigmoid: {
+      const acc_t y = acc_t(1) / (acc_t(1) + std::exp(-z));
+      *value = y;
+      *slope = (acc_t(1) - y) * y;
+      return;
+    }
+    case Activation::kHuber: {
+      const acc_t delta = static_cast<acc_t>(P.huber_delta), size = std::abs(z);
+      *value = size < delta ? acc_t(0.5) * z * z : delta * (size - acc_t(0.5) * delta);
+      *slope = std::min(std::max(z, -delta), delta);
+      return;
+    }
+    case Activation::kNone:
+      *value = 0;
+      *slope = 0;
+      return;
+  }
+}
+
+// Fills out[row::kCoefA .. row::kPpoKl] of one token from lp, H and its token-table row.
+template <typename acc_t>
+CALIBRL_INLINE void row_terms(acc_t lp, acc_t entropy, const acc_t* tok, const LossParams& P, acc_t* out) {
+  const acc_t old_lp = tok[token::kOldLogp], adv = tok[token::kAdvantage];
+  const acc_t c_loss = tok[token::kCLoss], c_guide = tok[token::kCGuide], c_all = tok[token::kCAll];
+  // PPO dual clip: rho = exp(clamp(lp - old, +-20)), l1 = -A rho, l2 = -A clamp(rho, lo, hi), lc = max,
+  // l_pg = min(lc, -c A) for A < 0.
+  const acc_t bound = static_cast<acc_t>(P.log_ratio_clamp);
+  const acc_t log_ratio = lp - old_lp;
+  const acc_t ratio = std::exp(std::min(std::max(log_ratio, -bound), bound));
+  const acc_t d_ratio = ratio * inside(log_ratio, -bound, bound);
+  const acc_t low = acc_t(1) - static_cast<acc_t>(P.clip_low), high = acc_t(1) + static_cast<acc_t>(P.clip_high);
+  const acc_t l1 = -adv * ratio;
+  const acc_t l2 = -adv * std::min(std::max(ratio, low), high);
+  const acc_t lc = std::max(l1, l2);
+  const acc_t l3 = -static_cast<acc_t>(P.dual_clip_c) * adv;
+  const bool negative = adv < 0;
+  acc_t l_pg = negative ? std::min(lc, l3) : lc;
+  const acc_t d_lc = -adv * (tie_share_greater(l1, l2) + tie_share_greater(l2, l1) * inside(ratio, low, high));
+  acc_t d_pg = (negative ? tie_share_less(lc, l3) : acc_t(1)) * d_lc * d_ratio;
+  const bool clipped = l2 > l1, clipped_lower = (lc > l3) && negative;
+  if (P.keeps_expert_rows && tok[token::kExpert] != 0) {
+    const acc_t p = std::exp(lp);
+    if (P.mode == Mode::kLuffy) {  // -A p / (p + gamma)
+      const acc_t gamma = static_cast<acc_t>(P.luffy_gamma);
+      l_pg = -adv * p / (p + gamma);
+      d_pg = -adv * gamma * p / ((p + gamma) * (p + gamma));
+    } else {  // rlplus: -A 2p / (w p_old + mix) * sg(1 - p)^power, linear in p
+      const acc_t focal = std::pow(std::max(acc_t(1) - p, acc_t(0)), static_cast<acc_t>(P.rlplus_focal_power));
+      l_pg = -adv * acc_t(2) * p /
+             (static_cast<acc_t>(P.rlplus_old_weight) * std::exp(old_lp) + static_cast<acc_t>(P.rlplus_mix)) * focal;
+      d_pg = l_pg;
+    }
+  }
+  acc_t d_loss_d_lp = weighted(c_loss, d_pg);
+  acc_t guide = 0;
+  if (P.uses_guide) {  // w act(z), z = -s (lp - b)
+    const acc_t sign = tok[token::kSign], w = tok[token::kGuideWeight];
+    acc_t act, slope;
+    guide_activation(-sign * (lp - tok[token::kBaseline]), P, &act, &slope);
+    guide = weighted(c_guide, w * act);
+    d_loss_d_lp += static_cast<acc_t>(P.guide_coef) * weighted(c_guide, w * slope * -sign);
+  }
+  out[row::kCoefA] = -d_loss_d_lp;
+  out[row::kCoefB] = P.entropy_coef != 0 ? static_cast<acc_t>(P.entropy_coef) * weighted(c_loss, acc_t(1)) : acc_t(0);
+  out[row::kPg] = weighted(c_loss, l_pg);
+  out[row::kGuide] = guide;
+  out[row::kEntropyLoss] = weighted(c_loss, entropy);
+  out[row::kEntropyMetric] = weighted(tok[token::kCEntropyMetric], entropy);
+  out[row::kClipfrac] = weighted(c_all, clipped ? acc_t(1) : acc_t(0));
+  out[row::kClipfracLower] = weighted(c_all, clipped_lower ? acc_t(1) : acc_t(0));
+  out[row::kPpoKl] = weighted(c_all, old_lp - lp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) gradient of one row: out_j = [a (p_j - [j = y]) + b p_j (z_j - lse + H)] / temperature
+// ---------------------------------------------------------------------------------------------
+// `out` may alias `row` (in place). target < 0 means an ignored token: the row's gradient is 0.
+template <typename scalar_t, typename out_t, typename acc_t>
+CALIBRL_INLINE void row_gradient_body(const scalar_t* row, out_t* out, int64_t vocab, int64_t target, acc_t lse,
+                                      acc_t entropy, acc_t a, acc_t b, acc_t inv_temperature) {
+  if (target < 0) {
+    for (int64_t j = 0; j < vocab; ++j) out[j] = out_t(0);
+    return;
+  }
+  const acc_t z_target = static_cast<acc_t>(row[target]) * inv_temperature;  // read before an in-place write
+  const acc_t at = a * inv_temperature, bt = b * inv_temperature;
+  if (b == acc_t(0)) {
+#pragma omp simd
+    for (int64_t j = 0; j < vocab; ++j) {
+      out[j] = static_cast<out_t>(at * exp_fast(static_cast<acc_t>(row[j]) * inv_temperature - lse));
+    }
+  } else {
+    const acc_t shift = entropy - lse;
+#pragma omp simd
+    for (int64_t j = 0; j < vocab; ++j) {
+      const acc_t z = static_cast<acc_t>(row[j]) * inv_temperature;
+      const acc_t p = exp_fast(z - lse);
+      const acc_t g = p * (at + bt * (z + shift));
+      out[j] = static_cast<out_t>(p > acc_t(0) ? g : acc_t(0));
+    }
+  }
+  const acc_t p_target = exp_fast(z_target - lse);
+  const acc_t g_target = p_target > acc_t(0) ? p_target * (at + bt * (z_target - lse + entropy)) : acc_t(0);
+  out[target] = static_cast<out_t>(g_target - at);
+}
+
+}  // namespace calibrl

@@ -1,0 +1,258 @@
+"""The C++/OpenMP CPU backend (csrc/, calibrl_kernels._cpp_backend) against the reference.
+
+The extension is built once per test session (build.extension() caches it; ~30 s the first time on a
+2-core machine, a cached load afterwards). Its linear-path row math is also covered by test_linear_cpu.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from calibrl_kernels import _coefficients, _cpp_backend, _dispatch, build, ops, reference
+from calibrl_kernels.config import CalibRLConfig
+
+from _cpu_helpers import CONFIGS, assert_loss_outputs_close, cpp_module_or_skip, make_batch, max_rel_error, token_values_with_ties
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    return cpp_module_or_skip()
+
+
+def _logits(shape, dtype, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _logprob_grads(fn, logits, targets, temperature, ignore_index=-100):
+    logits = logits.detach().requires_grad_(True)
+    logp, ent = fn(logits, targets, temperature, ignore_index, True)
+    g = torch.Generator().manual_seed(2)
+    w_lp = torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.dtype)
+    w_h = torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.dtype)
+    (grad,) = torch.autograd.grad((logp * w_lp).sum() + (ent * w_h).sum(), (logits,))
+    return logp, ent, grad
+
+
+def _check_against_exact(fn, logits, targets, temperature, ignore_index=-100):
+    """Our error vs the fp64 result is at most twice the reference's in the same dtype (+ a small tolerance)."""
+    exact = _logprob_grads(reference.token_logprobs, logits.to(torch.float64), targets, temperature, ignore_index)
+    ref = _logprob_grads(reference.token_logprobs, logits, targets, temperature, ignore_index)
+    ours = _logprob_grads(fn, logits, targets, temperature, ignore_index)
+    tol = 1e-12 if logits.dtype == torch.float64 else 2e-6
+    for got, base, want, name in zip(ours, ref, exact, ("logp", "entropy", "grad")):
+        assert got.dtype == base.dtype and got.shape == base.shape, name
+        assert max_rel_error(got, want) <= 2 * max_rel_error(base, want) + tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 32003])
+def test_token_logprobs_against_reference(cpp, dtype, vocab):
+    logits = _logits((3, 2, vocab), dtype, seed=vocab)
+    targets = torch.randint(0, vocab, (3, 2), generator=torch.Generator().manual_seed(1))
+    targets[1, 0] = -100
+    _check_against_exact(_cpp_backend.token_logprobs, logits, targets, 0.7)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_token_logprobs_awkward_rows(cpp, temperature):
+    """-inf logits (a masked vocabulary), one row whose max grows block after block, a huge logit,
+    strided rows (a slice of a wider tensor), N = 1, ignore_index = 3."""
+    V = 1500
+    wide = _logits((4, V + 5), torch.float32, seed=3)
+    wide[0, :700] = float("-inf")
+    wide[1] = torch.linspace(-50, 80, V + 5)
+    wide[2, 17] = 1e4
+    logits = wide[:, 2:-3]
+    assert logits.stride(0) == V + 5
+    targets = torch.tensor([800, V - 1, 17, 3])
+    _check_against_exact(_cpp_backend.token_logprobs, logits, targets, temperature, ignore_index=3)
+    _check_against_exact(_cpp_backend.token_logprobs, logits[:1], targets[:1], temperature)
+
+
+def test_shifted_logits_are_read_in_place(cpp):
+    """logits[:, :-1] of a (B, L, V) tensor (the usual shift by one) is not viewable as (N, V): the kernels
+    read its strides instead of copying it."""
+    config = CalibRLConfig()
+    batch = make_batch(2, 2, 5, config=config, dtype=torch.float32)
+    B, T = batch.old_logp.shape
+    full = _logits((B, T + 1, 300), torch.float32, seed=8).requires_grad_(True)
+    shifted = full[:, :-1]
+    assert not shifted.is_contiguous() and _cpp_backend._row_view(shifted).data_ptr() == shifted.data_ptr()
+    targets = torch.randint(0, 300, (B, T))
+    args = (targets, batch.old_logp, batch.advantages, batch.mask)
+    ref = reference.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
+    out = _cpp_backend.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
+    assert_loss_outputs_close(out, ref, rtol=1e-5, atol=1e-6)
+    (want,) = torch.autograd.grad(ref.loss, (full,))
+    (got,) = torch.autograd.grad(out.loss, (full,))
+    assert max_rel_error(got, want) < 1e-5
+    _check_against_exact(_cpp_backend.token_logprobs, shifted.detach(), targets, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_fused_calibrl_loss_every_config_fp64(cpp, name):
+    config = CONFIGS[name].replace(temperature=1.3 if "luffy" in name else 1.0)
+    batch = make_batch(2, 3, 6, config=config, seed=len(name))
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 97), torch.float64, seed=1).requires_grad_(True)
+    targets = torch.randint(0, 97, (B, T), generator=torch.Generator().manual_seed(4))
+    targets[0, 1] = -100
+    args = (logits, targets, batch.old_logp, batch.advantages, batch.mask)
+    ref = reference.fused_calibrl_loss(*args, **batch.kwargs(config))
+    out = _cpp_backend.fused_calibrl_loss(*args, **batch.kwargs(config))
+    assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12, what=name)
+    (want,) = torch.autograd.grad(ref.loss * 1.5, (logits,))
+    (got,) = torch.autograd.grad(out.loss * 1.5, (logits,))
+    assert max_rel_error(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["calibrl", "rlplus-entropy", "calibrl-options"])
+def test_fused_calibrl_loss_low_precision(cpp, dtype, name):
+    config = CONFIGS[name].replace(temperature=0.7)
+    batch = make_batch(2, 2, 5, config=config, dtype=torch.float32, seed=6)
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 1037), dtype, seed=2)
+    targets = torch.randint(0, 1037, (B, T), generator=torch.Generator().manual_seed(5))
+    targets[-1, 0] = -100
+
+    def run(x):
+        x = x.detach().requires_grad_(True)
+        fn = _cpp_backend.fused_calibrl_loss if run.ours else reference.fused_calibrl_loss
+        out = fn(x, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config))
+        return out, torch.autograd.grad(out.loss, (x,))[0]
+
+    run.ours = False
+    exact, exact_grad = run(logits.to(torch.float64))
+    ref, ref_grad = run(logits)
+    run.ours = True
+    out, grad = run(logits)
+    assert grad.dtype == dtype and out.loss.dtype == torch.float32
+    assert_loss_outputs_close(out, exact, rtol=2e-5, atol=2e-6)
+    assert max_rel_error(grad, exact_grad) <= 2 * max_rel_error(ref_grad, exact_grad) + 2e-6
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_row_coefficients_equal_closed_form_with_ties(cpp, name):
+    """(b) alone: the C++ per-row terms equal _coefficients.token_terms (fp64, planted ties)."""
+    config = CONFIGS[name]
+    batch = make_batch(3, 3, 11, config=config, seed=len(name) + 1)
+    logp, entropy = token_values_with_ties(batch)
+    table = _coefficients.token_table(
+        batch.old_logp, batch.advantages, batch.mask, expert_logp=batch.expert_logp, passed=batch.passed,
+        is_expert=batch.is_expert, expert_mask=batch.expert_mask, config=config, dtype=torch.float64,
+    )
+    rows = torch.zeros(logp.numel(), len(_coefficients.ROW_FIELDS), dtype=torch.float64)
+    rows[:, _coefficients.ROW["logp"]] = logp.reshape(-1)
+    rows[:, _coefficients.ROW["entropy"]] = entropy.reshape(-1)
+    expected = rows.clone()
+    _coefficients.fill_row_terms(expected, table, config)
+    cpp.row_coefficients(rows, table, config.mode, config.activation, _cpp_backend.loss_params(config))
+    torch.testing.assert_close(rows, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_same_result_on_one_and_two_threads(cpp):
+    batch = make_batch(2, 2, 5, config=CalibRLConfig(), dtype=torch.float32)
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 3001), torch.float32).requires_grad_(True)
+    targets = torch.randint(0, 3001, (B, T))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = _cpp_backend.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
+                                                  **batch.kwargs(CalibRLConfig()))
+            results.append((out.loss.detach(), torch.autograd.grad(out.loss, (logits,))[0]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_dispatch_picks_cpp_on_cpu(cpp, monkeypatch):
+    monkeypatch.delenv("CALIBRL_IMPL", raising=False)
+    cpu = torch.device("cpu")
+    for op in ("token_logprobs", "fused_calibrl_loss", "linear_token_logprobs", "fused_linear_calibrl_loss"):
+        assert _dispatch.selected_impl(op, cpu) == "cpp", op
+    assert _dispatch.selected_impl("group_advantages", cpu) == "torch"
+    ok, reason = _cpp_backend.availability(torch.device("meta"))
+    assert not ok and "CPU" in reason
+    logits = _logits((2, 3, 50), torch.float32).requires_grad_(True)
+    targets = torch.randint(0, 50, (2, 3))
+    logp = ops.token_logprobs(logits, targets, temperature=1.3)
+    torch.testing.assert_close(logp, reference.token_logprobs(logits, targets, 1.3), rtol=1e-5, atol=1e-6)
+
+
+def test_fallback_when_the_build_fails_warns_once(monkeypatch):
+    """Simulated build failure: every op falls back to the torch path, with exactly one warning."""
+
+    def fail(verbose=False):
+        raise RuntimeError("simulated: no C++ compiler")
+
+    monkeypatch.setattr(build, "_module", None)
+    monkeypatch.setattr(build, "_error", None)
+    monkeypatch.setattr(build, "_compile_and_load", fail)
+    monkeypatch.delenv("CALIBRL_IMPL", raising=False)
+    config = CalibRLConfig()
+    batch = make_batch(2, 2, 4, config=config, dtype=torch.float32)
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 40), torch.float32).requires_grad_(True)
+    targets = torch.randint(0, 40, (B, T))
+    hidden = _logits((B, T, 6), torch.float32).requires_grad_(True)
+    weight = _logits((40, 6), torch.float32).requires_grad_(True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _cpp_backend.availability(torch.device("cpu"))[0]  # not tried yet: optimistic, and no build
+        assert not build.attempted()
+        for _ in range(2):
+            out = _cpp_backend.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
+                                                  **batch.kwargs(config))
+            ref = reference.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
+                                               **batch.kwargs(config))
+            assert_loss_outputs_close(out, ref, rtol=1e-6, atol=1e-7)
+            _cpp_backend.token_logprobs(logits, targets, 1.0, -100, True)
+            lin = _cpp_backend.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
+                                                         batch.mask, **batch.kwargs(config))
+            lin.loss.backward()
+            _cpp_backend.linear_token_logprobs(hidden, weight, targets)
+            ops.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config))
+    ours = [w for w in caught if "C++ CPU kernels could not be built" in str(w.message)]
+    assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+    assert "simulated: no C++ compiler" in str(ours[0].message)
+    ok, reason = _cpp_backend.availability(torch.device("cpu"))
+    assert not ok and "simulated" in reason
+    assert _dispatch.selected_impl("fused_calibrl_loss", torch.device("cpu")) == "torch"
+
+
+def _run_python(code: str, timeout: int = 300) -> str:
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("CALIBRL_IMPL", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_import_and_non_cpp_ops_do_not_build():
+    code = (
+        "import torch, calibrl_kernels as ck\n"
+        "from calibrl_kernels import build, _cpp_backend\n"
+        "ck.group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))\n"
+        "print('attempted', build.attempted())\n"
+    )
+    assert "attempted False" in _run_python(code)
+
+
+def test_prebuild_command_prints_the_library(cpp):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-m", "calibrl_kernels.build", "--quiet"], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "library:" in out.stdout and build.extension_name() in out.stdout
