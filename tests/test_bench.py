@@ -199,10 +199,10 @@ def test_failed_provider_is_recorded_not_raised(tmp_path, monkeypatch):
 
 def test_memory_guard_does_not_run_providers_that_materialise_logits(tmp_path):
     out = tmp_path / "guard"
-    run.run_suite(suites.TINY, CPU, out, run.RunOptions(mem_cap_bytes=1.0, providers=["calibrl", "eager"]),
+    run.run_suite(suites.TINY, CPU, out, run.RunOptions(mem_cap_bytes=1.0, providers=["calibrl-torch", "eager"]),
                   kernels=["fused_calibrl_loss"], train=False, plot=False, table=False)
     rows = check_well_formed(out / "kernels.csv")
-    guarded = [row for row in rows if row["provider"] in ("calibrl", "eager")]
+    guarded = [row for row in rows if row["provider"] in ("calibrl-torch", "eager")]
     assert guarded and all(math.isnan(float(row["p50"])) for row in guarded)  # torch reference and eager both materialise
     reasons = [e["reason"] for e in events(out / "kernels.csv") if e["kind"] == "not-run"]
     assert reasons and all("exceeds the memory cap" in why for why in reasons)

@@ -13,7 +13,7 @@ import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
 from calibrl_kernels.config import ACTIVATIONS, LOSS_AGG_MODES, MODES
 
-from . import formulas
+import _formulas as formulas
 
 F64 = torch.float64
 
