@@ -15,6 +15,9 @@ PHASES = ("sft", "rl")
 BAR_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("entropy", "ent"), ("eval_accuracy", "eval"), ("sft_loss", "nll"))
 
 
+RECORD_FILES = ("metrics.jsonl", "samples.jsonl")  # per-step JSONL files of a run
+
+
 def metrics_path(run_dir: str) -> str:
     return os.path.join(run_dir, "metrics.jsonl")
 
@@ -29,12 +32,13 @@ def _position(record: Dict[str, Any]):
     return PHASES.index(record["phase"]), record["step"]
 
 
-def truncate_metrics(run_dir: str, phase: str, step: int) -> None:
-    """Drop records after (phase, step): a resumed run rewrites what followed its checkpoint."""
-    path = metrics_path(run_dir)
+def truncate_records(path: str, phase: str, step: int) -> None:
+    """Drop the records of a JSONL run file after (phase, step): a resumed run rewrites what followed."""
     if not os.path.exists(path):
         return
-    keep = [r for r in read_metrics(run_dir) if _position(r) <= (PHASES.index(phase), step)]
+    with open(path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    keep = [r for r in records if _position(r) <= (PHASES.index(phase), step)]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in keep)

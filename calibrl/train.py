@@ -28,7 +28,7 @@ from . import algorithms, checkpoint, distributed
 from .config import TrainConfig, config_from_dict, merge_resume, parse_config
 from .data import PromptSampler, load_examples
 from .evaluate import evaluate
-from .logging import RunLogger, truncate_metrics
+from .logging import RECORD_FILES, RunLogger, truncate_records
 from .model import Policy, PolicyForward, build_tiny_policy, load_policy, pil_image_processor, tiny_qwen2vl_config
 from .rollout import IGNORE_INDEX, RolloutBatch, collate_responses, collect_rollouts, old_logprobs, sequence_inputs
 
@@ -110,8 +110,9 @@ class Trainer:
             raise ValueError(f"out: {self.run_dir} already holds a run; continue it with --resume {self.run_dir} "
                              "or choose another --out")
         os.makedirs(self.run_dir, exist_ok=True)
-        if os.path.exists(os.path.join(self.run_dir, "metrics.jsonl")):
-            os.remove(os.path.join(self.run_dir, "metrics.jsonl"))
+        for name in RECORD_FILES:  # left over from a run that never reached its first checkpoint
+            if os.path.exists(os.path.join(self.run_dir, name)):
+                os.remove(os.path.join(self.run_dir, name))
         with open(os.path.join(self.run_dir, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(self.cfg.to_dict(), handle, indent=2)
         if not self.cfg.model:
@@ -151,7 +152,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.restore_rng(state["rng"][self.dist.rank])
         if self.dist.is_main:
-            truncate_metrics(self.run_dir, self.phase, self.step)
+            for name in RECORD_FILES:
+                truncate_records(os.path.join(self.run_dir, name), self.phase, self.step)
 
     # ------------------------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -208,9 +210,15 @@ class Trainer:
         return stop
 
     def _evaluate(self) -> Dict[str, float]:
+        """Greedy held-out metrics; a few answers go to samples.jsonl (main process)."""
         if not self.eval_examples:
             return {}
-        return evaluate(self.policy, self.eval_examples, self.cfg.max_new_tokens, self.cfg.eval_batch_size, self.dist)
+        results, samples = evaluate(self.policy, self.eval_examples, self.cfg.max_new_tokens, self.cfg.eval_batch_size,
+                                    self.dist)
+        if self.dist.is_main:
+            with open(os.path.join(self.run_dir, "samples.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"phase": self.phase, "step": self.step, "samples": samples}) + "\n")
+        return results
 
     def _log_eval(self, record: dict, logger: RunLogger) -> None:
         record.update(self._evaluate())
