@@ -254,16 +254,21 @@ class Policy:
             self.image_processor.save_pretrained(path)
 
 
-def build_tiny_policy(cfg, texts: Sequence[str]) -> Policy:
-    """The built-in tiny Qwen2-VL policy (tokenizer trained on ``texts``), initialised from cfg.seed."""
+def build_tiny_policy(cfg, texts: Sequence[str], device: torch.device = torch.device("cpu"), tokenizer=None) -> Policy:
+    """The built-in tiny Qwen2-VL policy, initialised from cfg.seed.
+
+    The tokenizer is trained on ``texts`` unless one is given (a resumed run reuses its own).
+    """
     from transformers import Qwen2VLForConditionalGeneration
 
-    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    tokenizer = tokenizer if tokenizer is not None else train_tokenizer(texts, cfg.vocab_size)
     config = tiny_qwen2vl_config(tokenizer, cfg)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention_implementation(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = Qwen2VLForConditionalGeneration(config)
+    if cfg.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     return Policy(model, tokenizer, pil_image_processor(cfg.image_size, cfg.patch_size), cfg.instruction or "")
 
 

@@ -29,7 +29,7 @@ from .config import TrainConfig, config_from_dict, merge_resume, parse_config
 from .data import PromptSampler, load_examples
 from .evaluate import evaluate
 from .logging import RECORD_FILES, RunLogger, truncate_records
-from .model import Policy, PolicyForward, build_tiny_policy, load_policy, pil_image_processor, tiny_qwen2vl_config
+from .model import Policy, PolicyForward, build_tiny_policy, load_policy
 from .rollout import IGNORE_INDEX, RolloutBatch, collate_responses, collect_rollouts, old_logprobs, sequence_inputs
 
 INTERRUPTED_EXIT_CODE = 130
@@ -80,16 +80,13 @@ class Trainer:
         cfg = self.cfg
         if cfg.model:
             return load_policy(cfg.model, cfg, self.dist.device)
-        if resuming:  # the run's own tokenizer, the model rebuilt from the config (weights come next)
-            from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        if resuming:  # the run's own tokenizer; the weights come from the checkpoint
+            from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(os.path.join(self.run_dir, "tokenizer"))
-            config = tiny_qwen2vl_config(tokenizer, cfg)
-            config._attn_implementation = "sdpa"
-            model = Qwen2VLForConditionalGeneration(config)
-            return Policy(model, tokenizer, pil_image_processor(cfg.image_size, cfg.patch_size), cfg.instruction or "")
+            return build_tiny_policy(cfg, [], self.dist.device, tokenizer=tokenizer)
         texts = [t for e in self.train_examples + self.eval_examples for t in (e.question, e.expert, e.answer)]
-        return build_tiny_policy(cfg, texts + ["user\n", "assistant\n"])
+        return build_tiny_policy(cfg, texts + ["user\n", "assistant\n"], self.dist.device)
 
     def _wrap_ddp(self, module: torch.nn.Module) -> torch.nn.Module:
         if not self.dist.active:
@@ -246,7 +243,7 @@ class Trainer:
         targets = response_ids.masked_fill(response_mask == 0, IGNORE_INDEX).to(self.dist.device)  # (R, T)
         with self._autocast():
             hidden, weight, bias = self.update_module(**inputs)  # (R, T, D), (V, D)
-        loss, tokens = algorithms.sft_loss(hidden, weight, bias, targets, self.loss_cfg.temperature)
+        loss, tokens = algorithms.sft_loss(hidden, weight, bias, targets)  # plain NLL at temperature 1
         loss.backward()
         grad_norm = self._optimizer_step()
         totals = distributed.all_reduce_sum(torch.tensor([loss.item(), float(tokens)], device=self.dist.device), self.dist)
@@ -296,7 +293,7 @@ class Trainer:
         dist = self.dist
         rewards = distributed.all_gather_rows(batch.rewards.to(dist.device), dist).cpu()  # (B_global,)
         group_ids = distributed.all_gather_rows(batch.group_ids.to(dist.device), dist).cpu()  # (B_global,)
-        is_expert = distributed.all_gather_rows(batch.is_expert.to(dist.device), dist).cpu()  # (B_global,)
+        is_expert = distributed.all_gather_rows(batch.is_expert.to(dist.device, torch.uint8), dist).cpu().bool()
         stats = algorithms.group_statistics(rewards, group_ids, is_expert, self.loss_cfg)
         mine = slice(dist.rank * len(batch), (dist.rank + 1) * len(batch))
         group_index = stats.group_index[mine]  # (B,) into the global groups
