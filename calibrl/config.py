@@ -49,7 +49,7 @@ class TrainConfig:
     mlp_ratio: int = _field(4, "MLP width / hidden_size in the language model")
     vocab_size: int = _field(512, "upper bound of the BPE vocabulary trained on the task text")
     # --- supervised warm start on expert traces
-    sft_steps: int = _field(200, "supervised steps on expert responses before RL")
+    sft_steps: int = _field(350, "supervised steps on expert responses before RL")
     extra_sft_steps: int = _field(100, "sft+grpo only: further supervised steps (its SFT stage is longer)")
     sft_batch_size: int = _field(32, "questions per supervised step")
     sft_lr: float = _field(5e-4, "learning rate of the warm start (2e-3 never learns to look at the image)")
@@ -61,7 +61,7 @@ class TrainConfig:
     lr: float = _field(2e-4, "learning rate of the RL updates (AdamW; a fresh optimizer after the warm start)")
     weight_decay: float = _field(0.01, "AdamW weight decay")
     grad_clip: float = _field(1.0, "global gradient-norm clip (0: none)")
-    warmup_steps: int = _field(10, "linear learning-rate warmup (optimizer steps) at the start of each phase")
+    warmup_steps: int = _field(20, "linear learning-rate warmup (optimizer steps) at the start of each phase")
     ppo_epochs: int = _field(1, "passes over each RL batch")
     mini_batches: int = _field(2, "optimizer steps per epoch (the groups are split into this many mini-batches)")
     micro_batch_rows: int = _field(0, "rows per forward/backward within a mini-batch (0: the whole mini-batch)")

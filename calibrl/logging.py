@@ -9,7 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, Iterable, Optional
+import resource
+from typing import Any, Dict, Iterable
+
+import torch
+
+from . import distributed
 
 PHASES = ("sft", "rl")
 BAR_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("entropy", "ent"), ("eval_accuracy", "eval"), ("sft_loss", "nll"))
@@ -110,3 +115,34 @@ class RunLogger:
             self.writer.close()
         if self._file is not None:
             self._file.close()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rollout_metrics(batch, pass_rate: torch.Tensor, keep: torch.Tensor, dist: distributed.DistInfo) -> Dict[str, Any]:
+    """Reward / accuracy / format / length of the on-policy rows of every process, and group pass rates.
+
+    batch: the step's RolloutBatch (B rows); pass_rate (G_global,) per group; keep (B,) bool rows kept.
+    """
+    on = ~batch.is_expert  # (B,)
+    lengths = batch.response_mask.sum(1)  # (B,)
+    local = torch.stack([
+        batch.rewards[on].sum(), batch.accuracy[on].sum(), batch.format[on].sum(), lengths[on].sum(),
+        batch.truncated[on].float().sum(), on.sum().float(), batch.rewards[~on].sum(), (~on).sum().float(),
+        (keep & ~on).sum().float(),
+    ]).double()
+    total = distributed.all_reduce_sum(local.to(dist.device), dist).cpu().tolist()
+    rows, experts = total[5], max(total[7], 1.0)
+    return {
+        "reward": total[0] / rows, "accuracy": total[1] / rows, "format": total[2] / rows,
+        "response_length": total[3] / rows, "truncated": total[4] / rows, "sampled_tokens": total[3],
+        "expert_reward": total[6] / experts, "expert_rows_kept": total[8] / experts,
+        "groups_all_pass": float((pass_rate == 1).float().mean()),
+        "groups_all_fail": float((pass_rate == 0).float().mean()),
+        "group_pass_rate": [round(float(p), 4) for p in pass_rate],  # (G_global,) the histogram's data
+    }

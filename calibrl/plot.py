@@ -26,7 +26,8 @@ TITLES = {
     "pg_loss": "policy-gradient loss", "guide_loss": "guide (calibration) loss", "clipfrac": "PPO clip fraction",
     "ppo_kl": "PPO KL (old - new)", "response_length": "response length (tokens)",
     "groups_all_fail": "groups with no correct rollout", "groups_all_pass": "groups with all rollouts correct",
-    "tokens_per_s": "sampled tokens / s", "sft_loss": "warm-start NLL",
+    "tokens_per_s": "sampled tokens / s", "sft_loss": "warm-start NLL", "format": "format rate (on-policy rows)",
+    "eval_format": "held-out format rate", "grad_norm": "gradient norm", "truncated": "responses cut at max length",
 }
 
 

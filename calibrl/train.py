@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -28,7 +27,7 @@ from . import algorithms, checkpoint, distributed
 from .config import TrainConfig, config_from_dict, merge_resume, parse_config
 from .data import PromptSampler, load_examples
 from .evaluate import evaluate
-from .logging import RECORD_FILES, RunLogger, truncate_records
+from .logging import RECORD_FILES, RunLogger, peak_memory_mb, rollout_metrics, truncate_records
 from .model import Policy, PolicyForward, build_tiny_policy, load_policy
 from .rollout import IGNORE_INDEX, RolloutBatch, collate_responses, collect_rollouts, old_logprobs, sequence_inputs
 
@@ -250,7 +249,7 @@ class Trainer:
         elapsed = time.time() - started
         return {"phase": "sft", "step": self.step, "sft_loss": totals[0].item() / self.dist.world_size,
                 "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0], "step_time": elapsed,
-                "tokens_per_s": totals[1].item() / elapsed, "peak_memory_mb": _peak_memory_mb(self.dist.device)}
+                "tokens_per_s": totals[1].item() / elapsed, "peak_memory_mb": peak_memory_mb(self.dist.device)}
 
     def _optimizer_step(self) -> float:
         params = [p for p in self.policy.model.parameters() if p.grad is not None]
@@ -283,9 +282,9 @@ class Trainer:
         update = self._ppo_update(batch.select(rows), stats["advantages"][rows], stats["passed"][rows],
                                   baseline[rows], baseline_mask[rows])
         elapsed = time.time() - started
-        record = {"phase": "rl", "step": self.step, **self._rollout_metrics(batch, stats, keep), **update}
+        record = {"phase": "rl", "step": self.step, **rollout_metrics(batch, stats["pass_rate"], keep, dist), **update}
         record.update(step_time=elapsed, rollout_time=rollout_time, lr=self.scheduler.get_last_lr()[0],
-                      tokens_per_s=record["sampled_tokens"] / elapsed, peak_memory_mb=_peak_memory_mb(dist.device))
+                      tokens_per_s=record["sampled_tokens"] / elapsed, peak_memory_mb=peak_memory_mb(dist.device))
         return record
 
     def _group_statistics(self, batch: RolloutBatch):
@@ -346,26 +345,6 @@ class Trainer:
         metrics["grad_norm"] = self._optimizer_step()
         return metrics
 
-    def _rollout_metrics(self, batch: RolloutBatch, stats: dict, keep: torch.Tensor) -> Dict[str, object]:
-        """Reward / accuracy / format / length of the on-policy rows (all processes), pass-rate histogram."""
-        on = ~batch.is_expert  # (B,)
-        lengths = batch.response_mask.sum(1)  # (B,)
-        local = torch.stack([
-            batch.rewards[on].sum(), batch.accuracy[on].sum(), batch.format[on].sum(), lengths[on].sum(),
-            batch.truncated[on].float().sum(), on.sum().float(), batch.rewards[~on].sum(), (~on).sum().float(),
-            (keep & ~on).sum().float(),
-        ]).double()
-        total = distributed.all_reduce_sum(local.to(self.dist.device), self.dist).cpu().tolist()
-        pass_rate = stats["pass_rate"]  # (G_global,)
-        return {
-            "reward": total[0] / total[5], "accuracy": total[1] / total[5], "format": total[2] / total[5],
-            "response_length": total[3] / total[5], "truncated": total[4] / total[5], "sampled_tokens": total[3],
-            "expert_reward": total[6] / max(total[7], 1.0), "expert_rows_kept": total[8] / max(total[7], 1.0),
-            "groups_all_pass": float((pass_rate == 1).float().mean()),
-            "groups_all_fail": float((pass_rate == 0).float().mean()),
-            "group_pass_rate": [round(float(p), 4) for p in pass_rate],
-        }
-
 
 # ------------------------------------------------------------------------------------------- helpers
 def _resume_path(cfg: TrainConfig) -> str:
@@ -379,13 +358,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def main(argv: Optional[List[str]] = None) -> int:
