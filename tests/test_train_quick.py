@@ -113,6 +113,44 @@ def test_model_path_loads_a_saved_multimodal_checkpoint(tmp_path, reference_run)
     assert all_finite(rl) and not os.path.isdir(out / "tokenizer")
 
 
+def test_model_path_loads_a_qwen2_5_vl_checkpoint(tmp_path, reference_run):
+    """A tiny Qwen2.5-VL (window-attention vision tower) with the run's tokenizer and image processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    source = reference_run / "final_model"
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True,
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=32, patch_size=8,
+                           temporal_patch_size=1, spatial_merge_size=2, window_size=32, fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp_path / "vl25")
+    tokenizer.save_pretrained(tmp_path / "vl25")
+    AutoImageProcessor.from_pretrained(str(source)).save_pretrained(tmp_path / "vl25")
+    out = tmp_path / "qwen25"
+    assert quick_run(out, "--model", tmp_path / "vl25", "--max-steps", 1) == 0
+    assert all_finite([r for r in metrics(out) if r["phase"] == "rl" and r["step"] == 1][0])
+
+
+def test_expert_mixing_options(tmp_path):
+    out = tmp_path / "mix"
+    assert quick_run(out, "--algo", "luffy", "--mix-ratio", "0", "--max-steps", 1) == 0
+    rl = [r for r in metrics(out) if r["phase"] == "rl" and r["step"] == 1][0]
+    assert rl["expert_rows_kept"] == 0 and all_finite(rl)
+    out = tmp_path / "pass"
+    assert quick_run(out, "--mixup-policy", "pass", "--pass-ratio-low", "0.5", "--max-steps", 1) == 0
+    rl = [r for r in metrics(out) if r["phase"] == "rl" and r["step"] == 1][0]
+    expected = sum(0.5 <= p <= 1.0 for p in rl["group_pass_rate"]) / len(rl["group_pass_rate"])
+    assert rl["expert_rows_kept"] == expected
+
+
 def test_model_path_loads_a_text_only_causal_lm(tmp_path, reference_run):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
