@@ -16,13 +16,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .logging import read_metrics
 
 DEFAULT_METRICS = (
-    "reward", "accuracy", "eval_accuracy", "entropy", "pg_loss", "guide_loss", "clipfrac", "ppo_kl",
+    "reward", "accuracy", "eval_accuracy", "eval_sampled_accuracy", "entropy", "pg_loss", "guide_loss", "clipfrac", "ppo_kl",
     "response_length", "groups_all_fail", "groups_all_pass", "tokens_per_s",
 )
-SPARSE_METRICS = ("eval_accuracy", "eval_format", "eval_reward", "eval_response_length")  # not every step
+SPARSE_METRICS = ("eval_accuracy", "eval_format", "eval_reward", "eval_response_length", "eval_sampled_accuracy",
+                  "eval_sampled_reward")  # not every step
 TITLES = {
     "reward": "train reward (on-policy rows)", "accuracy": "train accuracy (on-policy rows)",
-    "eval_accuracy": "held-out accuracy (greedy)", "entropy": "entropy of on-policy rows (nats/token)",
+    "eval_accuracy": "held-out accuracy (greedy)", "eval_sampled_accuracy": "held-out accuracy (1 sample, T=1)",
+    "eval_sampled_reward": "held-out reward (1 sample, T=1)", "entropy": "entropy of on-policy rows (nats/token)",
     "pg_loss": "policy-gradient loss", "guide_loss": "guide (calibration) loss", "clipfrac": "PPO clip fraction",
     "ppo_kl": "PPO KL (old - new)", "response_length": "response length (tokens)",
     "groups_all_fail": "groups with no correct rollout", "groups_all_pass": "groups with all rollouts correct",

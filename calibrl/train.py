@@ -210,7 +210,7 @@ class Trainer:
         if not self.eval_examples:
             return {}
         results, samples = evaluate(self.policy, self.eval_examples, self.cfg.max_new_tokens, self.cfg.eval_batch_size,
-                                    self.dist)
+                                    self.loss_cfg.temperature, self.dist)
         if self.dist.is_main:
             with open(os.path.join(self.run_dir, "samples.jsonl"), "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"phase": self.phase, "step": self.step, "samples": samples}) + "\n")
@@ -220,7 +220,8 @@ class Trainer:
         record.update(self._evaluate())
         logger.log(record, self.index, advance=False)
         if "eval_accuracy" in record:
-            logger.message(f"held-out accuracy {record['eval_accuracy']:.3f} at {record['phase']} step {record['step']}")
+            logger.message(f"held-out accuracy {record['eval_accuracy']:.3f} (greedy), "
+                           f"{record['eval_sampled_accuracy']:.3f} (sampled) at {record['phase']} step {record['step']}")
 
     # ------------------------------------------------------------------------------- one SFT step
     def _my_prompts(self, count: int) -> List[int]:
