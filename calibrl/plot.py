@@ -82,12 +82,15 @@ def plot_runs(run_dirs: Sequence[str], out_path: str, metrics: Sequence[str] = D
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
+    height = fig.get_size_inches()[1]
+    top = 1 - (0.8 if title else 0.45) / height  # room above the panels for the title and the legend
+    if title:
+        fig.suptitle(title, y=1 - 0.05 / height, va="top")
     handles, names = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, names, loc="upper center", ncol=min(len(names), 6), frameon=False)
-    if title:
-        fig.suptitle(title, y=1.02)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 1 - (0.35 if title else 0.02) / height),
+                   ncol=min(len(names), 6), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=110, bbox_inches="tight")
     plt.close(fig)
