@@ -8,7 +8,7 @@ import pytest
 
 from calibrl import checkpoint
 
-from train_helpers import all_finite, metrics
+from _train_helpers import all_finite, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

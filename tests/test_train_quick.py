@@ -10,7 +10,7 @@ from calibrl import checkpoint
 from calibrl.config import ALGOS, parse_config
 from calibrl.train import INTERRUPTED_EXIT_CODE, Trainer
 
-from train_helpers import all_finite, comparable, metrics, quick_run, saved_config
+from _train_helpers import all_finite, comparable, metrics, quick_run, saved_config
 
 LOSS_KEYS = ("pg_loss", "guide_loss", "entropy", "clipfrac", "clipfrac_lower", "ppo_kl", "loss")
 
