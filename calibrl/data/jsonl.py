@@ -1,0 +1,74 @@
+"""Bring your own data: a JSONL file with one ``{image, question, answer, expert}`` object per line.
+
+- ``image``: path of the image file, absolute or relative to the JSONL file's folder, or null for a
+  text-only question;
+- ``question``: the prompt text; ``answer``: the ground truth the verifier compares against;
+- ``expert``: one correct response in the ``<think>...</think><answer>...</answer>`` format.
+Blank lines are skipped. Every problem raises ``ValueError`` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List
+
+from . import Example
+from ..rewards import extract_answer, format_reward, normalize_answer
+
+FIELDS = ("image", "question", "answer", "expert")
+
+
+def _fail(path: str, line_no: int, message: str) -> None:
+    raise ValueError(f"{path}:{line_no}: {message}")
+
+
+def parse_row(row: object, path: str, line_no: int) -> Example:
+    """One decoded JSON value -> Example, with errors that name the line and the field."""
+    if not isinstance(row, dict):
+        _fail(path, line_no, f"expected a JSON object with fields {FIELDS}, got {type(row).__name__}")
+    missing = [f for f in FIELDS if f not in row]
+    if missing:
+        _fail(path, line_no, f"missing field(s) {missing}; every row needs {FIELDS}")
+    unknown = sorted(set(row) - set(FIELDS))
+    if unknown:
+        _fail(path, line_no, f"unknown field(s) {unknown}; allowed: {FIELDS}")
+    for field in ("question", "answer", "expert"):
+        value = row[field]
+        if not isinstance(value, str) or not value.strip():
+            _fail(path, line_no, f"field '{field}': expected a non-empty string, got {value!r}")
+    image = row["image"]
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            _fail(path, line_no, f"field 'image': expected a file path string or null, got {image!r}")
+        image = image if os.path.isabs(image) else os.path.join(os.path.dirname(os.path.abspath(path)), image)
+        if not os.path.isfile(image):
+            _fail(path, line_no, f"field 'image': file not found: {image}")
+    expert = row["expert"]
+    if not format_reward(expert):
+        _fail(path, line_no, "field 'expert': expected the format <think>...</think><answer>...</answer>, "
+                             f"got {expert[:80]!r}")
+    expert_answer = extract_answer(expert)
+    if normalize_answer(expert_answer) != normalize_answer(row["answer"]):
+        _fail(path, line_no, f"field 'expert': its answer {expert_answer!r} does not match field 'answer' "
+                             f"{row['answer']!r} (experts must be correct)")
+    return Example(image, row["question"], row["answer"], expert)
+
+
+def load_jsonl(path: str) -> List[Example]:
+    """All examples of a JSONL file; raises ValueError on the first bad line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"data: JSONL file not found: {path}")
+    examples = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                _fail(path, line_no, f"invalid JSON ({error.msg} at column {error.colno})")
+            examples.append(parse_row(row, path, line_no))
+    if not examples:
+        raise ValueError(f"{path}: no examples (the file is empty)")
+    return examples

@@ -1,0 +1,101 @@
+"""Process-group helpers: the same script runs alone or under ``torchrun --nproc_per_node N``.
+
+Backend: nccl on CUDA, gloo on CPU. Every helper is a no-op (or the identity) in a single process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, List
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int  # this process's rank
+    world_size: int  # number of processes
+    device: torch.device  # where this process computes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda (this process's GPU) when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {name!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init(device_name: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = torch_dist.get_rank() if world_size > 1 else 0
+    return DistInfo(rank, world_size, device)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.active and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_gather_rows(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate equally sized (B, ...) tensors of every rank along dim 0, in rank order."""
+    if not info.active:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(info.world_size)]
+    torch_dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise sum over ranks (returns a new tensor)."""
+    out = tensor.clone()
+    if info.active:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out
+
+
+def gather_objects(obj: Any, info: DistInfo) -> List[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not info.active:
+        return [obj]
+    out: List[Any] = [None] * info.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is true on at least one rank (e.g. a Ctrl-C seen by one process)."""
+    if not info.active:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    return bool(all_reduce_sum(value, info).item() > 0)
+
+
+def all_reduce_max(value: float, info: DistInfo) -> float:
+    """The largest ``value`` over ranks (e.g. so that every rank runs the same number of micro-batches)."""
+    if not info.active:
+        return value
+    tensor = torch.tensor([float(value)], device=info.device)
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor.item()
