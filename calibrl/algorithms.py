@@ -18,7 +18,7 @@ import torch
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, GroupStats, LossOutput
 
-from .rollout import IGNORE_INDEX
+IGNORE_INDEX = -100  # target value of padding positions (no log-prob, no loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,8 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """The algorithm's loss of R rows from hidden (R, T, D) and the lm_head weight (V, D).
 
     targets (R, T) with IGNORE_INDEX on padding; old_logp, mask (R, T); advantages, passed, is_expert (R,);
-    baseline, baseline_mask (R, T) (used when the loss has a guide term).
+    baseline, baseline_mask (R, T) (used when the loss has a guide term). The trainer integrations of
+    ``calibrl.integrations`` call this same function, so every path computes one loss.
     """
     return ck.fused_linear_calibrl_loss(
         hidden, weight.to(hidden.dtype), targets, old_logp, advantages, mask,

@@ -13,10 +13,9 @@ import torch
 
 import calibrl_kernels as ck
 
+from .algorithms import IGNORE_INDEX
 from .model import Policy, PolicyForward, PromptBatch
 from .rewards import score_response
-
-IGNORE_INDEX = -100  # target value of padding positions (no log-prob, no loss)
 
 
 @dataclasses.dataclass

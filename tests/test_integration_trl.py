@@ -18,6 +18,7 @@ pytest.importorskip("trl", reason="TRL is not installed (pip install 'calibrl[tr
 from datasets import Dataset  # noqa: E402
 
 import calibrl_kernels as ck  # noqa: E402
+from calibrl import algorithms  # noqa: E402
 from calibrl.integrations import _core  # noqa: E402
 from calibrl.integrations.trl import CalibRLGRPOConfig, CalibRLTrainer, expert_text  # noqa: E402
 
@@ -125,38 +126,53 @@ def generated_batch(trainer, rows=4):
 
 
 @pytest.mark.parametrize("algo", ["calibrl", "dapo", "rlplus"])
-def test_loss_and_gradients_equal_calibrl_kernels(tmp_path, algo):
-    """Through the trainer's compute_loss == calling calibrl_kernels directly (scores + group ids path)."""
+def test_loss_and_gradients_equal_the_slim_trainer_and_calibrl_kernels(tmp_path, algo):
+    """One batch through TRL's compute_loss == the slim trainer's path (calibrl.algorithms: group statistics,
+    expert baseline, policy loss) == calibrl_kernels called directly (scores + group ids path)."""
     trainer = make_text_trainer(tmp_path, calibrl_algo=algo)
     batch = generated_batch(trainer)
     model = trainer.model
     config = trainer.calibrl_config
     params = [p for p in model.parameters() if p.requires_grad]
 
-    model.zero_grad()
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    grads_trainer = [p.grad.detach().clone() for p in params]
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.detach().clone() for p in params]
 
-    # Direct: hidden states from the model body, lm_head weight, and calibrl_kernels building advantages,
-    # pass flags and the expert baseline itself from scores + group ids.
-    model.zero_grad()
-    T = batch["completion_ids"].size(1)
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, -T - 1:-1]
-    with torch.no_grad():
-        old = ck.linear_token_logprobs(hidden, model.lm_head.weight, batch["completion_ids"], temperature=config.temperature)
-    direct = ck.fused_linear_calibrl_loss(
-        hidden, model.lm_head.weight, batch["completion_ids"], old, None, batch["completion_mask"],
-        scores=batch[_core.FIELD_SCORES], group_ids=batch[_core.FIELD_GROUP_IDS], is_expert=batch[_core.FIELD_IS_EXPERT],
-        config=config,
-    )
-    direct.loss.backward()
-    torch.testing.assert_close(loss.detach(), direct.loss.detach(), rtol=1e-5, atol=1e-7)
-    for g_trainer, p in zip(grads_trainer, params):
-        torch.testing.assert_close(g_trainer, p.grad, rtol=1e-4, atol=1e-7)
-    assert direct.loss.item() != 0.0
+    def hidden_and_old():
+        # hidden states from the model body, at the positions that predict the completion tokens
+        T = batch["completion_ids"].size(1)
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, -T - 1:-1]
+        with torch.no_grad():
+            old = ck.linear_token_logprobs(hidden, model.lm_head.weight, batch["completion_ids"], temperature=config.temperature)
+        return hidden, old
+
+    scores, group_ids = batch[_core.FIELD_SCORES], batch[_core.FIELD_GROUP_IDS]
+    is_expert, mask = batch[_core.FIELD_IS_EXPERT], batch["completion_mask"]
+
+    def slim_trainer_path():
+        hidden, old = hidden_and_old()
+        stats = algorithms.group_statistics(scores, group_ids, is_expert, config)
+        baseline, baseline_mask = algorithms.expert_baseline(old, mask, group_ids, is_expert, config)
+        return algorithms.policy_loss(hidden, model.lm_head.weight, None, batch["completion_ids"], old, stats.advantages,
+                                      mask, stats.passed, is_expert, baseline, baseline_mask, config).loss
+
+    def direct_path():
+        hidden, old = hidden_and_old()
+        return ck.fused_linear_calibrl_loss(hidden, model.lm_head.weight, batch["completion_ids"], old, None, mask,
+                                            scores=scores, group_ids=group_ids, is_expert=is_expert, config=config).loss
+
+    loss_trl, grads_trl = loss_and_grads(lambda: trainer.compute_loss(model, batch))
+    for other in (slim_trainer_path, direct_path):
+        loss_other, grads_other = loss_and_grads(other)
+        torch.testing.assert_close(loss_trl, loss_other, rtol=1e-5, atol=1e-7)
+        for g_trl, g_other in zip(grads_trl, grads_other):
+            torch.testing.assert_close(g_trl, g_other, rtol=1e-4, atol=1e-7)
+    assert loss_trl.item() != 0.0
 
 
 def test_row_fields_survive_trl_shuffle_and_split(tmp_path):

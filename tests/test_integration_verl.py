@@ -80,6 +80,45 @@ def test_registered_loss_equals_reference(name, agg):
     assert loss.item() != 0.0
 
 
+@pytest.mark.parametrize("name", ["calibrl", "calibrl_grpo", "calibrl_drgrpo", "calibrl_luffy"])
+def test_registered_loss_equals_the_slim_trainer_path(name):
+    """One batch: log-probs from the lm_head -> verl's registered loss == the slim trainer's
+    calibrl.algorithms path (fused linear loss on hidden states), in values and in the gradients of
+    hidden states and lm_head weight."""
+    from calibrl import algorithms
+
+    mode = cverl.POLICY_LOSSES[name]
+    preset = ck.CalibRLConfig.for_algo(mode)
+    b = synthetic_batch()
+    g = torch.Generator().manual_seed(7)
+    D, V = 5, 11
+    hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    stats = algorithms.group_statistics(b["scores"], GROUPS, IS_EXPERT, preset)
+    baseline, baseline_mask = algorithms.expert_baseline(b["old"], b["mask"], GROUPS, IS_EXPERT, preset)
+
+    h_slim, w_slim = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    slim = algorithms.policy_loss(h_slim, w_slim, None, targets, b["old"], stats.advantages, b["mask"], stats.passed,
+                                  IS_EXPERT, baseline, baseline_mask, preset)
+    slim.loss.backward()
+
+    h_verl, w_verl = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, entropy = ck.linear_token_logprobs(h_verl, w_verl, targets, return_entropy=True)
+    loss, metrics = get_policy_loss_fn(name)(
+        old_log_prob=b["old"], log_prob=logp, advantages=stats.advantages[:, None] * b["mask"],
+        response_mask=b["mask"].bool(), loss_agg_mode=preset.loss_agg_mode,
+        config=actor_config(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0), rollout_is_weights=None,
+        expert_logp=baseline, passed=stats.passed, is_expert=IS_EXPERT, expert_mask=baseline_mask, entropy=entropy.detach(),
+    )
+    loss.backward()
+    torch.testing.assert_close(loss, slim.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(h_verl.grad, h_slim.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(w_verl.grad, w_slim.grad, rtol=1e-9, atol=1e-12)
+    assert metrics["actor/guide_loss"] == pytest.approx(slim.guide_loss.item())
+    assert loss.item() != 0.0
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_ppo_term_matches_verl_vanilla(agg):
     """calibrl_dapo on a batch without expert rows == verl's own 'vanilla' dual-clip PPO loss."""

@@ -7,7 +7,9 @@ shuffles the batch, and then travel with each row as plain per-row tensors. The 
 is afterwards a function of its own rows only (``calibrl_batch_loss``), which is what lets TRL shuffle,
 verl re-balance and both split into micro-batches.
 
-Only the public API of ``calibrl_kernels`` is used here.
+The numbers come from the slim trainer's own functions (``calibrl.algorithms``: group statistics, expert
+baseline, policy loss), so every integration computes exactly the loss of ``python -m calibrl.train``;
+those call only the public API of ``calibrl_kernels``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Dict, Optional
 import torch
 
 import calibrl_kernels as ck
+
+from .. import algorithms
 
 # Names of the per-row fields an integration adds to its trainer's batch (prefixed, so they never clash
 # with the trainer's own keys). Shapes: B rows, T completion tokens.
@@ -56,15 +60,10 @@ def hybrid_batch_fields(
             f"is_expert: mode={config.mode!r} needs one expert row per group, got a batch without expert rows "
             "(give the dataset an expert column)"
         )
-    stats = ck.group_advantages(
-        scores, group_ids, is_expert=is_expert, norm_by_std=config.norm_by_std, eps=config.adv_eps,
-        pass_threshold=config.pass_threshold,
-    )
+    stats = algorithms.group_statistics(scores, group_ids, is_expert, config)
     B, T = mask.shape
     if bool(is_expert.any()):
-        expert_logp, expert_mask = ck.expert_baseline(
-            old_logp.float(), mask, group_ids, is_expert, kind=config.baseline, return_mask=True
-        )
+        expert_logp, expert_mask = algorithms.expert_baseline(old_logp.float(), mask, group_ids, is_expert, config)
     else:  # plain GRPO/DAPO/Dr.GRPO batches: no baseline exists and none is used
         expert_logp = torch.zeros(B, T, dtype=torch.float32, device=mask.device)
         expert_mask = torch.zeros(B, T, dtype=torch.bool, device=mask.device)
@@ -108,12 +107,8 @@ def calibrl_batch_loss(
                 hidden.detach(), weight.detach(), completion_ids, bias=None if bias is None else bias.detach(),
                 temperature=config.temperature,
             )
-    use_baseline = config.uses_guide
-    return ck.fused_linear_calibrl_loss(
-        hidden, weight, completion_ids, old_logp.float(), fields["advantages"], completion_mask, bias=bias,
-        expert_logp=fields[FIELD_EXPERT_LOGP] if use_baseline else None,
-        passed=fields[FIELD_PASSED],
-        is_expert=fields[FIELD_IS_EXPERT],
-        expert_mask=fields[FIELD_EXPERT_MASK] if use_baseline and config.mask_beyond_expert else None,
-        config=config,
+    return algorithms.policy_loss(
+        hidden, weight, bias, completion_ids, old_logp.float(), fields["advantages"], completion_mask,
+        fields[FIELD_PASSED], fields[FIELD_IS_EXPERT], fields.get(FIELD_EXPERT_LOGP), fields.get(FIELD_EXPERT_MASK),
+        config,
     )
