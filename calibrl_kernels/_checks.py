@@ -5,8 +5,9 @@ value) with a message that names the argument and states what was expected and w
 Nothing is broadcast or truncated silently: per-row tensors must have exactly B rows, per-token
 tensors exactly (B, T).
 
-Checks on tensor *values* (targets in range, every group has an on-policy row) read the data and so
-synchronise a GPU with the host; set ``CALIBRL_VALUE_CHECKS=0`` to skip only those in hot loops.
+Checks on tensor *values* (targets in range, masks non-negative, every group has an on-policy row)
+read the data and so synchronise a GPU with the host; set ``CALIBRL_VALUE_CHECKS=0`` to skip only
+those in hot loops.
 """
 
 from __future__ import annotations
@@ -22,9 +23,36 @@ from .config import CalibRLConfig
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (any case); unset -> default."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    word = raw.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError(f"{name}: expected one of {_TRUE_WORDS + _FALSE_WORDS}, got {raw!r}")
+
+
 def value_checks_enabled() -> bool:
-    """Whether checks that read tensor values (and synchronise the device) run."""
-    return os.environ.get("CALIBRL_VALUE_CHECKS", "1") != "0"
+    """Whether checks that read tensor values (and synchronise the device) run (CALIBRL_VALUE_CHECKS)."""
+    return env_flag("CALIBRL_VALUE_CHECKS", True)
+
+
+def check_bool_argument(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
+def check_finite_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 
 def require_tensor(name: str, value) -> torch.Tensor:
@@ -38,9 +66,12 @@ def check_floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a floating dtype (float32, bfloat16, float16 or float64), got {t.dtype}")
 
 
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def check_integer(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{name}: expected an integer dtype (int64 or int32), got {t.dtype}")
+    if t.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name}: expected an integer dtype (int64, int32, int16, int8 or uint8), got {t.dtype}")
 
 
 def check_bool(name: str, t: torch.Tensor) -> None:
@@ -49,8 +80,19 @@ def check_bool(name: str, t: torch.Tensor) -> None:
 
 
 def check_mask_dtype(name: str, t: torch.Tensor) -> None:
-    if t.dtype != torch.bool and t.dtype not in FLOAT_DTYPES and t.dtype not in (torch.int64, torch.int32, torch.uint8):
-        raise TypeError(f"{name}: expected a bool, integer or floating 0/1 mask, got {t.dtype}")
+    """Masks are 0/1 (bool, integer or floating) or non-negative floating token weights."""
+    if t.dtype != torch.bool and t.dtype not in FLOAT_DTYPES and t.dtype not in INTEGER_DTYPES:
+        raise TypeError(f"{name}: expected a bool, integer or floating mask (0/1 or non-negative weights), got {t.dtype}")
+
+
+def check_mask_values(name: str, t: torch.Tensor) -> None:
+    """A mask's entries are token weights: finite and >= 0 (a value check)."""
+    if not value_checks_enabled() or t.dtype == torch.bool or t.numel() == 0:
+        return
+    bad = (t < 0) | ~torch.isfinite(t) if t.is_floating_point() else t < 0
+    if bool(bad.any()):
+        where = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{name}: expected 0/1 or non-negative finite weights, got {t[where].item()} at {where}")
 
 
 def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str) -> None:
@@ -126,6 +168,8 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if bias is not None:
         require_tensor("bias", bias)
         check_floating("bias", bias)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias: expected the dtype of weight ({weight.dtype}), got {bias.dtype}")
         check_shape("bias", bias, (weight.shape[0],), "(V,)")
         check_device("bias", bias, hidden.device, "hidden")
     check_positive_number("temperature", temperature)
@@ -206,6 +250,20 @@ def check_one_expert_per_group(expert_count: torch.Tensor, group_keys: torch.Ten
         )
 
 
+def check_optional_group_fields(scores, group_ids, batch_size: int, device: torch.device) -> None:
+    """scores / group_ids given to a fused op: (B,) like the batch, whether or not they end up used."""
+    if scores is not None:
+        require_tensor("scores", scores)
+        check_floating("scores", scores)
+        check_shape("scores", scores, (batch_size,), "(B,)")
+        check_device("scores", scores, device, "old_logp")
+    if group_ids is not None:
+        require_tensor("group_ids", group_ids)
+        check_integer("group_ids", group_ids)
+        check_shape("group_ids", group_ids, (batch_size,), "(B,)")
+        check_device("group_ids", group_ids, device, "old_logp")
+
+
 def check_config(config) -> None:
     if not isinstance(config, CalibRLConfig):
         raise TypeError(f"config: expected a CalibRLConfig, got {type(config).__name__}")
@@ -253,6 +311,7 @@ def check_loss_inputs(
     per_token("old_logp", old_logp)
     per_token("mask", mask, floating=False)
     check_mask_dtype("mask", mask)
+    check_mask_values("mask", mask)
     require_tensor("advantages", advantages)
     check_floating("advantages", advantages)
     if tuple(advantages.shape) not in ((B,), (B, T)):

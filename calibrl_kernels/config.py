@@ -120,7 +120,8 @@ class CalibRLConfig:
         if self.huber_delta <= 0.0:
             _fail("huber_delta", "a number > 0", self.huber_delta)
         if self.loss_scale_factor is not None and not (
-            isinstance(self.loss_scale_factor, (int, float)) and math.isfinite(self.loss_scale_factor)
+            isinstance(self.loss_scale_factor, (int, float)) and not isinstance(self.loss_scale_factor, bool)
+            and math.isfinite(self.loss_scale_factor)
             and self.loss_scale_factor > 0
         ):
             _fail("loss_scale_factor", "None or a number > 0", self.loss_scale_factor)

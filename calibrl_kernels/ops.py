@@ -31,6 +31,7 @@ def token_logprobs(
     differentiable in both outputs. Targets equal to ignore_index give 0 and no gradient.
     """
     _checks.check_token_logprobs_inputs(logits, targets, temperature, ignore_index)
+    _checks.check_bool_argument("return_entropy", return_entropy)
     fn = _dispatch.implementation("token_logprobs", logits.device)
     return fn(logits, targets, temperature, ignore_index, return_entropy)
 
@@ -47,6 +48,7 @@ def linear_token_logprobs(
 ):
     """token_logprobs of hidden (N, D) or (B, T, D) @ weight (V, D)^T + bias, without (N, V) logits."""
     _checks.check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    _checks.check_bool_argument("return_entropy", return_entropy)
     fn = _dispatch.implementation("linear_token_logprobs", hidden.device)
     return fn(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
 
@@ -70,6 +72,8 @@ def group_advantages(
     """
     _checks.check_group_inputs(scores, group_ids, is_expert)
     _checks.check_positive_number("eps", eps)
+    _checks.check_bool_argument("norm_by_std", norm_by_std)
+    _checks.check_finite_number("pass_threshold", pass_threshold)
     _checks.check_num_groups_argument(num_groups, scores.numel())
     fn = _dispatch.implementation("group_advantages", scores.device)
     extra = {} if num_groups is None else {"num_groups": num_groups}
@@ -87,6 +91,7 @@ def expert_baseline(
 ):
     """The expert baseline b (B, T) of every row from its group's expert row; see reference.expert_baseline."""
     _checks.check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert)
+    _checks.check_bool_argument("return_mask", return_mask)
     return reference.expert_baseline(old_logp, mask, group_ids, is_expert, kind, return_mask)
 
 
@@ -119,21 +124,23 @@ def calibrl_loss(
     )
 
 
-def _resolve_rl_fields(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config):
+def _resolve_rl_fields(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask,
+                       config, num_groups):
     """Fill in advantages / passed from scores + group_ids, and the expert baseline from the batch."""
     _checks.require_tensor("old_logp", old_logp)
     _checks.require_tensor("mask", mask)
+    _checks.check_ndim("old_logp", old_logp, (2,), "(B, T)")
+    _checks.check_optional_group_fields(scores, group_ids, old_logp.shape[0], old_logp.device)
     if advantages is None:
         if scores is None or group_ids is None:
             raise ValueError("advantages: give either advantages (B,) / (B, T) or both scores (B,) and group_ids (B,)")
         stats = group_advantages(
             scores, group_ids, is_expert=is_expert, norm_by_std=config.norm_by_std, eps=config.adv_eps,
-            pass_threshold=config.pass_threshold,
+            pass_threshold=config.pass_threshold, num_groups=num_groups,
         )
         advantages = stats.advantages
         passed = stats.passed if passed is None else passed
     elif passed is None and scores is not None:
-        _checks.require_tensor("scores", scores)
         passed = scores > config.pass_threshold
     if config.uses_guide and expert_logp is None:
         if group_ids is None or is_expert is None:
@@ -164,6 +171,7 @@ def fused_calibrl_loss(
     ignore_index: int = -100,
     config: CalibRLConfig = _DEFAULT_CONFIG,
     inplace_backward: bool = False,
+    num_groups: Optional[int] = None,
 ) -> LossOutput:
     """log-prob, entropy and the CalibRL loss from logits (B, T, V) in one pass over the vocabulary.
 
@@ -171,6 +179,7 @@ def fused_calibrl_loss(
     scores (B,) + group_ids (B,) to compute group statistics here (config.norm_by_std,
     config.pass_threshold). expert_logp (B, T) / (B,) or built from group_ids + is_expert.
     Targets equal to ignore_index are left out of the loss. Gradients flow to ``logits``.
+    num_groups: see group_advantages (spares the host synchronisation of the scores + group_ids path).
     inplace_backward=True (opt-in) lets the backend write dL/dlogits over the logits buffer in the
     backward pass, saving a logits-sized gradient buffer: afterwards ``logits`` is overwritten (holds
     its gradient) and must not be used again; one backward pass only.
@@ -182,7 +191,7 @@ def fused_calibrl_loss(
     if logits.dim() != 3:
         raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
     advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
-        old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config
+        old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config, num_groups
     )
     _checks.check_shape("old_logp", old_logp, targets.shape, "(B, T) like targets")
     _checks.check_loss_inputs(
@@ -190,7 +199,7 @@ def fused_calibrl_loss(
         entropy=None, expert_mask=expert_mask, config=config, logp_name="old_logp", computes_entropy=True,
     )
     fn = _dispatch.implementation("fused_calibrl_loss", logits.device)
-    extra = {"inplace_backward": True} if inplace_backward else {}  # backends without the option ignore no request
+    extra = {"inplace_backward": True} if inplace_backward else {}  # passed only when asked for
     return fn(
         logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
         expert_mask=expert_mask, ignore_index=ignore_index, config=config, **extra,
@@ -214,6 +223,7 @@ def fused_linear_calibrl_loss(
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     config: CalibRLConfig = _DEFAULT_CONFIG,
+    num_groups: Optional[int] = None,
 ) -> LossOutput:
     """fused_calibrl_loss starting from hidden states (B, T, D) and the lm_head weight (V, D) [+ bias (V,)].
 
@@ -224,7 +234,7 @@ def fused_linear_calibrl_loss(
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
     advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
-        old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config
+        old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config, num_groups
     )
     _checks.check_shape("old_logp", old_logp, targets.shape, "(B, T) like targets")
     _checks.check_loss_inputs(

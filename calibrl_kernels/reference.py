@@ -2,8 +2,10 @@
 
 Written for clarity and exactness, not speed: logits are materialised, autograd provides the
 gradients. Computation is in float32 (float64 when the main input is float64, so ``gradcheck`` and
-1e-10 comparisons against hand-computed values work). These functions do not validate their inputs;
-the public wrappers in ``calibrl_kernels.ops`` do, then dispatch here or to a fused backend.
+1e-10 comparisons against hand-computed values work). These functions do not check the types, shapes
+or devices of their inputs (the public wrappers in ``calibrl_kernels.ops`` do, then dispatch here or to
+a fused backend); only the value checks that need a computed quantity (a group without on-policy rows,
+a group without exactly one expert) run here.
 
 Formulas: ``../shared/CALIBRL.md`` (paper arXiv 2602.20197 and the authors' verl-based code).
 """

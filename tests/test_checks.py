@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels import CalibRLConfig, _dispatch
+from calibrl_kernels import CalibRLConfig, _checks, _dispatch
 
 B, T, V, D = 3, 4, 7, 5
 
@@ -86,12 +86,34 @@ def test_value_checks_can_be_switched_off(monkeypatch):
         (torch.zeros(2, D), torch.zeros(V, D), torch.zeros(V + 1), ValueError, ("bias", f"({V},)", f"({V + 1},)")),
         (torch.zeros(2, D), torch.zeros(V), None, ValueError, ("weight", "(V, D)", "1-d")),
         (torch.zeros(2, D), torch.zeros(0, D), None, ValueError, ("weight", "V = 0")),
+        (torch.zeros(2, D), torch.zeros(V, D), torch.zeros(V, dtype=torch.float64), TypeError, ("bias", "torch.float32", "torch.float64")),
+        (torch.zeros(2, D), torch.zeros(V, D, device="meta"), None, ValueError, ("weight", "cpu", "meta")),
+        (torch.zeros(2, D), torch.zeros(V, D), torch.zeros(V, device="meta"), ValueError, ("bias", "cpu", "meta")),
     ],
 )
 def test_linear_bad_inputs(hidden, weight, bias, error, parts):
     with pytest.raises(error) as excinfo:
         ck.linear_token_logprobs(hidden, weight, torch.zeros(2, dtype=torch.long), bias=bias)
     assert_message(excinfo, *parts)
+
+
+def test_linear_targets_on_another_device():
+    with pytest.raises(ValueError) as excinfo:
+        ck.linear_token_logprobs(torch.zeros(2, D), torch.zeros(V, D), torch.zeros(2, dtype=torch.long, device="meta"))
+    assert_message(excinfo, "targets", "cpu", "meta")
+
+
+@pytest.mark.parametrize("call", ["token", "linear", "baseline"])
+def test_flag_arguments_must_be_bools(call):
+    with pytest.raises(TypeError) as excinfo:
+        if call == "token":
+            ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), return_entropy="no")
+        elif call == "linear":
+            ck.linear_token_logprobs(torch.zeros(2, D), torch.zeros(V, D), torch.zeros(2, dtype=torch.long), return_entropy=1)
+        else:
+            ck.expert_baseline(torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), torch.tensor([True, False]),
+                               return_mask="no")
+    assert_message(excinfo, "expected a bool")
 
 
 # ------------------------------------------------------------------ group statistics
@@ -112,6 +134,33 @@ def test_group_advantages_bad_inputs(scores, group_ids, is_expert, error, parts)
     with pytest.raises(error) as excinfo:
         ck.group_advantages(scores, group_ids, is_expert=is_expert)
     assert_message(excinfo, *parts)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, parts",
+    [
+        (dict(eps=0.0), ValueError, ("eps", "> 0", "0.0")),
+        (dict(eps=float("nan")), ValueError, ("eps", "> 0", "nan")),
+        (dict(norm_by_std="no"), TypeError, ("norm_by_std", "bool", "'no'")),
+        (dict(pass_threshold="0.1"), ValueError, ("pass_threshold", "finite number", "'0.1'")),
+        (dict(pass_threshold=float("nan")), ValueError, ("pass_threshold", "finite number", "nan")),
+        (dict(num_groups=3), ValueError, ("num_groups", "[1, B = 2]", "3")),
+        (dict(num_groups=2.0), TypeError, ("num_groups", "int", "float")),
+    ],
+)
+def test_group_advantages_bad_options(kwargs, error, parts):
+    with pytest.raises(error) as excinfo:
+        ck.group_advantages(torch.zeros(2), torch.tensor([0, 1]), **kwargs)
+    assert_message(excinfo, *parts)
+
+
+def test_group_inputs_on_another_device():
+    with pytest.raises(ValueError) as excinfo:
+        ck.group_advantages(torch.zeros(2), torch.tensor([0, 1], device="meta"))
+    assert_message(excinfo, "group_ids", "cpu", "meta")
+    with pytest.raises(ValueError) as excinfo:
+        ck.group_advantages(torch.zeros(2), torch.tensor([0, 1]), is_expert=torch.zeros(2, dtype=torch.bool, device="meta"))
+    assert_message(excinfo, "is_expert", "cpu", "meta")
 
 
 @pytest.mark.parametrize(
@@ -141,7 +190,11 @@ def test_expert_baseline_bad_kind_and_shapes():
     [
         (dict(old_logp=torch.zeros(B, T + 1)), ValueError, ("old_logp", f"({B}, {T})", f"({B}, {T + 1})")),
         (dict(mask=torch.ones(1, T)), ValueError, ("mask", f"({B}, {T})", f"(1, {T})")),
-        (dict(mask=torch.ones(B, T, dtype=torch.complex64)), TypeError, ("mask", "0/1 mask", "complex64")),
+        (dict(mask=torch.ones(B, T, dtype=torch.complex64)), TypeError, ("mask", "0/1 or non-negative weights", "complex64")),
+        (dict(mask=-torch.ones(B, T)), ValueError, ("mask", "non-negative finite weights", "got -1.0")),
+        (dict(mask=torch.full((B, T), float("nan"))), ValueError, ("mask", "non-negative finite weights", "nan")),
+        (dict(expert_mask=torch.ones(B, T + 1, dtype=torch.bool)), ValueError, ("expert_mask", f"({B}, {T})", f"({B}, {T + 1})")),
+        (dict(expert_mask=torch.ones(B, T, dtype=torch.complex64)), TypeError, ("expert_mask", "mask", "complex64")),
         (dict(advantages=torch.zeros(B + 1)), ValueError, ("advantages", f"({B},)", f"({B + 1},)")),
         (dict(advantages=torch.zeros(B, dtype=torch.long)), TypeError, ("advantages", "floating", "int64")),
         (dict(expert_logp=torch.zeros(T)), ValueError, ("expert_logp", "(B, T)", f"({T},)")),
@@ -186,10 +239,47 @@ def test_fused_loss_bad_inputs():
                               config=CalibRLConfig(mode="grpo"))
     with pytest.raises(ValueError, match="expert_logp: required for mode='calibrl'; pass it, or pass group_ids"):
         ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), torch.zeros(B), torch.ones(B, T), passed=torch.ones(B, dtype=torch.bool))
+    with pytest.raises(ValueError) as excinfo:  # checked even when advantages make them unnecessary
+        ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), torch.zeros(B), torch.ones(B, T),
+                              scores=torch.zeros(B + 1), config=CalibRLConfig(mode="grpo"))
+    assert_message(excinfo, "scores", f"({B},)", f"({B + 1},)")
+    with pytest.raises(TypeError) as excinfo:
+        ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), None, torch.ones(B, T),
+                              scores=torch.zeros(B), group_ids=torch.zeros(B), config=CalibRLConfig(mode="grpo"))
+    assert_message(excinfo, "group_ids", "integer", "float32")
+    with pytest.raises(ValueError) as excinfo:
+        ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), None, torch.ones(B, T), scores=torch.zeros(B, T),
+                              group_ids=torch.zeros(B, dtype=torch.long), config=CalibRLConfig(mode="grpo"))
+    assert_message(excinfo, "scores", f"({B},)", f"({B}, {T})")
     hidden, weight = torch.zeros(B, T, D), torch.zeros(V, D)
     with pytest.raises(ValueError, match="hidden: expected shape"):
         ck.fused_linear_calibrl_loss(hidden[0], weight, targets[0], torch.zeros(T), torch.zeros(T), torch.ones(T),
                                      config=CalibRLConfig(mode="grpo"))
+
+
+def test_fused_ops_pass_num_groups_to_group_statistics():
+    logits = torch.randn(4, 2, V)
+    targets = torch.randint(0, V, (4, 2))
+    args = (logits, targets, -torch.rand(4, 2), None, torch.ones(4, 2))
+    kwargs = dict(scores=torch.tensor([1.0, 0.0, 1.0, 1.0]), group_ids=torch.tensor([5, 5, 9, 9]), config=CalibRLConfig(mode="grpo"))
+    same = ck.fused_calibrl_loss(*args, num_groups=2, **kwargs)
+    torch.testing.assert_close(same.loss, ck.fused_calibrl_loss(*args, **kwargs).loss)
+    with pytest.raises(ValueError, match=r"num_groups: expected the number of distinct group_ids \(2\), got 3"):
+        ck.fused_calibrl_loss(*args, num_groups=3, **kwargs)
+
+
+# ------------------------------------------------------------------ environment variables
+@pytest.mark.parametrize("raw, expected", [("0", False), ("false", False), ("OFF", False), ("no", False),
+                                           ("1", True), ("True", True), ("on", True), ("", True)])
+def test_value_checks_flag_words(monkeypatch, raw, expected):
+    monkeypatch.setenv("CALIBRL_VALUE_CHECKS", raw)
+    assert _checks.value_checks_enabled() is expected
+
+
+def test_unknown_flag_word_is_an_error(monkeypatch):
+    monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "maybe")
+    with pytest.raises(ValueError, match="CALIBRL_VALUE_CHECKS: expected one of .* got 'maybe'"):
+        _checks.value_checks_enabled()
 
 
 # ------------------------------------------------------------------ dispatch

@@ -27,6 +27,7 @@ def test_defaults_match_the_paper():
         ("temperature", 0.0),
         ("guide_coef", float("nan")),
         ("loss_scale_factor", 0),
+        ("loss_scale_factor", True),
     ],
 )
 def test_bad_field_raises_value_error_naming_it(field, value):
