@@ -21,6 +21,7 @@ import torch
 
 from . import _coefficients as coef
 from . import _torch_backend, build, linear_cpu
+from ._autograd import first_order_only
 from .config import (
     LOG_RATIO_CLAMP,
     LUFFY_SHAPING_GAMMA,
@@ -99,6 +100,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logp, grad_entropy):
         logits, flat_targets, rows = ctx.saved_tensors
         inv_temperature, ignore_index, math = ctx.settings
@@ -143,6 +145,7 @@ class _FusedLoss(torch.autograd.Function):
         return (out.loss.clone(),) + metrics
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *unused_metric_grads):
         if not ctx.needs_input_grad[0]:
             return (None,) * 6

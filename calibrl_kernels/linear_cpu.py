@@ -38,6 +38,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from . import _coefficients as coef
+from ._autograd import first_order_only
 from .config import CalibRLConfig, LossOutput
 from .reference import compute_dtype
 
@@ -324,6 +325,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *unused_metric_grads):
         gradients = ctx.gradients
         if gradients is None:
@@ -398,6 +400,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         inv_temperature, ignore_index, row_math, budget = ctx.settings

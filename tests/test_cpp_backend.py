@@ -256,3 +256,35 @@ def test_prebuild_command_prints_the_library(cpp):
                          cwd=REPO, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "library:" in out.stdout and build.extension_name() in out.stdout
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "fused_calibrl_loss"])
+def test_second_order_gradients_raise(cpp, op):
+    """The closed-form backward is first order only: differentiating it again raises (it used to give
+    silently wrong results: the gradient did not require grad under create_graph=True)."""
+    config = CalibRLConfig(entropy_coef=0.01)
+    batch = make_batch(2, 2, 4, config=config, dtype=torch.float64)
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 23), torch.float64).requires_grad_(True)
+    targets = torch.randint(0, 23, (B, T), generator=torch.Generator().manual_seed(3))
+
+    def run(fn_logits, fn_kind):
+        if op == "token_logprobs":
+            fn = _cpp_backend.token_logprobs if fn_kind == "cpp" else reference.token_logprobs
+            logp, ent = fn(fn_logits, targets, 1.0, -100, True)
+            return logp.sum() + ent.sum()
+        fn = _cpp_backend.fused_calibrl_loss if fn_kind == "cpp" else reference.fused_calibrl_loss
+        return fn(fn_logits, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config)).loss
+
+    (want,) = torch.autograd.grad(run(logits, "reference"), (logits,))
+    # A constant incoming gradient (the usual torch.autograd.grad(..., create_graph=True)).
+    (grad,) = torch.autograd.grad(run(logits, "cpp"), (logits,), create_graph=True)
+    assert grad.requires_grad
+    assert max_rel_error(grad, want) < 1e-10  # first order is still right under create_graph=True
+    with pytest.raises(RuntimeError, match="differentiate"):
+        (grad ** 2).sum().backward()
+    # An incoming gradient that itself requires grad (once_differentiable's own check).
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(run(logits, "cpp"), (logits,), grad_outputs=scale, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate"):
+        grad.sum().backward()

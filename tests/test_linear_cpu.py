@@ -314,3 +314,28 @@ def test_gradients_are_handed_over_without_a_copy(row_math, monkeypatch):
                                                row_math=row_math, config=config)
     out.loss.backward()
     assert buffers == [[case.hidden.grad.data_ptr(), case.weight.grad.data_ptr()]]
+
+
+@pytest.mark.parametrize("op", ["linear_token_logprobs", "fused_linear_calibrl_loss"])
+def test_second_order_gradients_raise(row_math, op):
+    """The closed-form backward is first order only: differentiating it again raises instead of
+    silently dropping the second-order terms."""
+    config = CalibRLConfig(entropy_coef=0.01)
+    case = make_linear_case(config, seed=18)
+    b = case.batch
+
+    def run(fn):
+        if op == "linear_token_logprobs":
+            logp, ent = fn(case.hidden, case.weight, case.targets, case.bias, 1.0, -100, True)
+            return logp.sum() + ent.sum()
+        return fn(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias,
+                  **b.kwargs(config)).loss
+
+    ours = getattr(linear_cpu, op)
+    want = torch.autograd.grad(run(getattr(reference, op)), case.leaves())
+    grads = torch.autograd.grad(run(lambda *a, **k: ours(*a, row_math=row_math, **k)), case.leaves(),
+                                create_graph=True)
+    for got, expected in zip(grads, want):
+        assert got.requires_grad and max_rel_error(got, expected) < 1e-10
+    with pytest.raises(RuntimeError, match="differentiate"):
+        sum((g ** 2).sum() for g in grads).backward()
