@@ -127,8 +127,10 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_e
 # fused_calibrl_loss
 # --------------------------------------------------------------------------------------------
 class _FusedLoss(torch.autograd.Function):
+    """Loss and metrics in one pass per row; backward writes dL/dlogits (over the logits when inplace)."""
+
     @staticmethod
-    def forward(ctx, logits, targets, table, config, ignore_index, math):
+    def forward(ctx, logits, targets, table, config, ignore_index, math, inplace_backward):
         logits_rows, flat_targets = _row_view(logits), targets.reshape(-1).long().contiguous()
         rows = _row_table(flat_targets.numel(), logits)
         inv_temperature = 1.0 / config.temperature
@@ -140,6 +142,7 @@ class _FusedLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, flat_targets, rows)
         ctx.settings = (inv_temperature, ignore_index, math)
+        ctx.inplace, ctx.backward_done = inplace_backward, False
         metrics = tuple(out[1:])
         ctx.mark_non_differentiable(*metrics)
         return (out.loss.clone(),) + metrics
@@ -148,16 +151,28 @@ class _FusedLoss(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_loss, *unused_metric_grads):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 6
+            return (None,) * 7
+        if ctx.inplace and ctx.backward_done:
+            raise RuntimeError(
+                "fused_calibrl_loss(inplace_backward=True): the logits buffer already holds the gradient of a "
+                "first backward pass; a second backward (retain_graph=True) cannot recompute it"
+            )
         logits, flat_targets, rows = ctx.saved_tensors
         inv_temperature, ignore_index, math = ctx.settings
         rows = rows.clone()
         rows[:, ROW["coef_a"]] *= grad_loss.to(rows.dtype)
         rows[:, ROW["coef_b"]] *= grad_loss.to(rows.dtype)
-        logits_rows = _row_view(logits)
-        grad = torch.empty(logits.shape, dtype=logits.dtype)
+        logits_rows = _row_view(logits.detach())
+        # In place: row_gradient reads each row before overwriting it (a strided view is written as is;
+        # logits without unit stride along V were copied by _row_view, and the copy is overwritten).
+        grad = logits_rows if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype)
         math.module.row_gradient(logits_rows, flat_targets, rows, inv_temperature, ignore_index, grad)
-        return (grad.view(logits.shape),) + (None,) * 5
+        if ctx.inplace:
+            ctx.backward_done = True
+            # The kernel's writes are invisible to autograd: bump the version counter so that any other
+            # node that saved these logits fails loudly instead of reading gradients as logits.
+            torch.autograd.graph.increment_version(logits)
+        return (grad.view(logits.shape),) + (None,) * 6
 
 
 def fused_calibrl_loss(
@@ -173,12 +188,20 @@ def fused_calibrl_loss(
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     config: CalibRLConfig = _DEFAULT_CONFIG,
+    inplace_backward: bool = False,
 ) -> LossOutput:
+    """The C++ twin of ``reference.fused_calibrl_loss``.
+
+    inplace_backward=True writes dL/dlogits over the logits buffer during backward (no logits-sized
+    gradient buffer): afterwards ``logits`` holds its own gradient (``logits.grad`` aliases it when
+    logits is a leaf) and must not be used as logits again; a second backward raises.
+    """
     math = _row_math()
     if math is None:
         return _torch_backend.OPS["fused_calibrl_loss"](
             logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed,
             is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
+            inplace_backward=inplace_backward,
         )
     dtype = compute_dtype(logits)
     token_mask = mask.to(dtype) * (targets != ignore_index).to(dtype)  # (B, T)
@@ -186,7 +209,7 @@ def fused_calibrl_loss(
         old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
         expert_mask=expert_mask, config=config, dtype=dtype,
     )
-    return LossOutput(*_FusedLoss.apply(logits, targets, table, config, ignore_index, math))
+    return LossOutput(*_FusedLoss.apply(logits, targets, table, config, ignore_index, math, bool(inplace_backward)))
 
 
 # --------------------------------------------------------------------------------------------

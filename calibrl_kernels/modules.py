@@ -35,8 +35,27 @@ class _ConfiguredLoss(torch.nn.Module):
         return f"config={self.config!r}, ignore_index={self.ignore_index}"
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
 class CalibRLLoss(_ConfiguredLoss):
-    """CalibRL loss (or a baseline's, per ``config.mode``) from logits (B, T, V); see ``ops.fused_calibrl_loss``."""
+    """CalibRL loss (or a baseline's, per ``config.mode``) from logits (B, T, V); see ``ops.fused_calibrl_loss``.
+
+    inplace_backward=True (opt-in, every backend): the backward writes dL/dlogits over the logits
+    buffer instead of allocating a logits-sized gradient; afterwards the logits tensor holds its
+    gradient and must not be used again, and each forward allows one backward only.
+    """
+
+    def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100,
+                 inplace_backward: bool = False):
+        super().__init__(config, ignore_index=ignore_index)
+        self.inplace_backward = _check_bool("inplace_backward", inplace_backward)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", inplace_backward={self.inplace_backward}"
 
     def forward(
         self,
@@ -45,12 +64,18 @@ class CalibRLLoss(_ConfiguredLoss):
         old_logp: torch.Tensor,
         advantages: Optional[torch.Tensor],
         mask: torch.Tensor,
+        *,
+        inplace_backward: Optional[bool] = None,
         **batch_fields,
     ) -> LossOutput:
-        """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
+        """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op).
+
+        inplace_backward: None uses the module's setting; True / False overrides it for this call.
+        """
+        inplace = self.inplace_backward if inplace_backward is None else _check_bool("inplace_backward", inplace_backward)
         return ops.fused_calibrl_loss(
             logits, targets, old_logp, advantages, mask, ignore_index=self.ignore_index, config=self.config,
-            **batch_fields,
+            inplace_backward=inplace, **batch_fields,
         )
 
 

@@ -288,3 +288,65 @@ def test_second_order_gradients_raise(cpp, op):
     (grad,) = torch.autograd.grad(run(logits, "cpp"), (logits,), grad_outputs=scale, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate"):
         grad.sum().backward()
+
+
+def _inplace_case(dtype=torch.float32):
+    config = CalibRLConfig(entropy_coef=0.02, temperature=0.8)
+    batch = make_batch(2, 2, 5, config=config, dtype=torch.float32, seed=12)
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 301), dtype, seed=12)
+    targets = torch.randint(0, 301, (B, T), generator=torch.Generator().manual_seed(12))
+    targets[0, 1] = -100
+    return config, batch, logits, targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_through_the_default_backend(cpp, monkeypatch, dtype):
+    """ops.fused_calibrl_loss(..., inplace_backward=True) on CPU (the C++ backend): same gradient, written
+    over the logits buffer (logits.grad aliases it), and a second backward is refused."""
+    monkeypatch.delenv("CALIBRL_IMPL", raising=False)
+    assert _dispatch.selected_impl("fused_calibrl_loss", torch.device("cpu")) == "cpp"
+    config, batch, logits, targets = _inplace_case(dtype)
+    args = (targets, batch.old_logp, batch.advantages, batch.mask)
+    plain = logits.clone().requires_grad_(True)
+    want_out = ops.fused_calibrl_loss(plain, *args, **batch.kwargs(config))
+    want_out.loss.backward()
+    x = logits.clone().requires_grad_(True)
+    out = ops.fused_calibrl_loss(x, *args, inplace_backward=True, **batch.kwargs(config))
+    assert_loss_outputs_close(out, want_out, rtol=0, atol=0)
+    out.loss.backward(retain_graph=True)
+    assert torch.equal(x.grad, plain.grad)
+    assert x.grad.data_ptr() == x.data_ptr() and torch.equal(x.detach(), plain.grad)  # overwritten by its gradient
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        out.loss.backward()
+
+
+def test_inplace_backward_bumps_the_version_counter(cpp):
+    """Another node that saved the logits fails loudly instead of reading gradients as logits."""
+    config, batch, logits, targets = _inplace_case()
+    base = logits.clone().requires_grad_(True)
+    x = base * 1.0  # a non-leaf: the logits of a model
+    other = torch.sin(x).sum()  # saves x (created first, so its backward runs after ours)
+    out = _cpp_backend.fused_calibrl_loss(x, targets, batch.old_logp, batch.advantages, batch.mask,
+                                          inplace_backward=True, **batch.kwargs(config))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.loss + other).backward()
+
+
+def test_inplace_backward_on_shifted_logits_and_fallback(cpp, monkeypatch):
+    """A strided slice (logits[:, :-1]) is written in place too; the torch fallback accepts the option."""
+    config, batch, logits, targets = _inplace_case()
+    B, T = targets.shape
+    full = _logits((B, T + 1, 301), torch.float32, seed=4)
+    args = (targets, batch.old_logp, batch.advantages, batch.mask)
+    ref_full = full.clone().requires_grad_(True)
+    reference.fused_calibrl_loss(ref_full[:, :-1], *args, **batch.kwargs(config)).loss.backward()
+    ours_full = full.clone().requires_grad_(True)
+    _cpp_backend.fused_calibrl_loss(ours_full[:, :-1], *args, inplace_backward=True,
+                                    **batch.kwargs(config)).loss.backward()
+    assert max_rel_error(ours_full.grad, ref_full.grad) < 1e-5
+    monkeypatch.setattr(_cpp_backend, "_row_math", lambda: None)  # as after a failed build
+    y = logits.clone().requires_grad_(True)
+    fallback = _cpp_backend.fused_calibrl_loss(y, *args, inplace_backward=True, **batch.kwargs(config))
+    fallback.loss.backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()

@@ -63,3 +63,30 @@ def test_module_validation_and_repr():
     with pytest.raises(ValueError, match="hidden"):
         module(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), torch.zeros(3),
                torch.zeros(3), torch.ones(3))
+
+
+def test_logits_module_inplace_backward(monkeypatch):
+    """CalibRLLoss(inplace_backward=True) passes the option to the op (default CPU backend): the logits
+    buffer holds its gradient afterwards; a per-call keyword overrides the module's setting."""
+    monkeypatch.delenv("CALIBRL_IMPL", raising=False)
+    config = ck.CalibRLConfig(entropy_coef=0.01)
+    case = make_linear_case(config, seed=22)
+    b = case.batch
+    B, T = b.old_logp.shape
+    logits = torch.randn(B, T, 41, generator=torch.Generator().manual_seed(2))
+    targets = case.targets.remainder(41)
+    fields = dict(expert_logp=b.expert_logp.float(), passed=b.passed, is_expert=b.is_expert, expert_mask=b.expert_mask)
+    args = (targets, b.old_logp.float(), b.advantages.float(), b.mask.float())
+    ref_x = logits.clone().requires_grad_(True)
+    reference.fused_calibrl_loss(ref_x, *args, config=config, **fields).loss.backward()
+    module = ck.CalibRLLoss(config, inplace_backward=True)
+    assert "inplace_backward=True" in repr(module)
+    x = logits.clone().requires_grad_(True)
+    module(x, *args, **fields).loss.backward()
+    assert max_rel_error(x.grad, ref_x.grad) < 1e-5
+    assert torch.equal(x.detach(), x.grad)  # overwritten by its gradient
+    y = logits.clone().requires_grad_(True)
+    module(y, *args, inplace_backward=False, **fields).loss.backward()
+    assert torch.equal(y.detach(), logits) and torch.equal(y.grad, x.grad)
+    with pytest.raises(TypeError, match="inplace_backward"):
+        ck.CalibRLLoss(inplace_backward=1)
