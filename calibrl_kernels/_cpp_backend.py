@@ -1,8 +1,13 @@
 """The C++/OpenMP CPU backend: the row kernels of ``csrc/`` on logits, and on the chunks of the linear path.
 
 Importing this module is cheap: the extension is built on the first call of one of its ops
-(``build.extension()``). ``availability`` says yes for CPU tensors until a build attempt has failed;
-an op whose build fails (one warning) runs the torch backend's implementation instead.
+(``build.extension()``). When the build fails:
+
+- by default (cpp picked because the tensors are on the CPU) every op runs the torch backend's
+  implementation instead, with the same options (chunk_bytes, inplace_backward), after one warning
+  per process; ``availability`` says yes for CPU tensors until a build attempt has failed;
+- when ``CALIBRL_IMPL=cpp`` forces this backend, ``availability`` builds at once, so that every call,
+  the first included, raises the RuntimeError naming the build error (no silent torch run).
 
 Ops (reference signatures):
 - ``token_logprobs``: forward = one pass per row (row_stats); backward = one pass writing dlogits.
@@ -69,9 +74,26 @@ class CppRowMath:
         self.module.row_gradient(logits, targets.long().contiguous(), rows, inv_temperature, ignore_index, logits)
 
 
+def _forced() -> bool:
+    """Whether CALIBRL_IMPL=cpp forces this backend (then a failed build raises instead of falling back)."""
+    from . import _dispatch
+
+    return _dispatch.requested_impl() == "cpp"
+
+
+def _build_failure() -> str:
+    return f"the C++ kernels could not be built: {build.build_error()}"
+
+
 def _row_math() -> Optional[CppRowMath]:
-    module = build.extension()
-    return None if module is None else CppRowMath(module)
+    """The C++ row math; None when the build failed (the caller falls back to torch) unless forced."""
+    forced = _forced()
+    module = build.extension(fallback_warning=not forced)
+    if module is not None:
+        return CppRowMath(module)
+    if forced:
+        raise RuntimeError(f"calibrl_kernels: backend 'cpp' was requested (CALIBRL_IMPL=cpp) but {_build_failure()}")
+    return None
 
 
 def _row_view(logits: torch.Tensor) -> torch.Tensor:
@@ -220,7 +242,7 @@ def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, i
     math = _row_math()
     if math is None:
         return _torch_backend.OPS["linear_token_logprobs"](
-            hidden, weight, targets, bias, temperature, ignore_index, return_entropy
+            hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_bytes=chunk_bytes
         )
     return linear_cpu.linear_token_logprobs(
         hidden, weight, targets, bias, temperature, ignore_index, return_entropy, row_math=math, chunk_bytes=chunk_bytes
@@ -230,7 +252,9 @@ def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, i
 def fused_linear_calibrl_loss(hidden, weight, targets, old_logp, advantages, mask, *, chunk_bytes=None, **kwargs) -> LossOutput:
     math = _row_math()
     if math is None:
-        return _torch_backend.OPS["fused_linear_calibrl_loss"](hidden, weight, targets, old_logp, advantages, mask, **kwargs)
+        return _torch_backend.OPS["fused_linear_calibrl_loss"](
+            hidden, weight, targets, old_logp, advantages, mask, chunk_bytes=chunk_bytes, **kwargs
+        )
     return linear_cpu.fused_linear_calibrl_loss(
         hidden, weight, targets, old_logp, advantages, mask, row_math=math, chunk_bytes=chunk_bytes, **kwargs
     )
@@ -245,9 +269,18 @@ OPS = {
 
 
 def availability(device: torch.device) -> Tuple[bool, str]:
-    """CPU tensors only, and only while the extension has not failed to build (it builds on first use)."""
+    """CPU tensors only, and only while the extension has not failed to build.
+
+    It builds on the first op call, or here already when CALIBRL_IMPL=cpp forces this backend, so that
+    a forced backend that cannot build is refused from the first call on.
+    """
     if torch.device(device).type != "cpu":
         return False, f"the C++ kernels run on CPU tensors only, not on {torch.device(device)}"
+    forced = _forced()
+    if not build.attempted() and forced:
+        build.extension(fallback_warning=False)
     if build.attempted() and build.build_error() is not None:
-        return False, f"the C++ kernels could not be built: {build.build_error()}"
+        if not forced:
+            build.extension()  # the dispatcher falls back to torch: the process's one warning, if not given yet
+        return False, _build_failure()
     return True, ""

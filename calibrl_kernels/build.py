@@ -3,8 +3,10 @@
 ``extension()`` compiles the sources with ``torch.utils.cpp_extension.load`` (ninja, the C++ compiler
 torch finds) the first time a process needs them, caches the module for the process (torch caches the
 built library on disk, under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, so later
-processes only load it), and is thread-safe. When there is no compiler, no ninja, or the build fails,
-it warns once and returns None, and the callers use the torch path.
+processes only load it), and is thread-safe: concurrent first calls compile once. When there is no
+compiler, no ninja, or the build fails, it returns None (and the reason stays in ``build_error()``);
+callers that fall back to the torch path ask for the one warning of the process
+(``fallback_warning=True``), a caller that must raise instead (``CALIBRL_IMPL=cpp``) does not.
 
 Prebuild (e.g. in a Docker image) and print where the library is::
 
@@ -36,6 +38,7 @@ LDFLAGS = ["-fopenmp"]
 _lock = threading.Lock()
 _module = None
 _error: Optional[BaseException] = None
+_warned = False  # the fallback warning was given in this process
 
 
 def extension_name() -> str:
@@ -78,27 +81,40 @@ def _check_layout(module) -> None:
         raise RuntimeError(f"table layout of the C++ kernels {layout} differs from calibrl_kernels._coefficients {expected}")
 
 
-def extension(verbose: bool = False):
-    """The loaded C++ module, building it on first use; None (after one warning) if it cannot be built."""
+def extension(verbose: bool = False, *, fallback_warning: bool = True):
+    """The loaded C++ module, building it on first use; None if it cannot be built.
+
+    fallback_warning: on failure, warn (once per process) that the torch path is used instead.
+    """
     global _module, _error
-    if _module is not None or _error is not None:
-        return _module
-    with _lock:
-        if _module is None and _error is None:
-            try:
-                module = _compile_and_load(verbose)
-                _check_layout(module)
-                _module = module
-            except Exception as error:  # no compiler / ninja, compile error, stale library ...
-                _error = error
-                warnings.warn(
-                    f"calibrl_kernels: the C++ CPU kernels could not be built ({type(error).__name__}: "
-                    f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the torch path. "
-                    "Run `python -m calibrl_kernels.build` to see the full build log.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+    if _module is None and _error is None:
+        with _lock:
+            if _module is None and _error is None:
+                try:
+                    module = _compile_and_load(verbose)
+                    _check_layout(module)
+                    _module = module
+                except Exception as error:  # no compiler / ninja, compile error, stale library ...
+                    _error = error
+    if _module is None and fallback_warning:
+        _warn_fallback_once()
     return _module
+
+
+def _warn_fallback_once() -> None:
+    global _warned
+    with _lock:
+        if _warned:
+            return
+        _warned = True
+    error = _error
+    last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+    warnings.warn(
+        f"calibrl_kernels: the C++ CPU kernels could not be built ({type(error).__name__}: {last_line}); "
+        "using the torch path. Run `python -m calibrl_kernels.build` to see the full build log.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def attempted() -> bool:
@@ -113,9 +129,9 @@ def build_error() -> Optional[BaseException]:
 
 def _reset() -> None:
     """Forget this process's build attempt (tests)."""
-    global _module, _error
+    global _module, _error, _warned
     with _lock:
-        _module, _error = None, None
+        _module, _error, _warned = None, None, False
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -171,3 +171,16 @@ def cpp_module_or_skip():
     if module is None:
         pytest.skip(f"the C++ extension cannot be built here: {build.build_error()}")
     return module
+
+
+def simulate_build_failure(monkeypatch, message: str = "simulated: no C++ compiler") -> None:
+    """Forget this process's C++ build and make the next attempt fail (monkeypatch restores it all)."""
+    from calibrl_kernels import build
+
+    def fail(verbose=False):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(build, "_module", None)
+    monkeypatch.setattr(build, "_error", None)
+    monkeypatch.setattr(build, "_warned", False, raising=False)
+    monkeypatch.setattr(build, "_compile_and_load", fail)

@@ -15,7 +15,10 @@ import torch
 from calibrl_kernels import _coefficients, _cpp_backend, _dispatch, build, ops, reference
 from calibrl_kernels.config import CalibRLConfig
 
-from _cpu_helpers import CONFIGS, assert_loss_outputs_close, cpp_module_or_skip, make_batch, max_rel_error, token_values_with_ties
+from _cpu_helpers import (
+    CONFIGS, assert_loss_outputs_close, cpp_module_or_skip, make_batch, max_rel_error, simulate_build_failure,
+    token_values_with_ties,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,12 +196,7 @@ def test_dispatch_picks_cpp_on_cpu(cpp, monkeypatch):
 def test_fallback_when_the_build_fails_warns_once(monkeypatch):
     """Simulated build failure: every op falls back to the torch path, with exactly one warning."""
 
-    def fail(verbose=False):
-        raise RuntimeError("simulated: no C++ compiler")
-
-    monkeypatch.setattr(build, "_module", None)
-    monkeypatch.setattr(build, "_error", None)
-    monkeypatch.setattr(build, "_compile_and_load", fail)
+    simulate_build_failure(monkeypatch)
     monkeypatch.delenv("CALIBRL_IMPL", raising=False)
     config = CalibRLConfig()
     batch = make_batch(2, 2, 4, config=config, dtype=torch.float32)
@@ -350,3 +348,68 @@ def test_inplace_backward_on_shifted_logits_and_fallback(cpp, monkeypatch):
     fallback = _cpp_backend.fused_calibrl_loss(y, *args, inplace_backward=True, **batch.kwargs(config))
     fallback.loss.backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+def _fallback_inputs():
+    config = CalibRLConfig()
+    batch = make_batch(2, 2, 4, config=config, dtype=torch.float32)
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 64), torch.float32).requires_grad_(True)
+    targets = torch.randint(0, 64, (B, T))
+    hidden = _logits((B, T, 6), torch.float32).requires_grad_(True)
+    weight = _logits((64, 6), torch.float32).requires_grad_(True)
+    return config, batch, logits, targets, hidden, weight
+
+
+def test_forced_cpp_with_a_failed_build_raises_on_every_call(monkeypatch):
+    """CALIBRL_IMPL=cpp and no compiler: every call raises (the first one used to run torch silently),
+    through the public ops and the backend's own functions alike, without the fallback warning."""
+    simulate_build_failure(monkeypatch)
+    monkeypatch.setenv("CALIBRL_IMPL", "cpp")
+    config, batch, logits, targets, hidden, weight = _fallback_inputs()
+    loss_args = (batch.old_logp, batch.advantages, batch.mask)
+    calls = {
+        "ops.token_logprobs": lambda: ops.token_logprobs(logits, targets),
+        "ops.fused_calibrl_loss": lambda: ops.fused_calibrl_loss(logits, targets, *loss_args, **batch.kwargs(config)),
+        "ops.fused_linear_calibrl_loss": lambda: ops.fused_linear_calibrl_loss(
+            hidden, weight, targets, *loss_args, **batch.kwargs(config)),
+        "cpp.token_logprobs": lambda: _cpp_backend.token_logprobs(logits, targets),
+        "cpp.linear_token_logprobs": lambda: _cpp_backend.linear_token_logprobs(hidden, weight, targets),
+        "cpp.fused_calibrl_loss": lambda: _cpp_backend.fused_calibrl_loss(logits, targets, *loss_args,
+                                                                          **batch.kwargs(config)),
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for name, call in calls.items():
+                with pytest.raises(RuntimeError, match="cpp.*requested.*simulated: no C\\+\\+ compiler"):
+                    call()
+                    pytest.fail(f"{name} ran")
+    assert not [w for w in caught if "could not be built" in str(w.message)]
+    # Not forced any more: the same process falls back to torch, with the one warning.
+    monkeypatch.delenv("CALIBRL_IMPL")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.testing.assert_close(ops.token_logprobs(logits, targets), reference.token_logprobs(logits, targets))
+    assert len([w for w in caught if "could not be built" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("op", ["linear_token_logprobs", "fused_linear_calibrl_loss"])
+def test_fallback_keeps_the_chunk_budget(monkeypatch, op):
+    """After a failed build the linear ops run linear_cpu's torch row math with the caller's chunk_bytes."""
+    from calibrl_kernels import linear_cpu
+
+    simulate_build_failure(monkeypatch)
+    monkeypatch.delenv("CALIBRL_IMPL", raising=False)
+    config, batch, logits, targets, hidden, weight = _fallback_inputs()
+    budget = 64 * 4 * linear_cpu.TORCH_ROW_MATH.buffers_per_chunk  # one fp32 row of V = 64 per chunk
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with linear_cpu.record_chunks() as chunks:
+            if op == "linear_token_logprobs":
+                _cpp_backend.linear_token_logprobs(hidden, weight, targets, chunk_bytes=budget)
+            else:
+                _cpp_backend.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
+                                                       batch.mask, chunk_bytes=budget, **batch.kwargs(config))
+    assert [record.rows for record in chunks] == [1]
