@@ -170,11 +170,16 @@ class TorchRowMath:
 
     @staticmethod
     def _gradient_from_log_probs_(log_p, p, targets, rows, inv_temperature, ignore_index):
-        """log_p (the chunk) := [p (a + b (log p + H)) - a onehot(y)] / T, zero on ignored rows."""
+        """log_p (the chunk) := [p (a + b (log p + H)) - a onehot(y)] / T.
+
+        Exactly zero on rows of ignored targets and of tokens with a = b = 0 (masked, or no incoming
+        gradient), whatever their logits: a row of all -inf logits (padding) has NaN log p.
+        """
         valid, safe = _valid_and_safe_targets(targets, ignore_index)
         zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
         a = torch.where(valid, rows[:, ROW["coef_a"]], zero) * inv_temperature  # (n,)
         b = torch.where(valid, rows[:, ROW["coef_b"]], zero) * inv_temperature  # (n,)
+        active = (a != 0) | (b != 0)  # (n,) rows with a gradient
         if bool((b != 0).any()):
             # z - lse + H = log p + H; where p == 0 the product is 0 (guards -inf * 0).
             grad = log_p.add_(rows[:, ROW["entropy"], None]).mul_(b[:, None]).add_(a[:, None]).mul_(p)
@@ -182,7 +187,7 @@ class TorchRowMath:
         else:
             grad = log_p.copy_(p).mul_(a[:, None])
         grad.scatter_add_(1, safe[:, None], -a[:, None])
-        grad.masked_fill_(~valid[:, None], 0.0)
+        grad.masked_fill_(~active[:, None], 0.0)
 
 
 TORCH_ROW_MATH = TorchRowMath()

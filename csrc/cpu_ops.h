@@ -254,12 +254,14 @@ CALIBRL_INLINE void row_terms(acc_t lp, acc_t entropy, const acc_t* tok, const L
 // ---------------------------------------------------------------------------------------------
 // (c) gradient of one row: out_j = [a (p_j - [j = y]) + b p_j (z_j - lse + H)] / temperature
 // ---------------------------------------------------------------------------------------------
-// `out` may alias `row` (in place). target < 0 means an ignored token: the row's gradient is 0.
+// `out` may alias `row` (in place). A token with target < 0 (ignored) or a = b = 0 (masked, or no incoming
+// gradient) gets an exactly zero row without reading its logits: no 0 * NaN from a row of all -inf
+// logits (padding), and padding rows cost one write.
 template <typename scalar_t, typename out_t, typename acc_t>
 CALIBRL_INLINE void row_gradient_body(const scalar_t* row, out_t* out, int64_t vocab, int64_t target, acc_t lse,
                                       acc_t entropy, acc_t a, acc_t b, acc_t inv_temperature) {
-  if (target < 0) {
-    for (int64_t j = 0; j < vocab; ++j) out[j] = out_t(0);
+  if (target < 0 || (a == acc_t(0) && b == acc_t(0))) {
+    std::fill(out, out + vocab, out_t(0));
     return;
   }
   const acc_t z_target = static_cast<acc_t>(row[target]) * inv_temperature;  // read before an in-place write

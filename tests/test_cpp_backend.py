@@ -413,3 +413,42 @@ def test_fallback_keeps_the_chunk_budget(monkeypatch, op):
                 _cpp_backend.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
                                                        batch.mask, chunk_bytes=budget, **batch.kwargs(config))
     assert [record.rows for record in chunks] == [1]
+
+
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_masked_all_minus_inf_row_gets_a_zero_gradient(cpp, entropy_coef):
+    """Tokens with a = b = 0 (masked or ignored) get an exactly zero gradient row, even a row of all -inf
+    logits (padding), which used to give NaN (0 * NaN); -inf on part of the vocabulary stays exact."""
+    config = CalibRLConfig(entropy_coef=entropy_coef)
+    batch = make_batch(2, 2, 5, config=config, dtype=torch.float32, seed=3)
+    B, T = batch.old_logp.shape
+    V = 37
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+    targets[2, 1] = -100
+    logits = _logits((B, T, V), torch.float32, seed=3)
+    banned = torch.zeros(V, dtype=torch.bool)
+    banned[::3] = True
+    banned[targets[targets >= 0].unique()] = False
+    logits[..., banned] = float("-inf")
+    mask = batch.mask.clone()
+    mask[0, T - 1] = 0.0
+    logits[0, T - 1] = float("-inf")
+    batch = batch._replace(mask=mask)
+    active = (mask != 0) & (targets != -100)  # (B, T)
+    args = (targets, batch.old_logp, batch.advantages, batch.mask)
+    x = logits.clone().requires_grad_(True)
+    out = _cpp_backend.fused_calibrl_loss(x, *args, **batch.kwargs(config))
+    out.loss.backward()
+    ref_x = logits.to(torch.float64).requires_grad_(True)
+    ref = reference.fused_calibrl_loss(ref_x, *args, **batch.kwargs(config))
+    ref.loss.backward()
+    assert_loss_outputs_close(out, ref, rtol=2e-5, atol=2e-6)
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad[~active], torch.zeros_like(x.grad[~active]))
+    assert max_rel_error(x.grad[active], ref_x.grad[active]) < 2e-5
+    # token_logprobs: a zero incoming gradient on the -inf row's logp and entropy gives a zero row too.
+    y = logits.clone().requires_grad_(True)
+    logp, ent = _cpp_backend.token_logprobs(y, targets, 1.0, -100, True)
+    assert torch.isnan(logp[0, T - 1]) and torch.isnan(ent[0, T - 1])  # as the reference
+    (logp[active].sum() + ent[active].sum()).backward()
+    assert torch.isfinite(y.grad).all() and torch.equal(y.grad[~active], torch.zeros_like(y.grad[~active]))

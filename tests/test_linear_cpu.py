@@ -339,3 +339,42 @@ def test_second_order_gradients_raise(row_math, op):
         assert got.requires_grad and max_rel_error(got, expected) < 1e-10
     with pytest.raises(RuntimeError, match="differentiate"):
         sum((g ** 2).sum() for g in grads).backward()
+
+
+def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
+    """A masked token (a = b = 0) gets an exactly zero gradient row, even when its logits are all -inf
+    (which used to give NaN: 0 * NaN); an ignored target too. Other rows are untouched."""
+    from calibrl_kernels import _coefficients
+
+    config = CalibRLConfig(entropy_coef=0.1)
+    g = torch.Generator().manual_seed(19)
+    V = 29
+    logits = torch.randn(4, V, generator=g, dtype=torch.float64) * 2
+    targets = torch.tensor([3, 7, 11, -100])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64) * (targets != -100)
+    table = _coefficients.token_table(
+        -torch.rand(1, 4, generator=g, dtype=torch.float64), torch.tensor([0.8], dtype=torch.float64), mask,
+        expert_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64), passed=torch.tensor([True]),
+        is_expert=None, expert_mask=None, config=config, dtype=torch.float64,
+    )
+
+    def gradient(chunk):
+        chunk = chunk.clone()
+        rows = torch.zeros(4, len(_coefficients.ROW_FIELDS), dtype=torch.float64)
+        row_math.loss(chunk, targets, table, rows, config, 1 / 0.9, -100, True)
+        return chunk, rows
+
+    finite, _ = gradient(logits)
+    padded = logits.clone()
+    padded[2] = float("-inf")
+    grad, rows = gradient(padded)
+    assert rows[2, _coefficients.ROW["coef_a"]] == 0 and rows[2, _coefficients.ROW["coef_b"]] == 0
+    assert torch.isfinite(grad).all()
+    assert torch.equal(grad[2:], torch.zeros_like(grad[2:]))
+    assert torch.equal(grad[:2], finite[:2]) and bool((grad[:2] != 0).any())
+    # The backward-only entry (linear_token_logprobs) with zero incoming gradients on the padded row.
+    rows[:, _coefficients.ROW["coef_a"]] = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
+    rows[:, _coefficients.ROW["coef_b"]] = torch.tensor([0.0, 0.3, 0.0, 1.0], dtype=torch.float64)
+    chunk = padded.clone()
+    row_math.gradient(chunk, targets, rows, 1 / 0.9, -100)
+    assert torch.isfinite(chunk).all() and torch.equal(chunk[2:], torch.zeros_like(chunk[2:]))
