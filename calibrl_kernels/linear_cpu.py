@@ -14,7 +14,7 @@ torch, a few chunk-sized temporaries) and the C++/OpenMP kernels of ``csrc/`` (`
 pass per row, no temporaries). Both fill the same row table (``_coefficients.ROW_FIELDS``).
 
 The loss computes its gradients during the forward (the coefficients are known there) and backward
-only scales them by the incoming gradient. ``linear_token_logprobs`` cannot: its a, b are the incoming
+only scales them by the incoming gradient (in fp32, before the one cast of 16-bit gradients). ``linear_token_logprobs`` cannot: its a, b are the incoming
 gradients of logp and entropy, known only in backward, and dWeight needs them inside the V x D
 reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flops in all instead of
 6) rather than keeping (N, V) logits alive between forward and backward.
@@ -24,8 +24,8 @@ budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 40 MiB) that al
 math's temporaries. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
 inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight; the budget is
 then split in halves between the logits chunk and the weight block), so statistics and every GEMM
-accumulate in fp32, and dWeight is accumulated in an fp32 (V, D) buffer cast to the weight's dtype at
-the end. Large vocabularies favour larger budgets: the dWeight update is a rank-(chunk rows) GEMM that
+accumulate in fp32; dHidden and dWeight are accumulated in fp32 (N, D) and (V, D) buffers, scaled by
+the incoming gradient and cast to the inputs' dtypes once, in backward (``_Gradients.finish``). Large vocabularies favour larger budgets: the dWeight update is a rank-(chunk rows) GEMM that
 streams the whole (V, D) accumulator once per chunk.
 """
 
@@ -234,16 +234,24 @@ class _Operands:
 
 
 class _Gradients:
-    """Gradient buffers of hidden (N, D), weight (V, D) (fp32 accumulation) and bias (V,)."""
+    """Gradient accumulators of hidden (N, D), weight (V, D) and bias (V,), in the compute dtype.
+
+    All three stay in fp32 (fp64 for fp64 inputs) until ``finish``, which applies the upstream
+    gradient's scale and then casts to the inputs' dtypes: a 16-bit gradient is rounded once. (The
+    fused loss finishes in its backward: for a 16-bit weight the fp32 (V, D) accumulator, which the
+    forward needs anyway, lives until then instead of a 16-bit copy; the peak, accumulator plus cast,
+    is the same as casting in the forward.) fp32 / fp64 accumulators are handed over as they are.
+    """
 
     def __init__(self, ops: _Operands, need_hidden: bool, need_weight: bool, need_bias: bool):
         acc = ops.dtype  # fp32 (fp64 for fp64 inputs)
         self.ops = ops
-        self.hidden = torch.empty(ops.num_rows, ops.dim, dtype=ops.hidden.dtype, device=ops.hidden.device) if need_hidden else None
+        self.dtypes = (ops.hidden.dtype, ops.weight.dtype, None if ops.bias is None else ops.bias.dtype)
+        self.hidden = torch.empty(ops.num_rows, ops.dim, dtype=acc, device=ops.hidden.device) if need_hidden else None
         self.weight = torch.zeros(ops.vocab, ops.dim, dtype=acc, device=ops.weight.device) if need_weight else None
         self.bias = torch.zeros(ops.vocab, dtype=acc, device=ops.weight.device) if need_bias else None
-        # 16-bit hidden or several weight blocks: accumulate a chunk's dHidden in the compute dtype first.
-        self._direct_hidden = ops.hidden.dtype == acc and ops.block_rows == ops.vocab
+        # Several weight blocks: accumulate a chunk's dHidden in a temporary, then copy it once.
+        self._direct_hidden = ops.block_rows == ops.vocab
 
     def add_chunk(self, grad_logits: torch.Tensor, h: torch.Tensor, start: int, end: int) -> None:
         """dHidden[start:end] = dZ @ W; dWeight += dZ^T @ h; dBias += sum_rows dZ."""
@@ -265,11 +273,19 @@ class _Gradients:
         if self.bias is not None:
             self.bias.add_(grad_logits.sum(0))
 
-    def finish(self, weight_dtype, bias_dtype):
-        """(dHidden, dWeight, dBias) in the dtypes of their inputs (None where not needed)."""
-        weight = None if self.weight is None else self.weight.to(weight_dtype)
-        bias = None if self.bias is None else self.bias.to(bias_dtype)
-        return self.hidden, weight, bias
+    def finish(self, scale: Optional[torch.Tensor] = None):
+        """(dHidden (N, D), dWeight, dBias) times ``scale`` (a 0-d upstream gradient), in the dtypes of
+        their inputs (None where not needed); the accumulators are consumed (scaled in place)."""
+        results = []
+        for accumulator, dtype in zip((self.hidden, self.weight, self.bias), self.dtypes):
+            if accumulator is None:
+                results.append(None)
+                continue
+            if scale is not None and bool(scale != 1):
+                accumulator.mul_(scale.to(accumulator.dtype))
+            results.append(accumulator.to(dtype))  # no copy when the dtypes agree
+        self.ops = self.hidden = self.weight = self.bias = None
+        return tuple(results)
 
 
 def _stream(ops: _Operands, row_math, grads: Optional[_Gradients], process) -> None:
@@ -321,10 +337,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         _stream(ops, row_math, grads, process)
         out = coef.loss_output(rows[:, ROW["pg"]:].sum(0), config)
         if grads is not None:
-            d_hidden, d_weight, d_bias = grads.finish(weight.dtype, None if bias is None else bias.dtype)
-            ctx.gradients = (None if d_hidden is None else d_hidden.view(hidden.shape), d_weight, d_bias)
-        else:
-            ctx.gradients = (None, None, None)
+            grads.ops = None  # keep only the accumulators until backward
+        ctx.gradients = grads  # finished (scaled, then cast) in backward
+        ctx.hidden_shape = hidden.shape
         metrics = tuple(out[1:])
         ctx.mark_non_differentiable(*metrics)
         return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
@@ -332,19 +347,19 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss, *unused_metric_grads):
-        gradients = ctx.gradients
-        if gradients is None:
+        grads = ctx.gradients
+        if grads is False:
             raise RuntimeError(
                 "fused_linear_calibrl_loss: backward ran twice through the same forward; its gradients are "
                 "formed in the forward and handed over (not copied) on the first backward, so run the "
                 "forward again instead of retain_graph=True"
             )
-        ctx.gradients = None  # hand the buffers over: autograd can then keep them without a copy
-        if bool(grad_loss != 1):
-            for g in gradients:
-                if g is not None:
-                    g.mul_(grad_loss.to(g.dtype))
-        return gradients + (None,) * 7
+        ctx.gradients = False  # hand the buffers over: autograd can then keep them without a copy
+        if grads is None:  # nothing required grad
+            return (None,) * 10
+        d_hidden, d_weight, d_bias = grads.finish(grad_loss)
+        d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)
+        return (d_hidden, d_weight, d_bias) + (None,) * 7
 
 
 def fused_linear_calibrl_loss(
@@ -427,7 +442,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             row_math.gradient(chunk, flat_targets[start:end], rows[start:end], inv_temperature, ignore_index)
 
         _stream(ops, row_math, grads, process)
-        d_hidden, d_weight, d_bias = grads.finish(weight.dtype, None if bias is None else bias.dtype)
+        d_hidden, d_weight, d_bias = grads.finish()
         d_hidden = None if d_hidden is None else d_hidden.view(hidden.shape)
         return (d_hidden, d_weight, d_bias) + (None,) * 5
 

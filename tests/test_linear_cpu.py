@@ -378,3 +378,29 @@ def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
     chunk = padded.clone()
     row_math.gradient(chunk, targets, rows, 1 / 0.9, -100)
     assert torch.isfinite(chunk).all() and torch.equal(chunk[2:], torch.zeros_like(chunk[2:]))
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at |x| (fp64; 8 significant bits)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -126)))
+    return torch.exp2(exponent - 7)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 3, 1e-3])
+def test_bf16_gradients_are_rounded_once_under_a_scaled_backward(row_math, scale):
+    """bf16 hidden / weight / bias with an upstream gradient != 1: every gradient element is the exact
+    value (fp64 reference on the same bf16 inputs) rounded once to bf16 (within half a bf16 spacing,
+    plus the fp32 computation's error); it used to be rounded to bf16 in forward and scaled in bf16
+    in backward (up to a whole spacing off). Its error is no larger than the reference's in bf16."""
+    config = CalibRLConfig(entropy_coef=0.02)
+    case = make_linear_case(config, V=600, D=24, dtype=torch.bfloat16, seed=5)
+    exact, exact_grads = loss_and_grads(reference.fused_linear_calibrl_loss, upcast_leaves(case), config, scale=scale)
+    ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config, scale=scale)
+    out, grads = loss_and_grads(linear_cpu.fused_linear_calibrl_loss, case, config, scale=scale, row_math=row_math,
+                                chunk_bytes=64 * 1024)
+    for got, want, base, name in zip(grads, exact_grads, ref_grads, ("hidden", "weight", "bias")):
+        assert got.dtype == torch.bfloat16, name
+        error = (got.double() - want).abs()
+        bound = 0.5 * _bf16_ulp(want) + 1e-5 * float(want.abs().max())
+        assert bool((error <= bound).all()), f"{name}: {int((error > bound).sum())} elements rounded twice"
+        assert max_rel_error(got, want) <= max_rel_error(base, want) + 1e-6, name
