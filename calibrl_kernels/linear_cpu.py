@@ -20,8 +20,11 @@ reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flo
 6) rather than keeping (N, V) logits alive between forward and backward.
 
 Memory: the chunk holds ``rows_per_chunk * V`` logits of the compute dtype; its size comes from a byte
-budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 40 MiB) that also covers the row
-math's temporaries. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
+budget that also covers the row math's temporaries: ``chunk_bytes=`` (these functions and
+``LinearCalibRLLoss(chunk_bytes=...)``), else env ``CALIBRL_CHUNK_BYTES`` (a positive whole number of
+bytes), else 40 MiB (``chunk_budget``). This budget belongs to this chunked path only, i.e. the cpp
+and torch backends (CPU tensors by default); the Triton GPU path sizes its own chunks
+(``_heuristics.LINEAR_CHUNK_BYTES``) and ignores it. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
 inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight; the budget is
 then split in halves between the logits chunk and the weight block), so statistics and every GEMM
 accumulate in fp32; dHidden and dWeight are accumulated in fp32 (N, D) and (V, D) buffers, scaled by
@@ -32,6 +35,9 @@ streams the whole (V, D) accumulator once per chunk.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import math
+import numbers
 import os
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
@@ -51,22 +57,62 @@ _DEFAULT_CONFIG = CalibRLConfig()
 # --------------------------------------------------------------------------------------------
 # Chunk plan and its introspection hook
 # --------------------------------------------------------------------------------------------
-def chunk_budget(chunk_bytes: Optional[int] = None) -> int:
-    """The chunk byte budget: the argument, else env CALIBRL_CHUNK_BYTES, else DEFAULT_CHUNK_BYTES."""
-    if chunk_bytes is None:
-        raw = os.environ.get(ENV_CHUNK_BYTES, "").strip()
-        if not raw:
-            return DEFAULT_CHUNK_BYTES
+_scoped_chunk_bytes: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("calibrl_chunk_bytes", default=None)
+
+
+def _checked_chunk_bytes(chunk_bytes) -> int:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral):
+        raise TypeError(f"chunk_bytes: expected an int (bytes), got {type(chunk_bytes).__name__} {chunk_bytes!r}")
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
+    return int(chunk_bytes)
+
+
+def _parse_env_chunk_bytes(raw: str) -> int:
+    """The value of CALIBRL_CHUNK_BYTES: a positive whole number of bytes ("40000000", "4e7", "4_000_000")."""
+    problem = f"{ENV_CHUNK_BYTES}: expected a positive whole number of bytes (e.g. 40000000 or 4e7), got {raw!r}"
+    text = raw.strip()
+    try:
+        value = int(text)
+    except ValueError:
         try:
-            chunk_bytes = int(float(raw))
+            number = float(text)
         except ValueError:
-            raise ValueError(f"{ENV_CHUNK_BYTES}: expected a number of bytes, got {raw!r}") from None
-        name = ENV_CHUNK_BYTES
-    else:
-        name = "chunk_bytes"
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"{name}: expected a positive number of bytes, got {chunk_bytes!r}")
-    return chunk_bytes
+            raise ValueError(problem) from None
+        if not math.isfinite(number) or not number.is_integer():
+            raise ValueError(problem) from None
+        value = int(number)
+    if value <= 0:
+        raise ValueError(problem)
+    return value
+
+
+def chunk_budget(chunk_bytes: Optional[int] = None) -> int:
+    """The chunk byte budget of this path: the argument, else the innermost ``chunk_bytes_scope``, else
+    env CALIBRL_CHUNK_BYTES, else DEFAULT_CHUNK_BYTES. (The Triton GPU path does not read it.)"""
+    if chunk_bytes is None:
+        chunk_bytes = _scoped_chunk_bytes.get()
+    if chunk_bytes is not None:
+        return _checked_chunk_bytes(chunk_bytes)
+    raw = os.environ.get(ENV_CHUNK_BYTES, "")
+    return _parse_env_chunk_bytes(raw) if raw.strip() else DEFAULT_CHUNK_BYTES
+
+
+@contextlib.contextmanager
+def chunk_bytes_scope(chunk_bytes: Optional[int]) -> Iterator[None]:
+    """Use ``chunk_bytes`` as the budget of the chunked calls made inside the block (None: no change).
+
+    For callers that go through the public ops, which have no chunk_bytes argument (e.g.
+    ``LinearCalibRLLoss(chunk_bytes=...)``). A context variable: per thread / asyncio task.
+    """
+    if chunk_bytes is None:
+        yield
+        return
+    token = _scoped_chunk_bytes.set(_checked_chunk_bytes(chunk_bytes))
+    try:
+        yield
+    finally:
+        _scoped_chunk_bytes.reset(token)
 
 
 def rows_per_chunk(num_rows: int, vocab: int, element_bytes: int, buffers: int, budget: int) -> int:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, ops
+from . import _checks, linear_cpu, ops
 from .config import CalibRLConfig, LossOutput
 
 
@@ -83,7 +83,21 @@ class LinearCalibRLLoss(_ConfiguredLoss):
     """The loss from hidden states (B, T, D) and the lm_head weight (V, D) [+ bias], without (N, V) logits.
 
     See ``ops.fused_linear_calibrl_loss``; gradients flow to hidden, weight and bias.
+
+    chunk_bytes: the byte budget of a logits chunk on the CPU chunked path (the cpp and torch backends,
+    ``linear_cpu``) for this module's calls; None uses env CALIBRL_CHUNK_BYTES, else 40 MiB. Larger
+    budgets are faster for large vocabularies. The Triton GPU path has its own budget and ignores it.
     """
+
+    def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100,
+                 chunk_bytes: Optional[int] = None):
+        super().__init__(config, ignore_index=ignore_index)
+        if chunk_bytes is not None:
+            linear_cpu.chunk_budget(chunk_bytes)  # TypeError / ValueError now rather than at the first call
+        self.chunk_bytes = chunk_bytes
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk_bytes={self.chunk_bytes}"
 
     def forward(
         self,
@@ -98,7 +112,8 @@ class LinearCalibRLLoss(_ConfiguredLoss):
         **batch_fields,
     ) -> LossOutput:
         """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
-        return ops.fused_linear_calibrl_loss(
-            hidden, weight, targets, old_logp, advantages, mask, bias=bias, ignore_index=self.ignore_index,
-            config=self.config, **batch_fields,
-        )
+        with linear_cpu.chunk_bytes_scope(self.chunk_bytes):
+            return ops.fused_linear_calibrl_loss(
+                hidden, weight, targets, old_logp, advantages, mask, bias=bias, ignore_index=self.ignore_index,
+                config=self.config, **batch_fields,
+            )

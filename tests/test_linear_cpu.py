@@ -404,3 +404,31 @@ def test_bf16_gradients_are_rounded_once_under_a_scaled_backward(row_math, scale
         bound = 0.5 * _bf16_ulp(want) + 1e-5 * float(want.abs().max())
         assert bool((error <= bound).all()), f"{name}: {int((error > bound).sum())} elements rounded twice"
         assert max_rel_error(got, want) <= max_rel_error(base, want) + 1e-6, name
+
+
+@pytest.mark.parametrize("raw, expected", [("4096", 4096), (" 1e6 ", 1_000_000), ("1_048_576", 2**20), ("2.0e3", 2000)])
+def test_chunk_bytes_env_accepts_whole_numbers(monkeypatch, raw, expected):
+    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, raw)
+    assert linear_cpu.chunk_budget() == expected
+
+
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e400", "0.5", "1.9", "0", "-4096", "lots", "12 MB"])
+def test_chunk_bytes_env_rejects_the_rest_quoting_it(monkeypatch, raw):
+    """A clear ValueError naming the variable and quoting the raw string (inf used to raise an uncaught
+    OverflowError, 0.5 to report 'got 0', 1.9 to run silently with 1 byte)."""
+    import re
+
+    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, raw)
+    with pytest.raises(ValueError, match=f"CALIBRL_CHUNK_BYTES.*{re.escape(repr(raw))}"):
+        linear_cpu.chunk_budget()
+
+
+def test_chunk_bytes_argument_validation(monkeypatch):
+    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, "1.9")  # an explicit argument wins: the env is not read
+    assert linear_cpu.chunk_budget(4096) == 4096
+    for bad in (1.9, 4096.0, "4096", True):
+        with pytest.raises(TypeError, match="chunk_bytes"):
+            linear_cpu.chunk_budget(bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="chunk_bytes.*got " + str(bad)):
+            linear_cpu.chunk_budget(bad)
