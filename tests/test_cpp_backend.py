@@ -452,3 +452,26 @@ def test_masked_all_minus_inf_row_gets_a_zero_gradient(cpp, entropy_coef):
     assert torch.isnan(logp[0, T - 1]) and torch.isnan(ent[0, T - 1])  # as the reference
     (logp[active].sum() + ent[active].sum()).backward()
     assert torch.isfinite(y.grad).all() and torch.equal(y.grad[~active], torch.zeros_like(y.grad[~active]))
+
+
+@pytest.mark.parametrize("ci", ["true", "1", "True"])
+def test_missing_compiler_fails_under_ci(monkeypatch, ci):
+    """In CI (env CI set, as GitHub Actions / GitLab do) a C++ extension that cannot build fails the C++
+    tests instead of skipping them all silently."""
+    simulate_build_failure(monkeypatch)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(BaseException) as raised:
+        cpp_module_or_skip()
+    assert raised.type is pytest.fail.Exception and "simulated: no C++ compiler" in str(raised.value)
+
+
+@pytest.mark.parametrize("ci", [None, "", "false", "0"])
+def test_missing_compiler_skips_outside_ci(monkeypatch, ci):
+    simulate_build_failure(monkeypatch)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(BaseException) as raised:
+        cpp_module_or_skip()
+    assert raised.type is pytest.skip.Exception and "simulated: no C++ compiler" in str(raised.value)
