@@ -69,14 +69,20 @@ def _compile_and_load(verbose: bool = False):
     )
 
 
-def _check_layout(module) -> None:
-    """The C++ table columns must be those of _coefficients (a stale or foreign build fails here)."""
+def expected_layout() -> dict:
+    """What the extension's layout() must return: the table columns of _coefficients."""
     from . import _coefficients as coef
 
-    layout = module.layout()
     expected = {name: i for i, name in enumerate(coef.TOKEN_FIELDS)}
     expected.update({f"row.{name}": i for i, name in enumerate(coef.ROW_FIELDS)})
     expected.update(token_count=len(coef.TOKEN_FIELDS), row_count=len(coef.ROW_FIELDS))
+    return expected
+
+
+def _check_layout(module) -> None:
+    """The C++ table columns must be those of _coefficients (a stale or foreign build fails here)."""
+    layout = module.layout()
+    expected = expected_layout()
     if layout != expected:
         raise RuntimeError(f"table layout of the C++ kernels {layout} differs from calibrl_kernels._coefficients {expected}")
 

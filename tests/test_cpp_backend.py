@@ -475,3 +475,63 @@ def test_missing_compiler_skips_outside_ci(monkeypatch, ci):
     with pytest.raises(BaseException) as raised:
         cpp_module_or_skip()
     assert raised.type is pytest.skip.Exception and "simulated: no C++ compiler" in str(raised.value)
+
+
+def _concurrent_first_calls(monkeypatch, compile_step, threads=8):
+    """build.extension() from `threads` threads released together, with `compile_step` as the compiler."""
+    import threading
+    import types
+
+    calls = []
+
+    def counting_compile(verbose=False):
+        calls.append(threading.get_ident())
+        return compile_step()
+
+    simulate_build_failure(monkeypatch)
+    monkeypatch.setattr(build, "_compile_and_load", counting_compile)
+    start = threading.Barrier(threads)
+    results = [types.SimpleNamespace(value="not run") for _ in range(threads)]
+
+    def worker(slot):
+        start.wait()
+        slot.value = build.extension()
+
+    workers = [threading.Thread(target=worker, args=(slot,)) for slot in results]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+    assert not any(w.is_alive() for w in workers)
+    return calls, [slot.value for slot in results], [w for w in caught if "could not be built" in str(w.message)]
+
+
+def test_lazy_build_compiles_once_under_concurrent_first_calls(monkeypatch):
+    """Concurrent first calls: one compile (a slow fake), every thread gets the same module."""
+    import time
+    import types
+
+    fake = types.SimpleNamespace(layout=build.expected_layout)
+
+    def slow_compile():
+        time.sleep(0.2)  # long enough for every thread to arrive while the first one compiles
+        return fake
+
+    calls, modules, warned = _concurrent_first_calls(monkeypatch, slow_compile)
+    assert len(calls) == 1 and all(m is fake for m in modules) and not warned
+    assert build.extension() is fake and len(calls) == 1
+
+
+def test_lazy_build_fails_once_under_concurrent_first_calls(monkeypatch):
+    """Concurrent first calls and a failing compile: one attempt, None everywhere, one warning."""
+    import time
+
+    def failing_compile():
+        time.sleep(0.2)
+        raise RuntimeError("simulated: compiler crashed")
+
+    calls, modules, warned = _concurrent_first_calls(monkeypatch, failing_compile)
+    assert len(calls) == 1 and modules == [None] * len(modules) and len(warned) == 1
+    assert "simulated: compiler crashed" in str(build.build_error())
