@@ -47,12 +47,15 @@ def extension_name() -> str:
 
 
 def source_dir() -> Path:
-    """The folder holding cpu_ops.cpp: the package's _csrc (installed) or the repository's csrc/."""
+    """The folder holding the sources and headers: the package's _csrc (installed) or the repository's csrc/."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "_csrc", package.parent / "csrc"):
-        if (candidate / SOURCES[0]).is_file():
+        if all((candidate / name).is_file() for name in SOURCES + HEADERS):
             return candidate
-    raise FileNotFoundError(f"calibrl_kernels: the C++ sources {SOURCES} are neither in {package / '_csrc'} nor in {package.parent / 'csrc'}")
+    raise FileNotFoundError(
+        f"calibrl_kernels: the C++ sources {SOURCES + HEADERS} are neither in {package / '_csrc'} nor in "
+        f"{package.parent / 'csrc'}"
+    )
 
 
 def _compile_and_load(verbose: bool = False):

@@ -100,6 +100,32 @@ def token_values_with_ties(batch: Batch, dtype=torch.float64, seed: int = 1):
     return logp, entropy
 
 
+def batch_with_ties(batch: Batch, logp: torch.Tensor) -> Batch:
+    """The batch with old_logp / a per-token expert baseline moved so that the given logp (B, T) (e.g.
+    a kernel's) hits the ties of token_values_with_ties: lp == old_lp, lp == baseline, lp - baseline
+    == +-1, lp - old_lp == +-20, far-out ratios."""
+    old = batch.old_logp.clone()
+    baseline = batch.expert_logp.clone()
+    per_token = baseline.dim() == 2  # a (B,) baseline cannot tie per token
+    logp = logp.to(old.dtype)
+    pattern = itertools.cycle(range(8))
+    B, T = old.shape
+    for row in range(B):
+        for t in range(T):
+            kind, sign = next(pattern), (1.0 if t % 2 else -1.0)
+            if kind == 0:
+                old[row, t] = logp[row, t]
+            elif kind == 1 and per_token:
+                baseline[row, t] = logp[row, t]
+            elif kind == 2 and per_token:
+                baseline[row, t] = logp[row, t] - sign
+            elif kind == 3:
+                old[row, t] = logp[row, t] - 20.0 * sign
+            elif kind == 4:
+                old[row, t] = logp[row, t] - 2.5 * sign
+    return batch._replace(old_logp=old, expert_logp=baseline)
+
+
 def assert_loss_outputs_close(actual, expected, rtol, atol, what=""):
     """Every LossOutput field close (nan == nan)."""
     for name in expected._fields:

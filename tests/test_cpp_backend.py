@@ -16,8 +16,8 @@ from calibrl_kernels import _coefficients, _cpp_backend, _dispatch, build, ops, 
 from calibrl_kernels.config import CalibRLConfig
 
 from _cpu_helpers import (
-    CONFIGS, assert_loss_outputs_close, cpp_module_or_skip, make_batch, max_rel_error, simulate_build_failure,
-    token_values_with_ties,
+    CONFIGS, assert_loss_outputs_close, batch_with_ties, cpp_module_or_skip, make_batch, max_rel_error,
+    simulate_build_failure,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,22 +143,32 @@ def test_fused_calibrl_loss_low_precision(cpp, dtype, name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_row_coefficients_equal_closed_form_with_ties(cpp, name):
-    """(b) alone: the C++ per-row terms equal _coefficients.token_terms (fp64, planted ties)."""
+def test_row_loss_terms_equal_closed_form_with_ties(cpp, name):
+    """(b) of row_loss: the C++ per-row terms and coefficients equal _coefficients.token_terms on the
+    kernel's own lp and H (fp64), with ties planted on those lp (ratio 1, guide z = 0, huber kinks,
+    clamp bounds, clipped and dual-clipped ratios)."""
     config = CONFIGS[name]
     batch = make_batch(3, 3, 11, config=config, seed=len(name) + 1)
-    logp, entropy = token_values_with_ties(batch)
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 53), torch.float64, seed=len(name))
+    targets = torch.randint(0, 53, (B * T,), generator=torch.Generator().manual_seed(len(name)))
+    targets[5] = -100
+    stats = torch.zeros(B * T, len(_coefficients.ROW_FIELDS), dtype=torch.float64)
+    cpp.row_stats(logits, targets, 1.0, -100, stats)
+    batch = batch_with_ties(batch, stats[:, _coefficients.ROW["logp"]].view(B, T))
+    mask = batch.mask * (targets != -100).view(B, T)
     table = _coefficients.token_table(
-        batch.old_logp, batch.advantages, batch.mask, expert_logp=batch.expert_logp, passed=batch.passed,
+        batch.old_logp, batch.advantages, mask, expert_logp=batch.expert_logp, passed=batch.passed,
         is_expert=batch.is_expert, expert_mask=batch.expert_mask, config=config, dtype=torch.float64,
     )
-    rows = torch.zeros(logp.numel(), len(_coefficients.ROW_FIELDS), dtype=torch.float64)
-    rows[:, _coefficients.ROW["logp"]] = logp.reshape(-1)
-    rows[:, _coefficients.ROW["entropy"]] = entropy.reshape(-1)
+    rows = torch.zeros_like(stats)
+    cpp.row_loss(logits, targets, table, rows, config.mode, config.activation, _cpp_backend.loss_params(config), 1.0,
+                 -100, False)
+    torch.testing.assert_close(rows[:, :3], stats[:, :3], rtol=0, atol=0)  # logp, entropy, lse
     expected = rows.clone()
     _coefficients.fill_row_terms(expected, table, config)
-    cpp.row_coefficients(rows, table, config.mode, config.activation, _cpp_backend.loss_params(config))
     torch.testing.assert_close(rows, expected, rtol=1e-12, atol=1e-15)
+    assert bool((rows[:, _coefficients.ROW["coef_a"]] != 0).any())
 
 
 def test_same_result_on_one_and_two_threads(cpp):
