@@ -18,6 +18,7 @@ The sources ship inside the package as ``calibrl_kernels/_csrc`` (a wheel) or si
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 import threading
@@ -42,8 +43,18 @@ _warned = False  # the fallback warning was given in this process
 
 
 def extension_name() -> str:
-    """A module name per torch build, so that a library built for another torch is never loaded."""
-    return "calibrl_cpu_ops_" + re.sub(r"\W", "_", torch.__version__)
+    """A module name per torch build and per content of the sources and flags.
+
+    So a library built for another torch is never loaded, and two checkouts / installed versions with
+    different sources that share the torch extensions cache get one build folder each instead of
+    rebuilding over each other's library.
+    """
+    digest = hashlib.sha256(repr((CFLAGS, LDFLAGS)).encode())
+    src = source_dir()
+    for name in SOURCES + HEADERS:
+        digest.update((src / name).read_bytes())
+    torch_version = re.sub(r"\W", "_", torch.__version__)
+    return f"calibrl_cpu_ops_{torch_version}_{digest.hexdigest()[:12]}"
 
 
 def source_dir() -> Path:

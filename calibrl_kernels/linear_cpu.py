@@ -323,11 +323,12 @@ class _Gradients:
         """(dHidden (N, D), dWeight, dBias) times ``scale`` (a 0-d upstream gradient), in the dtypes of
         their inputs (None where not needed); the accumulators are consumed (scaled in place)."""
         results = []
+        rescale = scale is not None and bool(scale != 1)
         for accumulator, dtype in zip((self.hidden, self.weight, self.bias), self.dtypes):
             if accumulator is None:
                 results.append(None)
                 continue
-            if scale is not None and bool(scale != 1):
+            if rescale:
                 accumulator.mul_(scale.to(accumulator.dtype))
             results.append(accumulator.to(dtype))  # no copy when the dtypes agree
         self.ops = self.hidden = self.weight = self.bias = None

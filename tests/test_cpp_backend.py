@@ -545,3 +545,18 @@ def test_lazy_build_fails_once_under_concurrent_first_calls(monkeypatch):
     calls, modules, warned = _concurrent_first_calls(monkeypatch, failing_compile)
     assert len(calls) == 1 and modules == [None] * len(modules) and len(warned) == 1
     assert "simulated: compiler crashed" in str(build.build_error())
+
+
+def test_extension_name_follows_the_sources(monkeypatch, tmp_path):
+    """Checkouts with different C++ sources sharing the torch extensions cache get different build folders."""
+    import shutil
+
+    name = build.extension_name()
+    assert name.startswith("calibrl_cpu_ops_") and name == build.extension_name()
+    for file in build.SOURCES + build.HEADERS:
+        shutil.copy(build.source_dir() / file, tmp_path / file)
+    monkeypatch.setattr(build, "source_dir", lambda: tmp_path)
+    assert build.extension_name() == name
+    with open(tmp_path / build.HEADERS[0], "a") as header:
+        header.write("\n// edited\n")
+    assert build.extension_name() != name
