@@ -33,8 +33,8 @@ SOURCES = ("cpu_ops.cpp",)
 HEADERS = ("cpu_ops.h",)
 # Portable flags only: no -march; cpu_ops.h picks AVX2 / AVX-512 code paths at load time.
 # -ffp-contract=fast lets those paths use FMA (ISO C++ mode turns contraction off by default).
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast")
+LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension.load appends torch's libraries to the list it is given
 
 _lock = threading.Lock()
 _module = None
@@ -77,8 +77,8 @@ def _compile_and_load(verbose: bool = False):
     return cpp_extension.load(
         name=extension_name(),
         sources=[str(src / name) for name in SOURCES],  # cpu_ops.h sits beside them (ninja tracks it)
-        extra_cflags=CFLAGS,
-        extra_ldflags=LDFLAGS,
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         verbose=verbose,
     )
 
