@@ -35,12 +35,6 @@ class _ConfiguredLoss(torch.nn.Module):
         return f"config={self.config!r}, ignore_index={self.ignore_index}"
 
 
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return value
-
-
 class CalibRLLoss(_ConfiguredLoss):
     """CalibRL loss (or a baseline's, per ``config.mode``) from logits (B, T, V); see ``ops.fused_calibrl_loss``.
 
@@ -52,7 +46,8 @@ class CalibRLLoss(_ConfiguredLoss):
     def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100,
                  inplace_backward: bool = False):
         super().__init__(config, ignore_index=ignore_index)
-        self.inplace_backward = _check_bool("inplace_backward", inplace_backward)
+        _checks.check_bool_argument("inplace_backward", inplace_backward)
+        self.inplace_backward = inplace_backward
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", inplace_backward={self.inplace_backward}"
@@ -72,7 +67,7 @@ class CalibRLLoss(_ConfiguredLoss):
 
         inplace_backward: None uses the module's setting; True / False overrides it for this call.
         """
-        inplace = self.inplace_backward if inplace_backward is None else _check_bool("inplace_backward", inplace_backward)
+        inplace = self.inplace_backward if inplace_backward is None else inplace_backward  # the op checks it
         return ops.fused_calibrl_loss(
             logits, targets, old_logp, advantages, mask, ignore_index=self.ignore_index, config=self.config,
             inplace_backward=inplace, **batch_fields,
