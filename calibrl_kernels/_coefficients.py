@@ -230,11 +230,9 @@ class TokenTerms(NamedTuple):
     guide: torch.Tensor  # c_guide * w * act(z)
     entropy_loss: torch.Tensor  # c_loss * H
     entropy_metric: torch.Tensor  # c_entropy_metric * H
-    clipfrac: torch.Tensor  # c_all * clipped
-    clipfrac_lower: torch.Tensor  # c_all * clipped_lower
+    clipfrac: torch.Tensor  # c_all * (l2 > l1)
+    clipfrac_lower: torch.Tensor  # c_all * ((lc > -c A) & (A < 0))
     ppo_kl: torch.Tensor  # c_all * (old_lp - lp)
-    clipped: torch.Tensor  # bool, l2 > l1
-    clipped_lower: torch.Tensor  # bool, (lc > -c A) & (A < 0)
 
 
 def _weighted(c: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -275,8 +273,6 @@ def token_terms(lp: torch.Tensor, entropy: torch.Tensor, table: torch.Tensor, co
         clipfrac=_weighted(c_all, clipped.to(lp.dtype)),
         clipfrac_lower=_weighted(c_all, clipped_lower.to(lp.dtype)),
         ppo_kl=_weighted(c_all, old_lp - lp),
-        clipped=clipped,
-        clipped_lower=clipped_lower,
     )
 
 

@@ -1,8 +1,13 @@
 """The C++/OpenMP CPU backend: the row kernels of ``csrc/`` on logits, and on the chunks of the linear path.
 
 Importing this module is cheap: the extension is built on the first call of one of its ops
-(``build.extension()``). ``availability`` says yes for CPU tensors until a build attempt has failed;
-an op whose build fails (one warning) runs the torch backend's implementation instead.
+(``build.extension()``). When the build fails:
+
+- by default (cpp picked because the tensors are on the CPU) every op runs the torch backend's
+  implementation instead, with the same options (chunk_bytes, inplace_backward), after one warning
+  per process; ``availability`` says yes for CPU tensors until a build attempt has failed;
+- when ``CALIBRL_IMPL=cpp`` forces this backend, ``availability`` builds at once, so that every call,
+  the first included, raises the RuntimeError naming the build error (no silent torch run).
 
 Ops (reference signatures):
 - ``token_logprobs``: forward = one pass per row (row_stats); backward = one pass writing dlogits.
@@ -21,6 +26,7 @@ import torch
 
 from . import _coefficients as coef
 from . import _torch_backend, build, linear_cpu
+from ._autograd import first_order_only
 from .config import (
     LOG_RATIO_CLAMP,
     LUFFY_SHAPING_GAMMA,
@@ -68,9 +74,26 @@ class CppRowMath:
         self.module.row_gradient(logits, targets.long().contiguous(), rows, inv_temperature, ignore_index, logits)
 
 
+def _forced() -> bool:
+    """Whether CALIBRL_IMPL=cpp forces this backend (then a failed build raises instead of falling back)."""
+    from . import _dispatch
+
+    return _dispatch.requested_impl() == "cpp"
+
+
+def _build_failure() -> str:
+    return f"the C++ kernels could not be built: {build.build_error()}"
+
+
 def _row_math() -> Optional[CppRowMath]:
-    module = build.extension()
-    return None if module is None else CppRowMath(module)
+    """The C++ row math; None when the build failed (the caller falls back to torch) unless forced."""
+    forced = _forced()
+    module = build.extension(fallback_warning=not forced)
+    if module is not None:
+        return CppRowMath(module)
+    if forced:
+        raise RuntimeError(f"calibrl_kernels: backend 'cpp' was requested (CALIBRL_IMPL=cpp) but {_build_failure()}")
+    return None
 
 
 def _row_view(logits: torch.Tensor) -> torch.Tensor:
@@ -99,6 +122,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logp, grad_entropy):
         logits, flat_targets, rows = ctx.saved_tensors
         inv_temperature, ignore_index, math = ctx.settings
@@ -125,8 +149,10 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_e
 # fused_calibrl_loss
 # --------------------------------------------------------------------------------------------
 class _FusedLoss(torch.autograd.Function):
+    """Loss and metrics in one pass per row; backward writes dL/dlogits (over the logits when inplace)."""
+
     @staticmethod
-    def forward(ctx, logits, targets, table, config, ignore_index, math):
+    def forward(ctx, logits, targets, table, config, ignore_index, math, inplace_backward):
         logits_rows, flat_targets = _row_view(logits), targets.reshape(-1).long().contiguous()
         rows = _row_table(flat_targets.numel(), logits)
         inv_temperature = 1.0 / config.temperature
@@ -138,23 +164,37 @@ class _FusedLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, flat_targets, rows)
         ctx.settings = (inv_temperature, ignore_index, math)
+        ctx.inplace, ctx.backward_done = inplace_backward, False
         metrics = tuple(out[1:])
         ctx.mark_non_differentiable(*metrics)
         return (out.loss.clone(),) + metrics
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *unused_metric_grads):
         if not ctx.needs_input_grad[0]:
-            return (None,) * 6
+            return (None,) * 7
+        if ctx.inplace and ctx.backward_done:
+            raise RuntimeError(
+                "fused_calibrl_loss(inplace_backward=True): the logits buffer already holds the gradient of a "
+                "first backward pass; a second backward (retain_graph=True) cannot recompute it"
+            )
         logits, flat_targets, rows = ctx.saved_tensors
         inv_temperature, ignore_index, math = ctx.settings
         rows = rows.clone()
         rows[:, ROW["coef_a"]] *= grad_loss.to(rows.dtype)
         rows[:, ROW["coef_b"]] *= grad_loss.to(rows.dtype)
-        logits_rows = _row_view(logits)
-        grad = torch.empty(logits.shape, dtype=logits.dtype)
+        logits_rows = _row_view(logits.detach())
+        # In place: row_gradient reads each row before overwriting it (a strided view is written as is;
+        # logits without unit stride along V were copied by _row_view, and the copy is overwritten).
+        grad = logits_rows if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype)
         math.module.row_gradient(logits_rows, flat_targets, rows, inv_temperature, ignore_index, grad)
-        return (grad.view(logits.shape),) + (None,) * 5
+        if ctx.inplace:
+            ctx.backward_done = True
+            # The kernel's writes are invisible to autograd: bump the version counter so that any other
+            # node that saved these logits fails loudly instead of reading gradients as logits.
+            torch.autograd.graph.increment_version(logits)
+        return (grad.view(logits.shape),) + (None,) * 6
 
 
 def fused_calibrl_loss(
@@ -170,12 +210,20 @@ def fused_calibrl_loss(
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     config: CalibRLConfig = _DEFAULT_CONFIG,
+    inplace_backward: bool = False,
 ) -> LossOutput:
+    """The C++ twin of ``reference.fused_calibrl_loss``.
+
+    inplace_backward=True writes dL/dlogits over the logits buffer during backward (no logits-sized
+    gradient buffer): afterwards ``logits`` holds its own gradient (``logits.grad`` aliases it when
+    logits is a leaf) and must not be used as logits again; a second backward raises.
+    """
     math = _row_math()
     if math is None:
         return _torch_backend.OPS["fused_calibrl_loss"](
             logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed,
             is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
+            inplace_backward=inplace_backward,
         )
     dtype = compute_dtype(logits)
     token_mask = mask.to(dtype) * (targets != ignore_index).to(dtype)  # (B, T)
@@ -183,7 +231,7 @@ def fused_calibrl_loss(
         old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
         expert_mask=expert_mask, config=config, dtype=dtype,
     )
-    return LossOutput(*_FusedLoss.apply(logits, targets, table, config, ignore_index, math))
+    return LossOutput(*_FusedLoss.apply(logits, targets, table, config, ignore_index, math, bool(inplace_backward)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +242,7 @@ def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, i
     math = _row_math()
     if math is None:
         return _torch_backend.OPS["linear_token_logprobs"](
-            hidden, weight, targets, bias, temperature, ignore_index, return_entropy
+            hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_bytes=chunk_bytes
         )
     return linear_cpu.linear_token_logprobs(
         hidden, weight, targets, bias, temperature, ignore_index, return_entropy, row_math=math, chunk_bytes=chunk_bytes
@@ -204,7 +252,9 @@ def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, i
 def fused_linear_calibrl_loss(hidden, weight, targets, old_logp, advantages, mask, *, chunk_bytes=None, **kwargs) -> LossOutput:
     math = _row_math()
     if math is None:
-        return _torch_backend.OPS["fused_linear_calibrl_loss"](hidden, weight, targets, old_logp, advantages, mask, **kwargs)
+        return _torch_backend.OPS["fused_linear_calibrl_loss"](
+            hidden, weight, targets, old_logp, advantages, mask, chunk_bytes=chunk_bytes, **kwargs
+        )
     return linear_cpu.fused_linear_calibrl_loss(
         hidden, weight, targets, old_logp, advantages, mask, row_math=math, chunk_bytes=chunk_bytes, **kwargs
     )
@@ -219,9 +269,18 @@ OPS = {
 
 
 def availability(device: torch.device) -> Tuple[bool, str]:
-    """CPU tensors only, and only while the extension has not failed to build (it builds on first use)."""
+    """CPU tensors only, and only while the extension has not failed to build.
+
+    It builds on the first op call, or here already when CALIBRL_IMPL=cpp forces this backend, so that
+    a forced backend that cannot build is refused from the first call on.
+    """
     if torch.device(device).type != "cpu":
         return False, f"the C++ kernels run on CPU tensors only, not on {torch.device(device)}"
+    forced = _forced()
+    if not build.attempted() and forced:
+        build.extension(fallback_warning=False)
     if build.attempted() and build.build_error() is not None:
-        return False, f"the C++ kernels could not be built: {build.build_error()}"
+        if not forced:
+            build.extension()  # the dispatcher falls back to torch: the process's one warning, if not given yet
+        return False, _build_failure()
     return True, ""

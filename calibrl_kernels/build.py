@@ -3,8 +3,10 @@
 ``extension()`` compiles the sources with ``torch.utils.cpp_extension.load`` (ninja, the C++ compiler
 torch finds) the first time a process needs them, caches the module for the process (torch caches the
 built library on disk, under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, so later
-processes only load it), and is thread-safe. When there is no compiler, no ninja, or the build fails,
-it warns once and returns None, and the callers use the torch path.
+processes only load it), and is thread-safe: concurrent first calls compile once. When there is no
+compiler, no ninja, or the build fails, it returns None (and the reason stays in ``build_error()``);
+callers that fall back to the torch path ask for the one warning of the process
+(``fallback_warning=True``), a caller that must raise instead (``CALIBRL_IMPL=cpp``) does not.
 
 Prebuild (e.g. in a Docker image) and print where the library is::
 
@@ -16,6 +18,7 @@ The sources ship inside the package as ``calibrl_kernels/_csrc`` (a wheel) or si
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 import threading
@@ -30,26 +33,40 @@ SOURCES = ("cpu_ops.cpp",)
 HEADERS = ("cpu_ops.h",)
 # Portable flags only: no -march; cpu_ops.h picks AVX2 / AVX-512 code paths at load time.
 # -ffp-contract=fast lets those paths use FMA (ISO C++ mode turns contraction off by default).
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-fopenmp", "-ffp-contract=fast")
+LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension.load appends torch's libraries to the list it is given
 
 _lock = threading.Lock()
 _module = None
 _error: Optional[BaseException] = None
+_warned = False  # the fallback warning was given in this process
 
 
 def extension_name() -> str:
-    """A module name per torch build, so that a library built for another torch is never loaded."""
-    return "calibrl_cpu_ops_" + re.sub(r"\W", "_", torch.__version__)
+    """A module name per torch build and per content of the sources and flags.
+
+    So a library built for another torch is never loaded, and two checkouts / installed versions with
+    different sources that share the torch extensions cache get one build folder each instead of
+    rebuilding over each other's library.
+    """
+    digest = hashlib.sha256(repr((CFLAGS, LDFLAGS)).encode())
+    src = source_dir()
+    for name in SOURCES + HEADERS:
+        digest.update((src / name).read_bytes())
+    torch_version = re.sub(r"\W", "_", torch.__version__)
+    return f"calibrl_cpu_ops_{torch_version}_{digest.hexdigest()[:12]}"
 
 
 def source_dir() -> Path:
-    """The folder holding cpu_ops.cpp: the package's _csrc (installed) or the repository's csrc/."""
+    """The folder holding the sources and headers: the package's _csrc (installed) or the repository's csrc/."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "_csrc", package.parent / "csrc"):
-        if (candidate / SOURCES[0]).is_file():
+        if all((candidate / name).is_file() for name in SOURCES + HEADERS):
             return candidate
-    raise FileNotFoundError(f"calibrl_kernels: the C++ sources {SOURCES} are neither in {package / '_csrc'} nor in {package.parent / 'csrc'}")
+    raise FileNotFoundError(
+        f"calibrl_kernels: the C++ sources {SOURCES + HEADERS} are neither in {package / '_csrc'} nor in "
+        f"{package.parent / 'csrc'}"
+    )
 
 
 def _compile_and_load(verbose: bool = False):
@@ -60,45 +77,64 @@ def _compile_and_load(verbose: bool = False):
     return cpp_extension.load(
         name=extension_name(),
         sources=[str(src / name) for name in SOURCES],  # cpu_ops.h sits beside them (ninja tracks it)
-        extra_cflags=CFLAGS,
-        extra_ldflags=LDFLAGS,
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         verbose=verbose,
     )
 
 
-def _check_layout(module) -> None:
-    """The C++ table columns must be those of _coefficients (a stale or foreign build fails here)."""
+def expected_layout() -> dict:
+    """What the extension's layout() must return: the table columns of _coefficients."""
     from . import _coefficients as coef
 
-    layout = module.layout()
     expected = {name: i for i, name in enumerate(coef.TOKEN_FIELDS)}
     expected.update({f"row.{name}": i for i, name in enumerate(coef.ROW_FIELDS)})
     expected.update(token_count=len(coef.TOKEN_FIELDS), row_count=len(coef.ROW_FIELDS))
+    return expected
+
+
+def _check_layout(module) -> None:
+    """The C++ table columns must be those of _coefficients (a stale or foreign build fails here)."""
+    layout = module.layout()
+    expected = expected_layout()
     if layout != expected:
         raise RuntimeError(f"table layout of the C++ kernels {layout} differs from calibrl_kernels._coefficients {expected}")
 
 
-def extension(verbose: bool = False):
-    """The loaded C++ module, building it on first use; None (after one warning) if it cannot be built."""
+def extension(verbose: bool = False, *, fallback_warning: bool = True):
+    """The loaded C++ module, building it on first use; None if it cannot be built.
+
+    fallback_warning: on failure, warn (once per process) that the torch path is used instead.
+    """
     global _module, _error
-    if _module is not None or _error is not None:
-        return _module
-    with _lock:
-        if _module is None and _error is None:
-            try:
-                module = _compile_and_load(verbose)
-                _check_layout(module)
-                _module = module
-            except Exception as error:  # no compiler / ninja, compile error, stale library ...
-                _error = error
-                warnings.warn(
-                    f"calibrl_kernels: the C++ CPU kernels could not be built ({type(error).__name__}: "
-                    f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); using the torch path. "
-                    "Run `python -m calibrl_kernels.build` to see the full build log.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+    if _module is None and _error is None:
+        with _lock:
+            if _module is None and _error is None:
+                try:
+                    module = _compile_and_load(verbose)
+                    _check_layout(module)
+                    _module = module
+                except Exception as error:  # no compiler / ninja, compile error, stale library ...
+                    _error = error
+    if _module is None and fallback_warning:
+        _warn_fallback_once()
     return _module
+
+
+def _warn_fallback_once() -> None:
+    global _warned
+    with _lock:
+        if _warned:
+            return
+        _warned = True
+    error = _error
+    last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+    warnings.warn(
+        f"calibrl_kernels: the C++ CPU kernels could not be built ({type(error).__name__}: {last_line}); "
+        "using the torch path. Run `python -m calibrl_kernels.build` to see the full build log.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def attempted() -> bool:
@@ -113,9 +149,9 @@ def build_error() -> Optional[BaseException]:
 
 def _reset() -> None:
     """Forget this process's build attempt (tests)."""
-    global _module, _error
+    global _module, _error, _warned
     with _lock:
-        _module, _error = None, None
+        _module, _error, _warned = None, None, False
 
 
 def main(argv: Optional[List[str]] = None) -> int:

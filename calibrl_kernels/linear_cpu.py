@@ -14,30 +14,37 @@ torch, a few chunk-sized temporaries) and the C++/OpenMP kernels of ``csrc/`` (`
 pass per row, no temporaries). Both fill the same row table (``_coefficients.ROW_FIELDS``).
 
 The loss computes its gradients during the forward (the coefficients are known there) and backward
-only scales them by the incoming gradient. ``linear_token_logprobs`` cannot: its a, b are the incoming
+only scales them by the incoming gradient (in fp32, before the one cast of 16-bit gradients). ``linear_token_logprobs`` cannot: its a, b are the incoming
 gradients of logp and entropy, known only in backward, and dWeight needs them inside the V x D
 reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flops in all instead of
 6) rather than keeping (N, V) logits alive between forward and backward.
 
 Memory: the chunk holds ``rows_per_chunk * V`` logits of the compute dtype; its size comes from a byte
-budget (``chunk_bytes=`` or env ``CALIBRL_CHUNK_BYTES``, default 40 MiB) that also covers the row
-math's temporaries. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
+budget that also covers the row math's temporaries: ``chunk_bytes=`` (these functions and
+``LinearCalibRLLoss(chunk_bytes=...)``), else env ``CALIBRL_CHUNK_BYTES`` (a positive whole number of
+bytes), else 40 MiB (``chunk_budget``). This budget belongs to this chunked path only, i.e. the cpp
+and torch backends (CPU tensors by default); the Triton GPU path sizes its own chunks
+(``_heuristics.LINEAR_CHUNK_BYTES``) and ignores it. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
 inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight; the budget is
 then split in halves between the logits chunk and the weight block), so statistics and every GEMM
-accumulate in fp32, and dWeight is accumulated in an fp32 (V, D) buffer cast to the weight's dtype at
-the end. Large vocabularies favour larger budgets: the dWeight update is a rank-(chunk rows) GEMM that
+accumulate in fp32; dHidden and dWeight are accumulated in fp32 (N, D) and (V, D) buffers, scaled by
+the incoming gradient and cast to the inputs' dtypes once, in backward (``_Gradients.finish``). Large vocabularies favour larger budgets: the dWeight update is a rank-(chunk rows) GEMM that
 streams the whole (V, D) accumulator once per chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import math
+import numbers
 import os
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from . import _coefficients as coef
+from ._autograd import first_order_only
 from .config import CalibRLConfig, LossOutput
 from .reference import compute_dtype
 
@@ -50,22 +57,62 @@ _DEFAULT_CONFIG = CalibRLConfig()
 # --------------------------------------------------------------------------------------------
 # Chunk plan and its introspection hook
 # --------------------------------------------------------------------------------------------
-def chunk_budget(chunk_bytes: Optional[int] = None) -> int:
-    """The chunk byte budget: the argument, else env CALIBRL_CHUNK_BYTES, else DEFAULT_CHUNK_BYTES."""
-    if chunk_bytes is None:
-        raw = os.environ.get(ENV_CHUNK_BYTES, "").strip()
-        if not raw:
-            return DEFAULT_CHUNK_BYTES
+_scoped_chunk_bytes: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("calibrl_chunk_bytes", default=None)
+
+
+def _checked_chunk_bytes(chunk_bytes) -> int:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral):
+        raise TypeError(f"chunk_bytes: expected an int (bytes), got {type(chunk_bytes).__name__} {chunk_bytes!r}")
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
+    return int(chunk_bytes)
+
+
+def _parse_env_chunk_bytes(raw: str) -> int:
+    """The value of CALIBRL_CHUNK_BYTES: a positive whole number of bytes ("40000000", "4e7", "4_000_000")."""
+    problem = f"{ENV_CHUNK_BYTES}: expected a positive whole number of bytes (e.g. 40000000 or 4e7), got {raw!r}"
+    text = raw.strip()
+    try:
+        value = int(text)
+    except ValueError:
         try:
-            chunk_bytes = int(float(raw))
+            number = float(text)
         except ValueError:
-            raise ValueError(f"{ENV_CHUNK_BYTES}: expected a number of bytes, got {raw!r}") from None
-        name = ENV_CHUNK_BYTES
-    else:
-        name = "chunk_bytes"
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
-        raise ValueError(f"{name}: expected a positive number of bytes, got {chunk_bytes!r}")
-    return chunk_bytes
+            raise ValueError(problem) from None
+        if not math.isfinite(number) or not number.is_integer():
+            raise ValueError(problem) from None
+        value = int(number)
+    if value <= 0:
+        raise ValueError(problem)
+    return value
+
+
+def chunk_budget(chunk_bytes: Optional[int] = None) -> int:
+    """The chunk byte budget of this path: the argument, else the innermost ``chunk_bytes_scope``, else
+    env CALIBRL_CHUNK_BYTES, else DEFAULT_CHUNK_BYTES. (The Triton GPU path does not read it.)"""
+    if chunk_bytes is None:
+        chunk_bytes = _scoped_chunk_bytes.get()
+    if chunk_bytes is not None:
+        return _checked_chunk_bytes(chunk_bytes)
+    raw = os.environ.get(ENV_CHUNK_BYTES, "")
+    return _parse_env_chunk_bytes(raw) if raw.strip() else DEFAULT_CHUNK_BYTES
+
+
+@contextlib.contextmanager
+def chunk_bytes_scope(chunk_bytes: Optional[int]) -> Iterator[None]:
+    """Use ``chunk_bytes`` as the budget of the chunked calls made inside the block (None: no change).
+
+    For callers that go through the public ops, which have no chunk_bytes argument (e.g.
+    ``LinearCalibRLLoss(chunk_bytes=...)``). A context variable: per thread / asyncio task.
+    """
+    if chunk_bytes is None:
+        yield
+        return
+    token = _scoped_chunk_bytes.set(_checked_chunk_bytes(chunk_bytes))
+    try:
+        yield
+    finally:
+        _scoped_chunk_bytes.reset(token)
 
 
 def rows_per_chunk(num_rows: int, vocab: int, element_bytes: int, buffers: int, budget: int) -> int:
@@ -169,11 +216,16 @@ class TorchRowMath:
 
     @staticmethod
     def _gradient_from_log_probs_(log_p, p, targets, rows, inv_temperature, ignore_index):
-        """log_p (the chunk) := [p (a + b (log p + H)) - a onehot(y)] / T, zero on ignored rows."""
+        """log_p (the chunk) := [p (a + b (log p + H)) - a onehot(y)] / T.
+
+        Exactly zero on rows of ignored targets and of tokens with a = b = 0 (masked, or no incoming
+        gradient), whatever their logits: a row of all -inf logits (padding) has NaN log p.
+        """
         valid, safe = _valid_and_safe_targets(targets, ignore_index)
         zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
         a = torch.where(valid, rows[:, ROW["coef_a"]], zero) * inv_temperature  # (n,)
         b = torch.where(valid, rows[:, ROW["coef_b"]], zero) * inv_temperature  # (n,)
+        active = (a != 0) | (b != 0)  # (n,) rows with a gradient
         if bool((b != 0).any()):
             # z - lse + H = log p + H; where p == 0 the product is 0 (guards -inf * 0).
             grad = log_p.add_(rows[:, ROW["entropy"], None]).mul_(b[:, None]).add_(a[:, None]).mul_(p)
@@ -181,7 +233,7 @@ class TorchRowMath:
         else:
             grad = log_p.copy_(p).mul_(a[:, None])
         grad.scatter_add_(1, safe[:, None], -a[:, None])
-        grad.masked_fill_(~valid[:, None], 0.0)
+        grad.masked_fill_(~active[:, None], 0.0)
 
 
 TORCH_ROW_MATH = TorchRowMath()
@@ -228,16 +280,24 @@ class _Operands:
 
 
 class _Gradients:
-    """Gradient buffers of hidden (N, D), weight (V, D) (fp32 accumulation) and bias (V,)."""
+    """Gradient accumulators of hidden (N, D), weight (V, D) and bias (V,), in the compute dtype.
+
+    All three stay in fp32 (fp64 for fp64 inputs) until ``finish``, which applies the upstream
+    gradient's scale and then casts to the inputs' dtypes: a 16-bit gradient is rounded once. (The
+    fused loss finishes in its backward: for a 16-bit weight the fp32 (V, D) accumulator, which the
+    forward needs anyway, lives until then instead of a 16-bit copy; the peak, accumulator plus cast,
+    is the same as casting in the forward.) fp32 / fp64 accumulators are handed over as they are.
+    """
 
     def __init__(self, ops: _Operands, need_hidden: bool, need_weight: bool, need_bias: bool):
         acc = ops.dtype  # fp32 (fp64 for fp64 inputs)
         self.ops = ops
-        self.hidden = torch.empty(ops.num_rows, ops.dim, dtype=ops.hidden.dtype, device=ops.hidden.device) if need_hidden else None
+        self.dtypes = (ops.hidden.dtype, ops.weight.dtype, None if ops.bias is None else ops.bias.dtype)
+        self.hidden = torch.empty(ops.num_rows, ops.dim, dtype=acc, device=ops.hidden.device) if need_hidden else None
         self.weight = torch.zeros(ops.vocab, ops.dim, dtype=acc, device=ops.weight.device) if need_weight else None
         self.bias = torch.zeros(ops.vocab, dtype=acc, device=ops.weight.device) if need_bias else None
-        # 16-bit hidden or several weight blocks: accumulate a chunk's dHidden in the compute dtype first.
-        self._direct_hidden = ops.hidden.dtype == acc and ops.block_rows == ops.vocab
+        # Several weight blocks: accumulate a chunk's dHidden in a temporary, then copy it once.
+        self._direct_hidden = ops.block_rows == ops.vocab
 
     def add_chunk(self, grad_logits: torch.Tensor, h: torch.Tensor, start: int, end: int) -> None:
         """dHidden[start:end] = dZ @ W; dWeight += dZ^T @ h; dBias += sum_rows dZ."""
@@ -259,11 +319,20 @@ class _Gradients:
         if self.bias is not None:
             self.bias.add_(grad_logits.sum(0))
 
-    def finish(self, weight_dtype, bias_dtype):
-        """(dHidden, dWeight, dBias) in the dtypes of their inputs (None where not needed)."""
-        weight = None if self.weight is None else self.weight.to(weight_dtype)
-        bias = None if self.bias is None else self.bias.to(bias_dtype)
-        return self.hidden, weight, bias
+    def finish(self, scale: Optional[torch.Tensor] = None):
+        """(dHidden (N, D), dWeight, dBias) times ``scale`` (a 0-d upstream gradient), in the dtypes of
+        their inputs (None where not needed); the accumulators are consumed (scaled in place)."""
+        results = []
+        rescale = scale is not None and bool(scale != 1)
+        for accumulator, dtype in zip((self.hidden, self.weight, self.bias), self.dtypes):
+            if accumulator is None:
+                results.append(None)
+                continue
+            if rescale:
+                accumulator.mul_(scale.to(accumulator.dtype))
+            results.append(accumulator.to(dtype))  # no copy when the dtypes agree
+        self.ops = self.hidden = self.weight = self.bias = None
+        return tuple(results)
 
 
 def _stream(ops: _Operands, row_math, grads: Optional[_Gradients], process) -> None:
@@ -315,29 +384,29 @@ class _FusedLinearLoss(torch.autograd.Function):
         _stream(ops, row_math, grads, process)
         out = coef.loss_output(rows[:, ROW["pg"]:].sum(0), config)
         if grads is not None:
-            d_hidden, d_weight, d_bias = grads.finish(weight.dtype, None if bias is None else bias.dtype)
-            ctx.gradients = (None if d_hidden is None else d_hidden.view(hidden.shape), d_weight, d_bias)
-        else:
-            ctx.gradients = (None, None, None)
+            grads.ops = None  # keep only the accumulators until backward
+        ctx.gradients = grads  # finished (scaled, then cast) in backward
+        ctx.hidden_shape = hidden.shape
         metrics = tuple(out[1:])
         ctx.mark_non_differentiable(*metrics)
         return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *unused_metric_grads):
-        gradients = ctx.gradients
-        if gradients is None:
+        grads = ctx.gradients
+        if grads is False:
             raise RuntimeError(
                 "fused_linear_calibrl_loss: backward ran twice through the same forward; its gradients are "
                 "formed in the forward and handed over (not copied) on the first backward, so run the "
                 "forward again instead of retain_graph=True"
             )
-        ctx.gradients = None  # hand the buffers over: autograd can then keep them without a copy
-        if bool(grad_loss != 1):
-            for g in gradients:
-                if g is not None:
-                    g.mul_(grad_loss.to(g.dtype))
-        return gradients + (None,) * 7
+        ctx.gradients = False  # hand the buffers over: autograd can then keep them without a copy
+        if grads is None:  # nothing required grad
+            return (None,) * 10
+        d_hidden, d_weight, d_bias = grads.finish(grad_loss)
+        d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)
+        return (d_hidden, d_weight, d_bias) + (None,) * 7
 
 
 def fused_linear_calibrl_loss(
@@ -398,6 +467,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         inv_temperature, ignore_index, row_math, budget = ctx.settings
@@ -419,7 +489,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             row_math.gradient(chunk, flat_targets[start:end], rows[start:end], inv_temperature, ignore_index)
 
         _stream(ops, row_math, grads, process)
-        d_hidden, d_weight, d_bias = grads.finish(weight.dtype, None if bias is None else bias.dtype)
+        d_hidden, d_weight, d_bias = grads.finish()
         d_hidden = None if d_hidden is None else d_hidden.view(hidden.shape)
         return (d_hidden, d_weight, d_bias) + (None,) * 5
 

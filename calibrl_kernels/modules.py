@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from . import _checks, ops
+from . import _checks, linear_cpu, ops
 from .config import CalibRLConfig, LossOutput
 
 
@@ -36,7 +36,21 @@ class _ConfiguredLoss(torch.nn.Module):
 
 
 class CalibRLLoss(_ConfiguredLoss):
-    """CalibRL loss (or a baseline's, per ``config.mode``) from logits (B, T, V); see ``ops.fused_calibrl_loss``."""
+    """CalibRL loss (or a baseline's, per ``config.mode``) from logits (B, T, V); see ``ops.fused_calibrl_loss``.
+
+    inplace_backward=True (opt-in, every backend): the backward writes dL/dlogits over the logits
+    buffer instead of allocating a logits-sized gradient; afterwards the logits tensor holds its
+    gradient and must not be used again, and each forward allows one backward only.
+    """
+
+    def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100,
+                 inplace_backward: bool = False):
+        super().__init__(config, ignore_index=ignore_index)
+        _checks.check_bool_argument("inplace_backward", inplace_backward)
+        self.inplace_backward = inplace_backward
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", inplace_backward={self.inplace_backward}"
 
     def forward(
         self,
@@ -45,12 +59,18 @@ class CalibRLLoss(_ConfiguredLoss):
         old_logp: torch.Tensor,
         advantages: Optional[torch.Tensor],
         mask: torch.Tensor,
+        *,
+        inplace_backward: Optional[bool] = None,
         **batch_fields,
     ) -> LossOutput:
-        """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
+        """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op).
+
+        inplace_backward: None uses the module's setting; True / False overrides it for this call.
+        """
+        inplace = self.inplace_backward if inplace_backward is None else inplace_backward  # the op checks it
         return ops.fused_calibrl_loss(
             logits, targets, old_logp, advantages, mask, ignore_index=self.ignore_index, config=self.config,
-            **batch_fields,
+            inplace_backward=inplace, **batch_fields,
         )
 
 
@@ -58,7 +78,21 @@ class LinearCalibRLLoss(_ConfiguredLoss):
     """The loss from hidden states (B, T, D) and the lm_head weight (V, D) [+ bias], without (N, V) logits.
 
     See ``ops.fused_linear_calibrl_loss``; gradients flow to hidden, weight and bias.
+
+    chunk_bytes: the byte budget of a logits chunk on the CPU chunked path (the cpp and torch backends,
+    ``linear_cpu``) for this module's calls; None uses env CALIBRL_CHUNK_BYTES, else 40 MiB. Larger
+    budgets are faster for large vocabularies. The Triton GPU path has its own budget and ignores it.
     """
+
+    def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100,
+                 chunk_bytes: Optional[int] = None):
+        super().__init__(config, ignore_index=ignore_index)
+        if chunk_bytes is not None:
+            linear_cpu.chunk_budget(chunk_bytes)  # TypeError / ValueError now rather than at the first call
+        self.chunk_bytes = chunk_bytes
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", chunk_bytes={self.chunk_bytes}"
 
     def forward(
         self,
@@ -73,7 +107,8 @@ class LinearCalibRLLoss(_ConfiguredLoss):
         **batch_fields,
     ) -> LossOutput:
         """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
-        return ops.fused_linear_calibrl_loss(
-            hidden, weight, targets, old_logp, advantages, mask, bias=bias, ignore_index=self.ignore_index,
-            config=self.config, **batch_fields,
-        )
+        with linear_cpu.chunk_bytes_scope(self.chunk_bytes):
+            return ops.fused_linear_calibrl_loss(
+                hidden, weight, targets, old_logp, advantages, mask, bias=bias, ignore_index=self.ignore_index,
+                config=self.config, **batch_fields,
+            )

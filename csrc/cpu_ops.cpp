@@ -2,10 +2,10 @@
 //
 // Every op works on logits (n, V) or (B, T, V) with unit stride along V (any other strides), one token per row,
 // in parallel over rows with at::parallel_for (torch's OpenMP pool, so torch.set_num_threads applies):
-//   row_stats        (a) lse, entropy, logp per row                       -> row table
-//   row_coefficients (b) loss terms and a = -dL/dlp, b = -dL/dH per row   -> row table
-//   row_gradient     (c) dL/dlogits from the row table's lse, entropy, a, b -> out (may be the logits)
-//   row_loss         (a) + (b) + optionally (c) in place, row by row while the row is in cache
+//   row_stats     (a) lse, entropy, logp per row                          -> row table
+//   row_gradient  (c) dL/dlogits from the row table's lse, entropy, a, b  -> out (may be the logits)
+//   row_loss      (a) + (b) loss terms and a = -dL/dlp, b = -dL/dH + optionally (c) in place, row by row
+//                 while the row is in cache                               -> row table (+ logits)
 // The row math itself is in cpu_ops.h; table layouts are those of calibrl_kernels/_coefficients.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -26,7 +26,10 @@ namespace {
 // Row ranges (the parallel work items); CALIBRL_HOT compiles them per instruction set.
 // ---------------------------------------------------------------------------------------------
 // A token's target, or -1 when it is ignored.
-inline int64_t target_of(const int64_t* targets, int64_t i, int64_t ignore_index, int64_t vocab) {
+inline int64_t target_of(const int64_t* targets,  // (n,) targets
+                         int64_t i,               // the token's row
+                         int64_t ignore_index,    // the target value of ignored tokens
+                         int64_t vocab) {         // V: other targets must lie in [0, V)
   const int64_t t = targets[i];
   if (t == ignore_index) return -1;
   TORCH_CHECK(t >= 0 && t < vocab, "targets: expected values in [0, ", vocab, ") or ignore_index=", ignore_index,
@@ -45,8 +48,13 @@ struct RowLayout {
   int64_t offset(int64_t i) const { return (i / inner_rows) * outer_stride + (i % inner_rows) * inner_stride; }
 };
 
+// (a) for one row: lse always; entropy and logp 0 for an ignored token.
 template <typename scalar_t, typename acc_t>
-CALIBRL_INLINE void stats_one(const scalar_t* row, int64_t vocab, int64_t target, acc_t inv_temperature, acc_t* out) {
+CALIBRL_INLINE void stats_one(const scalar_t* row,      // the row's V raw logits
+                              int64_t vocab,            // V
+                              int64_t target,           // y, or -1 (ignored)
+                              acc_t inv_temperature,    // 1 / T
+                              acc_t* out) {             // its row-table row: kLogp, kEntropy, kLse written
   const RowStats<acc_t> st = row_stats_body<scalar_t, acc_t>(row, vocab, inv_temperature);
   out[row::kLse] = st.lse;
   out[row::kEntropy] = target < 0 ? acc_t(0) : st.entropy;
@@ -54,38 +62,52 @@ CALIBRL_INLINE void stats_one(const scalar_t* row, int64_t vocab, int64_t target
 }
 
 template <typename scalar_t, typename acc_t>
-CALIBRL_HOT void stats_range(const scalar_t* logits, const RowLayout& layout, const int64_t* targets,
-                             int64_t ignore_index, acc_t inv_temperature, acc_t* rows, int64_t begin, int64_t end) {
+CALIBRL_HOT void stats_range(const scalar_t* logits,    // raw logits, rows placed by layout
+                             const RowLayout& layout,   // where row i starts, V
+                             const int64_t* targets,    // (n,) targets
+                             int64_t ignore_index,      // target value of ignored tokens
+                             acc_t inv_temperature,     // 1 / T
+                             acc_t* rows,               // (n, row::kCount) row table
+                             int64_t begin,             // first row of this work item
+                             int64_t end) {             // one past its last row
   for (int64_t i = begin; i < end; ++i) {
     stats_one(logits + layout.offset(i), layout.vocab, target_of(targets, i, ignore_index, layout.vocab),
               inv_temperature, rows + i * row::kCount);
   }
 }
 
-template <typename acc_t>
-void coefficients_range(acc_t* rows, const acc_t* tokens, const LossParams& params, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    acc_t* out = rows + i * row::kCount;
-    row_terms(out[row::kLogp], out[row::kEntropy], tokens + i * token::kCount, params, out);
-  }
-}
-
 template <typename scalar_t, typename acc_t>
-CALIBRL_HOT void gradient_range(const scalar_t* logits, const RowLayout& layout, scalar_t* out,
-                                const RowLayout& out_layout, const int64_t* targets, int64_t ignore_index,
-                                acc_t inv_temperature, const acc_t* rows, int64_t begin, int64_t end) {
+CALIBRL_HOT void gradient_range(const scalar_t* logits,        // raw logits, rows placed by layout
+                                const RowLayout& layout,       // where logits row i starts, V
+                                scalar_t* out,                 // gradient, rows placed by out_layout (may alias)
+                                const RowLayout& out_layout,   // where gradient row i starts
+                                const int64_t* targets,        // (n,) targets
+                                int64_t ignore_index,          // target value of ignored tokens
+                                acc_t inv_temperature,         // 1 / T
+                                const acc_t* rows,             // (n, row::kCount): kLse, kEntropy, kCoefA, kCoefB read
+                                int64_t begin,                 // first row of this work item
+                                int64_t end) {                 // one past its last row
   for (int64_t i = begin; i < end; ++i) {
     const acc_t* r = rows + i * row::kCount;
-    row_gradient_body<scalar_t, scalar_t, acc_t>(logits + layout.offset(i), out + out_layout.offset(i), layout.vocab,
-                                                 target_of(targets, i, ignore_index, layout.vocab), r[row::kLse],
-                                                 r[row::kEntropy], r[row::kCoefA], r[row::kCoefB], inv_temperature);
+    row_gradient_body<scalar_t, acc_t>(logits + layout.offset(i), out + out_layout.offset(i), layout.vocab,
+                                       target_of(targets, i, ignore_index, layout.vocab), r[row::kLse],
+                                       r[row::kEntropy], r[row::kCoefA], r[row::kCoefB], inv_temperature);
   }
 }
 
 template <typename scalar_t, typename acc_t>
-CALIBRL_HOT void loss_range(scalar_t* logits, const RowLayout& layout, const int64_t* targets, int64_t ignore_index,
-                            acc_t inv_temperature, const acc_t* tokens, acc_t* rows, const LossParams& params,
-                            bool form_gradient, int64_t begin, int64_t end) {
+CALIBRL_HOT void loss_range(scalar_t* logits,              // raw logits, rows placed by layout (gradient written
+                                                           // over them when form_gradient)
+                            const RowLayout& layout,       // where row i starts, V
+                            const int64_t* targets,        // (n,) targets
+                            int64_t ignore_index,          // target value of ignored tokens
+                            acc_t inv_temperature,         // 1 / T
+                            const acc_t* tokens,           // (n, token::kCount) token table
+                            acc_t* rows,                   // (n, row::kCount) row table, filled
+                            const LossParams& params,      // loss mode, activation and constants
+                            bool form_gradient,            // also write dL/dlogits over the logits
+                            int64_t begin,                 // first row of this work item
+                            int64_t end) {                 // one past its last row
   for (int64_t i = begin; i < end; ++i) {
     scalar_t* row = logits + layout.offset(i);
     acc_t* r = rows + i * row::kCount;
@@ -93,8 +115,8 @@ CALIBRL_HOT void loss_range(scalar_t* logits, const RowLayout& layout, const int
     stats_one(row, layout.vocab, target, inv_temperature, r);
     row_terms(r[row::kLogp], r[row::kEntropy], tokens + i * token::kCount, params, r);
     if (form_gradient) {
-      row_gradient_body<scalar_t, scalar_t, acc_t>(row, row, layout.vocab, target, r[row::kLse], r[row::kEntropy],
-                                                   r[row::kCoefA], r[row::kCoefB], inv_temperature);
+      row_gradient_body<scalar_t, acc_t>(row, row, layout.vocab, target, r[row::kLse], r[row::kEntropy],
+                                         r[row::kCoefA], r[row::kCoefB], inv_temperature);
     }
   }
 }
@@ -169,8 +191,12 @@ LossParams parse_params(const std::string& mode, const std::string& activation,
 // ---------------------------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------------------------
-void row_stats(const at::Tensor& logits, const at::Tensor& targets, double inv_temperature, int64_t ignore_index,
-               at::Tensor rows) {
+// (a) per row. logits (n, V) / (B, T, V), any float dtype, unit stride along V.
+void row_stats(const at::Tensor& logits,   // raw logits, one token per row
+               const at::Tensor& targets,  // (n,) int64, contiguous
+               double inv_temperature,     // 1 / T
+               int64_t ignore_index,       // target value of ignored tokens
+               at::Tensor rows) {          // (n, row::kCount) row table (float; double for double logits)
   const RowLayout layout = check_logits(logits, "logits");
   const int64_t n = layout.rows;
   check_targets(targets, n);
@@ -186,24 +212,13 @@ void row_stats(const at::Tensor& logits, const at::Tensor& targets, double inv_t
   });
 }
 
-void row_coefficients(at::Tensor rows, const at::Tensor& tokens, const std::string& mode,
-                      const std::string& activation, const std::map<std::string, double>& values) {
-  TORCH_CHECK(rows.dim() == 2, "rows: expected shape (n, ", row::kCount, "), got ", rows.sizes());
-  const int64_t n = rows.size(0);
-  const at::ScalarType acc = rows.scalar_type();
-  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "rows: expected float32 or float64, got ", acc);
-  check_table(rows, "rows", n, row::kCount, acc);
-  check_table(tokens, "tokens", n, token::kCount, acc);
-  const LossParams params = parse_params(mode, activation, values);
-  AT_DISPATCH_FLOATING_TYPES(acc, "calibrl_row_coefficients", [&] {
-    scalar_t* r = rows.data_ptr<scalar_t>();
-    const scalar_t* tok = tokens.const_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) { coefficients_range(r, tok, params, begin, end); });
-  });
-}
-
-void row_gradient(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& rows, double inv_temperature,
-                  int64_t ignore_index, at::Tensor out) {
+// (c) per row: out = dL/dlogits from the row table's lse, entropy, a, b (a = b = 0: a zero row).
+void row_gradient(const at::Tensor& logits,  // raw logits, one token per row
+                  const at::Tensor& targets, // (n,) int64, contiguous
+                  const at::Tensor& rows,    // (n, row::kCount) row table: kLse, kEntropy, kCoefA, kCoefB read
+                  double inv_temperature,    // 1 / T
+                  int64_t ignore_index,      // target value of ignored tokens
+                  at::Tensor out) {          // the gradient, shape and dtype of logits (may be logits itself)
   const RowLayout layout = check_logits(logits, "logits");
   const RowLayout out_layout = check_logits(out, "out");
   const int64_t n = layout.rows;
@@ -225,9 +240,17 @@ void row_gradient(const at::Tensor& logits, const at::Tensor& targets, const at:
   });
 }
 
-void row_loss(at::Tensor logits, const at::Tensor& targets, const at::Tensor& tokens, at::Tensor rows,
-              const std::string& mode, const std::string& activation, const std::map<std::string, double>& values,
-              double inv_temperature, int64_t ignore_index, bool form_gradient) {
+// (a) + (b) [+ (c) in place] per row.
+void row_loss(at::Tensor logits,                            // raw logits; dL/dlogits when form_gradient
+              const at::Tensor& targets,                    // (n,) int64, contiguous
+              const at::Tensor& tokens,                     // (n, token::kCount) token table
+              at::Tensor rows,                              // (n, row::kCount) row table, filled
+              const std::string& mode,                      // CalibRLConfig.mode
+              const std::string& activation,                // CalibRLConfig.activation
+              const std::map<std::string, double>& values,  // the numeric loss parameters (loss_params())
+              double inv_temperature,                       // 1 / T
+              int64_t ignore_index,                         // target value of ignored tokens
+              bool form_gradient) {                         // also write the gradient over the logits
   const RowLayout layout = check_logits(logits, "logits");
   const int64_t n = layout.rows;
   check_targets(targets, n);
@@ -267,8 +290,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CalibRL CPU row kernels on logits chunks (see csrc/cpu_ops.h)";
   m.def("row_stats", &calibrl::row_stats, "(a) lse, entropy, logp of each row into the row table", py::arg("logits"),
         py::arg("targets"), py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("rows"));
-  m.def("row_coefficients", &calibrl::row_coefficients, "(b) loss terms and gradient coefficients per row",
-        py::arg("rows"), py::arg("tokens"), py::arg("mode"), py::arg("activation"), py::arg("params"));
   m.def("row_gradient", &calibrl::row_gradient, "(c) dL/dlogits from the row table into out (may alias logits)",
         py::arg("logits"), py::arg("targets"), py::arg("rows"), py::arg("inv_temperature"), py::arg("ignore_index"),
         py::arg("out"));

@@ -50,6 +50,7 @@ enum : int64_t {
 // exp(x) for float without a libm call, so that loops over it vectorise: x = k ln2 + r, |r| <= ln2/2,
 // e^r by the Cephes expf polynomial (about 1 ulp), 2^k from the exponent bits. Exact 0 below -87
 // (true value < 1.7e-38, the smallest normal float) and for x = -inf.
+//   x: the exponent (any float; NaN gives NaN)
 CALIBRL_INLINE float exp_fast(float x) {
   const float lo = -87.0f, hi = 88.0f;
   const float xc = std::min(std::max(x, lo), hi);
@@ -105,8 +106,11 @@ struct RowStats {
 //   s = sum e^(z - m),  t = sum e^(z - m) (z - m),  lse = m + log s,  H = log s - t / s.
 constexpr int64_t kStatBlock = 512;
 
+// A row of all -inf logits gives lse = -inf and entropy = NaN (as torch's log_softmax).
 template <typename scalar_t, typename acc_t>
-CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row, int64_t vocab, acc_t inv_temperature) {
+CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row,       // the row's V raw logits (unit stride)
+                                              int64_t vocab,             // V
+                                              acc_t inv_temperature) {   // 1 / temperature: z = logits / T
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t m = neg_inf, s = 0, t = 0;
   for (int64_t v0 = 0; v0 < vocab; v0 += kStatBlock) {
@@ -160,7 +164,10 @@ struct LossParams {
 
 // act(z) and act'(z) with torch's values at the kinks (leaky_relu: slope at 0, relu: 0 at 0).
 template <typename acc_t>
-CALIBRL_INLINE void guide_activation(acc_t z, const LossParams& P, acc_t* value, acc_t* slope) {
+CALIBRL_INLINE void guide_activation(acc_t z,              // the guide's argument -s (lp - b)
+                                     const LossParams& P,  // P.activation, P.negative_slope, P.huber_delta
+                                     acc_t* value,         // out: act(z)
+                                     acc_t* slope) {       // out: act'(z)
   switch (P.activation) {
     case Activation::kLeakyRelu: {
       const acc_t alpha = static_cast<acc_t>(P.negative_slope);
@@ -199,7 +206,11 @@ CALIBRL_INLINE void guide_activation(acc_t z, const LossParams& P, acc_t* value,
 
 // Fills out[row::kCoefA .. row::kPpoKl] of one token from lp, H and its token-table row.
 template <typename acc_t>
-CALIBRL_INLINE void row_terms(acc_t lp, acc_t entropy, const acc_t* tok, const LossParams& P, acc_t* out) {
+CALIBRL_INLINE void row_terms(acc_t lp,             // log p(y) of the token under the current policy
+                              acc_t entropy,        // H of its row
+                              const acc_t* tok,     // its token-table row (token::kCount inputs)
+                              const LossParams& P,  // loss mode, activation and constants
+                              acc_t* out) {         // its row-table row (row::kCount), terms filled in
   const acc_t old_lp = tok[token::kOldLogp], adv = tok[token::kAdvantage];
   const acc_t c_loss = tok[token::kCLoss], c_guide = tok[token::kCGuide], c_all = tok[token::kCAll];
   // PPO dual clip: rho = exp(clamp(lp - old, +-20)), l1 = -A rho, l2 = -A clamp(rho, lo, hi), lc = max,
@@ -254,12 +265,21 @@ CALIBRL_INLINE void row_terms(acc_t lp, acc_t entropy, const acc_t* tok, const L
 // ---------------------------------------------------------------------------------------------
 // (c) gradient of one row: out_j = [a (p_j - [j = y]) + b p_j (z_j - lse + H)] / temperature
 // ---------------------------------------------------------------------------------------------
-// `out` may alias `row` (in place). target < 0 means an ignored token: the row's gradient is 0.
-template <typename scalar_t, typename out_t, typename acc_t>
-CALIBRL_INLINE void row_gradient_body(const scalar_t* row, out_t* out, int64_t vocab, int64_t target, acc_t lse,
-                                      acc_t entropy, acc_t a, acc_t b, acc_t inv_temperature) {
-  if (target < 0) {
-    for (int64_t j = 0; j < vocab; ++j) out[j] = out_t(0);
+// `out` may alias `row` (in place). A token with target < 0 (ignored) or a = b = 0 (masked, or no incoming
+// gradient) gets an exactly zero row without reading its logits: no 0 * NaN from a row of all -inf
+// logits (padding), and padding rows cost one write.
+template <typename scalar_t, typename acc_t>
+CALIBRL_INLINE void row_gradient_body(const scalar_t* row,       // the row's V raw logits (unit stride)
+                                      scalar_t* out,             // its V gradient entries (may be `row`)
+                                      int64_t vocab,             // V
+                                      int64_t target,            // y, or -1 for an ignored token
+                                      acc_t lse,                 // log-sum-exp of z = logits / T
+                                      acc_t entropy,             // H of the row
+                                      acc_t a,                   // -dL/dlp (times the incoming gradient)
+                                      acc_t b,                   // -dL/dH (times the incoming gradient)
+                                      acc_t inv_temperature) {   // 1 / T
+  if (target < 0 || (a == acc_t(0) && b == acc_t(0))) {
+    std::fill(out, out + vocab, scalar_t(0));
     return;
   }
   const acc_t z_target = static_cast<acc_t>(row[target]) * inv_temperature;  // read before an in-place write
@@ -267,7 +287,7 @@ CALIBRL_INLINE void row_gradient_body(const scalar_t* row, out_t* out, int64_t v
   if (b == acc_t(0)) {
 #pragma omp simd
     for (int64_t j = 0; j < vocab; ++j) {
-      out[j] = static_cast<out_t>(at * exp_fast(static_cast<acc_t>(row[j]) * inv_temperature - lse));
+      out[j] = static_cast<scalar_t>(at * exp_fast(static_cast<acc_t>(row[j]) * inv_temperature - lse));
     }
   } else {
     const acc_t shift = entropy - lse;
@@ -276,12 +296,12 @@ CALIBRL_INLINE void row_gradient_body(const scalar_t* row, out_t* out, int64_t v
       const acc_t z = static_cast<acc_t>(row[j]) * inv_temperature;
       const acc_t p = exp_fast(z - lse);
       const acc_t g = p * (at + bt * (z + shift));
-      out[j] = static_cast<out_t>(p > acc_t(0) ? g : acc_t(0));
+      out[j] = static_cast<scalar_t>(p > acc_t(0) ? g : acc_t(0));
     }
   }
   const acc_t p_target = exp_fast(z_target - lse);
   const acc_t g_target = p_target > acc_t(0) ? p_target * (at + bt * (z_target - lse + entropy)) : acc_t(0);
-  out[target] = static_cast<out_t>(g_target - at);
+  out[target] = static_cast<scalar_t>(g_target - at);
 }
 
 }  // namespace calibrl

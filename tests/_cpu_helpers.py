@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Dict, NamedTuple
 
 import torch
@@ -99,6 +100,32 @@ def token_values_with_ties(batch: Batch, dtype=torch.float64, seed: int = 1):
     return logp, entropy
 
 
+def batch_with_ties(batch: Batch, logp: torch.Tensor) -> Batch:
+    """The batch with old_logp / a per-token expert baseline moved so that the given logp (B, T) (e.g.
+    a kernel's) hits the ties of token_values_with_ties: lp == old_lp, lp == baseline, lp - baseline
+    == +-1, lp - old_lp == +-20, far-out ratios."""
+    old = batch.old_logp.clone()
+    baseline = batch.expert_logp.clone()
+    per_token = baseline.dim() == 2  # a (B,) baseline cannot tie per token
+    logp = logp.to(old.dtype)
+    pattern = itertools.cycle(range(8))
+    B, T = old.shape
+    for row in range(B):
+        for t in range(T):
+            kind, sign = next(pattern), (1.0 if t % 2 else -1.0)
+            if kind == 0:
+                old[row, t] = logp[row, t]
+            elif kind == 1 and per_token:
+                baseline[row, t] = logp[row, t]
+            elif kind == 2 and per_token:
+                baseline[row, t] = logp[row, t] - sign
+            elif kind == 3:
+                old[row, t] = logp[row, t] - 20.0 * sign
+            elif kind == 4:
+                old[row, t] = logp[row, t] - 2.5 * sign
+    return batch._replace(old_logp=old, expert_logp=baseline)
+
+
 def assert_loss_outputs_close(actual, expected, rtol, atol, what=""):
     """Every LossOutput field close (nan == nan)."""
     for name in expected._fields:
@@ -161,13 +188,35 @@ def loss_and_grads(fn, case: LinearCase, config: CalibRLConfig, ignore_index=-10
     return out, grads
 
 
+def running_in_ci() -> bool:
+    """Whether env CI says this is a CI run (GitHub Actions, GitLab CI, ... set CI=true)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def cpp_module_or_skip():
-    """The built C++ extension, or a skip naming why it could not be built on this machine."""
+    """The built C++ extension; without it a skip naming why, or a failure in CI (env CI set), where a
+    missing compiler is a broken CI and must not silently skip every C++ test."""
     import pytest
 
     from calibrl_kernels import build
 
-    module = build.extension()
+    module = build.extension(fallback_warning=False)
     if module is None:
-        pytest.skip(f"the C++ extension cannot be built here: {build.build_error()}")
+        reason = f"the C++ extension cannot be built here: {build.build_error()}"
+        if running_in_ci():
+            pytest.fail(f"{reason} (CI is set: the C++ tests must run in CI; install a C++ compiler and ninja)")
+        pytest.skip(reason)
     return module
+
+
+def simulate_build_failure(monkeypatch, message: str = "simulated: no C++ compiler") -> None:
+    """Forget this process's C++ build and make the next attempt fail (monkeypatch restores it all)."""
+    from calibrl_kernels import build
+
+    def fail(verbose=False):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(build, "_module", None)
+    monkeypatch.setattr(build, "_error", None)
+    monkeypatch.setattr(build, "_warned", False, raising=False)
+    monkeypatch.setattr(build, "_compile_and_load", fail)

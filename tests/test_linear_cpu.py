@@ -314,3 +314,121 @@ def test_gradients_are_handed_over_without_a_copy(row_math, monkeypatch):
                                                row_math=row_math, config=config)
     out.loss.backward()
     assert buffers == [[case.hidden.grad.data_ptr(), case.weight.grad.data_ptr()]]
+
+
+@pytest.mark.parametrize("op", ["linear_token_logprobs", "fused_linear_calibrl_loss"])
+def test_second_order_gradients_raise(row_math, op):
+    """The closed-form backward is first order only: differentiating it again raises instead of
+    silently dropping the second-order terms."""
+    config = CalibRLConfig(entropy_coef=0.01)
+    case = make_linear_case(config, seed=18)
+    b = case.batch
+
+    def run(fn):
+        if op == "linear_token_logprobs":
+            logp, ent = fn(case.hidden, case.weight, case.targets, case.bias, 1.0, -100, True)
+            return logp.sum() + ent.sum()
+        return fn(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias,
+                  **b.kwargs(config)).loss
+
+    ours = getattr(linear_cpu, op)
+    want = torch.autograd.grad(run(getattr(reference, op)), case.leaves())
+    grads = torch.autograd.grad(run(lambda *a, **k: ours(*a, row_math=row_math, **k)), case.leaves(),
+                                create_graph=True)
+    for got, expected in zip(grads, want):
+        assert got.requires_grad and max_rel_error(got, expected) < 1e-10
+    with pytest.raises(RuntimeError, match="differentiate"):
+        sum((g ** 2).sum() for g in grads).backward()
+
+
+def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
+    """A masked token (a = b = 0) gets an exactly zero gradient row, even when its logits are all -inf
+    (which used to give NaN: 0 * NaN); an ignored target too. Other rows are untouched."""
+    from calibrl_kernels import _coefficients
+
+    config = CalibRLConfig(entropy_coef=0.1)
+    g = torch.Generator().manual_seed(19)
+    V = 29
+    logits = torch.randn(4, V, generator=g, dtype=torch.float64) * 2
+    targets = torch.tensor([3, 7, 11, -100])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64) * (targets != -100)
+    table = _coefficients.token_table(
+        -torch.rand(1, 4, generator=g, dtype=torch.float64), torch.tensor([0.8], dtype=torch.float64), mask,
+        expert_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64), passed=torch.tensor([True]),
+        is_expert=None, expert_mask=None, config=config, dtype=torch.float64,
+    )
+
+    def gradient(chunk):
+        chunk = chunk.clone()
+        rows = torch.zeros(4, len(_coefficients.ROW_FIELDS), dtype=torch.float64)
+        row_math.loss(chunk, targets, table, rows, config, 1 / 0.9, -100, True)
+        return chunk, rows
+
+    finite, _ = gradient(logits)
+    padded = logits.clone()
+    padded[2] = float("-inf")
+    grad, rows = gradient(padded)
+    assert rows[2, _coefficients.ROW["coef_a"]] == 0 and rows[2, _coefficients.ROW["coef_b"]] == 0
+    assert torch.isfinite(grad).all()
+    assert torch.equal(grad[2:], torch.zeros_like(grad[2:]))
+    assert torch.equal(grad[:2], finite[:2]) and bool((grad[:2] != 0).any())
+    # The backward-only entry (linear_token_logprobs) with zero incoming gradients on the padded row.
+    rows[:, _coefficients.ROW["coef_a"]] = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
+    rows[:, _coefficients.ROW["coef_b"]] = torch.tensor([0.0, 0.3, 0.0, 1.0], dtype=torch.float64)
+    chunk = padded.clone()
+    row_math.gradient(chunk, targets, rows, 1 / 0.9, -100)
+    assert torch.isfinite(chunk).all() and torch.equal(chunk[2:], torch.zeros_like(chunk[2:]))
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at |x| (fp64; 8 significant bits)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -126)))
+    return torch.exp2(exponent - 7)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 3, 1e-3])
+def test_bf16_gradients_are_rounded_once_under_a_scaled_backward(row_math, scale):
+    """bf16 hidden / weight / bias with an upstream gradient != 1: every gradient element is the exact
+    value (fp64 reference on the same bf16 inputs) rounded once to bf16 (within half a bf16 spacing,
+    plus the fp32 computation's error); it used to be rounded to bf16 in forward and scaled in bf16
+    in backward (up to a whole spacing off). Its error is no larger than the reference's in bf16."""
+    config = CalibRLConfig(entropy_coef=0.02)
+    case = make_linear_case(config, V=600, D=24, dtype=torch.bfloat16, seed=5)
+    exact, exact_grads = loss_and_grads(reference.fused_linear_calibrl_loss, upcast_leaves(case), config, scale=scale)
+    ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config, scale=scale)
+    out, grads = loss_and_grads(linear_cpu.fused_linear_calibrl_loss, case, config, scale=scale, row_math=row_math,
+                                chunk_bytes=64 * 1024)
+    for got, want, base, name in zip(grads, exact_grads, ref_grads, ("hidden", "weight", "bias")):
+        assert got.dtype == torch.bfloat16, name
+        error = (got.double() - want).abs()
+        bound = 0.5 * _bf16_ulp(want) + 1e-5 * float(want.abs().max())
+        assert bool((error <= bound).all()), f"{name}: {int((error > bound).sum())} elements rounded twice"
+        assert max_rel_error(got, want) <= max_rel_error(base, want) + 1e-6, name
+
+
+@pytest.mark.parametrize("raw, expected", [("4096", 4096), (" 1e6 ", 1_000_000), ("1_048_576", 2**20), ("2.0e3", 2000)])
+def test_chunk_bytes_env_accepts_whole_numbers(monkeypatch, raw, expected):
+    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, raw)
+    assert linear_cpu.chunk_budget() == expected
+
+
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e400", "0.5", "1.9", "0", "-4096", "lots", "12 MB"])
+def test_chunk_bytes_env_rejects_the_rest_quoting_it(monkeypatch, raw):
+    """A clear ValueError naming the variable and quoting the raw string (inf used to raise an uncaught
+    OverflowError, 0.5 to report 'got 0', 1.9 to run silently with 1 byte)."""
+    import re
+
+    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, raw)
+    with pytest.raises(ValueError, match=f"CALIBRL_CHUNK_BYTES.*{re.escape(repr(raw))}"):
+        linear_cpu.chunk_budget()
+
+
+def test_chunk_bytes_argument_validation(monkeypatch):
+    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, "1.9")  # an explicit argument wins: the env is not read
+    assert linear_cpu.chunk_budget(4096) == 4096
+    for bad in (1.9, 4096.0, "4096", True):
+        with pytest.raises(TypeError, match="chunk_bytes"):
+            linear_cpu.chunk_budget(bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="chunk_bytes.*got " + str(bad)):
+            linear_cpu.chunk_budget(bad)

@@ -63,3 +63,60 @@ def test_module_validation_and_repr():
     with pytest.raises(ValueError, match="hidden"):
         module(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), torch.zeros(3),
                torch.zeros(3), torch.ones(3))
+
+
+def test_logits_module_inplace_backward(monkeypatch):
+    """CalibRLLoss(inplace_backward=True) passes the option to the op (default CPU backend): the logits
+    buffer holds its gradient afterwards; a per-call keyword overrides the module's setting."""
+    monkeypatch.delenv("CALIBRL_IMPL", raising=False)
+    config = ck.CalibRLConfig(entropy_coef=0.01)
+    case = make_linear_case(config, seed=22)
+    b = case.batch
+    B, T = b.old_logp.shape
+    logits = torch.randn(B, T, 41, generator=torch.Generator().manual_seed(2))
+    targets = case.targets.remainder(41)
+    fields = dict(expert_logp=b.expert_logp.float(), passed=b.passed, is_expert=b.is_expert, expert_mask=b.expert_mask)
+    args = (targets, b.old_logp.float(), b.advantages.float(), b.mask.float())
+    ref_x = logits.clone().requires_grad_(True)
+    reference.fused_calibrl_loss(ref_x, *args, config=config, **fields).loss.backward()
+    module = ck.CalibRLLoss(config, inplace_backward=True)
+    assert "inplace_backward=True" in repr(module)
+    x = logits.clone().requires_grad_(True)
+    module(x, *args, **fields).loss.backward()
+    assert max_rel_error(x.grad, ref_x.grad) < 1e-5
+    assert torch.equal(x.detach(), x.grad)  # overwritten by its gradient
+    y = logits.clone().requires_grad_(True)
+    module(y, *args, inplace_backward=False, **fields).loss.backward()
+    assert torch.equal(y.detach(), logits) and torch.equal(y.grad, x.grad)
+    with pytest.raises(TypeError, match="inplace_backward"):
+        ck.CalibRLLoss(inplace_backward=1)
+
+
+def test_linear_module_chunk_bytes_option(monkeypatch):
+    """LinearCalibRLLoss(chunk_bytes=...) sets the CPU chunked path's budget for its calls (over the
+    environment variable), is validated at construction, and does not leak into other calls."""
+    from calibrl_kernels import linear_cpu
+
+    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, str(10**9))
+    config = ck.CalibRLConfig()
+    case = make_linear_case(config, seed=23)
+    b = case.batch
+    V = case.weight.shape[0]
+    args = (case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask)
+    fields = dict(bias=case.bias, expert_logp=b.expert_logp, passed=b.passed, is_expert=b.is_expert,
+                  expert_mask=b.expert_mask)
+    budget = 3 * V * 8 * 4  # a few fp64 rows per chunk (3 with the torch row math's 4 buffers, 12 with C++)
+    module = ck.LinearCalibRLLoss(config, chunk_bytes=budget)
+    assert f"chunk_bytes={budget}" in repr(module)
+    with linear_cpu.record_chunks() as chunks:
+        out = module(*args, **fields)
+        ck.fused_linear_calibrl_loss(*args, **fields, config=config)  # not the module: the env's budget
+    n_rows = case.targets.numel()
+    assert chunks[0].bytes <= budget and chunks[0].rows < n_rows and chunks[1].rows == n_rows
+    ref = reference.fused_linear_calibrl_loss(*args, **fields, config=config)
+    assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert linear_cpu.chunk_budget() == 10**9
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        ck.LinearCalibRLLoss(chunk_bytes=0)
+    with pytest.raises(TypeError, match="chunk_bytes"):
+        ck.LinearCalibRLLoss(chunk_bytes=1.5)
