@@ -52,7 +52,10 @@ def token_logprobs(
 
     logits (..., V), targets (...) -> logp (...) [, entropy (...)], float32 (float64 for float64 input).
     Positions whose target is ``ignore_index`` get logp = entropy = 0 and no gradient.
-    Entries of -inf in the logits (a masked vocabulary) are allowed.
+    Entries of -inf in the logits (a masked vocabulary) are allowed; a row whose logits are ALL -inf
+    has no distribution: its outputs are NaN and here (log_softmax's backward) its gradient is NaN even
+    when the loss masks it, whereas the fused backends give every token with a = b = 0 (masked,
+    ignored) an exactly zero gradient row.
     """
     z = logits.to(compute_dtype(logits)) / temperature  # (..., V)
     valid = targets != ignore_index  # (...)
