@@ -22,8 +22,15 @@ import torch
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels run under the interpreter (must be decided before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether this process's Triton kernels run under the interpreter.
+
+    The one source of truth is ``_triton_common.BUILT_FOR_INTERPRETER``: triton reads TRITON_INTERPRET when
+    a kernel is defined (at import of the kernel modules), so the variable's current value may no longer
+    describe the kernels that will run. Only launchers call this, i.e. after the kernels were imported.
+    """
+    from ._triton_common import BUILT_FOR_INTERPRETER
+
+    return BUILT_FOR_INTERPRETER
 
 
 def autotune_enabled() -> bool:

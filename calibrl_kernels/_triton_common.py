@@ -31,9 +31,19 @@ from .config import (
     RLPLUS_OLD_WEIGHT,
 )
 
-# Whether the kernels of this process were built for the interpreter: triton reads TRITON_INTERPRET
-# when a function is decorated (at import of the kernel modules), not when it is launched.
-BUILT_FOR_INTERPRETER = _heuristics.interpreting()
+
+
+@triton.jit
+def _probe():
+    """An empty kernel whose type tells how triton built this module's kernels."""
+    pass
+
+
+# Whether the kernels of this process were built for the interpreter. Triton decides when a function is
+# decorated (at import of the kernel modules), from TRITON_INTERPRET at that moment: ask triton what it
+# built rather than reading the variable again, which may have changed since. Every other module (the
+# launch heuristics included: ``_heuristics.interpreting``) uses this value.
+BUILT_FOR_INTERPRETER = not isinstance(_probe, triton.runtime.JITFunction)
 
 # Globals read inside kernels must be constexpr.
 _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)

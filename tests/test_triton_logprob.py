@@ -212,6 +212,19 @@ def test_forcing_triton_on_cpu_without_interpreter_raises(monkeypatch):
         ck.token_logprobs(logits, targets)
 
 
+def test_interpreter_mode_is_the_one_the_kernels_were_built_for(monkeypatch):
+    """The launch heuristics follow how the kernels were built (at import), not TRITON_INTERPRET now."""
+    from calibrl_kernels import _heuristics, _triton_common
+
+    built = _triton_common.BUILT_FOR_INTERPRETER
+    assert built == (os.environ.get("TRITON_INTERPRET") == "1")  # conftest set it before the import
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if built else "1")  # changed after the kernels were built
+    monkeypatch.setenv("CALIBRL_AUTOTUNE", "1")
+    assert _heuristics.interpreting() == built
+    assert (_heuristics.row_launch(1000).block_n == _heuristics.INTERPRETER_BLOCK_N) == built
+    assert _heuristics.autotune_enabled() == (not built)
+
+
 def test_autotune_wiring(monkeypatch, triton_device):
     """CALIBRL_AUTOTUNE=1 wraps kernels in triton.autotune keyed on V (faked here: the interpreter cannot
     time configs), never for in-place launches; results stay those of the fixed configuration."""
