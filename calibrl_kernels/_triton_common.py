@@ -27,6 +27,9 @@ from .config import (
     ACTIVATIONS,
     LOG_RATIO_CLAMP,
     LUFFY_SHAPING_GAMMA,
+    MODES,
+    ON_POLICY_ONLY_MODES,
+    RLPLUS_FOCAL_POWER,
     RLPLUS_MIX,
     RLPLUS_OLD_WEIGHT,
 )
@@ -50,24 +53,49 @@ _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 _LUFFY_GAMMA = tl.constexpr(LUFFY_SHAPING_GAMMA)
 _RLPLUS_OLD_WEIGHT = tl.constexpr(RLPLUS_OLD_WEIGHT)
 _RLPLUS_MIX = tl.constexpr(RLPLUS_MIX)
+_RLPLUS_FOCAL_POWER = tl.constexpr(RLPLUS_FOCAL_POWER)
 
-# Policy-term kinds (constexpr codes): PPO dual clip on every loss token, or the hybrid baselines'
-# expert-token terms on expert rows (PPO elsewhere).
-POLICY_PPO = 0
-POLICY_LUFFY = 1
-POLICY_RLPLUS = 2
-# Guide activations, in the order of config.ACTIVATIONS ("none" never reaches a kernel).
-ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
-ACT_LEAKY_RELU = tl.constexpr(ACT_CODES["leaky_relu"])
-ACT_RELU = tl.constexpr(ACT_CODES["relu"])
-ACT_TANH = tl.constexpr(ACT_CODES["tanh"])
-ACT_SIGMOID = tl.constexpr(ACT_CODES["sigmoid"])
-ACT_HUBER = tl.constexpr(ACT_CODES["huber"])
+
+def _require(condition: bool, message: str) -> None:
+    """Fail at import when config and the kernels' codes disagree (a new mode or activation without a kernel)."""
+    if not condition:
+        raise ImportError(f"calibrl_kernels Triton kernels out of date with config: {message}")
+
+
+# The codes of the two constexpr switches of the loss kernels, defined here only (kernels compare
+# against the constexpr mirrors below, launchers call ``policy_code`` / ``activation_code``).
+# POLICY: the PPO dual clip on every loss token, or, for the modes that keep expert rows in the loss,
+# their own term on expert tokens (PPO elsewhere).
+POLICY_CODES = {"ppo": 0, "luffy": 1, "rlplus": 2}
+_require(
+    {mode for mode in MODES if mode not in ON_POLICY_ONLY_MODES} == set(POLICY_CODES) - {"ppo"},
+    f"expert-token terms exist for {sorted(set(POLICY_CODES) - {'ppo'})}",
+)
+# ACTIVATION: the guide activation, one code per config.ACTIVATIONS entry that has a term ("none" means
+# no guide term at all: USES_GUIDE is False and the code is not read).
+ACTIVATION_CODES = {name: code for code, name in enumerate(a for a in ACTIVATIONS if a != "none")}
+_require(
+    set(ACTIVATION_CODES) == {"leaky_relu", "relu", "tanh", "sigmoid", "huber"},
+    "guide_activation has branches for leaky_relu, relu, tanh, sigmoid, huber",
+)
+_POLICY_PPO = tl.constexpr(POLICY_CODES["ppo"])
+_POLICY_LUFFY = tl.constexpr(POLICY_CODES["luffy"])
+_POLICY_RLPLUS = tl.constexpr(POLICY_CODES["rlplus"])
+_ACT_LEAKY_RELU = tl.constexpr(ACTIVATION_CODES["leaky_relu"])
+_ACT_RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+_ACT_TANH = tl.constexpr(ACTIVATION_CODES["tanh"])
+_ACT_SIGMOID = tl.constexpr(ACTIVATION_CODES["sigmoid"])
+_ACT_HUBER = tl.constexpr(ACTIVATION_CODES["huber"])
 
 
 def policy_code(mode: str) -> int:
-    """The constexpr policy-term kind of a CalibRLConfig.mode."""
-    return {"luffy": POLICY_LUFFY, "rlplus": POLICY_RLPLUS}.get(mode, POLICY_PPO)
+    """The constexpr POLICY of a CalibRLConfig.mode."""
+    return POLICY_CODES.get(mode, POLICY_CODES["ppo"])
+
+
+def activation_code(config) -> int:
+    """The constexpr ACTIVATION of a CalibRLConfig (any valid code when the loss has no guide term)."""
+    return ACTIVATION_CODES[config.activation] if config.uses_guide else 0
 
 
 # ==============================================================================================
@@ -229,20 +257,32 @@ def ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c):
 
 
 @triton.jit
+def focal_factor(x, POWER: tl.constexpr):
+    """x ** POWER for x in [0, 1] and POWER > 0 (RL-PLUS's focal factor, x = 1 - p): tl.sqrt for 0.5 (as
+    torch computes x ** 0.5), else exp2(POWER log2 x), which is 0 at x = 0 like the power."""
+    tl.static_assert(POWER > 0, "focal_factor: POWER must be > 0")
+    if POWER == 0.5:
+        return tl.sqrt(x)
+    else:
+        return tl.where(x > 0, tl.exp2(POWER * tl.log2(x)), 0.0)
+
+
+@triton.jit
 def expert_token_term(lp, old_lp, adv, POLICY: tl.constexpr):
     """The hybrid baselines' term on expert tokens and d term / d lp.
 
-    luffy:  -A p / (p + 0.1);                                     p = exp(lp)
-    rlplus: -A 2p / (1.5 p_old + 0.5) (1 - sg(p))^0.5;            its derivative equals the term itself
-            (d p / d lp = p, and the focal factor is a stop-gradient).
+    luffy:  -A p / (p + gamma);                                   p = exp(lp), gamma = LUFFY_SHAPING_GAMMA
+    rlplus: -A 2p / (1.5 p_old + 0.5) (1 - sg(p))^RLPLUS_FOCAL_POWER; its derivative equals the term
+            itself (d p / d lp = p, and the focal factor is a stop-gradient).
     """
     p = tl.exp(lp)
-    if POLICY == 1:  # POLICY_LUFFY
+    if POLICY == _POLICY_LUFFY:
         term = -adv * p / (p + _LUFFY_GAMMA)
         d_term = -adv * _LUFFY_GAMMA * p / ((p + _LUFFY_GAMMA) * (p + _LUFFY_GAMMA))
-    else:  # POLICY_RLPLUS
+    else:
+        tl.static_assert(POLICY == _POLICY_RLPLUS, "expert_token_term: POLICY must be LUFFY or RLPLUS")
         p_old = tl.exp(old_lp)
-        focal = tl.sqrt(tl.maximum(1.0 - p, 0.0))
+        focal = focal_factor(tl.maximum(1.0 - p, 0.0), _RLPLUS_FOCAL_POWER)
         term = -adv * 2.0 * p / (_RLPLUS_OLD_WEIGHT * p_old + _RLPLUS_MIX) * focal
         d_term = term
     return term, d_term
@@ -251,24 +291,25 @@ def expert_token_term(lp, old_lp, adv, POLICY: tl.constexpr):
 @triton.jit
 def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
     """act(z) of the calibration term and act'(z), with torch's conventions at the kinks."""
-    if ACTIVATION == 0:  # leaky_relu: slope alpha for z <= 0
+    if ACTIVATION == _ACT_LEAKY_RELU:  # slope alpha for z <= 0
         value = tl.where(z > 0, z, z * negative_slope)
         slope = tl.where(z > 0, 1.0, negative_slope)
-    elif ACTIVATION == 1:  # relu
+    elif ACTIVATION == _ACT_RELU:
         value = tl.where(z > 0, z, 0.0)
         slope = tl.where(z > 0, 1.0, 0.0)
-    elif ACTIVATION == 2:  # tanh(z) = sign(z) (1 - e^(-2|z|)) / (1 + e^(-2|z|)), overflow-free
+    elif ACTIVATION == _ACT_TANH:  # tanh(z) = sign(z) (1 - e^(-2|z|)) / (1 + e^(-2|z|)), overflow-free
         decay = tl.exp(-2.0 * tl.abs(z))
         magnitude = (1.0 - decay) / (1.0 + decay)
         value = tl.where(z < 0, -magnitude, magnitude)
         # 1 - tanh^2 = 4 e^(-2|z|) / (1 + e^(-2|z|))^2: no cancellation when |tanh| -> 1
         slope = 4.0 * decay / ((1.0 + decay) * (1.0 + decay))
-    elif ACTIVATION == 3:  # sigmoid(z), from e^(-|z|) so that neither side overflows
+    elif ACTIVATION == _ACT_SIGMOID:  # sigmoid(z), from e^(-|z|) so that neither side overflows
         decay = tl.exp(-tl.abs(z))
         value = tl.where(z >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
         # sigmoid (1 - sigmoid) = e^(-|z|) / (1 + e^(-|z|))^2: no cancellation when sigmoid -> 1
         slope = decay / ((1.0 + decay) * (1.0 + decay))
     else:  # huber with transition huber_delta
+        tl.static_assert(ACTIVATION == _ACT_HUBER, "guide_activation: unknown ACTIVATION code")
         magnitude = tl.abs(z)
         value = tl.where(magnitude < huber_delta, 0.5 * z * z, huber_delta * (magnitude - 0.5 * huber_delta))
         slope = tl.where(z < -huber_delta, -huber_delta, tl.where(z > huber_delta, huber_delta, z))
@@ -295,7 +336,7 @@ def calibrl_token_terms(
     - entropy_coef sum w_loss H.
     """
     pg, d_pg, clipped, clipped_lower = ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c)
-    if POLICY != 0:  # luffy / rlplus: expert tokens use their own term
+    if POLICY != _POLICY_PPO:  # luffy / rlplus: expert tokens use their own term
         expert_term, d_expert = expert_token_term(lp, old_lp, adv, POLICY)
         pg = tl.where(is_expert_token, expert_term, pg)
         d_pg = tl.where(is_expert_token, d_expert, d_pg)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import reference
 from ._triton_common import (
-    ACT_CODES,
+    activation_code,
     IN_ADVANTAGE,
     IN_BASELINE,
     IN_IS_EXPERT,
@@ -176,7 +176,7 @@ def kernel_loss_arguments(config: CalibRLConfig) -> dict:
         huber_delta=float(config.huber_delta), entropy_coef=float(config.entropy_coef),
         POLICY=policy_code(config.mode), USES_GUIDE=config.uses_guide,
         WEIGHT_BY_ADVANTAGE=config.weight_by_advantage,
-        ACTIVATION=ACT_CODES[config.activation] if config.uses_guide else 0,
+        ACTIVATION=activation_code(config),
     )
 
 

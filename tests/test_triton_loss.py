@@ -16,6 +16,10 @@ from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 pytest.importorskip("triton")
 from calibrl_kernels import _triton_common as common  # noqa: E402  (after the triton check)
 from calibrl_kernels import calibrl_loss_triton as triton_loss  # noqa: E402
+from calibrl_kernels._triton_common import focal_factor  # noqa: E402
+
+import triton  # noqa: E402  (installed: importorskip above)
+import triton.language as tl  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -346,3 +350,40 @@ def test_reference_accepts_the_inplace_keyword(monkeypatch):
     x = logits.clone().requires_grad_(True)
     ck.fused_calibrl_loss(x, targets, old_logp, adv, mask, **kw, inplace_backward=True).loss.backward()
     assert x.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# The constexpr codes and constants of the kernels come from config
+# ------------------------------------------------------------------------------------------------
+def test_kernel_codes_cover_every_mode_and_activation():
+    from calibrl_kernels.config import ACTIVATIONS, MODES
+
+    assert sorted(common.ACTIVATION_CODES) == sorted(a for a in ACTIVATIONS if a != "none")
+    assert len(set(common.ACTIVATION_CODES.values())) == len(common.ACTIVATION_CODES)
+    for mode in MODES:  # exactly the modes that keep expert rows have an expert-token term
+        expected = "ppo" if not CalibRLConfig(mode=mode).keeps_expert_rows else mode
+        assert common.policy_code(mode) == common.POLICY_CODES[expected]
+    for activation in ACTIVATIONS:
+        config = CalibRLConfig(activation=activation)
+        code = common.activation_code(config)
+        assert code == (common.ACTIVATION_CODES[activation] if config.uses_guide else 0)
+
+
+@triton.jit
+def _focal_kernel(x_ptr, out_ptr, n, POWER: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    inside = offsets < n
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+    tl.store(out_ptr + offsets, focal_factor(x, POWER), mask=inside)
+
+
+def test_focal_factor_is_the_configured_power(triton_device):
+    """RL-PLUS's focal factor (1 - p)^RLPLUS_FOCAL_POWER: the kernels' helper for that and other powers."""
+    from calibrl_kernels.config import RLPLUS_FOCAL_POWER
+
+    assert common._RLPLUS_FOCAL_POWER == RLPLUS_FOCAL_POWER
+    x = torch.tensor([0.0, 1e-30, 1e-6, 0.3, 0.5, 0.99, 1.0])
+    for power in (RLPLUS_FOCAL_POWER, 0.25, 1.0, 2.0):
+        out = torch.empty_like(x, device=triton_device)
+        _focal_kernel[(1,)](x.to(triton_device), out, x.numel(), POWER=power, BLOCK=8)
+        torch.testing.assert_close(out.cpu(), x.double().pow(power).float(), rtol=2e-6, atol=0.0, msg=str(power))
