@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _heuristics
+from ._coefficients import ROW, ROW_FIELDS, TERM_FIELDS, TOKEN, TOKEN_FIELDS
 from .config import (
     ACTIVATIONS,
     LOG_RATIO_CLAMP,
@@ -157,6 +158,34 @@ def logits_grad_tile(z, is_target, lse, entropy, coef_lp, coef_ent):
     p = tl.exp(log_p)
     entropy_part = tl.where(z == float("-inf"), 0.0, p * (log_p + entropy[:, None]))
     return coef_lp[:, None] * (p - is_target.to(tl.float32)) + coef_ent[:, None] * entropy_part
+
+
+@triton.jit
+def gradient_row_inputs(
+    targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, row_mask,
+    ignore_index, HAS_SCALE: tl.constexpr,
+):
+    """Per-row inputs [R] of the logits-gradient kernels (logits path and lm_head path), for rows ``rows``.
+
+    targets_ptr (N,) int64; lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr: fp32 per-token statistics of
+    the forward and coefficients a = -dL/dlp, b = -dL/dH, token t's at offset t * stats_stride; scale_ptr
+    () fp32 factor on a and b (read only with HAS_SCALE). Returns (targets, lse, entropy, a, b, active):
+    a = b = 0 on rows that are masked or whose target is ignore_index; ``active`` marks the rows with a
+    gradient, the only ones whose logits need reading (the others get zeros).
+    """
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (targets != ignore_index)
+    at = rows * stats_stride
+    coef_lp = tl.load(coef_lp_ptr + at, mask=valid, other=0.0)
+    coef_ent = tl.load(coef_ent_ptr + at, mask=valid, other=0.0)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr)
+        coef_lp = tl.where(valid, coef_lp * scale, 0.0)
+        coef_ent = tl.where(valid, coef_ent * scale, 0.0)
+    active = (coef_lp != 0) | (coef_ent != 0)
+    lse = tl.load(lse_ptr + at, mask=active, other=0.0)
+    entropy = tl.load(entropy_ptr + at, mask=active, other=0.0)
+    return targets, lse, entropy, coef_lp, coef_ent, active
 
 
 @triton.jit
@@ -318,21 +347,20 @@ def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def calibrl_token_terms(
-    lp, entropy, old_lp, adv, baseline, sign, is_expert_token,
+    lp, entropy, old_lp, adv, baseline, sign, guide_weight, is_expert_token,
     w_loss, w_guide,
     clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, WEIGHT_BY_ADVANTAGE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """Everything the loss needs from one token, in closed form.
 
     Inputs (elementwise, fp32): lp, entropy of the current policy; old_lp; adv (A); baseline (b, the
-    expert's log-prob baseline); sign (+1 passed, -1 failed); is_expert_token (bool); w_loss and
-    w_guide, the aggregation weights (reference.aggregation_weights) of the policy/entropy terms and
-    of the guide term (0 where the token does not count).
-    Returns (w_loss * l_pg, w_guide * l_guide, clipped, clipped_lower, a, b): the weighted loss
+    expert's log-prob baseline); sign (+1 passed, -1 failed); guide_weight (w = |A| or 1);
+    is_expert_token (bool); w_loss and w_guide, the aggregation weights (reference.aggregation_weights)
+    of the policy/entropy terms and of the guide term (0 where the token does not count).
+    Returns (w_loss * l_pg, w_guide * w act(z), clipped, clipped_lower, a, b): the weighted loss
     terms (0 where the weight is 0, whatever the term), the PPO clip flags, and the gradient
-    coefficients a = -dL/dlp, b = -dL/dH of L = sum w_loss l_pg + beta sum w_guide l_guide
+    coefficients a = -dL/dlp, b = -dL/dH of L = sum w_loss l_pg + beta sum w_guide w act(z)
     - entropy_coef sum w_loss H.
     """
     pg, d_pg, clipped, clipped_lower = ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c)
@@ -346,14 +374,10 @@ def calibrl_token_terms(
     if USES_GUIDE:
         z = -sign * (lp - baseline)
         act, d_act = guide_activation(z, negative_slope, huber_delta, ACTIVATION)
-        if WEIGHT_BY_ADVANTAGE:
-            strength = tl.abs(adv)
-        else:
-            strength = tl.full(adv.shape, 1.0, tl.float32)
         guided = w_guide != 0
-        guide_weighted = tl.where(guided, w_guide * (strength * act), 0.0)
+        guide_weighted = tl.where(guided, w_guide * (guide_weight * act), 0.0)
         # d (w act(z)) / d lp = w act'(z) dz/dlp, dz/dlp = -s
-        d_loss += tl.where(guided, guide_coef * w_guide * (strength * d_act * -sign), 0.0)
+        d_loss += tl.where(guided, guide_coef * w_guide * (guide_weight * d_act * -sign), 0.0)
     else:
         guide_weighted = tl.zeros(lp.shape, tl.float32)
     coef_lp = -d_loss
@@ -364,122 +388,120 @@ def calibrl_token_terms(
 # ==============================================================================================
 # 3. Per-token inputs and outputs of the loss kernels (shared by the logits and lm_head kernels)
 # ==============================================================================================
-# The launcher packs every per-token input of the loss into one fp32 table (TOKEN_INPUTS, N),
-# field-major so that a block of rows reads each field contiguously; the kernels write one fp32
-# table (TOKEN_OUTPUTS, N). Rows 0..6 of the output are weighted terms whose column sums are the
-# loss parts and metrics; rows 7..11 are what the backward pass and the tests need.
-IN_OLD_LOGP = 0  # old_logp, log-prob under the sampling policy
-IN_ADVANTAGE = 1  # A, expanded to tokens
-IN_BASELINE = 2  # b, the expert baseline (0 when there is no guide term)
-IN_SIGN = 3  # +1 for a passed row, -1 for a failed one
-IN_IS_EXPERT = 4  # 1 on expert rows
-IN_W_LOSS = 5  # aggregation weight of the policy and entropy terms (0 when not counted)
-IN_W_GUIDE = 6  # aggregation weight of the guide term
-IN_W_METRIC = 7  # token-mean weight over every valid token (clip fractions, KL)
-IN_W_ENTROPY_METRIC = 8  # token-mean weight over on-policy tokens (entropy metric)
-TOKEN_INPUTS = 9
+# The tables of every loss backend, defined in ``_coefficients``: the launcher builds the token table
+# (N, TOKEN_INPUTS) with ``_coefficients.token_table`` (masks, aggregation weights, signs, baselines,
+# guide weights), the kernels fill the row table (N, TOKEN_OUTPUTS) whose columns are
+# ``_coefficients.ROW_FIELDS``, and ``_coefficients.loss_output`` turns its column sums into the
+# LossOutput. Both tables are token-major fp32 (the C++ kernels' layout too): a block of rows reads one
+# field at a stride of a table row, which costs nothing next to the vocabulary work (the tables are O(N)).
+# Offsets are int64 (row index * row length), so no token count overflows them.
+TOKEN_INPUTS = len(TOKEN_FIELDS)
+TOKEN_OUTPUTS = len(ROW_FIELDS)
+FIRST_SUMMED_OUTPUT = ROW["pg"]  # row-table columns from here on are summed over tokens (TERM_FIELDS)
+_require(ROW_FIELDS[FIRST_SUMMED_OUTPUT:] == TERM_FIELDS, "the summed row-table columns are the last ones")
 
-OUT_PG = 0  # w_loss * l_pg
-OUT_GUIDE = 1  # w_guide * w * act(z)
-OUT_ENTROPY_LOSS = 2  # w_loss * H
-OUT_CLIPFRAC = 3  # w_metric * [l2 > l1]
-OUT_CLIPFRAC_LOWER = 4  # w_metric * [lc > -cA and A < 0]
-OUT_KL = 5  # w_metric * (old_lp - lp)
-OUT_ENTROPY_METRIC = 6  # w_entropy_metric * H
-OUT_LSE = 7  # log-sum-exp of the scaled logits (0 for tokens that are not counted)
-OUT_ENTROPY = 8  # H
-OUT_COEF_LP = 9  # a = -dL/dlp
-OUT_COEF_ENT = 10  # b = -dL/dH
-OUT_LOGP = 11  # lp
-TOKEN_OUTPUTS = 12
-SUMMED_OUTPUTS = 7  # rows 0..6 are summed over tokens
-
-# constexpr mirrors of the field numbers, for use inside kernels
-_IN_OLD_LOGP = tl.constexpr(IN_OLD_LOGP)
-_IN_ADVANTAGE = tl.constexpr(IN_ADVANTAGE)
-_IN_BASELINE = tl.constexpr(IN_BASELINE)
-_IN_SIGN = tl.constexpr(IN_SIGN)
-_IN_IS_EXPERT = tl.constexpr(IN_IS_EXPERT)
-_IN_W_LOSS = tl.constexpr(IN_W_LOSS)
-_IN_W_GUIDE = tl.constexpr(IN_W_GUIDE)
-_IN_W_METRIC = tl.constexpr(IN_W_METRIC)
-_IN_W_ENTROPY_METRIC = tl.constexpr(IN_W_ENTROPY_METRIC)
-_OUT_PG = tl.constexpr(OUT_PG)
-_OUT_GUIDE = tl.constexpr(OUT_GUIDE)
-_OUT_ENTROPY_LOSS = tl.constexpr(OUT_ENTROPY_LOSS)
-_OUT_CLIPFRAC = tl.constexpr(OUT_CLIPFRAC)
-_OUT_CLIPFRAC_LOWER = tl.constexpr(OUT_CLIPFRAC_LOWER)
-_OUT_KL = tl.constexpr(OUT_KL)
-_OUT_ENTROPY_METRIC = tl.constexpr(OUT_ENTROPY_METRIC)
-_OUT_LSE = tl.constexpr(OUT_LSE)
-_OUT_ENTROPY = tl.constexpr(OUT_ENTROPY)
-_OUT_COEF_LP = tl.constexpr(OUT_COEF_LP)
-_OUT_COEF_ENT = tl.constexpr(OUT_COEF_ENT)
-_OUT_LOGP = tl.constexpr(OUT_LOGP)
+# constexpr mirrors of the table layout, for use inside kernels
+_TOKEN_INPUTS = tl.constexpr(TOKEN_INPUTS)
+_TOKEN_OUTPUTS = tl.constexpr(TOKEN_OUTPUTS)
+_IN_OLD_LOGP = tl.constexpr(TOKEN["old_logp"])
+_IN_ADVANTAGE = tl.constexpr(TOKEN["advantage"])
+_IN_BASELINE = tl.constexpr(TOKEN["baseline"])
+_IN_SIGN = tl.constexpr(TOKEN["sign"])
+_IN_GUIDE_WEIGHT = tl.constexpr(TOKEN["guide_weight"])
+_IN_EXPERT = tl.constexpr(TOKEN["expert"])
+_IN_C_LOSS = tl.constexpr(TOKEN["c_loss"])
+_IN_C_GUIDE = tl.constexpr(TOKEN["c_guide"])
+_IN_C_ENTROPY_METRIC = tl.constexpr(TOKEN["c_entropy_metric"])
+_IN_C_ALL = tl.constexpr(TOKEN["c_all"])
+_OUT_LOGP = tl.constexpr(ROW["logp"])
+_OUT_ENTROPY = tl.constexpr(ROW["entropy"])
+_OUT_LSE = tl.constexpr(ROW["lse"])
+_OUT_COEF_A = tl.constexpr(ROW["coef_a"])
+_OUT_COEF_B = tl.constexpr(ROW["coef_b"])
+_OUT_PG = tl.constexpr(ROW["pg"])
+_OUT_GUIDE = tl.constexpr(ROW["guide"])
+_OUT_ENTROPY_LOSS = tl.constexpr(ROW["entropy_loss"])
+_OUT_ENTROPY_METRIC = tl.constexpr(ROW["entropy_metric"])
+_OUT_CLIPFRAC = tl.constexpr(ROW["clipfrac"])
+_OUT_CLIPFRAC_LOWER = tl.constexpr(ROW["clipfrac_lower"])
+_OUT_PPO_KL = tl.constexpr(ROW["ppo_kl"])
+# the weights that make a token worth reading (any loss or metric weight)
+_COUNTING_FIELDS = ("c_loss", "c_guide", "c_entropy_metric", "c_all")
 
 
 def counted_tokens(table, targets, ignore_index: int):
     """(N,) bool, host-side twin of ``token_is_counted``: tokens with any loss / metric weight."""
-    weights = table[IN_W_LOSS:IN_W_ENTROPY_METRIC + 1]
-    return (weights != 0).any(dim=0) & (targets != ignore_index)
+    weights = table[:, [TOKEN[name] for name in _COUNTING_FIELDS]]  # (N, 4)
+    return (weights != 0).any(dim=1) & (targets != ignore_index)
 
 
 @triton.jit
-def token_is_counted(table_ptr, n_tokens, rows, row_mask):
+def token_input(table_ptr, rows, row_mask, FIELD: tl.constexpr, other):
+    """Field FIELD of the token table (N, TOKEN_INPUTS) for tokens ``rows`` [R] (``other`` where masked)."""
+    return tl.load(table_ptr + rows * _TOKEN_INPUTS + FIELD, mask=row_mask, other=other)
+
+
+@triton.jit
+def store_token_output(out_ptr, rows, row_mask, FIELD: tl.constexpr, value):
+    """Column FIELD of the row table (N, TOKEN_OUTPUTS) := value [R] for tokens ``rows``."""
+    tl.store(out_ptr + rows * _TOKEN_OUTPUTS + FIELD, value, mask=row_mask)
+
+
+@triton.jit
+def token_is_counted(table_ptr, rows, row_mask):
     """Whether any loss or metric weight of the tokens ``rows`` is non-zero (else skip their logits)."""
-    counted = tl.load(table_ptr + _IN_W_LOSS * n_tokens + rows, mask=row_mask, other=0.0) != 0
-    counted = counted | (tl.load(table_ptr + _IN_W_GUIDE * n_tokens + rows, mask=row_mask, other=0.0) != 0)
-    counted = counted | (tl.load(table_ptr + _IN_W_METRIC * n_tokens + rows, mask=row_mask, other=0.0) != 0)
-    counted = counted | (tl.load(table_ptr + _IN_W_ENTROPY_METRIC * n_tokens + rows, mask=row_mask, other=0.0) != 0)
+    counted = token_input(table_ptr, rows, row_mask, _IN_C_LOSS, 0.0) != 0
+    counted = counted | (token_input(table_ptr, rows, row_mask, _IN_C_GUIDE, 0.0) != 0)
+    counted = counted | (token_input(table_ptr, rows, row_mask, _IN_C_ENTROPY_METRIC, 0.0) != 0)
+    counted = counted | (token_input(table_ptr, rows, row_mask, _IN_C_ALL, 0.0) != 0)
     return counted & row_mask
 
 
 @triton.jit
 def loss_epilogue(
-    table_ptr, out_ptr, n_tokens, rows, row_mask, counted, lp, entropy, lse,
+    table_ptr, out_ptr, rows, row_mask, counted, lp, entropy, lse,
     clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, WEIGHT_BY_ADVANTAGE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """From the row statistics of tokens ``rows`` to every output of the loss kernels.
 
-    table_ptr: (TOKEN_INPUTS, n_tokens) fp32 inputs; out_ptr: (TOKEN_OUTPUTS, n_tokens) fp32 outputs;
+    table_ptr: (N, TOKEN_INPUTS) fp32 token table; out_ptr: (N, TOKEN_OUTPUTS) fp32 row table out;
     rows [R] int64 token indices, row_mask [R] which of them exist, counted [R] which have a weight;
     lp, entropy, lse [R] fp32 (ignored where not counted: such tokens get zeros everywhere).
     """
     lp = tl.where(counted, lp, 0.0)
     entropy = tl.where(counted, entropy, 0.0)
     lse = tl.where(counted, lse, 0.0)
-    old_lp = tl.load(table_ptr + _IN_OLD_LOGP * n_tokens + rows, mask=row_mask, other=0.0)
-    adv = tl.load(table_ptr + _IN_ADVANTAGE * n_tokens + rows, mask=row_mask, other=0.0)
-    baseline = tl.load(table_ptr + _IN_BASELINE * n_tokens + rows, mask=row_mask, other=0.0)
-    sign = tl.load(table_ptr + _IN_SIGN * n_tokens + rows, mask=row_mask, other=1.0)
-    is_expert = tl.load(table_ptr + _IN_IS_EXPERT * n_tokens + rows, mask=row_mask, other=0.0) != 0
-    w_loss = tl.load(table_ptr + _IN_W_LOSS * n_tokens + rows, mask=row_mask, other=0.0)
-    w_guide = tl.load(table_ptr + _IN_W_GUIDE * n_tokens + rows, mask=row_mask, other=0.0)
-    w_metric = tl.load(table_ptr + _IN_W_METRIC * n_tokens + rows, mask=row_mask, other=0.0)
-    w_entropy_metric = tl.load(table_ptr + _IN_W_ENTROPY_METRIC * n_tokens + rows, mask=row_mask, other=0.0)
+    old_lp = token_input(table_ptr, rows, row_mask, _IN_OLD_LOGP, 0.0)
+    adv = token_input(table_ptr, rows, row_mask, _IN_ADVANTAGE, 0.0)
+    baseline = token_input(table_ptr, rows, row_mask, _IN_BASELINE, 0.0)
+    sign = token_input(table_ptr, rows, row_mask, _IN_SIGN, 0.0)
+    guide_weight = token_input(table_ptr, rows, row_mask, _IN_GUIDE_WEIGHT, 0.0)
+    is_expert = token_input(table_ptr, rows, row_mask, _IN_EXPERT, 0.0) != 0
+    w_loss = token_input(table_ptr, rows, row_mask, _IN_C_LOSS, 0.0)
+    w_guide = token_input(table_ptr, rows, row_mask, _IN_C_GUIDE, 0.0)
+    w_all = token_input(table_ptr, rows, row_mask, _IN_C_ALL, 0.0)
+    w_entropy_metric = token_input(table_ptr, rows, row_mask, _IN_C_ENTROPY_METRIC, 0.0)
     pg, guide, clipped, clipped_lower, coef_lp, coef_ent = calibrl_token_terms(
-        lp, entropy, old_lp, adv, baseline, sign, is_expert, w_loss, w_guide,
+        lp, entropy, old_lp, adv, baseline, sign, guide_weight, is_expert, w_loss, w_guide,
         clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-        POLICY, USES_GUIDE, WEIGHT_BY_ADVANTAGE, ACTIVATION,
+        POLICY, USES_GUIDE, ACTIVATION,
     )
-    in_metric = w_metric != 0
-    tl.store(out_ptr + _OUT_PG * n_tokens + rows, pg, mask=row_mask)
-    tl.store(out_ptr + _OUT_GUIDE * n_tokens + rows, guide, mask=row_mask)
-    tl.store(out_ptr + _OUT_ENTROPY_LOSS * n_tokens + rows, tl.where(w_loss != 0, w_loss * entropy, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_CLIPFRAC * n_tokens + rows, tl.where(in_metric & clipped, w_metric, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_CLIPFRAC_LOWER * n_tokens + rows, tl.where(in_metric & clipped_lower, w_metric, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_KL * n_tokens + rows, tl.where(in_metric, w_metric * (old_lp - lp), 0.0), mask=row_mask)
-    tl.store(
-        out_ptr + _OUT_ENTROPY_METRIC * n_tokens + rows, tl.where(w_entropy_metric != 0, w_entropy_metric * entropy, 0.0),
-        mask=row_mask,
+    in_metric = w_all != 0
+    store_token_output(out_ptr, rows, row_mask, _OUT_LOGP, lp)
+    store_token_output(out_ptr, rows, row_mask, _OUT_ENTROPY, entropy)
+    store_token_output(out_ptr, rows, row_mask, _OUT_LSE, lse)
+    store_token_output(out_ptr, rows, row_mask, _OUT_COEF_A, tl.where(counted, coef_lp, 0.0))
+    store_token_output(out_ptr, rows, row_mask, _OUT_COEF_B, tl.where(counted, coef_ent, 0.0))
+    store_token_output(out_ptr, rows, row_mask, _OUT_PG, pg)
+    store_token_output(out_ptr, rows, row_mask, _OUT_GUIDE, guide)
+    store_token_output(out_ptr, rows, row_mask, _OUT_ENTROPY_LOSS, tl.where(w_loss != 0, w_loss * entropy, 0.0))
+    store_token_output(
+        out_ptr, rows, row_mask, _OUT_ENTROPY_METRIC, tl.where(w_entropy_metric != 0, w_entropy_metric * entropy, 0.0)
     )
-    tl.store(out_ptr + _OUT_LSE * n_tokens + rows, lse, mask=row_mask)
-    tl.store(out_ptr + _OUT_ENTROPY * n_tokens + rows, entropy, mask=row_mask)
-    tl.store(out_ptr + _OUT_COEF_LP * n_tokens + rows, tl.where(counted, coef_lp, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_COEF_ENT * n_tokens + rows, tl.where(counted, coef_ent, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_LOGP * n_tokens + rows, lp, mask=row_mask)
+    store_token_output(out_ptr, rows, row_mask, _OUT_CLIPFRAC, tl.where(in_metric & clipped, w_all, 0.0))
+    store_token_output(out_ptr, rows, row_mask, _OUT_CLIPFRAC_LOWER, tl.where(in_metric & clipped_lower, w_all, 0.0))
+    store_token_output(out_ptr, rows, row_mask, _OUT_PPO_KL, tl.where(in_metric, w_all * (old_lp - lp), 0.0))
 
 
 # ==============================================================================================

@@ -45,17 +45,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _heuristics, reference
+from . import _coefficients, _heuristics, reference
 from ._triton_common import (
-    OUT_COEF_ENT,
-    OUT_COEF_LP,
-    OUT_ENTROPY,
-    OUT_LSE,
     TOKEN_OUTPUTS,
     cast_for_store,
     counted_tokens,
     dot_tile,
     finalize_softmax_statistics,
+    gradient_row_inputs,
     launch,
     logits_grad_tile,
     loss_epilogue,
@@ -63,14 +60,11 @@ from ._triton_common import (
     online_softmax_update,
     token_is_counted,
 )
-from .calibrl_loss_triton import (
-    check_table_size,
-    combine_token_outputs,
-    kernel_loss_arguments,
-    loss_output,
-    prepare_token_table,
-)
+from .calibrl_loss_triton import kernel_loss_arguments, loss_and_metrics, prepare_token_table
 from .config import CalibRLConfig, LossOutput
+from .logprob_entropy import common_stride
+
+ROW = _coefficients.ROW
 
 _DEFAULT_CONFIG = CalibRLConfig()
 # Partial statistics of the split-V forward, one (SPLITS, N) plane each.
@@ -158,16 +152,22 @@ def _linear_finish_kernel(
     targets_ptr,  # (N,) int64 target ids
     N,  # tokens
     ignore_index,  # target value of tokens without log-prob
-    table_ptr,  # WITH_LOSS: (TOKEN_INPUTS, N) fp32 per-token loss inputs
-    out_ptr,  # WITH_LOSS: (TOKEN_OUTPUTS, N) fp32 out, as the logits path's loss kernel
+    table_ptr,  # WITH_LOSS: (N, TOKEN_INPUTS) fp32 token table of the loss (_coefficients.token_table)
+    out_ptr,  # WITH_LOSS: (N, TOKEN_OUTPUTS) fp32 out: the row table, as the logits path's loss kernel
     logp_ptr,  # not WITH_LOSS: (N,) fp32 out log-prob (0 where ignored)
     entropy_ptr,  # not WITH_LOSS: (N,) fp32 out entropy (0 where ignored)
     lse_ptr,  # not WITH_LOSS: (N,) fp32 out logsumexp (0 where ignored)
-    clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,  # loss scalars
-    POLICY: tl.constexpr,  # loss constexprs, as in the logits path (unused without WITH_LOSS)
-    USES_GUIDE: tl.constexpr,
-    WEIGHT_BY_ADVANTAGE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    # The loss scalars and constexprs, as in the logits path's _calibrl_loss_fwd_kernel (unused without WITH_LOSS):
+    clip_low,  # PPO: rho is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high,  # upper clip width
+    dual_clip_c,  # PPO dual clip c for negative advantages
+    guide_coef,  # beta, weight of the guide term
+    negative_slope,  # alpha of leaky_relu
+    huber_delta,  # transition of the huber activation
+    entropy_coef,  # loss -= entropy_coef * agg(H)
+    POLICY: tl.constexpr,  # policy-term kind (_triton_common.POLICY_CODES)
+    USES_GUIDE: tl.constexpr,  # whether the guide term exists
+    ACTIVATION: tl.constexpr,  # guide activation code (_triton_common.ACTIVATION_CODES)
     WITH_LOSS: tl.constexpr,  # loss epilogue, or plain log-prob / entropy outputs
     BLOCK_M: tl.constexpr,  # tokens per program
 ):
@@ -190,11 +190,11 @@ def _linear_finish_kernel(
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (targets != ignore_index)
     if WITH_LOSS:
-        counted = token_is_counted(table_ptr, N, rows, row_mask) & valid
+        counted = token_is_counted(table_ptr, rows, row_mask) & valid
         loss_epilogue(
-            table_ptr, out_ptr, N, rows, row_mask, counted, lp, entropy, lse,
+            table_ptr, out_ptr, rows, row_mask, counted, lp, entropy, lse,
             clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-            POLICY, USES_GUIDE, WEIGHT_BY_ADVANTAGE, ACTIVATION,
+            POLICY, USES_GUIDE, ACTIVATION,
         )
     else:
         tl.store(logp_ptr + rows, tl.where(valid, lp, 0.0), mask=row_mask)
@@ -210,10 +210,11 @@ def _linear_dlogits_kernel(
     stride_wv,  # element stride between rows of weight
     bias_ptr,  # (V,) bias (unused without HAS_BIAS)
     targets_ptr,  # (N,) int64 target ids
-    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (forward)
-    entropy_ptr,  # (N,) fp32 entropy (forward)
-    coef_lp_ptr,  # (N,) fp32 a = -dL/dlp
-    coef_ent_ptr,  # (N,) fp32 b = -dL/dH
+    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (forward), token t at t * stats_stride
+    entropy_ptr,  # (N,) fp32 entropy (forward), same stride
+    coef_lp_ptr,  # (N,) fp32 a = -dL/dlp, same stride
+    coef_ent_ptr,  # (N,) fp32 b = -dL/dH, same stride
+    stats_stride,  # element stride between tokens of lse / entropy / coef_lp / coef_ent
     scale_ptr,  # () fp32 incoming gradient multiplying a and b (unused without HAS_SCALE)
     dlogits_ptr,  # (N, C) out: dL/dlogits of vocabulary columns [v_begin, v_end), in the input dtype
     stride_gn,  # element stride between rows of dlogits
@@ -222,8 +223,8 @@ def _linear_dlogits_kernel(
     v_end,  # one past its last column
     inv_temperature,  # fp32 runtime scalar 1 / temperature
     ignore_index,  # target value of rows without gradient
-    HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # whether bias_ptr is read
+    HAS_SCALE: tl.constexpr,  # whether a and b are multiplied by *scale_ptr
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
     BLOCK_M: tl.constexpr,  # token rows per program
     BLOCK_N: tl.constexpr,  # vocabulary tile
@@ -233,20 +234,11 @@ def _linear_dlogits_kernel(
     cols = v_begin + tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     col_mask = cols < v_end
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
-    coef_lp = tl.load(coef_lp_ptr + rows, mask=row_mask, other=0.0)
-    coef_ent = tl.load(coef_ent_ptr + rows, mask=row_mask, other=0.0)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr)
-        coef_lp = coef_lp * scale
-        coef_ent = coef_ent * scale
-    valid = row_mask & (targets != ignore_index)
-    coef_lp = tl.where(valid, coef_lp, 0.0)
-    coef_ent = tl.where(valid, coef_ent, 0.0)
-    active = (coef_lp != 0) | (coef_ent != 0)
+    targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
+        targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, row_mask,
+        ignore_index, HAS_SCALE,
+    )
     d_end = tl.where(tl.max(active.to(tl.int32), axis=0) != 0, D, 0)  # blocks without gradient: zeros
-    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
-    entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
     z = linear_logits_tile(
         hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr, rows, row_mask, cols, col_mask, D, d_end,
         inv_temperature, HAS_BIAS, INPUT_PRECISION, BLOCK_K,
@@ -346,13 +338,13 @@ def linear_statistics(
 
 
 def finish_statistics(partial, splits, targets, ignore_index, table=None, config=None):
-    """Merge the partial statistics; with ``table`` run the loss epilogue -> (TOKEN_OUTPUTS, N),
+    """Merge the partial statistics; with ``table`` run the loss epilogue -> row table (N, TOKEN_OUTPUTS),
     otherwise -> (logp, entropy, lse) each (N,) fp32."""
     N = targets.numel()
     device = targets.device
     with_loss = table is not None
     if with_loss:
-        token_out = torch.zeros(TOKEN_OUTPUTS, N, dtype=torch.float32, device=device)
+        token_out = torch.zeros(N, TOKEN_OUTPUTS, dtype=torch.float32, device=device)
         outputs = dict(table_ptr=table, out_ptr=token_out, logp_ptr=token_out, entropy_ptr=token_out, lse_ptr=token_out)
         loss_args = kernel_loss_arguments(config)
     else:
@@ -376,8 +368,10 @@ def linear_gradients(
     need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
 ):
     """(dHidden (N, D), dWeight (V, D), dBias (V,)) in the input dtypes (None where not needed) from the
-    per-row coefficients a = coef_lp, b = coef_ent (N,) fp32, times ``scale`` (0-d, on the device)."""
+    per-row coefficients a = coef_lp, b = coef_ent (N,) fp32, times ``scale`` (0-d, on the device).
+    lse, entropy, coef_lp, coef_ent: (N,) fp32 views with one common stride."""
     N, D = hidden.shape
+    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
     V = weight.shape[0]
     device = hidden.device
     dtype = hidden.dtype
@@ -400,7 +394,8 @@ def linear_gradients(
             dict(
                 hidden_ptr=hidden, stride_hn=hidden.stride(0), weight_ptr=weight, stride_wv=weight.stride(0),
                 bias_ptr=bias if bias is not None else weight, targets_ptr=targets, lse_ptr=lse,
-                entropy_ptr=entropy, coef_lp_ptr=coef_lp, coef_ent_ptr=coef_ent, scale_ptr=scale_arg,
+                entropy_ptr=entropy, coef_lp_ptr=coef_lp, coef_ent_ptr=coef_ent, stats_stride=stats_stride,
+                scale_ptr=scale_arg,
                 dlogits_ptr=dlogits, stride_gn=dlogits.stride(0), N=N, V=V, D=D, v_begin=v_begin, v_end=v_end,
                 inv_temperature=1.0 / float(temperature), ignore_index=int(ignore_index),
                 HAS_BIAS=bias is not None, HAS_SCALE=has_scale, INPUT_PRECISION=precision,
@@ -489,24 +484,21 @@ class _FusedLinearCalibRLLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index):
         h, w, b, flat_targets = _prepare(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets)
-        check_table_size(flat_targets.numel())
         counted = counted_tokens(table, flat_targets, ignore_index).to(torch.int8)
         partial, splits = linear_statistics(h, w, b, flat_targets, counted, config.temperature)
         token_out = finish_statistics(partial, splits, flat_targets, ignore_index, table=table, config=config)
-        loss, metrics = combine_token_outputs(token_out, config)
         ctx.save_for_backward(h, w, b, flat_targets, token_out)
-        ctx.mark_non_differentiable(metrics)
         ctx.hidden_shape = hidden.shape
         ctx.temperature = config.temperature
         ctx.ignore_index = ignore_index
-        return loss, metrics
+        return loss_and_metrics(ctx, token_out, config)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_metrics):
+    def backward(ctx, grad_loss, *grad_metrics):
         h, w, b, flat_targets, token_out = ctx.saved_tensors
         grads = linear_gradients(
-            h, w, b, flat_targets, token_out[OUT_LSE], token_out[OUT_ENTROPY], token_out[OUT_COEF_LP],
-            token_out[OUT_COEF_ENT], grad_loss, ctx.temperature, ctx.ignore_index,
+            h, w, b, flat_targets, token_out[:, ROW["lse"]], token_out[:, ROW["entropy"]], token_out[:, ROW["coef_a"]],
+            token_out[:, ROW["coef_b"]], grad_loss, ctx.temperature, ctx.ignore_index,
             need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
             need_bias=b is not None and ctx.needs_input_grad[2],
         )
@@ -561,6 +553,5 @@ def fused_linear_calibrl_loss(
     table = prepare_token_table(
         targets, old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index, config
     )
-    loss, metrics = _FusedLinearCalibRLLoss.apply(hidden, weight, bias, targets, table, config, int(ignore_index))
-    return loss_output(loss, metrics)
+    return LossOutput(*_FusedLinearCalibRLLoss.apply(hidden, weight, bias, targets, table, config, int(ignore_index)))
 

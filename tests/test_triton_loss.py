@@ -10,6 +10,7 @@ import torch
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
+from calibrl_kernels._coefficients import ROW_FIELDS
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
@@ -239,12 +240,14 @@ def test_float64_logits_use_the_reference(triton_device):
 # Closed-form gradient coefficients vs autograd of the reference loss
 # ------------------------------------------------------------------------------------------------
 def kernel_outputs(logits, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
+    """The kernel's row table as {column name (_coefficients.ROW_FIELDS): (B, T) tensor}."""
     table = triton_loss.prepare_token_table(
         targets, old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], ignore_index, config
     )
     rows = triton_loss.as_token_rows(logits)
     out = triton_loss.calibrl_loss_forward(rows, targets.reshape(-1), table, config, ignore_index)
-    return out.reshape(common.TOKEN_OUTPUTS, *targets.shape)
+    assert out.shape == (targets.numel(), common.TOKEN_OUTPUTS)
+    return {name: out[:, i].reshape(targets.shape) for i, name in enumerate(ROW_FIELDS)}
 
 
 def reference_coefficients(lp, entropy, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
@@ -261,10 +264,10 @@ def reference_coefficients(lp, entropy, targets, old_logp, adv, mask, kw, config
 def test_closed_form_coefficients_match_autograd(config, triton_device):
     logits, targets, old_logp, adv, mask, kw = make_inputs(6, 5, 30, triton_device, seed=8)
     out = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)
-    lp, entropy = out[common.OUT_LOGP], out[common.OUT_ENTROPY]
+    lp, entropy = out["logp"], out["entropy"]
     a, b = reference_coefficients(lp, entropy, targets, old_logp, adv, mask, kw, config)
-    assert_close_rel(out[common.OUT_COEF_LP], a, 1e-5, "a = -dL/dlp")
-    assert_close_rel(out[common.OUT_COEF_ENT], b, 1e-5, "b = -dL/dH")
+    assert_close_rel(out["coef_a"], a, 1e-5, "a = -dL/dlp")
+    assert_close_rel(out["coef_b"], b, 1e-5, "b = -dL/dH")
     # the kernel's lp / H are those of the reference
     lp_ref, h_ref = reference.token_logprobs(logits.double(), targets, config.temperature, -100, True)
     counted = (mask * (targets != -100)) != 0
@@ -280,16 +283,16 @@ def test_closed_form_coefficients_match_autograd(config, triton_device):
 def test_coefficients_at_ties_and_kinks_follow_torch(config, triton_device):
     """lp == old_lp (l1 == l2), A == 0 (everything ties), lp == baseline (z == 0, the activation's kink)."""
     logits, targets, old_logp, adv, mask, kw = make_inputs(6, 4, 20, triton_device, seed=9, masked="none")
-    lp = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)[common.OUT_LOGP]
+    lp = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)["logp"]
     steps = torch.arange(4, device=triton_device)[None, :]
     old_logp = torch.where(steps % 2 == 0, lp, old_logp)  # exact ratio 1 on even positions
     adv[1] = 0.0
     kw["expert_logp"] = torch.where(steps >= 2, lp, kw["expert_logp"])  # z == 0
     out = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)
-    assert torch.equal(out[common.OUT_LOGP], lp)  # deterministic: the ties are exact
-    a, b = reference_coefficients(lp, out[common.OUT_ENTROPY], targets, old_logp, adv, mask, kw, config)
-    assert_close_rel(out[common.OUT_COEF_LP], a, 1e-5, "a = -dL/dlp")
-    assert_close_rel(out[common.OUT_COEF_ENT], b, 1e-5, "b = -dL/dH")
+    assert torch.equal(out["logp"], lp)  # deterministic: the ties are exact
+    a, b = reference_coefficients(lp, out["entropy"], targets, old_logp, adv, mask, kw, config)
+    assert_close_rel(out["coef_a"], a, 1e-5, "a = -dL/dlp")
+    assert_close_rel(out["coef_b"], b, 1e-5, "b = -dL/dH")
 
 
 # ------------------------------------------------------------------------------------------------
