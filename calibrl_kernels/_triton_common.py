@@ -138,12 +138,17 @@ def online_softmax_update(m, s, t, z):
 
 @triton.jit
 def finalize_softmax_statistics(m, s, t):
-    """(lse, entropy) of rows summarised by (m, s, t) [R]; an all -inf row gives (-inf, NaN) like torch."""
-    nonempty = s > 0
-    safe_s = tl.where(nonempty, s, 1.0)
+    """(lse, entropy) of rows summarised by (m, s, t) [R]; an all -inf row gives (-inf, NaN) like torch.
+
+    Only s == 0 exactly means an empty row (s >= 1 otherwise: the maximum contributes e^0). A NaN or +inf
+    logit makes s NaN (e^NaN, or e^(inf - inf)); it must give NaN here, as torch.logsumexp / log_softmax
+    do, and not pass for an empty row.
+    """
+    empty = s == 0
+    safe_s = tl.where(empty, 1.0, s)
     log_s = tl.log(safe_s)
-    lse = tl.where(nonempty, m + log_s, float("-inf"))
-    entropy = tl.where(nonempty, log_s - t / safe_s, float("nan"))
+    lse = tl.where(empty, float("-inf"), m + log_s)
+    entropy = tl.where(empty, float("nan"), log_s - t / safe_s)
     return lse, entropy
 
 
@@ -171,7 +176,9 @@ def gradient_row_inputs(
     the forward and coefficients a = -dL/dlp, b = -dL/dH, token t's at offset t * stats_stride; scale_ptr
     () fp32 factor on a and b (read only with HAS_SCALE). Returns (targets, lse, entropy, a, b, active):
     a = b = 0 on rows that are masked or whose target is ignore_index; ``active`` marks the rows with a
-    gradient, the only ones whose logits need reading (the others get zeros).
+    gradient, the only ones whose logits need reading (the others get zeros). A row whose forward
+    statistics are NaN (a NaN or +inf logit) is active whatever its coefficients: its gradient is NaN, as
+    torch's log_softmax backward gives, instead of a silent zero.
     """
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (targets != ignore_index)
@@ -182,8 +189,8 @@ def gradient_row_inputs(
         scale = tl.load(scale_ptr)
         coef_lp = tl.where(valid, coef_lp * scale, 0.0)
         coef_ent = tl.where(valid, coef_ent * scale, 0.0)
-    active = (coef_lp != 0) | (coef_ent != 0)
-    lse = tl.load(lse_ptr + at, mask=active, other=0.0)
+    lse = tl.load(lse_ptr + at, mask=valid, other=0.0)
+    active = (coef_lp != 0) | (coef_ent != 0) | (lse != lse)
     entropy = tl.load(entropy_ptr + at, mask=active, other=0.0)
     return targets, lse, entropy, coef_lp, coef_ent, active
 
@@ -254,30 +261,44 @@ def dot_tile(a, b, acc, INPUT_PRECISION: tl.constexpr):
 # 2. The loss in closed form (elementwise; fp32)
 # ==============================================================================================
 @triton.jit
+def nan_maximum(a, b):
+    """max(a, b), NaN when either is NaN, as torch.maximum / torch.clamp. (tl.maximum's default drops a
+    NaN operand on the GPU, which would hide a NaN log-prob behind a clamp bound.)"""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_minimum(a, b):
+    """min(a, b), NaN when either is NaN, as torch.minimum / torch.clamp."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c):
     """PPO dual-clip term, its derivative d l / d lp and the two clip flags (torch's tie rules).
 
     rho = exp(clamp(lp - old_lp, +-20)); l1 = -A rho; l2 = -A clamp(rho, 1 - eps_low, 1 + eps_high);
-    lc = max(l1, l2); l = min(lc, -c A) where A < 0 else lc.
+    lc = max(l1, l2); l = min(lc, -c A) where A < 0 else lc. A NaN lp / old_lp / A gives a NaN term
+    (clamp, max and min propagate NaN, as torch's do).
     """
     log_ratio = lp - old_lp
     in_range = (log_ratio >= -_LOG_RATIO_CLAMP) & (log_ratio <= _LOG_RATIO_CLAMP)
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP))
+    ratio = tl.exp(nan_minimum(nan_maximum(log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP))
     d_ratio = tl.where(in_range, ratio, 0.0)
     low = 1.0 - clip_low
     high = 1.0 + clip_high
-    ratio_clipped = tl.minimum(tl.maximum(ratio, low), high)
+    ratio_clipped = nan_minimum(nan_maximum(ratio, low), high)
     neg_adv = -adv
     l1 = neg_adv * ratio
     l2 = neg_adv * ratio_clipped
     d_l1 = neg_adv * d_ratio
     d_l2 = tl.where((ratio >= low) & (ratio <= high), d_l1, 0.0)
-    lc = tl.maximum(l1, l2)
+    lc = nan_maximum(l1, l2)
     # max(x, y): the gradient goes to the larger argument, half to each on a tie.
     d_lc = tl.where(l1 > l2, d_l1, tl.where(l2 > l1, d_l2, 0.5 * (d_l1 + d_l2)))
     l3 = -dual_clip_c * adv
     negative = adv < 0
-    term = tl.where(negative, tl.minimum(lc, l3), lc)
+    term = tl.where(negative, nan_minimum(lc, l3), lc)
     d_capped = tl.where(lc < l3, d_lc, tl.where(lc > l3, 0.0, 0.5 * d_lc))
     d_term = tl.where(negative, d_capped, d_lc)
     clipped = l2 > l1
@@ -319,12 +340,12 @@ def expert_token_term(lp, old_lp, adv, POLICY: tl.constexpr):
 
 @triton.jit
 def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
-    """act(z) of the calibration term and act'(z), with torch's conventions at the kinks."""
+    """act(z) of the calibration term and act'(z), with torch's conventions at the kinks (NaN z: NaN act)."""
     if ACTIVATION == _ACT_LEAKY_RELU:  # slope alpha for z <= 0
         value = tl.where(z > 0, z, z * negative_slope)
         slope = tl.where(z > 0, 1.0, negative_slope)
     elif ACTIVATION == _ACT_RELU:
-        value = tl.where(z > 0, z, 0.0)
+        value = tl.where(z <= 0, 0.0, z)  # NaN stays NaN, as torch.relu
         slope = tl.where(z > 0, 1.0, 0.0)
     elif ACTIVATION == _ACT_TANH:  # tanh(z) = sign(z) (1 - e^(-2|z|)) / (1 + e^(-2|z|)), overflow-free
         decay = tl.exp(-2.0 * tl.abs(z))

@@ -381,6 +381,29 @@ def test_the_backward_is_chunked_and_never_allocates_n_by_v(triton_device, monke
     assert max(max(shape) for shape in widths) <= max(chunk, 16)  # no operand spans the vocabulary
 
 
+@pytest.mark.parametrize("where", ["nan-weight", "inf-bias"])
+def test_nan_weight_or_inf_bias_propagate_like_reference(where, triton_device):
+    """A NaN lm_head weight entry (a diverged row) or a +inf bias makes every token's logits contain a
+    NaN / +inf: log-probs, the loss and all three gradients are NaN, as with the reference."""
+    batch = make_batch(2, 3, 16, 50, triton_device, seed=16, masked="none")
+    hidden, weight, b, targets, old_logp, adv, mask, kw = batch
+    targets[targets == 7] = 8
+    targets[0, -1] = 3
+    if where == "nan-weight":
+        weight[7, 3] = float("nan")
+    else:
+        b[7] = float("inf")
+    lp = ck.linear_token_logprobs(hidden, weight, targets, bias=b)
+    lp_ref = reference.linear_token_logprobs(hidden, weight, targets, b)
+    assert torch.isnan(lp_ref).all() and torch.isnan(lp).all()
+    config = CalibRLConfig.for_algo("grpo")
+    ours, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config)
+    ref, grads_ref = run_loss(reference.fused_linear_calibrl_loss, batch, config)
+    assert torch.isnan(ref.loss) and torch.isnan(ours.loss)
+    for name, a, r in zip(("dhidden", "dweight", "dbias"), grads, grads_ref):
+        assert torch.isnan(r).all() and torch.isnan(a).all(), name
+
+
 def test_loss_float64_uses_the_reference(triton_device):
     batch = make_batch(2, 2, 4, 9, triton_device, dtype=torch.float64)
     hidden, weight, b, targets, old_logp, adv, mask, kw = batch

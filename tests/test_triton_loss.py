@@ -236,6 +236,52 @@ def test_float64_logits_use_the_reference(triton_device):
     assert out.loss.dtype == torch.float64 and torch.equal(out.loss, ref.loss)
 
 
+NAN_CONFIGS = [CalibRLConfig.for_algo("grpo"), CalibRLConfig(entropy_coef=0.01), CalibRLConfig(activation="relu"),
+               CalibRLConfig.for_algo("rlplus")]
+
+
+@pytest.mark.parametrize("config", NAN_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_and_inf_logits_make_the_loss_nan_like_reference(bad, config, triton_device):
+    """One NaN / +inf logit in a counted token: loss, ppo_kl and entropy are NaN and that token's gradient
+    row is NaN, as with the reference; the other tokens' gradients are unaffected."""
+    logits, targets, old_logp, adv, mask, kw = make_inputs(4, 3, 50, triton_device, seed=14, masked="none")
+    targets[0, 2] = 7
+    logits[0, 1, (targets[0, 1] + 1) % 50] = bad  # row 0 is an on-policy row
+    inputs = (logits, targets, old_logp, adv, mask, kw)
+    ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, config)
+    ref, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
+    for name in FIELDS:
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert bool(torch.isnan(a)) == bool(torch.isnan(b)), name
+        if not torch.isnan(b):
+            torch.testing.assert_close(a.double(), b.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.isnan(ours.loss) and torch.isnan(ours.ppo_kl)
+    assert torch.isnan(grad[0, 1]).all() and torch.isnan(grad64[0, 1]).all()
+    others = torch.ones(4, 3, dtype=torch.bool)
+    others[0, 1] = False
+    assert_close_rel(grad[others], grad64[others], 1e-5, "dlogits of the other tokens")
+
+
+def test_nan_logits_of_a_masked_token_are_never_read(triton_device):
+    """A padding token's logits do not enter the loss (the kernel skips them): the loss is that of the
+    reference, whose loss guards padding too, and the token gets a zero gradient."""
+    logits, targets, old_logp, adv, mask, kw = make_inputs(4, 3, 50, triton_device, seed=15, masked="none")
+    targets[0, 2] = 7
+    logits[0, 1, :] = float("nan")
+    mask[0, 1] = 0
+    inputs = (logits, targets, old_logp, adv, mask, kw)
+    config = CalibRLConfig(entropy_coef=0.01)
+    ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, config)
+    ref, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name).detach(), rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.all(grad[0, 1] == 0)  # (torch's log_softmax backward puts 0 * NaN = NaN there)
+    others = torch.ones(4, 3, dtype=torch.bool)
+    others[0, 1] = False
+    assert_close_rel(grad[others], grad64[others], 1e-5, "dlogits of the other tokens")
+
+
 # ------------------------------------------------------------------------------------------------
 # Closed-form gradient coefficients vs autograd of the reference loss
 # ------------------------------------------------------------------------------------------------
