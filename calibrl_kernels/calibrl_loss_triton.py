@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import _coefficients, reference
+from ._autograd import first_order_only
 from ._triton_common import (
     FIRST_SUMMED_OUTPUT,
     TOKEN_OUTPUTS,
@@ -168,7 +169,7 @@ class _FusedCalibRLLoss(torch.autograd.Function):
         rows = as_token_rows(logits.detach())
         flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
         token_out = calibrl_loss_forward(rows, flat_targets, table, config, ignore_index)
-        ctx.save_for_backward(rows, flat_targets, token_out)
+        ctx.save_for_backward(rows, flat_targets, token_out, logits)  # logits itself anchors first_order_only
         ctx.logits_shape = logits.shape
         ctx.temperature = config.temperature
         ctx.ignore_index = ignore_index
@@ -177,13 +178,14 @@ class _FusedCalibRLLoss(torch.autograd.Function):
         return loss_and_metrics(ctx, token_out, config)
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of being wrong
     def backward(ctx, grad_loss, *grad_metrics):
         if ctx.inplace and ctx.backward_done:
             raise RuntimeError(
                 "fused_calibrl_loss(inplace_backward=True): the logits buffer already holds the gradient of a "
                 "first backward pass; a second backward (retain_graph=True) cannot recompute it"
             )
-        rows, flat_targets, token_out = ctx.saved_tensors
+        rows, flat_targets, token_out, _ = ctx.saved_tensors
         grad = logits_backward(
             rows, flat_targets, token_out[:, ROW["lse"]], token_out[:, ROW["entropy"]], token_out[:, ROW["coef_a"]],
             token_out[:, ROW["coef_b"]], ctx.temperature, ctx.ignore_index, scale=grad_loss, inplace=ctx.inplace,

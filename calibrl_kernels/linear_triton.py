@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from . import _coefficients, _heuristics, reference
+from ._autograd import first_order_only
 from ._triton_common import (
     TOKEN_OUTPUTS,
     cast_for_store,
@@ -459,15 +460,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         active = (flat_targets != ignore_index).to(torch.int8)
         partial, splits = linear_statistics(h, w, b, flat_targets, active, temperature)
         logp, entropy, lse = finish_statistics(partial, splits, flat_targets, ignore_index)
-        ctx.save_for_backward(h, w, b, flat_targets, lse, entropy)
+        ctx.save_for_backward(h, w, b, flat_targets, lse, entropy, hidden, weight, bias)  # the inputs anchor first_order_only
         ctx.hidden_shape = hidden.shape
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
         return logp.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of being wrong
     def backward(ctx, grad_logp, grad_entropy):
-        h, w, b, flat_targets, lse, entropy = ctx.saved_tensors
+        h, w, b, flat_targets, lse, entropy = ctx.saved_tensors[:6]
         n = flat_targets.numel()
         zeros = torch.zeros(n, dtype=torch.float32, device=lse.device)
         coef_lp = zeros if grad_logp is None else (-grad_logp.reshape(-1)).to(torch.float32).contiguous()
@@ -487,15 +489,16 @@ class _FusedLinearCalibRLLoss(torch.autograd.Function):
         counted = counted_tokens(table, flat_targets, ignore_index).to(torch.int8)
         partial, splits = linear_statistics(h, w, b, flat_targets, counted, config.temperature)
         token_out = finish_statistics(partial, splits, flat_targets, ignore_index, table=table, config=config)
-        ctx.save_for_backward(h, w, b, flat_targets, token_out)
+        ctx.save_for_backward(h, w, b, flat_targets, token_out, hidden, weight, bias)  # the inputs anchor first_order_only
         ctx.hidden_shape = hidden.shape
         ctx.temperature = config.temperature
         ctx.ignore_index = ignore_index
         return loss_and_metrics(ctx, token_out, config)
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of being wrong
     def backward(ctx, grad_loss, *grad_metrics):
-        h, w, b, flat_targets, token_out = ctx.saved_tensors
+        h, w, b, flat_targets, token_out = ctx.saved_tensors[:5]
         grads = linear_gradients(
             h, w, b, flat_targets, token_out[:, ROW["lse"]], token_out[:, ROW["entropy"]], token_out[:, ROW["coef_a"]],
             token_out[:, ROW["coef_b"]], grad_loss, ctx.temperature, ctx.ignore_index,

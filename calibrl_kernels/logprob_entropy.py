@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _heuristics, reference
+from ._autograd import first_order_only
 from ._triton_common import (
     cast_for_store,
     gradient_row_inputs,
@@ -216,15 +217,16 @@ class _TokenLogprobs(torch.autograd.Function):
         rows = as_token_rows(logits.detach())
         flat_targets = _flat_targets(targets)
         logp, entropy, lse = logprob_entropy_forward(rows, flat_targets, temperature, ignore_index)
-        ctx.save_for_backward(rows, flat_targets, lse, entropy)
+        ctx.save_for_backward(rows, flat_targets, lse, entropy, logits)  # logits itself anchors first_order_only
         ctx.logits_shape = logits.shape
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
         return logp.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of being wrong
     def backward(ctx, grad_logp, grad_entropy):
-        rows, flat_targets, lse, entropy = ctx.saved_tensors
+        rows, flat_targets, lse, entropy, _ = ctx.saved_tensors
         n = flat_targets.numel()
         zeros = None
 

@@ -381,6 +381,21 @@ def test_the_backward_is_chunked_and_never_allocates_n_by_v(triton_device, monke
     assert max(max(shape) for shape in widths) <= max(chunk, 16)  # no operand spans the vocabulary
 
 
+@pytest.mark.parametrize("op", ["logprobs", "loss"])
+def test_double_backward_raises(op, triton_device):
+    """Both backwards are not differentiable: a second-order gradient raises instead of being wrong."""
+    batch = make_batch(2, 3, 8, 20, triton_device, seed=17, masked="none")
+    hidden, weight, b, targets, old_logp, adv, mask, kw = batch
+    h, w = leaves((hidden, weight))
+    if op == "logprobs":
+        value = ck.linear_token_logprobs(h, w, targets, bias=b).sum()
+    else:
+        value = ck.fused_linear_calibrl_loss(h, w, targets, old_logp, adv, mask, bias=b, **kw).loss
+    grad_h, grad_w = torch.autograd.grad(value, (h, w), create_graph=True)
+    with pytest.raises(RuntimeError, match="supports first-order gradients only"):
+        (value + (grad_h ** 2).sum() + (grad_w ** 2).sum()).backward()
+
+
 @pytest.mark.parametrize("where", ["nan-weight", "inf-bias"])
 def test_nan_weight_or_inf_bias_propagate_like_reference(where, triton_device):
     """A NaN lm_head weight entry (a diverged row) or a +inf bias makes every token's logits contain a

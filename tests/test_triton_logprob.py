@@ -163,6 +163,17 @@ def test_nan_and_inf_logits_propagate_like_reference(v, bad, triton_device):
     assert lp[4] == 0 and h[4] == 0 and torch.all(grad[4] == 0)
 
 
+def test_double_backward_raises(triton_device):
+    """The backward is not differentiable: a gradient penalty through it raises instead of silently
+    dropping the second-order term."""
+    logits, targets, _, _ = _case(4, 9, torch.float32, triton_device, seed=17)
+    x = logits.clone().requires_grad_(True)
+    lp, h = ck.token_logprobs(x, targets, return_entropy=True)
+    (grad,) = torch.autograd.grad(lp.sum() + h.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="supports first-order gradients only"):
+        (lp.sum() + (grad ** 2).sum()).backward()
+
+
 @pytest.mark.parametrize("which", ["logp", "entropy"])
 def test_gradient_through_one_output(which, triton_device):
     logits, targets, _, _ = _case(5, 100, torch.float32, triton_device, seed=2)

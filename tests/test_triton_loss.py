@@ -236,6 +236,17 @@ def test_float64_logits_use_the_reference(triton_device):
     assert out.loss.dtype == torch.float64 and torch.equal(out.loss, ref.loss)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+def test_double_backward_raises(inplace, triton_device):
+    logits, targets, old_logp, adv, mask, kw = make_inputs(2, 3, 20, triton_device, seed=18)
+    base = logits.clone().requires_grad_(True)
+    x = base * 1.0
+    out = ck.fused_calibrl_loss(x, targets, old_logp, adv, mask, **kw, inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(out.loss, base, create_graph=True)
+    with pytest.raises(RuntimeError, match="supports first-order gradients only"):
+        torch.autograd.grad((grad ** 2).sum(), base)
+
+
 NAN_CONFIGS = [CalibRLConfig.for_algo("grpo"), CalibRLConfig(entropy_coef=0.01), CalibRLConfig(activation="relu"),
                CalibRLConfig.for_algo("rlplus")]
 
