@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _coefficients, _heuristics, reference
+from . import _coefficients, _heuristics, linear_cpu
 from ._autograd import first_order_only
 from ._triton_common import (
     TOKEN_OUTPUTS,
@@ -519,10 +519,11 @@ def linear_token_logprobs(
 ):
     """The Triton twin of ``reference.linear_token_logprobs`` (never materialises (N, V) logits).
 
-    float64 inputs run the reference (the kernels accumulate in fp32).
+    float64 inputs run the device-agnostic chunked path ``linear_cpu`` in fp64 (the kernels accumulate in
+    fp32); it never materialises (N, V) logits either.
     """
     if hidden.dtype == torch.float64:
-        return reference.linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+        return linear_cpu.linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
     logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index))
     return (logp, entropy) if return_entropy else logp
 
@@ -546,10 +547,10 @@ def fused_linear_calibrl_loss(
     """The Triton twin of ``reference.fused_linear_calibrl_loss`` (same signature and results).
 
     Gradients flow to hidden, weight and bias; dWeight is deterministic (see the module docstring).
-    float64 inputs run the reference.
+    float64 inputs run the device-agnostic chunked path ``linear_cpu`` in fp64 (no (N, V) logits).
     """
     if hidden.dtype == torch.float64:
-        return reference.fused_linear_calibrl_loss(
+        return linear_cpu.fused_linear_calibrl_loss(
             hidden, weight, targets, old_logp, advantages, mask, bias=bias, expert_logp=expert_logp, passed=passed,
             is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
         )

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels import CalibRLConfig, reference
+from calibrl_kernels import CalibRLConfig, linear_cpu, reference
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
@@ -182,10 +182,19 @@ def test_logprobs_all_ignored_and_partial_grads(triton_device):
     assert_grad_close(h.grad, h64.grad, scale, 1e-5, "dhidden")
 
 
-def test_logprobs_float64_use_the_reference(triton_device):
-    hidden, weight, b, targets = make_head(3, 4, 9, triton_device, dtype=torch.float64)
-    lp = ck.linear_token_logprobs(hidden, weight, targets, bias=b)
-    assert lp.dtype == torch.float64 and torch.equal(lp, reference_logprobs(hidden, weight, targets, b, return_entropy=False))
+def test_logprobs_float64_run_the_chunked_torch_path(triton_device, monkeypatch):
+    """fp64 (which the fp32 kernels cannot honour) runs linear_cpu's chunked path in fp64, never the
+    reference, which would materialise (N, V) logits."""
+    hidden, weight, b, targets = make_head(5, 4, 9, triton_device, dtype=torch.float64)
+    lp_ref, ent_ref = reference_logprobs(hidden, weight, targets, b)
+    monkeypatch.setattr(reference, "linear_logits", None)  # any use of the reference's logits fails
+    h, w, bb = leaves((hidden, weight, b))
+    with linear_cpu.record_chunks() as chunks:
+        lp, ent = ck.linear_token_logprobs(h, w, targets, bias=bb, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    assert chunks and lp.dtype == torch.float64 and h.grad.dtype == torch.float64
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, ent_ref, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,8 +428,16 @@ def test_nan_weight_or_inf_bias_propagate_like_reference(where, triton_device):
         assert torch.isnan(r).all() and torch.isnan(a).all(), name
 
 
-def test_loss_float64_uses_the_reference(triton_device):
+def test_loss_float64_runs_the_chunked_torch_path(triton_device, monkeypatch):
     batch = make_batch(2, 2, 4, 9, triton_device, dtype=torch.float64)
-    hidden, weight, b, targets, old_logp, adv, mask, kw = batch
-    out = ck.fused_linear_calibrl_loss(hidden, weight, targets, old_logp.double(), adv.double(), mask, bias=b, **kw)
-    assert out.loss.dtype == torch.float64
+    config = CalibRLConfig(entropy_coef=0.01)
+    ref, grads_ref = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
+    monkeypatch.setattr(reference, "linear_logits", None)  # any use of the reference's logits fails
+    with linear_cpu.record_chunks() as chunks:
+        out, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config, torch.float64)
+    assert chunks and out.loss.dtype == torch.float64
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name).detach(), rtol=1e-12, atol=1e-12, msg=name)
+    for name, a, r in zip(("dhidden", "dweight", "dbias"), grads, grads_ref):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=name)
