@@ -33,8 +33,17 @@ is produced once by one program whose fp32 accumulator runs over all N rows in a
 deterministic by construction (no fp32 atomics, nothing to opt out of) and needs no (V, D) buffer.
 dHidden is accumulated across the V / C chunks in an fp32 (N, D) buffer (a read and write of N D 4 bytes
 per chunk: 37 chunks x 0.5 GB = 20 GB at N = 16384, D = 4096, C = 4096, ~7 ms of a ~100 ms step).
-Extra memory: the chunk (<= ``_heuristics.LINEAR_CHUNK_BYTES``, 128 MiB) + the fp32 dHidden accumulator
-when hidden is not fp32 (N D 4 bytes) + O(N) statistics.
+Extra memory: the chunk (<= ``_heuristics.LINEAR_CHUNK_BYTES``, 128 MiB; freed before the end) + the fp32
+dHidden accumulator when hidden is not fp32 (N D 4 bytes) + O(N) statistics; at N = 16384, D = 4096 bf16
+the backward peaks at 384 MiB beyond dWeight (arithmetic in ``linear_gradients``).
+
+The chunk budget of this GPU path is its own constant, ``_heuristics.LINEAR_CHUNK_BYTES``; the CPU path's
+``CALIBRL_CHUNK_BYTES`` (``linear_cpu``, default 40 MiB) does not apply here. The two budgets bound
+different things: on the CPU a row chunk of fp32 logits plus the row math's temporaries; here one (N, C)
+column chunk of the logits gradient in the input dtype, whose size also sets how often the fp32 dHidden
+accumulator is re-read and re-written (N D 8 bytes per chunk). The CPU default applied here would give
+C = 1280 columns at N = 16384 bf16, 119 chunks instead of 38, ~25 ms more accumulator traffic per step on
+an H100 (~20%), so a variable tuned for CPU memory would silently slow the GPU down.
 """
 
 from __future__ import annotations
@@ -370,22 +379,54 @@ def linear_gradients(
 ):
     """(dHidden (N, D), dWeight (V, D), dBias (V,)) in the input dtypes (None where not needed) from the
     per-row coefficients a = coef_lp, b = coef_ent (N,) fp32, times ``scale`` (0-d, on the device).
-    lse, entropy, coef_lp, coef_ent: (N,) fp32 views with one common stride."""
+    lse, entropy, coef_lp, coef_ent: (N,) fp32 views with one common stride.
+
+    Memory beyond the outputs, at N = 16384, D = 4096, V = 151936, bf16 (chunk C = 4096 columns):
+    the fp32 dHidden accumulator N D 4 = 256 MiB lives throughout; the (N, C) dlogits chunk, N C 2 =
+    128 MiB, only during the chunk loop (``_chunked_gradients``: it is freed before the cast); the cast
+    then allocates dHidden itself, N D 2 = 128 MiB, next to the accumulator. Peak beyond dWeight:
+    max(256 + 128 (loop), 256 + 128 (cast)) = 384 MiB (512 MiB when the chunk outlived the loop); beyond
+    dWeight and dHidden: 384 MiB in the loop, 256 MiB at the cast. The floor of this design is
+    accumulator + chunk: dHidden sums over vocabulary chunks, so an exact (fp32) sum needs the N x D fp32
+    accumulator whatever the chunk, and a smaller chunk re-reads and re-writes that accumulator more often
+    (each chunk costs N D 8 bytes of traffic: halving the chunk adds up to ~6.5 ms, ~5%, at this shape). With
+    fp32 hidden the accumulator is dHidden itself (no cast).
+    """
     N, D = hidden.shape
-    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
     V = weight.shape[0]
     device = hidden.device
-    dtype = hidden.dtype
-    fixed, meta, tune = _tiles(dtype)
-    precision = _dot_precision(dtype)
-    chunk = _heuristics.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
-    dlogits = torch.empty(N, chunk, dtype=dtype, device=device)
     d_hidden = torch.empty(N, D, dtype=torch.float32, device=device) if need_hidden else None  # fp32 accumulator
     d_weight = torch.empty(V, D, dtype=weight.dtype, device=device) if need_weight else None
     d_bias = torch.empty(V, dtype=torch.float32, device=device) if need_bias and bias is not None else None
+    _chunked_gradients(
+        hidden, weight, bias, targets, lse, entropy, coef_lp, coef_ent, scale, temperature, ignore_index,
+        d_hidden, d_weight, d_bias,
+    )
+    return _narrowed(d_hidden, hidden.dtype), d_weight, _narrowed(d_bias, None if bias is None else bias.dtype)
+
+
+def _narrowed(accumulator: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """An fp32 gradient accumulator in its input's dtype (the accumulator itself when that is fp32)."""
+    return None if accumulator is None else accumulator.to(dtype)
+
+
+def _chunked_gradients(
+    hidden, weight, bias, targets, lse, entropy, coef_lp, coef_ent, scale, temperature, ignore_index,
+    d_hidden, d_weight, d_bias,
+) -> None:
+    """The chunk loop of ``linear_gradients``: fills d_hidden (N, D) fp32 (accumulated over chunks),
+    d_weight (V, D) and d_bias (V,) fp32, each optional. The (N, C) dlogits chunk buffer is local: it is
+    freed when this returns, before the accumulators are cast."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dtype = hidden.dtype
+    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
+    fixed, meta, tune = _tiles(dtype)
+    precision = _dot_precision(dtype)
+    chunk = _heuristics.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
+    dlogits = torch.empty(N, chunk, dtype=dtype, device=hidden.device)
     has_scale = scale is not None
     scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
-    gemm_key = ["M", "N", "K"]
     for v_begin in range(0, V, chunk):
         v_end = min(V, v_begin + chunk)
         width = v_end - v_begin
@@ -410,11 +451,6 @@ def linear_gradients(
             _matmul(g, weight[v_begin:v_end], d_hidden, accumulate=v_begin > 0, precision=precision)
         if d_bias is not None:
             torch.sum(g, dim=0, dtype=torch.float32, out=d_bias[v_begin:v_end])
-    if d_hidden is not None:
-        d_hidden = d_hidden.to(dtype)
-    if d_bias is not None:
-        d_bias = d_bias.to(bias.dtype)
-    return d_hidden, d_weight, d_bias  # input dtypes
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, precision: str) -> None:

@@ -16,6 +16,8 @@ two backward GEMMs. Criterion: error vs fp64 at most twice eager bf16's, and wit
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -426,6 +428,28 @@ def test_nan_weight_or_inf_bias_propagate_like_reference(where, triton_device):
     assert torch.isnan(ref.loss) and torch.isnan(ours.loss)
     for name, a, r in zip(("dhidden", "dweight", "dbias"), grads, grads_ref):
         assert torch.isnan(r).all() and torch.isnan(a).all(), name
+
+
+def test_the_dlogits_chunk_is_freed_before_dhidden_is_cast(triton_device, monkeypatch):
+    """Peak memory of the backward: the (N, C) chunk buffer must not be alive when the fp32 dHidden
+    accumulator is cast to the input dtype (that cast allocates dHidden itself)."""
+    chunk_buffers, alive_at_cast = [], []
+    original_matmul, original_narrowed = linear_triton._matmul, linear_triton._narrowed
+
+    def matmul_spy(a, b, c, accumulate, precision):
+        chunk_buffers.append(weakref.ref(a._base if a._base is not None else a))  # a: a view of the chunk buffer
+        return original_matmul(a, b, c, accumulate, precision)
+
+    def narrowed_spy(accumulator, dtype):
+        alive_at_cast.append(any(ref() is not None for ref in chunk_buffers))
+        return original_narrowed(accumulator, dtype)
+
+    monkeypatch.setattr(linear_triton, "_matmul", matmul_spy)
+    monkeypatch.setattr(linear_triton, "_narrowed", narrowed_spy)
+    batch = make_batch(2, 3, 16, 90, triton_device, dtype=torch.bfloat16, seed=12, masked="none")
+    _, grads = run_loss(ck.fused_linear_calibrl_loss, batch, CalibRLConfig())
+    assert grads[0].dtype == torch.bfloat16 and chunk_buffers
+    assert alive_at_cast and not any(alive_at_cast)
 
 
 def test_loss_float64_runs_the_chunked_torch_path(triton_device, monkeypatch):
