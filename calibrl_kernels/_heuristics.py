@@ -201,7 +201,10 @@ def linear_vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device)
     return max(1, min(vocab_tiles, -(-2 * sms // max(row_blocks, 1))))
 
 
-# Memory budget of the backward's logits-gradient chunk (rows x vocabulary columns, input dtype).
+# Memory budget of the backward's logits-gradient chunk (rows x vocabulary columns, input dtype). The GPU
+# path's own constant: CALIBRL_CHUNK_BYTES (linear_cpu's budget) does not apply (linear_triton docstring).
+# 128 MiB = N D 2 at N = 16384, D = 4096: the chunk costs what dHidden costs; a smaller one adds fp32
+# dHidden accumulator traffic (N D 8 bytes per chunk) for little memory (the accumulator is N D 4 anyway).
 LINEAR_CHUNK_BYTES = 128 * 2 ** 20
 
 
