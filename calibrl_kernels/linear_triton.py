@@ -77,8 +77,12 @@ from .logprob_entropy import common_stride
 ROW = _coefficients.ROW
 
 _DEFAULT_CONFIG = CalibRLConfig()
-# Partial statistics of the split-V forward, one (SPLITS, N) plane each.
-_PART_MAX, _PART_SUM, _PART_SHIFTED, _PART_TARGET = 0, 1, 2, 3
+# Partial statistics of the split-V forward, one (SPLITS, N) plane each: running max, sum-exp, shifted
+# sum(z e) and the target's logit (constexpr: read inside the kernels).
+_PART_MAX = tl.constexpr(0)
+_PART_SUM = tl.constexpr(1)
+_PART_SHIFTED = tl.constexpr(2)
+_PART_TARGET = tl.constexpr(3)
 PARTIAL_FIELDS = 4
 
 
@@ -115,7 +119,9 @@ def _linear_stats_kernel(
     targets_ptr,  # (N,) int64 target ids (ignore_index never matches a column)
     active_ptr,  # (N,) int8: 1 where the row's statistics are needed
     partial_ptr,  # (PARTIAL_FIELDS, SPLITS, N) fp32 out: per split max, sum-exp, shifted sum, target logit
-    N, V, D,  # sizes
+    N,  # tokens (rows of hidden)
+    V,  # vocabulary size (rows of weight)
+    D,  # hidden size (reduction dimension of tl.dot)
     splits,  # SPLITS: programs sharing the vocabulary of one row block
     inv_temperature,  # fp32 runtime scalar 1 / temperature
     HAS_BIAS: tl.constexpr,  # whether bias_ptr is read
@@ -149,16 +155,16 @@ def _linear_stats_kernel(
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
     plane = splits * N
     here = split * N + rows
-    tl.store(partial_ptr + 0 * plane + here, m, mask=row_mask)
-    tl.store(partial_ptr + 1 * plane + here, s, mask=row_mask)
-    tl.store(partial_ptr + 2 * plane + here, t, mask=row_mask)
-    tl.store(partial_ptr + 3 * plane + here, target_logit, mask=row_mask)
+    tl.store(partial_ptr + _PART_MAX * plane + here, m, mask=row_mask)
+    tl.store(partial_ptr + _PART_SUM * plane + here, s, mask=row_mask)
+    tl.store(partial_ptr + _PART_SHIFTED * plane + here, t, mask=row_mask)
+    tl.store(partial_ptr + _PART_TARGET * plane + here, target_logit, mask=row_mask)
 
 
 @triton.jit
 def _linear_finish_kernel(
     partial_ptr,  # (PARTIAL_FIELDS, SPLITS, N) fp32 partial statistics of _linear_stats_kernel
-    splits,  # SPLITS
+    splits,  # SPLITS: vocabulary parts per row whose statistics are merged here
     targets_ptr,  # (N,) int64 target ids
     N,  # tokens
     ignore_index,  # target value of tokens without log-prob
@@ -190,11 +196,11 @@ def _linear_finish_kernel(
     target_logit = tl.zeros([BLOCK_M], tl.float32)
     for split in range(0, splits):
         here = split * N + rows
-        m_i = tl.load(partial_ptr + 0 * plane + here, mask=row_mask, other=float("-inf"))
-        s_i = tl.load(partial_ptr + 1 * plane + here, mask=row_mask, other=0.0)
-        t_i = tl.load(partial_ptr + 2 * plane + here, mask=row_mask, other=0.0)
+        m_i = tl.load(partial_ptr + _PART_MAX * plane + here, mask=row_mask, other=float("-inf"))
+        s_i = tl.load(partial_ptr + _PART_SUM * plane + here, mask=row_mask, other=0.0)
+        t_i = tl.load(partial_ptr + _PART_SHIFTED * plane + here, mask=row_mask, other=0.0)
         m, s, t = merge_softmax_statistics(m, s, t, m_i, s_i, t_i)
-        target_logit += tl.load(partial_ptr + 3 * plane + here, mask=row_mask, other=0.0)
+        target_logit += tl.load(partial_ptr + _PART_TARGET * plane + here, mask=row_mask, other=0.0)
     lse, entropy = finalize_softmax_statistics(m, s, t)
     lp = target_logit - lse
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
@@ -228,7 +234,9 @@ def _linear_dlogits_kernel(
     scale_ptr,  # () fp32 incoming gradient multiplying a and b (unused without HAS_SCALE)
     dlogits_ptr,  # (N, C) out: dL/dlogits of vocabulary columns [v_begin, v_end), in the input dtype
     stride_gn,  # element stride between rows of dlogits
-    N, V, D,  # sizes
+    N,  # tokens (rows of hidden)
+    V,  # vocabulary size (rows of weight)
+    D,  # hidden size (reduction dimension of tl.dot)
     v_begin,  # first vocabulary column of this chunk
     v_end,  # one past its last column
     inv_temperature,  # fp32 runtime scalar 1 / temperature
@@ -266,17 +274,22 @@ def _linear_dlogits_kernel(
 @triton.jit
 def _matmul_kernel(
     a_ptr,  # (M, K) left operand, any strides
-    stride_am, stride_ak,
+    stride_am,  # element stride of a between rows (m)
+    stride_ak,  # element stride of a between columns (k)
     b_ptr,  # (K, N) right operand, any strides (same dtype as a)
-    stride_bk, stride_bn,
-    c_ptr,  # (M, N) out; with ACCUMULATE read as well (fp32)
-    stride_cm, stride_cn,
-    M, N, K,  # sizes
+    stride_bk,  # element stride of b between rows (k)
+    stride_bn,  # element stride of b between columns (n)
+    c_ptr,  # (M, N) out, in its own dtype; with ACCUMULATE read as well (the fp32 dHidden accumulator)
+    stride_cm,  # element stride of c between rows (m)
+    stride_cn,  # element stride of c between columns (n)
+    M,  # rows of a and c
+    N,  # columns of b and c
+    K,  # reduction size: columns of a, rows of b
     ACCUMULATE: tl.constexpr,  # c += a @ b instead of c = a @ b
-    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee" or "tf32")
+    BLOCK_M: tl.constexpr,  # rows of the output tile of one program
+    BLOCK_N: tl.constexpr,  # columns of the output tile of one program
+    BLOCK_K: tl.constexpr,  # reduction step of one tl.dot
     GROUP_M: tl.constexpr,  # row tiles per group of the launch order (L2 reuse of b's column tiles)
 ):
     """c (+)= a @ b with an fp32 accumulator; every output tile is owned by one program (deterministic)."""
