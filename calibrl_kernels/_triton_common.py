@@ -1,17 +1,21 @@
 """Triton building blocks shared by every kernel of the library (logits path and lm_head path).
 
-Two families of ``@triton.jit`` helpers, written once:
+Three families of ``@triton.jit`` helpers, written once:
 
 1. Row statistics over the vocabulary, streamed tile by tile (``online_softmax_update`` /
-   ``finalize_softmax_statistics``) and the gradient of one tile (``logits_grad_tile``). For a row of
-   scaled logits z (temperature applied) they keep, in fp32, the running maximum m, s = sum_j e^(z_j - m)
-   and t = sum_j (z_j - m) e^(z_j - m); then lse = m + log s and the entropy H = log s - t / s. The
-   shifted sum t avoids the cancellation of lse - sum_j p_j z_j when |z| is large. -inf logits (a
-   masked vocabulary, and the padding lanes of the last tile) are the identity of every update.
+   ``finalize_softmax_statistics``), the per-row inputs of a gradient pass (``gradient_row_inputs``) and
+   the gradient of one tile (``logits_grad_tile``). For a row of scaled logits z (temperature applied)
+   they keep, in fp32, the running maximum m, s = sum_j e^(z_j - m) and t = sum_j (z_j - m) e^(z_j - m);
+   then lse = m + log s and the entropy H = log s - t / s. The shifted sum t avoids the cancellation of
+   lse - sum_j p_j z_j when |z| is large. -inf logits (a masked vocabulary, and the padding lanes of the
+   last tile) are the identity of every update; a NaN or +inf logit makes the row's statistics, log-prob,
+   loss terms and gradient NaN, as in torch.
 2. The closed form of the CalibRL loss (and the baselines') per token: the policy term, the guide
    term, the metric flags and the two gradient coefficients a = -dL/dlp and b = -dL/dH (see DESIGN.md
    "The single pass"). Ties (max/min of equal values, clamp at its bounds) follow torch's autograd rules
    so that the coefficients equal ``reference.gradient_coefficients`` exactly, not just almost.
+3. Reading the per-token inputs of the loss and writing its per-token outputs, in the token / row
+   table layout of ``_coefficients`` that every backend shares (``loss_epilogue``).
 
 Tiles are 2-D ``[R, BV]`` (rows x vocabulary); the logits kernels use R = 1, the lm_head kernels R =
 BLOCK_N rows. Per-row values are ``[R]``; the loss helpers are elementwise and take any shape.
