@@ -40,7 +40,6 @@ from .config import (
 )
 
 
-
 @triton.jit
 def _probe():
     """An empty kernel whose type tells how triton built this module's kernels."""
