@@ -10,7 +10,7 @@ import torch
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
-from calibrl_kernels._coefficients import ROW_FIELDS
+from calibrl_kernels._coefficients import ROW_FIELDS, TOKEN_FIELDS, fill_row_terms, loss_output
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
@@ -330,6 +330,31 @@ def test_closed_form_coefficients_match_autograd(config, triton_device):
     counted = (mask * (targets != -100)) != 0
     assert_close_rel(lp[counted], lp_ref[counted], 1e-5, "lp")
     assert_close_rel(entropy[counted], h_ref[counted], 1e-5, "entropy")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CalibRLConfig(entropy_coef=0.02), CalibRLConfig.for_algo("rlplus"),
+     CalibRLConfig(weight_by_advantage=False, mask_beyond_expert=True, loss_agg_mode="seq-mean-token-sum")],
+    ids=_config_id,
+)
+def test_tables_are_those_of_every_backend(config, triton_device):
+    """The kernel reads ``_coefficients.token_table`` and writes the ``_coefficients.ROW_FIELDS`` row table:
+    its terms and coefficients are those the torch / C++ closed form (``fill_row_terms``) derives from the
+    kernel's own lp and H, and ``_coefficients.loss_output`` of its column sums is the op's LossOutput."""
+    logits, targets, old_logp, adv, mask, kw = make_inputs(6, 5, 30, triton_device, seed=19)
+    table = triton_loss.prepare_token_table(
+        targets, old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], -100, config
+    )
+    assert table.shape == (30, len(TOKEN_FIELDS)) and table.dtype == torch.float32
+    out = triton_loss.calibrl_loss_forward(triton_loss.as_token_rows(logits), targets.reshape(-1), table, config, -100)
+    expected = out.clone()
+    fill_row_terms(expected, table, config)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+    summed = loss_output(out[:, ROW_FIELDS.index("pg"):].sum(0), config)
+    op = ck.fused_calibrl_loss(logits, targets, old_logp, adv, mask, **kw, config=config)
+    for name in FIELDS:
+        assert torch.equal(getattr(op, name), getattr(summed, name)), name
 
 
 @pytest.mark.parametrize(
