@@ -7,7 +7,12 @@ gradient penalty) must fail loudly instead of silently dropping the second-order
 ``torch.autograd.function.once_differentiable`` alone does not ensure that: it marks the gradients
 only when an incoming gradient requires grad, but ``torch.autograd.grad(out.sum(), x,
 create_graph=True)`` passes a constant incoming gradient, and the closed-form gradient still depends
-on the saved inputs (x). ``first_order_only`` adds that case.
+on the saved inputs (x). ``first_order_only`` marks the gradients whenever the graph of the backward
+is recorded. The marking node is attached to the op's inputs when the Function saved them (not
+detached) with ``ctx.save_for_backward``: then differentiating the gradients towards those inputs
+(``torch.autograd.grad(penalty, x)``, x any tensor upstream of the op) reaches it and raises; without
+saved inputs the node hangs off detached aliases, and such a call fails with torch's "not used in the
+graph" error instead (or returns None under allow_unused=True).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
 
 SECOND_ORDER_MESSAGE = (
     "calibrl_kernels: {name} computes its gradient in closed form and supports first-order gradients only; "
@@ -25,12 +29,13 @@ SECOND_ORDER_MESSAGE = (
 
 
 class _SecondOrderError(torch.autograd.Function):
-    """Identity on the first-order gradients whose own backward raises (they carry no second-order graph)."""
+    """Identity on the first ``count`` tensors (first-order gradients) whose own backward raises (they
+    carry no second-order graph). Further tensors (the op's inputs) only anchor the node in their graph."""
 
     @staticmethod
-    def forward(ctx, message, *grads):
+    def forward(ctx, message, count, *tensors):
         ctx.message = message
-        return tuple(g.view_as(g) for g in grads)
+        return tuple(g.view_as(g) for g in tensors[:count])
 
     @staticmethod
     def backward(ctx, *unused):
@@ -38,24 +43,29 @@ class _SecondOrderError(torch.autograd.Function):
 
 
 def first_order_only(backward):
-    """Decorate the ``backward`` staticmethod of a custom Function: once_differentiable, and under
-    create_graph=True every returned gradient raises when it is differentiated again."""
-    backward_once = once_differentiable(backward)
+    """Decorate the ``backward`` staticmethod of a custom Function: the backward runs without recording
+    a graph (as under once_differentiable), and under create_graph=True every returned gradient raises
+    when it is differentiated again (see the module docstring for the saved inputs that anchor it)."""
     name = backward.__qualname__.rsplit(".", 1)[0].lstrip("_")
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
-        grads = backward_once(ctx, *grad_outputs)
         if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
-            return grads
+            return backward(ctx, *grad_outputs)
+        # Taken before the backward runs: an in-place backward bumps its inputs' version counter.
+        anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
         single = not isinstance(grads, tuple)
         grads = (grads,) if single else tuple(grads)
         positions = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
-        if not positions or any(grads[i].requires_grad for i in positions):
-            return grads[0] if single else grads  # none, or once_differentiable already marked them
-        marked = _SecondOrderError.apply(
-            SECOND_ORDER_MESSAGE.format(name=name), *(grads[i].detach().requires_grad_(True) for i in positions)
-        )
+        if not positions:
+            return grads[0] if single else grads
+        if anchors:
+            tensors = [grads[i] for i in positions] + anchors
+        else:  # detached aliases that require grad, so that the marking node is recorded at all
+            tensors = [grads[i].detach().requires_grad_(True) for i in positions]
+        marked = _SecondOrderError.apply(SECOND_ORDER_MESSAGE.format(name=name), len(positions), *tensors)
         result = list(grads)
         for i, g in zip(positions, marked):
             result[i] = g

@@ -22,8 +22,15 @@ import torch
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels run under the interpreter (must be decided before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether this process's Triton kernels run under the interpreter.
+
+    The one source of truth is ``_triton_common.BUILT_FOR_INTERPRETER``: triton reads TRITON_INTERPRET when
+    a kernel is defined (at import of the kernel modules), so the variable's current value may no longer
+    describe the kernels that will run. Only launchers call this, i.e. after the kernels were imported.
+    """
+    from ._triton_common import BUILT_FOR_INTERPRETER
+
+    return BUILT_FOR_INTERPRETER
 
 
 def autotune_enabled() -> bool:
@@ -194,7 +201,10 @@ def linear_vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device)
     return max(1, min(vocab_tiles, -(-2 * sms // max(row_blocks, 1))))
 
 
-# Memory budget of the backward's logits-gradient chunk (rows x vocabulary columns, input dtype).
+# Memory budget of the backward's logits-gradient chunk (rows x vocabulary columns, input dtype). The GPU
+# path's own constant: CALIBRL_CHUNK_BYTES (linear_cpu's budget) does not apply (linear_triton docstring).
+# 128 MiB = N D 2 at N = 16384, D = 4096: the chunk costs what dHidden costs; a smaller one adds fp32
+# dHidden accumulator traffic (N D 8 bytes per chunk) for little memory (the accumulator is N D 4 anyway).
 LINEAR_CHUNK_BYTES = 128 * 2 ** 20
 
 

@@ -1,17 +1,21 @@
 """Triton building blocks shared by every kernel of the library (logits path and lm_head path).
 
-Two families of ``@triton.jit`` helpers, written once:
+Three families of ``@triton.jit`` helpers, written once:
 
 1. Row statistics over the vocabulary, streamed tile by tile (``online_softmax_update`` /
-   ``finalize_softmax_statistics``) and the gradient of one tile (``logits_grad_tile``). For a row of
-   scaled logits z (temperature applied) they keep, in fp32, the running maximum m, s = sum_j e^(z_j - m)
-   and t = sum_j (z_j - m) e^(z_j - m); then lse = m + log s and the entropy H = log s - t / s. The
-   shifted sum t avoids the cancellation of lse - sum_j p_j z_j when |z| is large. -inf logits (a
-   masked vocabulary, and the padding lanes of the last tile) are the identity of every update.
+   ``finalize_softmax_statistics``), the per-row inputs of a gradient pass (``gradient_row_inputs``) and
+   the gradient of one tile (``logits_grad_tile``). For a row of scaled logits z (temperature applied)
+   they keep, in fp32, the running maximum m, s = sum_j e^(z_j - m) and t = sum_j (z_j - m) e^(z_j - m);
+   then lse = m + log s and the entropy H = log s - t / s. The shifted sum t avoids the cancellation of
+   lse - sum_j p_j z_j when |z| is large. -inf logits (a masked vocabulary, and the padding lanes of the
+   last tile) are the identity of every update; a NaN or +inf logit makes the row's statistics, log-prob,
+   loss terms and gradient NaN, as in torch.
 2. The closed form of the CalibRL loss (and the baselines') per token: the policy term, the guide
    term, the metric flags and the two gradient coefficients a = -dL/dlp and b = -dL/dH (see DESIGN.md
    "The single pass"). Ties (max/min of equal values, clamp at its bounds) follow torch's autograd rules
    so that the coefficients equal ``reference.gradient_coefficients`` exactly, not just almost.
+3. Reading the per-token inputs of the loss and writing its per-token outputs, in the token / row
+   table layout of ``_coefficients`` that every backend shares (``loss_epilogue``).
 
 Tiles are 2-D ``[R, BV]`` (rows x vocabulary); the logits kernels use R = 1, the lm_head kernels R =
 BLOCK_N rows. Per-row values are ``[R]``; the loss helpers are elementwise and take any shape.
@@ -23,41 +27,79 @@ import triton
 import triton.language as tl
 
 from . import _heuristics
+from ._coefficients import ROW, ROW_FIELDS, TERM_FIELDS, TOKEN, TOKEN_FIELDS
 from .config import (
     ACTIVATIONS,
     LOG_RATIO_CLAMP,
     LUFFY_SHAPING_GAMMA,
+    MODES,
+    ON_POLICY_ONLY_MODES,
+    RLPLUS_FOCAL_POWER,
     RLPLUS_MIX,
     RLPLUS_OLD_WEIGHT,
 )
 
-# Whether the kernels of this process were built for the interpreter: triton reads TRITON_INTERPRET
-# when a function is decorated (at import of the kernel modules), not when it is launched.
-BUILT_FOR_INTERPRETER = _heuristics.interpreting()
+
+@triton.jit
+def _probe():
+    """An empty kernel whose type tells how triton built this module's kernels."""
+    pass
+
+
+# Whether the kernels of this process were built for the interpreter. Triton decides when a function is
+# decorated (at import of the kernel modules), from TRITON_INTERPRET at that moment: ask triton what it
+# built rather than reading the variable again, which may have changed since. Every other module (the
+# launch heuristics included: ``_heuristics.interpreting``) uses this value.
+BUILT_FOR_INTERPRETER = not isinstance(_probe, triton.runtime.JITFunction)
 
 # Globals read inside kernels must be constexpr.
 _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 _LUFFY_GAMMA = tl.constexpr(LUFFY_SHAPING_GAMMA)
 _RLPLUS_OLD_WEIGHT = tl.constexpr(RLPLUS_OLD_WEIGHT)
 _RLPLUS_MIX = tl.constexpr(RLPLUS_MIX)
+_RLPLUS_FOCAL_POWER = tl.constexpr(RLPLUS_FOCAL_POWER)
 
-# Policy-term kinds (constexpr codes): PPO dual clip on every loss token, or the hybrid baselines'
-# expert-token terms on expert rows (PPO elsewhere).
-POLICY_PPO = 0
-POLICY_LUFFY = 1
-POLICY_RLPLUS = 2
-# Guide activations, in the order of config.ACTIVATIONS ("none" never reaches a kernel).
-ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
-ACT_LEAKY_RELU = tl.constexpr(ACT_CODES["leaky_relu"])
-ACT_RELU = tl.constexpr(ACT_CODES["relu"])
-ACT_TANH = tl.constexpr(ACT_CODES["tanh"])
-ACT_SIGMOID = tl.constexpr(ACT_CODES["sigmoid"])
-ACT_HUBER = tl.constexpr(ACT_CODES["huber"])
+
+def _require(condition: bool, message: str) -> None:
+    """Fail at import when config and the kernels' codes disagree (a new mode or activation without a kernel)."""
+    if not condition:
+        raise ImportError(f"calibrl_kernels Triton kernels out of date with config: {message}")
+
+
+# The codes of the two constexpr switches of the loss kernels, defined here only (kernels compare
+# against the constexpr mirrors below, launchers call ``policy_code`` / ``activation_code``).
+# POLICY: the PPO dual clip on every loss token, or, for the modes that keep expert rows in the loss,
+# their own term on expert tokens (PPO elsewhere).
+POLICY_CODES = {"ppo": 0, "luffy": 1, "rlplus": 2}
+_require(
+    {mode for mode in MODES if mode not in ON_POLICY_ONLY_MODES} == set(POLICY_CODES) - {"ppo"},
+    f"expert-token terms exist for {sorted(set(POLICY_CODES) - {'ppo'})}",
+)
+# ACTIVATION: the guide activation, one code per config.ACTIVATIONS entry that has a term ("none" means
+# no guide term at all: USES_GUIDE is False and the code is not read).
+ACTIVATION_CODES = {name: code for code, name in enumerate(a for a in ACTIVATIONS if a != "none")}
+_require(
+    set(ACTIVATION_CODES) == {"leaky_relu", "relu", "tanh", "sigmoid", "huber"},
+    "guide_activation has branches for leaky_relu, relu, tanh, sigmoid, huber",
+)
+_POLICY_PPO = tl.constexpr(POLICY_CODES["ppo"])
+_POLICY_LUFFY = tl.constexpr(POLICY_CODES["luffy"])
+_POLICY_RLPLUS = tl.constexpr(POLICY_CODES["rlplus"])
+_ACT_LEAKY_RELU = tl.constexpr(ACTIVATION_CODES["leaky_relu"])
+_ACT_RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+_ACT_TANH = tl.constexpr(ACTIVATION_CODES["tanh"])
+_ACT_SIGMOID = tl.constexpr(ACTIVATION_CODES["sigmoid"])
+_ACT_HUBER = tl.constexpr(ACTIVATION_CODES["huber"])
 
 
 def policy_code(mode: str) -> int:
-    """The constexpr policy-term kind of a CalibRLConfig.mode."""
-    return {"luffy": POLICY_LUFFY, "rlplus": POLICY_RLPLUS}.get(mode, POLICY_PPO)
+    """The constexpr POLICY of a CalibRLConfig.mode."""
+    return POLICY_CODES.get(mode, POLICY_CODES["ppo"])
+
+
+def activation_code(config) -> int:
+    """The constexpr ACTIVATION of a CalibRLConfig (any valid code when the loss has no guide term)."""
+    return ACTIVATION_CODES[config.activation] if config.uses_guide else 0
 
 
 # ==============================================================================================
@@ -99,12 +141,17 @@ def online_softmax_update(m, s, t, z):
 
 @triton.jit
 def finalize_softmax_statistics(m, s, t):
-    """(lse, entropy) of rows summarised by (m, s, t) [R]; an all -inf row gives (-inf, NaN) like torch."""
-    nonempty = s > 0
-    safe_s = tl.where(nonempty, s, 1.0)
+    """(lse, entropy) of rows summarised by (m, s, t) [R]; an all -inf row gives (-inf, NaN) like torch.
+
+    Only s == 0 exactly means an empty row (s >= 1 otherwise: the maximum contributes e^0). A NaN or +inf
+    logit makes s NaN (e^NaN, or e^(inf - inf)); it must give NaN here, as torch.logsumexp / log_softmax
+    do, and not pass for an empty row.
+    """
+    empty = s == 0
+    safe_s = tl.where(empty, 1.0, s)
     log_s = tl.log(safe_s)
-    lse = tl.where(nonempty, m + log_s, float("-inf"))
-    entropy = tl.where(nonempty, log_s - t / safe_s, float("nan"))
+    lse = tl.where(empty, float("-inf"), m + log_s)
+    entropy = tl.where(empty, float("nan"), log_s - t / safe_s)
     return lse, entropy
 
 
@@ -119,6 +166,36 @@ def logits_grad_tile(z, is_target, lse, entropy, coef_lp, coef_ent):
     p = tl.exp(log_p)
     entropy_part = tl.where(z == float("-inf"), 0.0, p * (log_p + entropy[:, None]))
     return coef_lp[:, None] * (p - is_target.to(tl.float32)) + coef_ent[:, None] * entropy_part
+
+
+@triton.jit
+def gradient_row_inputs(
+    targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, row_mask,
+    ignore_index, HAS_SCALE: tl.constexpr,
+):
+    """Per-row inputs [R] of the logits-gradient kernels (logits path and lm_head path), for rows ``rows``.
+
+    targets_ptr (N,) int64; lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr: fp32 per-token statistics of
+    the forward and coefficients a = -dL/dlp, b = -dL/dH, token t's at offset t * stats_stride; scale_ptr
+    () fp32 factor on a and b (read only with HAS_SCALE). Returns (targets, lse, entropy, a, b, active):
+    a = b = 0 on rows that are masked or whose target is ignore_index; ``active`` marks the rows with a
+    gradient, the only ones whose logits need reading (the others get zeros). A row whose forward
+    statistics are NaN (a NaN or +inf logit) is active whatever its coefficients: its gradient is NaN, as
+    torch's log_softmax backward gives, instead of a silent zero.
+    """
+    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (targets != ignore_index)
+    at = rows * stats_stride
+    coef_lp = tl.load(coef_lp_ptr + at, mask=valid, other=0.0)
+    coef_ent = tl.load(coef_ent_ptr + at, mask=valid, other=0.0)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr)
+        coef_lp = tl.where(valid, coef_lp * scale, 0.0)
+        coef_ent = tl.where(valid, coef_ent * scale, 0.0)
+    lse = tl.load(lse_ptr + at, mask=valid, other=0.0)
+    active = (coef_lp != 0) | (coef_ent != 0) | (lse != lse)
+    entropy = tl.load(entropy_ptr + at, mask=active, other=0.0)
+    return targets, lse, entropy, coef_lp, coef_ent, active
 
 
 @triton.jit
@@ -187,30 +264,44 @@ def dot_tile(a, b, acc, INPUT_PRECISION: tl.constexpr):
 # 2. The loss in closed form (elementwise; fp32)
 # ==============================================================================================
 @triton.jit
+def nan_maximum(a, b):
+    """max(a, b), NaN when either is NaN, as torch.maximum / torch.clamp. (tl.maximum's default drops a
+    NaN operand on the GPU, which would hide a NaN log-prob behind a clamp bound.)"""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_minimum(a, b):
+    """min(a, b), NaN when either is NaN, as torch.minimum / torch.clamp."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c):
     """PPO dual-clip term, its derivative d l / d lp and the two clip flags (torch's tie rules).
 
     rho = exp(clamp(lp - old_lp, +-20)); l1 = -A rho; l2 = -A clamp(rho, 1 - eps_low, 1 + eps_high);
-    lc = max(l1, l2); l = min(lc, -c A) where A < 0 else lc.
+    lc = max(l1, l2); l = min(lc, -c A) where A < 0 else lc. A NaN lp / old_lp / A gives a NaN term
+    (clamp, max and min propagate NaN, as torch's do).
     """
     log_ratio = lp - old_lp
     in_range = (log_ratio >= -_LOG_RATIO_CLAMP) & (log_ratio <= _LOG_RATIO_CLAMP)
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP))
+    ratio = tl.exp(nan_minimum(nan_maximum(log_ratio, -_LOG_RATIO_CLAMP), _LOG_RATIO_CLAMP))
     d_ratio = tl.where(in_range, ratio, 0.0)
     low = 1.0 - clip_low
     high = 1.0 + clip_high
-    ratio_clipped = tl.minimum(tl.maximum(ratio, low), high)
+    ratio_clipped = nan_minimum(nan_maximum(ratio, low), high)
     neg_adv = -adv
     l1 = neg_adv * ratio
     l2 = neg_adv * ratio_clipped
     d_l1 = neg_adv * d_ratio
     d_l2 = tl.where((ratio >= low) & (ratio <= high), d_l1, 0.0)
-    lc = tl.maximum(l1, l2)
+    lc = nan_maximum(l1, l2)
     # max(x, y): the gradient goes to the larger argument, half to each on a tie.
     d_lc = tl.where(l1 > l2, d_l1, tl.where(l2 > l1, d_l2, 0.5 * (d_l1 + d_l2)))
     l3 = -dual_clip_c * adv
     negative = adv < 0
-    term = tl.where(negative, tl.minimum(lc, l3), lc)
+    term = tl.where(negative, nan_minimum(lc, l3), lc)
     d_capped = tl.where(lc < l3, d_lc, tl.where(lc > l3, 0.0, 0.5 * d_lc))
     d_term = tl.where(negative, d_capped, d_lc)
     clipped = l2 > l1
@@ -219,20 +310,32 @@ def ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c):
 
 
 @triton.jit
+def focal_factor(x, POWER: tl.constexpr):
+    """x ** POWER for x in [0, 1] and POWER > 0 (RL-PLUS's focal factor, x = 1 - p): tl.sqrt for 0.5 (as
+    torch computes x ** 0.5), else exp2(POWER log2 x), which is 0 at x = 0 like the power."""
+    tl.static_assert(POWER > 0, "focal_factor: POWER must be > 0")
+    if POWER == 0.5:
+        return tl.sqrt(x)
+    else:
+        return tl.where(x > 0, tl.exp2(POWER * tl.log2(x)), 0.0)
+
+
+@triton.jit
 def expert_token_term(lp, old_lp, adv, POLICY: tl.constexpr):
     """The hybrid baselines' term on expert tokens and d term / d lp.
 
-    luffy:  -A p / (p + 0.1);                                     p = exp(lp)
-    rlplus: -A 2p / (1.5 p_old + 0.5) (1 - sg(p))^0.5;            its derivative equals the term itself
-            (d p / d lp = p, and the focal factor is a stop-gradient).
+    luffy:  -A p / (p + gamma);                                   p = exp(lp), gamma = LUFFY_SHAPING_GAMMA
+    rlplus: -A 2p / (1.5 p_old + 0.5) (1 - sg(p))^RLPLUS_FOCAL_POWER; its derivative equals the term
+            itself (d p / d lp = p, and the focal factor is a stop-gradient).
     """
     p = tl.exp(lp)
-    if POLICY == 1:  # POLICY_LUFFY
+    if POLICY == _POLICY_LUFFY:
         term = -adv * p / (p + _LUFFY_GAMMA)
         d_term = -adv * _LUFFY_GAMMA * p / ((p + _LUFFY_GAMMA) * (p + _LUFFY_GAMMA))
-    else:  # POLICY_RLPLUS
+    else:
+        tl.static_assert(POLICY == _POLICY_RLPLUS, "expert_token_term: POLICY must be LUFFY or RLPLUS")
         p_old = tl.exp(old_lp)
-        focal = tl.sqrt(tl.maximum(1.0 - p, 0.0))
+        focal = focal_factor(tl.maximum(1.0 - p, 0.0), _RLPLUS_FOCAL_POWER)
         term = -adv * 2.0 * p / (_RLPLUS_OLD_WEIGHT * p_old + _RLPLUS_MIX) * focal
         d_term = term
     return term, d_term
@@ -240,25 +343,26 @@ def expert_token_term(lp, old_lp, adv, POLICY: tl.constexpr):
 
 @triton.jit
 def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
-    """act(z) of the calibration term and act'(z), with torch's conventions at the kinks."""
-    if ACTIVATION == 0:  # leaky_relu: slope alpha for z <= 0
+    """act(z) of the calibration term and act'(z), with torch's conventions at the kinks (NaN z: NaN act)."""
+    if ACTIVATION == _ACT_LEAKY_RELU:  # slope alpha for z <= 0
         value = tl.where(z > 0, z, z * negative_slope)
         slope = tl.where(z > 0, 1.0, negative_slope)
-    elif ACTIVATION == 1:  # relu
-        value = tl.where(z > 0, z, 0.0)
+    elif ACTIVATION == _ACT_RELU:
+        value = tl.where(z <= 0, 0.0, z)  # NaN stays NaN, as torch.relu
         slope = tl.where(z > 0, 1.0, 0.0)
-    elif ACTIVATION == 2:  # tanh(z) = sign(z) (1 - e^(-2|z|)) / (1 + e^(-2|z|)), overflow-free
+    elif ACTIVATION == _ACT_TANH:  # tanh(z) = sign(z) (1 - e^(-2|z|)) / (1 + e^(-2|z|)), overflow-free
         decay = tl.exp(-2.0 * tl.abs(z))
         magnitude = (1.0 - decay) / (1.0 + decay)
         value = tl.where(z < 0, -magnitude, magnitude)
         # 1 - tanh^2 = 4 e^(-2|z|) / (1 + e^(-2|z|))^2: no cancellation when |tanh| -> 1
         slope = 4.0 * decay / ((1.0 + decay) * (1.0 + decay))
-    elif ACTIVATION == 3:  # sigmoid(z), from e^(-|z|) so that neither side overflows
+    elif ACTIVATION == _ACT_SIGMOID:  # sigmoid(z), from e^(-|z|) so that neither side overflows
         decay = tl.exp(-tl.abs(z))
         value = tl.where(z >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
         # sigmoid (1 - sigmoid) = e^(-|z|) / (1 + e^(-|z|))^2: no cancellation when sigmoid -> 1
         slope = decay / ((1.0 + decay) * (1.0 + decay))
     else:  # huber with transition huber_delta
+        tl.static_assert(ACTIVATION == _ACT_HUBER, "guide_activation: unknown ACTIVATION code")
         magnitude = tl.abs(z)
         value = tl.where(magnitude < huber_delta, 0.5 * z * z, huber_delta * (magnitude - 0.5 * huber_delta))
         slope = tl.where(z < -huber_delta, -huber_delta, tl.where(z > huber_delta, huber_delta, z))
@@ -267,25 +371,24 @@ def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def calibrl_token_terms(
-    lp, entropy, old_lp, adv, baseline, sign, is_expert_token,
+    lp, entropy, old_lp, adv, baseline, sign, guide_weight, is_expert_token,
     w_loss, w_guide,
     clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, WEIGHT_BY_ADVANTAGE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """Everything the loss needs from one token, in closed form.
 
     Inputs (elementwise, fp32): lp, entropy of the current policy; old_lp; adv (A); baseline (b, the
-    expert's log-prob baseline); sign (+1 passed, -1 failed); is_expert_token (bool); w_loss and
-    w_guide, the aggregation weights (reference.aggregation_weights) of the policy/entropy terms and
-    of the guide term (0 where the token does not count).
-    Returns (w_loss * l_pg, w_guide * l_guide, clipped, clipped_lower, a, b): the weighted loss
+    expert's log-prob baseline); sign (+1 passed, -1 failed); guide_weight (w = |A| or 1);
+    is_expert_token (bool); w_loss and w_guide, the aggregation weights (reference.aggregation_weights)
+    of the policy/entropy terms and of the guide term (0 where the token does not count).
+    Returns (w_loss * l_pg, w_guide * w act(z), clipped, clipped_lower, a, b): the weighted loss
     terms (0 where the weight is 0, whatever the term), the PPO clip flags, and the gradient
-    coefficients a = -dL/dlp, b = -dL/dH of L = sum w_loss l_pg + beta sum w_guide l_guide
+    coefficients a = -dL/dlp, b = -dL/dH of L = sum w_loss l_pg + beta sum w_guide w act(z)
     - entropy_coef sum w_loss H.
     """
     pg, d_pg, clipped, clipped_lower = ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c)
-    if POLICY != 0:  # luffy / rlplus: expert tokens use their own term
+    if POLICY != _POLICY_PPO:  # luffy / rlplus: expert tokens use their own term
         expert_term, d_expert = expert_token_term(lp, old_lp, adv, POLICY)
         pg = tl.where(is_expert_token, expert_term, pg)
         d_pg = tl.where(is_expert_token, d_expert, d_pg)
@@ -295,14 +398,10 @@ def calibrl_token_terms(
     if USES_GUIDE:
         z = -sign * (lp - baseline)
         act, d_act = guide_activation(z, negative_slope, huber_delta, ACTIVATION)
-        if WEIGHT_BY_ADVANTAGE:
-            strength = tl.abs(adv)
-        else:
-            strength = tl.full(adv.shape, 1.0, tl.float32)
         guided = w_guide != 0
-        guide_weighted = tl.where(guided, w_guide * (strength * act), 0.0)
+        guide_weighted = tl.where(guided, w_guide * (guide_weight * act), 0.0)
         # d (w act(z)) / d lp = w act'(z) dz/dlp, dz/dlp = -s
-        d_loss += tl.where(guided, guide_coef * w_guide * (strength * d_act * -sign), 0.0)
+        d_loss += tl.where(guided, guide_coef * w_guide * (guide_weight * d_act * -sign), 0.0)
     else:
         guide_weighted = tl.zeros(lp.shape, tl.float32)
     coef_lp = -d_loss
@@ -313,122 +412,120 @@ def calibrl_token_terms(
 # ==============================================================================================
 # 3. Per-token inputs and outputs of the loss kernels (shared by the logits and lm_head kernels)
 # ==============================================================================================
-# The launcher packs every per-token input of the loss into one fp32 table (TOKEN_INPUTS, N),
-# field-major so that a block of rows reads each field contiguously; the kernels write one fp32
-# table (TOKEN_OUTPUTS, N). Rows 0..6 of the output are weighted terms whose column sums are the
-# loss parts and metrics; rows 7..11 are what the backward pass and the tests need.
-IN_OLD_LOGP = 0  # old_logp, log-prob under the sampling policy
-IN_ADVANTAGE = 1  # A, expanded to tokens
-IN_BASELINE = 2  # b, the expert baseline (0 when there is no guide term)
-IN_SIGN = 3  # +1 for a passed row, -1 for a failed one
-IN_IS_EXPERT = 4  # 1 on expert rows
-IN_W_LOSS = 5  # aggregation weight of the policy and entropy terms (0 when not counted)
-IN_W_GUIDE = 6  # aggregation weight of the guide term
-IN_W_METRIC = 7  # token-mean weight over every valid token (clip fractions, KL)
-IN_W_ENTROPY_METRIC = 8  # token-mean weight over on-policy tokens (entropy metric)
-TOKEN_INPUTS = 9
+# The tables of every loss backend, defined in ``_coefficients``: the launcher builds the token table
+# (N, TOKEN_INPUTS) with ``_coefficients.token_table`` (masks, aggregation weights, signs, baselines,
+# guide weights), the kernels fill the row table (N, TOKEN_OUTPUTS) whose columns are
+# ``_coefficients.ROW_FIELDS``, and ``_coefficients.loss_output`` turns its column sums into the
+# LossOutput. Both tables are token-major fp32 (the C++ kernels' layout too): a block of rows reads one
+# field at a stride of a table row, which costs nothing next to the vocabulary work (the tables are O(N)).
+# Offsets are int64 (row index * row length), so no token count overflows them.
+TOKEN_INPUTS = len(TOKEN_FIELDS)
+TOKEN_OUTPUTS = len(ROW_FIELDS)
+FIRST_SUMMED_OUTPUT = ROW["pg"]  # row-table columns from here on are summed over tokens (TERM_FIELDS)
+_require(ROW_FIELDS[FIRST_SUMMED_OUTPUT:] == TERM_FIELDS, "the summed row-table columns are the last ones")
 
-OUT_PG = 0  # w_loss * l_pg
-OUT_GUIDE = 1  # w_guide * w * act(z)
-OUT_ENTROPY_LOSS = 2  # w_loss * H
-OUT_CLIPFRAC = 3  # w_metric * [l2 > l1]
-OUT_CLIPFRAC_LOWER = 4  # w_metric * [lc > -cA and A < 0]
-OUT_KL = 5  # w_metric * (old_lp - lp)
-OUT_ENTROPY_METRIC = 6  # w_entropy_metric * H
-OUT_LSE = 7  # log-sum-exp of the scaled logits (0 for tokens that are not counted)
-OUT_ENTROPY = 8  # H
-OUT_COEF_LP = 9  # a = -dL/dlp
-OUT_COEF_ENT = 10  # b = -dL/dH
-OUT_LOGP = 11  # lp
-TOKEN_OUTPUTS = 12
-SUMMED_OUTPUTS = 7  # rows 0..6 are summed over tokens
-
-# constexpr mirrors of the field numbers, for use inside kernels
-_IN_OLD_LOGP = tl.constexpr(IN_OLD_LOGP)
-_IN_ADVANTAGE = tl.constexpr(IN_ADVANTAGE)
-_IN_BASELINE = tl.constexpr(IN_BASELINE)
-_IN_SIGN = tl.constexpr(IN_SIGN)
-_IN_IS_EXPERT = tl.constexpr(IN_IS_EXPERT)
-_IN_W_LOSS = tl.constexpr(IN_W_LOSS)
-_IN_W_GUIDE = tl.constexpr(IN_W_GUIDE)
-_IN_W_METRIC = tl.constexpr(IN_W_METRIC)
-_IN_W_ENTROPY_METRIC = tl.constexpr(IN_W_ENTROPY_METRIC)
-_OUT_PG = tl.constexpr(OUT_PG)
-_OUT_GUIDE = tl.constexpr(OUT_GUIDE)
-_OUT_ENTROPY_LOSS = tl.constexpr(OUT_ENTROPY_LOSS)
-_OUT_CLIPFRAC = tl.constexpr(OUT_CLIPFRAC)
-_OUT_CLIPFRAC_LOWER = tl.constexpr(OUT_CLIPFRAC_LOWER)
-_OUT_KL = tl.constexpr(OUT_KL)
-_OUT_ENTROPY_METRIC = tl.constexpr(OUT_ENTROPY_METRIC)
-_OUT_LSE = tl.constexpr(OUT_LSE)
-_OUT_ENTROPY = tl.constexpr(OUT_ENTROPY)
-_OUT_COEF_LP = tl.constexpr(OUT_COEF_LP)
-_OUT_COEF_ENT = tl.constexpr(OUT_COEF_ENT)
-_OUT_LOGP = tl.constexpr(OUT_LOGP)
+# constexpr mirrors of the table layout, for use inside kernels
+_TOKEN_INPUTS = tl.constexpr(TOKEN_INPUTS)
+_TOKEN_OUTPUTS = tl.constexpr(TOKEN_OUTPUTS)
+_IN_OLD_LOGP = tl.constexpr(TOKEN["old_logp"])
+_IN_ADVANTAGE = tl.constexpr(TOKEN["advantage"])
+_IN_BASELINE = tl.constexpr(TOKEN["baseline"])
+_IN_SIGN = tl.constexpr(TOKEN["sign"])
+_IN_GUIDE_WEIGHT = tl.constexpr(TOKEN["guide_weight"])
+_IN_EXPERT = tl.constexpr(TOKEN["expert"])
+_IN_C_LOSS = tl.constexpr(TOKEN["c_loss"])
+_IN_C_GUIDE = tl.constexpr(TOKEN["c_guide"])
+_IN_C_ENTROPY_METRIC = tl.constexpr(TOKEN["c_entropy_metric"])
+_IN_C_ALL = tl.constexpr(TOKEN["c_all"])
+_OUT_LOGP = tl.constexpr(ROW["logp"])
+_OUT_ENTROPY = tl.constexpr(ROW["entropy"])
+_OUT_LSE = tl.constexpr(ROW["lse"])
+_OUT_COEF_A = tl.constexpr(ROW["coef_a"])
+_OUT_COEF_B = tl.constexpr(ROW["coef_b"])
+_OUT_PG = tl.constexpr(ROW["pg"])
+_OUT_GUIDE = tl.constexpr(ROW["guide"])
+_OUT_ENTROPY_LOSS = tl.constexpr(ROW["entropy_loss"])
+_OUT_ENTROPY_METRIC = tl.constexpr(ROW["entropy_metric"])
+_OUT_CLIPFRAC = tl.constexpr(ROW["clipfrac"])
+_OUT_CLIPFRAC_LOWER = tl.constexpr(ROW["clipfrac_lower"])
+_OUT_PPO_KL = tl.constexpr(ROW["ppo_kl"])
+# the weights that make a token worth reading (any loss or metric weight)
+_COUNTING_FIELDS = ("c_loss", "c_guide", "c_entropy_metric", "c_all")
 
 
 def counted_tokens(table, targets, ignore_index: int):
     """(N,) bool, host-side twin of ``token_is_counted``: tokens with any loss / metric weight."""
-    weights = table[IN_W_LOSS:IN_W_ENTROPY_METRIC + 1]
-    return (weights != 0).any(dim=0) & (targets != ignore_index)
+    weights = table[:, [TOKEN[name] for name in _COUNTING_FIELDS]]  # (N, 4)
+    return (weights != 0).any(dim=1) & (targets != ignore_index)
 
 
 @triton.jit
-def token_is_counted(table_ptr, n_tokens, rows, row_mask):
+def token_input(table_ptr, rows, row_mask, FIELD: tl.constexpr, other):
+    """Field FIELD of the token table (N, TOKEN_INPUTS) for tokens ``rows`` [R] (``other`` where masked)."""
+    return tl.load(table_ptr + rows * _TOKEN_INPUTS + FIELD, mask=row_mask, other=other)
+
+
+@triton.jit
+def store_token_output(out_ptr, rows, row_mask, FIELD: tl.constexpr, value):
+    """Column FIELD of the row table (N, TOKEN_OUTPUTS) := value [R] for tokens ``rows``."""
+    tl.store(out_ptr + rows * _TOKEN_OUTPUTS + FIELD, value, mask=row_mask)
+
+
+@triton.jit
+def token_is_counted(table_ptr, rows, row_mask):
     """Whether any loss or metric weight of the tokens ``rows`` is non-zero (else skip their logits)."""
-    counted = tl.load(table_ptr + _IN_W_LOSS * n_tokens + rows, mask=row_mask, other=0.0) != 0
-    counted = counted | (tl.load(table_ptr + _IN_W_GUIDE * n_tokens + rows, mask=row_mask, other=0.0) != 0)
-    counted = counted | (tl.load(table_ptr + _IN_W_METRIC * n_tokens + rows, mask=row_mask, other=0.0) != 0)
-    counted = counted | (tl.load(table_ptr + _IN_W_ENTROPY_METRIC * n_tokens + rows, mask=row_mask, other=0.0) != 0)
+    counted = token_input(table_ptr, rows, row_mask, _IN_C_LOSS, 0.0) != 0
+    counted = counted | (token_input(table_ptr, rows, row_mask, _IN_C_GUIDE, 0.0) != 0)
+    counted = counted | (token_input(table_ptr, rows, row_mask, _IN_C_ENTROPY_METRIC, 0.0) != 0)
+    counted = counted | (token_input(table_ptr, rows, row_mask, _IN_C_ALL, 0.0) != 0)
     return counted & row_mask
 
 
 @triton.jit
 def loss_epilogue(
-    table_ptr, out_ptr, n_tokens, rows, row_mask, counted, lp, entropy, lse,
+    table_ptr, out_ptr, rows, row_mask, counted, lp, entropy, lse,
     clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, WEIGHT_BY_ADVANTAGE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, ACTIVATION: tl.constexpr,
 ):
     """From the row statistics of tokens ``rows`` to every output of the loss kernels.
 
-    table_ptr: (TOKEN_INPUTS, n_tokens) fp32 inputs; out_ptr: (TOKEN_OUTPUTS, n_tokens) fp32 outputs;
+    table_ptr: (N, TOKEN_INPUTS) fp32 token table; out_ptr: (N, TOKEN_OUTPUTS) fp32 row table out;
     rows [R] int64 token indices, row_mask [R] which of them exist, counted [R] which have a weight;
     lp, entropy, lse [R] fp32 (ignored where not counted: such tokens get zeros everywhere).
     """
     lp = tl.where(counted, lp, 0.0)
     entropy = tl.where(counted, entropy, 0.0)
     lse = tl.where(counted, lse, 0.0)
-    old_lp = tl.load(table_ptr + _IN_OLD_LOGP * n_tokens + rows, mask=row_mask, other=0.0)
-    adv = tl.load(table_ptr + _IN_ADVANTAGE * n_tokens + rows, mask=row_mask, other=0.0)
-    baseline = tl.load(table_ptr + _IN_BASELINE * n_tokens + rows, mask=row_mask, other=0.0)
-    sign = tl.load(table_ptr + _IN_SIGN * n_tokens + rows, mask=row_mask, other=1.0)
-    is_expert = tl.load(table_ptr + _IN_IS_EXPERT * n_tokens + rows, mask=row_mask, other=0.0) != 0
-    w_loss = tl.load(table_ptr + _IN_W_LOSS * n_tokens + rows, mask=row_mask, other=0.0)
-    w_guide = tl.load(table_ptr + _IN_W_GUIDE * n_tokens + rows, mask=row_mask, other=0.0)
-    w_metric = tl.load(table_ptr + _IN_W_METRIC * n_tokens + rows, mask=row_mask, other=0.0)
-    w_entropy_metric = tl.load(table_ptr + _IN_W_ENTROPY_METRIC * n_tokens + rows, mask=row_mask, other=0.0)
+    old_lp = token_input(table_ptr, rows, row_mask, _IN_OLD_LOGP, 0.0)
+    adv = token_input(table_ptr, rows, row_mask, _IN_ADVANTAGE, 0.0)
+    baseline = token_input(table_ptr, rows, row_mask, _IN_BASELINE, 0.0)
+    sign = token_input(table_ptr, rows, row_mask, _IN_SIGN, 0.0)
+    guide_weight = token_input(table_ptr, rows, row_mask, _IN_GUIDE_WEIGHT, 0.0)
+    is_expert = token_input(table_ptr, rows, row_mask, _IN_EXPERT, 0.0) != 0
+    w_loss = token_input(table_ptr, rows, row_mask, _IN_C_LOSS, 0.0)
+    w_guide = token_input(table_ptr, rows, row_mask, _IN_C_GUIDE, 0.0)
+    w_all = token_input(table_ptr, rows, row_mask, _IN_C_ALL, 0.0)
+    w_entropy_metric = token_input(table_ptr, rows, row_mask, _IN_C_ENTROPY_METRIC, 0.0)
     pg, guide, clipped, clipped_lower, coef_lp, coef_ent = calibrl_token_terms(
-        lp, entropy, old_lp, adv, baseline, sign, is_expert, w_loss, w_guide,
+        lp, entropy, old_lp, adv, baseline, sign, guide_weight, is_expert, w_loss, w_guide,
         clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-        POLICY, USES_GUIDE, WEIGHT_BY_ADVANTAGE, ACTIVATION,
+        POLICY, USES_GUIDE, ACTIVATION,
     )
-    in_metric = w_metric != 0
-    tl.store(out_ptr + _OUT_PG * n_tokens + rows, pg, mask=row_mask)
-    tl.store(out_ptr + _OUT_GUIDE * n_tokens + rows, guide, mask=row_mask)
-    tl.store(out_ptr + _OUT_ENTROPY_LOSS * n_tokens + rows, tl.where(w_loss != 0, w_loss * entropy, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_CLIPFRAC * n_tokens + rows, tl.where(in_metric & clipped, w_metric, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_CLIPFRAC_LOWER * n_tokens + rows, tl.where(in_metric & clipped_lower, w_metric, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_KL * n_tokens + rows, tl.where(in_metric, w_metric * (old_lp - lp), 0.0), mask=row_mask)
-    tl.store(
-        out_ptr + _OUT_ENTROPY_METRIC * n_tokens + rows, tl.where(w_entropy_metric != 0, w_entropy_metric * entropy, 0.0),
-        mask=row_mask,
+    in_metric = w_all != 0
+    store_token_output(out_ptr, rows, row_mask, _OUT_LOGP, lp)
+    store_token_output(out_ptr, rows, row_mask, _OUT_ENTROPY, entropy)
+    store_token_output(out_ptr, rows, row_mask, _OUT_LSE, lse)
+    store_token_output(out_ptr, rows, row_mask, _OUT_COEF_A, tl.where(counted, coef_lp, 0.0))
+    store_token_output(out_ptr, rows, row_mask, _OUT_COEF_B, tl.where(counted, coef_ent, 0.0))
+    store_token_output(out_ptr, rows, row_mask, _OUT_PG, pg)
+    store_token_output(out_ptr, rows, row_mask, _OUT_GUIDE, guide)
+    store_token_output(out_ptr, rows, row_mask, _OUT_ENTROPY_LOSS, tl.where(w_loss != 0, w_loss * entropy, 0.0))
+    store_token_output(
+        out_ptr, rows, row_mask, _OUT_ENTROPY_METRIC, tl.where(w_entropy_metric != 0, w_entropy_metric * entropy, 0.0)
     )
-    tl.store(out_ptr + _OUT_LSE * n_tokens + rows, lse, mask=row_mask)
-    tl.store(out_ptr + _OUT_ENTROPY * n_tokens + rows, entropy, mask=row_mask)
-    tl.store(out_ptr + _OUT_COEF_LP * n_tokens + rows, tl.where(counted, coef_lp, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_COEF_ENT * n_tokens + rows, tl.where(counted, coef_ent, 0.0), mask=row_mask)
-    tl.store(out_ptr + _OUT_LOGP * n_tokens + rows, lp, mask=row_mask)
+    store_token_output(out_ptr, rows, row_mask, _OUT_CLIPFRAC, tl.where(in_metric & clipped, w_all, 0.0))
+    store_token_output(out_ptr, rows, row_mask, _OUT_CLIPFRAC_LOWER, tl.where(in_metric & clipped_lower, w_all, 0.0))
+    store_token_output(out_ptr, rows, row_mask, _OUT_PPO_KL, tl.where(in_metric, w_all * (old_lp - lp), 0.0))
 
 
 # ==============================================================================================

@@ -4,13 +4,14 @@
 would replace the public function ``calibrl_kernels.calibrl_loss`` as a package attribute once imported.)
 
 Forward, one kernel, BLOCK_N tokens per program (1 on a GPU for real vocabularies): stream each
-token's V logits once (online max / sum-exp /
-shifted sum(z e), fp32) -> lp, H; then, in closed form (``_triton_common.calibrl_token_terms``), the
-token's weighted policy and guide terms, the metric flags, and the two gradient coefficients
-a = -dL/dlp and b = -dL/dH. The aggregation weights c (B, T) of every term depend on the mask only
-(``reference.aggregation_weights``), so they are known before launch and the kernel knows each
-token's share of the loss; the scalar loss and metrics are column sums of a small (12, N) table.
-Tokens that carry no weight (padding, ignore_index, expert rows of on-policy-only modes) are not read.
+token's V logits once (online max / sum-exp / shifted sum(z e), fp32) -> lp, H; then, in closed form
+(``_triton_common.calibrl_token_terms``), the token's weighted policy and guide terms, the metric flags,
+and the two gradient coefficients a = -dL/dlp and b = -dL/dH. The aggregation weights c (B, T) of every
+term depend on the mask only (``reference.aggregation_weights``), so they are known before launch: the
+per-token inputs are ``_coefficients.token_table`` (the table every backend uses), and the kernel writes
+the row table of ``_coefficients.ROW_FIELDS`` (N, 12), whose column sums ``_coefficients.loss_output``
+turns into the LossOutput. Tokens that carry no weight (padding, ignore_index, expert rows of
+on-policy-only modes) are not read.
 
 Backward: dL/dlogits = g * (a (p - onehot) + b p (z - lse + H)) / temperature, g the incoming
 gradient, produced tile by tile by ``logprob_entropy._logits_grad_kernel`` (no (N, V) fp32
@@ -33,32 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import _coefficients, reference
+from ._autograd import first_order_only
 from ._triton_common import (
-    ACT_CODES,
-    IN_ADVANTAGE,
-    IN_BASELINE,
-    IN_IS_EXPERT,
-    IN_OLD_LOGP,
-    IN_SIGN,
-    IN_W_ENTROPY_METRIC,
-    IN_W_GUIDE,
-    IN_W_LOSS,
-    IN_W_METRIC,
-    OUT_CLIPFRAC,
-    OUT_CLIPFRAC_LOWER,
-    OUT_COEF_ENT,
-    OUT_COEF_LP,
-    OUT_ENTROPY,
-    OUT_ENTROPY_LOSS,
-    OUT_ENTROPY_METRIC,
-    OUT_GUIDE,
-    OUT_KL,
-    OUT_LSE,
-    OUT_PG,
-    SUMMED_OUTPUTS,
-    TOKEN_INPUTS,
+    FIRST_SUMMED_OUTPUT,
     TOKEN_OUTPUTS,
+    activation_code,
     launch,
     logits_row_statistics,
     loss_epilogue,
@@ -69,6 +50,7 @@ from ._triton_common import (
 from .config import CalibRLConfig, LossOutput
 from .logprob_entropy import as_token_rows, logits_backward, row_kernel_launch
 
+ROW = _coefficients.ROW
 _DEFAULT_CONFIG = CalibRLConfig()
 
 
@@ -79,23 +61,22 @@ def _calibrl_loss_fwd_kernel(
     stride_t,  # element stride between time steps of logits
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
     targets_ptr,  # (N,) int64 sampled token ids, N = B * T
-    table_ptr,  # (TOKEN_INPUTS, N) fp32 per-token inputs of the loss (see _triton_common IN_*)
-    out_ptr,  # (TOKEN_OUTPUTS, N) fp32 out: weighted terms, lse, H, a, b, lp (see OUT_*)
+    table_ptr,  # (N, TOKEN_INPUTS) fp32 token table of the loss (_coefficients.token_table)
+    out_ptr,  # (N, TOKEN_OUTPUTS) fp32 out: the row table (_coefficients.ROW_FIELDS: lp, H, lse, a, b, terms)
     n_tokens,  # N
     V,  # vocabulary size
     inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (a multiply, not a divide, per element)
     ignore_index,  # target value of tokens left out of the loss
     clip_low,  # PPO: rho is clipped to [1 - clip_low, 1 + clip_high]
-    clip_high,
+    clip_high,  # upper clip width (DAPO's clip-higher when > clip_low)
     dual_clip_c,  # PPO dual clip c for negative advantages
     guide_coef,  # beta, weight of the guide term
     negative_slope,  # alpha of leaky_relu
     huber_delta,  # transition of the huber activation
     entropy_coef,  # loss -= entropy_coef * agg(H)
-    POLICY: tl.constexpr,  # policy-term kind (PPO / LUFFY / RLPLUS on expert tokens)
+    POLICY: tl.constexpr,  # policy-term kind (_triton_common.POLICY_CODES: PPO, or LUFFY / RLPLUS on expert tokens)
     USES_GUIDE: tl.constexpr,  # whether the guide term exists (mode calibrl, activation != none)
-    WEIGHT_BY_ADVANTAGE: tl.constexpr,  # guide weight |A| (else 1)
-    ACTIVATION: tl.constexpr,  # guide activation code
+    ACTIVATION: tl.constexpr,  # guide activation code (_triton_common.ACTIVATION_CODES; unused without USES_GUIDE)
     BLOCK_N: tl.constexpr,  # token rows per program
     BLOCK_V: tl.constexpr,  # vocabulary tile
 ):
@@ -104,19 +85,19 @@ def _calibrl_loss_fwd_kernel(
     row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
     targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
     # Tokens without any weight (padding, ignored targets, dropped expert rows) are not read at all.
-    counted = token_is_counted(table_ptr, n_tokens, rows, in_range) & (targets != ignore_index)
+    counted = token_is_counted(table_ptr, rows, in_range) & (targets != ignore_index)
     lse, entropy = logits_row_statistics(row_ptrs, V, inv_temperature, counted, BLOCK_V)
     target_logit = tl.load(row_ptrs + tl.where(counted, targets, 0), mask=counted, other=0.0).to(tl.float32)
     lp = target_logit * inv_temperature - lse
     loss_epilogue(
-        table_ptr, out_ptr, n_tokens, rows, in_range, counted, lp, entropy, lse,
+        table_ptr, out_ptr, rows, in_range, counted, lp, entropy, lse,
         clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-        POLICY, USES_GUIDE, WEIGHT_BY_ADVANTAGE, ACTIVATION,
+        POLICY, USES_GUIDE, ACTIVATION,
     )
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side: the per-token table before launch, the scalars after
+# Host side: the token table before launch (``_coefficients``), the LossOutput after
 # ----------------------------------------------------------------------------------------------
 def prepare_token_table(
     targets: torch.Tensor,
@@ -130,42 +111,14 @@ def prepare_token_table(
     ignore_index: int,
     config: CalibRLConfig,
 ) -> torch.Tensor:
-    """(TOKEN_INPUTS, N) fp32 table of every per-token input of the loss kernels, N = B * T.
-
-    Masks and aggregation weights follow ``reference.calibrl_loss`` exactly: tokens with target ==
-    ignore_index are masked; expert rows are dropped from the loss unless the mode keeps them.
-    """
-    B, T = targets.shape
-    f32 = torch.float32
-    device = targets.device
-    m = mask.to(f32) * (targets != ignore_index).to(f32)  # (B, T) token mask
-    expert_rows = torch.zeros(B, dtype=torch.bool, device=device) if is_expert is None else is_expert  # (B,)
-    on_policy_m = m * (~expert_rows)[:, None].to(f32)  # (B, T)
-    loss_m = m if config.keeps_expert_rows else on_policy_m  # (B, T)
-    table = torch.zeros(TOKEN_INPUTS, B, T, dtype=f32, device=device)
-    table[IN_OLD_LOGP] = old_logp.detach().to(f32)
-    adv = advantages.detach().to(f32)
-    table[IN_ADVANTAGE] = adv[:, None] if adv.dim() == 1 else adv
-    table[IN_IS_EXPERT] = expert_rows.to(f32)[:, None]
-    table[IN_SIGN] = 1.0
-    table[IN_W_LOSS] = reference.aggregation_weights(loss_m, config.loss_agg_mode, config.loss_scale_factor)
-    table[IN_W_METRIC] = reference.aggregation_weights(m, "token-mean")
-    table[IN_W_ENTROPY_METRIC] = reference.aggregation_weights(on_policy_m, "token-mean")
-    if config.uses_guide:
-        baseline = expert_logp.detach().to(f32)
-        table[IN_BASELINE] = baseline[:, None] if baseline.dim() == 1 else baseline
-        table[IN_SIGN] = torch.where(passed, 1.0, -1.0).to(f32)[:, None]
-        guide_m = on_policy_m * (expert_mask != 0).to(f32) if config.mask_beyond_expert else on_policy_m
-        table[IN_W_GUIDE] = reference.aggregation_weights(guide_m, config.loss_agg_mode, config.loss_scale_factor)
-    return table.reshape(TOKEN_INPUTS, B * T)
-
-
-def check_table_size(n_tokens: int) -> None:
-    """Per-token table offsets are int32 (field * N + token); the logits offsets are int64."""
-    if n_tokens * max(TOKEN_INPUTS, TOKEN_OUTPUTS) >= 2 ** 31:
-        raise ValueError(
-            f"targets: expected fewer than {2 ** 31 // max(TOKEN_INPUTS, TOKEN_OUTPUTS)} tokens per call, got {n_tokens}"
-        )
+    """(N, TOKEN_INPUTS) fp32 token table of the loss kernels, N = B * T: ``_coefficients.token_table``
+    (the masks and aggregation weights of ``reference.calibrl_loss``, shared by every backend) of the
+    mask with ignore_index targets removed."""
+    token_mask = mask.to(torch.float32) * (targets != ignore_index).to(torch.float32)  # (B, T)
+    return _coefficients.token_table(
+        old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        expert_mask=expert_mask, config=config, dtype=torch.float32,
+    )
 
 
 def kernel_loss_arguments(config: CalibRLConfig) -> dict:
@@ -174,45 +127,26 @@ def kernel_loss_arguments(config: CalibRLConfig) -> dict:
         clip_low=float(config.clip_low), clip_high=float(config.clip_high), dual_clip_c=float(config.dual_clip_c),
         guide_coef=float(config.guide_coef), negative_slope=float(config.negative_slope),
         huber_delta=float(config.huber_delta), entropy_coef=float(config.entropy_coef),
-        POLICY=policy_code(config.mode), USES_GUIDE=config.uses_guide,
-        WEIGHT_BY_ADVANTAGE=config.weight_by_advantage,
-        ACTIVATION=ACT_CODES[config.activation] if config.uses_guide else 0,
+        POLICY=policy_code(config.mode), USES_GUIDE=config.uses_guide, ACTIVATION=activation_code(config),
     )
 
 
-def combine_token_outputs(token_out: torch.Tensor, config: CalibRLConfig):
-    """(loss, metrics (6,)) from the (TOKEN_OUTPUTS, N) table, exactly as reference.calibrl_loss combines
-    its aggregates; all on the device. metrics = pg_loss, guide_loss, entropy, clipfrac, clipfrac_lower, ppo_kl.
-    """
-    sums = token_out[:SUMMED_OUTPUTS].sum(dim=1)  # (7,)
-    pg_loss = sums[OUT_PG]
-    loss = pg_loss
-    if config.uses_guide:
-        guide_loss = sums[OUT_GUIDE]
-        loss = loss + config.guide_coef * guide_loss
-    else:
-        guide_loss = torch.zeros((), dtype=sums.dtype, device=sums.device)
-    if config.entropy_coef != 0.0:
-        loss = loss - config.entropy_coef * sums[OUT_ENTROPY_LOSS]
-    metrics = torch.stack(
-        [pg_loss, guide_loss, sums[OUT_ENTROPY_METRIC], sums[OUT_CLIPFRAC], sums[OUT_CLIPFRAC_LOWER], sums[OUT_KL]]
-    )
-    return loss, metrics
-
-
-def loss_output(loss: torch.Tensor, metrics: torch.Tensor) -> LossOutput:
-    pg_loss, guide_loss, entropy, clipfrac, clipfrac_lower, ppo_kl = metrics.detach().unbind(0)
-    return LossOutput(loss, pg_loss, guide_loss, entropy, clipfrac, clipfrac_lower, ppo_kl)
+def loss_and_metrics(ctx, token_out: torch.Tensor, config: CalibRLConfig):
+    """The outputs of a loss autograd Function: (loss, *metrics) from the row table (N, TOKEN_OUTPUTS),
+    combined by ``_coefficients.loss_output`` (as every backend); metrics marked non-differentiable."""
+    out = _coefficients.loss_output(token_out[:, FIRST_SUMMED_OUTPUT:].sum(dim=0), config)
+    metrics = tuple(out[1:])
+    ctx.mark_non_differentiable(*metrics)
+    return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
 
 
 def calibrl_loss_forward(
     rows: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, config: CalibRLConfig, ignore_index: int
 ) -> torch.Tensor:
-    """rows (B, T, V) logits view, targets (N,) int64, table (TOKEN_INPUTS, N) -> (TOKEN_OUTPUTS, N) fp32."""
+    """rows (B, T, V) logits view, targets (N,) int64, table (N, TOKEN_INPUTS) -> row table (N, TOKEN_OUTPUTS) fp32."""
     B, T, V = rows.shape
     n = B * T
-    check_table_size(n)
-    token_out = torch.zeros(TOKEN_OUTPUTS, n, dtype=torch.float32, device=rows.device)
+    token_out = torch.zeros(n, TOKEN_OUTPUTS, dtype=torch.float32, device=rows.device)
     if n == 0:
         return token_out
     grid, block_n, fixed, tune = row_kernel_launch(V, n)
@@ -235,27 +169,26 @@ class _FusedCalibRLLoss(torch.autograd.Function):
         rows = as_token_rows(logits.detach())
         flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
         token_out = calibrl_loss_forward(rows, flat_targets, table, config, ignore_index)
-        loss, metrics = combine_token_outputs(token_out, config)
-        ctx.save_for_backward(rows, flat_targets, token_out)
-        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(rows, flat_targets, token_out, logits)  # logits itself anchors first_order_only
         ctx.logits_shape = logits.shape
         ctx.temperature = config.temperature
         ctx.ignore_index = ignore_index
         ctx.inplace = inplace_backward
         ctx.backward_done = False
-        return loss, metrics
+        return loss_and_metrics(ctx, token_out, config)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_metrics):
+    @first_order_only  # a double backward raises instead of being wrong
+    def backward(ctx, grad_loss, *grad_metrics):
         if ctx.inplace and ctx.backward_done:
             raise RuntimeError(
                 "fused_calibrl_loss(inplace_backward=True): the logits buffer already holds the gradient of a "
                 "first backward pass; a second backward (retain_graph=True) cannot recompute it"
             )
-        rows, flat_targets, token_out = ctx.saved_tensors
+        rows, flat_targets, token_out, _ = ctx.saved_tensors
         grad = logits_backward(
-            rows, flat_targets, token_out[OUT_LSE], token_out[OUT_ENTROPY], token_out[OUT_COEF_LP],
-            token_out[OUT_COEF_ENT], ctx.temperature, ctx.ignore_index, scale=grad_loss, inplace=ctx.inplace,
+            rows, flat_targets, token_out[:, ROW["lse"]], token_out[:, ROW["entropy"]], token_out[:, ROW["coef_a"]],
+            token_out[:, ROW["coef_b"]], ctx.temperature, ctx.ignore_index, scale=grad_loss, inplace=ctx.inplace,
         )
         if ctx.inplace:
             ctx.backward_done = True
@@ -295,5 +228,4 @@ def fused_calibrl_loss(
     table = prepare_token_table(
         targets, old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index, config
     )
-    loss, metrics = _FusedCalibRLLoss.apply(logits, targets, table, config, int(ignore_index), bool(inplace_backward))
-    return loss_output(loss, metrics)
+    return LossOutput(*_FusedCalibRLLoss.apply(logits, targets, table, config, int(ignore_index), bool(inplace_backward)))

@@ -33,8 +33,18 @@ is produced once by one program whose fp32 accumulator runs over all N rows in a
 deterministic by construction (no fp32 atomics, nothing to opt out of) and needs no (V, D) buffer.
 dHidden is accumulated across the V / C chunks in an fp32 (N, D) buffer (a read and write of N D 4 bytes
 per chunk: 37 chunks x 0.5 GB = 20 GB at N = 16384, D = 4096, C = 4096, ~7 ms of a ~100 ms step).
-Extra memory: the chunk (<= ``_heuristics.LINEAR_CHUNK_BYTES``, 128 MiB) + the fp32 dHidden accumulator
-when hidden is not fp32 (N D 4 bytes) + O(N) statistics.
+Extra memory: the chunk (<= ``_heuristics.LINEAR_CHUNK_BYTES``, 128 MiB; freed before the end) + the fp32
+dHidden accumulator when hidden is not fp32 (N D 4 bytes) + O(N) statistics; at N = 16384, D = 4096 bf16
+the backward peaks at 384 MiB beyond dWeight (arithmetic in ``linear_gradients``).
+
+The chunk budget of this GPU path is its own constant, ``_heuristics.LINEAR_CHUNK_BYTES``; the CPU path's
+``CALIBRL_CHUNK_BYTES`` (``linear_cpu``, default 40 MiB) does not apply here (it does to fp64 inputs, which
+run ``linear_cpu``). The two budgets bound
+different things: on the CPU a row chunk of fp32 logits plus the row math's temporaries; here one (N, C)
+column chunk of the logits gradient in the input dtype, whose size also sets how often the fp32 dHidden
+accumulator is re-read and re-written (N D 8 bytes per chunk). The CPU default applied here would give
+C = 1280 columns at N = 16384 bf16: 119 chunks instead of 38, i.e. 43 GB more accumulator traffic, ~15 ms
+per step at 3 TB/s (~10%), so a variable tuned for CPU memory would silently slow the GPU down.
 """
 
 from __future__ import annotations
@@ -45,17 +55,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _heuristics, reference
+from . import _coefficients, _heuristics, linear_cpu
+from ._autograd import first_order_only
 from ._triton_common import (
-    OUT_COEF_ENT,
-    OUT_COEF_LP,
-    OUT_ENTROPY,
-    OUT_LSE,
     TOKEN_OUTPUTS,
     cast_for_store,
     counted_tokens,
     dot_tile,
     finalize_softmax_statistics,
+    gradient_row_inputs,
     launch,
     logits_grad_tile,
     loss_epilogue,
@@ -63,18 +71,19 @@ from ._triton_common import (
     online_softmax_update,
     token_is_counted,
 )
-from .calibrl_loss_triton import (
-    check_table_size,
-    combine_token_outputs,
-    kernel_loss_arguments,
-    loss_output,
-    prepare_token_table,
-)
+from .calibrl_loss_triton import kernel_loss_arguments, loss_and_metrics, prepare_token_table
 from .config import CalibRLConfig, LossOutput
+from .logprob_entropy import common_stride
+
+ROW = _coefficients.ROW
 
 _DEFAULT_CONFIG = CalibRLConfig()
-# Partial statistics of the split-V forward, one (SPLITS, N) plane each.
-_PART_MAX, _PART_SUM, _PART_SHIFTED, _PART_TARGET = 0, 1, 2, 3
+# Partial statistics of the split-V forward, one (SPLITS, N) plane each: running max, sum-exp, shifted
+# sum(z e) and the target's logit (constexpr: read inside the kernels).
+_PART_MAX = tl.constexpr(0)
+_PART_SUM = tl.constexpr(1)
+_PART_SHIFTED = tl.constexpr(2)
+_PART_TARGET = tl.constexpr(3)
 PARTIAL_FIELDS = 4
 
 
@@ -111,7 +120,9 @@ def _linear_stats_kernel(
     targets_ptr,  # (N,) int64 target ids (ignore_index never matches a column)
     active_ptr,  # (N,) int8: 1 where the row's statistics are needed
     partial_ptr,  # (PARTIAL_FIELDS, SPLITS, N) fp32 out: per split max, sum-exp, shifted sum, target logit
-    N, V, D,  # sizes
+    N,  # tokens (rows of hidden)
+    V,  # vocabulary size (rows of weight)
+    D,  # hidden size (reduction dimension of tl.dot)
     splits,  # SPLITS: programs sharing the vocabulary of one row block
     inv_temperature,  # fp32 runtime scalar 1 / temperature
     HAS_BIAS: tl.constexpr,  # whether bias_ptr is read
@@ -145,29 +156,35 @@ def _linear_stats_kernel(
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
     plane = splits * N
     here = split * N + rows
-    tl.store(partial_ptr + 0 * plane + here, m, mask=row_mask)
-    tl.store(partial_ptr + 1 * plane + here, s, mask=row_mask)
-    tl.store(partial_ptr + 2 * plane + here, t, mask=row_mask)
-    tl.store(partial_ptr + 3 * plane + here, target_logit, mask=row_mask)
+    tl.store(partial_ptr + _PART_MAX * plane + here, m, mask=row_mask)
+    tl.store(partial_ptr + _PART_SUM * plane + here, s, mask=row_mask)
+    tl.store(partial_ptr + _PART_SHIFTED * plane + here, t, mask=row_mask)
+    tl.store(partial_ptr + _PART_TARGET * plane + here, target_logit, mask=row_mask)
 
 
 @triton.jit
 def _linear_finish_kernel(
     partial_ptr,  # (PARTIAL_FIELDS, SPLITS, N) fp32 partial statistics of _linear_stats_kernel
-    splits,  # SPLITS
+    splits,  # SPLITS: vocabulary parts per row whose statistics are merged here
     targets_ptr,  # (N,) int64 target ids
     N,  # tokens
     ignore_index,  # target value of tokens without log-prob
-    table_ptr,  # WITH_LOSS: (TOKEN_INPUTS, N) fp32 per-token loss inputs
-    out_ptr,  # WITH_LOSS: (TOKEN_OUTPUTS, N) fp32 out, as the logits path's loss kernel
+    table_ptr,  # WITH_LOSS: (N, TOKEN_INPUTS) fp32 token table of the loss (_coefficients.token_table)
+    out_ptr,  # WITH_LOSS: (N, TOKEN_OUTPUTS) fp32 out: the row table, as the logits path's loss kernel
     logp_ptr,  # not WITH_LOSS: (N,) fp32 out log-prob (0 where ignored)
     entropy_ptr,  # not WITH_LOSS: (N,) fp32 out entropy (0 where ignored)
     lse_ptr,  # not WITH_LOSS: (N,) fp32 out logsumexp (0 where ignored)
-    clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,  # loss scalars
-    POLICY: tl.constexpr,  # loss constexprs, as in the logits path (unused without WITH_LOSS)
-    USES_GUIDE: tl.constexpr,
-    WEIGHT_BY_ADVANTAGE: tl.constexpr,
-    ACTIVATION: tl.constexpr,
+    # The loss scalars and constexprs, as in the logits path's _calibrl_loss_fwd_kernel (unused without WITH_LOSS):
+    clip_low,  # PPO: rho is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high,  # upper clip width
+    dual_clip_c,  # PPO dual clip c for negative advantages
+    guide_coef,  # beta, weight of the guide term
+    negative_slope,  # alpha of leaky_relu
+    huber_delta,  # transition of the huber activation
+    entropy_coef,  # loss -= entropy_coef * agg(H)
+    POLICY: tl.constexpr,  # policy-term kind (_triton_common.POLICY_CODES)
+    USES_GUIDE: tl.constexpr,  # whether the guide term exists
+    ACTIVATION: tl.constexpr,  # guide activation code (_triton_common.ACTIVATION_CODES)
     WITH_LOSS: tl.constexpr,  # loss epilogue, or plain log-prob / entropy outputs
     BLOCK_M: tl.constexpr,  # tokens per program
 ):
@@ -180,21 +197,21 @@ def _linear_finish_kernel(
     target_logit = tl.zeros([BLOCK_M], tl.float32)
     for split in range(0, splits):
         here = split * N + rows
-        m_i = tl.load(partial_ptr + 0 * plane + here, mask=row_mask, other=float("-inf"))
-        s_i = tl.load(partial_ptr + 1 * plane + here, mask=row_mask, other=0.0)
-        t_i = tl.load(partial_ptr + 2 * plane + here, mask=row_mask, other=0.0)
+        m_i = tl.load(partial_ptr + _PART_MAX * plane + here, mask=row_mask, other=float("-inf"))
+        s_i = tl.load(partial_ptr + _PART_SUM * plane + here, mask=row_mask, other=0.0)
+        t_i = tl.load(partial_ptr + _PART_SHIFTED * plane + here, mask=row_mask, other=0.0)
         m, s, t = merge_softmax_statistics(m, s, t, m_i, s_i, t_i)
-        target_logit += tl.load(partial_ptr + 3 * plane + here, mask=row_mask, other=0.0)
+        target_logit += tl.load(partial_ptr + _PART_TARGET * plane + here, mask=row_mask, other=0.0)
     lse, entropy = finalize_softmax_statistics(m, s, t)
     lp = target_logit - lse
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (targets != ignore_index)
     if WITH_LOSS:
-        counted = token_is_counted(table_ptr, N, rows, row_mask) & valid
+        counted = token_is_counted(table_ptr, rows, row_mask) & valid
         loss_epilogue(
-            table_ptr, out_ptr, N, rows, row_mask, counted, lp, entropy, lse,
+            table_ptr, out_ptr, rows, row_mask, counted, lp, entropy, lse,
             clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-            POLICY, USES_GUIDE, WEIGHT_BY_ADVANTAGE, ACTIVATION,
+            POLICY, USES_GUIDE, ACTIVATION,
         )
     else:
         tl.store(logp_ptr + rows, tl.where(valid, lp, 0.0), mask=row_mask)
@@ -210,20 +227,23 @@ def _linear_dlogits_kernel(
     stride_wv,  # element stride between rows of weight
     bias_ptr,  # (V,) bias (unused without HAS_BIAS)
     targets_ptr,  # (N,) int64 target ids
-    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (forward)
-    entropy_ptr,  # (N,) fp32 entropy (forward)
-    coef_lp_ptr,  # (N,) fp32 a = -dL/dlp
-    coef_ent_ptr,  # (N,) fp32 b = -dL/dH
+    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (forward), token t at t * stats_stride
+    entropy_ptr,  # (N,) fp32 entropy (forward), same stride
+    coef_lp_ptr,  # (N,) fp32 a = -dL/dlp, same stride
+    coef_ent_ptr,  # (N,) fp32 b = -dL/dH, same stride
+    stats_stride,  # element stride between tokens of lse / entropy / coef_lp / coef_ent
     scale_ptr,  # () fp32 incoming gradient multiplying a and b (unused without HAS_SCALE)
     dlogits_ptr,  # (N, C) out: dL/dlogits of vocabulary columns [v_begin, v_end), in the input dtype
     stride_gn,  # element stride between rows of dlogits
-    N, V, D,  # sizes
+    N,  # tokens (rows of hidden)
+    V,  # vocabulary size (rows of weight)
+    D,  # hidden size (reduction dimension of tl.dot)
     v_begin,  # first vocabulary column of this chunk
     v_end,  # one past its last column
     inv_temperature,  # fp32 runtime scalar 1 / temperature
     ignore_index,  # target value of rows without gradient
-    HAS_BIAS: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # whether bias_ptr is read
+    HAS_SCALE: tl.constexpr,  # whether a and b are multiplied by *scale_ptr
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
     BLOCK_M: tl.constexpr,  # token rows per program
     BLOCK_N: tl.constexpr,  # vocabulary tile
@@ -233,20 +253,11 @@ def _linear_dlogits_kernel(
     cols = v_begin + tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     col_mask = cols < v_end
-    targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
-    coef_lp = tl.load(coef_lp_ptr + rows, mask=row_mask, other=0.0)
-    coef_ent = tl.load(coef_ent_ptr + rows, mask=row_mask, other=0.0)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr)
-        coef_lp = coef_lp * scale
-        coef_ent = coef_ent * scale
-    valid = row_mask & (targets != ignore_index)
-    coef_lp = tl.where(valid, coef_lp, 0.0)
-    coef_ent = tl.where(valid, coef_ent, 0.0)
-    active = (coef_lp != 0) | (coef_ent != 0)
+    targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
+        targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, row_mask,
+        ignore_index, HAS_SCALE,
+    )
     d_end = tl.where(tl.max(active.to(tl.int32), axis=0) != 0, D, 0)  # blocks without gradient: zeros
-    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
-    entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
     z = linear_logits_tile(
         hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr, rows, row_mask, cols, col_mask, D, d_end,
         inv_temperature, HAS_BIAS, INPUT_PRECISION, BLOCK_K,
@@ -264,17 +275,22 @@ def _linear_dlogits_kernel(
 @triton.jit
 def _matmul_kernel(
     a_ptr,  # (M, K) left operand, any strides
-    stride_am, stride_ak,
+    stride_am,  # element stride of a between rows (m)
+    stride_ak,  # element stride of a between columns (k)
     b_ptr,  # (K, N) right operand, any strides (same dtype as a)
-    stride_bk, stride_bn,
-    c_ptr,  # (M, N) out; with ACCUMULATE read as well (fp32)
-    stride_cm, stride_cn,
-    M, N, K,  # sizes
+    stride_bk,  # element stride of b between rows (k)
+    stride_bn,  # element stride of b between columns (n)
+    c_ptr,  # (M, N) out, in its own dtype; with ACCUMULATE read as well (the fp32 dHidden accumulator)
+    stride_cm,  # element stride of c between rows (m)
+    stride_cn,  # element stride of c between columns (n)
+    M,  # rows of a and c
+    N,  # columns of b and c
+    K,  # reduction size: columns of a, rows of b
     ACCUMULATE: tl.constexpr,  # c += a @ b instead of c = a @ b
-    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee" or "tf32")
+    BLOCK_M: tl.constexpr,  # rows of the output tile of one program
+    BLOCK_N: tl.constexpr,  # columns of the output tile of one program
+    BLOCK_K: tl.constexpr,  # reduction step of one tl.dot
     GROUP_M: tl.constexpr,  # row tiles per group of the launch order (L2 reuse of b's column tiles)
 ):
     """c (+)= a @ b with an fp32 accumulator; every output tile is owned by one program (deterministic)."""
@@ -346,13 +362,13 @@ def linear_statistics(
 
 
 def finish_statistics(partial, splits, targets, ignore_index, table=None, config=None):
-    """Merge the partial statistics; with ``table`` run the loss epilogue -> (TOKEN_OUTPUTS, N),
+    """Merge the partial statistics; with ``table`` run the loss epilogue -> row table (N, TOKEN_OUTPUTS),
     otherwise -> (logp, entropy, lse) each (N,) fp32."""
     N = targets.numel()
     device = targets.device
     with_loss = table is not None
     if with_loss:
-        token_out = torch.zeros(TOKEN_OUTPUTS, N, dtype=torch.float32, device=device)
+        token_out = torch.zeros(N, TOKEN_OUTPUTS, dtype=torch.float32, device=device)
         outputs = dict(table_ptr=table, out_ptr=token_out, logp_ptr=token_out, entropy_ptr=token_out, lse_ptr=token_out)
         loss_args = kernel_loss_arguments(config)
     else:
@@ -376,21 +392,55 @@ def linear_gradients(
     need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
 ):
     """(dHidden (N, D), dWeight (V, D), dBias (V,)) in the input dtypes (None where not needed) from the
-    per-row coefficients a = coef_lp, b = coef_ent (N,) fp32, times ``scale`` (0-d, on the device)."""
+    per-row coefficients a = coef_lp, b = coef_ent (N,) fp32, times ``scale`` (0-d, on the device).
+    lse, entropy, coef_lp, coef_ent: (N,) fp32 views with one common stride.
+
+    Memory beyond the outputs, at N = 16384, D = 4096, V = 151936, bf16 (chunk C = 4096 columns):
+    the fp32 dHidden accumulator N D 4 = 256 MiB lives throughout; the (N, C) dlogits chunk, N C 2 =
+    128 MiB, only during the chunk loop (``_chunked_gradients``: it is freed before the cast); the cast
+    then allocates dHidden itself, N D 2 = 128 MiB, next to the accumulator. Peak beyond dWeight:
+    max(256 + 128 (loop), 256 + 128 (cast)) = 384 MiB (512 MiB when the chunk outlived the loop); beyond
+    dWeight and dHidden: 384 MiB in the loop, 256 MiB at the cast. The floor of this design is
+    accumulator + chunk: dHidden sums over vocabulary chunks, so an exact (fp32) sum needs the N x D fp32
+    accumulator whatever the chunk, and a smaller chunk re-reads and re-writes that accumulator more often
+    (each chunk costs N D 8 bytes of traffic: halving the chunk adds up to ~6.5 ms, ~5%, at this shape). With
+    fp32 hidden the accumulator is dHidden itself (no cast).
+    """
     N, D = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    dtype = hidden.dtype
-    fixed, meta, tune = _tiles(dtype)
-    precision = _dot_precision(dtype)
-    chunk = _heuristics.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
-    dlogits = torch.empty(N, chunk, dtype=dtype, device=device)
     d_hidden = torch.empty(N, D, dtype=torch.float32, device=device) if need_hidden else None  # fp32 accumulator
     d_weight = torch.empty(V, D, dtype=weight.dtype, device=device) if need_weight else None
     d_bias = torch.empty(V, dtype=torch.float32, device=device) if need_bias and bias is not None else None
+    _chunked_gradients(
+        hidden, weight, bias, targets, lse, entropy, coef_lp, coef_ent, scale, temperature, ignore_index,
+        d_hidden, d_weight, d_bias,
+    )
+    return _narrowed(d_hidden, hidden.dtype), d_weight, _narrowed(d_bias, None if bias is None else bias.dtype)
+
+
+def _narrowed(accumulator: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    """An fp32 gradient accumulator in its input's dtype (the accumulator itself when that is fp32)."""
+    return None if accumulator is None else accumulator.to(dtype)
+
+
+def _chunked_gradients(
+    hidden, weight, bias, targets, lse, entropy, coef_lp, coef_ent, scale, temperature, ignore_index,
+    d_hidden, d_weight, d_bias,
+) -> None:
+    """The chunk loop of ``linear_gradients``: fills d_hidden (N, D) fp32 (accumulated over chunks),
+    d_weight (V, D) and d_bias (V,) fp32, each optional. The (N, C) dlogits chunk buffer is local: it is
+    freed when this returns, before the accumulators are cast."""
+    N, D = hidden.shape
+    V = weight.shape[0]
+    dtype = hidden.dtype
+    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
+    fixed, meta, tune = _tiles(dtype)
+    precision = _dot_precision(dtype)
+    chunk = _heuristics.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
+    dlogits = torch.empty(N, chunk, dtype=dtype, device=hidden.device)
     has_scale = scale is not None
     scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
-    gemm_key = ["M", "N", "K"]
     for v_begin in range(0, V, chunk):
         v_end = min(V, v_begin + chunk)
         width = v_end - v_begin
@@ -400,7 +450,8 @@ def linear_gradients(
             dict(
                 hidden_ptr=hidden, stride_hn=hidden.stride(0), weight_ptr=weight, stride_wv=weight.stride(0),
                 bias_ptr=bias if bias is not None else weight, targets_ptr=targets, lse_ptr=lse,
-                entropy_ptr=entropy, coef_lp_ptr=coef_lp, coef_ent_ptr=coef_ent, scale_ptr=scale_arg,
+                entropy_ptr=entropy, coef_lp_ptr=coef_lp, coef_ent_ptr=coef_ent, stats_stride=stats_stride,
+                scale_ptr=scale_arg,
                 dlogits_ptr=dlogits, stride_gn=dlogits.stride(0), N=N, V=V, D=D, v_begin=v_begin, v_end=v_end,
                 inv_temperature=1.0 / float(temperature), ignore_index=int(ignore_index),
                 HAS_BIAS=bias is not None, HAS_SCALE=has_scale, INPUT_PRECISION=precision,
@@ -414,11 +465,6 @@ def linear_gradients(
             _matmul(g, weight[v_begin:v_end], d_hidden, accumulate=v_begin > 0, precision=precision)
         if d_bias is not None:
             torch.sum(g, dim=0, dtype=torch.float32, out=d_bias[v_begin:v_end])
-    if d_hidden is not None:
-        d_hidden = d_hidden.to(dtype)
-    if d_bias is not None:
-        d_bias = d_bias.to(bias.dtype)
-    return d_hidden, d_weight, d_bias  # input dtypes
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool, precision: str) -> None:
@@ -464,15 +510,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         active = (flat_targets != ignore_index).to(torch.int8)
         partial, splits = linear_statistics(h, w, b, flat_targets, active, temperature)
         logp, entropy, lse = finish_statistics(partial, splits, flat_targets, ignore_index)
-        ctx.save_for_backward(h, w, b, flat_targets, lse, entropy)
+        ctx.save_for_backward(h, w, b, flat_targets, lse, entropy, hidden, weight, bias)  # the inputs anchor first_order_only
         ctx.hidden_shape = hidden.shape
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
         return logp.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of being wrong
     def backward(ctx, grad_logp, grad_entropy):
-        h, w, b, flat_targets, lse, entropy = ctx.saved_tensors
+        h, w, b, flat_targets, lse, entropy = ctx.saved_tensors[:6]
         n = flat_targets.numel()
         zeros = torch.zeros(n, dtype=torch.float32, device=lse.device)
         coef_lp = zeros if grad_logp is None else (-grad_logp.reshape(-1)).to(torch.float32).contiguous()
@@ -489,24 +536,22 @@ class _FusedLinearCalibRLLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index):
         h, w, b, flat_targets = _prepare(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets)
-        check_table_size(flat_targets.numel())
         counted = counted_tokens(table, flat_targets, ignore_index).to(torch.int8)
         partial, splits = linear_statistics(h, w, b, flat_targets, counted, config.temperature)
         token_out = finish_statistics(partial, splits, flat_targets, ignore_index, table=table, config=config)
-        loss, metrics = combine_token_outputs(token_out, config)
-        ctx.save_for_backward(h, w, b, flat_targets, token_out)
-        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(h, w, b, flat_targets, token_out, hidden, weight, bias)  # the inputs anchor first_order_only
         ctx.hidden_shape = hidden.shape
         ctx.temperature = config.temperature
         ctx.ignore_index = ignore_index
-        return loss, metrics
+        return loss_and_metrics(ctx, token_out, config)
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_metrics):
-        h, w, b, flat_targets, token_out = ctx.saved_tensors
+    @first_order_only  # a double backward raises instead of being wrong
+    def backward(ctx, grad_loss, *grad_metrics):
+        h, w, b, flat_targets, token_out = ctx.saved_tensors[:5]
         grads = linear_gradients(
-            h, w, b, flat_targets, token_out[OUT_LSE], token_out[OUT_ENTROPY], token_out[OUT_COEF_LP],
-            token_out[OUT_COEF_ENT], grad_loss, ctx.temperature, ctx.ignore_index,
+            h, w, b, flat_targets, token_out[:, ROW["lse"]], token_out[:, ROW["entropy"]], token_out[:, ROW["coef_a"]],
+            token_out[:, ROW["coef_b"]], grad_loss, ctx.temperature, ctx.ignore_index,
             need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
             need_bias=b is not None and ctx.needs_input_grad[2],
         )
@@ -524,10 +569,11 @@ def linear_token_logprobs(
 ):
     """The Triton twin of ``reference.linear_token_logprobs`` (never materialises (N, V) logits).
 
-    float64 inputs run the reference (the kernels accumulate in fp32).
+    float64 inputs run the device-agnostic chunked path ``linear_cpu`` in fp64 (the kernels accumulate in
+    fp32); it never materialises (N, V) logits either.
     """
     if hidden.dtype == torch.float64:
-        return reference.linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+        return linear_cpu.linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
     logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index))
     return (logp, entropy) if return_entropy else logp
 
@@ -551,16 +597,15 @@ def fused_linear_calibrl_loss(
     """The Triton twin of ``reference.fused_linear_calibrl_loss`` (same signature and results).
 
     Gradients flow to hidden, weight and bias; dWeight is deterministic (see the module docstring).
-    float64 inputs run the reference.
+    float64 inputs run the device-agnostic chunked path ``linear_cpu`` in fp64 (no (N, V) logits).
     """
     if hidden.dtype == torch.float64:
-        return reference.fused_linear_calibrl_loss(
+        return linear_cpu.fused_linear_calibrl_loss(
             hidden, weight, targets, old_logp, advantages, mask, bias=bias, expert_logp=expert_logp, passed=passed,
             is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
         )
     table = prepare_token_table(
         targets, old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index, config
     )
-    loss, metrics = _FusedLinearCalibRLLoss.apply(hidden, weight, bias, targets, table, config, int(ignore_index))
-    return loss_output(loss, metrics)
+    return LossOutput(*_FusedLinearCalibRLLoss.apply(hidden, weight, bias, targets, table, config, int(ignore_index)))
 

@@ -24,7 +24,15 @@ import triton
 import triton.language as tl
 
 from . import _heuristics, reference
-from ._triton_common import cast_for_store, launch, logits_grad_tile, logits_row_statistics, token_row_pointers
+from ._autograd import first_order_only
+from ._triton_common import (
+    cast_for_store,
+    gradient_row_inputs,
+    launch,
+    logits_grad_tile,
+    logits_row_statistics,
+    token_row_pointers,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,10 +79,11 @@ def _logits_grad_kernel(
     grad_stride_b,  # element stride between batch entries of grad
     grad_stride_t,  # element stride between time steps of grad
     targets_ptr,  # (N,) int64 target ids
-    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (from the forward)
-    entropy_ptr,  # (N,) fp32 entropy (from the forward)
-    coef_lp_ptr,  # (N,) fp32 a = -dL/dlogp per row
-    coef_ent_ptr,  # (N,) fp32 b = -dL/dH per row
+    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (from the forward), token t at t * stats_stride
+    entropy_ptr,  # (N,) fp32 entropy (from the forward), same stride
+    coef_lp_ptr,  # (N,) fp32 a = -dL/dlogp per row, same stride
+    coef_ent_ptr,  # (N,) fp32 b = -dL/dH per row, same stride
+    stats_stride,  # element stride between tokens of lse / entropy / coef_lp / coef_ent
     scale_ptr,  # () fp32 factor on both coefficients (upstream dL_total/dL), read on device; unused without HAS_SCALE
     V,  # vocabulary size
     inv_temperature,  # fp32 runtime scalar 1 / temperature of the forward
@@ -87,20 +96,10 @@ def _logits_grad_kernel(
     in_range = rows < n_rows
     row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
     grad_row_ptrs = token_row_pointers(grad_ptr, rows, rows_per_batch, grad_stride_b, grad_stride_t)
-    targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
-    coef_lp = tl.load(coef_lp_ptr + rows, mask=in_range, other=0.0)
-    coef_ent = tl.load(coef_ent_ptr + rows, mask=in_range, other=0.0)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr)
-        coef_lp = coef_lp * scale
-        coef_ent = coef_ent * scale
-    valid = in_range & (targets != ignore_index)
-    coef_lp = tl.where(valid, coef_lp, 0.0)
-    coef_ent = tl.where(valid, coef_ent, 0.0)
-    # Rows without gradient are not read, only zero-filled.
-    active = (coef_lp != 0) | (coef_ent != 0)  # [R]
-    lse = tl.load(lse_ptr + rows, mask=active, other=0.0)
-    entropy = tl.load(entropy_ptr + rows, mask=active, other=0.0)
+    targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
+        targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, in_range,
+        ignore_index, HAS_SCALE,
+    )
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols[None, :] < V
@@ -127,6 +126,14 @@ def as_token_rows(logits: torch.Tensor) -> torch.Tensor:
 
 def _flat_targets(targets: torch.Tensor) -> torch.Tensor:
     return targets.reshape(-1).to(torch.int64).contiguous()
+
+
+def common_stride(*stats: torch.Tensor) -> int:
+    """The one element stride of several (N,) per-token fp32 arrays passed to a kernel with one stride."""
+    strides = {t.stride(0) if t.numel() > 1 else 1 for t in stats}
+    if len(strides) != 1 or any(t.dtype != torch.float32 for t in stats):
+        raise RuntimeError(f"per-token statistics need one stride and fp32, got strides {strides}")
+    return strides.pop()
 
 
 def row_kernel_launch(vocab_size: int, n_rows: int):
@@ -173,10 +180,12 @@ def logits_backward(
 ) -> torch.Tensor:
     """dL/dlogits (B, T, V) in the logits dtype from per-row a = coef_lp, b = coef_ent (N,) fp32.
 
+    lse, entropy, coef_lp, coef_ent: (N,) fp32 views with one common stride (columns of a row table work).
     ``scale`` (0-d tensor, optional) multiplies both coefficients on the device (no host sync).
     ``inplace`` writes the gradient over ``rows`` itself and returns it.
     """
     B, T, V = rows.shape
+    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
     grad = rows if inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     if B * T == 0:
         return grad
@@ -189,7 +198,8 @@ def logits_backward(
             logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=B * T,
             BLOCK_N=block_n, grad_ptr=grad, grad_stride_b=grad.stride(0), grad_stride_t=grad.stride(1),
             targets_ptr=targets, lse_ptr=lse, entropy_ptr=entropy, coef_lp_ptr=coef_lp,
-            coef_ent_ptr=coef_ent, scale_ptr=scale_arg, V=V, inv_temperature=1.0 / float(temperature),
+            coef_ent_ptr=coef_ent, stats_stride=stats_stride, scale_ptr=scale_arg, V=V,
+            inv_temperature=1.0 / float(temperature),
             ignore_index=int(ignore_index), HAS_SCALE=has_scale,
         ),
         fixed, tune, ["V"],
@@ -207,15 +217,16 @@ class _TokenLogprobs(torch.autograd.Function):
         rows = as_token_rows(logits.detach())
         flat_targets = _flat_targets(targets)
         logp, entropy, lse = logprob_entropy_forward(rows, flat_targets, temperature, ignore_index)
-        ctx.save_for_backward(rows, flat_targets, lse, entropy)
+        ctx.save_for_backward(rows, flat_targets, lse, entropy, logits)  # logits itself anchors first_order_only
         ctx.logits_shape = logits.shape
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
         return logp.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
+    @first_order_only  # a double backward raises instead of being wrong
     def backward(ctx, grad_logp, grad_entropy):
-        rows, flat_targets, lse, entropy = ctx.saved_tensors
+        rows, flat_targets, lse, entropy, _ = ctx.saved_tensors
         n = flat_targets.numel()
         zeros = None
 

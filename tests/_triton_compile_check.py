@@ -107,12 +107,15 @@ def run_launchers_at(B, T, V, N, D, full):
         stats = torch.zeros(B * T)
         logprob_entropy.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100)
         logprob_entropy.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100, scale=torch.ones(()), inplace=True)
+        # the fused loss's backward reads its statistics from columns of the (N, TOKEN_OUTPUTS) row table
+        columns = torch.zeros(B * T, _triton_common.TOKEN_OUTPUTS).unbind(1)[:4]
+        logprob_entropy.logits_backward(rows, targets, *columns, 0.7, -100, scale=torch.ones(()), inplace=True)
     rows = torch.empty(B, T, V, dtype=torch.bfloat16)
     configs = [CalibRLConfig(activation=a) for a in ("leaky_relu", "relu", "tanh", "sigmoid", "huber", "none")]
     configs += [CalibRLConfig.for_algo(m) for m in ("grpo", "luffy", "rlplus")]
     configs += [CalibRLConfig(weight_by_advantage=False, entropy_coef=0.1)]
     configs = configs if full else configs[:1]
-    table = torch.zeros(_triton_common.TOKEN_INPUTS, B * T)
+    table = torch.zeros(B * T, _triton_common.TOKEN_INPUTS)
     for config in configs:
         calibrl_loss_triton.calibrl_loss_forward(rows, targets, table, config, -100)
     for dtype in (torch.float32, torch.float64) if full else (torch.float32,):
@@ -129,10 +132,12 @@ def run_launchers_at(B, T, V, N, D, full):
         active = torch.ones(N, dtype=torch.int8)
         partial, splits = linear_triton.linear_statistics(hidden, weight, bias, flat, active, 0.7)
         linear_triton.finish_statistics(partial, splits, flat, -100)
-        linear_triton.finish_statistics(partial, splits, flat, -100, table=torch.zeros(_triton_common.TOKEN_INPUTS, N), config=configs[0])
+        linear_triton.finish_statistics(partial, splits, flat, -100, table=torch.zeros(N, _triton_common.TOKEN_INPUTS), config=configs[0])
         stats = torch.zeros(N)
         linear_triton.linear_gradients(hidden, weight, bias, flat, stats, stats, stats, stats, torch.ones(()), 0.7, -100)
         linear_triton.linear_gradients(hidden, weight, None, flat, stats, stats, stats, stats, None, 1.0, -100)
+        columns = torch.zeros(N, _triton_common.TOKEN_OUTPUTS).unbind(1)[:4]  # the loss's row-table columns
+        linear_triton.linear_gradients(hidden, weight, bias, flat, *columns, torch.ones(()), 0.7, -100)
 
 
 def main():

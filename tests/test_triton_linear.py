@@ -16,11 +16,13 @@ two backward GEMMs. Criterion: error vs fp64 at most twice eager bf16's, and wit
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels import CalibRLConfig, reference
+from calibrl_kernels import CalibRLConfig, linear_cpu, reference
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
@@ -182,10 +184,19 @@ def test_logprobs_all_ignored_and_partial_grads(triton_device):
     assert_grad_close(h.grad, h64.grad, scale, 1e-5, "dhidden")
 
 
-def test_logprobs_float64_use_the_reference(triton_device):
-    hidden, weight, b, targets = make_head(3, 4, 9, triton_device, dtype=torch.float64)
-    lp = ck.linear_token_logprobs(hidden, weight, targets, bias=b)
-    assert lp.dtype == torch.float64 and torch.equal(lp, reference_logprobs(hidden, weight, targets, b, return_entropy=False))
+def test_logprobs_float64_run_the_chunked_torch_path(triton_device, monkeypatch):
+    """fp64 (which the fp32 kernels cannot honour) runs linear_cpu's chunked path in fp64, never the
+    reference, which would materialise (N, V) logits."""
+    hidden, weight, b, targets = make_head(5, 4, 9, triton_device, dtype=torch.float64)
+    lp_ref, ent_ref = reference_logprobs(hidden, weight, targets, b)
+    monkeypatch.setattr(reference, "linear_logits", None)  # any use of the reference's logits fails
+    h, w, bb = leaves((hidden, weight, b))
+    with linear_cpu.record_chunks() as chunks:
+        lp, ent = ck.linear_token_logprobs(h, w, targets, bias=bb, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    assert chunks and lp.dtype == torch.float64 and h.grad.dtype == torch.float64
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, ent_ref, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,8 +392,76 @@ def test_the_backward_is_chunked_and_never_allocates_n_by_v(triton_device, monke
     assert max(max(shape) for shape in widths) <= max(chunk, 16)  # no operand spans the vocabulary
 
 
-def test_loss_float64_uses_the_reference(triton_device):
-    batch = make_batch(2, 2, 4, 9, triton_device, dtype=torch.float64)
+@pytest.mark.parametrize("op", ["logprobs", "loss"])
+def test_double_backward_raises(op, triton_device):
+    """Both backwards are not differentiable: a second-order gradient raises instead of being wrong."""
+    batch = make_batch(2, 3, 8, 20, triton_device, seed=17, masked="none")
     hidden, weight, b, targets, old_logp, adv, mask, kw = batch
-    out = ck.fused_linear_calibrl_loss(hidden, weight, targets, old_logp.double(), adv.double(), mask, bias=b, **kw)
-    assert out.loss.dtype == torch.float64
+    h, w = leaves((hidden, weight))
+    if op == "logprobs":
+        value = ck.linear_token_logprobs(h, w, targets, bias=b).sum()
+    else:
+        value = ck.fused_linear_calibrl_loss(h, w, targets, old_logp, adv, mask, bias=b, **kw).loss
+    grad_h, grad_w = torch.autograd.grad(value, (h, w), create_graph=True)
+    with pytest.raises(RuntimeError, match="supports first-order gradients only"):
+        (value + (grad_h ** 2).sum() + (grad_w ** 2).sum()).backward()
+
+
+@pytest.mark.parametrize("where", ["nan-weight", "inf-bias"])
+def test_nan_weight_or_inf_bias_propagate_like_reference(where, triton_device):
+    """A NaN lm_head weight entry (a diverged row) or a +inf bias makes every token's logits contain a
+    NaN / +inf: log-probs, the loss and all three gradients are NaN, as with the reference."""
+    batch = make_batch(2, 3, 16, 50, triton_device, seed=16, masked="none")
+    hidden, weight, b, targets, old_logp, adv, mask, kw = batch
+    targets[targets == 7] = 8
+    targets[0, -1] = 3
+    if where == "nan-weight":
+        weight[7, 3] = float("nan")
+    else:
+        b[7] = float("inf")
+    lp = ck.linear_token_logprobs(hidden, weight, targets, bias=b)
+    lp_ref = reference.linear_token_logprobs(hidden, weight, targets, b)
+    assert torch.isnan(lp_ref).all() and torch.isnan(lp).all()
+    config = CalibRLConfig.for_algo("grpo")
+    ours, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config)
+    ref, grads_ref = run_loss(reference.fused_linear_calibrl_loss, batch, config)
+    assert torch.isnan(ref.loss) and torch.isnan(ours.loss)
+    for name, a, r in zip(("dhidden", "dweight", "dbias"), grads, grads_ref):
+        assert torch.isnan(r).all() and torch.isnan(a).all(), name
+
+
+def test_the_dlogits_chunk_is_freed_before_dhidden_is_cast(triton_device, monkeypatch):
+    """Peak memory of the backward: the (N, C) chunk buffer must not be alive when the fp32 dHidden
+    accumulator is cast to the input dtype (that cast allocates dHidden itself)."""
+    chunk_buffers, alive_at_cast = [], []
+    original_matmul, original_narrowed = linear_triton._matmul, linear_triton._narrowed
+
+    def matmul_spy(a, b, c, accumulate, precision):
+        chunk_buffers.append(weakref.ref(a._base if a._base is not None else a))  # a: a view of the chunk buffer
+        return original_matmul(a, b, c, accumulate, precision)
+
+    def narrowed_spy(accumulator, dtype):
+        alive_at_cast.append(any(ref() is not None for ref in chunk_buffers))
+        return original_narrowed(accumulator, dtype)
+
+    monkeypatch.setattr(linear_triton, "_matmul", matmul_spy)
+    monkeypatch.setattr(linear_triton, "_narrowed", narrowed_spy)
+    batch = make_batch(2, 3, 16, 90, triton_device, dtype=torch.bfloat16, seed=12, masked="none")
+    _, grads = run_loss(ck.fused_linear_calibrl_loss, batch, CalibRLConfig())
+    assert grads[0].dtype == torch.bfloat16 and chunk_buffers
+    assert alive_at_cast and not any(alive_at_cast)
+
+
+def test_loss_float64_runs_the_chunked_torch_path(triton_device, monkeypatch):
+    batch = make_batch(2, 2, 4, 9, triton_device, dtype=torch.float64)
+    config = CalibRLConfig(entropy_coef=0.01)
+    ref, grads_ref = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
+    monkeypatch.setattr(reference, "linear_logits", None)  # any use of the reference's logits fails
+    with linear_cpu.record_chunks() as chunks:
+        out, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config, torch.float64)
+    assert chunks and out.loss.dtype == torch.float64
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name).detach(), rtol=1e-12, atol=1e-12, msg=name)
+    for name, a, r in zip(("dhidden", "dweight", "dbias"), grads, grads_ref):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=name)

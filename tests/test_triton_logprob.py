@@ -142,6 +142,38 @@ def test_negative_infinite_logits_like_reference(triton_device):
     assert_close_rel(grad, grad64, 1e-5, "dlogits")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("v", [7, 700])
+def test_nan_and_inf_logits_propagate_like_reference(v, bad, triton_device):
+    """A NaN or +inf logit makes its row's logp, entropy and gradient NaN, as torch's do (it must not pass
+    for an empty row); the other rows are unaffected. Row 0: in a non-target entry, row 1: the target."""
+    logits, targets, w_lp, w_h = _case(5, v, torch.float32, triton_device, seed=13)
+    logits[0, (targets[0] + 1) % v] = bad
+    logits[1, targets[1]] = bad
+    logits[4, 0] = bad
+    targets[4] = -100  # an ignored row is never read: logp = entropy = 0 and no gradient, whatever it holds
+    lp, h, grad = _run(logits, targets, w_lp, w_h, 1.0, fn=ck.token_logprobs)
+    lp64, h64, grad64 = _reference(logits, targets, w_lp, w_h, 1.0, dtype=torch.float64)
+    assert torch.isnan(lp64[:2]).all() and torch.isnan(h64[:2]).all() and torch.isnan(grad64[:2]).all()
+    assert torch.isnan(lp[:2]).all() and torch.isnan(h[:2]).all() and torch.isnan(grad[:2]).all()
+    assert_close_rel(lp[2:], lp64[2:], 1e-5, "logp")
+    assert_close_rel(h[2:], h64[2:], 1e-5, "entropy")
+    assert_close_rel(grad[2:4], grad64[2:4], 1e-5, "dlogits")
+    # (torch's log_softmax backward gives NaN on the ignored row too: 0 * NaN; the kernels never read it)
+    assert lp[4] == 0 and h[4] == 0 and torch.all(grad[4] == 0)
+
+
+def test_double_backward_raises(triton_device):
+    """The backward is not differentiable: a gradient penalty through it raises instead of silently
+    dropping the second-order term."""
+    logits, targets, _, _ = _case(4, 9, torch.float32, triton_device, seed=17)
+    x = logits.clone().requires_grad_(True)
+    lp, h = ck.token_logprobs(x, targets, return_entropy=True)
+    (grad,) = torch.autograd.grad(lp.sum() + h.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="supports first-order gradients only"):
+        (lp.sum() + (grad ** 2).sum()).backward()
+
+
 @pytest.mark.parametrize("which", ["logp", "entropy"])
 def test_gradient_through_one_output(which, triton_device):
     logits, targets, _, _ = _case(5, 100, torch.float32, triton_device, seed=2)
@@ -210,6 +242,19 @@ def test_forcing_triton_on_cpu_without_interpreter_raises(monkeypatch):
     targets = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run on cpu.*TRITON_INTERPRET"):
         ck.token_logprobs(logits, targets)
+
+
+def test_interpreter_mode_is_the_one_the_kernels_were_built_for(monkeypatch):
+    """The launch heuristics follow how the kernels were built (at import), not TRITON_INTERPRET now."""
+    from calibrl_kernels import _heuristics, _triton_common
+
+    built = _triton_common.BUILT_FOR_INTERPRETER
+    assert built == (os.environ.get("TRITON_INTERPRET") == "1")  # conftest set it before the import
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if built else "1")  # changed after the kernels were built
+    monkeypatch.setenv("CALIBRL_AUTOTUNE", "1")
+    assert _heuristics.interpreting() == built
+    assert (_heuristics.row_launch(1000).block_n == _heuristics.INTERPRETER_BLOCK_N) == built
+    assert _heuristics.autotune_enabled() == (not built)
 
 
 def test_autotune_wiring(monkeypatch, triton_device):

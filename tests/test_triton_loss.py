@@ -10,12 +10,17 @@ import torch
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
+from calibrl_kernels._coefficients import ROW_FIELDS, TOKEN_FIELDS, fill_row_terms, loss_output
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 pytest.importorskip("triton")
 from calibrl_kernels import _triton_common as common  # noqa: E402  (after the triton check)
 from calibrl_kernels import calibrl_loss_triton as triton_loss  # noqa: E402
+from calibrl_kernels._triton_common import focal_factor  # noqa: E402
+
+import triton  # noqa: E402  (installed: importorskip above)
+import triton.language as tl  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -231,16 +236,75 @@ def test_float64_logits_use_the_reference(triton_device):
     assert out.loss.dtype == torch.float64 and torch.equal(out.loss, ref.loss)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["out-of-place", "inplace"])
+def test_double_backward_raises(inplace, triton_device):
+    logits, targets, old_logp, adv, mask, kw = make_inputs(2, 3, 20, triton_device, seed=18)
+    base = logits.clone().requires_grad_(True)
+    x = base * 1.0
+    out = ck.fused_calibrl_loss(x, targets, old_logp, adv, mask, **kw, inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(out.loss, base, create_graph=True)
+    with pytest.raises(RuntimeError, match="supports first-order gradients only"):
+        torch.autograd.grad((grad ** 2).sum(), base)
+
+
+NAN_CONFIGS = [CalibRLConfig.for_algo("grpo"), CalibRLConfig(entropy_coef=0.01), CalibRLConfig(activation="relu"),
+               CalibRLConfig.for_algo("rlplus")]
+
+
+@pytest.mark.parametrize("config", NAN_CONFIGS, ids=_config_id)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_and_inf_logits_make_the_loss_nan_like_reference(bad, config, triton_device):
+    """One NaN / +inf logit in a counted token: loss, ppo_kl and entropy are NaN and that token's gradient
+    row is NaN, as with the reference; the other tokens' gradients are unaffected."""
+    logits, targets, old_logp, adv, mask, kw = make_inputs(4, 3, 50, triton_device, seed=14, masked="none")
+    targets[0, 2] = 7
+    logits[0, 1, (targets[0, 1] + 1) % 50] = bad  # row 0 is an on-policy row
+    inputs = (logits, targets, old_logp, adv, mask, kw)
+    ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, config)
+    ref, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
+    for name in FIELDS:
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert bool(torch.isnan(a)) == bool(torch.isnan(b)), name
+        if not torch.isnan(b):
+            torch.testing.assert_close(a.double(), b.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.isnan(ours.loss) and torch.isnan(ours.ppo_kl)
+    assert torch.isnan(grad[0, 1]).all() and torch.isnan(grad64[0, 1]).all()
+    others = torch.ones(4, 3, dtype=torch.bool)
+    others[0, 1] = False
+    assert_close_rel(grad[others], grad64[others], 1e-5, "dlogits of the other tokens")
+
+
+def test_nan_logits_of_a_masked_token_are_never_read(triton_device):
+    """A padding token's logits do not enter the loss (the kernel skips them): the loss is that of the
+    reference, whose loss guards padding too, and the token gets a zero gradient."""
+    logits, targets, old_logp, adv, mask, kw = make_inputs(4, 3, 50, triton_device, seed=15, masked="none")
+    targets[0, 2] = 7
+    logits[0, 1, :] = float("nan")
+    mask[0, 1] = 0
+    inputs = (logits, targets, old_logp, adv, mask, kw)
+    config = CalibRLConfig(entropy_coef=0.01)
+    ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, config)
+    ref, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name).detach(), rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.all(grad[0, 1] == 0)  # (torch's log_softmax backward puts 0 * NaN = NaN there)
+    others = torch.ones(4, 3, dtype=torch.bool)
+    others[0, 1] = False
+    assert_close_rel(grad[others], grad64[others], 1e-5, "dlogits of the other tokens")
+
+
 # ------------------------------------------------------------------------------------------------
 # Closed-form gradient coefficients vs autograd of the reference loss
 # ------------------------------------------------------------------------------------------------
 def kernel_outputs(logits, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
+    """The kernel's row table as {column name (_coefficients.ROW_FIELDS): (B, T) tensor}."""
     table = triton_loss.prepare_token_table(
         targets, old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], ignore_index, config
     )
     rows = triton_loss.as_token_rows(logits)
     out = triton_loss.calibrl_loss_forward(rows, targets.reshape(-1), table, config, ignore_index)
-    return out.reshape(common.TOKEN_OUTPUTS, *targets.shape)
+    assert out.shape == (targets.numel(), common.TOKEN_OUTPUTS)
+    return {name: out[:, i].reshape(targets.shape) for i, name in enumerate(ROW_FIELDS)}
 
 
 def reference_coefficients(lp, entropy, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
@@ -257,15 +321,40 @@ def reference_coefficients(lp, entropy, targets, old_logp, adv, mask, kw, config
 def test_closed_form_coefficients_match_autograd(config, triton_device):
     logits, targets, old_logp, adv, mask, kw = make_inputs(6, 5, 30, triton_device, seed=8)
     out = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)
-    lp, entropy = out[common.OUT_LOGP], out[common.OUT_ENTROPY]
+    lp, entropy = out["logp"], out["entropy"]
     a, b = reference_coefficients(lp, entropy, targets, old_logp, adv, mask, kw, config)
-    assert_close_rel(out[common.OUT_COEF_LP], a, 1e-5, "a = -dL/dlp")
-    assert_close_rel(out[common.OUT_COEF_ENT], b, 1e-5, "b = -dL/dH")
+    assert_close_rel(out["coef_a"], a, 1e-5, "a = -dL/dlp")
+    assert_close_rel(out["coef_b"], b, 1e-5, "b = -dL/dH")
     # the kernel's lp / H are those of the reference
     lp_ref, h_ref = reference.token_logprobs(logits.double(), targets, config.temperature, -100, True)
     counted = (mask * (targets != -100)) != 0
     assert_close_rel(lp[counted], lp_ref[counted], 1e-5, "lp")
     assert_close_rel(entropy[counted], h_ref[counted], 1e-5, "entropy")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [CalibRLConfig(entropy_coef=0.02), CalibRLConfig.for_algo("rlplus"),
+     CalibRLConfig(weight_by_advantage=False, mask_beyond_expert=True, loss_agg_mode="seq-mean-token-sum")],
+    ids=_config_id,
+)
+def test_tables_are_those_of_every_backend(config, triton_device):
+    """The kernel reads ``_coefficients.token_table`` and writes the ``_coefficients.ROW_FIELDS`` row table:
+    its terms and coefficients are those the torch / C++ closed form (``fill_row_terms``) derives from the
+    kernel's own lp and H, and ``_coefficients.loss_output`` of its column sums is the op's LossOutput."""
+    logits, targets, old_logp, adv, mask, kw = make_inputs(6, 5, 30, triton_device, seed=19)
+    table = triton_loss.prepare_token_table(
+        targets, old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], -100, config
+    )
+    assert table.shape == (30, len(TOKEN_FIELDS)) and table.dtype == torch.float32
+    out = triton_loss.calibrl_loss_forward(triton_loss.as_token_rows(logits), targets.reshape(-1), table, config, -100)
+    expected = out.clone()
+    fill_row_terms(expected, table, config)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
+    summed = loss_output(out[:, ROW_FIELDS.index("pg"):].sum(0), config)
+    op = ck.fused_calibrl_loss(logits, targets, old_logp, adv, mask, **kw, config=config)
+    for name in FIELDS:
+        assert torch.equal(getattr(op, name), getattr(summed, name)), name
 
 
 @pytest.mark.parametrize(
@@ -276,16 +365,16 @@ def test_closed_form_coefficients_match_autograd(config, triton_device):
 def test_coefficients_at_ties_and_kinks_follow_torch(config, triton_device):
     """lp == old_lp (l1 == l2), A == 0 (everything ties), lp == baseline (z == 0, the activation's kink)."""
     logits, targets, old_logp, adv, mask, kw = make_inputs(6, 4, 20, triton_device, seed=9, masked="none")
-    lp = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)[common.OUT_LOGP]
+    lp = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)["logp"]
     steps = torch.arange(4, device=triton_device)[None, :]
     old_logp = torch.where(steps % 2 == 0, lp, old_logp)  # exact ratio 1 on even positions
     adv[1] = 0.0
     kw["expert_logp"] = torch.where(steps >= 2, lp, kw["expert_logp"])  # z == 0
     out = kernel_outputs(logits, targets, old_logp, adv, mask, kw, config)
-    assert torch.equal(out[common.OUT_LOGP], lp)  # deterministic: the ties are exact
-    a, b = reference_coefficients(lp, out[common.OUT_ENTROPY], targets, old_logp, adv, mask, kw, config)
-    assert_close_rel(out[common.OUT_COEF_LP], a, 1e-5, "a = -dL/dlp")
-    assert_close_rel(out[common.OUT_COEF_ENT], b, 1e-5, "b = -dL/dH")
+    assert torch.equal(out["logp"], lp)  # deterministic: the ties are exact
+    a, b = reference_coefficients(lp, out["entropy"], targets, old_logp, adv, mask, kw, config)
+    assert_close_rel(out["coef_a"], a, 1e-5, "a = -dL/dlp")
+    assert_close_rel(out["coef_b"], b, 1e-5, "b = -dL/dH")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,3 +435,40 @@ def test_reference_accepts_the_inplace_keyword(monkeypatch):
     x = logits.clone().requires_grad_(True)
     ck.fused_calibrl_loss(x, targets, old_logp, adv, mask, **kw, inplace_backward=True).loss.backward()
     assert x.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# The constexpr codes and constants of the kernels come from config
+# ------------------------------------------------------------------------------------------------
+def test_kernel_codes_cover_every_mode_and_activation():
+    from calibrl_kernels.config import ACTIVATIONS, MODES
+
+    assert sorted(common.ACTIVATION_CODES) == sorted(a for a in ACTIVATIONS if a != "none")
+    assert len(set(common.ACTIVATION_CODES.values())) == len(common.ACTIVATION_CODES)
+    for mode in MODES:  # exactly the modes that keep expert rows have an expert-token term
+        expected = "ppo" if not CalibRLConfig(mode=mode).keeps_expert_rows else mode
+        assert common.policy_code(mode) == common.POLICY_CODES[expected]
+    for activation in ACTIVATIONS:
+        config = CalibRLConfig(activation=activation)
+        code = common.activation_code(config)
+        assert code == (common.ACTIVATION_CODES[activation] if config.uses_guide else 0)
+
+
+@triton.jit
+def _focal_kernel(x_ptr, out_ptr, n, POWER: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    inside = offsets < n
+    x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+    tl.store(out_ptr + offsets, focal_factor(x, POWER), mask=inside)
+
+
+def test_focal_factor_is_the_configured_power(triton_device):
+    """RL-PLUS's focal factor (1 - p)^RLPLUS_FOCAL_POWER: the kernels' helper for that and other powers."""
+    from calibrl_kernels.config import RLPLUS_FOCAL_POWER
+
+    assert common._RLPLUS_FOCAL_POWER == RLPLUS_FOCAL_POWER
+    x = torch.tensor([0.0, 1e-30, 1e-6, 0.3, 0.5, 0.99, 1.0])
+    for power in (RLPLUS_FOCAL_POWER, 0.25, 1.0, 2.0):
+        out = torch.empty_like(x, device=triton_device)
+        _focal_kernel[(1,)](x.to(triton_device), out, x.numel(), POWER=power, BLOCK=8)
+        torch.testing.assert_close(out.cpu(), x.double().pow(power).float(), rtol=2e-6, atol=0.0, msg=str(power))
