@@ -15,10 +15,11 @@ This module imports no triton at module level, so ``import calibrl_kernels`` nev
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import List
 
 import torch
+
+from ._checks import env_flag
 
 
 def interpreting() -> bool:
@@ -34,8 +35,9 @@ def interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    """CALIBRL_AUTOTUNE=1 turns on triton.autotune for the kernels that allow it (never when interpreting)."""
-    return os.environ.get("CALIBRL_AUTOTUNE", "0") == "1" and not interpreting()
+    """CALIBRL_AUTOTUNE=1 (or true/yes/on) turns on triton.autotune for the kernels that allow it (never
+    when interpreting); an unknown word raises ValueError."""
+    return env_flag("CALIBRL_AUTOTUNE", False) and not interpreting()
 
 
 def next_power_of_2(n: int) -> int:
