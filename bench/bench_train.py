@@ -6,11 +6,12 @@
 Self-contained: a Qwen2-architecture causal LM built from a config in code (random weights, no
 download), a synthetic RL batch of B rows = groups of ``group_size`` rows whose first row is the
 expert's, each P prompt + T response tokens. One step = group statistics + expert baseline + forward
-+ CalibRL loss + backward + AdamW step, with the loss computed
++ CalibRL loss + backward + AdamW step, with group statistics, baseline and loss taken from the slim
+trainer's ``calibrl.algorithms`` (the functions ``python -m calibrl.train`` calls per mini-batch):
 
 - ``calibrl`` (and ``calibrl-<impl>`` for every other available backend): last hidden states of the
-  response positions -> ``calibrl_kernels.fused_linear_calibrl_loss`` with the lm_head weight
-  (no (B*T, V) logits);
+  response positions -> ``algorithms.policy_loss`` = ``calibrl_kernels.fused_linear_calibrl_loss`` with
+  the lm_head weight (no (B*T, V) logits);
 - ``calibrl-logits``: hidden -> lm_head logits -> ``calibrl_kernels.fused_calibrl_loss``;
 - ``eager``: hidden -> lm_head logits -> fp32 log_softmax + gather + entropy -> the reference loss.
 
@@ -34,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import calibrl_kernels as ck
+from calibrl import algorithms
 
 from . import harness
 from .harness import MIB, ResultWriter, TimingConfig, percentiles
@@ -109,27 +111,33 @@ def synthetic_batch(config: TrainConfig, response: int, device: torch.device) ->
 
 
 def make_step(provider: Provider, model, optimizer, batch: Dict[str, torch.Tensor], prompt: int) -> Callable[[], torch.Tensor]:
-    """One RL update step with the loss of ``provider``."""
+    """One RL update step with the loss of ``provider``.
+
+    Group statistics, expert baseline and (for the fused providers) the loss are the slim trainer's own
+    functions (``calibrl.algorithms``), i.e. exactly what ``python -m calibrl.train`` runs per mini-batch.
+    """
 
     def step() -> torch.Tensor:
-        stats = ck.group_advantages(batch["scores"], batch["group_ids"], is_expert=batch["is_expert"])
-        expert_logp = ck.expert_baseline(batch["old_logp"], batch["mask"], batch["group_ids"], batch["is_expert"])
-        rl = {"old_logp": batch["old_logp"], "advantages": stats.advantages, "mask": batch["mask"],
-              "expert_logp": expert_logp, "passed": stats.passed, "is_expert": batch["is_expert"],
-              "targets": batch["targets"]}
+        stats = algorithms.group_statistics(batch["scores"], batch["group_ids"], batch["is_expert"], LOSS_CONFIG)
+        expert_logp, expert_mask = algorithms.expert_baseline(
+            batch["old_logp"], batch["mask"], batch["group_ids"], batch["is_expert"], LOSS_CONFIG
+        )
         states = model.model(input_ids=batch["input_ids"]).last_hidden_state  # (B, P + T, D)
         hidden = states[:, prompt - 1:-1]  # (B, T, D): the states that predict the response tokens
         if provider.name == EAGER:
+            rl = {"old_logp": batch["old_logp"], "advantages": stats.advantages, "mask": batch["mask"],
+                  "expert_logp": expert_logp, "passed": stats.passed, "is_expert": batch["is_expert"],
+                  "targets": batch["targets"]}
             loss = eager_calibrl_loss(model.lm_head(hidden), rl)
         elif provider.name == LOGITS_PROVIDER:
             loss = ck.fused_calibrl_loss(
-                model.lm_head(hidden), rl["targets"], rl["old_logp"], rl["advantages"], rl["mask"],
+                model.lm_head(hidden), batch["targets"], batch["old_logp"], stats.advantages, batch["mask"],
                 expert_logp=expert_logp, passed=stats.passed, is_expert=batch["is_expert"], config=LOSS_CONFIG,
             ).loss
         else:
-            loss = ck.fused_linear_calibrl_loss(
-                hidden, model.lm_head.weight, rl["targets"], rl["old_logp"], rl["advantages"], rl["mask"],
-                expert_logp=expert_logp, passed=stats.passed, is_expert=batch["is_expert"], config=LOSS_CONFIG,
+            loss = algorithms.policy_loss(
+                hidden, model.lm_head.weight, None, batch["targets"], batch["old_logp"], stats.advantages,
+                batch["mask"], stats.passed, batch["is_expert"], expert_logp, expert_mask, LOSS_CONFIG,
             ).loss
         loss.backward()
         optimizer.step()
