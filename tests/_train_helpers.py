@@ -96,3 +96,48 @@ def rows_by_key(log):
             key = (call["step"], group, call["position"][i])
             rows[key] = (call["prompts"][i], call["rewards"][i], call["advantages"][i], call["passed"][i])
     return rows
+
+
+
+def update_gradients(flags, dist, drop_experts_of_process=None):
+    """The gradient of every optimizer step of one PPO update, as DDP leaves it (parameters never stepped).
+
+    Every process builds the same global batch (same seed and prompts: the step's P groups), scores it
+    with ``scripted_accuracy``, computes statistics and baseline on all of it, then keeps the rows of its
+    own groups (a contiguous block per process, as the trainer shards prompts); one process keeps all.
+    The expert rows of the groups of process ``drop_experts_of_process`` (of 2) are dropped, so that the
+    processes hold different numbers of rows. Returns a list of flat (num_parameters,) gradients.
+    """
+    from calibrl import algorithms
+    from calibrl.config import parse_config
+    from calibrl.rollout import collect_rollouts, old_logprobs
+
+    cfg = parse_config(["--quick", "--device", "cpu", "--no-tensorboard", *flags])
+    trainer = Trainer(cfg, dist)
+    params = list(trainer.policy.model.parameters())
+    gradients = []
+
+    def record_gradient():
+        gradients.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                    for p in params]))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return 0.0
+
+    trainer.update.optimizer_step = record_gradient
+    P, n = cfg.prompts_per_step, cfg.rollouts_per_prompt
+    torch.manual_seed(1234)
+    batch = collect_rollouts(trainer.policy, trainer.train_examples[:P], list(range(P)), n, cfg.max_new_tokens, 1.0)
+    position = torch.arange(len(batch)) % (n + 1)
+    batch.accuracy = torch.where(batch.is_expert, batch.accuracy, scripted_accuracy(batch.group_ids, position))
+    batch.rewards = batch.accuracy + FORMAT_WEIGHT * batch.format
+    batch.old_logp = old_logprobs(trainer.forward, batch, 1.0, 0)
+    stats = algorithms.group_statistics(batch.rewards, batch.group_ids, batch.is_expert, trainer.loss_cfg)
+    batch.advantages, batch.passed = stats.advantages.float(), stats.passed
+    batch.baseline, batch.baseline_mask = algorithms.expert_baseline(
+        batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, trainer.loss_cfg)
+    share = P // dist.world_size
+    keep = batch.group_ids // share == dist.rank  # (B,) this process's groups
+    if drop_experts_of_process is not None:
+        keep &= ~(batch.is_expert & (batch.group_ids // (P // 2) == drop_experts_of_process))
+    trainer.update(batch.select(keep.nonzero().squeeze(1)))
+    return gradients
