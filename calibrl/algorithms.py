@@ -28,10 +28,6 @@ class Algorithm:
     long_sft: bool  # sft+grpo: a longer supervised stage before RL (warm start + extra_sft_steps)
     summary: str  # one line for logs and --help
 
-    @property
-    def needs_baseline(self) -> bool:
-        return self.loss.uses_guide
-
 
 REGISTRY: Dict[str, Tuple[bool, str]] = {
     "calibrl": (False, "PPO dual-clip term + LeakyReLU calibration against the expert baseline, A = r - mean"),
@@ -84,13 +80,19 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     )
 
 
+def response_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(R, T) log-probs of targets (R, T) (0 where IGNORE_INDEX) from hidden (R, T, D) and the head (V, D)."""
+    return ck.linear_token_logprobs(
+        hidden, weight.to(hidden.dtype), targets, bias=None if bias is None else bias.to(hidden.dtype),
+        temperature=temperature, ignore_index=IGNORE_INDEX,
+    )
+
+
 def sft_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
              temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token-mean negative log-likelihood of targets (R, T) (IGNORE_INDEX on padding) and the token count."""
-    logp = ck.linear_token_logprobs(
-        hidden, weight.to(hidden.dtype), targets, bias=None if bias is None else bias.to(hidden.dtype),
-        temperature=temperature, ignore_index=IGNORE_INDEX,
-    )  # (R, T), 0 on padding
+    logp = response_logprobs(hidden, weight, bias, targets, temperature)  # (R, T), 0 on padding
     tokens = (targets != IGNORE_INDEX).sum()
     return -logp.sum() / tokens.clamp_min(1), tokens
 
@@ -102,8 +104,10 @@ def expert_keep_mask(group_index: torch.Tensor, is_expert: torch.Tensor, pass_ra
     policy 'always': keep the expert row with probability mix_ratio (one draw per group);
     policy 'pass': keep it when the group's on-policy pass rate (G,) lies in [low, high].
     """
-    if policy == "always":
-        group_keeps = torch.rand(pass_rate.shape[0]) < mix_ratio if mix_ratio < 1.0 else torch.ones_like(pass_rate, dtype=torch.bool)
+    if policy == "always" and mix_ratio < 1.0:
+        group_keeps = torch.rand(pass_rate.shape[0]) < mix_ratio
+    elif policy == "always":
+        group_keeps = torch.ones_like(pass_rate, dtype=torch.bool)
     else:
         group_keeps = (pass_rate >= low) & (pass_rate <= high)
     return ~is_expert | group_keeps[group_index]

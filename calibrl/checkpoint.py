@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 _NAME = re.compile(r"ckpt-(\d+)\.pt$")
 
 
@@ -33,6 +35,14 @@ def list_checkpoints(run_dir: str) -> List[str]:
 def latest_checkpoint(run_dir: str) -> Optional[str]:
     paths = list_checkpoints(run_dir)
     return paths[-1] if paths else None
+
+
+def resume_path(run_dir: str) -> str:
+    """The checkpoint ``--resume RUN_DIR`` continues from (its latest)."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint in {checkpoint_dir(run_dir)}")
+    return path
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -60,6 +70,13 @@ def save_checkpoint(run_dir: str, index: int, state: Dict[str, Any], keep: int) 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint dict (our own file: full unpickling, it holds numpy RNG state)."""
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy and torch (every device) of this process."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def capture_rng() -> Dict[str, Any]:

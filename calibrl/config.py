@@ -13,12 +13,16 @@ import dataclasses
 import json
 import os
 import typing
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from calibrl_kernels import CalibRLConfig
 
 ALGOS = ("calibrl", "grpo", "dapo", "drgrpo", "luffy", "rlplus", "sft+grpo")
 LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(CalibRLConfig))
+
+
+class ConfigError(ValueError):
+    """A setting (flag, config file or resumed run) that cannot work; ``main`` reports it like argparse."""
 
 
 def _field(default, help_text: str):
@@ -33,7 +37,8 @@ class TrainConfig:
     algo: str = _field("calibrl", f"algorithm: one of {ALGOS}")
     model: Optional[str] = _field(None, "local Hugging Face checkpoint folder; default: build the tiny Qwen2-VL model")
     data: str = _field("easy-vqa", "'easy-vqa' or a JSONL file of {image, question, answer, expert} rows")
-    eval_data: Optional[str] = _field(None, "JSONL for evaluation; default: easy-vqa's test split (with JSONL data: none)")
+    eval_data: Optional[str] = _field(None, "JSONL for evaluation; default: easy-vqa's test split "
+                                            "(with JSONL data: none)")
     train_examples: int = _field(0, "use only the first N training questions (0: all)")
     eval_examples: int = _field(512, "held-out questions per greedy evaluation (0: all)")
     instruction: Optional[str] = _field(None, "text appended to every question; default: none for the tiny model, "
@@ -51,20 +56,26 @@ class TrainConfig:
     # --- supervised warm start on expert traces
     sft_steps: int = _field(350, "supervised steps on expert responses before RL")
     extra_sft_steps: int = _field(100, "sft+grpo only: further supervised steps (its SFT stage is longer)")
-    sft_batch_size: int = _field(32, "questions per supervised step")
+    sft_batch_size: int = _field(32, "questions per supervised step, over all processes (a multiple of the number "
+                                      "of processes under torchrun)")
     sft_lr: float = _field(5e-4, "learning rate of the warm start (2e-3 never learns to look at the image)")
     # --- RL
     max_steps: int = _field(80, "RL steps (each: rollouts, group statistics, PPO updates)")
-    prompts_per_step: int = _field(8, "P: prompts (groups) per RL step, over all processes")
+    prompts_per_step: int = _field(8, "P: prompts (groups) per RL step, over all processes (a multiple of the "
+                                       "number of processes under torchrun: each samples P / processes prompts)")
     rollouts_per_prompt: int = _field(8, "n: on-policy responses per prompt (plus 1 expert row)")
     max_new_tokens: int = _field(24, "longest sampled response")
-    lr: float = _field(5e-5, "learning rate of the RL updates (AdamW, fresh after the warm start; 2e-4 degrades the tiny model)")
+    lr: float = _field(5e-5, "learning rate of the RL updates (AdamW, fresh after the warm start; "
+                             "2e-4 degrades the tiny model)")
     weight_decay: float = _field(0.01, "AdamW weight decay")
     grad_clip: float = _field(1.0, "global gradient-norm clip (0: none)")
     warmup_steps: int = _field(20, "linear learning-rate warmup (optimizer steps) at the start of each phase")
     ppo_epochs: int = _field(1, "passes over each RL batch")
-    mini_batches: int = _field(2, "optimizer steps per epoch (the groups are split into this many mini-batches)")
-    micro_batch_rows: int = _field(0, "rows per forward/backward within a mini-batch (0: the whole mini-batch)")
+    mini_batches: int = _field(2, "optimizer steps per epoch: the step's P groups (over all processes) are split "
+                                  "into this many mini-batches (at most P); under torchrun a process holding no "
+                                  "group of a mini-batch takes part with a zero-weight pass")
+    micro_batch_rows: int = _field(0, "rows per forward/backward of each process within a mini-batch "
+                                      "(0: the process's whole share of the mini-batch)")
     mix_ratio: float = _field(1.0, "probability that a group keeps its expert row in the batch")
     mixup_policy: str = _field("always", "'always' (mix_ratio) or 'pass' (keep the expert when the pass rate "
                                          "lies in [pass_ratio_low, pass_ratio_high])")
@@ -72,9 +83,9 @@ class TrainConfig:
     pass_ratio_high: float = _field(1.0, "mixup_policy=pass: highest pass rate that keeps the expert row")
     # --- evaluation, logging, checkpoints
     eval_every: int = _field(10, "greedy held-out evaluation every K RL steps (and after the warm start)")
-    eval_batch_size: int = _field(128, "prompts per evaluation generate call")
+    eval_batch_size: int = _field(128, "prompts per evaluation generate call of each process")
     save_every: int = _field(20, "checkpoint every K steps (also at the end and on Ctrl-C)")
-    keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (oldest removed)")
+    keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (oldest removed; 0 keeps all)")
     out: Optional[str] = _field(None, "run folder; default runs/<algo>-seed<seed>")
     resume: Optional[str] = _field(None, "continue the run in this folder from its latest checkpoint")
     tensorboard: bool = _field(True, "also write TensorBoard event files")
@@ -82,12 +93,16 @@ class TrainConfig:
     # --- machine
     seed: int = _field(0, "seed of model init, data order and sampling")
     device: str = _field("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: str = _field("auto", "'auto' (bf16 autocast on cuda, fp32 on cpu), 'fp32', 'bf16' (bf16 weights)")
+    dtype: str = _field("auto", "'auto' (bf16 on cuda, fp32 on cpu), 'fp32', 'bf16': bf16 means bf16 autocast of "
+                                "every forward pass (sampling, old log-probs, update, evaluation) with fp32 "
+                                "weights and optimizer state")
     threads: int = _field(1, "torch CPU threads (0: torch's default); 1 is fastest for the tiny model and robust "
                              "on a shared machine (2 busy-waiting threads on 2 busy cores crawl)")
     quick: bool = _field(False, "a tiny run of a few seconds (tests, smoke checks)")
     # --- the loss: CalibRLConfig overrides; unset fields follow the --algo preset
     loss: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "CalibRLConfig overrides"})
+    # --- not a setting: the fields the user set explicitly (checked on --resume); never saved
+    explicit: Tuple[str, ...] = dataclasses.field(default=(), compare=False, metadata={"help": None})
 
     def loss_config(self) -> CalibRLConfig:
         """The CalibRLConfig of this run: the algorithm's preset with the overrides applied."""
@@ -95,36 +110,51 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         if self.algo not in ALGOS:
-            raise ValueError(f"algo: expected one of {ALGOS}, got {self.algo!r}")
+            raise ConfigError(f"algo: expected one of {ALGOS}, got {self.algo!r}")
         unknown = sorted(set(self.loss) - set(LOSS_FIELDS))
         if unknown:
-            raise ValueError(f"loss: unknown CalibRLConfig field(s) {unknown}; known: {LOSS_FIELDS}")
-        self.loss_config()  # validates the loss fields
+            raise ConfigError(f"loss: unknown CalibRLConfig field(s) {unknown}; known: {LOSS_FIELDS}")
+        try:
+            self.loss_config()  # validates the loss fields
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"loss: {error}") from error
         for name in ("sft_steps", "extra_sft_steps", "max_steps", "train_examples", "eval_examples", "warmup_steps",
                      "micro_batch_rows", "threads", "keep_checkpoints"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         for name in ("sft_batch_size", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "ppo_epochs",
                      "mini_batches", "eval_every", "eval_batch_size", "save_every", "vocab_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.mini_batches > self.prompts_per_step:
-            raise ValueError(f"mini_batches: expected at most prompts_per_step={self.prompts_per_step}, got {self.mini_batches}")
+            raise ConfigError(f"mini_batches: expected at most prompts_per_step={self.prompts_per_step}, "
+                              f"got {self.mini_batches}")
         if not 0.0 <= self.mix_ratio <= 1.0:
-            raise ValueError(f"mix_ratio: expected a number in [0, 1], got {self.mix_ratio}")
+            raise ConfigError(f"mix_ratio: expected a number in [0, 1], got {self.mix_ratio}")
         if self.mixup_policy not in ("always", "pass"):
-            raise ValueError(f"mixup_policy: expected 'always' or 'pass', got {self.mixup_policy!r}")
+            raise ConfigError(f"mixup_policy: expected 'always' or 'pass', got {self.mixup_policy!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"dtype: expected 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
+            raise ConfigError(f"dtype: expected 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
         if self.lr <= 0 or self.sft_lr <= 0:
-            raise ValueError(f"lr / sft_lr: expected numbers > 0, got {self.lr} / {self.sft_lr}")
+            raise ConfigError(f"lr / sft_lr: expected numbers > 0, got {self.lr} / {self.sft_lr}")
+        return self
+
+    def check_processes(self, world_size: int) -> "TrainConfig":
+        """The per-process limits of a run over ``world_size`` processes (torchrun): batches split evenly."""
+        for name in ("prompts_per_step", "sft_batch_size"):
+            if getattr(self, name) % world_size:
+                raise ConfigError(f"{name}: expected a multiple of the number of processes ({world_size}) so that "
+                                  f"each process gets the same share, got {getattr(self, name)}")
         return self
 
     def run_dir(self) -> str:
         return self.out or os.path.join("runs", f"{self.algo.replace('+', '-')}-seed{self.seed}")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The saved settings (config.json, checkpoints): every field except ``explicit``."""
+        values = dataclasses.asdict(self)
+        values.pop("explicit")
+        return values
 
 
 # A run of a few seconds on 2 cores: tiny model, 2 groups of 3 rollouts, 2 RL steps.
@@ -134,6 +164,8 @@ QUICK_PRESET: Dict[str, Any] = dict(
     prompts_per_step=2, rollouts_per_prompt=3, max_new_tokens=8, mini_batches=2, eval_every=1, eval_batch_size=8,
     save_every=1, progress=False,
 )
+# Fields that are no flags: the loss overrides have their own flags; ``explicit`` is bookkeeping.
+NOT_FLAGS = ("loss", "explicit")
 # Flags that may differ when resuming a run (they do not change what is computed).
 RESUME_SAFE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "progress", "device",
                "threads", "resume", "out")
@@ -151,7 +183,8 @@ def _base_type(annotation) -> type:
 def _add_flag(parser: argparse.ArgumentParser, name: str, kind: type, help_text: str) -> None:
     flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     if kind is bool:
-        parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                            help=help_text)
     else:
         parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=help_text)
 
@@ -164,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig / CalibRLConfig fields")
     train_hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name != "loss":
+        if f.name not in NOT_FLAGS:
             _add_flag(parser, f.name, _base_type(train_hints[f.name]), f.metadata["help"])
     group = parser.add_argument_group("loss (CalibRLConfig; default: the --algo preset)")
     hints = typing.get_type_hints(CalibRLConfig)
@@ -183,17 +216,17 @@ def read_config_file(path: str) -> Dict[str, Any]:
         else:
             values = json.load(handle)
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of field names to values, got {type(values).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of field names to values, got {type(values).__name__}")
     return values
 
 
 def _apply(values: Dict[str, Any], train: Dict[str, Any], loss: Dict[str, Any], origin: str) -> None:
     """Sort ``values`` into TrainConfig fields and CalibRLConfig fields; unknown names raise ValueError."""
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss"}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FLAGS)
     for key, value in values.items():
         if key == "loss":
             if not isinstance(value, dict):
-                raise ValueError(f"{origin}: 'loss' must be a mapping of CalibRLConfig fields, got {value!r}")
+                raise ConfigError(f"{origin}: 'loss' must be a mapping of CalibRLConfig fields, got {value!r}")
             _unknown(origin, [k for k in value if k not in LOSS_FIELDS])
             loss.update(value)
         elif key in train_fields:
@@ -206,12 +239,13 @@ def _apply(values: Dict[str, Any], train: Dict[str, Any], loss: Dict[str, Any], 
 
 def _unknown(origin: str, names: List[str]) -> None:
     if names:
-        raise ValueError(f"{origin}: unknown field(s) {names}; see python -m calibrl.train --help")
+        raise ConfigError(f"{origin}: unknown field(s) {names}; see python -m calibrl.train --help")
 
 
-def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """TrainConfig from defaults < --quick preset < --config file < flags."""
-    args = vars(build_parser().parse_args(argv))
+def parse_config(argv: Optional[Sequence[str]] = None,
+                 parser: Optional[argparse.ArgumentParser] = None) -> TrainConfig:
+    """TrainConfig from defaults < --quick preset < --config file < flags (ConfigError when invalid)."""
+    args = vars((parser or build_parser()).parse_args(argv))
     file_path = args.pop("config", None)
     file_values = read_config_file(file_path) if file_path else {}
     train: Dict[str, Any] = {}
@@ -220,21 +254,20 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         _apply(QUICK_PRESET, train, loss, "--quick preset")
     _apply(file_values, train, loss, file_path or "")
     _apply(args, train, loss, "command line")
-    cfg = TrainConfig(**train, loss=loss)
-    cfg.explicit = sorted(set(args) | set(file_values))  # what the user set (checked on --resume)
-    return cfg.validate()
+    explicit = tuple(sorted(set(args) | set(file_values)))  # what the user set (checked on --resume)
+    return TrainConfig(**train, loss=loss, explicit=explicit).validate()
 
 
 def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
     """TrainConfig from a saved ``to_dict`` (checkpoint / config.json)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"explicit"}
     return TrainConfig(**{k: v for k, v in values.items() if k in known}).validate()
 
 
 def merge_resume(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
     """The saved config of a resumed run with the resume-safe flags the user gave now."""
     changed: List[str] = []
-    for name in getattr(given, "explicit", []):
+    for name in given.explicit:
         if name in ("quick", "config"):
             continue
         if name in RESUME_SAFE:
@@ -245,5 +278,5 @@ def merge_resume(saved: TrainConfig, given: TrainConfig) -> TrainConfig:
         elif getattr(saved, name) != getattr(given, name):
             changed.append(name)
     if changed:
-        raise ValueError(f"--resume: {changed} differ from the saved run's config; only {RESUME_SAFE} may change")
+        raise ConfigError(f"--resume: {changed} differ from the saved run's config; only {RESUME_SAFE} may change")
     return saved.validate()

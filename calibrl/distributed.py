@@ -12,6 +12,8 @@ from typing import Any, List
 import torch
 import torch.distributed as torch_dist
 
+from .config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
@@ -28,6 +30,15 @@ class DistInfo:
         return self.world_size > 1
 
 
+def env_world_size() -> int:
+    """Number of processes of this run: torchrun's WORLD_SIZE, 1 when launched plainly."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' -> cuda (this process's GPU) when available, else cpu."""
     if name == "auto":
@@ -35,7 +46,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {name!r} requested but CUDA is not available")
+            raise ConfigError(f"device: {name!r} requested but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -44,7 +55,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def init(device_name: str) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = env_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
     if world_size > 1 and not torch_dist.is_initialized():
@@ -56,6 +67,14 @@ def init(device_name: str) -> DistInfo:
 def shutdown(info: DistInfo) -> None:
     if info.active and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``module`` under DistributedDataParallel when several processes run, else itself."""
+    if not info.active:
+        return module
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def all_gather_rows(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -92,10 +111,9 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(all_reduce_sum(value, info).item() > 0)
 
 
-def all_reduce_max(value: float, info: DistInfo) -> float:
-    """The largest ``value`` over ranks (e.g. so that every rank runs the same number of micro-batches)."""
-    if not info.active:
-        return value
-    tensor = torch.tensor([float(value)], device=info.device)
-    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-    return tensor.item()
+def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Elementwise maximum over ranks (returns a new tensor), e.g. so that every rank runs as many passes."""
+    out = tensor.clone()
+    if info.active:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
+    return out

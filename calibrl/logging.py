@@ -14,10 +14,12 @@ from typing import Any, Dict, Iterable
 
 import torch
 
-from . import distributed
+from . import checkpoint, distributed
+from .config import ConfigError
 
 PHASES = ("sft", "rl")
-BAR_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("entropy", "ent"), ("eval_accuracy", "eval"), ("sft_loss", "nll"))
+BAR_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("entropy", "ent"), ("eval_accuracy", "eval"),
+            ("sft_loss", "nll"))
 
 
 RECORD_FILES = ("metrics.jsonl", "samples.jsonl")  # per-step JSONL files of a run
@@ -50,11 +52,38 @@ def truncate_records(path: str, phase: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-class RunLogger:
-    """Writes every step's record; a no-op except on the main process."""
+def start_run_dir(run_dir: str, config: Dict[str, Any], tokenizer=None) -> None:
+    """Prepare a new run's folder: config.json and the built-in model's tokenizer; refuse one holding a run."""
+    if checkpoint.list_checkpoints(run_dir):
+        raise ConfigError(f"out: {run_dir} already holds a run; continue it with --resume {run_dir} "
+                          "or choose another --out")
+    os.makedirs(run_dir, exist_ok=True)
+    for name in RECORD_FILES:  # left over from a run that never reached its first checkpoint
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
+    with open(os.path.join(run_dir, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, progress: bool, total_steps: int, done_steps: int):
+
+def truncate_run(run_dir: str, phase: str, step: int) -> None:
+    """Drop the JSONL records a resumed run (continuing after ``phase`` ``step``) writes again."""
+    for name in RECORD_FILES:
+        truncate_records(os.path.join(run_dir, name), phase, step)
+
+
+class RunLogger:
+    """Writes every step's record; a no-op except on the main process.
+
+    ``done_steps`` is the global step a resumed run continues after: TensorBoard events written past it
+    by the interrupted run are purged, since the resumed run writes those steps again.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
+                 done_steps: int):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.writer = None
         self.bar = None
         self._file = None
@@ -65,7 +94,8 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                purge_step = done_steps + 1 if done_steps else None
+                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
                 self.writer = None
         if progress:
@@ -94,6 +124,12 @@ class RunLogger:
             self.bar.set_description(record["phase"])
             self.bar.update(1 if advance else 0)
 
+    def samples(self, phase: str, step: int, samples: list) -> None:
+        """Append an evaluation's shown answers to samples.jsonl."""
+        if self.enabled:
+            with open(os.path.join(self.run_dir, "samples.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"phase": phase, "step": step, "samples": samples}) + "\n")
+
     def _histogram(self, tag: str, values: Iterable[float], step: int) -> None:
         import numpy as np
 
@@ -117,10 +153,33 @@ class RunLogger:
             self._file.close()
 
 
+_CLEAR_REFS = "/proc/self/clear_refs"  # Linux: writing "5" resets VmHWM (peak RSS) to the current RSS
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (called at the start of every step)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open(_CLEAR_REFS, "w") as handle:
+            handle.write("5")
+    except OSError:  # not Linux, or not allowed: peak_memory_mb reports the process's peak so far
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on CUDA, else the process's peak resident set size."""
+    """Peak memory since ``reset_peak_memory``: GPU memory allocated on CUDA; on CPU the resident set's
+    high-water mark (Linux VmHWM), or where that cannot be reset, the process's peak since it started."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

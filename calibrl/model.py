@@ -9,6 +9,11 @@ expanded to ``grid_thw.prod() // merge_size**2`` copies, one per merged visual t
 ``--model PATH`` loads a local checkpoint instead: Qwen2-VL / Qwen2.5-VL (with its own processor)
 or any text-only causal LM (images are then left out of the prompts).
 
+Precision: every forward pass of the policy (sampling, old log-probs, the update, evaluation) runs under
+the same autocast (``Policy.precision``), so the policy that samples is the policy whose log-probs are
+the PPO ratio's denominator (CALIBRL.md: old log-probs are those of the sampling policy). Weights and
+optimizer state stay fp32 (the master weights); ``--dtype bf16`` (and ``auto`` on CUDA) computes in bf16.
+
 ``PolicyForward`` is the module the update runs (and DDP wraps): it returns the final hidden states
 at the positions that predict the response tokens, plus the lm_head weight, so that the loss can be
 computed by ``calibrl_kernels.fused_linear_calibrl_loss`` without ever forming the logits.
@@ -16,6 +21,7 @@ computed by ``calibrl_kernels.fused_linear_calibrl_loss`` without ever forming t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -119,9 +125,21 @@ def pil_image_processor(image_size: int, patch_size: int):
     return cls(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, temporal_patch_size=1, merge_size=2)
 
 
-def attention_implementation(device: torch.device) -> str:
-    """flash-attn on a CUDA device when the package is installed, PyTorch SDPA otherwise."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def autocast_dtype(device: torch.device, dtype: str) -> Optional[torch.dtype]:
+    """The compute dtype of the policy's forward passes for ``--dtype``: bf16 autocast or None (fp32)."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def attention_implementation(device: torch.device, compute_dtype: Optional[torch.dtype]) -> str:
+    """flash-attn where it can run, PyTorch SDPA otherwise.
+
+    flash-attn needs a CUDA device, the package, and half-precision inputs: with fp32 weights that means
+    every forward pass under a bf16/fp16 autocast (transformers then casts q/k/v to the autocast dtype).
+    """
+    half = compute_dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -169,8 +187,10 @@ class ImageCache:
 class Policy:
     """A causal LM (multimodal or not) with its tokenizer, image processor and prompt format."""
 
-    def __init__(self, model, tokenizer, image_processor=None, instruction: str = ""):
+    def __init__(self, model, tokenizer, image_processor=None, instruction: str = "",
+                 compute_dtype: Optional[torch.dtype] = None):
         self.model = model
+        self.compute_dtype = compute_dtype  # autocast dtype of every forward pass; None: fp32
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.instruction = instruction
@@ -190,6 +210,12 @@ class Policy:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def precision(self):
+        """The autocast context of every forward pass (generation, old log-probs, update, evaluation)."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def prompt_text(self, question: str, with_image: bool) -> str:
         """The chat-formatted prompt ending with the assistant turn's header."""
@@ -236,7 +262,8 @@ class Policy:
     def decode_response(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: Dict[str, torch.Tensor]) -> Dict:
+    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     vision: Dict[str, torch.Tensor]) -> Dict:
         """Keyword arguments of a forward / generate call on these token rows."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **vision}
         if self.multimodal and self.accepts_mm_token_type_ids:
@@ -254,7 +281,8 @@ class Policy:
             self.image_processor.save_pretrained(path)
 
 
-def build_tiny_policy(cfg, texts: Sequence[str], device: torch.device = torch.device("cpu"), tokenizer=None) -> Policy:
+def build_tiny_policy(cfg, texts: Sequence[str], device: torch.device = torch.device("cpu"),
+                      tokenizer=None) -> Policy:
     """The built-in tiny Qwen2-VL policy, initialised from cfg.seed.
 
     The tokenizer is trained on ``texts`` unless one is given (a resumed run reuses its own).
@@ -263,13 +291,13 @@ def build_tiny_policy(cfg, texts: Sequence[str], device: torch.device = torch.de
 
     tokenizer = tokenizer if tokenizer is not None else train_tokenizer(texts, cfg.vocab_size)
     config = tiny_qwen2vl_config(tokenizer, cfg)
-    config._attn_implementation = attention_implementation(device)
+    compute_dtype = autocast_dtype(device, cfg.dtype)
+    config._attn_implementation = attention_implementation(device, compute_dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = Qwen2VLForConditionalGeneration(config)
-    if cfg.dtype == "bf16":
-        model = model.to(torch.bfloat16)
-    return Policy(model, tokenizer, pil_image_processor(cfg.image_size, cfg.patch_size), cfg.instruction or "")
+    image_processor = pil_image_processor(cfg.image_size, cfg.patch_size)
+    return Policy(model, tokenizer, image_processor, cfg.instruction or "", compute_dtype)
 
 
 def load_policy(path: str, cfg, device: torch.device) -> Policy:
@@ -281,16 +309,17 @@ def load_policy(path: str, cfg, device: torch.device) -> Policy:
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
-    attn = attention_implementation(device)
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    compute_dtype = autocast_dtype(device, cfg.dtype)
+    options = dict(local_files_only=True, dtype=torch.float32, attn_implementation=attention_implementation(
+        device, compute_dtype))  # fp32 master weights; the forward passes autocast to compute_dtype
     if hasattr(config, "vision_config"):
-        model = _vision_model_class(config).from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn)
+        model = _vision_model_class(config).from_pretrained(path, **options)
         image_processor = _load_image_processor(path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(path, **options)
         image_processor = None
     instruction = DEFAULT_INSTRUCTION if cfg.instruction is None else cfg.instruction
-    return Policy(model, tokenizer, image_processor, instruction)
+    return Policy(model, tokenizer, image_processor, instruction, compute_dtype)
 
 
 def _vision_model_class(config):
@@ -328,8 +357,10 @@ class PolicyForward(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int, **vision):
         """input_ids, attention_mask (R, Lp + T) -> hidden (R, T, D), lm_head weight (V, D), bias (V,) or None."""
-        kwargs = self.policy[0].model_inputs(input_ids, attention_mask, vision)
-        outputs = self.model.base_model(**kwargs, use_cache=False)
+        policy = self.policy[0]
+        kwargs = policy.model_inputs(input_ids, attention_mask, vision)
+        with policy.precision():
+            outputs = self.model.base_model(**kwargs, use_cache=False)
         hidden = outputs.last_hidden_state[:, -response_len - 1:-1]  # (R, T, D), after the final norm
         head = self.model.get_output_embeddings()
         return hidden, head.weight, head.bias

@@ -16,8 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .logging import read_metrics
 
 DEFAULT_METRICS = (
-    "reward", "accuracy", "eval_accuracy", "eval_sampled_accuracy", "entropy", "pg_loss", "guide_loss", "clipfrac", "ppo_kl",
-    "response_length", "groups_all_fail", "groups_all_pass", "tokens_per_s",
+    "reward", "accuracy", "eval_accuracy", "eval_sampled_accuracy", "entropy", "pg_loss", "guide_loss", "clipfrac",
+    "ppo_kl", "response_length", "groups_all_fail", "groups_all_pass", "tokens_per_s",
 )
 SPARSE_METRICS = ("eval_accuracy", "eval_format", "eval_reward", "eval_response_length", "eval_sampled_accuracy",
                   "eval_sampled_reward")  # not every step
@@ -36,7 +36,8 @@ TITLES = {
 def series(records: Sequence[dict], metric: str) -> Tuple[List[float], List[float]]:
     """(steps, values) of one metric; sft_loss over SFT steps, everything else over RL steps."""
     phase = "sft" if metric == "sft_loss" else "rl"
-    points = [(r["step"], r[metric]) for r in records if r.get("phase") == phase and isinstance(r.get(metric), (int, float))]
+    points = [(r["step"], r[metric]) for r in records
+              if r.get("phase") == phase and isinstance(r.get(metric), (int, float))]
     return [p[0] for p in points], [float(p[1]) for p in points]
 
 

@@ -11,9 +11,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-import calibrl_kernels as ck
-
-from .algorithms import IGNORE_INDEX
+from .algorithms import IGNORE_INDEX, response_logprobs
 from .model import Policy, PolicyForward, PromptBatch
 from .rewards import score_response
 
@@ -31,7 +29,12 @@ class RolloutBatch:
     format: torch.Tensor  # (B,) float32 1.0 when the response has the <think>/<answer> format
     truncated: torch.Tensor  # (B,) bool sampled response cut at max_new_tokens (no end token)
     texts: List[str]  # (B,) decoded responses
+    # Filled in by the RL step after scoring (None until then):
     old_logp: Optional[torch.Tensor] = None  # (B, T) float32 log-prob under the sampling policy, 0 on padding
+    advantages: Optional[torch.Tensor] = None  # (B,) float32 group-relative advantage of the row
+    passed: Optional[torch.Tensor] = None  # (B,) bool the row's reward passes (it is correct)
+    baseline: Optional[torch.Tensor] = None  # (B, T) float32 expert baseline b of the row's group
+    baseline_mask: Optional[torch.Tensor] = None  # (B, T) bool the group's expert token mask
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -50,11 +53,16 @@ class RolloutBatch:
 
     def targets(self) -> torch.Tensor:
         """(B, T) int64 response tokens with IGNORE_INDEX on padding."""
-        return self.response_ids.masked_fill(self.response_mask == 0, IGNORE_INDEX)
+        return response_targets(self.response_ids, self.response_mask)
 
     def forward_inputs(self, device: torch.device) -> dict:
         """Arguments of PolicyForward for every row of the batch."""
         return sequence_inputs(self.prompts, self.prompt_index, self.response_ids, self.response_mask, device)
+
+
+def response_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """(R, T) int64 targets of the loss: the response tokens (R, T), IGNORE_INDEX where the mask (R, T) is 0."""
+    return response_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
 
 
 def sequence_inputs(prompts: PromptBatch, prompt_index: torch.Tensor, response_ids: torch.Tensor,
@@ -91,7 +99,9 @@ def generate(policy: Policy, prompts: PromptBatch, prompt_index: torch.Tensor, m
     inputs.pop("position_ids", None)  # generate derives positions from the attention mask itself
     was_training = policy.model.training
     policy.model.eval()
-    output = policy.model.generate(**inputs, generation_config=_generation_config(policy, max_new_tokens, temperature, greedy))
+    with policy.precision():  # the same autocast as the old log-probs and the update: pi_old samples
+        output = policy.model.generate(
+            **inputs, generation_config=_generation_config(policy, max_new_tokens, temperature, greedy))
     policy.model.train(was_training)
     new_tokens = output[:, prompts.input_ids.shape[1]:].tolist()  # (R, <= max_new_tokens)
     return [_cut_at_stop(row, policy.stop_token_ids, policy.end_token_id) for row in new_tokens]
@@ -153,11 +163,12 @@ def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int
 
 
 @torch.no_grad()
-def old_logprobs(forward: PolicyForward, batch: RolloutBatch, temperature: float, micro_batch_rows: int,
-                 autocast) -> torch.Tensor:
+def old_logprobs(forward: PolicyForward, batch: RolloutBatch, temperature: float,
+                 micro_batch_rows: int) -> torch.Tensor:
     """(B, T) float32 log-probs of the response tokens under the current policy, 0 on padding.
 
-    Computed from the final hidden states with ``linear_token_logprobs``: no (B, T, V) logits.
+    Computed from the final hidden states with ``linear_token_logprobs``: no (B, T, V) logits. The
+    forward pass runs under the policy's precision, like the sampling and the update.
     """
     policy = forward.policy[0]
     device = policy.device
@@ -166,11 +177,7 @@ def old_logprobs(forward: PolicyForward, batch: RolloutBatch, temperature: float
     for start in range(0, len(batch), step):
         rows = torch.arange(start, min(start + step, len(batch)))
         micro = batch.select(rows)
-        with autocast():
-            hidden, weight, bias = forward(**micro.forward_inputs(device))  # (R, T, D), (V, D)
-        logp = ck.linear_token_logprobs(
-            hidden, weight.to(hidden.dtype), micro.targets().to(device), bias=bias, temperature=temperature,
-            ignore_index=IGNORE_INDEX,
-        )  # (R, T)
+        hidden, weight, bias = forward(**micro.forward_inputs(device))  # (R, T, D), (V, D)
+        logp = response_logprobs(hidden, weight, bias, micro.targets().to(device), temperature)  # (R, T)
         parts.append(logp.float().cpu())
     return torch.cat(parts)

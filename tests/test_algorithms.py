@@ -10,8 +10,8 @@ from calibrl.config import ALGOS
 
 def test_registry_covers_every_algo():
     assert set(algorithms.REGISTRY) == set(ALGOS)
-    assert algorithms.make_algorithm("calibrl").needs_baseline
-    assert not algorithms.make_algorithm("grpo").needs_baseline
+    assert algorithms.make_algorithm("calibrl").loss.uses_guide
+    assert not algorithms.make_algorithm("grpo").loss.uses_guide
     assert algorithms.make_algorithm("sft+grpo").long_sft and algorithms.make_algorithm("sft+grpo").loss.mode == "grpo"
     assert algorithms.make_algorithm("luffy").loss.keeps_expert_rows
     assert algorithms.make_algorithm("calibrl", {"guide_coef": 0.3}).loss.guide_coef == 0.3

@@ -258,6 +258,14 @@ def test_groups_split_by_steps_per_generation_fail(tmp_path):
 def test_unsupported_trl_options_fail(tmp_path):
     with pytest.raises(ValueError, match="beta: CalibRLTrainer supports only beta=0.0, got 0.1"):
         make_text_trainer(tmp_path, beta=0.1)
+    # aggregation and std-normalisation are the CalibRL preset's: TRL's own switches would be ignored
+    with pytest.raises(ValueError, match="loss_type: CalibRLTrainer supports only loss_type='dapo', got 'grpo' "
+                                         r"\(the CalibRL preset aggregates with loss_agg_mode='token-mean'"):
+        make_text_trainer(tmp_path, loss_type="grpo")
+    with pytest.raises(ValueError, match=r"scale_rewards: .* got 'none' \(the CalibRL preset decides "
+                                         r"std-normalisation of the advantages \(norm_by_std=False\); set "
+                                         "calibrl_norm_by_std"):
+        make_text_trainer(tmp_path, scale_rewards=False)
 
 
 def test_group_without_on_policy_rows_fails():

@@ -3,12 +3,16 @@
 import pytest
 import torch
 
-import calibrl_kernels as ck
-from calibrl.config import parse_config
-from calibrl.data import load_examples
-from calibrl.model import PolicyForward, build_tiny_policy
-from calibrl.rollout import (IGNORE_INDEX, _generation_config, collate_responses, collect_rollouts, old_logprobs,
-                             sequence_inputs)
+pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (pip install easy-vqa)")
+
+import calibrl_kernels as ck  # noqa: E402
+from calibrl import model  # noqa: E402
+from calibrl.config import parse_config  # noqa: E402
+from calibrl.data import load_examples  # noqa: E402
+from calibrl.evaluate import evaluate  # noqa: E402
+from calibrl.model import PolicyForward, build_tiny_policy  # noqa: E402
+from calibrl.rollout import (IGNORE_INDEX, _generation_config, collate_responses, collect_rollouts,  # noqa: E402
+                             old_logprobs, sequence_inputs)
 
 CPU = torch.device("cpu")
 
@@ -63,7 +67,7 @@ def test_old_logprobs_match_the_sampling_distribution(policy, examples):
     sampled_logp = torch.log_softmax(logits.float(), -1).gather(-1, new[..., None]).squeeze(-1)
     mask = torch.ones_like(new, dtype=torch.float32)
     forward = PolicyForward(policy)
-    recomputed = old_logprobs(forward, _batch(prompts, index, new, mask), 1.0, 0, torch.no_grad)
+    recomputed = old_logprobs(forward, _batch(prompts, index, new, mask), 1.0, 0)
     # the recomputed log-probs normalise over the whole vocabulary (suppressed tokens included)
     torch.testing.assert_close(recomputed, sampled_logp, atol=2e-3, rtol=1e-3)
 
@@ -111,3 +115,73 @@ def test_linear_token_logprobs_on_hidden_equals_explicit_logits(policy, examples
     expected = ck.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)
     got = ck.linear_token_logprobs(hidden, weight, targets, ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device, compute_dtype, installed, expected", [
+    ("cuda", torch.bfloat16, True, "flash_attention_2"),
+    ("cuda:1", torch.float16, True, "flash_attention_2"),
+    ("cuda", None, True, "sdpa"),  # fp32 inputs: flash-attn would refuse them
+    ("cpu", torch.bfloat16, True, "sdpa"),
+    ("cuda", torch.bfloat16, False, "sdpa"),
+])
+def test_attention_implementation(monkeypatch, device, compute_dtype, installed, expected):
+    real_find_spec = model.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "flash_attn":
+            return object() if installed else None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(model.importlib.util, "find_spec", find_spec)
+    assert model.attention_implementation(torch.device(device), compute_dtype) == expected
+
+
+@pytest.mark.parametrize("setting, device, expected", [
+    ("auto", "cuda", torch.bfloat16), ("auto", "cpu", None), ("bf16", "cpu", torch.bfloat16),
+    ("bf16", "cuda", torch.bfloat16), ("fp32", "cuda", None), ("fp32", "cpu", None),
+])
+def test_autocast_dtype_of_the_dtype_setting(setting, device, expected):
+    assert model.autocast_dtype(torch.device(device), setting) == expected
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, None])
+def test_every_forward_pass_runs_under_the_policy_precision(policy, examples, compute_dtype):
+    """Sampling, old log-probs, the update's forward and evaluation see the same autocast, so the policy
+    that samples is the one whose log-probs are pi_old. Checked on the output dtype of every Linear."""
+    seen = {}
+    phase = ["none"]
+    linears = [m for m in policy.model.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_hook(lambda m, i, out: seen.setdefault(phase[0], set()).add(out.dtype))
+             for m in linears]
+    previous, policy.compute_dtype = policy.compute_dtype, compute_dtype
+    try:
+        torch.manual_seed(0)
+        phase[0] = "sampling"
+        batch = collect_rollouts(policy, examples[:2], [0, 1], rollouts_per_prompt=2, max_new_tokens=3,
+                                 temperature=1.0)
+        phase[0] = "old log-probs"
+        old_logprobs(PolicyForward(policy), batch, 1.0, 0)
+        phase[0] = "update"
+        PolicyForward(policy)(**batch.forward_inputs(CPU))[0].sum().backward()
+        phase[0] = "evaluation"
+        evaluate(policy, examples[:2], 3, 2, 1.0, _single_process())
+    finally:
+        policy.compute_dtype = previous
+        policy.model.zero_grad(set_to_none=True)
+        for hook in hooks:
+            hook.remove()
+    expected = compute_dtype or torch.float32
+    assert seen == {name: {expected} for name in ("sampling", "old log-probs", "update", "evaluation")}
+
+
+def test_bf16_setting_keeps_fp32_weights():
+    cfg = parse_config(["--quick", "--dtype", "bf16"])
+    policy = build_tiny_policy(cfg, ["what color is the shape?", "user\n", "assistant\n"])
+    assert policy.compute_dtype == torch.bfloat16 and policy.model.config._attn_implementation == "sdpa"
+    assert {p.dtype for p in policy.model.parameters()} == {torch.float32}  # the optimizer's master weights
+
+
+def _single_process():
+    from calibrl.distributed import DistInfo
+
+    return DistInfo(0, 1, CPU)

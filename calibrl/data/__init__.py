@@ -40,6 +40,16 @@ def load_examples(source: str, split: str, limit: int = 0) -> List[Example]:
     return examples[:limit] if limit else examples
 
 
+def load_eval_examples(data: str, eval_data: Optional[str], limit: int = 0) -> List[Example]:
+    """Held-out examples: ``eval_data`` (JSONL) when given, else easy-vqa's test split for easy-vqa data,
+    else none. ``limit`` > 0 keeps the first ``limit``."""
+    if eval_data:
+        return load_examples(eval_data, "test", limit)
+    if data == "easy-vqa":
+        return load_examples("easy-vqa", "test", limit)
+    return []
+
+
 class PromptSampler:
     """Endless shuffled order over ``num_examples`` indices, one fresh permutation per epoch.
 

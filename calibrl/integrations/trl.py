@@ -21,7 +21,13 @@ Tested against TRL 1.16.0 with transformers 5.23.0 and torch 2.13.0. What it cha
   are logged beside TRL's own reward and length metrics.
 
 Every ``CalibRLConfig.mode`` works (calibrl, grpo, dapo, drgrpo, luffy, rlplus); modes without expert
-terms also run without an expert column (``expert_column=None``).
+terms also run without an expert column (``expert_column=None``). ``calibrl_algo="sft+grpo"`` is plain
+``grpo`` here: this class runs no supervised warm start (run ``trl.SFTTrainer`` on the expert column first).
+
+The CalibRL preset decides the loss aggregation (``loss_agg_mode``) and whether advantages are divided by
+the group's std (``norm_by_std``); TRL's ``loss_type`` and ``scale_rewards`` would say the same thing
+differently, so they must keep TRL's defaults (``"dapo"``, ``"group"``; both ignored) and any other value
+is refused: set ``calibrl_loss_agg_mode`` / ``calibrl_norm_by_std`` instead.
 """
 
 from __future__ import annotations
@@ -84,7 +90,10 @@ class CalibRLGRPOConfig(GRPOConfig):
     ``CalibRLConfig.for_algo(calibrl_algo)`` with the non-None flat ``calibrl_*`` fields applied (these
     are what the command line sets). In both cases the PPO clip range and the temperature are TRL's
     ``epsilon``, ``epsilon_high`` and ``temperature`` (one source of truth; a ``calibrl`` object that
-    disagrees is an error). ``beta`` (TRL's KL term) must stay 0: CalibRL has no KL term.
+    disagrees is an error). ``beta`` (TRL's KL term) must stay 0: CalibRL has no KL term. ``loss_type`` and
+    ``scale_rewards`` must keep TRL's defaults: the preset's ``loss_agg_mode`` and ``norm_by_std`` decide
+    (``calibrl_loss_agg_mode`` / ``calibrl_norm_by_std`` change them). ``calibrl_algo="sft+grpo"`` is the
+    ``grpo`` loss: no supervised warm start happens inside this trainer.
     """
 
     calibrl: Optional[Any] = field(
@@ -92,7 +101,8 @@ class CalibRLGRPOConfig(GRPOConfig):
     )
     calibrl_algo: str = field(
         default="calibrl",
-        metadata={"help": "Preset of CalibRLConfig.for_algo: calibrl, grpo, sft+grpo, dapo, drgrpo, luffy, rlplus."},
+        metadata={"help": "Preset of CalibRLConfig.for_algo: calibrl, grpo, sft+grpo (= grpo: no warm start in "
+                          "TRL), dapo, drgrpo, luffy, rlplus."},
     )
     expert_column: Optional[str] = field(
         default="expert",
@@ -118,7 +128,8 @@ class CalibRLGRPOConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.calibrl is not None and not isinstance(self.calibrl, ck.CalibRLConfig):
-            raise TypeError(f"calibrl: expected a calibrl_kernels.CalibRLConfig or None, got {type(self.calibrl).__name__}")
+            raise TypeError(
+                f"calibrl: expected a calibrl_kernels.CalibRLConfig or None, got {type(self.calibrl).__name__}")
         self.calibrl_config  # validate now, not at the first batch
 
     @property
@@ -242,6 +253,13 @@ class CalibRLTrainer(GRPOTrainer):
             "entropy_coef": (args.entropy_coef, 0.0, "use calibrl_entropy_coef"),
             "use_adaptive_entropy": (args.use_adaptive_entropy, False, ""),
         }
+        decided_by_preset = {
+            "loss_type": (args.loss_type, "dapo", f"the CalibRL preset aggregates with loss_agg_mode="
+                          f"{cfg.loss_agg_mode!r}; set calibrl_loss_agg_mode to change it"),
+            "scale_rewards": (args.scale_rewards, "group", f"the CalibRL preset decides std-normalisation of the "
+                              f"advantages (norm_by_std={cfg.norm_by_std}); set calibrl_norm_by_std to change it"),
+        }
+        unsupported.update(decided_by_preset)
         for name, (value, default, hint) in unsupported.items():
             if value != default:
                 raise ValueError(
@@ -295,7 +313,8 @@ class CalibRLTrainer(GRPOTrainer):
         """
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         text_config = target.config.get_text_config()
-        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling"):
             value = getattr(text_config, attr, None)
             if value not in (None, 1.0):
                 raise NotImplementedError(
@@ -344,7 +363,8 @@ class CalibRLTrainer(GRPOTrainer):
         start = self.accelerator.process_index * num_rows
         scores = self._weighted_scores(rewards_per_func[start:start + num_rows])  # (B_on,)
         device = scores.device
-        group_ids = torch.arange(num_groups, device=device).repeat_interleave(n) + self.accelerator.process_index * num_groups
+        first_group = self.accelerator.process_index * num_groups
+        group_ids = torch.arange(num_groups, device=device).repeat_interleave(n) + first_group
         batch.pop("importance_sampling_ratio", None)
         batch.pop("sampling_per_token_logps", None)
         if "tool_mask" in batch:
@@ -416,7 +436,8 @@ class CalibRLTrainer(GRPOTrainer):
                 split[key] = _pad_width(split[key], split[key].size(1) + extra, 0)
         experts = _take_rows(split, heads, num_rows)
         experts["completion_ids"] = torch.full((num_groups, width), pad_id, dtype=torch.long, device=device)
-        experts["completion_mask"] = torch.zeros((num_groups, width), dtype=split["completion_mask"].dtype, device=device)
+        experts["completion_mask"] = torch.zeros((num_groups, width), dtype=split["completion_mask"].dtype,
+                                                 device=device)
         for g, ids in enumerate(expert_ids):
             experts["completion_ids"][g, : len(ids)] = torch.tensor(ids, device=device)
             experts["completion_mask"][g, : len(ids)] = 1
@@ -425,7 +446,8 @@ class CalibRLTrainer(GRPOTrainer):
             experts["old_per_token_logps"] = expert_old
         merged = unsplit_pixel_values_by_grid(_concat_rows(split, experts))
 
-        is_expert = torch.cat([torch.zeros(num_rows, dtype=torch.bool), torch.ones(num_groups, dtype=torch.bool)]).to(device)
+        is_expert = torch.cat([torch.zeros(num_rows, dtype=torch.bool),
+                               torch.ones(num_groups, dtype=torch.bool)]).to(device)
         baseline_logp = torch.cat([torch.zeros(num_rows, width, device=device), expert_old.float()])
         all_scores = torch.cat([scores, expert_scores])
         all_groups = torch.cat([group_ids, group_ids[torch.as_tensor(heads, device=device)]])

@@ -36,6 +36,7 @@ import torch
 import calibrl_kernels as ck
 from calibrl_kernels.config import AGG_EPS
 
+from .. import algorithms
 from . import _core
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def calibrl_overrides(section: Any) -> Dict[str, Any]:
         if name in VERL_OWNED_FIELDS:
             raise ValueError(f"calibrl.{name}: set it through verl's {VERL_OWNED_FIELDS[name]} instead")
         if name not in ck.CalibRLConfig.__dataclass_fields__:
-            raise ValueError(f"calibrl.{name}: not a CalibRLConfig field (fields: {sorted(ck.CalibRLConfig.__dataclass_fields__)})")
+            fields = sorted(ck.CalibRLConfig.__dataclass_fields__)
+            raise ValueError(f"calibrl.{name}: not a CalibRLConfig field (fields: {fields})")
     return overrides
 
 
@@ -111,7 +113,8 @@ def loss_config(mode: str, actor_config: Any, loss_agg_mode: str, overrides: Opt
     )
 
 
-def global_scale(config: ck.CalibRLConfig, mask: torch.Tensor, is_expert: Optional[torch.Tensor], info: dict) -> torch.Tensor:
+def global_scale(config: ck.CalibRLConfig, mask: torch.Tensor, is_expert: Optional[torch.Tensor],
+                 info: dict) -> torch.Tensor:
     """Factor turning the micro-batch aggregation of calibrl_kernels into verl 0.9's global one.
 
     verl normalises every micro-batch loss by global counts (``batch_num_tokens`` or ``global_batch_size``
@@ -126,7 +129,8 @@ def global_scale(config: ck.CalibRLConfig, mask: torch.Tensor, is_expert: Option
         total = info.get("batch_num_tokens")
         if total is None:
             if dp_size > 1:
-                raise ValueError("global_batch_info.batch_num_tokens: required when dp_size > 1 (as in verl's agg_loss)")
+                raise ValueError(
+                    "global_batch_info.batch_num_tokens: required when dp_size > 1 (as in verl's agg_loss)")
             return torch.ones((), dtype=torch.float64, device=mask.device)
         if config.mask_beyond_expert and config.uses_guide:
             raise NotImplementedError(
@@ -178,10 +182,12 @@ def policy_loss(
             "stock ppo_loss does not pass; run with trainer.v1.trainer_mode=calibrl_sync (see examples/verl)"
         )
     if cfg.keeps_expert_rows and is_expert is None:
-        raise ValueError(f"is_expert: loss_mode for {mode!r} needs the (B,) expert-row flags (trainer_mode=calibrl_sync)")
+        raise ValueError(
+            f"is_expert: loss_mode for {mode!r} needs the (B,) expert-row flags (trainer_mode=calibrl_sync)")
     out = ck.calibrl_loss(
-        log_prob, old_log_prob, advantages if advantages.is_floating_point() else advantages.float(), response_mask, expert_logp=expert_logp, passed=passed,
-        is_expert=is_expert, entropy=entropy, expert_mask=expert_mask, config=cfg,
+        log_prob, old_log_prob, advantages if advantages.is_floating_point() else advantages.float(), response_mask,
+        expert_logp=expert_logp, passed=passed, is_expert=is_expert, entropy=entropy, expert_mask=expert_mask,
+        config=cfg,
     )
     info = _get(config, "global_batch_info", {}) or {}
     loss = out.loss * global_scale(cfg, response_mask, is_expert, info).to(out.loss.dtype)
@@ -227,10 +233,9 @@ def compute_calibrl_outcome_advantage(
     norm = norm_adv_by_std_in_grpo
     if norm is None:
         norm = bool(_get(config, "norm_adv_by_std_in_grpo", False))
-    stats = ck.group_advantages(
-        scores, uid_group_ids(index, scores.device), is_expert=is_expert, norm_by_std=norm, eps=epsilon,
-        pass_threshold=pass_threshold,
-    )
+    # the slim trainer's group statistics (as _core uses them), configured by verl's settings
+    statistics = ck.CalibRLConfig(norm_by_std=bool(norm), adv_eps=epsilon, pass_threshold=pass_threshold)
+    stats = algorithms.group_statistics(scores, uid_group_ids(index, scores.device), is_expert, statistics)
     advantages = stats.advantages[:, None] * response_mask
     return advantages, advantages
 

@@ -87,7 +87,8 @@ class CalibRLExpertAgentLoop(SingleTurnAgentLoop):
     async def run(self, sampling_params: dict, **kwargs) -> AgentLoopOutput:
         num_sessions = int(self.rollout_config.n)
         if num_sessions < 2:
-            raise ValueError(f"actor_rollout_ref.rollout.n: expected n on-policy sessions + 1 expert (>= 2), got {num_sessions}")
+            raise ValueError(
+                f"actor_rollout_ref.rollout.n: expected n on-policy sessions + 1 expert (>= 2), got {num_sessions}")
         if int(kwargs.get("session_id", 0)) != num_sessions - 1:
             output = await super().run(sampling_params, **kwargs)
             output.extra_fields[EXPERT_FLAG] = False
@@ -145,13 +146,15 @@ class CalibRLSyncTrainer(PPOTrainerSync):
             return super()._compute_advantage(batch, metrics)
         if self._loss_mode() not in POLICY_LOSSES:
             raise ValueError(
-                f"actor_rollout_ref.actor.policy_loss.loss_mode: adv_estimator=calibrl needs one of {sorted(POLICY_LOSSES)}, "
+                "actor_rollout_ref.actor.policy_loss.loss_mode: adv_estimator=calibrl needs one of "
+                f"{sorted(POLICY_LOSSES)}, "
                 f"got {self._loss_mode()!r}"
             )
         fields = ["uid", "response_mask", "rm_scores", "old_log_probs", "extra_fields"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask_nested = data["response_mask"]
-        is_expert = _expert_flags(data["extra_fields"].tolist() if hasattr(data["extra_fields"], "tolist") else list(data["extra_fields"]))
+        extra = data["extra_fields"]
+        is_expert = _expert_flags(extra.tolist() if hasattr(extra, "tolist") else list(extra))
         padded = DataProto(batch=data.select("response_mask", "rm_scores", "old_log_probs").to_padded_tensor())
         uids = np.array(data["uid"].tolist() if hasattr(data["uid"], "tolist") else list(data["uid"]), dtype=object)
         config = ck.CalibRLConfig(
