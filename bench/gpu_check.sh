@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine (H100 / H200): the test suite natively on CUDA (no Triton interpreter),
-# the kernel benchmarks at Qwen-scale shapes in bf16, the train-step benchmark, plots and the README
-# table, all written to one folder. Ends well within 10 minutes: every step has its own time limit.
+# the kernel benchmarks at Qwen-scale shapes in bf16, the train-step benchmark, a short run of the trainer
+# (`python -m calibrl.train --quick --device cuda`), plots and the README table, all written to one folder.
+# Ends within 10 minutes: every step has its own time limit.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere in the repository
 #   bash bench/gpu_check.sh --dry-run    # anywhere: prints the steps, runs the python entry points in
@@ -10,15 +11,18 @@
 # Results: bench/results/<gpu-name>/ (kernels.csv, train.csv, *.png, readme_table.md, one log per step,
 # gpu_check.log). When $OUT is set (the device tool), the CSVs, the table, the log and a tarball of the
 # whole folder are also copied there (that tool brings back at most 8 files).
-# Missing Python packages (liger-kernel there) come as wheels in .whl/ at the repository root, installed
+# Missing Python packages (liger-kernel and easy-vqa there) come as wheels in .whl/ at the repository root, installed
 # with `pip install --no-index --no-deps --target /tmp/site` and put on PYTHONPATH; without .whl/ the
-# script runs with what is installed and the benchmarks record Liger as skipped.
-# Prepare the wheel on a machine with internet, in the repository root:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl liger-kernel==0.8.5
+# script runs with what is installed: the benchmarks record Liger as skipped, the trainer step and the
+# trainer tests are skipped without easy-vqa, the TRL tests without trl (trl + datasets pull in pyarrow and
+# more; bring them too to run those tests there).
+# Prepare the wheels on a machine with internet, in the repository root:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       liger-kernel==0.8.5 easy-vqa==1.0
 #
 # Environment: PYTHON (default python3), RESULTS (results folder), and per-step limits in seconds:
-# TEST_TIMEOUT (180), KERNEL_TIMEOUT (180), TRAIN_TIMEOUT (70), PLOT_TIMEOUT (40; plots + table);
-# with the 30 s environment step at most 8.4 minutes in all. TEST_WORKERS (4): pytest-xdist workers.
+# TEST_TIMEOUT (180), KERNEL_TIMEOUT (180), TRAIN_TIMEOUT (70), TRAINER_TIMEOUT (45), PLOT_TIMEOUT (40;
+# plots + table); with the 30 s environment step at most 9.1 minutes in all. TEST_WORKERS (4): pytest-xdist workers.
 # Exit status: 0 when every step passed, 1 when any failed or timed out (the later steps still run).
 
 set -uo pipefail
@@ -39,6 +43,7 @@ PYTHON="${PYTHON:-python3}"
 TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
 KERNEL_TIMEOUT="${KERNEL_TIMEOUT:-180}"
 TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-70}"
+TRAINER_TIMEOUT="${TRAINER_TIMEOUT:-45}"
 PLOT_TIMEOUT="${PLOT_TIMEOUT:-40}"
 export PYTHONUNBUFFERED=1
 
@@ -144,6 +149,13 @@ else
         --no-train --no-plot --no-table --kernels group_advantages
 fi
 step train "$TRAIN_TIMEOUT" "$PYTHON" -m bench.bench_train --config "$TRAIN_CONFIG" --device "$DEVICE" --out "$RESULTS"
+if "$PYTHON" -c 'import easy_vqa, tokenizers' 2>/dev/null; then
+    # the real trainer end to end on this device (bf16 autocast, flash-attn when installed, SDPA otherwise)
+    step trainer "$TRAINER_TIMEOUT" "$PYTHON" -m calibrl.train --quick --device "$DEVICE" \
+        --out "$RESULTS/trainer_quick" --no-progress
+else
+    log "step trainer: skipped (easy-vqa or tokenizers not importable; bring easy-vqa as a wheel in .whl/)"
+fi
 step report "$PLOT_TIMEOUT" "$PYTHON" -m bench.readme_table "$RESULTS" --targets "$TARGETS" --plots \
     --out "$RESULTS/readme_table.md"
 

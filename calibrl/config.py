@@ -48,7 +48,7 @@ class TrainConfig:
     patch_size: int = _field(8, "vision patch size; (image_size / patch_size)^2 / 4 visual tokens per image")
     vision_dim: int = _field(96, "vision tower width")
     vision_depth: int = _field(2, "vision tower blocks")
-    hidden_size: int = _field(128, "language model width (a multiple of 16 * num_heads)")
+    hidden_size: int = _field(192, "language model width (a multiple of 16 * num_heads)")
     num_layers: int = _field(3, "language model decoder layers")
     num_heads: int = _field(2, "attention heads of the language model")
     mlp_ratio: int = _field(4, "MLP width / hidden_size in the language model")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -370,6 +371,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(math.isfinite(float(row["p50"])) for row in train_rows)
     assert any(p.read_bytes()[:8] == PNG_MAGIC for p in tmp_path.glob("train_step__*.png"))
     assert (tmp_path / "readme_table.md").read_text().startswith("Measured on")
+    if importlib.util.find_spec("easy_vqa") and importlib.util.find_spec("tokenizers"):
+        assert "step trainer: ok" in log
+        metrics = (tmp_path / "trainer_quick" / "metrics.jsonl").read_text().splitlines()
+        assert any('"phase": "rl"' in line for line in metrics), metrics[-3:]
+    else:
+        assert "step trainer: skipped" in log
 
 
 def test_gpu_check_exit_status_reflects_failed_steps(tmp_path):
