@@ -148,28 +148,25 @@ class Target:
     unit: str  # "x", "%", " MiB"
 
 
-def _time_over(other: str):
+def _ratio(other: str, metric: str = "speed", theirs_over_mine: bool = False):
+    """A measure: this provider's ``metric`` over ``other``'s (or the inverse), and why ``other`` is missing."""
     def measure(results: Results, shape: Shape, provider: str):
-        mine, theirs = results.value(shape, provider, "speed"), results.value(shape, other, "speed")
+        mine, theirs = results.value(shape, provider, metric), results.value(shape, other, metric)
         missing = "" if not math.isnan(theirs) else f"{other}: {results.reason(shape, other)}"
-        return mine / theirs, missing
+        return (theirs / mine if theirs_over_mine else mine / theirs), missing
     return measure
+
+
+def _time_over(other: str):
+    return _ratio(other)
 
 
 def _their_time_over_mine(other: str):
-    def measure(results: Results, shape: Shape, provider: str):
-        mine, theirs = results.value(shape, provider, "speed"), results.value(shape, other, "speed")
-        missing = "" if not math.isnan(theirs) else f"{other}: {results.reason(shape, other)}"
-        return theirs / mine, missing
-    return measure
+    return _ratio(other, theirs_over_mine=True)
 
 
 def _their_memory_over_mine(other: str):
-    def measure(results: Results, shape: Shape, provider: str):
-        mine, theirs = results.value(shape, provider, "memory"), results.value(shape, other, "memory")
-        missing = "" if not math.isnan(theirs) else f"{other}: {results.reason(shape, other)}"
-        return theirs / mine, missing
-    return measure
+    return _ratio(other, "memory", theirs_over_mine=True)
 
 
 def _extra_memory(excluded_bytes: Callable[[Point], float]):
