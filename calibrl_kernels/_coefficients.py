@@ -153,6 +153,31 @@ def token_table(
     return table.view(B * T, len(TOKEN_FIELDS))
 
 
+def loss_token_table(
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    expert_logp: Optional[torch.Tensor],
+    passed: Optional[torch.Tensor],
+    is_expert: Optional[torch.Tensor],
+    expert_mask: Optional[torch.Tensor],
+    ignore_index: int,
+    config: CalibRLConfig,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``token_table`` of the loss mask with the ignore_index targets removed (every fused backend's table).
+
+    targets, old_logp, mask (B, T); tokens whose target is ignore_index leave the loss, as in the reference.
+    """
+    token_mask = mask.to(dtype) * (targets != ignore_index).to(dtype)  # (B, T)
+    return token_table(
+        old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        expert_mask=expert_mask, config=config, dtype=dtype,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Closed-form token terms
 # --------------------------------------------------------------------------------------------

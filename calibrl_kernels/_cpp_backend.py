@@ -226,10 +226,9 @@ def fused_calibrl_loss(
             inplace_backward=inplace_backward,
         )
     dtype = compute_dtype(logits)
-    token_mask = mask.to(dtype) * (targets != ignore_index).to(dtype)  # (B, T)
-    table = coef.token_table(
-        old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, config=config, dtype=dtype,
+    table = coef.loss_token_table(
+        targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        expert_mask=expert_mask, ignore_index=ignore_index, config=config, dtype=dtype,
     )
     return LossOutput(*_FusedLoss.apply(logits, targets, table, config, ignore_index, math, bool(inplace_backward)))
 

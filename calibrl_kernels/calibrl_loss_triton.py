@@ -111,13 +111,11 @@ def prepare_token_table(
     ignore_index: int,
     config: CalibRLConfig,
 ) -> torch.Tensor:
-    """(N, TOKEN_INPUTS) fp32 token table of the loss kernels, N = B * T: ``_coefficients.token_table``
-    (the masks and aggregation weights of ``reference.calibrl_loss``, shared by every backend) of the
-    mask with ignore_index targets removed."""
-    token_mask = mask.to(torch.float32) * (targets != ignore_index).to(torch.float32)  # (B, T)
-    return _coefficients.token_table(
-        old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, config=config, dtype=torch.float32,
+    """(N, TOKEN_INPUTS) fp32 token table of the loss kernels, N = B * T: ``_coefficients.loss_token_table``
+    (the masks and aggregation weights of ``reference.calibrl_loss``, shared by every backend)."""
+    return _coefficients.loss_token_table(
+        targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        expert_mask=expert_mask, ignore_index=ignore_index, config=config, dtype=torch.float32,
     )
 
 

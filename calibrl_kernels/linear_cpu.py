@@ -433,10 +433,9 @@ def fused_linear_calibrl_loss(
     or (B, T); see ``ops.fused_linear_calibrl_loss``. Gradients flow to hidden, weight and bias.
     """
     dtype = compute_dtype(hidden)
-    token_mask = mask.to(dtype) * (targets != ignore_index).to(dtype)  # (B, T) ignored targets leave the loss
-    table = coef.token_table(
-        old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, config=config, dtype=dtype,
+    table = coef.loss_token_table(
+        targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        expert_mask=expert_mask, ignore_index=ignore_index, config=config, dtype=dtype,
     )
     outputs = _FusedLinearLoss.apply(
         hidden, weight, bias, targets, table, config, ignore_index, row_math, chunk_budget(chunk_bytes),
