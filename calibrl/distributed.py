@@ -65,7 +65,9 @@ def init(device_name: str) -> DistInfo:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group once every process is done (no process tears down a peer's connections)."""
     if info.active and torch_dist.is_initialized():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
