@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import _heuristics
+from . import _heuristics, _interpreter_compat
 from ._coefficients import ROW, ROW_FIELDS, TERM_FIELDS, TOKEN, TOKEN_FIELDS
 from .config import (
     ACTIVATIONS,
@@ -51,6 +51,9 @@ def _probe():
 # built rather than reading the variable again, which may have changed since. Every other module (the
 # launch heuristics included: ``_heuristics.interpreting``) uses this value.
 BUILT_FOR_INTERPRETER = not isinstance(_probe, triton.runtime.JITFunction)
+# Triton 3.6's interpreter cannot take a scalar loop bound under NumPy >= 2.4; fixed here when (and only
+# when) the running triton has that defect (``_interpreter_compat``).
+INTERPRETER_INDEX_FIXED = BUILT_FOR_INTERPRETER and _interpreter_compat.install()
 
 # Globals read inside kernels must be constexpr.
 _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
