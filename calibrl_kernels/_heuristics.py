@@ -40,6 +40,27 @@ def autotune_enabled() -> bool:
     return env_flag("CALIBRL_AUTOTUNE", False) and not interpreting()
 
 
+def tf32_matmuls_allowed() -> bool:
+    """Whether torch lets fp32 matmuls on CUDA use TF32, read as torch itself decides it.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or "none": not set,
+    inherited settings resolved by torch). Once anything sets it (transformers does), reading the legacy
+    ``allow_tf32`` raises RuntimeError, so the new setting is read first and the legacy flag only where the
+    new one says nothing (older torch, or "none"); a legacy read that torch refuses counts as no TF32.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9: only the legacy flag exists
+        precision = "none"
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # legacy and new settings mixed: torch itself refuses the legacy answer
+        return False
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 

@@ -327,7 +327,7 @@ def _matmul_kernel(
 # ----------------------------------------------------------------------------------------------
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 products unless torch itself allows TF32 matmuls (as the reference would)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and _heuristics.tf32_matmuls_allowed():
         return "tf32"
     return "ieee"
 

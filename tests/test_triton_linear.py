@@ -465,3 +465,33 @@ def test_loss_float64_runs_the_chunked_torch_path(triton_device, monkeypatch):
     for name, a, r in zip(("dhidden", "dweight", "dbias"), grads, grads_ref):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_fp32_dot_precision_follows_torch_tf32_settings_old_and_new():
+    """fp32 operands go to TF32 exactly when torch's own fp32 matmuls would. Once the torch >= 2.9 API
+    (``fp32_precision``, which transformers sets) is used, torch refuses reads of the legacy ``allow_tf32``:
+    the op must still launch, reading the new setting."""
+    matmul = torch.backends.cuda.matmul
+    precision = linear_triton._dot_precision
+    assert precision(torch.float32) == "ieee"  # torch's default: no TF32
+    try:
+        matmul.allow_tf32 = True  # the legacy API
+        assert precision(torch.float32) == "tf32" and precision(torch.bfloat16) == "ieee"
+    finally:
+        matmul.allow_tf32 = False
+    if not hasattr(torch.backends, "fp32_precision"):
+        return  # torch < 2.9: nothing newer to read
+    try:
+        matmul.fp32_precision = "tf32"
+        with pytest.raises(RuntimeError):  # what the old reading did: torch refuses mixed APIs
+            matmul.allow_tf32
+        assert precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert precision(torch.float32) == "ieee"
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"  # inherited by cuda.matmul, as torch resolves it
+        assert precision(torch.float32) == "tf32"
+    finally:
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "none"
+    assert precision(torch.float32) == "ieee"
