@@ -362,5 +362,10 @@ class PolicyForward(torch.nn.Module):
         with policy.precision():
             outputs = self.model.base_model(**kwargs, use_cache=False)
         hidden = outputs.last_hidden_state[:, -response_len - 1:-1]  # (R, T, D), after the final norm
+        if policy.compute_dtype is not None:
+            # The final norm returns fp32 under autocast (fp32 residual stream); the lm_head matmul that
+            # autocast would run in the compute dtype runs there in the fused loss too (calibrl.algorithms
+            # casts the head to hidden's dtype): the bf16 kernels and tensor cores, not the fp32 FMA path.
+            hidden = hidden.to(policy.compute_dtype)
         head = self.model.get_output_embeddings()
         return hidden, head.weight, head.bias

@@ -331,10 +331,22 @@ def test_tensorboard_scalars_and_no_duplicates_after_resume(tmp_path, reference_
     assert resumed["rl/reward"] == [3, 4, 5] and resumed["rl/eval_accuracy"] == [2, 3, 4, 5]
 
 
-def test_bf16_autocast_run(tmp_path):
-    """--dtype bf16: every forward pass under bf16 autocast (CPU here), fp32 weights and optimizer state."""
+def test_bf16_autocast_run(tmp_path, monkeypatch):
+    """--dtype bf16: every forward pass under bf16 autocast (CPU here), fp32 weights and optimizer state, and
+    the fused lm_head ops (old log-probs, warm start, loss) get bf16 hidden states and a bf16 head: the bf16
+    kernels (tensor cores on a GPU), not fp32 inputs on the FMA path."""
+    import calibrl_kernels as ck
+
+    seen = []
+    for name in ("fused_linear_calibrl_loss", "linear_token_logprobs"):
+        def spy(hidden, weight, *args, _op=getattr(ck, name), _name=name, **kwargs):
+            seen.append((_name, hidden.dtype, weight.dtype))
+            return _op(hidden, weight, *args, **kwargs)
+        monkeypatch.setattr(ck, name, spy)
     out = tmp_path / "bf16"
     assert quick_run(out, "--dtype", "bf16", "--max-steps", 1) == 0
+    assert {name for name, _, _ in seen} == {"fused_linear_calibrl_loss", "linear_token_logprobs"}
+    assert {(h, w) for _, h, w in seen} == {(torch.bfloat16, torch.bfloat16)}, set(seen)
     record = rl_records(out)[0]
     assert all_finite(record) and record["grad_norm"] > 0
     state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(str(out)))
