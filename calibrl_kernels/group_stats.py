@@ -133,12 +133,17 @@ def group_advantages(
     std = torch.empty_like(mean)
     pass_rate = torch.empty_like(mean)
     count = torch.empty(B, dtype=torch.int64, device=device)
+    # eps in the compute dtype, made on the device by a fill (its value travels as a kernel argument):
+    # torch.tensor(eps, device=...) would copy from host memory, which synchronises with the device. A
+    # tensor rather than a scalar argument because triton passes Python floats as fp32, and fp64 scores
+    # must see the same eps as the reference.
+    eps_on_device = torch.full((), eps, dtype=dt, device=device)
     config = _heuristics.group_launch()
     launch(
         _group_stats_kernel, (B,),
         dict(
             order_ptr=order, run_start_ptr=run_start, scores_ptr=r, on_policy_ptr=on_policy.to(dt),
-            passed_ptr=passed.to(dt), eps_ptr=torch.tensor(eps, dtype=dt, device=device),
+            passed_ptr=passed.to(dt), eps_ptr=eps_on_device,
             advantages_ptr=advantages, weights_ptr=weights, group_index_ptr=group_index, mean_ptr=mean,
             std_ptr=std, pass_rate_ptr=pass_rate, count_ptr=count, NORM_BY_STD=bool(norm_by_std),
         ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import calibrl_kernels as ck
 from calibrl_kernels import reference
@@ -99,6 +100,50 @@ def test_num_groups_avoids_the_group_count_sync(triton_device, monkeypatch):
     _assert_stats_equal(ck.group_advantages(scores, group_ids, is_expert=is_expert, num_groups=3), ref, torch.float32)
     with pytest.raises(AssertionError, match="group count read"):
         ck.group_advantages(scores, group_ids, is_expert=is_expert)
+
+
+# Operators that wait for the device: a read of a value on the host (item / bool / int), a tensor made
+# from host data (torch.tensor(x, device=...) copies from pageable memory), data-dependent output sizes.
+_HOST_SYNC_OPS = ("_local_scalar_dense", "lift_fresh", "nonzero", "masked_select", "unique", "item", "equal")
+
+
+class _OperatorLog(TorchDispatchMode):
+    """Every aten operator run inside the block (the Triton launch itself is not one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_num_groups_and_no_value_checks_run_no_host_synchronising_operator(dtype, triton_device, monkeypatch):
+    """The promise of num_groups: nothing waits for the device. Seen on any machine as the operators the op
+    runs (on a GPU the next test also asks CUDA itself)."""
+    scores, group_ids, is_expert = _batch([4, 2, 3], triton_device, dtype, seed=4)
+    monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "0")
+    with _OperatorLog() as log:
+        stats = group_stats.group_advantages(scores, group_ids, is_expert, True, eps=1e-3, num_groups=3)
+    synchronising = sorted({name for name in log.names if name.split("::")[-1].split(".")[0] in _HOST_SYNC_OPS})
+    assert not synchronising, f"host-synchronising operators: {synchronising}"
+    _assert_stats_equal(stats, reference.group_advantages(scores, group_ids, is_expert, True, eps=1e-3), dtype)
+
+
+@pytest.mark.gpu
+def test_num_groups_runs_without_cuda_synchronisation(monkeypatch):
+    scores, group_ids, is_expert = _batch([4, 2, 3], "cuda", seed=5)
+    monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "0")
+    group_stats.group_advantages(scores, group_ids, is_expert, True, num_groups=3)  # compiled before timing anything
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = group_stats.group_advantages(scores, group_ids, is_expert, True, num_groups=3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    _assert_stats_equal(stats, reference.group_advantages(scores, group_ids, is_expert, True), torch.float32)
 
 
 @pytest.mark.parametrize("bad, error", [(0, ValueError), (99, ValueError), (2.0, TypeError), (True, TypeError)])
