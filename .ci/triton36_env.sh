@@ -17,4 +17,4 @@ fi
 "$venv/bin/python" -m pip install -q --no-deps -e .
 echo "triton36-env: $("$venv/bin/python" -c 'import numpy, torch, triton; print("triton", triton.__version__, "numpy", numpy.__version__, "torch", torch.__version__)')"
 "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton_logprob.py tests/test_triton_loss.py \
-    tests/test_triton_linear.py tests/test_triton_group_stats.py tests/test_triton_compile.py tests/test_interpreter_compat.py
+    tests/test_triton_linear.py tests/test_triton_group_stats.py tests/test_triton_compile.py tests/test_triton_launch.py tests/test_interpreter_compat.py

@@ -15,7 +15,8 @@ This module imports no triton at module level, so ``import calibrl_kernels`` nev
 from __future__ import annotations
 
 import dataclasses
-from typing import List
+import functools
+from typing import List, Optional
 
 import torch
 
@@ -109,12 +110,16 @@ def row_launch(vocab_size: int) -> RowLaunch:
 
 
 def row_autotune_configs() -> List[dict]:
-    """The grid CALIBRL_AUTOTUNE=1 searches for the row kernels (keyed on V): block x warps x stages."""
+    """The grid CALIBRL_AUTOTUNE=1 searches for the row kernels (keyed on V): block x warps.
+
+    num_stages is not searched: the row kernels have no tl.dot, so triton's software pipeliner leaves their
+    loops alone and every stage count compiles to the same cubin (seen for sm_90 with triton 3.9, byte for
+    byte); the grid would only time the same kernel three times.
+    """
     return [
-        dict(BLOCK_V=block, num_warps=warps, num_stages=stages)
+        dict(BLOCK_V=block, num_warps=warps, num_stages=GPU_NUM_STAGES)
         for block in (1024, 2048, 4096, 8192, 16384)
         for warps in (4, 8, 16)
-        for stages in (1, 2, 3)
         if block // (32 * warps) >= 4  # at least 4 elements per thread
     ]
 
@@ -151,11 +156,50 @@ class TileLaunch:
                     num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+# Shared memory one block of an sm_90 GPU (H100, H200) may use: 227 KiB (228 KiB per SM, 1 KiB reserved
+# per block). Triton checks a kernel's request against the device's limit only when it loads the kernel,
+# i.e. at the first launch; tests/_triton_compile_check.py checks every variant against this constant.
+SM90_SHARED_MEMORY_BYTES = 227 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    properties = torch.cuda.get_device_properties(index)
+    return int(getattr(properties, "shared_memory_per_block_optin", SM90_SHARED_MEMORY_BYTES))
+
+
+def shared_memory_limit(device: Optional[torch.device] = None) -> int:
+    """Bytes of shared memory one block may use on ``device`` (the opt-in limit); sm_90's off a GPU."""
+    if device is None or device.type != "cuda" or interpreting():
+        return SM90_SHARED_MEMORY_BYTES
+    return _device_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_shared_memory(block_m: int, block_n: int, block_k: int, num_stages: int, element_bytes: int) -> int:
+    """Shared memory of the lm_head kernels' pipelined tl.dot loop: one [block_m, block_k] and one
+    [block_k, block_n] operand tile per stage. It is what triton 3.6 and 3.9 ask for on sm_90 for these
+    kernels (tests/_triton_compile_check.py compares it with every compiled variant's metadata.shared)."""
+    return num_stages * (block_m + block_n) * block_k * element_bytes
+
+
+def _fits(launch: "TileLaunch", element_bytes: int, limit: int) -> bool:
+    return dot_shared_memory(launch.block_m, launch.block_n, launch.block_k, launch.num_stages, element_bytes) <= limit
+
+
+def _fit_stages(launch: "TileLaunch", element_bytes: int, limit: int) -> "TileLaunch":
+    """``launch`` with as many of its pipeline stages as fit ``limit`` (at least one): on a GPU with less
+    shared memory than sm_90 the default tiles stay valid, one stage shallower, instead of failing to load."""
+    while launch.num_stages > 1 and not _fits(launch, element_bytes, limit):
+        launch = dataclasses.replace(launch, num_stages=launch.num_stages - 1)
+    return launch
+
+
+
 def _narrow(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def linear_tile_launch(dtype: torch.dtype) -> TileLaunch:
+def linear_tile_launch(dtype: torch.dtype, shared_limit: int = SM90_SHARED_MEMORY_BYTES) -> TileLaunch:
     """Tiles of the fused lm_head kernels (statistics and logits gradient): tokens x vocabulary, K = hidden.
 
     GPU (H100, bf16): 128 x 128 output tiles with 64-deep K steps, 16 warps, 3 stages. Each K step
@@ -164,16 +208,16 @@ def linear_tile_launch(dtype: torch.dtype) -> TileLaunch:
     a second tile-sized fp32 temporary alive: at 8 warps ptxas runs out of its 255 registers and spills
     (up to 96 B of stack, measured with tests/_triton_compile_check.py); 16 warps halve the per-thread
     share of the tile and compile without spills at 128 registers. 3 stages = 96 KiB of shared memory.
-    fp32 operands (FMA path, exact) use 64 x 128 tiles with 32-deep steps at 8 warps.
+    fp32 operands (FMA path, exact) use 64 x 128 tiles with 32-deep steps at 8 warps. Stages are
+    dropped where ``shared_limit`` (the device's) would not hold them (``_fit_stages``).
     """
     if interpreting():
         return TileLaunch(16, 32, 16, 1, 1)
-    if _narrow(dtype):
-        return TileLaunch(128, 128, 64, 16, 3)
-    return TileLaunch(64, 128, 32, 8, 4)
+    launch = TileLaunch(128, 128, 64, 16, 3) if _narrow(dtype) else TileLaunch(64, 128, 32, 8, 4)
+    return _fit_stages(launch, dtype.itemsize, shared_limit)
 
 
-def gemm_tile_launch(dtype: torch.dtype, accumulate: bool) -> TileLaunch:
+def gemm_tile_launch(dtype: torch.dtype, accumulate: bool, shared_limit: int = SM90_SHARED_MEMORY_BYTES) -> TileLaunch:
     """Tiles of the plain GEMMs of the lm_head backward (dWeight written once, dHidden accumulated).
 
     GPU (H100, bf16): 128 x 256 outputs, 64-deep K steps, 16 warps, 3 stages: (128 + 256) x 64 x 2 B
@@ -181,26 +225,32 @@ def gemm_tile_launch(dtype: torch.dtype, accumulate: bool) -> TileLaunch:
     shared memory, ~115 registers, no spills. Accumulating into an fp32 output adds the loaded output
     tile to the live registers, which at 128 x 256 (16 warps, 128 registers each) spills: 128 x 128 at
     8 warps there (64 FLOP/B, no spills). fp32 operands take the FMA path (exact fp32, no tensor cores),
-    where a 128 x 128 accumulating tile spills: 64 x 128 with 32-deep steps.
+    where a 128 x 128 accumulating tile spills: 64 x 128 with 32-deep steps. Stages are dropped where
+    ``shared_limit`` would not hold them.
     """
     if interpreting():
         return TileLaunch(16, 32, 16, 1, 1)
     if not _narrow(dtype):
-        return TileLaunch(64, 128, 32, 8, 3)
-    if accumulate:
-        return TileLaunch(128, 128, 64, 8, 3)
-    return TileLaunch(128, 256, 64, 16, 3)
+        launch = TileLaunch(64, 128, 32, 8, 3)
+    elif accumulate:
+        launch = TileLaunch(128, 128, 64, 8, 3)
+    else:
+        launch = TileLaunch(128, 256, 64, 16, 3)
+    return _fit_stages(launch, dtype.itemsize, shared_limit)
 
 
-def linear_autotune_configs(dtype: torch.dtype) -> List[dict]:
-    """The grid CALIBRL_AUTOTUNE=1 searches for the lm_head kernels (keyed on the problem sizes)."""
+def linear_autotune_configs(dtype: torch.dtype, shared_limit: int = SM90_SHARED_MEMORY_BYTES) -> List[dict]:
+    """The grid CALIBRL_AUTOTUNE=1 searches for the lm_head kernels (keyed on the problem sizes), without
+    the candidates whose operand buffers exceed ``shared_limit`` (they could not load; on sm_90 that
+    drops 4 of the 24 bf16 / fp16 candidates: 128 x 128 x 128 at 4 stages and 128 x 256 x 128)."""
     steps = (64, 128) if _narrow(dtype) else (32,)
-    return [
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    candidates = [
+        TileLaunch(bm, bn, bk, warps, stages)
         for bm, bn in ((128, 128), (64, 128), (128, 64), (128, 256))
         for bk in steps
         for warps, stages in ((8, 3), (8, 4), (16, 3))
     ]
+    return [launch.meta() for launch in candidates if _fits(launch, dtype.itemsize, shared_limit)]
 
 
 def finish_launch() -> dict:

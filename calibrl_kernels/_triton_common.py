@@ -13,16 +13,30 @@ Three families of ``@triton.jit`` helpers, written once:
 2. The closed form of the CalibRL loss (and the baselines') per token: the policy term, the guide
    term, the metric flags and the two gradient coefficients a = -dL/dlp and b = -dL/dH (see DESIGN.md
    "The single pass"). Ties (max/min of equal values, clamp at its bounds) follow torch's autograd rules
-   so that the coefficients equal ``reference.gradient_coefficients`` exactly, not just almost.
+   so that the kernels take the same branch as ``reference.gradient_coefficients`` at every tie and kink
+   (the values then agree to rounding; see "Numerics" below).
 3. Reading the per-token inputs of the loss and writing its per-token outputs, in the token / row
    table layout of ``_coefficients`` that every backend shares (``loss_epilogue``).
 
 Tiles are 2-D ``[R, BV]`` (rows x vocabulary); the logits kernels use R = 1, the lm_head kernels R =
 BLOCK_N rows. Per-row values are ``[R]``; the loss helpers are elementwise and take any shape.
+
+Numerics on the GPU. Divisions and square roots use the correctly rounded forms (``tl.div_rn``,
+``tl.sqrt_rn``, via ``div_rn`` / ``sqrt_rn`` where fp64 is possible), as torch's do: a plain fp32 ``/``
+compiles to div.full.f32 (up to 2 ulp off) and ``tl.sqrt`` to sqrt.approx; tests/_triton_compile_check.py
+fails on either in any kernel. ``tl.log`` compiles to libdevice's logf, as torch's. ``tl.exp`` stays the
+fast ex2.approx.f32 of x log2(e) (relative error ~2^-22 plus ~|x| 2^-24 from the scaling): the vocabulary
+loops take one exp per logit at memory speed, which an accurate expf (~20 instructions) would turn into
+an arithmetic limit. So on a GPU log-probs, entropies, loss terms and gradients agree with torch to about
+1e-6 relative, not bit for bit, and the tests hold them to 1e-5 relative (fp32) against fp64. Under the
+interpreter every operation is NumPy's.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
 
@@ -154,7 +168,7 @@ def finalize_softmax_statistics(m, s, t):
     safe_s = tl.where(empty, 1.0, s)
     log_s = tl.log(safe_s)
     lse = tl.where(empty, float("-inf"), m + log_s)
-    entropy = tl.where(empty, float("nan"), log_s - t / safe_s)
+    entropy = tl.where(empty, float("nan"), log_s - tl.div_rn(t, safe_s))
     return lse, entropy
 
 
@@ -263,6 +277,26 @@ def dot_tile(a, b, acc, INPUT_PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
+@triton.jit
+def div_rn(a, b):
+    """a / b rounded to nearest (IEEE), as torch divides, for fp32 or fp64 tensors a, b of one dtype. On the
+    GPU an fp32 ``/`` compiles to div.full.f32 (up to 2 ulp off); fp64 ``/`` is already div.rn.f64."""
+    if a.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def sqrt_rn(x):
+    """The correctly rounded square root of an fp32 or fp64 tensor, as torch.sqrt (fp32 tl.sqrt compiles to
+    sqrt.approx.ftz.f32 on the GPU; fp64 tl.sqrt to sqrt.rn.f64)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
 # ==============================================================================================
 # 2. The loss in closed form (elementwise; fp32)
 # ==============================================================================================
@@ -314,11 +348,12 @@ def ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c):
 
 @triton.jit
 def focal_factor(x, POWER: tl.constexpr):
-    """x ** POWER for x in [0, 1] and POWER > 0 (RL-PLUS's focal factor, x = 1 - p): tl.sqrt for 0.5 (as
-    torch computes x ** 0.5), else exp2(POWER log2 x), which is 0 at x = 0 like the power."""
+    """x ** POWER for x in [0, 1] and POWER > 0 (RL-PLUS's focal factor, x = 1 - p): the correctly rounded
+    square root for 0.5 (as torch computes x ** 0.5; tl.sqrt is sqrt.approx on the GPU), else
+    exp2(POWER log2 x), which is 0 at x = 0 like the power."""
     tl.static_assert(POWER > 0, "focal_factor: POWER must be > 0")
     if POWER == 0.5:
-        return tl.sqrt(x)
+        return tl.sqrt_rn(x)
     else:
         return tl.where(x > 0, tl.exp2(POWER * tl.log2(x)), 0.0)
 
@@ -333,13 +368,13 @@ def expert_token_term(lp, old_lp, adv, POLICY: tl.constexpr):
     """
     p = tl.exp(lp)
     if POLICY == _POLICY_LUFFY:
-        term = -adv * p / (p + _LUFFY_GAMMA)
-        d_term = -adv * _LUFFY_GAMMA * p / ((p + _LUFFY_GAMMA) * (p + _LUFFY_GAMMA))
+        term = tl.div_rn(-adv * p, p + _LUFFY_GAMMA)
+        d_term = tl.div_rn(-adv * _LUFFY_GAMMA * p, (p + _LUFFY_GAMMA) * (p + _LUFFY_GAMMA))
     else:
         tl.static_assert(POLICY == _POLICY_RLPLUS, "expert_token_term: POLICY must be LUFFY or RLPLUS")
         p_old = tl.exp(old_lp)
         focal = focal_factor(tl.maximum(1.0 - p, 0.0), _RLPLUS_FOCAL_POWER)
-        term = -adv * 2.0 * p / (_RLPLUS_OLD_WEIGHT * p_old + _RLPLUS_MIX) * focal
+        term = tl.div_rn(-adv * 2.0 * p, _RLPLUS_OLD_WEIGHT * p_old + _RLPLUS_MIX) * focal
         d_term = term
     return term, d_term
 
@@ -355,15 +390,15 @@ def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
         slope = tl.where(z > 0, 1.0, 0.0)
     elif ACTIVATION == _ACT_TANH:  # tanh(z) = sign(z) (1 - e^(-2|z|)) / (1 + e^(-2|z|)), overflow-free
         decay = tl.exp(-2.0 * tl.abs(z))
-        magnitude = (1.0 - decay) / (1.0 + decay)
+        magnitude = tl.div_rn(1.0 - decay, 1.0 + decay)
         value = tl.where(z < 0, -magnitude, magnitude)
         # 1 - tanh^2 = 4 e^(-2|z|) / (1 + e^(-2|z|))^2: no cancellation when |tanh| -> 1
-        slope = 4.0 * decay / ((1.0 + decay) * (1.0 + decay))
+        slope = tl.div_rn(4.0 * decay, (1.0 + decay) * (1.0 + decay))
     elif ACTIVATION == _ACT_SIGMOID:  # sigmoid(z), from e^(-|z|) so that neither side overflows
         decay = tl.exp(-tl.abs(z))
-        value = tl.where(z >= 0, 1.0 / (1.0 + decay), decay / (1.0 + decay))
+        value = tl.div_rn(tl.where(z >= 0, 1.0, decay), 1.0 + decay)
         # sigmoid (1 - sigmoid) = e^(-|z|) / (1 + e^(-|z|))^2: no cancellation when sigmoid -> 1
-        slope = decay / ((1.0 + decay) * (1.0 + decay))
+        slope = tl.div_rn(decay, (1.0 + decay) * (1.0 + decay))
     else:  # huber with transition huber_delta
         tl.static_assert(ACTIVATION == _ACT_HUBER, "guide_activation: unknown ACTIVATION code")
         magnitude = tl.abs(z)
@@ -537,14 +572,39 @@ def loss_epilogue(
 _AUTOTUNED = {}
 
 
+def launch_device(kernel, kwargs: dict):
+    """The device of a launch: that of its tensor arguments, which must all be on one (None without any)."""
+    devices = {value.device for value in kwargs.values() if isinstance(value, torch.Tensor)}
+    if len(devices) > 1:
+        where = {name: str(value.device) for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+        raise ValueError(f"{kernel.__name__}: expected every tensor argument on one device, got {where}")
+    return next(iter(devices), None)
+
+
+def device_guard(device):
+    """Make ``device`` current for a launch on it: triton launches on the current CUDA device and its
+    current stream, so tensors on cuda:1 while cuda:0 is current would be read at the wrong addresses."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def launch(kernel, grid, kwargs: dict, fixed: dict, tune_configs, tune_key, allow_autotune: bool = True) -> None:
     """Launch ``kernel`` on ``grid`` with ``kwargs`` plus either the ``fixed`` meta-parameters
     (dict with the kernel's block constexprs and num_warps / num_stages), or, when CALIBRL_AUTOTUNE=1
     and ``allow_autotune``, the best of ``tune_configs`` (same dicts) chosen by triton.autotune keyed
-    on the argument names ``tune_key``.
+    on the argument names ``tune_key``. Runs on the device of the tensor arguments, made current for it.
     """
+    with device_guard(launch_device(kernel, kwargs)):
+        _launch_on_current_device(kernel, grid, kwargs, fixed, tune_configs, tune_key, allow_autotune)
+
+
+def _launch_on_current_device(kernel, grid, kwargs, fixed, tune_configs, tune_key, allow_autotune) -> None:
     if allow_autotune and _heuristics.autotune_enabled():
-        cache_key = (kernel, tuple(tune_key))
+        # One tuner per kernel and candidate list: the list depends on the dtype (and the device's shared
+        # memory), so a tuner made for bf16 must not serve fp32 calls. (triton's own cache inside a tuner
+        # also keys on the tensor arguments' dtypes besides ``tune_key``.)
+        cache_key = (kernel, tuple(tune_key), tuple(tuple(sorted(config.items())) for config in tune_configs))
         if cache_key not in _AUTOTUNED:
             configs = []
             for config in tune_configs:

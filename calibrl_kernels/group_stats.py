@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _checks, _heuristics
-from ._triton_common import launch
+from ._triton_common import div_rn, launch, sqrt_rn
 from .config import GroupStats
 from .reference import compute_dtype
 
@@ -64,7 +64,7 @@ def _group_stats_kernel(
         passing += tl.load(passed_ptr + rows, mask=inside, other=0.0) * on
     n = tl.sum(count, axis=0)
     denominator = tl.maximum(n, 1.0)
-    raw_mean = tl.sum(total, axis=0) / denominator
+    raw_mean = div_rn(tl.sum(total, axis=0), denominator)
     squares = tl.zeros([BLOCK_ROWS], dtype)
     for first in range(start, end, BLOCK_ROWS):  # second pass: variance around the mean, as the reference
         pos = first + tl.arange(0, BLOCK_ROWS)
@@ -74,7 +74,7 @@ def _group_stats_kernel(
             on_policy_ptr + rows, mask=inside, other=0.0
         )
         squares += deviation * deviation
-    raw_std = tl.sqrt(tl.sum(squares, axis=0) / tl.maximum(n - 1.0, 1.0))
+    raw_std = sqrt_rn(div_rn(tl.sum(squares, axis=0), tl.maximum(n - 1.0, 1.0)))
     single = n <= 1.0
     mean = tl.where(single, 0.0, raw_mean).to(dtype)
     std = tl.where(single, 1.0, raw_std).to(dtype)
@@ -85,13 +85,13 @@ def _group_stats_kernel(
         rows = tl.load(order_ptr + pos, mask=inside, other=0)
         advantage = tl.load(scores_ptr + rows, mask=inside, other=0.0) - mean
         if NORM_BY_STD:
-            advantage = advantage / (std + eps)
+            advantage = div_rn(advantage, std + eps)
         tl.store(advantages_ptr + rows, advantage, mask=inside)
         tl.store(weights_ptr + rows, tl.abs(advantage), mask=inside)
         tl.store(group_index_ptr + rows, tl.zeros([BLOCK_ROWS], tl.int64) + slot, mask=inside)
     tl.store(mean_ptr + slot, mean)
     tl.store(std_ptr + slot, std)
-    tl.store(pass_rate_ptr + slot, (tl.sum(passing, axis=0) / denominator).to(dtype))
+    tl.store(pass_rate_ptr + slot, div_rn(tl.sum(passing, axis=0), denominator).to(dtype))
     tl.store(count_ptr + slot, n.to(tl.int64))
 
 
@@ -109,7 +109,8 @@ def group_advantages(
     pass_threshold: float = 0.1,
     num_groups: Optional[int] = None,
 ) -> GroupStats:
-    """The Triton twin of ``reference.group_advantages`` (same results); ``num_groups`` avoids the sync."""
+    """The Triton twin of ``reference.group_advantages`` (same results up to the order of the sums: the
+    divisions and the square root round as torch's, also on the GPU); ``num_groups`` avoids the sync."""
     dt = compute_dtype(scores)
     device = scores.device
     B = scores.numel()

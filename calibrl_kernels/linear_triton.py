@@ -332,9 +332,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _tiles(dtype: torch.dtype, gemm: bool = False, accumulate: bool = False):
-    fixed = _heuristics.gemm_tile_launch(dtype, accumulate) if gemm else _heuristics.linear_tile_launch(dtype)
-    return fixed, fixed.meta(), _heuristics.linear_autotune_configs(dtype)
+def _tiles(dtype: torch.dtype, device: torch.device, gemm: bool = False, accumulate: bool = False):
+    """(fixed TileLaunch, its launch keywords, autotune candidates) for operands of ``dtype`` on ``device``
+    (whose shared-memory limit bounds the pipeline stages)."""
+    limit = _heuristics.shared_memory_limit(device)
+    if gemm:
+        fixed = _heuristics.gemm_tile_launch(dtype, accumulate, limit)
+    else:
+        fixed = _heuristics.linear_tile_launch(dtype, limit)
+    return fixed, fixed.meta(), _heuristics.linear_autotune_configs(dtype, limit)
 
 
 def linear_statistics(
@@ -344,7 +350,7 @@ def linear_statistics(
     """Partial row statistics (PARTIAL_FIELDS, SPLITS, N) fp32 and SPLITS (forward pass over V)."""
     N, D = hidden.shape
     V = weight.shape[0]
-    fixed, meta, tune = _tiles(hidden.dtype)
+    fixed, meta, tune = _tiles(hidden.dtype, hidden.device)
     row_blocks = triton.cdiv(N, fixed.block_m)
     splits = _heuristics.linear_vocab_splits(row_blocks, triton.cdiv(V, fixed.block_n), hidden.device)
     partial = torch.empty(PARTIAL_FIELDS, splits, N, dtype=torch.float32, device=hidden.device)
@@ -435,7 +441,7 @@ def _chunked_gradients(
     V = weight.shape[0]
     dtype = hidden.dtype
     stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
-    fixed, meta, tune = _tiles(dtype)
+    fixed, meta, tune = _tiles(dtype, hidden.device)
     precision = _dot_precision(dtype)
     chunk = _heuristics.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
     dlogits = torch.empty(N, chunk, dtype=dtype, device=hidden.device)
@@ -471,7 +477,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool,
     """c (+)= a @ b on strided 2-D views (one program per output tile)."""
     M, K = a.shape
     N = b.shape[1]
-    fixed, meta, tune = _tiles(a.dtype, gemm=True, accumulate=accumulate)
+    fixed, meta, tune = _tiles(a.dtype, a.device, gemm=True, accumulate=accumulate)
     launch(
         _matmul_kernel,
         lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),),

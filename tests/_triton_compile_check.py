@@ -9,11 +9,21 @@ a recorder; every recorded launch (the real argument set and the GPU launch conf
 (registers / stack frame from cuobjdump when available; more than 8 bytes of stack fails, as spilling) and
 "ok" at the end.
 
+Covered: every dtype a launcher takes (bf16, fp16, fp32 with exact fp32 products and fp32 with TF32, as
+``torch.backends.cuda.matmul.fp32_precision = "tf32"`` selects), and besides each default launch every
+candidate of ``CALIBRL_AUTOTUNE=1`` (``_heuristics.*_autotune_configs``). Every compiled variant's shared
+memory (``metadata.shared``: what the launch asks for, which triton checks only when it loads the kernel
+on a GPU) must fit sm_90's per-block limit, ``_heuristics.SM90_SHARED_MEMORY_BYTES``, and no kernel may
+hold an approximate division or square root (div.full / sqrt.approx / rcp.approx: the kernels use the
+correctly rounded forms, as torch); the default launches must also compile without register spills.
+
 Must run without TRITON_INTERPRET (the kernels must be JIT functions, not interpreted ones).
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -34,18 +44,15 @@ TYPES = {
     torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
 }
 TARGET = GPUTarget("cuda", 90, 32)
-recorded = []
+SHARED_LIMIT = _heuristics.SM90_SHARED_MEMORY_BYTES
+recorded = []  # (kernel, launch arguments, spills matter, role: "default" or "autotune")
 check_spills = True  # off for the degenerate sizes, whose speed is irrelevant
 
 
-# CALIBRL_COMPILE_CHECK_AUTOTUNE=1 also compiles every autotune candidate (minutes; by hand).
-ALL_CANDIDATES = os.environ.get("CALIBRL_COMPILE_CHECK_AUTOTUNE", "0") == "1"
-
-
 def record(kernel, grid, kwargs, fixed, tune_configs, tune_key, allow_autotune=True):
-    recorded.append((kernel, {**kwargs, **fixed}, check_spills and not ALL_CANDIDATES))
-    if ALL_CANDIDATES:
-        recorded.extend((kernel, {**kwargs, **config}, False) for config in tune_configs)
+    recorded.append((kernel, {**kwargs, **fixed}, check_spills, "default"))
+    if allow_autotune and check_spills:  # candidates once, at the real sizes (the tuner never sees V = 1)
+        recorded.extend((kernel, {**kwargs, **config}, False, "autotune") for config in tune_configs)
 
 
 def signature_of(kernel, args):
@@ -91,12 +98,34 @@ def resource_usage(cubin: bytes) -> str:
 
 
 def run_launchers():
-    """Every launcher, on small CPU tensors, with each kernel variant the library can launch; then the
-    degenerate sizes (a single token, V = 1, D = 1) that the JIT specialises as constants."""
+    """Every launcher, on small CPU tensors, with each kernel variant the library can launch (fp32 twice:
+    exact products, then TF32 as torch's fp32_precision selects it); then the degenerate sizes (a single
+    token, V = 1, D = 1) that the JIT specialises as constants."""
     global check_spills
     run_launchers_at(2, 3, 4096, 64, 256, full=True)
+    with tf32_matmuls():
+        assert linear_triton._dot_precision(torch.float32) == "tf32"
+        run_linear_launchers(4096, 64, 256, (torch.float32,), CalibRLConfig())
     check_spills = False
     run_launchers_at(1, 1, 1, 1, 1, full=False)
+
+
+@contextlib.contextmanager
+def tf32_matmuls():
+    """torch's fp32 matmuls (and so the lm_head kernels' fp32 dots) on TF32 within the block."""
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(torch.backends, "fp32_precision")
+    if new_api:
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        if new_api:
+            matmul.fp32_precision = "none"
+        else:
+            matmul.allow_tf32 = False
 
 
 def run_launchers_at(B, T, V, N, D, full):
@@ -121,10 +150,15 @@ def run_launchers_at(B, T, V, N, D, full):
     for dtype in (torch.float32, torch.float64) if full else (torch.float32,):
         for norm in (False, True):
             group_stats.group_advantages(torch.rand(N, dtype=dtype), torch.arange(N) // 3, None, norm)
-    # lm_head kernels: statistics, both finish variants, logits gradient, both GEMMs (dHidden accumulating
-    # over several vocabulary chunks), per dtype
+    run_linear_launchers(V, N, D, (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,),
+                         configs[0])
+
+
+def run_linear_launchers(V, N, D, dtypes, config):
+    """lm_head kernels: statistics, both finish variants, logits gradient, both GEMMs (dHidden accumulating
+    over several vocabulary chunks), per dtype."""
     _heuristics.LINEAR_CHUNK_BYTES = N * 1024 * 4  # <= 1024 columns per chunk: V = 4096 takes several
-    for dtype in (torch.bfloat16, torch.float32) if full else (torch.bfloat16,):
+    for dtype in dtypes:
         hidden = torch.empty(N, D, dtype=dtype)
         weight = torch.empty(V, D, dtype=dtype)
         bias = torch.empty(V, dtype=dtype)
@@ -132,12 +166,56 @@ def run_launchers_at(B, T, V, N, D, full):
         active = torch.ones(N, dtype=torch.int8)
         partial, splits = linear_triton.linear_statistics(hidden, weight, bias, flat, active, 0.7)
         linear_triton.finish_statistics(partial, splits, flat, -100)
-        linear_triton.finish_statistics(partial, splits, flat, -100, table=torch.zeros(N, _triton_common.TOKEN_INPUTS), config=configs[0])
+        linear_triton.finish_statistics(partial, splits, flat, -100, table=torch.zeros(N, _triton_common.TOKEN_INPUTS), config=config)
         stats = torch.zeros(N)
         linear_triton.linear_gradients(hidden, weight, bias, flat, stats, stats, stats, stats, torch.ones(()), 0.7, -100)
         linear_triton.linear_gradients(hidden, weight, None, flat, stats, stats, stats, stats, None, 1.0, -100)
         columns = torch.zeros(N, _triton_common.TOKEN_OUTPUTS).unbind(1)[:4]  # the loss's row-table columns
         linear_triton.linear_gradients(hidden, weight, bias, flat, *columns, torch.ones(()), 0.7, -100)
+
+
+# The launch keywords an autotune candidate varies (with num_warps / num_stages); a candidate is compiled
+# once per kernel, pointer dtypes and these, with the other constexprs of its first launch (a mode or a
+# bias switch changes neither the tiles nor their shared memory).
+TUNED = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_V", "INPUT_PRECISION")
+DOT_KERNELS = ("_linear_stats_kernel", "_linear_dlogits_kernel", "_matmul_kernel")
+
+
+def distinct_variants():
+    """{key: [kernel, signature, constexprs, attrs, options, spills matter, roles]}, one per compilation."""
+    variants = {}
+    for kernel, args, spills_matter, role in recorded:
+        signature, constexprs, attrs = signature_of(kernel, args)
+        options = {"num_warps": args.get("num_warps", 4), "num_stages": args.get("num_stages", 3)}
+        pointers = tuple(sorted((k, v) for k, v in signature.items() if v.startswith("*")))
+        full = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+        tuned = (kernel.__name__, pointers, tuple((k, str(constexprs.get(k))) for k in TUNED))
+        key = (full if role == "default" else tuned) + (tuple(sorted(options.items())),)
+        if role == "autotune" and full + key[-1:] in variants:
+            key = full + key[-1:]  # the default launch is this candidate too
+        entry = variants.setdefault(key, [kernel, signature, constexprs, attrs, options, False, set()])
+        entry[5] = entry[5] or spills_matter
+        entry[6].add(role)
+    return list(variants.values())
+
+
+def compile_variant(index):
+    """(dynamic shared bytes, resource usage, dot instruction) of variant ``index`` (in a worker process)."""
+    kernel, signature, constexprs, attrs, options = VARIANTS[index][:5]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=TARGET, options=options)
+    ptx = compiled.asm["ptx"]
+    dot = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma-dot"
+    approximate = sorted(set(APPROXIMATE_DIVISION.findall(ptx)))
+    return compiled.metadata.shared, resource_usage(compiled.asm["cubin"]), dot, approximate
+
+
+# PTX of a division / square root / reciprocal that is not correctly rounded. The kernels divide and take
+# roots with div_rn / sqrt_rn (``_triton_common``), as torch does; only tl.exp is the fast ex2.approx.
+APPROXIMATE_DIVISION = re.compile(r"\b((?:div\.(?:full|approx)|sqrt\.approx|rcp\.approx)\.[a-z0-9.]+)")
+
+
+VARIANTS = []
 
 
 def main():
@@ -148,24 +226,35 @@ def main():
     group_stats.launch = record
     linear_triton.launch = record
     run_launchers()
-    seen = set()
-    for kernel, args, spills_matter in recorded:
-        signature, constexprs, attrs = signature_of(kernel, args)
-        key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
-        if key in seen:
-            continue
-        seen.add(key)
-        options = {"num_warps": args.get("num_warps", 4), "num_stages": args.get("num_stages", 3)}
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=TARGET, options=options)
-        usage = resource_usage(compiled.asm["cubin"])
-        if "tl.dot" in str(kernel.src) or kernel.__name__.startswith(("_linear_stats", "_linear_dlogits", "_matmul")):
-            usage += " wgmma" if "wgmma" in compiled.asm["ptx"] else " mma.sync" if "mma.sync" in compiled.asm["ptx"] else " fma-dot"
-        print(f"{kernel.__name__} {signature[kernel.arg_names[0]]} {constexprs} {options}: {usage}", flush=True)
+    VARIANTS.extend(distinct_variants())
+    # compilations are independent: one worker per core (forked: the workers share VARIANTS)
+    with multiprocessing.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
+        results = pool.map(compile_variant, range(len(VARIANTS)), chunksize=1)
+    largest = {}
+    for (kernel, signature, constexprs, _, options, spills_matter, roles), (shared, usage, dot, approximate) in zip(
+            VARIANTS, results):
+        where = "/".join(sorted(roles))
+        dtype = signature[kernel.arg_names[0]]
+        line = f"{kernel.__name__} [{where}] {dtype} {constexprs} {options}: {usage} dynamic-shared:{shared}"
+        print(line + (f" {dot}" if kernel.__name__ in DOT_KERNELS else ""), flush=True)
+        assert shared <= SHARED_LIMIT, (
+            f"{kernel.__name__} ({where}) {constexprs} {options} asks for {shared} bytes of shared memory, over "
+            f"sm_90's {SHARED_LIMIT}: it would fail to load on an H100/H200"
+        )
+        assert not approximate, f"{line}: approximate {approximate} where the kernels promise torch's rounding"
+        if kernel.__name__ in DOT_KERNELS:  # the estimate the heuristics prune candidates with is not low
+            element_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype.lstrip("*")]
+            estimate = _heuristics.dot_shared_memory(constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"],
+                                                     options["num_stages"], element_bytes)
+            assert shared <= estimate, f"{line}: more shared memory than _heuristics.dot_shared_memory ({estimate})"
+        largest[kernel.__name__, dtype] = max(largest.get((kernel.__name__, dtype), 0), shared)
         if "no cuobjdump" not in usage and spills_matter:  # a stack frame beyond 8 bytes means real spills
             stack = int(re.search(r"STACK:(\d+)", usage).group(1))
             assert "LOCAL:0" in usage and stack <= 8, f"register spills in {kernel.__name__}: {usage}"
-    print(f"compiled {len(seen)} kernel variants")
+    for (name, dtype), shared in sorted(largest.items()):
+        print(f"largest shared memory of {name} {dtype}: {shared} bytes (limit {SHARED_LIMIT})")
+    candidates = sum("autotune" in v[6] for v in VARIANTS)
+    print(f"compiled {len(VARIANTS)} kernel variants ({candidates} autotune candidates)")
     print("ok")
 
 
