@@ -1,29 +1,48 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (H100 / H200): the test suite natively on CUDA (no Triton interpreter),
-# the kernel benchmarks at Qwen-scale shapes in bf16, the train-step benchmark, a short run of the trainer
-# (`python -m calibrl.train --quick --device cuda`), plots and the README table, all written to one folder.
-# Ends within 10 minutes: every step has its own time limit.
+# One command for a GPU machine (H100 / H200), sized for the device tool's lease: a session has about
+# 15 minutes of device time in all (start and idle included), one command at most 10 minutes, and only
+# what the command writes under $OUT comes back (at most 8 files, 16 MiB each, 2 folders deep). So this
+# script ends within GPU_CHECK_BUDGET seconds (default 360: a rerun still fits), runs the most valuable
+# steps first, and after every step (passed, failed or stopped at its limit) publishes what it has to
+# $OUT, so that a run cut short by the caller's own limit still brings back every finished step.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere in the repository
-#   bash bench/gpu_check.sh --dry-run    # anywhere: prints the steps, runs the python entry points in
-#                                        # a tiny CPU configuration (pytest only printed)
+#   bash bench/gpu_check.sh --dry-run    # anywhere: prints the plan and its limits, then runs the python
+#                                        # entry points in a tiny CPU configuration (pytest only printed)
+#   bash bench/gpu_check.sh --plan       # prints the plan and its limits only
 #
-# Results: bench/results/<gpu-name>/ (kernels.csv, train.csv, *.png, readme_table.md, one log per step,
-# gpu_check.log). When $OUT is set (the device tool), the CSVs, the table, the log and a tarball of the
-# whole folder are also copied there (that tool brings back at most 8 files).
-# Missing Python packages (liger-kernel and easy-vqa there) come as wheels in .whl/ at the repository root, installed
-# with `pip install --no-index --no-deps --target /tmp/site` and put on PYTHONPATH; without .whl/ the
-# script runs with what is installed: the benchmarks record Liger as skipped, the trainer step and the
-# trainer tests are skipped without easy-vqa, the TRL tests without trl (trl + datasets pull in pyarrow and
-# more; bring them too to run those tests there).
-# Prepare the wheels on a machine with internet, in the repository root:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       liger-kernel==0.8.5 easy-vqa==1.0
+# Steps, in this order (limit in seconds; each is cut to the time left in the budget):
+#   environment  20   versions, GPU, backends that can run
+#   kernels     140   bench.run --suite gpu-targets: the README targets' Qwen shapes (N 16384, D 4096,
+#                     V 151936, bf16) against eager, torch.compile and Liger, the floors, the README table
+#   tests       110   the Triton test files natively on CUDA (no interpreter), pytest-xdist when there
+#   train        35   bench.bench_train --config gpu (one RL update step, our loss vs eager)
+#   trainer      30   python -m calibrl.train --quick --device cuda (bf16 autocast; needs easy-vqa)
+#   report       15   plots and readme_table.md from what the steps wrote
+#   sweeps      rest  bench.run --suite gpu-sweeps: the N / D / V sweeps, only with 30 s or more left
+# Limits add up to 350 s; 10 s stay for the last publish. Override any with ENV_TIMEOUT, KERNEL_TIMEOUT,
+# TEST_TIMEOUT, TRAIN_TIMEOUT, TRAINER_TIMEOUT, REPORT_TIMEOUT, and the whole with GPU_CHECK_BUDGET.
 #
-# Environment: PYTHON (default python3), RESULTS (results folder), and per-step limits in seconds:
-# TEST_TIMEOUT (180), KERNEL_TIMEOUT (180), TRAIN_TIMEOUT (70), TRAINER_TIMEOUT (45), PLOT_TIMEOUT (40;
-# plots + table); with the 30 s environment step at most 9.1 minutes in all. TEST_WORKERS (4): pytest-xdist workers.
-# Exit status: 0 when every step passed, 1 when any failed or timed out (the later steps still run).
+# Results: bench/results/<gpu-name>/ (kernels.csv, train.csv, *.png, readme_table.md, pytest.xml, one
+# log per step, gpu_check.log, trainer_quick/ with the trainer's metrics and plots but no checkpoints:
+# the trainer runs in a scratch folder). Published to $OUT after every step, 7 files at most, each under
+# 16 MiB (logs keep their last 15 MiB): gpu_check.log, steps.log (every step's output, in order),
+# kernels.csv, train.csv, pytest.xml, readme_table.md, results.tar.gz (the results folder: plots, logs,
+# trainer metrics; never a checkpoint).
+#
+# Packages the GPU machine lacks (liger-kernel and easy-vqa) come as wheels in .whl/ at the repository
+# root, an ignored folder the caller must name in the device tool's `carry`: run(command="bash
+# bench/gpu_check.sh", carry=[".whl"], timeout_s=420). They are installed with `pip install --no-index
+# --no-deps --target /tmp/site` and put on PYTHONPATH, never over the machine's torch / triton. Without
+# .whl/ the benchmarks record Liger as skipped and the trainer step is skipped. Prepare them, in the
+# repository root (see the device tool's README for the platform tags):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5 easy-vqa==1.0
+#
+# Environment: PYTHON (default python3), RESULTS (results folder), TEST_WORKERS (8): pytest-xdist workers.
+# Exit status: 0 when every step passed (or was skipped for a missing package), 1 when any failed, timed
+# out or found no time left (the later steps still run), 2 for a usage error or no CUDA device.
 
 set -uo pipefail
 
@@ -31,21 +50,47 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 REPO="$(pwd)"
 
 DRY_RUN=0
+PLAN_ONLY=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
-        *) echo "gpu_check: unknown argument '$arg' (expected --dry-run or --help)" >&2; exit 2 ;;
+        --plan) PLAN_ONLY=1 ;;
+        -h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        *) echo "gpu_check: unknown argument '$arg' (expected --dry-run, --plan or --help)" >&2; exit 2 ;;
     esac
 done
 
 PYTHON="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-180}"
-KERNEL_TIMEOUT="${KERNEL_TIMEOUT:-180}"
-TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-70}"
-TRAINER_TIMEOUT="${TRAINER_TIMEOUT:-45}"
-PLOT_TIMEOUT="${PLOT_TIMEOUT:-40}"
-export PYTHONUNBUFFERED=1
+BUDGET="${GPU_CHECK_BUDGET:-360}"
+RESERVE=10       # seconds kept for the last publish
+KILL_AFTER=5     # a step ignoring SIGTERM at its limit is killed this much later (counted in its limit)
+MIN_SWEEPS=30    # the sweeps run only with this much time left
+STEP_NAMES=(environment kernels tests train trainer report sweeps)
+declare -A LIMIT=(
+    [environment]="${ENV_TIMEOUT:-20}" [kernels]="${KERNEL_TIMEOUT:-140}" [tests]="${TEST_TIMEOUT:-110}"
+    [train]="${TRAIN_TIMEOUT:-35}" [trainer]="${TRAINER_TIMEOUT:-30}" [report]="${REPORT_TIMEOUT:-15}" [sweeps]=rest
+)
+# The Triton test files: every kernel against its reference, natively compiled on CUDA.
+GPU_TESTS=(tests/test_triton_logprob.py tests/test_triton_loss.py tests/test_triton_linear.py
+           tests/test_triton_group_stats.py tests/test_triton_launch.py)
+# What comes back through $OUT (7 of the tool's 8 files).
+PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml readme_table.md)
+MAX_FILE_BYTES=$((15 * 1024 * 1024))
+
+print_plan() {
+    local total=0 name
+    echo "gpu_check plan (budget ${BUDGET}s, ${RESERVE}s kept for the last publish; each limit is cut to the time left):"
+    for name in "${STEP_NAMES[@]}"; do
+        echo "  ${name}: limit ${LIMIT[$name]}$([ "${LIMIT[$name]}" = rest ] || echo s)"
+        [ "${LIMIT[$name]}" = rest ] || total=$((total + LIMIT[$name]))
+    done
+    echo "  step limits add up to ${total}s; results published to \$OUT after every step: ${PUBLISHED[*]} results.tar.gz"
+}
+
+if [ "$PLAN_ONLY" = 1 ]; then
+    print_plan
+    exit 0
+fi
 
 # Packages brought along as wheels: installed into /tmp/site, never over the machine's torch / triton.
 SITE=""
@@ -58,18 +103,17 @@ if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
     fi
 fi
 export PYTHONPATH="$REPO${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 
 if [ "$DRY_RUN" = 1 ]; then
     DEVICE=cpu
-    SUITE=tiny
+    KERNEL_SUITE=tiny
     TRAIN_CONFIG=tiny
-    TARGETS=gpu
     RESULTS="${RESULTS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_dry.XXXXXX")}"
 else
     DEVICE=cuda
-    SUITE=gpu
+    KERNEL_SUITE=gpu-targets
     TRAIN_CONFIG=gpu
-    TARGETS=gpu
     if [ -z "${RESULTS:-}" ]; then
         GPU_NAME="$("$PYTHON" -c 'import torch; from bench.harness import device_name; print(device_name(torch.device("cuda")))' 2>/dev/null)"
         if [ -z "$GPU_NAME" ]; then
@@ -81,49 +125,97 @@ else
 fi
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log"
+STEPS_LOG="$RESULTS/steps.log"
 : >"$LOG"
+: >"$STEPS_LOG"
 FAILED=()
+DEADLINE=$((SECONDS + BUDGET - RESERVE))
 
 log() {
-    echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"
+    echo "[gpu_check $(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"
 }
 
-# step NAME TIMEOUT_S COMMAND...: run one step under a time limit, its output to the terminal and NAME.log.
+# publish: copy the results so far to $OUT (the device tool brings back only what lies there). Logs
+# longer than MAX_FILE_BYTES keep their end; the tarball leaves out checkpoints and is dropped if too big.
+publish() {
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT"
+    local file size
+    for file in "${PUBLISHED[@]}"; do
+        [ -f "$RESULTS/$file" ] || continue
+        size=$(stat -c %s "$RESULTS/$file")
+        if [ "$size" -gt "$MAX_FILE_BYTES" ]; then
+            tail -c "$MAX_FILE_BYTES" "$RESULTS/$file" >"$OUT/$file"
+        else
+            cp "$RESULTS/$file" "$OUT/$file"
+        fi
+    done
+    tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' --exclude='*.pt' --exclude='*.safetensors' \
+        -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2>/dev/null
+    if [ -f "$OUT/results.tar.gz" ] && [ "$(stat -c %s "$OUT/results.tar.gz")" -gt "$MAX_FILE_BYTES" ]; then
+        rm -f "$OUT/results.tar.gz"
+        echo "[gpu_check] results.tar.gz over $MAX_FILE_BYTES bytes: not published" >>"$LOG"
+    fi
+    echo "[gpu_check +${SECONDS}s] published $(ls "$OUT" | tr '\n' ' ')to $OUT" >>"$LOG"
+    [ -f "$RESULTS/gpu_check.log" ] && cp "$RESULTS/gpu_check.log" "$OUT/gpu_check.log"
+}
+
+# step NAME COMMAND...: run one step under its limit (cut to the time left), its output to the terminal,
+# NAME.log and steps.log; then publish.
 step() {
-    local name="$1" limit="$2"
-    shift 2
+    local name="$1"
+    shift
+    local limit="${LIMIT[$name]}" left=$((DEADLINE - SECONDS - KILL_AFTER))
+    if [ "$limit" = rest ] || [ "$limit" -gt "$left" ]; then
+        limit=$left
+    fi
+    if [ "$limit" -lt 1 ]; then
+        log "step $name: NO TIME LEFT (budget ${BUDGET}s)"
+        FAILED+=("$name")
+        publish
+        return
+    fi
     log "step $name (limit ${limit}s): $*"
+    echo "===== step $name (limit ${limit}s): $*" >>"$STEPS_LOG"
     local started=$SECONDS
-    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+    timeout --kill-after="$KILL_AFTER" "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log" | tee -a "$STEPS_LOG"
     local rc=${PIPESTATUS[0]}
     local took=$((SECONDS - started))
     if [ "$rc" -eq 0 ]; then
         log "step $name: ok (${took}s)"
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        log "step $name: TIMED OUT after ${took}s"
+        FAILED+=("$name")
     else
-        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-            log "step $name: TIMED OUT after ${took}s"
-        else
-            log "step $name: FAILED with status $rc (${took}s)"
-        fi
+        log "step $name: FAILED with status $rc (${took}s)"
         FAILED+=("$name")
     fi
+    publish
 }
 
 # show NAME COMMAND...: a step that the dry run prints instead of running.
 show() {
     local name="$1"
     shift
-    log "step $name (dry run, not run): $*"
+    log "step $name (dry run, not run; limit ${LIMIT[$name]}): $*"
 }
 
-log "repository $REPO; results $RESULTS; dry run $DRY_RUN; python $PYTHON; PYTHONPATH $PYTHONPATH"
-step environment 30 "$PYTHON" -c '
+print_plan | tee -a "$LOG"
+log "repository $REPO; results $RESULTS; dry run $DRY_RUN; python $PYTHON; PYTHONPATH $PYTHONPATH; OUT ${OUT:-unset}"
+if [ "$DRY_RUN" = 0 ]; then
+    command -v nvidia-smi >/dev/null && nvidia-smi 2>&1 | tee -a "$LOG"
+fi
+publish
+
+step environment "$PYTHON" -c '
 import importlib.metadata as metadata, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| available", torch.cuda.is_available())
 for i in range(torch.cuda.device_count()):
-    print("gpu", i, torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory // 2**20, "MiB")
-for name in ("triton", "transformers", "liger-kernel", "matplotlib", "pytest", "pytest-benchmark"):
+    p = torch.cuda.get_device_properties(i)
+    print("gpu", i, p.name, p.total_memory // 2**20, "MiB", "| sm", f"{p.major}{p.minor}", "|", p.multi_processor_count,
+          "SMs | shared memory per block (opt-in)", getattr(p, "shared_memory_per_block_optin", "?"))
+for name in ("triton", "numpy", "transformers", "liger-kernel", "easy-vqa", "tokenizers", "pytest", "pytest-xdist"):
     try:
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
@@ -134,43 +226,50 @@ print("calibrl_kernels", calibrl_kernels.__version__, calibrl_kernels.__file__)
 for impl in dispatch.IMPLS:
     print("backend", impl, "on", device, dispatch.availability(impl, device))
 '
+
 if [ "$DRY_RUN" = 0 ]; then
-    command -v nvidia-smi >/dev/null && nvidia-smi 2>&1 | tee -a "$LOG"
     unset TRITON_INTERPRET  # the kernels run natively; conftest leaves the interpreter off on CUDA
-    # pytest-xdist (on that machine's image) spreads the suite over a few workers when it is there
-    PARALLEL=()
-    if "$PYTHON" -c 'import xdist' 2>/dev/null; then PARALLEL=(-n "${TEST_WORKERS:-4}"); fi
-    step tests "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} --junitxml="$RESULTS/pytest.xml" tests
-    step kernels "$KERNEL_TIMEOUT" "$PYTHON" -m bench.run --suite "$SUITE" --device "$DEVICE" --out "$RESULTS" \
-        --no-train --no-plot --no-table
+    step kernels "$PYTHON" -m bench.run --suite "$KERNEL_SUITE" --device "$DEVICE" --out "$RESULTS" \
+        --no-train --no-plot
+    PARALLEL=()  # pytest-xdist (on that machine's image) spreads the tests over a few workers
+    if "$PYTHON" -c 'import xdist' 2>/dev/null; then PARALLEL=(-n "${TEST_WORKERS:-8}"); fi
+    step tests "$PYTHON" -m pytest -v -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
+        --junitxml="$RESULTS/pytest.xml" "${GPU_TESTS[@]}"
 else
-    show tests "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$RESULTS/pytest.xml" tests
-    step kernels "$KERNEL_TIMEOUT" "$PYTHON" -m bench.run --suite "$SUITE" --device "$DEVICE" --out "$RESULTS" \
+    step kernels "$PYTHON" -m bench.run --suite "$KERNEL_SUITE" --device "$DEVICE" --out "$RESULTS" \
         --no-train --no-plot --no-table --kernels group_advantages
+    show tests "$PYTHON" -m pytest -v -p no:cacheprovider --junitxml="$RESULTS/pytest.xml" "${GPU_TESTS[@]}"
 fi
-step train "$TRAIN_TIMEOUT" "$PYTHON" -m bench.bench_train --config "$TRAIN_CONFIG" --device "$DEVICE" --out "$RESULTS"
+step train "$PYTHON" -m bench.bench_train --config "$TRAIN_CONFIG" --device "$DEVICE" --out "$RESULTS"
 if "$PYTHON" -c 'import easy_vqa, tokenizers' 2>/dev/null; then
-    # the real trainer end to end on this device (bf16 autocast, flash-attn when installed, SDPA otherwise)
-    step trainer "$TRAINER_TIMEOUT" "$PYTHON" -m calibrl.train --quick --device "$DEVICE" \
-        --out "$RESULTS/trainer_quick" --no-progress
+    # the real trainer end to end on this device (bf16 autocast, flash-attn when installed, SDPA otherwise), in
+    # a scratch folder: its checkpoints never enter the results; its metrics and plots are copied over
+    SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_trainer.XXXXXX")"
+    step trainer "$PYTHON" -m calibrl.train --quick --device "$DEVICE" --out "$SCRATCH" --no-progress
+    mkdir -p "$RESULTS/trainer_quick"
+    find "$SCRATCH" -maxdepth 1 -type f \( -name '*.jsonl' -o -name '*.json' -o -name '*.png' -o -name '*.yaml' \) \
+        -exec cp {} "$RESULTS/trainer_quick/" \;
+    rm -rf "$SCRATCH"
 else
     log "step trainer: skipped (easy-vqa or tokenizers not importable; bring easy-vqa as a wheel in .whl/)"
 fi
-step report "$PLOT_TIMEOUT" "$PYTHON" -m bench.readme_table "$RESULTS" --targets "$TARGETS" --plots \
-    --out "$RESULTS/readme_table.md"
-
-if [ -n "${OUT:-}" ] && [ "$DRY_RUN" = 0 ]; then
-    mkdir -p "$OUT"
-    for file in kernels.csv train.csv readme_table.md gpu_check.log; do
-        [ -f "$RESULTS/$file" ] && cp "$RESULTS/$file" "$OUT/"
-    done
-    tar -czf "$OUT/results.tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
-    log "copied the CSVs, the table, the log and results.tar.gz to $OUT"
+step report "$PYTHON" -m bench.readme_table "$RESULTS" --targets gpu --plots --out "$RESULTS/readme_table.md"
+if [ "$DRY_RUN" = 0 ]; then
+    if [ $((DEADLINE - SECONDS - KILL_AFTER)) -ge "$MIN_SWEEPS" ]; then
+        step sweeps "$PYTHON" -m bench.run --suite gpu-sweeps --device "$DEVICE" --out "$RESULTS" \
+            --no-train --no-plot --no-table
+    else
+        log "step sweeps: skipped (under ${MIN_SWEEPS}s left)"
+    fi
+else
+    show sweeps "$PYTHON" -m bench.run --suite gpu-sweeps --device "$DEVICE" --out "$RESULTS" --no-train --no-plot --no-table
 fi
 
 if [ "${#FAILED[@]}" -gt 0 ]; then
     log "done: FAILED steps: ${FAILED[*]} (results in $RESULTS)"
+    publish
     exit 1
 fi
 log "done: every step passed (results in $RESULTS)"
+publish
 exit 0

@@ -1,7 +1,8 @@
 """Run a benchmark suite: every kernel x size x provider x mode, side by side in one process.
 
     python -m bench.run --suite readme-cpu          # the README's CPU table (CSV + PNG + readme_table.md)
-    python -m bench.run --suite gpu                 # Qwen-scale bf16 shapes (gpu_check.sh runs this)
+    python -m bench.run --suite gpu                 # Qwen-scale bf16 shapes, targets' points first
+    python -m bench.run --suite gpu-targets         # only the targets' points (gpu_check.sh, then gpu-sweeps)
     python -m bench.run --suite tiny --out /tmp/b   # seconds; what the tests run
 
 Writes ``kernels.csv`` (+ ``kernels.events.jsonl``: why a provider was skipped or failed, which

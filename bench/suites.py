@@ -5,11 +5,13 @@
 - ``readme-cpu``: the README's CPU table: the targets' shapes (N 2048, D 512, V 32000 fp32 and the
   Qwen-size head N 8192, D 896, V 151936) plus short N sweeps, the train step, plots and the table.
 - ``gpu``: Qwen-scale shapes in bf16 (N up to 16384, D 4096, V 151936), target points first so that
-  a time limit cuts only the sweeps; what ``gpu_check.sh`` runs.
+  a time limit cuts only the sweeps. ``gpu_check.sh`` runs it in two parts, in separate steps:
+  ``gpu-targets`` (the README targets' points, first) and ``gpu-sweeps`` (the rest, last, if time is left).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -128,14 +130,17 @@ CPU = Suite(
 
 _GPU_TIMING = TimingConfig(warmup=2, min_reps=5, max_reps=50, min_time_s=0.3)
 
+# the targets' shapes (readme_table's gpu targets)
+_GPU_TARGET_SWEEPS = (
+    Sweep(_LINEAR, "N", (16384,), (("D", 4096), ("V", 151936)), dtype="bfloat16"),
+    Sweep(_LOGITS, "N", (16384,), (("V", 151936),), dtype="bfloat16"),
+    Sweep(_TOKENS, "N", (16384,), (("V", 151936),), dtype="bfloat16", compiled_at=()),
+)
+
 GPU = Suite(
     name="gpu",
     device="cuda",
-    sweeps=(
-        # the targets' shapes first: a time limit then cuts only the sweeps
-        Sweep(_LINEAR, "N", (16384,), (("D", 4096), ("V", 151936)), dtype="bfloat16"),
-        Sweep(_LOGITS, "N", (16384,), (("V", 151936),), dtype="bfloat16"),
-        Sweep(_TOKENS, "N", (16384,), (("V", 151936),), dtype="bfloat16", compiled_at=()),
+    sweeps=_GPU_TARGET_SWEEPS + (  # the targets' shapes first: a time limit then cuts only the sweeps
         Sweep(_LINEAR, "N", (2048, 4096, 8192), (("D", 4096), ("V", 151936)), dtype="bfloat16", compiled_at=()),
         Sweep(_LOGITS, "N", (2048, 4096, 8192), (("V", 151936),), dtype="bfloat16", compiled_at=()),
         Sweep(_TOKENS, "N", (2048, 4096, 8192), (("V", 151936),), dtype="bfloat16", compiled_at=()),
@@ -151,4 +156,9 @@ GPU = Suite(
     impls_excluded=("torch",),  # the torch backend is the reference (eager covers it): seconds of device time saved
 )
 
-SUITES: Dict[str, Suite] = {suite.name: suite for suite in (TINY, CPU, README_CPU, GPU)}
+# gpu_check.sh's two kernel steps: the targets' points (with the README table), then the sweeps.
+GPU_TARGETS = dataclasses.replace(GPU, name="gpu-targets", sweeps=_GPU_TARGET_SWEEPS, train=None)
+GPU_SWEEPS = dataclasses.replace(GPU, name="gpu-sweeps", sweeps=GPU.sweeps[len(_GPU_TARGET_SWEEPS):], train=None,
+                                 targets=None)
+
+SUITES: Dict[str, Suite] = {suite.name: suite for suite in (TINY, CPU, README_CPU, GPU, GPU_TARGETS, GPU_SWEEPS)}

@@ -13,9 +13,12 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tarfile
+import time
 import types
 from pathlib import Path
 
@@ -352,31 +355,108 @@ def test_gpu_check_script_parses():
 
 def _script_env(tmp_path, **extra):
     env = dict(os.environ, PYTHON=sys.executable, RESULTS=str(tmp_path))
-    env.update(extra)
     env.pop("OUT", None)
+    env.update(extra)
     return env
 
 
+GPU_CHECK_STEPS = ("environment", "kernels", "tests", "train", "trainer", "report", "sweeps")
+DEVICE_TOOL_FILES, DEVICE_TOOL_FILE_BYTES, DEVICE_TOOL_CALL_S = 8, 16 * 2**20, 600  # what the device tool returns
+
+
+def _plan(text):
+    """{step: limit in seconds or 'rest'} and the budget, from the plan gpu_check.sh prints."""
+    budget = int(re.search(r"gpu_check plan \(budget (\d+)s", text).group(1))
+    limits = dict(re.findall(r"^  (\w+): limit (\d+s|rest)$", text, flags=re.M))
+    return {k: (v if v == "rest" else int(v[:-1])) for k, v in limits.items()}, budget
+
+
+def test_gpu_check_plan_fits_the_lease():
+    """Six minutes at most (a rerun fits the session's device time), most valuable steps first."""
+    done = subprocess.run(["bash", str(GPU_CHECK), "--plan"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    limits, budget = _plan(done.stdout)
+    assert tuple(limits) == GPU_CHECK_STEPS and limits["sweeps"] == "rest"
+    assert budget <= 360 < DEVICE_TOOL_CALL_S
+    assert sum(v for v in limits.values() if v != "rest") <= budget - 10  # the last publish keeps 10 s
+    assert "published to $OUT after every step" in done.stdout
+
+
+def _check_published(out):
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 0 < len(files) <= DEVICE_TOOL_FILES - 1, files  # one file to spare
+    for path in files:
+        assert len(path.relative_to(out).parts) <= 3, path  # $OUT/a/b/file at the deepest
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", path.name), path
+        assert path.stat().st_size <= DEVICE_TOOL_FILE_BYTES, path
+    return {p.name for p in files}
+
+
 def test_gpu_check_dry_run(tmp_path):
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=_script_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    out = tmp_path / "out"
+    results = tmp_path / "results"
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=_script_env(results, OUT=str(out)),
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    log = (tmp_path / "gpu_check.log").read_text()
-    for name in ("environment", "tests (dry run, not run)", "kernels", "train", "report"):
-        assert f"step {name}" in log
+    log = (results / "gpu_check.log").read_text()
+    limits, _ = _plan(log)
+    assert tuple(limits) == GPU_CHECK_STEPS
+    for name in ("tests", "sweeps"):
+        assert f"step {name} (dry run, not run; limit {limits[name]}" in log
+    starts = [log.index(f"step {name} (") for name in GPU_CHECK_STEPS]
+    assert starts == sorted(starts), "steps run in the plan's order"
+    for name in ("environment", "kernels", "train", "trainer", "report"):  # each step publishes when it ends
+        ended = log.index(f"step {name}: ok")
+        assert "published" in log[ended:].splitlines()[1], log[ended:ended + 300]
     assert "every step passed" in log
-    check_well_formed(tmp_path / "kernels.csv")
-    train_rows = check_well_formed(tmp_path / "train.csv")
+    check_well_formed(results / "kernels.csv")
+    train_rows = check_well_formed(results / "train.csv")
     assert {row["provider"] for row in train_rows} >= {"calibrl", "calibrl-logits", "eager"}
     assert all(math.isfinite(float(row["p50"])) for row in train_rows)
-    assert any(p.read_bytes()[:8] == PNG_MAGIC for p in tmp_path.glob("train_step__*.png"))
-    assert (tmp_path / "readme_table.md").read_text().startswith("Measured on")
+    assert any(p.read_bytes()[:8] == PNG_MAGIC for p in results.glob("train_step__*.png"))
+    assert (results / "readme_table.md").read_text().startswith("Measured on")
+    published = _check_published(out)
+    assert published >= {"gpu_check.log", "steps.log", "kernels.csv", "train.csv", "readme_table.md", "results.tar.gz"}
+    assert (out / "kernels.csv").read_bytes() == (results / "kernels.csv").read_bytes()
+    assert "===== step train" in (out / "steps.log").read_text()
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("kernels.csv") for n in names)
+    assert not any("checkpoints" in n or n.endswith(".pt") for n in names), names
     if importlib.util.find_spec("easy_vqa") and importlib.util.find_spec("tokenizers"):
         assert "step trainer: ok" in log
-        metrics = (tmp_path / "trainer_quick" / "metrics.jsonl").read_text().splitlines()
+        metrics = (results / "trainer_quick" / "metrics.jsonl").read_text().splitlines()
         assert any('"phase": "rl"' in line for line in metrics), metrics[-3:]
+        assert not list(results.rglob("*.pt")), "the trainer's checkpoints stay out of the results"
     else:
         assert "step trainer: skipped" in log
+
+
+def test_gpu_check_steps_cut_at_their_limit_still_publish(tmp_path):
+    """A step stopped at its limit leaves what it printed in $OUT, and the later steps still run."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "partial output of $1 $2"\ncase "$*" in *easy_vqa*) exit 1 ;; esac\nsleep 30\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    results = tmp_path / "results"
+    limits = dict(ENV_TIMEOUT="1", KERNEL_TIMEOUT="1", TRAIN_TIMEOUT="1", REPORT_TIMEOUT="1")
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=_script_env(results, PYTHON=str(fake), OUT=str(out),
+                          **limits), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and time.monotonic() - started < 60
+    log = (out / "gpu_check.log").read_text()
+    for name in ("environment", "kernels", "train", "report"):
+        assert f"step {name}: TIMED OUT" in log
+    assert "FAILED steps: environment kernels train report" in log
+    assert (out / "steps.log").read_text().count("partial output of") >= 4
+    _check_published(out)
+
+
+def test_gpu_check_with_no_time_left_skips_steps(tmp_path):
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=_script_env(tmp_path, PYTHON="false",
+                          GPU_CHECK_BUDGET="15"), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "step environment: NO TIME LEFT (budget 15s)" in (tmp_path / "gpu_check.log").read_text()
 
 
 def test_gpu_check_exit_status_reflects_failed_steps(tmp_path):
