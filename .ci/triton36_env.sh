@@ -7,12 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=.ci/cpu_torch_venv.sh
+. .ci/cpu_torch_venv.sh
 venv="${CALIBRL_TRITON36_VENV:-.venv-triton36}"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install -q "torch==2.13.0" \
-        || "$venv/bin/python" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-fi
+cpu_torch_venv "$venv"
 "$venv/bin/python" -m pip install -q "triton==3.6.0" "numpy>=2.4" "pytest>=7" "hypothesis>=6" ninja
 "$venv/bin/python" -m pip install -q --no-deps -e .
 echo "triton36-env: $("$venv/bin/python" -c 'import numpy, torch, triton; print("triton", triton.__version__, "numpy", numpy.__version__, "torch", torch.__version__)')"

@@ -6,14 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=.ci/cpu_torch_venv.sh
+. .ci/cpu_torch_venv.sh
 venv="${CALIBRL_VERL_VENV:-.venv-verl}"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-    # CPU torch (the local wheel cache or the CPU index), then verl and what its v1 trainer imports
-    # (the `verl-core` extra minus GPU-only and media packages).
-    "$venv/bin/python" -m pip install -q "torch==2.13.0" \
-        || "$venv/bin/python" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-fi
+cpu_torch_venv "$venv"
+# verl and what its v1 trainer imports (the `verl-core` extra minus GPU-only and media packages)
 "$venv/bin/python" -m pip install -q -e ".[verl,test]"
 echo "verl-env: $("$venv/bin/python" -c 'import verl, transformers, torch; print("verl", verl.__version__, "transformers", transformers.__version__, "torch", torch.__version__)')"
 "$venv/bin/python" -m pytest -q tests/test_integration_verl.py -p no:cacheprovider
