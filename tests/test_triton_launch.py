@@ -13,7 +13,7 @@ from calibrl_kernels import _heuristics, _triton_common  # noqa: E402
 
 
 class _Kernel:
-    """A launchable stand-in recording the current CUDA device state of each launch."""
+    """A launchable stand-in: records the grid and keywords of each launch."""
 
     __name__ = "_stand_in_kernel"
 
