@@ -19,23 +19,42 @@ gradients of logp and entropy, known only in backward, and dWeight needs them in
 reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flops in all instead of
 6) rather than keeping (N, V) logits alive between forward and backward.
 
-Memory: the chunk holds ``rows_per_chunk * V`` logits of the compute dtype; its size comes from a byte
-budget that also covers the row math's temporaries: ``chunk_bytes=`` (these functions and
+Chunk shape: the GEMMs set the speed, so a chunk has at least ``GEMM_KNEE_ROWS`` (512) rows where the
+input has them, i.e. ``N // 512`` chunks of 512 to 1023 rows, spread evenly (``rows_per_chunk``). Measured
+on the 2-core development host (AMD EPYC, torch 2.13 MKL, 2 threads; square 2048^3 fp32 GEMM 150-190
+GFLOP/s, noisy), D 896, V 151936, GFLOP/s of logits / dHidden / dWeight at n chunk rows:
+
+    n    64: 99 / 111 / 200    n  256: 157 / 169 / 211    n 1024: 184 / 201 / 210
+    n   128: 117 / 136 / 212   n  512: 179 / 198 / 211    n 2048: 185 / 201 / 202
+
+so the logits and dHidden GEMMs reach their plateau at ~512 rows (69 rows, the old fixed 40 MiB budget at
+this vocabulary, ran them at half speed: the whole step went from 1.55x to 1.20x the GEMM floor at N 1024).
+Layouts were compared too (W^T copied contiguous for an NN logits GEMM, logits^T = W h^T, dWeight^T
+accumulated): none was faster beyond the noise, so the GEMMs read the operands as they are.
+
+Memory: the chunk holds ``rows * V`` logits of the compute dtype (plus, for the torch row math, up to three
+temporaries of its size). A byte budget bounds it: ``chunk_bytes=`` (these functions and
 ``LinearCalibRLLoss(chunk_bytes=...)``), else env ``CALIBRL_CHUNK_BYTES`` (a positive whole number of
-bytes), else 40 MiB (``chunk_budget``). This budget belongs to this chunked path only, i.e. the cpp
-and torch backends (CPU tensors by default); the Triton GPU path sizes its own chunks
-(``_heuristics.LINEAR_CHUNK_BYTES``) and ignores it. fp32 / fp64 inputs are used in place (the GEMMs read them directly); bf16 / fp16
-inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of the weight; the budget is
-then split in halves between the logits chunk and the weight block), so statistics and every GEMM
-accumulate in fp32; dHidden and dWeight are accumulated in fp32 (N, D) and (V, D) buffers, scaled by
-the incoming gradient and cast to the inputs' dtypes once, in backward (``_Gradients.finish``). Large vocabularies favour larger budgets: the dWeight update is a rank-(chunk rows) GEMM that
-streams the whole (V, D) accumulator once per chunk.
+bytes), else ``default_chunk_bytes()``: 1/16 of the machine's memory (the cgroup limit where one is set),
+between 64 MiB and 1 GiB. Where 512 rows do not fit the budget, the rows are as many as it allows. So
+with the C++ row math the extra memory of the step is ``rows * V * 4`` bytes (297 MiB at V 151936 and 512
+rows; 62 MiB at V 32000) plus a (N, 16) row table, beyond the (N, D) and (V, D) fp32 gradient
+accumulators, which are the gradients returned for fp32 inputs. This budget belongs to this chunked path
+only, i.e. the cpp and torch backends (CPU tensors by default); the Triton GPU path sizes its own chunks
+(``_heuristics.LINEAR_CHUNK_BYTES``) and ignores it. fp32 / fp64 inputs are used in place (the GEMMs read
+them directly); bf16 / fp16 inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of
+the weight; the budget is then split in halves between the logits chunk and the weight block), so
+statistics and every GEMM accumulate in fp32; dHidden and dWeight are accumulated in fp32 (N, D) and
+(V, D) buffers, scaled by the incoming gradient and cast to the inputs' dtypes once, in backward
+(``_Gradients.finish``). Threads: the GEMMs (MKL) and the C++ row math (``at::parallel_for``) share
+torch's one OpenMP pool, one after the other, so ``torch.set_num_threads`` governs both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 import numbers
 import os
@@ -50,7 +69,9 @@ from .reference import compute_dtype
 
 ROW = coef.ROW
 ENV_CHUNK_BYTES = "CALIBRL_CHUNK_BYTES"
-DEFAULT_CHUNK_BYTES = 40 * 2**20
+GEMM_KNEE_ROWS = 512  # rows at which the chunk GEMMs reach their plateau rate (module docstring)
+_DEFAULT_BUDGET_FRACTION = 16  # the default budget is 1/16 of the machine's memory ...
+_DEFAULT_BUDGET_BOUNDS = (64 * 2**20, 2**30)  # ... between 64 MiB and 1 GiB
 _DEFAULT_CONFIG = CalibRLConfig()
 
 
@@ -87,15 +108,45 @@ def _parse_env_chunk_bytes(raw: str) -> int:
     return value
 
 
+def _memory_bytes() -> Optional[int]:
+    """The memory this process may use: the cgroup v2 / v1 limit where one is set, else physical memory."""
+    limits = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):  # not a POSIX system
+        pass
+    return min(limits) if limits else None
+
+
+@functools.lru_cache(maxsize=1)
+def default_chunk_bytes() -> int:
+    """The default budget: 1/16 of the machine's memory, between 64 MiB and 1 GiB (1 GiB on a 24 GiB host).
+
+    Taken once per process from the memory limit (not from the memory free at the call), so the chunk
+    plan, hence the order of the dWeight accumulation, does not change from call to call.
+    """
+    low, high = _DEFAULT_BUDGET_BOUNDS
+    memory = _memory_bytes()
+    return high if memory is None else int(min(high, max(low, memory // _DEFAULT_BUDGET_FRACTION)))
+
+
 def chunk_budget(chunk_bytes: Optional[int] = None) -> int:
     """The chunk byte budget of this path: the argument, else the innermost ``chunk_bytes_scope``, else
-    env CALIBRL_CHUNK_BYTES, else DEFAULT_CHUNK_BYTES. (The Triton GPU path does not read it.)"""
+    env CALIBRL_CHUNK_BYTES, else ``default_chunk_bytes()``. (The Triton GPU path does not read it.)"""
     if chunk_bytes is None:
         chunk_bytes = _scoped_chunk_bytes.get()
     if chunk_bytes is not None:
         return _checked_chunk_bytes(chunk_bytes)
     raw = os.environ.get(ENV_CHUNK_BYTES, "")
-    return _parse_env_chunk_bytes(raw) if raw.strip() else DEFAULT_CHUNK_BYTES
+    return _parse_env_chunk_bytes(raw) if raw.strip() else default_chunk_bytes()
 
 
 @contextlib.contextmanager
@@ -115,17 +166,21 @@ def chunk_bytes_scope(chunk_bytes: Optional[int]) -> Iterator[None]:
         _scoped_chunk_bytes.reset(token)
 
 
-def rows_per_chunk(num_rows: int, vocab: int, element_bytes: int, buffers: int, budget: int) -> int:
-    """Rows of a logits chunk so that ``buffers`` chunk-sized tensors fit in ``budget`` bytes.
+def rows_per_chunk(num_rows: int, vocab: int, element_bytes: int, buffers: int, budget: int,
+                   knee: int = GEMM_KNEE_ROWS) -> int:
+    """Rows of a logits chunk: at least ``knee`` where there are that many rows and the budget allows,
+    with ``buffers`` chunk-sized tensors within ``budget`` bytes.
 
-    The rows are spread evenly over the fewest chunks the budget allows (no small last chunk), rounded
-    up to a multiple of 16 (whole GEMM register tiles) where that stays within the budget. At least
-    one row: a single row over the budget still runs.
+    ``num_rows // knee`` chunks of ``knee`` to ``2 knee - 1`` rows when the budget holds them (fewer,
+    larger chunks would not run the GEMMs faster, only take more memory); else the fewest chunks the
+    budget allows. Either way the rows are spread evenly over the chunks (no small last chunk), rounded
+    up to a multiple of 16 (whole GEMM register tiles) where that stays within the budget. At least one
+    row: a single row over the budget still runs.
     """
     most = max(1, budget // max(1, vocab * element_bytes * buffers))
-    if num_rows <= most:
+    if num_rows <= min(most, 2 * knee - 1):
         return max(1, num_rows)
-    chunks = -(-num_rows // most)
+    chunks = max(-(-num_rows // most), num_rows // knee)
     rows = -(-num_rows // chunks)
     tiled = -(-rows // 16) * 16
     return int(tiled if tiled <= most else rows)

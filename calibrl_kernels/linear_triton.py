@@ -38,7 +38,7 @@ dHidden accumulator when hidden is not fp32 (N D 4 bytes) + O(N) statistics; at 
 the backward peaks at 384 MiB beyond dWeight (arithmetic in ``linear_gradients``).
 
 The chunk budget of this GPU path is its own constant, ``_heuristics.LINEAR_CHUNK_BYTES``; the CPU path's
-``CALIBRL_CHUNK_BYTES`` (``linear_cpu``, default 40 MiB) does not apply here (it does to fp64 inputs, which
+``CALIBRL_CHUNK_BYTES`` (``linear_cpu``, default 1/16 of the machine's memory, 64 MiB to 1 GiB) does not apply here (it does to fp64 inputs, which
 run ``linear_cpu``). The two budgets bound
 different things: on the CPU a row chunk of fp32 logits plus the row math's temporaries; here one (N, C)
 column chunk of the logits gradient in the input dtype, whose size also sets how often the fp32 dHidden

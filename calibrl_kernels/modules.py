@@ -80,8 +80,10 @@ class LinearCalibRLLoss(_ConfiguredLoss):
     See ``ops.fused_linear_calibrl_loss``; gradients flow to hidden, weight and bias.
 
     chunk_bytes: the byte budget of a logits chunk on the CPU chunked path (the cpp and torch backends,
-    ``linear_cpu``) for this module's calls; None uses env CALIBRL_CHUNK_BYTES, else 40 MiB. Larger
-    budgets are faster for large vocabularies. The Triton GPU path has its own budget and ignores it.
+    ``linear_cpu``) for this module's calls; None uses env CALIBRL_CHUNK_BYTES, else
+    ``linear_cpu.default_chunk_bytes()`` (1/16 of the machine's memory, 64 MiB to 1 GiB). Chunks take
+    512 rows where the budget allows (the GEMMs' knee), fewer below it, so a budget under 512 * V * 4
+    bytes costs speed. The Triton GPU path has its own budget and ignores it.
     """
 
     def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100,

@@ -246,7 +246,7 @@ def test_never_allocates_n_by_v(row_math):
 
 def test_chunk_budget_sources_and_validation(monkeypatch):
     monkeypatch.delenv(linear_cpu.ENV_CHUNK_BYTES, raising=False)
-    assert linear_cpu.chunk_budget() == linear_cpu.DEFAULT_CHUNK_BYTES
+    assert linear_cpu.chunk_budget() == linear_cpu.default_chunk_bytes()
     monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, "1e6")
     assert linear_cpu.chunk_budget() == 1_000_000
     assert linear_cpu.chunk_budget(4096) == 4096
@@ -262,6 +262,37 @@ def test_chunk_budget_sources_and_validation(monkeypatch):
     assert linear_cpu.rows_per_chunk(30, 67, 8, 4, 7 * 67 * 8 * 4) == 6  # 5 even chunks of 6 rows
     assert linear_cpu.rows_per_chunk(3, 151936, 4, 1, 1) == 1
     assert linear_cpu.rows_per_chunk(5, 10, 4, 1, 10**9) == 5
+    # With room in the budget: N // 512 chunks of 512 to 1023 rows (the GEMMs' knee), never fewer rows.
+    gib = 2**30
+    assert linear_cpu.rows_per_chunk(8192, 151936, 4, 1, gib) == 512  # 16 chunks, 297 MiB
+    assert linear_cpu.rows_per_chunk(2048, 32000, 4, 1, gib) == 512
+    assert linear_cpu.rows_per_chunk(1023, 151936, 4, 1, gib) == 1023  # one chunk, not 2 x 512
+    assert linear_cpu.rows_per_chunk(1100, 32000, 4, 1, gib) == 560  # 2 even chunks on 16-row tiles
+    assert linear_cpu.rows_per_chunk(8192, 151936, 4, 4, gib) == 432  # torch row math: the budget binds (441)
+    assert linear_cpu.rows_per_chunk(4096, 64, 8, 1, gib, knee=100) == 112  # 40 chunks of 103 -> 112
+    for n in (1, 511, 512, 1024, 1500, 8192, 10**5):
+        rows = linear_cpu.rows_per_chunk(n, 151936, 4, 1, gib)
+        assert rows * 151936 * 4 <= gib and (rows == n or 512 <= rows < 1024)
+
+
+def test_default_chunk_budget_is_a_bounded_fraction_of_memory(monkeypatch):
+    memory = linear_cpu._memory_bytes()
+    assert memory is not None and memory > 0  # Linux: a cgroup limit or the physical memory
+    linear_cpu.default_chunk_bytes.cache_clear()
+    try:
+        monkeypatch.setattr(linear_cpu, "_memory_bytes", lambda: 24 * 2**30)
+        assert linear_cpu.default_chunk_bytes() == 2**30  # capped
+        linear_cpu.default_chunk_bytes.cache_clear()
+        monkeypatch.setattr(linear_cpu, "_memory_bytes", lambda: 4 * 2**30)
+        assert linear_cpu.default_chunk_bytes() == 256 * 2**20  # 1/16
+        linear_cpu.default_chunk_bytes.cache_clear()
+        monkeypatch.setattr(linear_cpu, "_memory_bytes", lambda: 2**29)
+        assert linear_cpu.default_chunk_bytes() == 64 * 2**20  # floor
+        linear_cpu.default_chunk_bytes.cache_clear()
+        monkeypatch.setattr(linear_cpu, "_memory_bytes", lambda: None)
+        assert linear_cpu.default_chunk_bytes() == 2**30
+    finally:
+        linear_cpu.default_chunk_bytes.cache_clear()
 
 
 def test_strided_hidden_and_int32_targets(row_math):
