@@ -10,6 +10,7 @@ All timings are taken in one process, providers interleaved round by round, the 
   cpp         fused_linear_calibrl_loss, C++ row math (calibrl config)
   torch       fused_linear_calibrl_loss, torch row math
   eager       logits = h @ W^T, log_softmax, gather, the same loss (reference.calibrl_loss), backward
+  compiled    torch.compile of eager's forward (the warm-up step compiles it), then backward
   liger       Liger-Kernel LigerFusedLinearGRPOLoss(compiled=False, loss_type="dapo", beta=0)
 
 Memory (--memory): every provider runs once in a fresh subprocess (glibc told to return freed memory
@@ -38,7 +39,7 @@ import torch
 from calibrl_kernels import CalibRLConfig, linear_cpu, reference
 from calibrl_kernels import _cpp_backend
 
-PROVIDERS = ("gemm_only", "cpp", "torch", "eager", "liger")
+PROVIDERS = ("gemm_only", "cpp", "torch", "eager", "compiled", "liger")
 
 
 class _NoRowMath:
@@ -83,12 +84,16 @@ def step_fn(provider: str, x: dict, chunk_bytes=None):
             out = linear_cpu.fused_linear_calibrl_loss(*args, row_math=math, chunk_bytes=chunk_bytes, **kwargs)
             out.loss.backward()
         return run
-    if provider == "eager":
-        def run():
+    if provider in ("eager", "compiled"):
+        def eager_loss(h, w):
             logits = h @ w.t()
             logp = torch.log_softmax(logits.float(), -1).gather(-1, t[..., None]).squeeze(-1)
-            out = reference.calibrl_loss(logp, x["old_logp"], x["advantages"], x["mask"], **kwargs)
-            out.loss.backward()
+            return reference.calibrl_loss(logp, x["old_logp"], x["advantages"], x["mask"], **kwargs).loss
+
+        loss_fn = eager_loss if provider == "eager" else torch.compile(eager_loss, dynamic=False)
+
+        def run():
+            loss_fn(h, w).backward()
         return run
     if provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -147,7 +152,7 @@ def timings(args) -> None:
         for p in runs:
             print(f"  {p:10s} {t[p]:.3f} s = {t[p] / floor:.2f} x floor")
         if "cpp" in t:
-            for other in ("eager", "liger", "torch"):
+            for other in ("eager", "compiled", "liger", "torch"):
                 if other in t:
                     print(f"  cpp vs {other}: {t[other] / t['cpp']:.2f}x faster")
             if "gemm_only" in t:

@@ -3,7 +3,9 @@
 - ``tiny``: seconds on a CPU; what the test suite and ``gpu_check.sh --dry-run`` run.
 - ``cpu``: a developer's sweep over N, V and D on a CPU (minutes).
 - ``readme-cpu``: the README's CPU table: the targets' shapes (N 2048, D 512, V 32000 fp32 and the
-  Qwen-size head N 8192, D 896, V 151936) plus short N sweeps, the train step, plots and the table.
+  Qwen-size head D 896, V 151936 at N 1024 and 8192) plus short N sweeps, the train step, plots and the table.
+- ``cpu-vocab``: the fused lm_head loss over the vocabulary (V 8k to 256k at N 1024, D 896, fp32,
+  forward+backward), every provider, for the README's sweep plot (about 10 minutes on 2 cores).
 - ``gpu``: Qwen-scale shapes in bf16 (N up to 16384, D 4096, V 151936), target points first so that
   a time limit cuts only the sweeps. ``gpu_check.sh`` runs it in two parts, in separate steps:
   ``gpu-targets`` (the README targets' points, first) and ``gpu-sweeps`` (the rest, last, if time is left).
@@ -92,7 +94,7 @@ README_CPU = Suite(
     device="cpu",
     sweeps=(
         Sweep(_LINEAR, "N", (2048,), (("D", 512), ("V", 32000)), timing=_CPU_TARGET_TIMING),
-        Sweep(_LINEAR, "N", (8192,), (("D", 896), ("V", 151936)), modes=("full",), compiled_at=(),
+        Sweep(_LINEAR, "N", (1024, 8192), (("D", 896), ("V", 151936)), modes=("full",), compiled_at=(1024,),
               isolate=True, timing=_QWEN_HEAD_TIMING),
         Sweep(_LINEAR, "N", (1024, 512), (("D", 512), ("V", 32000)), compiled_at=()),
         Sweep(_LOGITS, "N", (2048,), (("V", 32000),), timing=_CPU_TARGET_TIMING),
@@ -128,6 +130,18 @@ CPU = Suite(
     targets="cpu",
 )
 
+CPU_VOCAB = Suite(
+    name="cpu-vocab",
+    device="cpu",
+    sweeps=(
+        Sweep(_LINEAR, "V", (8000, 32000, 64000, 151936, 256000), (("N", 1024), ("D", 896)), modes=("full",),
+              isolate=True, timing=_QWEN_HEAD_TIMING),
+    ),
+    timing=_QWEN_HEAD_TIMING,
+    gemm_size=2048,
+    copy_bytes=256 << 20,
+)
+
 _GPU_TIMING = TimingConfig(warmup=2, min_reps=5, max_reps=50, min_time_s=0.3)
 
 # the targets' shapes (readme_table's gpu targets)
@@ -161,4 +175,4 @@ GPU_TARGETS = dataclasses.replace(GPU, name="gpu-targets", sweeps=_GPU_TARGET_SW
 GPU_SWEEPS = dataclasses.replace(GPU, name="gpu-sweeps", sweeps=GPU.sweeps[len(_GPU_TARGET_SWEEPS):], train=None,
                                  targets=None)
 
-SUITES: Dict[str, Suite] = {suite.name: suite for suite in (TINY, CPU, README_CPU, GPU, GPU_TARGETS, GPU_SWEEPS)}
+SUITES: Dict[str, Suite] = {suite.name: suite for suite in (TINY, CPU, README_CPU, CPU_VOCAB, GPU, GPU_TARGETS, GPU_SWEEPS)}
