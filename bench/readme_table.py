@@ -348,19 +348,48 @@ def render(source, target_set: str) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(source, mode: str = "full") -> str:
+    """One markdown table per swept kernel and fixed sizes: a row per x, a column per provider holding its
+    p50 time, its time over the floor and over calibrl's (``python -m bench.readme_table DIR --sweeps``)."""
+    results = Results(source)
+    series: Dict[Tuple[str, str], Dict[float, Dict[str, float]]] = {}
+    for row in results.rows:
+        if row["metric"] == "speed" and row["mode"] == mode and row["kernel"] in WORKLOADS:
+            at = series.setdefault((row["kernel"], row["x_name"]), {}).setdefault(row["x"], {})
+            at[row["provider"]] = float(row["p50"])
+    lines: List[str] = []
+    for (kernel, name), by_x in sorted(series.items()):
+        names = {provider for values in by_x.values() for provider in values}
+        providers = sorted(n for n in names if n == CALIBRL or n.startswith(CALIBRL + "-"))
+        providers += [n for n in PROVIDER_ORDER if n in names and n != ROOFLINE]
+        header = [name.split(";")[0]] + [f"{p} ms (x floor, / calibrl)" for p in providers]
+        lines += [f"**{kernel}, {name}, {mode}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for x, values in sorted(by_x.items()):
+            floor, mine = values.get(ROOFLINE, math.nan), values.get(CALIBRL, math.nan)
+            cells = [f"{x:g}"]
+            for provider in providers:
+                t = values.get(provider, math.nan)
+                cells.append("n/a" if math.isnan(t) else f"{_fmt(t)} ({t / floor:.2f}x, {t / mine:.2f})")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) if lines else "No sweep measurements."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.readme_table", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a results folder or CSV")
     parser.add_argument("--targets", choices=sorted(TARGETS), default="cpu")
     parser.add_argument("--out", default=None, help="also write the markdown here")
     parser.add_argument("--plots", action="store_true", help="also render the PNGs (bench.plot) beside the CSVs")
+    parser.add_argument("--sweeps", action="store_true", help="per-sweep tables (time over the floor per provider) "
+                        "instead of the targets' tables")
     args = parser.parse_args(argv)
     if args.plots:
         from . import plot
 
         for path in plot.render(args.source):
             print(f"plot: {path}")
-    text = render(args.source, args.targets)
+    text = sweep_table(args.source) if args.sweeps else render(args.source, args.targets)
     if args.out:
         Path(args.out).write_text(text)
     print(text)

@@ -486,3 +486,17 @@ def test_pytest_benchmark_entry_point_groups_providers_side_by_side(tmp_path):
         "fused_calibrl_loss N 16, V 96 fp32 forward+backward": {"calibrl", "eager", "compiled"},
         "token_logprobs N 16, V 96 fp32 forward+backward": {"calibrl", "eager", "compiled"},
     }
+
+
+def test_sweep_table_rows_per_x_with_floor_and_calibrl_ratios(tmp_path):
+    kernel, name = "fused_linear_calibrl_loss", "V; N=1024; D=896; dtype=float32"
+    rows = []
+    for v, (floor, mine, eager) in {8000: (100.0, 110.0, 130.0), 32000: (400.0, 420.0, 600.0)}.items():
+        rows += [(kernel, "roofline", "full", "speed", name, v, floor), (kernel, "calibrl", "full", "speed", name, v, mine),
+                 (kernel, "eager", "full", "speed", name, v, eager)]
+    rows.append((kernel, "calibrl", "full", "memory", name, 8000, 50.0))  # memory rows are not in the table
+    write_rows(tmp_path / "kernels.csv", rows)
+    lines = readme_table.sweep_table(tmp_path).splitlines()
+    assert lines[2] == "| V | calibrl ms (x floor, / calibrl) | eager ms (x floor, / calibrl) |"
+    assert lines[4] == "| 8000 | 110 (1.10x, 1.00) | 130 (1.30x, 1.18) |"
+    assert lines[5] == "| 32000 | 420 (1.05x, 1.00) | 600 (1.50x, 1.43) |"
