@@ -13,6 +13,7 @@ those in hot loops.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Optional, Sequence
 
@@ -50,9 +51,31 @@ def check_bool_argument(name: str, value) -> None:
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
 
 
-def check_finite_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def is_real_number(value) -> bool:
+    """A real scalar: Python int / float or a NumPy integer / floating scalar; never a bool (np.bool_ is no Real)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def as_float(name: str, value) -> float:
+    """value (int, float, np.float32, np.int64, ...) as a Python float; bools, strings, tensors refused."""
+    if not is_real_number(value):
+        raise ValueError(f"{name}: expected a finite number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def as_int(name: str, value) -> int:
+    """value (int or NumPy integer scalar) as a Python int; bools and floats refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_finite_number(name: str, value) -> float:
+    """A finite real number (Python or NumPy scalar); returns it as a Python float."""
+    number = as_float(name, value)
+    if not math.isfinite(number):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return number
 
 
 def require_tensor(name: str, value) -> torch.Tensor:
@@ -95,9 +118,11 @@ def check_mask_values(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected 0/1 or non-negative finite weights, got {t[where].item()} at {where}")
 
 
-def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str) -> None:
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str, like: Optional[str] = None) -> None:
+    """t.shape == expected; the message names t, the symbolic and actual expected shape and (like) its source."""
     if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name}: expected shape {what} = {tuple(expected)}, got {tuple(t.shape)}")
+        source = f" (like {like})" if like else ""
+        raise ValueError(f"{name}: expected shape {what} = {tuple(expected)}{source}, got {tuple(t.shape)}")
 
 
 def check_ndim(name: str, t: torch.Tensor, allowed: Sequence[int], what: str) -> None:
@@ -110,9 +135,11 @@ def check_device(name: str, t: torch.Tensor, device: torch.device, reference_nam
         raise ValueError(f"{name}: expected a tensor on {device} (the device of {reference_name}), got one on {t.device}")
 
 
-def check_positive_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+def check_positive_number(name: str, value) -> float:
+    """A finite real number > 0 (Python or NumPy scalar); returns it as a Python float."""
+    if not is_real_number(value) or not math.isfinite(float(value)) or float(value) <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -140,8 +167,7 @@ def check_token_logprobs_inputs(logits: torch.Tensor, targets: torch.Tensor, tem
     if logits.shape[-1] == 0:
         raise ValueError("logits: expected a vocabulary of at least one entry, got V = 0")
     check_positive_number("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    as_int("ignore_index", ignore_index)
     check_targets(targets, logits.shape[-1], ignore_index)
 
 
@@ -160,6 +186,10 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         )
     if weight.shape[0] == 0:
         raise ValueError("weight: expected a vocabulary of at least one row, got V = 0")
+    if hidden.shape[-1] == 0:
+        raise ValueError(
+            f"hidden: expected a hidden size D >= 1 (shape (N, D) or (B, T, D)), got D = 0 in shape {tuple(hidden.shape)}"
+        )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     check_shape("targets", targets, hidden.shape[:-1], "hidden.shape[:-1]")
@@ -173,8 +203,7 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         check_shape("bias", bias, (weight.shape[0],), "(V,)")
         check_device("bias", bias, hidden.device, "hidden")
     check_positive_number("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    as_int("ignore_index", ignore_index)
     check_targets(targets, weight.shape[0], ignore_index)
 
 
@@ -212,7 +241,7 @@ def check_num_groups_argument(num_groups, batch_size: int) -> None:
     """num_groups, when given, is an int in [1, B] (its agreement with the data is a value check)."""
     if num_groups is None:
         return
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups: expected None or an int, got {type(num_groups).__name__}")
     if not 1 <= num_groups <= batch_size:
         raise ValueError(f"num_groups: expected None or an int in [1, B = {batch_size}], got {num_groups}")
@@ -231,7 +260,7 @@ def check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert) -> None:
     B = old_logp.shape[0]
     for name, t, what in (("mask", mask, "(B, T)"), ("group_ids", group_ids, "(B,)"), ("is_expert", is_expert, "(B,)")):
         require_tensor(name, t)
-        check_shape(name, t, old_logp.shape if what == "(B, T)" else (B,), what)
+        check_shape(name, t, old_logp.shape if what == "(B, T)" else (B,), what, like="old_logp")
         check_device(name, t, old_logp.device, "old_logp")
     check_mask_dtype("mask", mask)
     check_integer("group_ids", group_ids)
@@ -255,12 +284,12 @@ def check_optional_group_fields(scores, group_ids, batch_size: int, device: torc
     if scores is not None:
         require_tensor("scores", scores)
         check_floating("scores", scores)
-        check_shape("scores", scores, (batch_size,), "(B,)")
+        check_shape("scores", scores, (batch_size,), "(B,)", like="old_logp.shape[0]")
         check_device("scores", scores, device, "old_logp")
     if group_ids is not None:
         require_tensor("group_ids", group_ids)
         check_integer("group_ids", group_ids)
-        check_shape("group_ids", group_ids, (batch_size,), "(B,)")
+        check_shape("group_ids", group_ids, (batch_size,), "(B,)", like="old_logp.shape[0]")
         check_device("group_ids", group_ids, device, "old_logp")
 
 
@@ -297,14 +326,14 @@ def check_loss_inputs(
 
     def per_token(name, t, floating=True):
         require_tensor(name, t)
-        check_shape(name, t, (B, T), "(B, T)")
+        check_shape(name, t, (B, T), "(B, T)", like=logp_name)
         check_device(name, t, device, logp_name)
         if floating:
             check_floating(name, t)
 
     def per_row(name, t):
         require_tensor(name, t)
-        check_shape(name, t, (B,), "(B,)")
+        check_shape(name, t, (B,), "(B,)", like=f"{logp_name}.shape[0]")
         check_device(name, t, device, logp_name)
         check_bool(name, t)
 
@@ -315,7 +344,9 @@ def check_loss_inputs(
     require_tensor("advantages", advantages)
     check_floating("advantages", advantages)
     if tuple(advantages.shape) not in ((B,), (B, T)):
-        raise ValueError(f"advantages: expected shape (B,) = {(B,)} or (B, T) = {(B, T)}, got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages: expected shape (B,) = {(B,)} or (B, T) = {(B, T)} (like {logp_name}), got {tuple(advantages.shape)}"
+        )
     check_device("advantages", advantages, device, logp_name)
     if expert_logp is not None:
         require_tensor("expert_logp", expert_logp)

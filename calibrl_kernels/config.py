@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -101,8 +102,10 @@ class CalibRLConfig:
             "temperature", "adv_eps", "pass_threshold", "huber_delta",
         ):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            # Python int / float or NumPy scalars (np.float32(0.2), np.int64(3)); stored as Python floats.
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
                 _fail(field, "a finite number", value)
+            object.__setattr__(self, field, float(value))
         if not 0.0 <= self.clip_low < 1.0:
             _fail("clip_low", "a number in [0, 1)", self.clip_low)
         if self.clip_high < 0.0:
@@ -119,12 +122,14 @@ class CalibRLConfig:
             _fail("adv_eps", "a number > 0", self.adv_eps)
         if self.huber_delta <= 0.0:
             _fail("huber_delta", "a number > 0", self.huber_delta)
-        if self.loss_scale_factor is not None and not (
-            isinstance(self.loss_scale_factor, (int, float)) and not isinstance(self.loss_scale_factor, bool)
-            and math.isfinite(self.loss_scale_factor)
-            and self.loss_scale_factor > 0
-        ):
-            _fail("loss_scale_factor", "None or a number > 0", self.loss_scale_factor)
+        if self.loss_scale_factor is not None:
+            if not (
+                isinstance(self.loss_scale_factor, numbers.Real) and not isinstance(self.loss_scale_factor, bool)
+                and math.isfinite(float(self.loss_scale_factor))
+                and self.loss_scale_factor > 0
+            ):
+                _fail("loss_scale_factor", "None or a number > 0", self.loss_scale_factor)
+            object.__setattr__(self, "loss_scale_factor", float(self.loss_scale_factor))
 
     @property
     def uses_guide(self) -> bool:

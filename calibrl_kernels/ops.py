@@ -32,6 +32,7 @@ def token_logprobs(
     """
     _checks.check_token_logprobs_inputs(logits, targets, temperature, ignore_index)
     _checks.check_bool_argument("return_entropy", return_entropy)
+    temperature, ignore_index = float(temperature), int(ignore_index)  # NumPy scalars -> Python numbers
     fn = _dispatch.implementation("token_logprobs", logits.device)
     return fn(logits, targets, temperature, ignore_index, return_entropy)
 
@@ -49,6 +50,7 @@ def linear_token_logprobs(
     """token_logprobs of hidden (N, D) or (B, T, D) @ weight (V, D)^T + bias, without (N, V) logits."""
     _checks.check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
     _checks.check_bool_argument("return_entropy", return_entropy)
+    temperature, ignore_index = float(temperature), int(ignore_index)  # NumPy scalars -> Python numbers
     fn = _dispatch.implementation("linear_token_logprobs", hidden.device)
     return fn(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
 
@@ -75,6 +77,7 @@ def group_advantages(
     _checks.check_bool_argument("norm_by_std", norm_by_std)
     _checks.check_finite_number("pass_threshold", pass_threshold)
     _checks.check_num_groups_argument(num_groups, scores.numel())
+    eps, num_groups = float(eps), None if num_groups is None else int(num_groups)  # NumPy scalars -> Python
     fn = _dispatch.implementation("group_advantages", scores.device)
     extra = {} if num_groups is None else {"num_groups": num_groups}
     return fn(scores, group_ids, is_expert, norm_by_std, eps, float(pass_threshold), **extra)
@@ -188,6 +191,7 @@ def fused_calibrl_loss(
         raise TypeError(f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}")
     _checks.check_config(config)
     _checks.check_token_logprobs_inputs(logits, targets, config.temperature, ignore_index)
+    ignore_index = int(ignore_index)  # NumPy integer -> Python int
     if logits.dim() != 3:
         raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
     advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
@@ -231,6 +235,7 @@ def fused_linear_calibrl_loss(
     """
     _checks.check_config(config)
     _checks.check_linear_inputs(hidden, weight, targets, bias, config.temperature, ignore_index)
+    ignore_index = int(ignore_index)  # NumPy integer -> Python int
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
     advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
