@@ -1,18 +1,34 @@
-"""Checkpoints: one dict per file, written atomically, the last K kept.
+"""Checkpoints: one dict per file, written atomically with a checksum, verified on load, the last K kept.
 
 A checkpoint holds everything a resumed run needs to continue exactly: model, optimizer and
 scheduler states, the phase ("sft" or "rl") and step, the data order (sampler state), the RNG
 states of every process (torch CPU and CUDA, numpy, python ``random``) and the run's config.
-Files are ``<run>/checkpoints/ckpt-<index>.pt`` with a monotonic index (SFT steps, then RL steps).
+Files are ``<run>/checkpoints/ckpt-<index>.pt`` with a monotonic index (SFT steps, then RL steps),
+each with its checksum file ``ckpt-<index>.pt.sha256`` (JSON: file name, size in bytes, sha256).
+
+Writing (``save_checkpoint``): the data goes to a temporary file in the same folder, is fsynced and
+renamed over the final name, then the folder is fsynced; the checksum file follows the same way. A
+checkpoint counts only once its checksum file is in place, and older ones are deleted only after that,
+so a process killed at any moment leaves the previous good checkpoints intact.
+
+Loading (``load_checkpoint``, ``load_latest``): the size and sha256 are checked against the checksum
+file first, then the dict is read with ``torch.load(weights_only=True)``, which admits tensors and plain
+containers only and never runs code from the file: a pickle of any other object is refused. Every
+value in the dict is therefore a tensor, a number, a string, None or a list / tuple / dict of those
+(the numpy RNG state is stored as a tensor and a dict, see ``capture_rng``). ``load_latest`` falls back
+from a missing, truncated, modified or refused checkpoint to the previous good one with a warning.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,58 +36,202 @@ import torch
 from .config import ConfigError
 
 _NAME = re.compile(r"ckpt-(\d+)\.pt$")
+CHECKSUM_SUFFIX = ".sha256"
+_TEMP = ".tmp-"  # temporary files: <final name>.tmp-<pid>
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: its message names the file and why."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (corrupt, truncated, unverified or refused) in favour of an older one."""
 
 
 def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def checksum_path(path: str) -> str:
+    return path + CHECKSUM_SUFFIX
+
+
 def list_checkpoints(run_dir: str) -> List[str]:
-    """Checkpoint paths of a run, oldest first."""
+    """Checkpoint data files of a run (verified or not), oldest first."""
     paths = [p for p in glob.glob(os.path.join(checkpoint_dir(run_dir), "ckpt-*.pt")) if _NAME.search(p)]
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
 def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest checkpoint file by index, whether it verifies or not (see ``load_latest``)."""
     paths = list_checkpoints(run_dir)
     return paths[-1] if paths else None
 
 
-def resume_path(run_dir: str) -> str:
-    """The checkpoint ``--resume RUN_DIR`` continues from (its latest)."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise ConfigError(f"--resume: no checkpoint in {checkpoint_dir(run_dir)}")
-    return path
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+# ------------------------------------------------------------------------------------------ writing
+def _fsync_dir(folder: str) -> None:
+    """Make a rename or creation in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
     try:
-        torch.save(obj, tmp)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
+
+    A reader sees either the old file or the complete new one, also after a crash or SIGKILL.
+    """
+    tmp = f"{path}{_TEMP}{os.getpid()}"
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save through ``atomic_write``."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _remove_leftovers(folder: str) -> None:
+    """Temporary files of a writer that was killed, and checksum files whose checkpoint is gone."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if _TEMP in name or (name.endswith(CHECKSUM_SUFFIX) and not os.path.exists(path[:-len(CHECKSUM_SUFFIX)])):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+
 def save_checkpoint(run_dir: str, index: int, state: Dict[str, Any], keep: int) -> str:
-    """Write checkpoint ``index`` atomically and delete all but the newest ``keep`` (keep 0: keep all)."""
-    os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
-    path = os.path.join(checkpoint_dir(run_dir), f"ckpt-{index:07d}.pt")
+    """Write checkpoint ``index`` and its checksum atomically, then keep only the newest ``keep`` good ones.
+
+    ``keep`` 0 keeps all. Checkpoints older than the new one that do not verify are deleted too.
+    """
+    folder = checkpoint_dir(run_dir)
+    os.makedirs(folder, exist_ok=True)
+    _remove_leftovers(folder)
+    path = os.path.join(folder, f"ckpt-{index:07d}.pt")
+    if os.path.exists(checksum_path(path)):  # an older checkpoint of this index is replaced: unverified until done
+        os.remove(checksum_path(path))
     atomic_torch_save(state, path)
+    record = {"file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+    atomic_write(checksum_path(path), lambda handle: handle.write((json.dumps(record) + "\n").encode()))
     if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            os.remove(old)
+        _prune(run_dir, path, keep)
     return path
 
 
+def _prune(run_dir: str, newest: str, keep: int) -> None:
+    """Delete every checkpoint older than ``newest`` except the newest ``keep - 1`` that verify."""
+    older = [p for p in list_checkpoints(run_dir) if _index(p) < _index(newest)]
+    kept = 1
+    for path in reversed(older):
+        if kept < keep and verify_checkpoint(path) is None:
+            kept += 1
+            continue
+        for victim in (checksum_path(path), path):  # checksum first: never a checksum without its data
+            try:
+                os.remove(victim)
+            except FileNotFoundError:
+                pass
+
+
+def _index(path: str) -> int:
+    return int(_NAME.search(path).group(1))
+
+
+# ------------------------------------------------------------------------------------------ loading
+def verify_checkpoint(path: str) -> Optional[str]:
+    """None when ``path`` matches its checksum file, else why not (missing, truncated, modified, ...)."""
+    if not os.path.exists(path):
+        return "the file is missing"
+    try:
+        with open(checksum_path(path), encoding="utf-8") as handle:
+            record = json.load(handle)
+        expected_size, expected_sha = int(record["bytes"]), str(record["sha256"])
+    except FileNotFoundError:
+        return f"no checksum file {os.path.basename(checksum_path(path))} (its write never finished)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable checksum file {os.path.basename(checksum_path(path))} ({error})"
+    size = os.path.getsize(path)
+    if size != expected_size:
+        return f"truncated or extended: {size} bytes, the checksum file records {expected_size}"
+    if file_sha256(path) != expected_sha:
+        return "sha256 differs from the checksum file (the file was modified or is corrupt)"
+    return None
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """The checkpoint dict (our own file: full unpickling, it holds numpy RNG state)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The verified checkpoint dict (tensors and plain containers only); CheckpointError when unusable."""
+    reason = verify_checkpoint(path)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path}: {reason}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only refuses any global it does not allow: nothing is executed
+        raise CheckpointError(f"checkpoint {path}: refused by torch.load(weights_only=True), it holds more than "
+                              f"tensors and plain containers ({_short(error)})") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(state).__name__}")
+    return state
 
 
+def _short(error: Exception) -> str:
+    """The informative line of a torch.load error (weights_only's names the refused global)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[-1] if lines else "")
+    return f"{type(error).__name__}: {detail[:300]}"
+
+
+def load_latest(run_dir: str) -> Tuple[str, Dict[str, Any]]:
+    """(path, state) of the newest checkpoint that verifies and loads; each newer one skipped with a warning.
+
+    ConfigError (reported as a usage error of ``--resume``) when there is none.
+    """
+    paths = list_checkpoints(run_dir)
+    if not paths:
+        raise ConfigError(f"--resume: no checkpoint in {checkpoint_dir(run_dir)}")
+    reasons = []
+    for position in range(len(paths) - 1, -1, -1):
+        try:
+            return paths[position], load_checkpoint(paths[position])
+        except CheckpointError as error:
+            reasons.append(str(error))
+            fallback = (f"falling back to {os.path.basename(paths[position - 1])}" if position
+                        else "no older checkpoint left")
+            warnings.warn(f"{error}; {fallback}", CheckpointWarning, stacklevel=2)
+    raise ConfigError(f"--resume: no usable checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(reasons))
+
+
+def resume_path(run_dir: str) -> str:
+    """The checkpoint ``--resume RUN_DIR`` continues from: the newest one that verifies and loads."""
+    return load_latest(run_dir)[0]
+
+
+# ---------------------------------------------------------------------------------------------- RNG
 def seed_everything(seed: int) -> None:
     """Seed python's ``random``, numpy and torch (every device) of this process."""
     random.seed(seed)
@@ -80,8 +240,14 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng() -> Dict[str, Any]:
-    """RNG states of this process."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states of this process, as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": random.getstate(),  # (version, tuple of ints, gauss_next float or None)
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -89,7 +255,10 @@ def capture_rng() -> Dict[str, Any]:
 
 def restore_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    saved = state["numpy"]
+    np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                         saved["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
