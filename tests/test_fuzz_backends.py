@@ -35,8 +35,8 @@ from calibrl_kernels.config import ACTIVATIONS, BASELINES, LOSS_AGG_MODES, MODES
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
 # Examples per test (README "Reliability" quotes the total: FUSED_EXAMPLES + LINEAR_EXAMPLES).
-FUSED_EXAMPLES = 50
-LINEAR_EXAMPLES = 40
+FUSED_EXAMPLES = 40
+LINEAR_EXAMPLES = 30
 FIELDS = ("loss", "pg_loss", "guide_loss", "entropy", "clipfrac", "clipfrac_lower", "ppo_kl")
 LAYOUTS = ("groups-of-one", "zero-variance", "all-expert", "expert-per-group")
 MASKS = ("random", "all-ones", "all-masked", "ignore-index")
