@@ -105,6 +105,21 @@ def gather_objects(obj: Any, info: DistInfo) -> List[Any]:
     return out
 
 
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (picklable objects)."""
+    if not info.active:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if info.active:
+        torch_dist.barrier()
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True when ``flag`` is true on at least one rank (e.g. a Ctrl-C seen by one process)."""
     if not info.active:

@@ -27,14 +27,19 @@ from .model import Policy, PolicyForward, build_tiny_policy, load_policy
 from .rollout import RolloutBatch, collate_responses, collect_rollouts, old_logprobs, response_targets, sequence_inputs
 from .update import PPOUpdate
 
-INTERRUPTED_EXIT_CODE = 130
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C saved a checkpoint and stopped the run
+
+
+def interrupted_exit_code(signum: int) -> int:
+    """Exit status of a run stopped by signal ``signum`` after saving: 128 + signum (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + signum
 
 
 class Trainer:
     """Holds the run's state: policy, optimizer, data order, phase ("sft" then "rl") and step."""
 
     def __init__(self, cfg: TrainConfig, dist: distributed.DistInfo):
-        resumed = checkpoint.load_checkpoint(checkpoint.resume_path(cfg.resume)) if cfg.resume else None
+        resumed = self._load_resumed(cfg.resume, dist) if cfg.resume else None
         self.cfg = merge_resume(config_from_dict(resumed["config"]), cfg) if resumed else cfg
         self.dist = dist
         cfg = self.cfg.check_processes(dist.world_size)
@@ -56,13 +61,29 @@ class Trainer:
         self.phase, self.step = "sft", 0
         self.optimizer, self.scheduler = self._make_optimizer("sft")
         self.last_lr = 0.0  # learning rate of the latest optimizer step
-        self.interrupted = False
+        self.interrupted = 0  # the signal number of a Ctrl-C (SIGINT) or SIGTERM, 0 while none came
+        self.saved_index = None  # index of the last checkpoint written (the final save skips a repeat)
         if resumed:
             self._restore(resumed)
         elif dist.is_main:
             start_run_dir(self.run_dir, self.cfg.to_dict(), None if cfg.model else self.policy.tokenizer)
 
     # ---------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _load_resumed(run_dir: str, dist: distributed.DistInfo) -> dict:
+        """The newest good checkpoint of ``run_dir``, chosen by the main process (bad ones skipped with a
+        warning) so that every process loads the same file, even one the main process is still pruning."""
+        path, state, error = None, None, None
+        if dist.is_main:
+            try:
+                path, state = checkpoint.load_latest(run_dir)
+            except ConfigError as failure:
+                error = str(failure)
+        path, error = distributed.broadcast_object((path, error), dist)
+        if error is not None:
+            raise ConfigError(error)
+        return state if state is not None else checkpoint.load_checkpoint(path)
+
     def _build_policy(self, resuming: bool) -> Policy:
         cfg = self.cfg
         if cfg.model:
@@ -90,16 +111,18 @@ class Trainer:
         return self.step if self.phase == "sft" else self.sft_total + self.step
 
     def save(self) -> None:
+        """Checkpoint ``index`` (written by the main process; every process returns once it is on disk)."""
         rng = distributed.gather_objects(checkpoint.capture_rng(), self.dist)
-        if not self.dist.is_main:
-            return
-        state = {
-            "model": self.policy.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "phase": self.phase, "step": self.step,
-            "sampler": self.sampler.state_dict(), "rng": rng, "world_size": self.dist.world_size,
-            "config": self.cfg.to_dict(),
-        }
-        checkpoint.save_checkpoint(self.run_dir, self.index, state, self.cfg.keep_checkpoints)
+        if self.dist.is_main:
+            state = {
+                "model": self.policy.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "phase": self.phase, "step": self.step,
+                "sampler": self.sampler.state_dict(), "rng": rng, "world_size": self.dist.world_size,
+                "config": self.cfg.to_dict(),
+            }
+            checkpoint.save_checkpoint(self.run_dir, self.index, state, self.cfg.keep_checkpoints)
+        self.saved_index = self.index
+        distributed.barrier(self.dist)  # no process moves on (or exits) while the checkpoint is being written
 
     def _restore(self, state: dict) -> None:
         if state["world_size"] != self.dist.world_size:
@@ -112,6 +135,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.restore_rng(state["rng"][self.dist.rank])
+        self.saved_index = self.index
         if self.dist.is_main:
             truncate_run(self.run_dir, self.phase, self.step)
 
@@ -127,8 +151,9 @@ class Trainer:
             while self.phase == "sft" and self.step < self.sft_total:
                 self.step += 1
                 logger.log(self.sft_step(), self.index)
-                if self._end_of_step(logger):
-                    return INTERRUPTED_EXIT_CODE
+                stopped_by = self._end_of_step(logger)
+                if stopped_by:
+                    return interrupted_exit_code(stopped_by)
             if self.phase == "sft":  # warm start done: fresh optimizer for RL, evaluate the starting point
                 self.phase, self.step = "rl", 0
                 self.optimizer, self.scheduler = self._make_optimizer("rl")
@@ -140,9 +165,11 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     record.update(self._evaluate(logger))
                 logger.log(record, self.index)
-                if self._end_of_step(logger):
-                    return INTERRUPTED_EXIT_CODE
-            self.save()
+                stopped_by = self._end_of_step(logger)
+                if stopped_by:
+                    return interrupted_exit_code(stopped_by)
+            if self.saved_index != self.index:  # the last step's checkpoint is this state already
+                self.save()
             if self.dist.is_main:
                 from transformers.utils import logging as hf_logging
 
@@ -156,17 +183,20 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.interrupted:  # a second Ctrl-C stops at once
+        """SIGINT / SIGTERM: finish the current step, save, stop. A second one stops at once."""
+        if self.interrupted:
             raise KeyboardInterrupt
-        self.interrupted = True
+        self.interrupted = signum
 
-    def _end_of_step(self, logger: RunLogger) -> bool:
-        """Checkpoint when due; on Ctrl-C (any process) save and report True."""
-        stop = distributed.any_rank(self.interrupted, self.dist)
+    def _end_of_step(self, logger: RunLogger) -> int:
+        """Checkpoint when due; after SIGINT / SIGTERM (on any process) save and return its number, else 0."""
+        stop = int(distributed.all_reduce_max(torch.tensor([self.interrupted], device=self.dist.device),
+                                              self.dist).item())
         if stop or self.step % self.cfg.save_every == 0:
             self.save()
         if stop:
-            logger.message(f"interrupted: saved {self.phase} step {self.step}; continue with --resume {self.run_dir}")
+            logger.message(f"interrupted by {signal.Signals(stop).name}: saved {self.phase} step {self.step}; "
+                           f"continue with --resume {self.run_dir}")
         return stop
 
     def _evaluate(self, logger: RunLogger) -> Dict[str, float]:

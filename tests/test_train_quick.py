@@ -64,20 +64,23 @@ def test_resume_reproduces_the_next_steps_exactly(tmp_path, reference_run):
     assert got == expected
 
 
-def test_ctrl_c_saves_mid_warm_start_and_resume_matches(tmp_path, reference_run, monkeypatch):
+@pytest.mark.parametrize("sig, exit_code", [(signal.SIGINT, INTERRUPTED_EXIT_CODE), (signal.SIGTERM, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_signal_saves_mid_warm_start_and_resume_matches(tmp_path, reference_run, monkeypatch, sig, exit_code):
     out = tmp_path / "interrupted"
+    previous_handler = signal.getsignal(sig)
     original = Trainer.sft_step
 
     def interrupted_sft_step(self):
         record = original(self)
         if self.step == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the trainer's handler catches it
+            os.kill(os.getpid(), sig)  # what Ctrl-C / a scheduler's stop sends; the trainer's handler catches it
         return record
 
     monkeypatch.setattr(Trainer, "sft_step", interrupted_sft_step)
-    assert quick_run(out, "--max-steps", 3) == INTERRUPTED_EXIT_CODE
+    assert quick_run(out, "--max-steps", 3) == exit_code  # 128 + the signal's number
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(out))] == ["ckpt-0000001.pt"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(sig) is previous_handler  # handler restored
     monkeypatch.setattr(Trainer, "sft_step", original)
     assert quick_run(out, "--resume", out) == 0
     assert comparable(metrics(out)) == comparable(metrics(reference_run))
