@@ -39,6 +39,8 @@ class TrainConfig:
     data: str = _field("easy-vqa", "'easy-vqa' or a JSONL file of {image, question, answer, expert} rows")
     eval_data: Optional[str] = _field(None, "JSONL for evaluation; default: easy-vqa's test split "
                                             "(with JSONL data: none)")
+    ood_eval_data: Optional[str] = _field(None, "a second held-out JSONL (e.g. out-of-domain questions), evaluated "
+                                                "beside eval_data; its metrics are logged as ood_eval_*")
     train_examples: int = _field(0, "use only the first N training questions (0: all)")
     eval_examples: int = _field(512, "held-out questions per greedy evaluation (0: all)")
     instruction: Optional[str] = _field(None, "text appended to every question; default: none for the tiny model, "
@@ -53,6 +55,8 @@ class TrainConfig:
     num_heads: int = _field(2, "attention heads of the language model")
     mlp_ratio: int = _field(4, "MLP width / hidden_size in the language model")
     vocab_size: int = _field(512, "upper bound of the BPE vocabulary trained on the task text")
+    init_from: Optional[str] = _field(None, "start from the latest checkpoint of this run folder (its weights and "
+                                             "tokenizer; the model flags must match it) instead of a fresh model")
     # --- supervised warm start on expert traces
     sft_steps: int = _field(350, "supervised steps on expert responses before RL")
     extra_sft_steps: int = _field(100, "sft+grpo only: further supervised steps (its SFT stage is longer)")

@@ -49,6 +49,7 @@ class Trainer:
         self.run_dir = cfg.resume or cfg.run_dir()
         self.train_examples = load_examples(cfg.data, "train", cfg.train_examples)
         self.eval_examples = load_eval_examples(cfg.data, cfg.eval_data, cfg.eval_examples)
+        self.ood_examples = load_examples(cfg.ood_eval_data, "test", cfg.eval_examples) if cfg.ood_eval_data else []
         self.algorithm = algorithms.make_algorithm(cfg.algo, cfg.loss)
         self.loss_cfg = self.algorithm.loss
         self.policy = self._build_policy(resumed is not None)
@@ -89,12 +90,32 @@ class Trainer:
         if cfg.model:
             return load_policy(cfg.model, cfg, self.dist.device)
         if resuming:  # the run's own tokenizer; the weights come from the checkpoint
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(os.path.join(self.run_dir, "tokenizer"))
-            return build_tiny_policy(cfg, [], self.dist.device, tokenizer=tokenizer)
+            return self._policy_with_tokenizer_of(self.run_dir)
+        if cfg.init_from:  # another run's tokenizer and newest weights (e.g. the study's shared warm start)
+            return self._initial_policy(cfg.init_from)
         texts = [t for e in self.train_examples + self.eval_examples for t in (e.question, e.expert, e.answer)]
         return build_tiny_policy(cfg, texts + ["user\n", "assistant\n"], self.dist.device)
+
+    def _policy_with_tokenizer_of(self, run_dir: str) -> Policy:
+        from transformers import AutoTokenizer
+
+        folder = os.path.join(run_dir, "tokenizer")
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{run_dir}: no tokenizer folder {folder} (not a run folder of the tiny model)")
+        return build_tiny_policy(self.cfg, [], self.dist.device, tokenizer=AutoTokenizer.from_pretrained(folder))
+
+    def _initial_policy(self, init_from: str) -> Policy:
+        """The tiny policy with ``init_from``'s tokenizer and the weights of its newest good checkpoint."""
+        if self.cfg.model:
+            raise ConfigError("init_from: cannot be combined with --model (which brings its own weights)")
+        policy = self._policy_with_tokenizer_of(init_from)
+        path, state = checkpoint.load_latest(init_from)  # ConfigError when it holds no good checkpoint
+        try:
+            policy.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ConfigError(f"init_from: {path} does not fit this model's flags (hidden size, layers, ...): "
+                              f"{str(error).splitlines()[0]}") from error
+        return policy
 
     def _make_optimizer(self, phase: str):
         cfg = self.cfg
@@ -206,6 +227,10 @@ class Trainer:
         results, samples = evaluate(self.policy, self.eval_examples, self.cfg.max_new_tokens,
                                     self.cfg.eval_batch_size, self.loss_cfg.temperature, self.dist)
         logger.samples(self.phase, self.step, samples)
+        if self.ood_examples:
+            ood, _ = evaluate(self.policy, self.ood_examples, self.cfg.max_new_tokens, self.cfg.eval_batch_size,
+                              self.loss_cfg.temperature, self.dist)
+            results.update({f"ood_{key}": value for key, value in ood.items()})
         return results
 
     def _log_eval(self, record: dict, logger: RunLogger) -> None:

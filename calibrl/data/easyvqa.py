@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 from . import Example
 
@@ -109,7 +109,8 @@ def load_easyvqa(split: str) -> List[Example]:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_easyvqa(split: str) -> Tuple[Example, ...]:
+def _split(split: str):
+    """(questions, answers, image ids, image paths, {image id: (shape, colour)}) of an easy-vqa split."""
     import easy_vqa
 
     if split == "train":
@@ -120,11 +121,38 @@ def _load_easyvqa(split: str) -> Tuple[Example, ...]:
         paths = easy_vqa.get_test_image_paths()
     else:
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    attributes = image_attributes(questions, answers, image_ids)
-    examples = []
+    return questions, answers, image_ids, paths, image_attributes(questions, answers, image_ids)
+
+
+def _examples(split: str) -> Iterable[Tuple[int, Example]]:
+    """(image id, Example) of every question of ``split`` about an image with known attributes, in file order."""
+    questions, answers, image_ids, paths, attributes = _split(split)
     for question, answer, image_id in zip(questions, answers, image_ids):
-        if image_id not in attributes:
-            continue
-        shape, color = attributes[image_id]
-        examples.append(Example(paths[image_id], question, answer, expert_response(question, answer, shape, color)))
-    return tuple(examples)
+        if image_id in attributes:
+            shape, color = attributes[image_id]
+            yield image_id, Example(paths[image_id], question, answer, expert_response(question, answer, shape, color))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_easyvqa(split: str) -> Tuple[Example, ...]:
+    return tuple(example for _, example in _examples(split))
+
+
+class Image(NamedTuple):
+    """One easy-vqa image: its id, file, the shape and colour it shows, and its questions as Examples."""
+
+    image_id: int
+    path: str
+    shape: str
+    color: str
+    examples: Tuple[Example, ...]
+
+
+@functools.lru_cache(maxsize=2)
+def easyvqa_images(split: str) -> Tuple[Image, ...]:
+    """The images of ``split`` ("train" or "test") whose shape and colour are determined, in id order."""
+    _, _, _, paths, attributes = _split(split)
+    per_image: Dict[int, List[Example]] = {}
+    for image_id, example in _examples(split):
+        per_image.setdefault(image_id, []).append(example)
+    return tuple(Image(i, paths[i], *attributes[i], tuple(per_image[i])) for i in sorted(per_image))

@@ -1,0 +1,99 @@
+"""The study's runs: one warm start per seed, then every algorithm and ablation from it.
+
+A ``Run`` is a name, the section it belongs to (main comparison, activation / slope / baseline ablation),
+the label it gets in tables and plots, and the ``python -m calibrl.train`` flags that make it. Runs of
+one seed share that seed's warm start (``init_from``), so within a seed every algorithm starts from the
+same weights and draws the same prompts in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+MAIN_ALGOS = ("calibrl", "grpo", "sft+grpo", "luffy", "rlplus", "dapo")
+# Activation ablation of the guide term (CALIBRL.md: the paper's Table of average accuracy); leaky_relu 0.5 is
+# the calibrl run itself.
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "huber", "none")
+# Slope ablation of leaky_relu's negative side; 0.5 is the calibrl run and 0 is exactly relu (max(z, 0)), so
+# those two rows reuse the calibrl and relu runs instead of recomputing identical losses.
+SLOPES = (0.25, 1.0)
+SLOPE_ALIASES = {0.0: "act-relu", 0.5: "calibrl"}
+BASELINE_VARIANTS = (("baseline-seqmean", "sequence-mean baseline", ("--baseline", "sequence-mean")),
+                     ("mask-beyond-expert", "mask beyond expert length", ("--mask-beyond-expert",)))
+SECTIONS = ("main", "activation", "slope", "baseline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long each run trains and how it is evaluated (the full study and ``--quick`` differ only here)."""
+
+    warm_start_steps: int  # answer-only supervised steps of the shared warm start
+    rl_steps: int  # RL steps of every run
+    extra_sft_steps: int  # sft+grpo: supervised steps on the expert traces before GRPO
+    eval_every: int  # held-out evaluation every K RL steps (and at step 0)
+    eval_examples: int  # questions per evaluation split (in-domain and OOD)
+    max_new_tokens: int  # longest sampled response
+    quick: bool = False  # pass --quick to calibrl.train (the tiny test-sized model)
+    only: Optional[Tuple[str, ...]] = None  # run only these configurations (run names without the seed)
+
+
+FULL = Budget(warm_start_steps=300, rl_steps=60, extra_sft_steps=100, eval_every=10, eval_examples=192,
+              max_new_tokens=20)
+# one configuration of each section and of each kind of reference row
+QUICK = Budget(warm_start_steps=3, rl_steps=2, extra_sft_steps=2, eval_every=1, eval_examples=8, max_new_tokens=8,
+               quick=True, only=("calibrl", "grpo", "sft-grpo", "act-relu", "slope-0.25", "baseline-seqmean"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str  # folder name under the study folder, e.g. "calibrl-seed0"
+    section: str  # one of SECTIONS, or "warmstart"
+    label: str  # the row / line label shared by the seeds of one configuration
+    seed: int
+    flags: Tuple[str, ...]  # calibrl.train flags (without --out)
+    depends_on: Optional[str] = None  # the warm start's name, for RL runs
+
+
+def warm_start_name(seed: int) -> str:
+    return f"warmstart-seed{seed}"
+
+
+def _rl_configs(sections: Sequence[str]) -> List[Tuple[str, str, str, Tuple[str, ...]]]:
+    """(key, section, label, flags) of every RL configuration in ``sections``."""
+    configs = []
+    if "main" in sections:
+        configs += [(algo.replace("+", "-"), "main", algo, ("--algo", algo)) for algo in MAIN_ALGOS]
+    if "activation" in sections:
+        configs += [(f"act-{a}", "activation", a, ("--algo", "calibrl", "--activation", a)) for a in ACTIVATIONS]
+    if "slope" in sections:
+        configs += [(f"slope-{s:g}", "slope", f"slope {s:g}", ("--algo", "calibrl", "--negative-slope", str(s)))
+                    for s in SLOPES]
+    if "baseline" in sections:
+        configs += [(key, "baseline", label, ("--algo", "calibrl") + flags) for key, label, flags in BASELINE_VARIANTS]
+    return configs
+
+
+def study_runs(data: Dict[str, str], study_dir: str, seeds: Sequence[int], budget: Budget,
+               sections: Sequence[str] = SECTIONS) -> List[Run]:
+    """Every run of the study: the warm starts first, then the RL runs seed by seed."""
+    common = ("--eval-data", data["eval_id"], "--ood-eval-data", data["eval_ood"],
+              "--eval-examples", str(budget.eval_examples), "--max-new-tokens", str(budget.max_new_tokens),
+              "--no-progress", "--no-tensorboard", "--keep-checkpoints", "1", "--save-every", "1000000")
+    if budget.quick:
+        common = ("--quick",) + common
+    runs = [Run(warm_start_name(s), "warmstart", "warm start", s,
+                common + ("--seed", str(s), "--data", data["warmstart"], "--sft-steps", str(budget.warm_start_steps),
+                          "--max-steps", "0"))
+            for s in seeds]
+    for seed in seeds:
+        init = os.path.join(study_dir, warm_start_name(seed))
+        rl = common + ("--seed", str(seed), "--data", data["rl"], "--init-from", init, "--sft-steps", "0",
+                       "--extra-sft-steps", str(budget.extra_sft_steps), "--max-steps", str(budget.rl_steps),
+                       "--eval-every", str(budget.eval_every))
+        for key, section, label, flags in _rl_configs(sections):
+            if budget.only is not None and key not in budget.only:
+                continue
+            runs.append(Run(f"{key}-seed{seed}", section, label, seed, rl + flags, warm_start_name(seed)))
+    return runs

@@ -1,0 +1,76 @@
+"""The study's task: compositional colour + shape questions on easy-vqa images, with an out-of-domain split.
+
+Every easy-vqa image shows one shape (3 kinds) in one colour (8 kinds): 24 combinations. Six of them
+(``HELD_OUT``: two per shape, each colour at most once) never appear in training; their test images form the
+out-of-domain (OOD) evaluation, where the right answer is a colour-shape pair the model has never been shown.
+
+- warm start (``warmstart.jsonl``): the even-id training images of the 18 in-domain combinations, every
+  easy-vqa question about them plus the compositional question, with ANSWER-ONLY targets
+  (``<think></think><answer>red circle</answer>``): language, vision and the answer format, but none of the
+  expert traces;
+- RL (``rl.jsonl``): the odd-id in-domain training images (disjoint from the warm start), the compositional
+  question only, each with an expert trace ``<think>i see a red circle.</think><answer>red circle</answer>``;
+- evaluation: the compositional question on the test images, in-domain (``eval_id.jsonl``) and OOD
+  (``eval_ood.jsonl``).
+The answer space of the compositional question is 24 pairs (chance 1/24), so accuracy is far from saturated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+from ..data import Example
+from ..data.easyvqa import COLORS, SHAPES, easyvqa_images
+
+HELD_OUT = (("circle", "red"), ("circle", "teal"), ("rectangle", "blue"), ("rectangle", "yellow"),
+            ("triangle", "green"), ("triangle", "brown"))  # (shape, colour) pairs never trained on
+QUESTIONS = ("what color and shape is the object?", "which shape of which color is in the image?",
+             "name the color and the shape.")  # one phrasing per image, by image id
+
+
+def answer_only(answer: str) -> str:
+    """The warm start's target: the format with an empty reasoning part."""
+    return f"<think></think><answer>{answer}</answer>"
+
+
+def compositional(image) -> Example:
+    """The two-attribute question about one image, with its expert trace."""
+    answer = f"{image.color} {image.shape}"
+    expert = f"<think>i see a {image.color} {image.shape}.</think><answer>{answer}</answer>"
+    return Example(image.path, QUESTIONS[image.image_id % len(QUESTIONS)], answer, expert)
+
+
+def study_splits() -> Dict[str, List[Example]]:
+    """The four example lists described in the module docstring."""
+    held_out = set(HELD_OUT)
+    train = [im for im in easyvqa_images("train") if (im.shape, im.color) not in held_out]
+    warm, rl = [im for im in train if im.image_id % 2 == 0], [im for im in train if im.image_id % 2 == 1]
+    warm_examples = []
+    for image in warm:
+        for example in image.examples + (compositional(image),):
+            warm_examples.append(Example(example.image, example.question, example.answer, answer_only(example.answer)))
+    test = easyvqa_images("test")
+    return {
+        "warmstart": warm_examples,
+        "rl": [compositional(im) for im in rl],
+        "eval_id": [compositional(im) for im in test if (im.shape, im.color) not in held_out],
+        "eval_ood": [compositional(im) for im in test if (im.shape, im.color) in held_out],
+    }
+
+
+def write_splits(folder: str) -> Dict[str, str]:
+    """Writes ``<name>.jsonl`` for each split into ``folder`` (unchanged files are left as they are)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for name, examples in study_splits().items():
+        path = os.path.join(folder, f"{name}.jsonl")
+        text = "".join(json.dumps({"image": e.image, "question": e.question, "answer": e.answer,
+                                   "expert": e.expert}) + "\n" for e in examples)
+        if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        paths[name] = path
+    return paths
+
