@@ -51,14 +51,15 @@ def token_logprobs(
     """log softmax(logits / temperature)[target] and the entropy of that distribution.
 
     logits (..., V), targets (...) -> logp (...) [, entropy (...)], float32 (float64 for float64 input).
-    Positions whose target is ``ignore_index`` get logp = entropy = 0 and no gradient.
+    Positions whose target is ``ignore_index`` are not read: logp = entropy = 0 and an exactly zero
+    gradient, whatever their logits hold (NaN padding included), as in the fused backends.
     Entries of -inf in the logits (a masked vocabulary) are allowed; a row whose logits are ALL -inf
-    has no distribution: its outputs are NaN and here (log_softmax's backward) its gradient is NaN even
-    when the loss masks it, whereas the fused backends give every token with a = b = 0 (masked,
-    ignored) an exactly zero gradient row.
+    has no distribution, and a row holding a NaN or +inf logit none either: such a row's outputs and
+    gradient are NaN (as torch's log_softmax), other rows are unaffected.
     """
-    z = logits.to(compute_dtype(logits)) / temperature  # (..., V)
     valid = targets != ignore_index  # (...)
+    z = logits.to(compute_dtype(logits)) / temperature  # (..., V)
+    z = torch.where(valid.unsqueeze(-1), z, torch.zeros_like(z))  # ignored rows never read
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
     log_probs = torch.log_softmax(z, dim=-1)  # (..., V)
     logp = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
@@ -392,13 +393,17 @@ def fused_calibrl_loss(
 ) -> LossOutput:
     """Reference twin of the fused op: explicit log-softmax of logits (B, T, V), then calibrl_loss.
 
-    Tokens whose target is ignore_index are left out of the loss (as if masked).
+    Tokens whose target is ignore_index are left out of the loss (as if masked); masked tokens (mask 0) are
+    treated as ignored before the log-softmax, so their logits are never read (zero gradient even for NaN
+    logits, as in the fused backends).
     inplace_backward: accepted for signature parity with the fused backends, which may then write the
     gradient over the logits buffer; the reference never does (the logits' content after backward is
     unspecified under that option, so callers must not rely on it either way).
     """
-    logp, entropy = token_logprobs(logits, targets, config.temperature, ignore_index, return_entropy=True)
-    token_mask = mask.to(logp.dtype) * (targets != ignore_index).to(logp.dtype)
+    read = (mask != 0) & (targets != ignore_index)  # (B, T) tokens whose logits the loss uses
+    logp, entropy = token_logprobs(logits, torch.where(read, targets, torch.full_like(targets, ignore_index)),
+                                   config.temperature, ignore_index, return_entropy=True)
+    token_mask = mask.to(logp.dtype) * read.to(logp.dtype)
     return calibrl_loss(
         logp, old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
         entropy=entropy, expert_mask=expert_mask, config=config,

@@ -106,7 +106,8 @@ struct RowStats {
 //   s = sum e^(z - m),  t = sum e^(z - m) (z - m),  lse = m + log s,  H = log s - t / s.
 constexpr int64_t kStatBlock = 512;
 
-// A row of all -inf logits gives lse = -inf and entropy = NaN (as torch's log_softmax).
+// A row of all -inf logits gives lse = -inf and entropy = NaN (as torch's log_softmax); a NaN or +inf logit
+// gives NaN lse and entropy (and NaN gradients for the row, see row_gradient_body), as torch does.
 template <typename scalar_t, typename acc_t>
 CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row,       // the row's V raw logits (unit stride)
                                               int64_t vocab,             // V
@@ -142,7 +143,9 @@ CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row,       // the 
     t += bt;
   }
   const acc_t log_s = std::log(s);
-  return {m + log_s, log_s - t / s};
+  // H >= 0 exactly; rounding in log s - t / s can give -1e-8 when one logit dominates (T = 1e-4). std::max
+  // keeps a NaN first argument, so a NaN row still reports NaN.
+  return {m + log_s, std::max(log_s - t / s, acc_t(0))};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -296,11 +299,11 @@ CALIBRL_INLINE void row_gradient_body(const scalar_t* row,       // the row's V 
       const acc_t z = static_cast<acc_t>(row[j]) * inv_temperature;
       const acc_t p = exp_fast(z - lse);
       const acc_t g = p * (at + bt * (z + shift));
-      out[j] = static_cast<scalar_t>(p > acc_t(0) ? g : acc_t(0));
+      out[j] = static_cast<scalar_t>(p == acc_t(0) ? acc_t(0) : g);  // no 0 * inf at z = -inf; NaN stays NaN
     }
   }
   const acc_t p_target = exp_fast(z_target - lse);
-  const acc_t g_target = p_target > acc_t(0) ? p_target * (at + bt * (z_target - lse + entropy)) : acc_t(0);
+  const acc_t g_target = p_target == acc_t(0) ? acc_t(0) : p_target * (at + bt * (z_target - lse + entropy));
   out[target] = static_cast<scalar_t>(g_target - at);
 }
 
