@@ -43,6 +43,9 @@ class TrainConfig:
                                                 "beside eval_data; its metrics are logged as ood_eval_*")
     train_examples: int = _field(0, "use only the first N training questions (0: all)")
     eval_examples: int = _field(512, "held-out questions per greedy evaluation (0: all)")
+    reward_fn: Optional[str] = _field(None, "your verifier as 'package.module:function' (response, answer) -> Score "
+                                            "or reward; default: calibrl.rewards.score_response. A sample it "
+                                            "raises on scores 0 and is counted in reward_errors")
     instruction: Optional[str] = _field(None, "text appended to every question; default: none for the tiny model, "
                                               "a <think>/<answer> format instruction for --model")
     # --- the tiny built-in model (ignored with --model)

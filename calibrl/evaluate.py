@@ -9,13 +9,13 @@ Under torchrun every process answers its share of the questions; the sums are al
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from . import distributed
 from .model import Policy
-from .rewards import score_response
+from .rewards import Score, score_response
 from .rollout import generate
 
 SAMPLES_SHOWN = 6  # greedy answers kept for samples.jsonl (from the main process's share)
@@ -23,7 +23,7 @@ SAMPLING_SEED = 1234  # seed of the sampled evaluation (the same numbers at ever
 
 
 def _answer_all(policy: Policy, examples: Sequence, max_new_tokens: int, batch_size: int, temperature: float,
-                greedy: bool) -> Tuple[torch.Tensor, List[str]]:
+                greedy: bool, scorer: Callable[[str, str], Score]) -> Tuple[torch.Tensor, List[str]]:
     """(N, 5) float64 rows [accuracy, format, reward, tokens, 1] and the response texts."""
     rows, texts = [], []
     for start in range(0, len(examples), batch_size):
@@ -32,7 +32,7 @@ def _answer_all(policy: Policy, examples: Sequence, max_new_tokens: int, batch_s
                              temperature, greedy=greedy)
         for example, tokens in zip(chunk, responses):
             text = policy.decode_response(tokens)
-            score = score_response(text, example.answer)
+            score = scorer(text, example.answer)
             rows.append([score.accuracy, score.format, score.reward, len(tokens), 1.0])
             texts.append(text)
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, 5), texts
@@ -40,14 +40,15 @@ def _answer_all(policy: Policy, examples: Sequence, max_new_tokens: int, batch_s
 
 @torch.no_grad()
 def evaluate(policy: Policy, examples: Sequence, max_new_tokens: int, batch_size: int, temperature: float,
-             dist: distributed.DistInfo) -> Tuple[Dict[str, float], List[dict]]:
+             dist: distributed.DistInfo, scorer: Callable[[str, str], Score] = score_response
+             ) -> Tuple[Dict[str, float], List[dict]]:
     """Greedy and sampled held-out metrics of ``examples``, and a few greedy answers to show."""
     mine = list(examples[dist.rank::dist.world_size])
-    greedy, texts = _answer_all(policy, mine, max_new_tokens, batch_size, temperature, greedy=True)
+    greedy, texts = _answer_all(policy, mine, max_new_tokens, batch_size, temperature, greedy=True, scorer=scorer)
     devices = [policy.device] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(SAMPLING_SEED + dist.rank)
-        sampled, _ = _answer_all(policy, mine, max_new_tokens, batch_size, temperature, greedy=False)
+        sampled, _ = _answer_all(policy, mine, max_new_tokens, batch_size, temperature, greedy=False, scorer=scorer)
     totals = torch.cat([greedy.sum(0), sampled.sum(0)])  # (10,)
     totals = distributed.all_reduce_sum(totals.to(dist.device), dist).cpu()
     count = max(totals[4].item(), 1.0)

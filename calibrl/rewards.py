@@ -5,12 +5,17 @@
 - format: 1 when the whole response (outer whitespace stripped) matches
   ``<think>.*?</think>.*?<answer>.*?</answer>`` with "." matching newlines, else 0.
 A row passes (is correct) when r > 0.1, i.e. exactly when accuracy is 1.
+
+``--reward-fn package.module:function`` replaces ``score_response`` with your own verifier; every call goes
+through ``GuardedScorer``, so a verifier that raises on one sample scores that sample 0 and the step goes on
+(the count is logged as ``reward_errors``, the first message printed).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 ANSWER_PATTERN = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 FORMAT_PATTERN = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
@@ -53,3 +58,60 @@ def score_response(response: str, truth: str) -> Score:
     accuracy = accuracy_reward(response, truth)
     form = format_reward(response)
     return Score(accuracy + FORMAT_WEIGHT * form, accuracy, form)
+
+
+RewardFn = Callable[[str, str], Union[Score, float]]  # (response, ground truth) -> Score or a reward
+
+
+def load_reward_fn(spec: Optional[str]) -> RewardFn:
+    """``score_response``, or the function named by ``spec`` ("package.module:function").
+
+    The function takes (response, ground truth) and returns a ``Score`` or a number (the reward; the row
+    then counts as correct when the reward exceeds FORMAT_WEIGHT, and its format as 0).
+    """
+    if spec is None:
+        return score_response
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"reward_fn: expected 'package.module:function', got {spec!r}")
+    import importlib
+
+    try:
+        fn = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"reward_fn: cannot load {spec!r}: {error}") from error
+    if not callable(fn):
+        raise ValueError(f"reward_fn: {spec!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+class GuardedScorer:
+    """Calls a reward function per sample; a sample on which it raises, or returns something that is not a
+    finite number / Score, scores 0 (reward, accuracy and format) instead of stopping the step.
+
+    ``take_errors()`` returns and clears the failures since the last call (count, first message), so the
+    trainer can log them with the step in which they happened.
+    """
+
+    def __init__(self, fn: RewardFn = score_response):
+        self.fn = fn
+        self._errors = 0
+        self._first: Optional[str] = None
+
+    def __call__(self, response: str, truth: str) -> Score:
+        try:
+            value = self.fn(response, truth)
+            score = value if isinstance(value, Score) else Score(float(value), float(float(value) > FORMAT_WEIGHT), 0.0)
+            if not all(math.isfinite(float(v)) for v in score):
+                raise ValueError(f"non-finite score {tuple(score)}")
+            return Score(*(float(v) for v in score))
+        except Exception as error:  # a verifier bug must not kill a long run: count it, score 0
+            self._errors += 1
+            if self._first is None:
+                self._first = f"{type(error).__name__}: {error}"[:300]
+            return Score(0.0, 0.0, 0.0)
+
+    def take_errors(self) -> Tuple[int, Optional[str]]:
+        errors, first = self._errors, self._first
+        self._errors, self._first = 0, None
+        return errors, first

@@ -7,13 +7,13 @@ row, so B = P * (n + 1). Every row is [left-padded prompt | response padded on t
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .algorithms import IGNORE_INDEX, response_logprobs
 from .model import Policy, PolicyForward, PromptBatch
-from .rewards import score_response
+from .rewards import Score, score_response
 
 
 @dataclasses.dataclass
@@ -127,8 +127,9 @@ def collate_responses(rows: List[List[int]], pad_id: int):
 
 
 def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int], rollouts_per_prompt: int,
-                     max_new_tokens: int, temperature: float) -> RolloutBatch:
-    """P prompts x (n sampled rows + 1 expert row), scored."""
+                     max_new_tokens: int, temperature: float,
+                     scorer: Callable[[str, str], Score] = score_response) -> RolloutBatch:
+    """P prompts x (n sampled rows + 1 expert row), scored by ``scorer`` (response, truth) -> Score."""
     prompts = policy.encode_prompts(examples)
     num_prompts, n = len(examples), rollouts_per_prompt
     sample_index = torch.arange(num_prompts).repeat_interleave(n)  # (P * n,)
@@ -146,7 +147,7 @@ def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int
     response_ids, response_mask = collate_responses(rows, policy.pad_token_id)
     texts = [policy.decode_response(r) for r in rows]
     answers = [examples[p].answer for p in prompt_index]
-    scores = torch.tensor([score_response(t, a) for t, a in zip(texts, answers)], dtype=torch.float32)  # (B, 3)
+    scores = torch.tensor([tuple(scorer(t, a)) for t, a in zip(texts, answers)], dtype=torch.float32)  # (B, 3)
     return RolloutBatch(
         prompts=prompts,
         prompt_index=torch.tensor(prompt_index, dtype=torch.long),

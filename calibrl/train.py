@@ -24,6 +24,7 @@ from .data import PromptSampler, load_eval_examples, load_examples
 from .evaluate import evaluate
 from .logging import RunLogger, peak_memory_mb, reset_peak_memory, rollout_metrics, start_run_dir, truncate_run
 from .model import Policy, PolicyForward, build_tiny_policy, load_policy
+from .rewards import GuardedScorer, load_reward_fn
 from .rollout import RolloutBatch, collate_responses, collect_rollouts, old_logprobs, response_targets, sequence_inputs
 from .update import PPOUpdate
 
@@ -50,6 +51,10 @@ class Trainer:
         self.train_examples = load_examples(cfg.data, "train", cfg.train_examples)
         self.eval_examples = load_eval_examples(cfg.data, cfg.eval_data, cfg.eval_examples)
         self.ood_examples = load_examples(cfg.ood_eval_data, "test", cfg.eval_examples) if cfg.ood_eval_data else []
+        try:
+            self.scorer = GuardedScorer(load_reward_fn(cfg.reward_fn))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         self.algorithm = algorithms.make_algorithm(cfg.algo, cfg.loss)
         self.loss_cfg = self.algorithm.loss
         self.policy = self._build_policy(resumed is not None)
@@ -185,6 +190,7 @@ class Trainer:
                 record = self.rl_step()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     record.update(self._evaluate(logger))
+                record["reward_errors"] = self._reward_errors(logger)
                 logger.log(record, self.index)
                 stopped_by = self._end_of_step(logger)
                 if stopped_by:
@@ -220,16 +226,26 @@ class Trainer:
                            f"continue with --resume {self.run_dir}")
         return stop
 
+    def _reward_errors(self, logger: RunLogger) -> int:
+        """Samples the reward function raised on since the last call (all processes); the first is printed."""
+        errors, first = self.scorer.take_errors()
+        total = int(distributed.all_reduce_sum(torch.tensor([float(errors)], device=self.dist.device),
+                                               self.dist).item())
+        if total:
+            logger.message(f"reward function raised on {total} sample(s) up to {self.phase} step {self.step}; "
+                           f"each scored 0" + (f". First: {first}" if first else ""))
+        return total
+
     def _evaluate(self, logger: RunLogger) -> Dict[str, float]:
         """Greedy and sampled held-out metrics; a few greedy answers go to samples.jsonl."""
         if not self.eval_examples:
             return {}
         results, samples = evaluate(self.policy, self.eval_examples, self.cfg.max_new_tokens,
-                                    self.cfg.eval_batch_size, self.loss_cfg.temperature, self.dist)
+                                    self.cfg.eval_batch_size, self.loss_cfg.temperature, self.dist, self.scorer)
         logger.samples(self.phase, self.step, samples)
         if self.ood_examples:
             ood, _ = evaluate(self.policy, self.ood_examples, self.cfg.max_new_tokens, self.cfg.eval_batch_size,
-                              self.loss_cfg.temperature, self.dist)
+                              self.loss_cfg.temperature, self.dist, self.scorer)
             results.update({f"ood_{key}": value for key, value in ood.items()})
         return results
 
@@ -291,7 +307,7 @@ class Trainer:
         first_group = dist.rank * len(mine)  # group ids are positions in the step's global prompt list
         batch = collect_rollouts(self.policy, [self.train_examples[i] for i in mine],
                                  list(range(first_group, first_group + len(mine))), cfg.rollouts_per_prompt,
-                                 cfg.max_new_tokens, self.loss_cfg.temperature)  # B = P_local * (n + 1) rows
+                                 cfg.max_new_tokens, self.loss_cfg.temperature, self.scorer)  # B = P_local * (n + 1)
         rollout_time = time.time() - started
         batch.old_logp = old_logprobs(self.forward, batch, self.loss_cfg.temperature, cfg.micro_batch_rows)  # (B, T)
         pass_rate, local_pass_rate, local_group_index = self._group_statistics(batch)

@@ -61,3 +61,26 @@ def test_pass_threshold_separates_correct_rows():
     rewards = [score_response(r, "red").reward for r in (
         "<think>t</think><answer>red</answer>", "<answer>red</answer>", "<think>t</think><answer>no</answer>", "x")]
     assert [r > 0.1 for r in rewards] == [True, True, False, False]
+
+
+def test_guarded_scorer_scores_faults_zero_and_counts_them():
+    from calibrl.rewards import GuardedScorer, Score
+
+    def verifier(response, truth):
+        if response == "boom":
+            raise RuntimeError("bug")
+        if response == "nan":
+            return float("nan")
+        if response == "text":
+            return "not a number"
+        return 1.0 if response == truth else 0.05
+
+    scorer = GuardedScorer(verifier)
+    assert scorer("a", "a") == Score(1.0, 1.0, 0.0)  # a float reward counts as correct above 0.1
+    assert scorer("b", "a") == Score(0.05, 0.0, 0.0)
+    for bad in ("boom", "nan", "text"):
+        assert scorer(bad, "a") == Score(0.0, 0.0, 0.0)
+    errors, first = scorer.take_errors()
+    assert errors == 3 and first == "RuntimeError: bug"
+    assert scorer.take_errors() == (0, None)
+    assert GuardedScorer()("<think>x</think><answer>red</answer>", "red") == Score(1.1, 1.0, 1.0)

@@ -369,3 +369,29 @@ def test_peak_memory_is_measured_per_step():
     del block
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) < with_block - 40
+
+
+def test_reward_function_that_raises_scores_zero_and_the_run_goes_on(tmp_path, capsys):
+    import _flaky_reward
+
+    _flaky_reward.CALLS[0] = 0
+    out = tmp_path / "flaky"
+    assert main(["--quick", "--out", str(out), "--no-tensorboard", "--reward-fn", "_flaky_reward:score",
+                 "--max-steps", "2"]) == 0
+    records = rl_records(out)
+    calls = _flaky_reward.CALLS[0]
+    assert calls > 20  # rollouts and evaluations went through it
+    assert sum(r["reward_errors"] for r in records) == _flaky_reward.expected_errors(calls) > 0
+    assert all(all_finite(r) for r in records)
+    printed = capsys.readouterr().out
+    assert "reward function raised on" in printed and "ValueError: verifier bug on call 3" in printed
+
+
+@pytest.mark.parametrize("spec, error", [("no_colon", "package.module:function"),
+                                         ("not_a_module_xyz:score", "cannot load"),
+                                         ("calibrl.rewards:FORMAT_WEIGHT", "not a function")])
+def test_bad_reward_fn_is_refused_by_name(tmp_path, spec, error, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(tmp_path / "bad"), "--reward-fn", spec])
+    assert exit_info.value.code == 2
+    assert "reward_fn" in (message := capsys.readouterr().err) and error in message
