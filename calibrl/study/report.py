@@ -114,14 +114,37 @@ def section_groups(rows: Sequence[Dict[str, object]]) -> Dict[str, Dict[str, Lis
     return sections
 
 
+def _paired_differences(members: Sequence[Dict[str, object]], reference: Dict[int, Dict[str, object]],
+                        key: str) -> List[float]:
+    """``key`` of each member minus that of the reference run of the same seed (same warm start and prompts)."""
+    return [float(m[key]) - float(reference[int(m["seed"])][key]) for m in members if int(m["seed"]) in reference]
+
+
+START_COLUMNS = (("ID greedy", "start_id_greedy"), ("ID sampled", "start_id_sampled"), ("OOD greedy", "start_ood_greedy"),
+                 ("OOD sampled", "start_ood_sampled"), ("entropy (first 5 steps)", "entropy_start"))
+
+
 def markdown_table(rows: Sequence[Dict[str, object]], header: str = "") -> str:
     lines = [header] if header else []
+    main = section_groups(rows).get("main", {})
+    if main:  # where RL starts: the warm start (every algorithm) and sft+grpo after its expert SFT
+        lines += ["", "**Starting point (RL step 0)**", "",
+                  "| run | seeds | " + " | ".join(h for h, _ in START_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(START_COLUMNS)]
+        for label in [k for k in ("calibrl", "sft+grpo") if k in main]:
+            members = main[label]
+            name = "warm start (every algorithm but sft+grpo)" if label == "calibrl" else "sft+grpo after its SFT"
+            cells = [_mean_std([float(m[key]) for m in members]) for _, key in START_COLUMNS]
+            lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
+    grpo = {int(r["seed"]): r for r in rows if r["name"] == f"grpo-seed{r['seed']}"}
     for section, groups in section_groups(rows).items():
         lines += ["", f"**{SECTION_TITLES.get(section, section)}**", "",
-                  "| run | seeds | " + " | ".join(h for h, _ in TABLE_COLUMNS) + " | collapsed |",
-                  "|---|---|" + "---|" * len(TABLE_COLUMNS) + "---|"]
+                  "| run | seeds | " + " | ".join(h for h, _ in TABLE_COLUMNS) + " | ID sampled - grpo (same seed) "
+                  "| collapsed |",
+                  "|---|---|" + "---|" * (len(TABLE_COLUMNS) + 1) + "---|"]
         for label, members in groups.items():
             cells = [_mean_std([float(m[key]) for m in members]) for _, key in TABLE_COLUMNS]
+            cells.append(_mean_std(_paired_differences(members, grpo, "final_id_sampled")))
             collapsed = sum(int(m["collapsed"]) for m in members)
             lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + f" | {collapsed}/{len(members)} |")
     return "\n".join(lines) + "\n"
