@@ -170,7 +170,8 @@ def plot_section(groups: Dict[str, List[Dict[str, object]]], study_dir: str, tit
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.6))
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7))
+    axes = list(grid.flat)  # five panels, the sixth holds the legend
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (label, members) in enumerate(groups.items()):
         color = colors[k % len(colors)]
@@ -191,7 +192,9 @@ def plot_section(groups: Dict[str, List[Dict[str, object]]], study_dir: str, tit
             ax.set_title(panel_title, fontsize=9)
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].axis("off")
+    axes[-1].legend(handles, labels, loc="center", fontsize=9, title="mean over seeds, shaded: ± 1 std")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
