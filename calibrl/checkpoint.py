@@ -226,11 +226,6 @@ def load_latest(run_dir: str) -> Tuple[str, Dict[str, Any]]:
     raise ConfigError(f"--resume: no usable checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(reasons))
 
 
-def resume_path(run_dir: str) -> str:
-    """The checkpoint ``--resume RUN_DIR`` continues from: the newest one that verifies and loads."""
-    return load_latest(run_dir)[0]
-
-
 # ---------------------------------------------------------------------------------------------- RNG
 def seed_everything(seed: int) -> None:
     """Seed python's ``random``, numpy and torch (every device) of this process."""

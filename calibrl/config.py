@@ -142,6 +142,8 @@ class TrainConfig:
             raise ConfigError(f"mixup_policy: expected 'always' or 'pass', got {self.mixup_policy!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype: expected 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
+        if self.init_from and self.model:
+            raise ConfigError("init_from: cannot be combined with model (which brings its own weights)")
         if self.lr <= 0 or self.sft_lr <= 0:
             raise ConfigError(f"lr / sft_lr: expected numbers > 0, got {self.lr} / {self.sft_lr}")
         return self

@@ -120,14 +120,6 @@ def barrier(info: DistInfo) -> None:
         torch_dist.barrier()
 
 
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True when ``flag`` is true on at least one rank (e.g. a Ctrl-C seen by one process)."""
-    if not info.active:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    return bool(all_reduce_sum(value, info).item() > 0)
-
-
 def all_reduce_max(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Elementwise maximum over ranks (returns a new tensor), e.g. so that every rank runs as many passes."""
     out = tensor.clone()

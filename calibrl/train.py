@@ -111,8 +111,6 @@ class Trainer:
 
     def _initial_policy(self, init_from: str) -> Policy:
         """The tiny policy with ``init_from``'s tokenizer and the weights of its newest good checkpoint."""
-        if self.cfg.model:
-            raise ConfigError("init_from: cannot be combined with --model (which brings its own weights)")
         policy = self._policy_with_tokenizer_of(init_from)
         path, state = checkpoint.load_latest(init_from)  # ConfigError when it holds no good checkpoint
         try:

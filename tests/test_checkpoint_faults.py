@@ -68,7 +68,7 @@ def test_no_usable_checkpoint_is_a_resume_error(run_dir):
     for path in checkpoint.list_checkpoints(run_dir):
         os.remove(checkpoint.checksum_path(path))
     with pytest.warns(checkpoint.CheckpointWarning), pytest.raises(ConfigError, match="no usable checkpoint"):
-        checkpoint.resume_path(run_dir)
+        checkpoint.load_latest(run_dir)
 
 
 class _Payload:

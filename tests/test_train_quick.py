@@ -395,3 +395,8 @@ def test_bad_reward_fn_is_refused_by_name(tmp_path, spec, error, capsys):
         main(["--quick", "--out", str(tmp_path / "bad"), "--reward-fn", spec])
     assert exit_info.value.code == 2
     assert "reward_fn" in (message := capsys.readouterr().err) and error in message
+
+
+def test_init_from_and_model_are_refused_together():
+    with pytest.raises(ConfigError, match="init_from: cannot be combined with model"):
+        parse_config(["--init-from", "runs/warm", "--model", "some/folder"])
