@@ -52,11 +52,15 @@ def synthetic_batch(seed=0, dtype=torch.float64):
 
 
 # ---------------------------------------------------------------------------------------------- policy loss
-@pytest.mark.parametrize("name", sorted(cverl.POLICY_LOSSES))
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("name, agg", [(n, a) for n in sorted(cverl.POLICY_LOSSES) if n != "calibrl_drgrpo"
+                                       for a in AGGREGATIONS] + [("calibrl_drgrpo", "seq-mean-token-sum-norm")])
 def test_registered_loss_equals_reference(name, agg):
     b = synthetic_batch()
-    config = actor_config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    scale = float(T) if name == "calibrl_drgrpo" else None  # Dr.GRPO's constant divisor
+    config = actor_config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, loss_scale_factor=scale)
     mode = cverl.POLICY_LOSSES[name]
     token_adv = b["stats"].advantages[:, None] * b["mask"]  # verl hands token-level advantages
     lp_verl = b["logp"].clone().requires_grad_(True)
@@ -66,7 +70,7 @@ def test_registered_loss_equals_reference(name, agg):
         passed=b["stats"].passed, is_expert=IS_EXPERT, expert_mask=b["expert_mask"], entropy=b["entropy"],
     )
     loss.backward()
-    cfg = ck.CalibRLConfig(mode=mode, clip_low=0.2, clip_high=0.28, loss_agg_mode=agg)
+    cfg = ck.CalibRLConfig(mode=mode, clip_low=0.2, clip_high=0.28, loss_agg_mode=agg, loss_scale_factor=scale)
     lp_ref = b["logp"].clone().requires_grad_(True)
     expected = reference.calibrl_loss(
         lp_ref, b["old"], token_adv, b["mask"], expert_logp=b["baseline"], passed=b["stats"].passed,
@@ -77,6 +81,7 @@ def test_registered_loss_equals_reference(name, agg):
     torch.testing.assert_close(lp_verl.grad, lp_ref.grad, rtol=1e-12, atol=1e-12)
     assert metrics["actor/pg_clipfrac"] == pytest.approx(expected.clipfrac.item())
     assert metrics["actor/guide_loss"] == pytest.approx(expected.guide_loss.item())
+    assert metrics["actor/pg_loss"] == pytest.approx(expected.pg_loss.item())  # without beta * guide
     assert metrics["actor/onpolicy_entropy"] == pytest.approx(expected.entropy.item())
     assert loss.item() != 0.0
 
@@ -89,7 +94,8 @@ def test_registered_loss_equals_the_slim_trainer_path(name):
     from calibrl import algorithms
 
     mode = cverl.POLICY_LOSSES[name]
-    preset = ck.CalibRLConfig.for_algo(mode)
+    scale = float(T) if mode == "drgrpo" else None
+    preset = ck.CalibRLConfig.for_algo(mode, loss_scale_factor=scale)
     b = synthetic_batch()
     g = torch.Generator().manual_seed(7)
     D, V = 5, 11
@@ -109,7 +115,8 @@ def test_registered_loss_equals_the_slim_trainer_path(name):
     loss, metrics = get_policy_loss_fn(name)(
         old_log_prob=b["old"], log_prob=logp, advantages=stats.advantages[:, None] * b["mask"],
         response_mask=b["mask"].bool(), loss_agg_mode=preset.loss_agg_mode,
-        config=actor_config(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0), rollout_is_weights=None,
+        config=actor_config(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_scale_factor=scale),
+        rollout_is_weights=None,
         expert_logp=baseline, passed=stats.passed, is_expert=IS_EXPERT, expert_mask=baseline_mask, entropy=entropy.detach(),
     )
     loss.backward()
@@ -683,3 +690,76 @@ def test_dropped_transfer_queue_write_raises(ray_transfer_queue):
         put_verified(keys, "train", TensorDict({"loss_mask": as_float, "calibrl_passed": torch.tensor([True, False])},
                                                batch_size=2))
     tq.kv_clear(keys=keys, partition_id="train")
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def test_calibrl_drgrpo_is_dr_grpo_and_equals_verl_vanilla_with_its_aggregation():
+    """calibrl_drgrpo refuses other aggregations; with Dr.GRPO's (per-sequence token sums / a constant) it equals
+    verl's vanilla loss on a batch without expert rows, and differs from calibrl_grpo's per-sequence mean."""
+    b = synthetic_batch(seed=4)
+    adv = torch.randn(B, generator=torch.Generator().manual_seed(2), dtype=torch.float64)[:, None] * b["mask"]
+    kwargs = dict(old_log_prob=b["old"], log_prob=b["logp"], advantages=adv, response_mask=b["mask"].bool())
+    with pytest.raises(ValueError, match="calibrl_drgrpo is Dr.GRPO's aggregation.*seq-mean-token-sum-norm"):
+        get_policy_loss_fn("calibrl_drgrpo")(**kwargs, loss_agg_mode="token-mean", config=actor_config())
+    config = actor_config(loss_scale_factor=64.0)
+    config.global_batch_info["loss_scale_factor"] = 64.0  # as verl's ppo_loss sets it
+    dr, _ = get_policy_loss_fn("calibrl_drgrpo")(**kwargs, loss_agg_mode="seq-mean-token-sum-norm", config=config)
+    vanilla, _ = get_policy_loss_fn("vanilla")(**kwargs, loss_agg_mode="seq-mean-token-sum-norm", config=config)
+    grpo, _ = get_policy_loss_fn("calibrl_grpo")(**kwargs, loss_agg_mode="seq-mean-token-mean", config=config)
+    torch.testing.assert_close(dr, vanilla, rtol=1e-10, atol=1e-12)
+    assert abs(dr.item() - grpo.item()) > 1e-3
+
+
+def test_ppo_kl_metric_is_clamped_like_verl():
+    b = synthetic_batch(seed=6)
+    logp = b["logp"].clone()
+    logp[0, 0] = b["old"][0, 0] + 30.0  # a runaway ratio: verl clamps the log-ratio at 20
+    adv = b["mask"] * 0.5
+    metrics = [get_policy_loss_fn(name)(old_log_prob=b["old"], log_prob=logp, advantages=adv,
+                                        response_mask=b["mask"].bool(), loss_agg_mode="token-mean",
+                                        config=actor_config())[1] for name in ("vanilla", "calibrl_dapo")]
+    assert metrics[1]["actor/ppo_kl"] == pytest.approx(metrics[0]["actor/ppo_kl"], rel=1e-9)
+
+
+EXAMPLE_PROBLEMS = [
+    ("actor_rollout_ref.actor.loss_agg_mode=token-sum", "actor_rollout_ref.actor.loss_agg_mode: the CalibRL losses"),
+    ("algorithm.rollout_correction.rollout_is=token", "algorithm.rollout_correction.rollout_is: .*set it to null"),
+    ("algorithm.rollout_correction.bypass_mode=true", "bypass_mode: .*expert rows.*set it to false"),
+    ("algorithm.use_kl_in_reward=true", "algorithm.use_kl_in_reward: .*use_kl_loss=true"),
+    ("actor_rollout_ref.actor.policy_loss.loss_mode=calibrl_drgrpo", "calibrl_drgrpo is Dr.GRPO's aggregation"),
+    ("trainer.v1.trainer_mode=sync", "trainer.v1.trainer_mode: loss_mode 'calibrl' needs expert rows"),
+    ("+calibrl.mask_beyond_expert=true", "calibrl.mask_beyond_expert: .*use mask_beyond_expert=false"),
+    ("+calibrl.clip_low=0.1", "calibrl.clip_low: set it through verl's actor_rollout_ref.actor.clip_ratio_low"),
+]
+
+
+@pytest.mark.parametrize("override, message", EXAMPLE_PROBLEMS)
+def test_unsupported_settings_are_refused_at_start_up(override, message):
+    """Each refused setting is named, with the alternative, before any worker starts (trainer construction)."""
+    import re
+
+    from calibrl.integrations.verl_trainer import CalibRLSyncTrainer
+
+    config = composed_config(override)
+    assert any(re.search(message, problem) for problem in cverl.startup_problems(config)), cverl.startup_problems(config)
+    with pytest.raises(ValueError, match=message):
+        CalibRLSyncTrainer(config)
+
+
+def test_example_config_starts_a_synchronous_trainer_and_sizes_the_transfer_queue():
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+    from calibrl.integrations.verl_main import check_before_ray
+    from calibrl.integrations.verl_trainer import CalibRLSyncTrainer
+
+    config = composed_config()
+    assert cverl.startup_problems(config) == []
+    trainer = CalibRLSyncTrainer(config)  # no worker starts here
+    assert type(trainer.replay_buffer) is ReplayBuffer and not isinstance(trainer.replay_buffer, ReplayBufferAsync)
+    assert trainer.trainer_mode == "sync"
+    # verl's default 8 storage units cannot be scheduled on 2 Ray CPUs: refused before Ray starts
+    with pytest.raises(ValueError, match="num_data_storage_units: 8 storage units .* need 9 Ray CPUs, the cluster has "
+                                         "2, .*set it to at most 1"):
+        check_before_ray(composed_config("+ray_kwargs.ray_init.num_cpus=2"))
+    check_before_ray(composed_config("+ray_kwargs.ray_init.num_cpus=2",
+                                     "transfer_queue.backend.SimpleStorage.num_data_storage_units=1"))
