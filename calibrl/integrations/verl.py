@@ -405,7 +405,8 @@ def startup_problems(config: Any) -> List[str]:
     except ValueError as error:
         return [str(error)]
     if loss_mode not in POLICY_LOSSES:
-        return [f"actor_rollout_ref.actor.policy_loss.loss_mode: the CalibRL pieces in use (adv_estimator={adv_estimator!r}, "
+        return [f"actor_rollout_ref.actor.policy_loss.loss_mode: the CalibRL pieces in use "
+                f"(adv_estimator={adv_estimator!r}, "
                 f"trainer_mode={trainer_mode!r}, agent loop {agent_loop!r}) need one of {sorted(POLICY_LOSSES)}, "
                 f"got {loss_mode!r}"]
     mode = POLICY_LOSSES[loss_mode]
@@ -417,7 +418,8 @@ def startup_problems(config: Any) -> List[str]:
     except ValueError as error:
         problems.append(str(error))
     if mode == "drgrpo" and _select(config, "algorithm.norm_adv_by_std_in_grpo", True):
-        problems.append("algorithm.norm_adv_by_std_in_grpo: calibrl_drgrpo uses A = r - mean (Dr.GRPO); set it to false")
+        problems.append(
+            "algorithm.norm_adv_by_std_in_grpo: calibrl_drgrpo uses A = r - mean (Dr.GRPO); set it to false")
     needs_experts = _core.needs_experts(loss)
     if needs_experts:
         for key, value, wanted in (("trainer.v1.trainer_mode", trainer_mode, TRAINER_MODE),
