@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels.config import AGG_EPS
+from calibrl_kernels.config import AGG_EPS, LOG_RATIO_CLAMP, LOSS_AGG_MODES
 
 from .. import algorithms
 from . import _core
@@ -51,6 +51,10 @@ POLICY_LOSSES = {
     "calibrl_rlplus": "rlplus",
 }
 ADV_ESTIMATOR = "calibrl"
+# verl names of the trainer mode and agent loop in calibrl.integrations.verl_trainer (kept here so that the
+# start-up checks need no verl import).
+TRAINER_MODE = "calibrl_sync"
+AGENT_LOOP = "calibrl_expert_agent"
 # CalibRLConfig fields that verl's own config owns (set them there, not in the `calibrl:` section).
 VERL_OWNED_FIELDS = {
     "mode": "actor_rollout_ref.actor.policy_loss.loss_mode",
@@ -95,6 +99,28 @@ def calibrl_overrides(section: Any) -> Dict[str, Any]:
             fields = sorted(ck.CalibRLConfig.__dataclass_fields__)
             raise ValueError(f"calibrl.{name}: not a CalibRLConfig field (fields: {fields})")
     return overrides
+
+
+def _loss_scale_factor(actor_config: Any):
+    """The constant divisor of seq-mean-token-sum-norm a verl actor uses (None: verl divides by the padded T)."""
+    info = _get(actor_config, "global_batch_info", {}) or {}
+    return info.get("loss_scale_factor", _get(actor_config, "loss_scale_factor"))
+
+
+def check_loss_settings(mode: str, loss_agg_mode: str, loss_scale_factor) -> None:
+    """Refuse verl actor settings a CalibRL policy loss cannot honour (ValueError naming verl's key)."""
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(
+            f"actor_rollout_ref.actor.loss_agg_mode: the CalibRL losses support {list(LOSS_AGG_MODES)}, "
+            f"got {loss_agg_mode!r} (use token-mean, the CalibRL default)"
+        )
+    if mode == "drgrpo" and (loss_agg_mode != "seq-mean-token-sum-norm" or loss_scale_factor is None):
+        raise ValueError(
+            "actor_rollout_ref.actor.loss_agg_mode / loss_scale_factor: loss_mode calibrl_drgrpo is Dr.GRPO's "
+            "aggregation, per-sequence token sums divided by a constant: set loss_agg_mode=seq-mean-token-sum-norm "
+            f"and loss_scale_factor to the maximum response length (got {loss_agg_mode!r}, {loss_scale_factor!r}); "
+            "for a token mean use calibrl_dapo, for a per-sequence mean calibrl_grpo"
+        )
 
 
 def loss_config(mode: str, actor_config: Any, loss_agg_mode: str, overrides: Optional[dict] = None) -> ck.CalibRLConfig:
@@ -172,9 +198,10 @@ def policy_loss(
     """
     if rollout_is_weights is not None:
         raise ValueError(
-            "rollout_is_weights: token importance weights are not part of the CalibRL loss; disable "
-            "algorithm.rollout_correction (or use bypass mode without IS weights)"
+            "rollout_is_weights: token importance weights are not part of the CalibRL loss; set "
+            "algorithm.rollout_correction.rollout_is=null (and rollout_rs=null)"
         )
+    check_loss_settings(mode, loss_agg_mode, _loss_scale_factor(config))
     cfg = loss_config(mode, config, loss_agg_mode, calibrl_overrides)
     if cfg.uses_guide and (expert_logp is None or passed is None):
         raise ValueError(
@@ -190,17 +217,27 @@ def policy_loss(
         config=cfg,
     )
     info = _get(config, "global_batch_info", {}) or {}
-    loss = out.loss * global_scale(cfg, response_mask, is_expert, info).to(out.loss.dtype)
+    scale = global_scale(cfg, response_mask, is_expert, info).to(out.loss.dtype)
+    loss = out.loss * scale
     metrics = {
         "actor/pg_clipfrac": out.clipfrac.item(),
-        "actor/ppo_kl": out.ppo_kl.item(),
+        "actor/ppo_kl": clamped_ppo_kl(log_prob, old_log_prob, response_mask).item(),
         "actor/pg_clipfrac_lower": out.clipfrac_lower.item(),
-        "actor/calibrl_pg_loss": out.pg_loss.item(),
-        "actor/guide_loss": out.guide_loss.item(),
+        # the policy term alone and the guide term before beta, both normalised like the loss (the loss is
+        # pg_loss + beta * guide_loss); calibrl_ppo_loss logs them with verl's aggregation of actor/pg_loss
+        "actor/pg_loss": (out.pg_loss * scale).item(),
+        "actor/guide_loss": (out.guide_loss * scale).item(),
     }
     if entropy is not None:
         metrics["actor/onpolicy_entropy"] = out.entropy.item()
     return loss, metrics
+
+
+def clamped_ppo_kl(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """verl's ``actor/ppo_kl``: masked mean of old - new log-prob, the difference clamped to +-20 (B, T) -> ()."""
+    log_ratio = (log_prob.detach() - old_log_prob.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    m = mask.to(log_ratio.dtype)
+    return (-log_ratio * m).sum() / (m.sum() + AGG_EPS)
 
 
 def uid_group_ids(uids: Sequence, device=None) -> torch.Tensor:
@@ -251,16 +288,20 @@ def hybrid_rows(
     """Everything the advantage step of ``calibrl_sync`` writes back to verl, from plain tensors.
 
     scores (B,), uids (B,) prompt uids, is_expert (B,) bool, old_log_probs and response_mask (B, T).
-    Returns token-level ``advantages``/``returns`` (B, T), ``loss_mask`` (B, T) (expert rows zeroed for
-    modes that drop them, so that verl's global token count counts the tokens the loss counts) and the
-    per-row fields of ``calibrl.integrations._core``.
+    Returns token-level ``advantages``/``returns`` (B, T) float32, ``loss_mask`` (B, T) in response_mask's
+    dtype (expert rows zeroed for modes that drop them, so that verl's global token count, the sum of
+    ``loss_mask``, counts the tokens the loss counts) and the per-row fields of ``calibrl.integrations._core``.
     """
     group_ids = uid_group_ids(uids, scores.device)
     fields = _core.hybrid_batch_fields(scores.float(), group_ids, is_expert, old_log_probs, response_mask, config)
-    token_advantages = fields.pop("advantages")[:, None] * response_mask
-    mask = response_mask.float()
-    loss_mask = mask if config.keeps_expert_rows else mask * (~is_expert)[:, None].float()
+    token_advantages = fields.pop("advantages")[:, None] * response_mask.float()
+    loss_mask = response_mask * counted_rows(config, is_expert)[:, None].to(response_mask.dtype)
     return {"advantages": token_advantages, "returns": token_advantages, "loss_mask": loss_mask, **fields}
+
+
+def counted_rows(config: ck.CalibRLConfig, is_expert: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the rows whose tokens the loss of ``config`` counts (expert rows only for luffy / rlplus)."""
+    return torch.ones_like(is_expert) if config.keeps_expert_rows else ~is_expert
 
 
 def calibrl_ppo_loss(config, model_output, data, dp_group=None, calibrl_overrides: Optional[dict] = None):
@@ -306,24 +347,140 @@ def calibrl_ppo_loss(config, model_output, data, dp_group=None, calibrl_override
         rollout_is_weights=batch.get("rollout_is_weights", None),
         expert_logp=batch[_core.FIELD_EXPERT_LOGP].float(), passed=batch[_core.FIELD_PASSED].bool(),
         is_expert=batch[_core.FIELD_IS_EXPERT].bool(), expert_mask=batch[_core.FIELD_EXPERT_MASK].bool(),
-        entropy=entropy, calibrl_overrides=calibrl_overrides,
+        entropy=None if entropy is None else entropy.detach(), calibrl_overrides=calibrl_overrides,
     )
+    # the loss terms (globally normalised, summed over micro-batches like verl's actor/pg_loss); ratios and
+    # fractions as micro-batch means
+    loss_terms = {name: pg_metrics.pop(name) for name in ("actor/pg_loss", "actor/guide_loss")}
     metrics = dict(Metric.from_dict(pg_metrics, aggregation=AggregationType.MEAN))
-    metrics["actor/pg_loss"] = Metric(value=pg_loss, aggregation=metric_aggregation)
+    metrics.update(Metric.from_dict(loss_terms, aggregation=metric_aggregation))
     policy_loss_value = pg_loss
+    # entropy bonus and KL loss over the tokens the policy loss counts (expert rows only for luffy / rlplus),
+    # so that their sums match verl's global token count (the sum of the loss_mask the advantage step wrote)
+    is_expert = batch[_core.FIELD_IS_EXPERT].bool()
+    counted_mask = response_mask & counted_rows(loss_config(POLICY_LOSSES[loss_mode], config, config.loss_agg_mode,
+                                                            calibrl_overrides), is_expert)[:, None]
     if entropy is not None:
-        entropy_loss = agg_loss(loss_mat=entropy, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode,
+        entropy_loss = agg_loss(loss_mat=entropy, loss_mask=counted_mask, loss_agg_mode=config.loss_agg_mode,
                                 **config.global_batch_info)
         policy_loss_value = policy_loss_value - config.entropy_coeff * entropy_loss
         metrics["actor/entropy_loss"] = Metric(value=entropy_loss, aggregation=metric_aggregation)
     if config.use_kl_loss:
         kld = kl_penalty(logprob=log_prob, ref_logprob=batch["ref_log_prob"], kl_penalty=config.kl_loss_type)
-        kl_loss = agg_loss(loss_mat=kld, loss_mask=response_mask, loss_agg_mode=config.loss_agg_mode,
+        kl_loss = agg_loss(loss_mat=kld, loss_mask=counted_mask, loss_agg_mode=config.loss_agg_mode,
                            **config.global_batch_info)
         policy_loss_value = policy_loss_value + kl_loss * config.kl_loss_coef
         metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
         metrics["kl_coef"] = config.kl_loss_coef
     return policy_loss_value, metrics
+
+
+def _select(config: Any, dotted: str, default=None):
+    """config.a.b.c for nested dicts / OmegaConf configs; default where a key is missing or None."""
+    node = config
+    for key in dotted.split("."):
+        node = _get(node, key)
+        if node is None:
+            return default
+    return node
+
+
+def startup_problems(config: Any) -> List[str]:
+    """Every setting of a verl configuration that a CalibRL run cannot honour, each naming the alternative.
+
+    ``config`` is verl's full trainer configuration (OmegaConf or nested dicts). Empty when the
+    configuration uses no CalibRL piece. ``CalibRLSyncTrainer`` and ``python -m calibrl.integrations.verl_main``
+    raise on these before any worker starts.
+    """
+    loss_mode = _select(config, "actor_rollout_ref.actor.policy_loss.loss_mode", "vanilla")
+    adv_estimator = _select(config, "algorithm.adv_estimator")
+    trainer_mode = _select(config, "trainer.v1.trainer_mode", "sync")
+    agent_loop = _select(config, "actor_rollout_ref.rollout.agent.default_agent_loop")
+    if loss_mode not in POLICY_LOSSES and adv_estimator != ADV_ESTIMATOR and trainer_mode != TRAINER_MODE \
+            and agent_loop != AGENT_LOOP:
+        return []
+    problems = []
+    try:
+        overrides = calibrl_overrides(_select(config, "calibrl"))
+    except ValueError as error:
+        return [str(error)]
+    if loss_mode not in POLICY_LOSSES:
+        return [f"actor_rollout_ref.actor.policy_loss.loss_mode: the CalibRL pieces in use "
+                f"(adv_estimator={adv_estimator!r}, "
+                f"trainer_mode={trainer_mode!r}, agent loop {agent_loop!r}) need one of {sorted(POLICY_LOSSES)}, "
+                f"got {loss_mode!r}"]
+    mode = POLICY_LOSSES[loss_mode]
+    loss = ck.CalibRLConfig(mode=mode, **overrides)
+    actor = "actor_rollout_ref.actor"
+    loss_agg_mode = _select(config, f"{actor}.loss_agg_mode", "token-mean")
+    try:
+        check_loss_settings(mode, loss_agg_mode, _select(config, f"{actor}.loss_scale_factor"))
+    except ValueError as error:
+        problems.append(str(error))
+    if mode == "drgrpo" and _select(config, "algorithm.norm_adv_by_std_in_grpo", True):
+        problems.append(
+            "algorithm.norm_adv_by_std_in_grpo: calibrl_drgrpo uses A = r - mean (Dr.GRPO); set it to false")
+    needs_experts = _core.needs_experts(loss)
+    if needs_experts:
+        for key, value, wanted in (("trainer.v1.trainer_mode", trainer_mode, TRAINER_MODE),
+                                   ("algorithm.adv_estimator", adv_estimator, ADV_ESTIMATOR),
+                                   ("actor_rollout_ref.rollout.agent.default_agent_loop", agent_loop, AGENT_LOOP)):
+            if value != wanted:
+                problems.append(f"{key}: loss_mode {loss_mode!r} needs expert rows, carried by {key}={wanted}; "
+                                f"got {value!r}")
+    if trainer_mode == TRAINER_MODE and not _select(config, "trainer.use_v1", True):
+        problems.append(f"trainer.use_v1: trainer_mode {TRAINER_MODE} is a v1 trainer; set trainer.use_v1=true")
+    if agent_loop == AGENT_LOOP and trainer_mode != TRAINER_MODE:
+        problems.append(f"trainer.v1.trainer_mode: the {AGENT_LOOP} agent loop emits expert rows that only "
+                        f"{TRAINER_MODE} keeps out of the policy loss; got {trainer_mode!r}")
+    rollout_correction = _select(config, "algorithm.rollout_correction") or {}
+    for key in ("rollout_is", "rollout_rs"):
+        if _get(rollout_correction, key) is not None:
+            problems.append(f"algorithm.rollout_correction.{key}: rollout importance weights / rejection sampling are "
+                            f"not part of the CalibRL loss; set it to null")
+    if _get(rollout_correction, "bypass_mode", False) and (loss.uses_guide or loss.keeps_expert_rows):
+        problems.append(
+            "algorithm.rollout_correction.bypass_mode: it takes old log-probs from the rollout engine, which has none "
+            f"for expert rows (the expert baseline / expert-token terms of {loss_mode!r} would read 0.0); set it "
+            "to false so that the actor recomputes old log-probs for every row")
+    if adv_estimator == ADV_ESTIMATOR and _select(config, "algorithm.use_kl_in_reward", False):
+        problems.append("algorithm.use_kl_in_reward: would change the task reward that decides CalibRL's pass flags; "
+                        "set it to false and use actor_rollout_ref.actor.use_kl_loss=true (a KL loss term) instead")
+    if loss.mask_beyond_expert and loss.uses_guide and loss_agg_mode == "token-mean":
+        problems.append("calibrl.mask_beyond_expert: the guide term would count other tokens than verl's global token "
+                        "count; use mask_beyond_expert=false under verl")
+    rollout_n = int(_select(config, "actor_rollout_ref.rollout.n", 1))
+    if agent_loop == AGENT_LOOP and rollout_n < 2:
+        problems.append(f"actor_rollout_ref.rollout.n: the {AGENT_LOOP} agent loop needs n on-policy sessions + 1 "
+                        f"expert session (>= 2), got {rollout_n}")
+    return problems
+
+
+def transfer_queue_problem(config: Any, num_cpus: float) -> Optional[str]:
+    """Why verl's TransferQueue cannot start on a Ray cluster with ``num_cpus`` CPUs, or None.
+
+    Its controller and each SimpleStorage unit are Ray actors holding one CPU each; when they do not fit,
+    ``tq.init`` waits for them forever (verl's default is 8 units).
+    """
+    if _select(config, "transfer_queue.backend.storage_backend", "SimpleStorage") != "SimpleStorage":
+        return None
+    units = int(_select(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units", 8))
+    if units + 1 <= num_cpus:
+        return None
+    fitting = max(int(num_cpus) - 1, 0)
+    return (
+        f"transfer_queue.backend.SimpleStorage.num_data_storage_units: {units} storage units + the TransferQueue "
+        f"controller need {units + 1} Ray CPUs, the cluster has {num_cpus:g}, and verl would wait for them forever; "
+        f"set it to at most {fitting}" + (" or " if fitting else "; ") +
+        "raise ray_kwargs.ray_init.num_cpus (Ray's logical CPUs may exceed the cores)"
+    )
+
+
+def check_startup_config(config: Any) -> None:
+    """ValueError listing every problem of ``startup_problems`` (nothing when there is none)."""
+    problems = startup_problems(config)
+    if problems:
+        raise ValueError("CalibRL on verl: unsupported settings:\n  " + "\n  ".join(problems))
 
 
 def _named_policy_loss(name: str, mode: str):
