@@ -92,9 +92,11 @@ def test_accumulation_and_several_generation_steps(tmp_path):
     assert_trains(make_text_trainer(tmp_path, steps_per_generation=2, gradient_accumulation_steps=2))
 
 
-def test_grpo_without_expert_column(tmp_path):
-    trainer = make_text_trainer(tmp_path, dataset=text_dataset(expert=False), calibrl_algo="grpo", expert_column=None)
+def test_grpo_needs_no_expert_column(tmp_path):
+    trainer = make_text_trainer(tmp_path, dataset=text_dataset(expert=False), calibrl_algo="grpo")
     assert_trains(trainer)
+    with pytest.raises(ValueError, match="expert_column: calibrl_algo='grpo' uses no expert completions"):
+        make_args(tmp_path, calibrl_algo="grpo", expert_column="expert")
 
 
 def test_qwen2_vl_with_images_trains(tmp_path):
@@ -125,11 +127,12 @@ def generated_batch(trainer, rows=4):
     return trainer._generate_and_score_completions(inputs)
 
 
-@pytest.mark.parametrize("algo", ["calibrl", "dapo", "rlplus"])
+@pytest.mark.parametrize("algo", ["calibrl", "rlplus"])
 def test_loss_and_gradients_equal_the_slim_trainer_and_calibrl_kernels(tmp_path, algo):
-    """One batch through TRL's compute_loss == the slim trainer's path (calibrl.algorithms: group statistics,
-    expert baseline, policy loss) == calibrl_kernels called directly (scores + group ids path)."""
-    trainer = make_text_trainer(tmp_path, calibrl_algo=algo)
+    """With CalibRL's own setting (bnpo = the per-micro-batch token mean, A = r - mean, dual clip 3), one batch
+    through TRL's compute_loss == the slim trainer's path (calibrl.algorithms: group statistics, expert baseline,
+    policy loss) == calibrl_kernels called directly (scores + group ids path)."""
+    trainer = make_text_trainer(tmp_path, calibrl_algo=algo, gradient_accumulation_steps=1)
     batch = generated_batch(trainer)
     model = trainer.model
     config = trainer.calibrl_config
@@ -151,6 +154,7 @@ def test_loss_and_gradients_equal_the_slim_trainer_and_calibrl_kernels(tmp_path,
             old = ck.linear_token_logprobs(hidden, model.lm_head.weight, batch["completion_ids"], temperature=config.temperature)
         return hidden, old
 
+    assert config.loss_agg_mode == "token-mean" and not config.norm_by_std and config.dual_clip_c == 3.0
     scores, group_ids = batch[_core.FIELD_SCORES], batch[_core.FIELD_GROUP_IDS]
     is_expert, mask = batch[_core.FIELD_IS_EXPERT], batch["completion_mask"]
 
@@ -201,16 +205,47 @@ def test_row_fields_survive_trl_shuffle_and_split(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_resolution_and_cli_fields(tmp_path):
-    args = make_args(tmp_path, calibrl_algo="dapo", calibrl_guide_coef=0.3, epsilon=0.1, epsilon_high=0.28)
-    cfg = args.calibrl_config
-    assert (cfg.mode, cfg.guide_coef, cfg.clip_low, cfg.clip_high, cfg.norm_by_std) == ("dapo", 0.3, 0.1, 0.28, True)
+    # unset TRL fields: CalibRL's setting in the expert modes, TRL's defaults in grpo mode
+    calibrl = make_args(tmp_path, calibrl_guide_coef=0.3, epsilon=0.1, epsilon_high=0.28)
+    assert (calibrl.algo, calibrl.loss_type, calibrl.scale_rewards, calibrl.delta, calibrl.expert_column) == (
+        "calibrl", "bnpo", "none", 3.0, "expert")
+    cfg = calibrl.calibrl_config
+    assert (cfg.mode, cfg.guide_coef, cfg.clip_low, cfg.clip_high, cfg.dual_clip_c) == ("calibrl", 0.3, 0.1, 0.28, 3.0)
+    grpo = make_args(tmp_path, calibrl_algo="grpo")
+    assert (grpo.loss_type, grpo.scale_rewards, grpo.delta, grpo.expert_column) == ("dapo", "group", None, None)
+    assert grpo.calibrl_config.dual_clip_c is None and grpo.calibrl_config.norm_by_std
+    # TRL's fields keep their meaning: delta is the dual clip (inf: off), loss_type the normaliser
+    assert make_args(tmp_path, delta=float("inf")).calibrl_config.dual_clip_c is None
+    assert make_args(tmp_path, calibrl_algo="grpo", delta=2.5).calibrl_config.dual_clip_c == 2.5
+    dr = make_args(tmp_path, loss_type="dr_grpo", max_completion_length=6).calibrl_config
+    assert (dr.loss_agg_mode, dr.loss_scale_factor) == ("seq-mean-token-sum-norm", 6.0)
     explicit = make_args(tmp_path, calibrl=ck.CalibRLConfig(negative_slope=0.25))
     assert explicit.calibrl_config.negative_slope == 0.25
     assert explicit.to_dict()["calibrl"]["negative_slope"] == 0.25  # JSON-serialisable for loggers
-    with pytest.raises(ValueError, match="calibrl.clip_low: expected the GRPOConfig value epsilon=0.2"):
+    assert make_args(tmp_path, calibrl=ck.CalibRLConfig(mode="luffy")).algo == "luffy"
+    with pytest.raises(ValueError, match=r"calibrl.clip_low: TRL's fields decide it here .* expected 0.2"):
         make_args(tmp_path, calibrl=ck.CalibRLConfig(clip_low=0.1))
+    with pytest.raises(ValueError, match="calibrl: give the guide settings either as calibrl or as calibrl_"):
+        make_args(tmp_path, calibrl=ck.CalibRLConfig(), calibrl_guide_coef=0.2)
     with pytest.raises(ValueError, match="activation"):
         make_args(tmp_path, calibrl_activation="gelu")
+    with pytest.raises(ValueError, match=r"calibrl_algo: 'dapo' is a TRL loss type here; use calibrl_algo='grpo', "
+                                         "loss_type='dapo'"):
+        make_args(tmp_path, calibrl_algo="dapo")
+    with pytest.raises(ValueError, match=r"delta: expected None, inf or a number >= 1 \+ epsilon_high = 1.28"):
+        make_args(tmp_path, delta=1.1, epsilon_high=0.28)
+    with pytest.raises(ValueError, match=r"loss_type: CalibRLTrainer computes TRL's loss types .* got 'cispo'"):
+        make_args(tmp_path, loss_type="cispo")
+
+
+def test_every_calibrl_field_has_help_text():
+    import dataclasses as dc
+
+    own = [f for f in dc.fields(CalibRLGRPOConfig) if f.name.startswith(("calibrl", "expert"))
+           or f.name in ("loss_type", "scale_rewards", "delta")]
+    assert len(own) >= 14
+    for f in own:
+        assert len(f.metadata.get("help", "")) > 30, f.name
 
 
 def test_expert_text_forms():
@@ -243,8 +278,8 @@ def test_expert_longer_than_completion_limit_fails_at_first_batch(tmp_path):
 
 
 def test_mode_needing_experts_without_column_fails(tmp_path):
-    with pytest.raises(ValueError, match="expert_column: mode='calibrl' needs an expert"):
-        make_text_trainer(tmp_path, dataset=text_dataset(expert=False), expert_column=None)
+    with pytest.raises(ValueError, match="expert_column: the train_dataset has no column 'expert'"):
+        make_text_trainer(tmp_path, dataset=text_dataset(expert=False), calibrl_algo="luffy")
 
 
 def test_groups_split_by_steps_per_generation_fail(tmp_path):
@@ -256,16 +291,14 @@ def test_groups_split_by_steps_per_generation_fail(tmp_path):
 
 
 def test_unsupported_trl_options_fail(tmp_path):
-    with pytest.raises(ValueError, match="beta: CalibRLTrainer supports only beta=0.0, got 0.1"):
+    with pytest.raises(ValueError, match=r"beta: CalibRLTrainer supports only beta=0.0, got 0.1 \(CalibRLTrainer "
+                                         "loads no reference model and has no KL penalty\)"):
         make_text_trainer(tmp_path, beta=0.1)
-    # aggregation and std-normalisation are the CalibRL preset's: TRL's own switches would be ignored
-    with pytest.raises(ValueError, match="loss_type: CalibRLTrainer supports only loss_type='dapo', got 'grpo' "
-                                         r"\(the CalibRL preset aggregates with loss_agg_mode='token-mean'"):
-        make_text_trainer(tmp_path, loss_type="grpo")
-    with pytest.raises(ValueError, match=r"scale_rewards: .* got 'none' \(the CalibRL preset decides "
-                                         r"std-normalisation of the advantages \(norm_by_std=False\); set "
-                                         "calibrl_norm_by_std"):
-        make_text_trainer(tmp_path, scale_rewards=False)
+    with pytest.raises(ValueError, match="entropy_coef: CalibRLTrainer supports only entropy_coef=0.0, got 0.01 "
+                                         r"\(TRL's entropy bonus; calibrl_entropy_coef is CalibRL's"):
+        make_text_trainer(tmp_path, entropy_coef=0.01)
+    with pytest.raises(ValueError, match="multi_objective_aggregation: mode 'luffy' trains expert rows"):
+        make_text_trainer(tmp_path, calibrl_algo="luffy", multi_objective_aggregation="normalize_then_sum")
 
 
 def test_group_without_on_policy_rows_fails():
