@@ -7,6 +7,7 @@ downloaded. Each trainer run is 2 steps of a few rows with completions of at mos
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -292,7 +293,7 @@ def test_groups_split_by_steps_per_generation_fail(tmp_path):
 
 def test_unsupported_trl_options_fail(tmp_path):
     with pytest.raises(ValueError, match=r"beta: CalibRLTrainer supports only beta=0.0, got 0.1 \(CalibRLTrainer "
-                                         "loads no reference model and has no KL penalty\)"):
+                                         r"loads no reference model and has no KL penalty\)"):
         make_text_trainer(tmp_path, beta=0.1)
     with pytest.raises(ValueError, match="entropy_coef: CalibRLTrainer supports only entropy_coef=0.0, got 0.01 "
                                          r"\(TRL's entropy bonus; calibrl_entropy_coef is CalibRL's"):
@@ -321,3 +322,161 @@ def test_mismatched_lengths_fail():
         _core.calibrl_batch_loss(hidden, weight, torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 4), None, fields, cfg)
     with pytest.raises(ValueError, match=r"targets: expected shape hidden.shape\[:-1\]"):
         _core.calibrl_batch_loss(hidden, weight, torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 5), None, fields, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- TRL's own loss
+# Completions fixed per (prompt, index within its group), so that TRL's GRPOTrainer and CalibRLTrainer score
+# the same rows: unequal lengths, one truncated completion (no EOS: an empty row under
+# mask_truncated_completions) and one completion whose reward is None (TRL: advantage 0, row kept).
+SCRIPTED = {"1+1=": ["2", "2 2", "abcdefgh", "7"], "2+2=": ["4", "x", "4 4 4", "9 9"],
+            "3+1=": ["4 o", "5", "44", "x"], "2+1=": ["3", "3 3 3", "1", "33"]}
+
+
+def scripted_rollout(prompts, trainer):
+    tokenizer = trainer.processing_class
+    n, eos = trainer.num_generations, tokenizer.eos_token_id
+    limit = trainer.max_completion_length
+    completions = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(SCRIPTED[prompt][i % n], add_special_tokens=False)["input_ids"] + [eos]
+        completions.append(ids[:limit])  # "abcdefgh" loses its EOS: truncated
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
+
+
+def scripted_reward(completions, answer, **kwargs):
+    return [None if c == "x" else float(c.startswith(a)) + 0.1 * len(c) for c, a in zip(completions, answer)]
+
+
+def trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch):
+    """CalibRLTrainer and TRL's GRPOTrainer with equal settings and equal tiny models (seed 0)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    common = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no", seed=0,
+        per_device_train_batch_size=8, num_generations=4, steps_per_generation=2, gradient_accumulation_steps=2,
+        num_iterations=2,  # TRL then computes old log-probs at generation (used by the off-policy half)
+        max_completion_length=6, mask_truncated_completions=True, loss_type=loss_type, scale_rewards="group",
+        epsilon=0.2, epsilon_high=0.28,
+    )
+    delta = 3.0 if algo == "calibrl" else None  # CalibRL's default dual clip in calibrl mode, TRL's (off) in grpo
+    tokenizer = char_tokenizer()
+    # No scripted completion starts like its expert: a shared prefix gives z = 0 exactly at the guide's kink,
+    # where the gradient's slope (1 or alpha) would be decided by rounding.
+    dataset = text_dataset(expert=["ok " + a for a in ("2", "4", "4", "3")], n=4)
+    trainers = []
+    for cls, args in ((CalibRLTrainer, CalibRLGRPOConfig(calibrl_algo=algo, **common)),
+                      (GRPOTrainer, GRPOConfig(delta=delta, **common))):
+        trainer = cls(model=tiny_causal_lm(len(tokenizer)), reward_funcs=scripted_reward, args=args,
+                      train_dataset=dataset, processing_class=tokenizer, rollout_func=scripted_rollout)
+        trainer.current_gradient_accumulation_steps = 2
+        trainer.model.train()
+        trainers.append(trainer)
+    assert trainers[0].args.delta == delta
+    return trainers
+
+
+def trl_view(micro_batch):
+    """The on-policy rows of a CalibRLTrainer micro-batch, with the fields GRPOTrainer._compute_loss reads."""
+    rows = ~micro_batch[_core.FIELD_IS_EXPERT]
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_per_token_logps")
+    view = {key: micro_batch[key][rows] for key in keys if key in micro_batch}
+    view["num_items_in_batch"] = micro_batch["num_items_in_batch"]
+    return view
+
+
+def independent_guide_term(trl_trainer, micro_batch, loss_type):
+    """beta * the guide term of CalibRL.md, from TRL's own log-probs and TRL's normaliser of loss_type."""
+    config = ck.CalibRLConfig()  # guide settings at their defaults in the test's calibrl trainer
+    view = trl_view(micro_batch)
+    rows = ~micro_batch[_core.FIELD_IS_EXPERT]
+    input_ids = torch.cat([view["prompt_ids"], view["completion_ids"]], 1)
+    attention_mask = torch.cat([view["prompt_mask"], view["completion_mask"]], 1)
+    T = view["completion_ids"].size(1)
+    lp, _, _ = trl_trainer._get_per_token_logps_and_entropies(trl_trainer.model, input_ids, attention_mask, T)
+    sign = micro_batch[_core.FIELD_PASSED][rows].float().mul(2).sub(1)[:, None]  # +1 passed, -1 failed
+    z = -sign * (lp - micro_batch[_core.FIELD_EXPERT_LOGP][rows])
+    per_token = view["advantages"].abs()[:, None] * torch.nn.functional.leaky_relu(z, config.negative_slope)
+    m = view["completion_mask"].float()
+    rows_count, accumulation = m.size(0), 2
+    if loss_type == "grpo":
+        value = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / rows_count / accumulation
+    elif loss_type == "bnpo":
+        value = (per_token * m).sum() / m.sum().clamp(min=1) / accumulation
+    elif loss_type == "dr_grpo":
+        value = (per_token * m).sum() / (rows_count * trl_trainer.max_completion_length) / accumulation
+    else:  # dapo: one process, accumulation == steps_per_generation
+        value = (per_token * m).sum() / view["num_items_in_batch"]
+    return config.guide_coef * value
+
+
+@pytest.mark.parametrize("algo", ["grpo", "calibrl"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+def test_loss_and_gradients_equal_trl_grpo_trainer(tmp_path, monkeypatch, algo, loss_type):
+    """CalibRLTrainer.compute_loss vs TRL's GRPOTrainer.compute_loss on the same scripted generation batch, split
+    into 2 accumulation steps of unequal token counts: first on-policy, then off-policy (old log-probs from
+    generation, weights moved since). grpo mode: equal to fp32 rounding. calibrl mode: TRL's loss with delta=3
+    on the on-policy rows plus the guide term computed independently from TRL's log-probs."""
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    ours, theirs = trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch)
+    inputs = [dict(ours.train_dataset[i]) for i in range(4) for _ in range(4)]  # 4 prompts x 4 generations
+    batch = ours._generate_and_score_completions([dict(x) for x in inputs])
+    trl_batch = theirs._generate_and_score_completions([dict(x) for x in inputs])
+    on_policy = ~batch[_core.FIELD_IS_EXPERT]
+    assert int((~on_policy).sum()) == (4 if algo == "calibrl" else 0)
+    # TRL's own generation step gives the same rows, advantages and token count
+    for key in ("advantages", "completion_mask", "old_per_token_logps"):
+        got, want = batch[key][on_policy], trl_batch[key]
+        torch.testing.assert_close(got[:, :want.size(1)] if got.dim() == 2 else got, want)
+    assert int(batch["num_items_in_batch"]) == int(trl_batch["num_items_in_batch"])
+    assert (batch["completion_mask"][on_policy].sum(-1) == 0).sum() == 1  # the truncated row is empty
+    assert (trl_batch["advantages"] == 0).sum() >= 2  # the two rows whose reward is None
+    torch.manual_seed(3)
+    micro_batches = split_tensor_dict(shuffle_sequence_dict(batch), 2)
+    tokens = [int(mb["completion_mask"][~mb[_core.FIELD_IS_EXPERT]].sum()) for mb in micro_batches]
+    assert tokens[0] != tokens[1]
+
+    def accumulate(off_policy):
+        results = []
+        for trainer in (ours, theirs):
+            trainer.model.zero_grad()
+        for mb in micro_batches:
+            if not off_policy:
+                mb = {k: v for k, v in mb.items() if k != "old_per_token_logps"}
+            loss_ours = ours.compute_loss(ours.model, mb)
+            loss_theirs = theirs.compute_loss(theirs.model, trl_view(mb))
+            if algo == "calibrl":
+                loss_theirs = loss_theirs + independent_guide_term(theirs, mb, loss_type)
+            loss_ours.backward()
+            loss_theirs.backward()
+            results.append((loss_ours.detach(), loss_theirs.detach()))
+        for loss_ours, loss_theirs in results:
+            torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-8)
+        grads_ours = dict(ours.model.named_parameters())
+        for name, p_theirs in theirs.model.named_parameters():
+            g_ours, g_theirs = grads_ours[name].grad, p_theirs.grad
+            assert float((g_ours - g_theirs).norm()) <= 1e-5 * float(g_theirs.norm()) + 1e-9, name
+        return results
+
+    on = accumulate(off_policy=False)
+    assert any(float(loss_ours) != 0.0 for loss_ours, _ in on)
+    # Move both models' lm_head the same way: the old log-probs of generation are now off-policy.
+    g = torch.Generator().manual_seed(0)
+    noise = 0.3 * torch.randn(ours.model.lm_head.weight.shape, generator=g)
+    with torch.no_grad():
+        ours.model.lm_head.weight.add_(noise)
+        theirs.model.lm_head.weight.add_(noise)
+    accumulate(off_policy=True)
+    # the off-policy half reaches the clip range and, for negative advantages, ratios above the dual clip's 3
+    view = trl_view(batch)
+    T = view["completion_ids"].size(1)
+    lp, _, _ = theirs._get_per_token_logps_and_entropies(
+        theirs.model, torch.cat([view["prompt_ids"], view["completion_ids"]], 1),
+        torch.cat([view["prompt_mask"], view["completion_mask"]], 1), T)
+    log_ratio = (lp - view["old_per_token_logps"])[view["completion_mask"].bool()]
+    negative = (view["advantages"][:, None] < 0).expand_as(lp)[view["completion_mask"].bool()]
+    log_ratio = log_ratio.detach()
+    assert float(log_ratio.abs().max()) < 20.0  # below the kernels' log-ratio clamp (TRL has none)
+    assert bool((log_ratio[negative] > math.log(3.0)).any()) and bool((log_ratio.abs() > math.log(1.28)).any())
