@@ -7,8 +7,12 @@ downloaded. Each trainer run is 2 steps of a few rows with completions of at mos
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -480,3 +484,45 @@ def test_loss_and_gradients_equal_trl_grpo_trainer(tmp_path, monkeypatch, algo, 
     log_ratio = log_ratio.detach()
     assert float(log_ratio.abs().max()) < 20.0  # below the kernels' log-ratio clamp (TRL has none)
     assert bool((log_ratio[negative] > math.log(3.0)).any()) and bool((log_ratio.abs() > math.log(1.28)).any())
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
+def test_two_processes_equal_one_process(tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo) with 8 rows per process == one process with 16 rows.
+
+    TRL gathers rewards across processes and normalises dapo by the generation batch's token count over every
+    process, and DDP averages gradients, so 2 SGD steps give the same weights, loss and loss terms; the token
+    means (entropy) and the reward / pass-rate metrics are reduced over both processes.
+    """
+    worker = os.path.join(os.path.dirname(__file__), "_trl_accelerate_worker.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as sock:  # a free port for the gloo rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), worker, str(two), "8"]
+    result = subprocess.run(launch, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _trl_accelerate_worker import main as run_worker
+
+    run_worker(str(one), 16)
+    logs = {}
+    for name, out in (("two", two), ("one", one)):
+        record = json.loads((out / "log_history.json").read_text())
+        assert record["num_processes"] == (2 if name == "two" else 1)
+        logs[name] = [entry for entry in record["log"] if "pg_loss" in entry]
+    assert len(logs["two"]) == len(logs["one"]) == 2
+    for entry_two, entry_one in zip(logs["two"], logs["one"]):
+        for key in ("loss", "pg_loss", "guide_loss", "entropy", "reward", "calibrl/pass_rate", "calibrl/expert_reward"):
+            assert entry_two[key] == pytest.approx(entry_one[key], rel=1e-5, abs=1e-7), key
+    assert logs["one"][1]["guide_loss"] != 0 and logs["one"][0]["loss"] != logs["one"][1]["loss"]
+    params_two, params_one = torch.load(two / "params.pt"), torch.load(one / "params.pt")
+    initial = tiny_causal_lm(len(char_tokenizer())).state_dict()
+    for name, value in params_one.items():
+        torch.testing.assert_close(params_two[name], value, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(params_one[name], initial[name]) for name in initial)
