@@ -204,7 +204,7 @@ def ppo_term_and_slope(lp, old_lp, adv, config: CalibRLConfig):
     l1 = -adv * ratio
     l2 = -adv * torch.clamp(ratio, low, high)
     lc = torch.maximum(l1, l2)
-    l3 = -config.dual_clip_c * adv
+    l3 = -config.dual_clip_bound * adv
     negative = adv < 0
     l_pg = torch.where(negative, torch.minimum(lc, l3), lc)
     # d lc / d rho: -A through l1, -A * [low <= rho <= high] through l2, split by the max's tie rule.

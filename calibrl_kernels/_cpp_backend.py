@@ -45,7 +45,7 @@ _DEFAULT_CONFIG = CalibRLConfig()
 def loss_params(config: CalibRLConfig) -> dict:
     """The numeric loss parameters the C++ row_terms reads (by name)."""
     return dict(
-        clip_low=config.clip_low, clip_high=config.clip_high, dual_clip_c=config.dual_clip_c,
+        clip_low=config.clip_low, clip_high=config.clip_high, dual_clip_c=config.dual_clip_bound,
         guide_coef=config.guide_coef, negative_slope=config.negative_slope, huber_delta=config.huber_delta,
         entropy_coef=config.entropy_coef, log_ratio_clamp=LOG_RATIO_CLAMP, luffy_gamma=LUFFY_SHAPING_GAMMA,
         rlplus_old_weight=RLPLUS_OLD_WEIGHT, rlplus_mix=RLPLUS_MIX, rlplus_focal_power=RLPLUS_FOCAL_POWER,

@@ -122,7 +122,7 @@ def prepare_token_table(
 def kernel_loss_arguments(config: CalibRLConfig) -> dict:
     """The runtime scalars and constexprs of config that every loss kernel takes."""
     return dict(
-        clip_low=float(config.clip_low), clip_high=float(config.clip_high), dual_clip_c=float(config.dual_clip_c),
+        clip_low=float(config.clip_low), clip_high=float(config.clip_high), dual_clip_c=float(config.dual_clip_bound),
         guide_coef=float(config.guide_coef), negative_slope=float(config.negative_slope),
         huber_delta=float(config.huber_delta), entropy_coef=float(config.entropy_coef),
         POLICY=policy_code(config.mode), USES_GUIDE=config.uses_guide, ACTIVATION=activation_code(config),

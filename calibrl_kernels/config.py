@@ -33,6 +33,10 @@ RLPLUS_OLD_WEIGHT = 1.5
 RLPLUS_MIX = 0.5
 RLPLUS_FOCAL_POWER = 0.5
 
+# The cap the kernels use when the dual clip is off (dual_clip_c=None): the ratio never exceeds
+# exp(LOG_RATIO_CLAMP) ~ 4.9e8, so min(lc, -c A) = lc exactly, and c A stays finite in fp32 (no inf * 0).
+DUAL_CLIP_OFF_BOUND = 1e30
+
 # Denominator guard of token-mean aggregation, exactly as in the formula sum(m*l) / (sum(m) + 1e-8).
 AGG_EPS = 1e-8
 
@@ -51,8 +55,9 @@ class CalibRLConfig:
     # PPO ratio clip: rho is clamped to [1 - clip_low, 1 + clip_high].
     clip_low: float = 0.2
     clip_high: float = 0.2
-    # Dual clip for negative advantages: the PPO term is capped at -dual_clip_c * A (must be > 1).
-    dual_clip_c: float = 3.0
+    # Dual clip for negative advantages: the PPO term is capped at -dual_clip_c * A (must be > 1);
+    # None turns it off (plain PPO clipping; TRL's default, delta=None).
+    dual_clip_c: Optional[float] = 3.0
     # beta: weight of the guide (calibration) term in the total loss.
     guide_coef: float = 0.1
     # Activation applied to z = -s * (lp - b); leaky_relu is CalibRL, the others are the paper's ablation.
@@ -98,7 +103,7 @@ class CalibRLConfig:
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"CalibRLConfig.{field}: expected bool, got {type(getattr(self, field)).__name__}")
         for field in (
-            "clip_low", "clip_high", "dual_clip_c", "guide_coef", "negative_slope", "entropy_coef",
+            "clip_low", "clip_high", *(("dual_clip_c",) if self.dual_clip_c is not None else ()), "guide_coef", "negative_slope", "entropy_coef",
             "temperature", "adv_eps", "pass_threshold", "huber_delta",
         ):
             value = getattr(self, field)
@@ -110,8 +115,8 @@ class CalibRLConfig:
             _fail("clip_low", "a number in [0, 1)", self.clip_low)
         if self.clip_high < 0.0:
             _fail("clip_high", "a number >= 0", self.clip_high)
-        if self.dual_clip_c <= 1.0:
-            _fail("dual_clip_c", "a number > 1", self.dual_clip_c)
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
+            _fail("dual_clip_c", "None or a number > 1", self.dual_clip_c)
         if self.guide_coef < 0.0:
             _fail("guide_coef", "a number >= 0", self.guide_coef)
         if not 0.0 <= self.negative_slope <= 1.0:
@@ -130,6 +135,11 @@ class CalibRLConfig:
             ):
                 _fail("loss_scale_factor", "None or a number > 0", self.loss_scale_factor)
             object.__setattr__(self, "loss_scale_factor", float(self.loss_scale_factor))
+
+    @property
+    def dual_clip_bound(self) -> float:
+        """The dual-clip cap c every backend applies (a cap that never binds when dual_clip_c is None)."""
+        return DUAL_CLIP_OFF_BOUND if self.dual_clip_c is None else self.dual_clip_c
 
     @property
     def uses_guide(self) -> bool:

@@ -277,7 +277,7 @@ def ppo_token_terms(lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, c
     l1 = -adv * ratio
     l2 = -adv * torch.clamp(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
     lc = torch.maximum(l1, l2)
-    l3 = -config.dual_clip_c * adv
+    l3 = -config.dual_clip_bound * adv
     negative = adv < 0
     l_pg = torch.where(negative, torch.minimum(lc, l3), lc)
     clipped = l2 > l1

@@ -26,6 +26,7 @@ CONFIGS["calibrl-options"] = CalibRLConfig(
 CONFIGS["luffy-entropy-seqmean"] = CalibRLConfig(mode="luffy", entropy_coef=0.02, loss_agg_mode="seq-mean-token-mean")
 CONFIGS["rlplus-entropy"] = CalibRLConfig(mode="rlplus", entropy_coef=-0.03)
 CONFIGS["grpo-preset"] = CalibRLConfig.for_algo("grpo", entropy_coef=0.01)
+CONFIGS["dapo-no-dual-clip"] = CalibRLConfig.for_algo("dapo", dual_clip_c=None, clip_high=0.28)
 
 
 class Batch(NamedTuple):

@@ -55,7 +55,7 @@ def ppo_term(lp: float, old: float, a: float, cfg: CalibRLConfig) -> float:
     l1 = -a * rho
     l2 = -a * min(max(rho, 1 - cfg.clip_low), 1 + cfg.clip_high)
     lc = max(l1, l2)
-    return min(lc, -cfg.dual_clip_c * a) if a < 0 else lc
+    return min(lc, -cfg.dual_clip_c * a) if a < 0 and cfg.dual_clip_c is not None else lc
 
 
 def aggregate(values: List[List[float]], mask: List[List[float]], cfg: CalibRLConfig) -> float:
@@ -138,7 +138,7 @@ def loss(lp, old, adv, mask, cfg: CalibRLConfig, *, b=None, passed=None, is_expe
         rho = math.exp(max(-20.0, min(20.0, lp[i][t] - old[i][t])))
         l1, l2 = -a * rho, -a * min(max(rho, 1 - cfg.clip_low), 1 + cfg.clip_high)
         lc = max(l1, l2)
-        return float(l2 > l1), float(lc > -cfg.dual_clip_c * a and a < 0)
+        return float(l2 > l1), float(cfg.dual_clip_c is not None and lc > -cfg.dual_clip_c * a and a < 0)
 
     return dict(
         loss=total,

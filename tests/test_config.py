@@ -35,6 +35,12 @@ def test_bad_field_raises_value_error_naming_it(field, value):
         CalibRLConfig(**{field: value})
 
 
+def test_dual_clip_can_be_turned_off():
+    assert CalibRLConfig(dual_clip_c=None).dual_clip_c is None
+    assert CalibRLConfig(dual_clip_c=None).dual_clip_bound > 1e20  # never binds: rho <= exp(20)
+    assert CalibRLConfig(dual_clip_c=2).dual_clip_bound == 2.0
+
+
 def test_bool_fields_reject_non_bools():
     with pytest.raises(TypeError, match="weight_by_advantage"):
         CalibRLConfig(weight_by_advantage=1)

@@ -7,7 +7,12 @@ downloaded. Each trainer run is 2 steps of a few rows with completions of at mos
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -92,9 +97,11 @@ def test_accumulation_and_several_generation_steps(tmp_path):
     assert_trains(make_text_trainer(tmp_path, steps_per_generation=2, gradient_accumulation_steps=2))
 
 
-def test_grpo_without_expert_column(tmp_path):
-    trainer = make_text_trainer(tmp_path, dataset=text_dataset(expert=False), calibrl_algo="grpo", expert_column=None)
+def test_grpo_needs_no_expert_column(tmp_path):
+    trainer = make_text_trainer(tmp_path, dataset=text_dataset(expert=False), calibrl_algo="grpo")
     assert_trains(trainer)
+    with pytest.raises(ValueError, match="expert_column: calibrl_algo='grpo' uses no expert completions"):
+        make_args(tmp_path, calibrl_algo="grpo", expert_column="expert")
 
 
 def test_qwen2_vl_with_images_trains(tmp_path):
@@ -125,11 +132,12 @@ def generated_batch(trainer, rows=4):
     return trainer._generate_and_score_completions(inputs)
 
 
-@pytest.mark.parametrize("algo", ["calibrl", "dapo", "rlplus"])
+@pytest.mark.parametrize("algo", ["calibrl", "rlplus"])
 def test_loss_and_gradients_equal_the_slim_trainer_and_calibrl_kernels(tmp_path, algo):
-    """One batch through TRL's compute_loss == the slim trainer's path (calibrl.algorithms: group statistics,
-    expert baseline, policy loss) == calibrl_kernels called directly (scores + group ids path)."""
-    trainer = make_text_trainer(tmp_path, calibrl_algo=algo)
+    """With CalibRL's own setting (bnpo = the per-micro-batch token mean, A = r - mean, dual clip 3), one batch
+    through TRL's compute_loss == the slim trainer's path (calibrl.algorithms: group statistics, expert baseline,
+    policy loss) == calibrl_kernels called directly (scores + group ids path)."""
+    trainer = make_text_trainer(tmp_path, calibrl_algo=algo, gradient_accumulation_steps=1)
     batch = generated_batch(trainer)
     model = trainer.model
     config = trainer.calibrl_config
@@ -151,6 +159,7 @@ def test_loss_and_gradients_equal_the_slim_trainer_and_calibrl_kernels(tmp_path,
             old = ck.linear_token_logprobs(hidden, model.lm_head.weight, batch["completion_ids"], temperature=config.temperature)
         return hidden, old
 
+    assert config.loss_agg_mode == "token-mean" and not config.norm_by_std and config.dual_clip_c == 3.0
     scores, group_ids = batch[_core.FIELD_SCORES], batch[_core.FIELD_GROUP_IDS]
     is_expert, mask = batch[_core.FIELD_IS_EXPERT], batch["completion_mask"]
 
@@ -201,16 +210,47 @@ def test_row_fields_survive_trl_shuffle_and_split(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- config
 def test_config_resolution_and_cli_fields(tmp_path):
-    args = make_args(tmp_path, calibrl_algo="dapo", calibrl_guide_coef=0.3, epsilon=0.1, epsilon_high=0.28)
-    cfg = args.calibrl_config
-    assert (cfg.mode, cfg.guide_coef, cfg.clip_low, cfg.clip_high, cfg.norm_by_std) == ("dapo", 0.3, 0.1, 0.28, True)
+    # unset TRL fields: CalibRL's setting in the expert modes, TRL's defaults in grpo mode
+    calibrl = make_args(tmp_path, calibrl_guide_coef=0.3, epsilon=0.1, epsilon_high=0.28)
+    assert (calibrl.algo, calibrl.loss_type, calibrl.scale_rewards, calibrl.delta, calibrl.expert_column) == (
+        "calibrl", "bnpo", "none", 3.0, "expert")
+    cfg = calibrl.calibrl_config
+    assert (cfg.mode, cfg.guide_coef, cfg.clip_low, cfg.clip_high, cfg.dual_clip_c) == ("calibrl", 0.3, 0.1, 0.28, 3.0)
+    grpo = make_args(tmp_path, calibrl_algo="grpo")
+    assert (grpo.loss_type, grpo.scale_rewards, grpo.delta, grpo.expert_column) == ("dapo", "group", None, None)
+    assert grpo.calibrl_config.dual_clip_c is None and grpo.calibrl_config.norm_by_std
+    # TRL's fields keep their meaning: delta is the dual clip (inf: off), loss_type the normaliser
+    assert make_args(tmp_path, delta=float("inf")).calibrl_config.dual_clip_c is None
+    assert make_args(tmp_path, calibrl_algo="grpo", delta=2.5).calibrl_config.dual_clip_c == 2.5
+    dr = make_args(tmp_path, loss_type="dr_grpo", max_completion_length=6).calibrl_config
+    assert (dr.loss_agg_mode, dr.loss_scale_factor) == ("seq-mean-token-sum-norm", 6.0)
     explicit = make_args(tmp_path, calibrl=ck.CalibRLConfig(negative_slope=0.25))
     assert explicit.calibrl_config.negative_slope == 0.25
     assert explicit.to_dict()["calibrl"]["negative_slope"] == 0.25  # JSON-serialisable for loggers
-    with pytest.raises(ValueError, match="calibrl.clip_low: expected the GRPOConfig value epsilon=0.2"):
+    assert make_args(tmp_path, calibrl=ck.CalibRLConfig(mode="luffy")).algo == "luffy"
+    with pytest.raises(ValueError, match=r"calibrl.clip_low: TRL's fields decide it here .* expected 0.2"):
         make_args(tmp_path, calibrl=ck.CalibRLConfig(clip_low=0.1))
+    with pytest.raises(ValueError, match="calibrl: give the guide settings either as calibrl or as calibrl_"):
+        make_args(tmp_path, calibrl=ck.CalibRLConfig(), calibrl_guide_coef=0.2)
     with pytest.raises(ValueError, match="activation"):
         make_args(tmp_path, calibrl_activation="gelu")
+    with pytest.raises(ValueError, match=r"calibrl_algo: 'dapo' is a TRL loss type here; use calibrl_algo='grpo', "
+                                         "loss_type='dapo'"):
+        make_args(tmp_path, calibrl_algo="dapo")
+    with pytest.raises(ValueError, match=r"delta: expected None, inf or a number >= 1 \+ epsilon_high = 1.28"):
+        make_args(tmp_path, delta=1.1, epsilon_high=0.28)
+    with pytest.raises(ValueError, match=r"loss_type: CalibRLTrainer computes TRL's loss types .* got 'cispo'"):
+        make_args(tmp_path, loss_type="cispo")
+
+
+def test_every_calibrl_field_has_help_text():
+    import dataclasses as dc
+
+    own = [f for f in dc.fields(CalibRLGRPOConfig) if f.name.startswith(("calibrl", "expert"))
+           or f.name in ("loss_type", "scale_rewards", "delta")]
+    assert len(own) >= 14
+    for f in own:
+        assert len(f.metadata.get("help", "")) > 30, f.name
 
 
 def test_expert_text_forms():
@@ -243,8 +283,8 @@ def test_expert_longer_than_completion_limit_fails_at_first_batch(tmp_path):
 
 
 def test_mode_needing_experts_without_column_fails(tmp_path):
-    with pytest.raises(ValueError, match="expert_column: mode='calibrl' needs an expert"):
-        make_text_trainer(tmp_path, dataset=text_dataset(expert=False), expert_column=None)
+    with pytest.raises(ValueError, match="expert_column: the train_dataset has no column 'expert'"):
+        make_text_trainer(tmp_path, dataset=text_dataset(expert=False), calibrl_algo="luffy")
 
 
 def test_groups_split_by_steps_per_generation_fail(tmp_path):
@@ -256,16 +296,14 @@ def test_groups_split_by_steps_per_generation_fail(tmp_path):
 
 
 def test_unsupported_trl_options_fail(tmp_path):
-    with pytest.raises(ValueError, match="beta: CalibRLTrainer supports only beta=0.0, got 0.1"):
+    with pytest.raises(ValueError, match=r"beta: CalibRLTrainer supports only beta=0.0, got 0.1 \(CalibRLTrainer "
+                                         r"loads no reference model and has no KL penalty\)"):
         make_text_trainer(tmp_path, beta=0.1)
-    # aggregation and std-normalisation are the CalibRL preset's: TRL's own switches would be ignored
-    with pytest.raises(ValueError, match="loss_type: CalibRLTrainer supports only loss_type='dapo', got 'grpo' "
-                                         r"\(the CalibRL preset aggregates with loss_agg_mode='token-mean'"):
-        make_text_trainer(tmp_path, loss_type="grpo")
-    with pytest.raises(ValueError, match=r"scale_rewards: .* got 'none' \(the CalibRL preset decides "
-                                         r"std-normalisation of the advantages \(norm_by_std=False\); set "
-                                         "calibrl_norm_by_std"):
-        make_text_trainer(tmp_path, scale_rewards=False)
+    with pytest.raises(ValueError, match="entropy_coef: CalibRLTrainer supports only entropy_coef=0.0, got 0.01 "
+                                         r"\(TRL's entropy bonus; calibrl_entropy_coef is CalibRL's"):
+        make_text_trainer(tmp_path, entropy_coef=0.01)
+    with pytest.raises(ValueError, match="multi_objective_aggregation: mode 'luffy' trains expert rows"):
+        make_text_trainer(tmp_path, calibrl_algo="luffy", multi_objective_aggregation="normalize_then_sum")
 
 
 def test_group_without_on_policy_rows_fails():
@@ -288,3 +326,203 @@ def test_mismatched_lengths_fail():
         _core.calibrl_batch_loss(hidden, weight, torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 4), None, fields, cfg)
     with pytest.raises(ValueError, match=r"targets: expected shape hidden.shape\[:-1\]"):
         _core.calibrl_batch_loss(hidden, weight, torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 5), None, fields, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- TRL's own loss
+# Completions fixed per (prompt, index within its group), so that TRL's GRPOTrainer and CalibRLTrainer score
+# the same rows: unequal lengths, one truncated completion (no EOS: an empty row under
+# mask_truncated_completions) and one completion whose reward is None (TRL: advantage 0, row kept).
+SCRIPTED = {"1+1=": ["2", "2 2", "abcdefgh", "7"], "2+2=": ["4", "x", "4 4 4", "9 9"],
+            "3+1=": ["4 o", "5", "44", "x"], "2+1=": ["3", "3 3 3", "1", "33"]}
+
+
+def scripted_rollout(prompts, trainer):
+    tokenizer = trainer.processing_class
+    n, eos = trainer.num_generations, tokenizer.eos_token_id
+    limit = trainer.max_completion_length
+    completions = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(SCRIPTED[prompt][i % n], add_special_tokens=False)["input_ids"] + [eos]
+        completions.append(ids[:limit])  # "abcdefgh" loses its EOS: truncated
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": None}
+
+
+def scripted_reward(completions, answer, **kwargs):
+    return [None if c == "x" else float(c.startswith(a)) + 0.1 * len(c) for c, a in zip(completions, answer)]
+
+
+def trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch):
+    """CalibRLTrainer and TRL's GRPOTrainer with equal settings and equal tiny models (seed 0)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    common = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no", seed=0,
+        per_device_train_batch_size=8, num_generations=4, steps_per_generation=2, gradient_accumulation_steps=2,
+        num_iterations=2,  # TRL then computes old log-probs at generation (used by the off-policy half)
+        max_completion_length=6, mask_truncated_completions=True, loss_type=loss_type, scale_rewards="group",
+        epsilon=0.2, epsilon_high=0.28,
+    )
+    delta = 3.0 if algo == "calibrl" else None  # CalibRL's default dual clip in calibrl mode, TRL's (off) in grpo
+    tokenizer = char_tokenizer()
+    # No scripted completion starts like its expert: a shared prefix gives z = 0 exactly at the guide's kink,
+    # where the gradient's slope (1 or alpha) would be decided by rounding.
+    dataset = text_dataset(expert=["ok " + a for a in ("2", "4", "4", "3")], n=4)
+    trainers = []
+    for cls, args in ((CalibRLTrainer, CalibRLGRPOConfig(calibrl_algo=algo, **common)),
+                      (GRPOTrainer, GRPOConfig(delta=delta, **common))):
+        trainer = cls(model=tiny_causal_lm(len(tokenizer)), reward_funcs=scripted_reward, args=args,
+                      train_dataset=dataset, processing_class=tokenizer, rollout_func=scripted_rollout)
+        trainer.current_gradient_accumulation_steps = 2
+        trainer.model.train()
+        trainers.append(trainer)
+    assert trainers[0].args.delta == delta
+    return trainers
+
+
+def trl_view(micro_batch):
+    """The on-policy rows of a CalibRLTrainer micro-batch, with the fields GRPOTrainer._compute_loss reads."""
+    rows = ~micro_batch[_core.FIELD_IS_EXPERT]
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_per_token_logps")
+    view = {key: micro_batch[key][rows] for key in keys if key in micro_batch}
+    view["num_items_in_batch"] = micro_batch["num_items_in_batch"]
+    return view
+
+
+def independent_guide_term(trl_trainer, micro_batch, loss_type):
+    """beta * the guide term of CalibRL.md, from TRL's own log-probs and TRL's normaliser of loss_type."""
+    config = ck.CalibRLConfig()  # guide settings at their defaults in the test's calibrl trainer
+    view = trl_view(micro_batch)
+    rows = ~micro_batch[_core.FIELD_IS_EXPERT]
+    input_ids = torch.cat([view["prompt_ids"], view["completion_ids"]], 1)
+    attention_mask = torch.cat([view["prompt_mask"], view["completion_mask"]], 1)
+    T = view["completion_ids"].size(1)
+    lp, _, _ = trl_trainer._get_per_token_logps_and_entropies(trl_trainer.model, input_ids, attention_mask, T)
+    sign = micro_batch[_core.FIELD_PASSED][rows].float().mul(2).sub(1)[:, None]  # +1 passed, -1 failed
+    z = -sign * (lp - micro_batch[_core.FIELD_EXPERT_LOGP][rows])
+    per_token = view["advantages"].abs()[:, None] * torch.nn.functional.leaky_relu(z, config.negative_slope)
+    m = view["completion_mask"].float()
+    rows_count, accumulation = m.size(0), 2
+    if loss_type == "grpo":
+        value = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).sum() / rows_count / accumulation
+    elif loss_type == "bnpo":
+        value = (per_token * m).sum() / m.sum().clamp(min=1) / accumulation
+    elif loss_type == "dr_grpo":
+        value = (per_token * m).sum() / (rows_count * trl_trainer.max_completion_length) / accumulation
+    else:  # dapo: one process, accumulation == steps_per_generation
+        value = (per_token * m).sum() / view["num_items_in_batch"]
+    return config.guide_coef * value
+
+
+@pytest.mark.parametrize("algo", ["grpo", "calibrl"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+def test_loss_and_gradients_equal_trl_grpo_trainer(tmp_path, monkeypatch, algo, loss_type):
+    """CalibRLTrainer.compute_loss vs TRL's GRPOTrainer.compute_loss on the same scripted generation batch, split
+    into 2 accumulation steps of unequal token counts: first on-policy, then off-policy (old log-probs from
+    generation, weights moved since). grpo mode: equal to fp32 rounding. calibrl mode: TRL's loss with delta=3
+    on the on-policy rows plus the guide term computed independently from TRL's log-probs."""
+    from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
+
+    ours, theirs = trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch)
+    inputs = [dict(ours.train_dataset[i]) for i in range(4) for _ in range(4)]  # 4 prompts x 4 generations
+    batch = ours._generate_and_score_completions([dict(x) for x in inputs])
+    trl_batch = theirs._generate_and_score_completions([dict(x) for x in inputs])
+    on_policy = ~batch[_core.FIELD_IS_EXPERT]
+    assert int((~on_policy).sum()) == (4 if algo == "calibrl" else 0)
+    # TRL's own generation step gives the same rows, advantages and token count
+    for key in ("advantages", "completion_mask", "old_per_token_logps"):
+        got, want = batch[key][on_policy], trl_batch[key]
+        torch.testing.assert_close(got[:, :want.size(1)] if got.dim() == 2 else got, want)
+    assert int(batch["num_items_in_batch"]) == int(trl_batch["num_items_in_batch"])
+    assert (batch["completion_mask"][on_policy].sum(-1) == 0).sum() == 1  # the truncated row is empty
+    assert (trl_batch["advantages"] == 0).sum() >= 2  # the two rows whose reward is None
+    torch.manual_seed(3)
+    micro_batches = split_tensor_dict(shuffle_sequence_dict(batch), 2)
+    tokens = [int(mb["completion_mask"][~mb[_core.FIELD_IS_EXPERT]].sum()) for mb in micro_batches]
+    assert tokens[0] != tokens[1]
+
+    def accumulate(off_policy):
+        results = []
+        for trainer in (ours, theirs):
+            trainer.model.zero_grad()
+        for mb in micro_batches:
+            if not off_policy:
+                mb = {k: v for k, v in mb.items() if k != "old_per_token_logps"}
+            loss_ours = ours.compute_loss(ours.model, mb)
+            loss_theirs = theirs.compute_loss(theirs.model, trl_view(mb))
+            if algo == "calibrl":
+                loss_theirs = loss_theirs + independent_guide_term(theirs, mb, loss_type)
+            loss_ours.backward()
+            loss_theirs.backward()
+            results.append((loss_ours.detach(), loss_theirs.detach()))
+        for loss_ours, loss_theirs in results:
+            torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-5, atol=1e-8)
+        grads_ours = dict(ours.model.named_parameters())
+        for name, p_theirs in theirs.model.named_parameters():
+            g_ours, g_theirs = grads_ours[name].grad, p_theirs.grad
+            assert float((g_ours - g_theirs).norm()) <= 1e-5 * float(g_theirs.norm()) + 1e-9, name
+        return results
+
+    on = accumulate(off_policy=False)
+    assert any(float(loss_ours) != 0.0 for loss_ours, _ in on)
+    # Move both models' lm_head the same way: the old log-probs of generation are now off-policy.
+    g = torch.Generator().manual_seed(0)
+    noise = 0.3 * torch.randn(ours.model.lm_head.weight.shape, generator=g)
+    with torch.no_grad():
+        ours.model.lm_head.weight.add_(noise)
+        theirs.model.lm_head.weight.add_(noise)
+    accumulate(off_policy=True)
+    # the off-policy half reaches the clip range and, for negative advantages, ratios above the dual clip's 3
+    view = trl_view(batch)
+    T = view["completion_ids"].size(1)
+    lp, _, _ = theirs._get_per_token_logps_and_entropies(
+        theirs.model, torch.cat([view["prompt_ids"], view["completion_ids"]], 1),
+        torch.cat([view["prompt_mask"], view["completion_mask"]], 1), T)
+    log_ratio = (lp - view["old_per_token_logps"])[view["completion_mask"].bool()]
+    negative = (view["advantages"][:, None] < 0).expand_as(lp)[view["completion_mask"].bool()]
+    log_ratio = log_ratio.detach()
+    assert float(log_ratio.abs().max()) < 20.0  # below the kernels' log-ratio clamp (TRL has none)
+    assert bool((log_ratio[negative] > math.log(3.0)).any()) and bool((log_ratio.abs() > math.log(1.28)).any())
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate is not installed")
+def test_two_processes_equal_one_process(tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo) with 8 rows per process == one process with 16 rows.
+
+    TRL gathers rewards across processes and normalises dapo by the generation batch's token count over every
+    process, and DDP averages gradients, so 2 SGD steps give the same weights, loss and loss terms; the token
+    means (entropy) and the reward / pass-rate metrics are reduced over both processes.
+    """
+    worker = os.path.join(os.path.dirname(__file__), "_trl_accelerate_worker.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as sock:  # a free port for the gloo rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), worker, str(two), "8"]
+    result = subprocess.run(launch, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _trl_accelerate_worker import main as run_worker
+
+    run_worker(str(one), 16)
+    logs = {}
+    for name, out in (("two", two), ("one", one)):
+        record = json.loads((out / "log_history.json").read_text())
+        assert record["num_processes"] == (2 if name == "two" else 1)
+        logs[name] = [entry for entry in record["log"] if "pg_loss" in entry]
+    assert len(logs["two"]) == len(logs["one"]) == 2
+    for entry_two, entry_one in zip(logs["two"], logs["one"]):
+        for key in ("loss", "pg_loss", "guide_loss", "entropy", "reward", "calibrl/pass_rate", "calibrl/expert_reward"):
+            assert entry_two[key] == pytest.approx(entry_one[key], rel=1e-5, abs=1e-7), key
+    assert logs["one"][1]["guide_loss"] != 0 and logs["one"][0]["loss"] != logs["one"][1]["loss"]
+    params_two, params_one = torch.load(two / "params.pt"), torch.load(one / "params.pt")
+    initial = tiny_causal_lm(len(char_tokenizer())).state_dict()
+    for name, value in params_one.items():
+        torch.testing.assert_close(params_two[name], value, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(params_one[name], initial[name]) for name in initial)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels import CalibRLConfig, reference
+from calibrl_kernels import CalibRLConfig, _coefficients, reference
 
 F64 = torch.float64
 TOL = dict(rtol=0, atol=1e-10)
@@ -85,6 +85,17 @@ def test_dual_clip_applies_only_to_negative_advantages():
     close(l_pg[:, 0], [-1.2, 3.0, 0.8, -1.2])
     assert clipped[:, 0].tolist() == [True, False, True, True]
     assert clipped_lower[:, 0].tolist() == [False, True, False, False]
+
+
+def test_dual_clip_off_is_plain_ppo_clipping():
+    logp, old, adv, mask, rho = _ppo_batch()
+    config = CalibRLConfig(mode="grpo", dual_clip_c=None)
+    l_pg, clipped, clipped_lower = reference.ppo_token_terms(logp, old, adv[:, None], config)
+    close(l_pg[:, 0], [-1.2, 5.0, 0.8, -1.2])  # (-1, 5): max(5, 1.2) = 5, no cap
+    assert not clipped_lower.any()
+    # the closed-form slope of the kernels: d l / d lp = -A rho where the unclipped branch wins
+    _, slope, _, _ = _coefficients.ppo_term_and_slope(logp, old, adv[:, None], config)
+    close(slope[:, 0], [0.0, 5.0, 0.0, 0.0])
 
 
 def test_ppo_metrics_definitions():

@@ -107,6 +107,7 @@ CONFIGS = [
     CalibRLConfig(loss_agg_mode="seq-mean-token-sum"),
     CalibRLConfig(loss_agg_mode="seq-mean-token-sum-norm", mask_beyond_expert=True),
     CalibRLConfig(dual_clip_c=1.5, clip_low=0.1, clip_high=0.1),
+    CalibRLConfig(dual_clip_c=None, clip_low=0.1, clip_high=0.1),
 ]
 
 
