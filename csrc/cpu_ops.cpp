@@ -58,8 +58,8 @@ CALIBRL_INLINE void stats_one(const scalar_t* row,      // the row's V raw logit
   out[row::kRowMax] = st.row_max;
   out[row::kLogSum] = st.log_sum;
   out[row::kEntropy] = target < 0 ? acc_t(0) : st.entropy;
-  out[row::kLogp] = target < 0 ? acc_t(0)
-                               : shifted_logit(static_cast<acc_t>(row[target]), st.row_max, inv_temperature) - st.log_sum;
+  const acc_t x_target = target < 0 ? acc_t(0) : static_cast<acc_t>(row[target]);
+  out[row::kLogp] = target < 0 ? acc_t(0) : shifted_logit(x_target, st.row_max, inv_temperature) - st.log_sum;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -93,7 +93,8 @@ CALIBRL_HOT void gradient_range(const scalar_t* logits,        // raw logits, ro
     const acc_t* r = rows + i * row::kCount;
     row_gradient_body<scalar_t, acc_t>(logits + layout.offset(i), out + out_layout.offset(i), layout.vocab,
                                        target_of(targets, i, ignore_index, layout.vocab), r[row::kRowMax],
-                                       r[row::kLogSum], r[row::kEntropy], r[row::kCoefA], r[row::kCoefB], inv_temperature);
+                                       r[row::kLogSum], r[row::kEntropy], r[row::kCoefA], r[row::kCoefB],
+                                       inv_temperature);
   }
 }
 

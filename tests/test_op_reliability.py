@@ -129,7 +129,8 @@ def test_uint8_target_156_is_a_token_not_the_wrapped_ignore_index(backend):
     want = reference.token_logprobs(logits.double(), targets.long())
     torch.testing.assert_close(ck.token_logprobs(logits, targets).double(), want, rtol=1e-5, atol=1e-6)
     # an ignore_index outside the dtype's range matches nothing; inside it, it works as usual
-    torch.testing.assert_close(ck.token_logprobs(logits, targets, ignore_index=300).double(), want, rtol=1e-5, atol=1e-6)
+    outside = ck.token_logprobs(logits, targets, ignore_index=300)
+    torch.testing.assert_close(outside.double(), want, rtol=1e-5, atol=1e-6)
     assert ck.token_logprobs(logits, targets, ignore_index=156)[0] == 0
     # uint8 targets >= 128 of a vocabulary above 255 are not refused by a wrapped comparison
     assert torch.isfinite(ck.token_logprobs(torch.randn(2, 300), torch.tensor([50, 250], dtype=torch.uint8))).all()
@@ -287,7 +288,8 @@ def test_torch_func_with_a_forced_kernel_backend_is_refused_clearly(monkeypatch,
         call = lambda: torch.func.grad(lambda x: ck.token_logprobs(x, targets).sum())(logits)  # noqa: E731
     else:
         call = lambda: torch.func.vmap(lambda x: ck.token_logprobs(x, targets))(logits[None])  # noqa: E731
-    with pytest.raises(RuntimeError, match=rf"token_logprobs: backend '{forced}'.*torch.func.*calibrl_kernels.reference"):
+    message = rf"token_logprobs: backend '{forced}'.*torch.func.*calibrl_kernels.reference"
+    with pytest.raises(RuntimeError, match=message):
         call()
 
 
