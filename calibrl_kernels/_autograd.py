@@ -72,3 +72,22 @@ def first_order_only(backward):
         return result[0] if single else tuple(result)
 
     return wrapper
+
+
+def can_overwrite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` has a memory location of its own, so that a kernel may write each
+    element's gradient over it (``inplace_backward=True``).
+
+    False for views whose elements share memory: expanded (stride 0) tensors, ``as_strided`` windows that
+    overlap. Writing gradients over those would sum several elements' gradients into one location (and
+    overwrite the tensor they were expanded from); the fused ops then use a fresh gradient buffer instead.
+    Non-contiguous views without overlap (slices, transposes) are fine: the kernels follow their strides.
+    The test is exact for the usual layouts and conservative otherwise: sorted by stride, each dimension
+    must step past everything the smaller dimensions span.
+    """
+    span = 0  # largest offset reachable with the dimensions seen so far
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= span:
+            return False
+        span += stride * (size - 1)
+    return True

@@ -57,17 +57,32 @@ def is_real_number(value) -> bool:
 
 
 def as_float(name: str, value) -> float:
-    """value (int, float, np.float32, np.int64, ...) as a Python float; bools, strings, tensors refused."""
+    """value (int, float, np.float32, np.int64, ...) as a Python float; bools, strings, tensors refused.
+
+    An int too large for a float (e.g. 2**1100) is refused with a ValueError naming the argument
+    (float() itself would raise a bare OverflowError)."""
     if not is_real_number(value):
         raise ValueError(f"{name}: expected a finite number, got {type(value).__name__} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: expected a finite number, got an int too large for a float ({value!r})") from None
+
+
+INT64_RANGE = (-(2**63), 2**63 - 1)
 
 
 def as_int(name: str, value) -> int:
-    """value (int or NumPy integer scalar) as a Python int; bools and floats refused."""
+    """value (int or NumPy integer scalar) as a Python int in the int64 range; bools and floats refused.
+
+    Every kernel takes integer arguments as int64: a larger int (e.g. 2**70) is refused here with a
+    ValueError naming the argument, instead of an OverflowError deep inside a backend."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    return int(value)
+    number = int(value)
+    if not INT64_RANGE[0] <= number <= INT64_RANGE[1]:
+        raise ValueError(f"{name}: expected an int in the int64 range [-2**63, 2**63 - 1], got {number}")
+    return number
 
 
 def check_finite_number(name: str, value) -> float:
@@ -137,15 +152,27 @@ def check_device(name: str, t: torch.Tensor, device: torch.device, reference_nam
 
 def check_positive_number(name: str, value) -> float:
     """A finite real number > 0 (Python or NumPy scalar); returns it as a Python float."""
-    if not is_real_number(value) or not math.isfinite(float(value)) or float(value) <= 0:
+    number = as_float(name, value) if is_real_number(value) else math.nan
+    if not math.isfinite(number) or number <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
+    return number
+
+
+def token_ids(targets: torch.Tensor) -> torch.Tensor:
+    """Integer targets of any dtype as int64 (no copy for int64).
+
+    Every backend compares targets with ignore_index and V as integers, never in the targets' own
+    dtype: uint8 targets compared with -100 in uint8 would wrap it to 156 (token 156 ignored), and
+    ``targets >= 300`` would wrap 300. An ignore_index outside the dtype's range (the default -100 with
+    uint8 targets) therefore matches no target: nothing is ignored, on every backend."""
+    return targets.long()
 
 
 def check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """targets must lie in [0, V) or equal ignore_index."""
+    """targets must lie in [0, V) or equal ignore_index (compared as int64, see token_ids)."""
     if not value_checks_enabled() or targets.numel() == 0:
         return
+    targets = token_ids(targets)
     bad = ((targets < 0) | (targets >= vocab_size)) & (targets != ignore_index)
     if bool(bad.any()):
         first = int(bad.nonzero()[0, 0]) if bad.dim() == 1 else tuple(bad.nonzero()[0].tolist())
@@ -167,7 +194,7 @@ def check_token_logprobs_inputs(logits: torch.Tensor, targets: torch.Tensor, tem
     if logits.shape[-1] == 0:
         raise ValueError("logits: expected a vocabulary of at least one entry, got V = 0")
     check_positive_number("temperature", temperature)
-    as_int("ignore_index", ignore_index)
+    ignore_index = as_int("ignore_index", ignore_index)
     check_targets(targets, logits.shape[-1], ignore_index)
 
 
@@ -203,7 +230,7 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         check_shape("bias", bias, (weight.shape[0],), "(V,)")
         check_device("bias", bias, hidden.device, "hidden")
     check_positive_number("temperature", temperature)
-    as_int("ignore_index", ignore_index)
+    ignore_index = as_int("ignore_index", ignore_index)
     check_targets(targets, weight.shape[0], ignore_index)
 
 
@@ -243,7 +270,7 @@ def check_num_groups_argument(num_groups, batch_size: int) -> None:
         return
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups: expected None or an int, got {type(num_groups).__name__}")
-    if not 1 <= num_groups <= batch_size:
+    if not 1 <= int(num_groups) <= batch_size:
         raise ValueError(f"num_groups: expected None or an int in [1, B = {batch_size}], got {num_groups}")
 
 

@@ -55,6 +55,8 @@ ROW_FIELDS = (
     "logp",  # log softmax(z)[y] (0 for ignored targets)
     "entropy",  # H = lse - sum_j p_j z_j (0 for ignored targets)
     "lse",  # log-sum-exp of z = logits / temperature
+    "row_max",  # max of the raw logits (C++ kernels: their gradient forms log p from the shifted logits)
+    "log_sum",  # log sum_j exp((logits_j - row_max) / temperature) (C++ kernels, with row_max)
     "coef_a",  # a = -dL/dlp
     "coef_b",  # b = -dL/dH
     "pg",  # c_loss * l_pg: summed, pg_loss

@@ -26,7 +26,7 @@ import torch
 
 from . import _coefficients as coef
 from . import _torch_backend, build, linear_cpu
-from ._autograd import first_order_only
+from ._autograd import can_overwrite, first_order_only
 from .config import (
     LOG_RATIO_CLAMP,
     LUFFY_SHAPING_GAMMA,
@@ -36,7 +36,7 @@ from .config import (
     CalibRLConfig,
     LossOutput,
 )
-from .reference import compute_dtype
+from .reference import compute_dtype, inverse_temperature
 
 ROW = coef.ROW
 _DEFAULT_CONFIG = CalibRLConfig()
@@ -141,7 +141,8 @@ def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_e
     math = _row_math()
     if math is None:
         return _torch_backend.OPS["token_logprobs"](logits, targets, temperature, ignore_index, return_entropy)
-    logp, entropy = _TokenLogprobs.apply(logits, targets, 1.0 / float(temperature), ignore_index, math)
+    inv_temperature = inverse_temperature(temperature, compute_dtype(logits))
+    logp, entropy = _TokenLogprobs.apply(logits, targets, inv_temperature, ignore_index, math)
     return (logp, entropy) if return_entropy else logp
 
 
@@ -155,7 +156,7 @@ class _FusedLoss(torch.autograd.Function):
     def forward(ctx, logits, targets, table, config, ignore_index, math, inplace_backward):
         logits_rows, flat_targets = _row_view(logits), targets.reshape(-1).long().contiguous()
         rows = _row_table(flat_targets.numel(), logits)
-        inv_temperature = 1.0 / config.temperature
+        inv_temperature = inverse_temperature(config.temperature, compute_dtype(logits))
         math.module.row_loss(
             logits_rows, flat_targets, table, rows, config.mode, config.activation, loss_params(config),
             inv_temperature, ignore_index, False,
@@ -164,7 +165,8 @@ class _FusedLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, flat_targets, rows)
         ctx.settings = (inv_temperature, ignore_index, math)
-        ctx.inplace, ctx.backward_done = inplace_backward, False
+        # Aliasing logits (expanded, overlapping views) get a fresh gradient buffer: see can_overwrite.
+        ctx.inplace, ctx.backward_done = inplace_backward and can_overwrite(logits_rows), False
         metrics = tuple(out[1:])
         ctx.mark_non_differentiable(*metrics)
         return (out.loss.clone(),) + metrics

@@ -8,6 +8,11 @@ forcing one that cannot run on the tensors' device raises ``RuntimeError`` sayin
 
 A backend is a module exposing ``OPS`` (op name -> function with the reference's positional
 signature) and ``availability(device) -> (bool, reason)``. Modules are imported on first use only.
+
+Inside a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``vmap``, ...) the fused kernels cannot run:
+they read raw memory and compute closed-form gradients that functorch cannot trace or batch. There every
+op runs the reference (``calibrl_kernels.reference``, plain torch ops, which functorch handles); a backend
+forced with ``CALIBRL_IMPL`` is refused with a RuntimeError naming the op and that alternative.
 """
 
 from __future__ import annotations
@@ -56,10 +61,30 @@ def availability(name: str, device: torch.device) -> Tuple[bool, str]:
     return module.availability(torch.device(device))
 
 
+def functorch_transform_active() -> bool:
+    """Whether the caller runs inside a torch.func transform (grad, vjp, jacrev, vmap, ...)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _reference_op(op: str) -> Callable:
+    from . import reference
+
+    return getattr(reference, op)
+
+
 def implementation(op: str, device: torch.device, impl: Optional[str] = None) -> Callable:
     """The function implementing ``op`` for tensors on ``device`` (``impl`` or CALIBRL_IMPL forces one)."""
     device = torch.device(device)
     forced = impl or requested_impl()
+    if functorch_transform_active():
+        if forced is not None and forced != "torch":
+            raise RuntimeError(
+                f"calibrl_kernels.{op}: backend {forced!r} was requested (CALIBRL_IMPL / impl) but cannot run inside a "
+                "torch.func transform (grad, vjp, jacrev, vmap): its kernels compute closed-form gradients that "
+                "functorch can neither trace nor batch. Unset CALIBRL_IMPL (the ops then run the reference under "
+                f"torch.func), call calibrl_kernels.reference.{op}, or use torch.autograd.grad outside torch.func"
+            )
+        return _reference_op(op)
     if forced is not None:
         if forced not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {forced!r}")

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import _coefficients, reference
-from ._autograd import first_order_only
+from ._autograd import can_overwrite, first_order_only
 from ._triton_common import (
     FIRST_SUMMED_OUTPUT,
     TOKEN_OUTPUTS,
@@ -49,6 +49,7 @@ from ._triton_common import (
 )
 from .config import CalibRLConfig, LossOutput
 from .logprob_entropy import as_token_rows, logits_backward, row_kernel_launch
+from .reference import inverse_temperature
 
 ROW = _coefficients.ROW
 _DEFAULT_CONFIG = CalibRLConfig()
@@ -153,7 +154,7 @@ def calibrl_loss_forward(
         dict(
             logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T,
             targets_ptr=targets, table_ptr=table, out_ptr=token_out, n_tokens=n, V=V,
-            inv_temperature=1.0 / float(config.temperature), ignore_index=int(ignore_index), BLOCK_N=block_n,
+            inv_temperature=inverse_temperature(config.temperature), ignore_index=int(ignore_index), BLOCK_N=block_n,
             **kernel_loss_arguments(config),
         ),
         fixed, tune, ["V"],
@@ -171,7 +172,7 @@ class _FusedCalibRLLoss(torch.autograd.Function):
         ctx.logits_shape = logits.shape
         ctx.temperature = config.temperature
         ctx.ignore_index = ignore_index
-        ctx.inplace = inplace_backward
+        ctx.inplace = inplace_backward and can_overwrite(rows)  # aliasing logits: a fresh buffer (can_overwrite)
         ctx.backward_done = False
         return loss_and_metrics(ctx, token_out, config)
 

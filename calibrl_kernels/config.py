@@ -41,6 +41,14 @@ DUAL_CLIP_OFF_BOUND = 1e30
 AGG_EPS = 1e-8
 
 
+def _fits_float(value) -> bool:
+    """A real number that is a finite float (an int too large for a float, e.g. 2**1100, is not)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _fail(field: str, expected: str, actual) -> None:
     raise ValueError(f"CalibRLConfig.{field}: expected {expected}, got {actual!r}")
 
@@ -108,7 +116,7 @@ class CalibRLConfig:
         ):
             value = getattr(self, field)
             # Python int / float or NumPy scalars (np.float32(0.2), np.int64(3)); stored as Python floats.
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _fits_float(value):
                 _fail(field, "a finite number", value)
             object.__setattr__(self, field, float(value))
         if not 0.0 <= self.clip_low < 1.0:
@@ -130,7 +138,7 @@ class CalibRLConfig:
         if self.loss_scale_factor is not None:
             if not (
                 isinstance(self.loss_scale_factor, numbers.Real) and not isinstance(self.loss_scale_factor, bool)
-                and math.isfinite(float(self.loss_scale_factor))
+                and _fits_float(self.loss_scale_factor)
                 and self.loss_scale_factor > 0
             ):
                 _fail("loss_scale_factor", "None or a number > 0", self.loss_scale_factor)

@@ -60,7 +60,8 @@ def _group_stats_kernel(
         rows = tl.load(order_ptr + pos, mask=inside, other=0)
         on = tl.load(on_policy_ptr + rows, mask=inside, other=0.0)
         count += on
-        total += tl.load(scores_ptr + rows, mask=inside, other=0.0) * on
+        # where, not * on: an expert row's score is not read (a NaN there must not poison the group)
+        total += tl.where(on != 0, tl.load(scores_ptr + rows, mask=inside, other=0.0), 0.0)
         passing += tl.load(passed_ptr + rows, mask=inside, other=0.0) * on
     n = tl.sum(count, axis=0)
     denominator = tl.maximum(n, 1.0)
@@ -70,9 +71,8 @@ def _group_stats_kernel(
         pos = first + tl.arange(0, BLOCK_ROWS)
         inside = pos < end
         rows = tl.load(order_ptr + pos, mask=inside, other=0)
-        deviation = (tl.load(scores_ptr + rows, mask=inside, other=0.0) - raw_mean) * tl.load(
-            on_policy_ptr + rows, mask=inside, other=0.0
-        )
+        on = tl.load(on_policy_ptr + rows, mask=inside, other=0.0)
+        deviation = tl.where(on != 0, tl.load(scores_ptr + rows, mask=inside, other=0.0) - raw_mean, 0.0)
         squares += deviation * deviation
     raw_std = sqrt_rn(div_rn(tl.sum(squares, axis=0), tl.maximum(n - 1.0, 1.0)))
     single = n <= 1.0

@@ -65,7 +65,7 @@ import torch
 from . import _coefficients as coef
 from ._autograd import first_order_only
 from .config import CalibRLConfig, LossOutput
-from .reference import compute_dtype
+from .reference import compute_dtype, inverse_temperature
 
 ROW = coef.ROW
 ENV_CHUNK_BYTES = "CALIBRL_CHUNK_BYTES"
@@ -428,7 +428,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         ops = _Operands(hidden2d, weight, bias, budget)
         grads = _Gradients(ops, need_hidden, need_weight, need_bias) if any((need_hidden, need_weight, need_bias)) else None
         rows = torch.empty(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
-        inv_temperature = 1.0 / config.temperature
+        inv_temperature = inverse_temperature(config.temperature, ops.dtype)
 
         def process(chunk, start, end):
             row_math.loss(
@@ -502,6 +502,10 @@ def fused_linear_calibrl_loss(
 # --------------------------------------------------------------------------------------------
 # linear_token_logprobs
 # --------------------------------------------------------------------------------------------
+# Row-table columns of the forward that a gradient pass reads (TorchRowMath: lse, entropy; C++: the others).
+_GRADIENT_STATISTICS = ("lse", "row_max", "log_sum", "entropy")
+
+
 class _LinearTokenLogprobs(torch.autograd.Function):
     """logp and entropy per row; backward recomputes each logits chunk (see the module docstring)."""
 
@@ -510,20 +514,21 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         hidden2d, flat_targets = _flatten(hidden, targets)
         ops = _Operands(hidden2d, weight, bias, budget)
         rows = torch.empty(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
-        inv_temperature = 1.0 / temperature
+        inv_temperature = inverse_temperature(temperature, ops.dtype)
 
         def process(chunk, start, end):
             row_math.stats(chunk, flat_targets[start:end], inv_temperature, ignore_index, rows[start:end])
 
         _stream(ops, row_math, None, process)
-        ctx.save_for_backward(hidden, weight, bias, targets, rows[:, ROW["lse"]].clone(), rows[:, ROW["entropy"]].clone())
+        statistics = rows[:, [ROW[name] for name in _GRADIENT_STATISTICS]]  # (N, 4) what the gradient pass reads
+        ctx.save_for_backward(hidden, weight, bias, targets, statistics)
         ctx.settings = (inv_temperature, ignore_index, row_math, budget)
         return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, statistics = ctx.saved_tensors
         inv_temperature, ignore_index, row_math, budget = ctx.settings
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if not (need_hidden or need_weight or need_bias):
@@ -531,8 +536,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         hidden2d, flat_targets = _flatten(hidden, targets)
         ops = _Operands(hidden2d, weight, bias, budget)
         rows = torch.zeros(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
-        rows[:, ROW["lse"]] = lse
-        rows[:, ROW["entropy"]] = entropy
+        rows[:, [ROW[name] for name in _GRADIENT_STATISTICS]] = statistics
         if grad_logp is not None:
             rows[:, ROW["coef_a"]] = -grad_logp.reshape(-1).to(ops.dtype)
         if grad_entropy is not None:

@@ -74,6 +74,7 @@ from ._triton_common import (
 from .calibrl_loss_triton import kernel_loss_arguments, loss_and_metrics, prepare_token_table
 from .config import CalibRLConfig, LossOutput
 from .logprob_entropy import common_stride
+from .reference import inverse_temperature
 
 ROW = _coefficients.ROW
 
@@ -359,7 +360,7 @@ def linear_statistics(
         dict(
             hidden_ptr=hidden, stride_hn=hidden.stride(0), weight_ptr=weight, stride_wv=weight.stride(0),
             bias_ptr=bias if bias is not None else weight, targets_ptr=targets, active_ptr=active,
-            partial_ptr=partial, N=N, V=V, D=D, splits=splits, inv_temperature=1.0 / float(temperature),
+            partial_ptr=partial, N=N, V=V, D=D, splits=splits, inv_temperature=inverse_temperature(temperature),
             HAS_BIAS=bias is not None, INPUT_PRECISION=_dot_precision(hidden.dtype),
         ),
         meta, tune, ["N", "V", "D"],
@@ -459,7 +460,7 @@ def _chunked_gradients(
                 entropy_ptr=entropy, coef_lp_ptr=coef_lp, coef_ent_ptr=coef_ent, stats_stride=stats_stride,
                 scale_ptr=scale_arg,
                 dlogits_ptr=dlogits, stride_gn=dlogits.stride(0), N=N, V=V, D=D, v_begin=v_begin, v_end=v_end,
-                inv_temperature=1.0 / float(temperature), ignore_index=int(ignore_index),
+                inv_temperature=inverse_temperature(temperature), ignore_index=int(ignore_index),
                 HAS_BIAS=bias is not None, HAS_SCALE=has_scale, INPUT_PRECISION=precision,
             ),
             meta, tune, ["N", "D"],

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _heuristics, reference
+from .reference import inverse_temperature
 from ._autograd import first_order_only
 from ._triton_common import (
     cast_for_store,
@@ -159,7 +160,7 @@ def logprob_entropy_forward(
         dict(
             logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=n,
             BLOCK_N=block_n, targets_ptr=targets, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse, V=V,
-            inv_temperature=1.0 / float(temperature), ignore_index=int(ignore_index),
+            inv_temperature=inverse_temperature(temperature), ignore_index=int(ignore_index),
         ),
         fixed, tune, ["V"],
     )
@@ -199,7 +200,7 @@ def logits_backward(
             BLOCK_N=block_n, grad_ptr=grad, grad_stride_b=grad.stride(0), grad_stride_t=grad.stride(1),
             targets_ptr=targets, lse_ptr=lse, entropy_ptr=entropy, coef_lp_ptr=coef_lp,
             coef_ent_ptr=coef_ent, stats_stride=stats_stride, scale_ptr=scale_arg, V=V,
-            inv_temperature=1.0 / float(temperature),
+            inv_temperature=inverse_temperature(temperature),
             ignore_index=int(ignore_index), HAS_SCALE=has_scale,
         ),
         fixed, tune, ["V"],

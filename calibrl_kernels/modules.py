@@ -26,10 +26,9 @@ class _ConfiguredLoss(torch.nn.Module):
         super().__init__()
         config = CalibRLConfig() if config is None else config
         _checks.check_config(config)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
         self.config = config
-        self.ignore_index = ignore_index
+        # As the functional ops: Python or NumPy integers in the int64 range, stored as a Python int.
+        self.ignore_index = _checks.as_int("ignore_index", ignore_index)
 
     def extra_repr(self) -> str:
         return f"config={self.config!r}, ignore_index={self.ignore_index}"

@@ -33,6 +33,7 @@ def token_logprobs(
     _checks.check_token_logprobs_inputs(logits, targets, temperature, ignore_index)
     _checks.check_bool_argument("return_entropy", return_entropy)
     temperature, ignore_index = float(temperature), int(ignore_index)  # NumPy scalars -> Python numbers
+    targets = _checks.token_ids(targets)  # compared as int64 on every backend (uint8 never wraps ignore_index)
     fn = _dispatch.implementation("token_logprobs", logits.device)
     return fn(logits, targets, temperature, ignore_index, return_entropy)
 
@@ -51,6 +52,7 @@ def linear_token_logprobs(
     _checks.check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
     _checks.check_bool_argument("return_entropy", return_entropy)
     temperature, ignore_index = float(temperature), int(ignore_index)  # NumPy scalars -> Python numbers
+    targets = _checks.token_ids(targets)
     fn = _dispatch.implementation("linear_token_logprobs", hidden.device)
     return fn(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
 
@@ -192,6 +194,7 @@ def fused_calibrl_loss(
     _checks.check_config(config)
     _checks.check_token_logprobs_inputs(logits, targets, config.temperature, ignore_index)
     ignore_index = int(ignore_index)  # NumPy integer -> Python int
+    targets = _checks.token_ids(targets)
     if logits.dim() != 3:
         raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
     advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
@@ -236,6 +239,7 @@ def fused_linear_calibrl_loss(
     _checks.check_config(config)
     _checks.check_linear_inputs(hidden, weight, targets, bias, config.temperature, ignore_index)
     ignore_index = int(ignore_index)  # NumPy integer -> Python int
+    targets = _checks.token_ids(targets)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
     advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(

@@ -38,6 +38,23 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def representable_temperature(temperature: float, dtype: torch.dtype) -> float:
+    """temperature clamped to the positive normal range of ``dtype`` (the compute dtype).
+
+    Dividing an fp32 tensor by 1e300 divides by inf (the scalar is rounded to fp32), which turns a -inf
+    logit into NaN; the clamped value gives the same logits / T wherever that quotient is representable
+    (T = 1e300 gives the uniform distribution, as the fp64 reference does)."""
+    info = torch.finfo(dtype)
+    return min(max(float(temperature), info.tiny), info.max)
+
+
+def inverse_temperature(temperature: float, dtype: torch.dtype = torch.float32) -> float:
+    """1 / temperature clamped to the positive normal range of ``dtype``, for kernels that multiply by it:
+    never 0 (x * 0 would turn a -inf logit into NaN) and never inf (it would turn a logit of 0 into NaN)."""
+    info = torch.finfo(dtype)
+    return min(max(1.0 / float(temperature), info.tiny), info.max)
+
+
 # --------------------------------------------------------------------------------------------
 # Token log-probs and entropy
 # --------------------------------------------------------------------------------------------
@@ -57,19 +74,22 @@ def token_logprobs(
     has no distribution, and a row holding a NaN or +inf logit none either: such a row's outputs and
     gradient are NaN (as torch's log_softmax), other rows are unaffected.
     """
+    targets = targets.long()  # compared as integers: uint8 targets never wrap ignore_index (-100 -> 156)
     valid = targets != ignore_index  # (...)
-    z = logits.to(compute_dtype(logits)) / temperature  # (..., V)
+    dt = compute_dtype(logits)
+    z = logits.to(dt) / representable_temperature(temperature, dt)  # (..., V)
     z = torch.where(valid.unsqueeze(-1), z, torch.zeros_like(z))  # ignored rows never read
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets)).long()
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     log_probs = torch.log_softmax(z, dim=-1)  # (..., V)
     logp = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
-    # H = lse - sum_j p_j z_j; a -inf logit has p_j = 0 and contributes nothing (0 * -inf guarded).
-    lse = torch.logsumexp(z, dim=-1)
-    z_finite = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-    entropy = lse - (log_probs.exp() * z_finite).sum(-1)
+    # H = -sum_j p_j log p_j: every term is >= 0 (log_softmax <= 0), so H >= 0 even where lse - sum_j p_j z_j
+    # cancels (T = 1e-3: -2e-3); a -inf logit has p_j = 0 and contributes nothing (0 * -inf guarded, also in
+    # the gradient); a NaN row stays NaN.
+    probs = log_probs.exp()
+    entropy = -(probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))).sum(-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
 
@@ -117,11 +137,11 @@ def group_advantages(
     """
     dt = compute_dtype(scores)
     r = scores.to(dt)  # (B,)
+    on_policy = torch.ones_like(r, dtype=torch.bool) if is_expert is None else ~is_expert  # (B,)
     group_keys, group_index = torch.unique(group_ids, sorted=True, return_inverse=True)  # (G,), (B,)
     if num_groups is not None and _checks.value_checks_enabled():
         _checks.check_num_groups(num_groups, group_keys.numel())
     num_groups = group_keys.numel()
-    on_policy = torch.ones_like(r, dtype=torch.bool) if is_expert is None else ~is_expert  # (B,)
     on_f = on_policy.to(dt)
 
     def per_group_sum(values: torch.Tensor) -> torch.Tensor:  # (B,) -> (G,)
@@ -130,8 +150,10 @@ def group_advantages(
     count = per_group_sum(on_policy.long())  # (G,)
     _checks.check_every_group_has_on_policy_rows(count, group_keys)
     count_f = count.to(dt)
-    raw_mean = per_group_sum(r * on_f) / count_f.clamp_min(1)  # (G,)
-    deviation = (r - raw_mean[group_index]) * on_f  # (B,) two-pass variance for accuracy
+    # Expert rows' scores are not read (where, not * on_f: a NaN expert score must not poison its group).
+    zero = torch.zeros((), dtype=dt, device=r.device)
+    raw_mean = per_group_sum(torch.where(on_policy, r, zero)) / count_f.clamp_min(1)  # (G,)
+    deviation = torch.where(on_policy, r - raw_mean[group_index], zero)  # (B,) two-pass variance for accuracy
     raw_std = (per_group_sum(deviation * deviation) / (count_f - 1).clamp_min(1)).sqrt()
     single = count <= 1
     mean = torch.where(single, torch.zeros_like(raw_mean), raw_mean)  # (G,)
@@ -337,9 +359,16 @@ def calibrl_loss(
     def agg(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         return aggregate(values, token_mask, config.loss_agg_mode, config.loss_scale_factor)
 
-    l_ppo, clipped, clipped_lower = ppo_token_terms(lp, old_lp, adv, config)
+    # Tokens outside a term's mask are not used by it: their inputs (advantage, old_logp, baseline, logp) may
+    # hold anything, NaN included. aggregate() keeps them out of the values; lp_for() keeps them out of the
+    # gradient (autograd would form 0 * NaN = NaN there: d(-A rho)/d rho = -A even where the term is dropped).
+    def lp_for(term_mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(term_mask != 0, lp, lp.detach())
+
+    lp_loss = lp_for(loss_m)
+    l_ppo, clipped, clipped_lower = ppo_token_terms(lp_loss, old_lp, adv, config)
     if config.keeps_expert_rows:
-        l_pg = torch.where(expert_tokens, expert_token_term(lp, old_lp, adv, config.mode), l_ppo)
+        l_pg = torch.where(expert_tokens, expert_token_term(lp_loss, old_lp, adv, config.mode), l_ppo)
     else:
         l_pg = l_ppo
     pg_loss = agg(l_pg, loss_m)
@@ -349,9 +378,9 @@ def calibrl_loss(
         b = expert_logp.detach().to(dt)
         b = b[:, None].expand(B, T) if b.dim() == 1 else b  # (B, T)
         s = torch.where(passed, 1.0, -1.0).to(dt)[:, None]  # (B, 1) +1 passed, -1 failed
-        z = -s * (lp - b)  # (B, T)
         w = adv.abs() if config.weight_by_advantage else torch.ones_like(adv)
         guide_m = on_policy_m * (expert_mask != 0).to(dt) if config.mask_beyond_expert else on_policy_m
+        z = -s * (lp_for(guide_m) - b)  # (B, T)
         guide_loss = agg(w * guide_activation(z, config), guide_m)
         loss = loss + config.guide_coef * guide_loss
     else:
@@ -400,6 +429,7 @@ def fused_calibrl_loss(
     gradient over the logits buffer; the reference never does (the logits' content after backward is
     unspecified under that option, so callers must not rely on it either way).
     """
+    targets = targets.long()  # compared as integers (see token_logprobs)
     read = (mask != 0) & (targets != ignore_index)  # (B, T) tokens whose logits the loss uses
     logp, entropy = token_logprobs(logits, torch.where(read, targets, torch.full_like(targets, ignore_index)),
                                    config.temperature, ignore_index, return_entropy=True)

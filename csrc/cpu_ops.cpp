@@ -3,7 +3,7 @@
 // Every op works on logits (n, V) or (B, T, V) with unit stride along V (any other strides), one token per row,
 // in parallel over rows with at::parallel_for (torch's OpenMP pool, so torch.set_num_threads applies):
 //   row_stats     (a) lse, entropy, logp per row                          -> row table
-//   row_gradient  (c) dL/dlogits from the row table's lse, entropy, a, b  -> out (may be the logits)
+//   row_gradient  (c) dL/dlogits from the row table's row_max, log_sum, entropy, a, b -> out (may be the logits)
 //   row_loss      (a) + (b) loss terms and a = -dL/dlp, b = -dL/dH + optionally (c) in place, row by row
 //                 while the row is in cache                               -> row table (+ logits)
 // The row math itself is in cpu_ops.h; table layouts are those of calibrl_kernels/_coefficients.py.
@@ -25,16 +25,14 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Row ranges (the parallel work items); CALIBRL_HOT compiles them per instruction set.
 // ---------------------------------------------------------------------------------------------
-// A token's target, or -1 when it is ignored.
+// A token's target, or -1 when it is ignored. Targets were checked (check_target_values) before the parallel
+// region, so nothing here throws.
 inline int64_t target_of(const int64_t* targets,  // (n,) targets
                          int64_t i,               // the token's row
                          int64_t ignore_index,    // the target value of ignored tokens
-                         int64_t vocab) {         // V: other targets must lie in [0, V)
+                         int64_t /*vocab*/) {     // V: other targets lie in [0, V)
   const int64_t t = targets[i];
-  if (t == ignore_index) return -1;
-  TORCH_CHECK(t >= 0 && t < vocab, "targets: expected values in [0, ", vocab, ") or ignore_index=", ignore_index,
-              ", got ", t, " at row ", i);
-  return t;
+  return t == ignore_index ? -1 : t;
 }
 
 // Where row i of a (n, V) or (B, T, V) logits tensor starts (unit stride along V, any other strides).
@@ -57,8 +55,11 @@ CALIBRL_INLINE void stats_one(const scalar_t* row,      // the row's V raw logit
                               acc_t* out) {             // its row-table row: kLogp, kEntropy, kLse written
   const RowStats<acc_t> st = row_stats_body<scalar_t, acc_t>(row, vocab, inv_temperature);
   out[row::kLse] = st.lse;
+  out[row::kRowMax] = st.row_max;
+  out[row::kLogSum] = st.log_sum;
   out[row::kEntropy] = target < 0 ? acc_t(0) : st.entropy;
-  out[row::kLogp] = target < 0 ? acc_t(0) : static_cast<acc_t>(row[target]) * inv_temperature - st.lse;
+  const acc_t x_target = target < 0 ? acc_t(0) : static_cast<acc_t>(row[target]);
+  out[row::kLogp] = target < 0 ? acc_t(0) : shifted_logit(x_target, st.row_max, inv_temperature) - st.log_sum;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -84,14 +85,16 @@ CALIBRL_HOT void gradient_range(const scalar_t* logits,        // raw logits, ro
                                 const int64_t* targets,        // (n,) targets
                                 int64_t ignore_index,          // target value of ignored tokens
                                 acc_t inv_temperature,         // 1 / T
-                                const acc_t* rows,             // (n, row::kCount): kLse, kEntropy, kCoefA, kCoefB read
+                                const acc_t* rows,             // (n, row::kCount): kRowMax, kLogSum, kEntropy, kCoefA,
+                                                               // kCoefB read
                                 int64_t begin,                 // first row of this work item
                                 int64_t end) {                 // one past its last row
   for (int64_t i = begin; i < end; ++i) {
     const acc_t* r = rows + i * row::kCount;
     row_gradient_body<scalar_t, acc_t>(logits + layout.offset(i), out + out_layout.offset(i), layout.vocab,
-                                       target_of(targets, i, ignore_index, layout.vocab), r[row::kLse],
-                                       r[row::kEntropy], r[row::kCoefA], r[row::kCoefB], inv_temperature);
+                                       target_of(targets, i, ignore_index, layout.vocab), r[row::kRowMax],
+                                       r[row::kLogSum], r[row::kEntropy], r[row::kCoefA], r[row::kCoefB],
+                                       inv_temperature);
   }
 }
 
@@ -115,7 +118,8 @@ CALIBRL_HOT void loss_range(scalar_t* logits,              // raw logits, rows p
     stats_one(row, layout.vocab, target, inv_temperature, r);
     row_terms(r[row::kLogp], r[row::kEntropy], tokens + i * token::kCount, params, r);
     if (form_gradient) {
-      row_gradient_body<scalar_t, acc_t>(row, row, layout.vocab, target, r[row::kLse], r[row::kEntropy],
+      row_gradient_body<scalar_t, acc_t>(row, row, layout.vocab, target, r[row::kRowMax], r[row::kLogSum],
+                                         r[row::kEntropy],
                                          r[row::kCoefA], r[row::kCoefB], inv_temperature);
     }
   }
@@ -148,6 +152,17 @@ void check_targets(const at::Tensor& targets, int64_t rows) {
               "targets: expected a contiguous CPU int64 tensor, got ", targets.scalar_type());
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == rows, "targets: expected shape (", rows, ",), got ",
               targets.sizes());
+}
+
+// Every target lies in [0, V) or equals ignore_index: checked serially on the calling thread, before any
+// parallel region (O(n) next to the O(n V) row work), and always, whatever CALIBRL_VALUE_CHECKS says: an index
+// outside the row would read or write out of bounds.
+void check_target_values(const at::Tensor& targets, int64_t ignore_index, int64_t vocab) {
+  const int64_t* t = targets.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < targets.numel(); ++i) {
+    TORCH_CHECK_VALUE(t[i] == ignore_index || (t[i] >= 0 && t[i] < vocab), "targets: expected values in [0, ", vocab,
+                      ") or ignore_index=", ignore_index, ", got ", t[i], " at row ", i);
+  }
 }
 
 at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -200,6 +215,7 @@ void row_stats(const at::Tensor& logits,   // raw logits, one token per row
   const RowLayout layout = check_logits(logits, "logits");
   const int64_t n = layout.rows;
   check_targets(targets, n);
+  check_target_values(targets, ignore_index, layout.vocab);
   check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -212,10 +228,11 @@ void row_stats(const at::Tensor& logits,   // raw logits, one token per row
   });
 }
 
-// (c) per row: out = dL/dlogits from the row table's lse, entropy, a, b (a = b = 0: a zero row).
+// (c) per row: out = dL/dlogits from the row table's row_max, log_sum, entropy, a, b (a = b = 0: a zero row).
 void row_gradient(const at::Tensor& logits,  // raw logits, one token per row
                   const at::Tensor& targets, // (n,) int64, contiguous
-                  const at::Tensor& rows,    // (n, row::kCount) row table: kLse, kEntropy, kCoefA, kCoefB read
+                  const at::Tensor& rows,    // (n, row::kCount) row table: kRowMax, kLogSum, kEntropy, kCoefA,
+                                             // kCoefB read
                   double inv_temperature,    // 1 / T
                   int64_t ignore_index,      // target value of ignored tokens
                   at::Tensor out) {          // the gradient, shape and dtype of logits (may be logits itself)
@@ -226,6 +243,7 @@ void row_gradient(const at::Tensor& logits,  // raw logits, one token per row
               "out: expected the shape and dtype of logits ", logits.sizes(), " ", logits.scalar_type(), ", got ",
               out.sizes(), " ", out.scalar_type());
   check_targets(targets, n);
+  check_target_values(targets, ignore_index, layout.vocab);
   check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_gradient", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -254,6 +272,7 @@ void row_loss(at::Tensor logits,                            // raw logits; dL/dl
   const RowLayout layout = check_logits(logits, "logits");
   const int64_t n = layout.rows;
   check_targets(targets, n);
+  check_target_values(targets, ignore_index, layout.vocab);
   const at::ScalarType acc = accumulation_type(logits.scalar_type());
   check_table(rows, "rows", n, row::kCount, acc);
   check_table(tokens, "tokens", n, token::kCount, acc);
@@ -277,6 +296,7 @@ std::map<std::string, int64_t> layout() {
           {"guide_weight", token::kGuideWeight}, {"expert", token::kExpert}, {"c_loss", token::kCLoss},
           {"c_guide", token::kCGuide}, {"c_entropy_metric", token::kCEntropyMetric}, {"c_all", token::kCAll},
           {"row.logp", row::kLogp}, {"row.entropy", row::kEntropy}, {"row.lse", row::kLse},
+          {"row.row_max", row::kRowMax}, {"row.log_sum", row::kLogSum},
           {"row.coef_a", row::kCoefA}, {"row.coef_b", row::kCoefB}, {"row.pg", row::kPg},
           {"row.guide", row::kGuide}, {"row.entropy_loss", row::kEntropyLoss},
           {"row.entropy_metric", row::kEntropyMetric}, {"row.clipfrac", row::kClipfrac},

@@ -32,11 +32,15 @@ enum : int64_t {
 }  // namespace token
 namespace row {
 enum : int64_t {
-  kLogp, kEntropy, kLse, kCoefA, kCoefB, kPg, kGuide, kEntropyLoss, kEntropyMetric, kClipfrac, kClipfracLower,
-  kPpoKl, kCount
+  kLogp, kEntropy, kLse, kRowMax, kLogSum, kCoefA, kCoefB, kPg, kGuide, kEntropyLoss, kEntropyMetric, kClipfrac,
+  kClipfracLower, kPpoKl, kCount
 };
 }  // namespace row
 
+// Nothing may throw inside a CALIBRL_HOT function (nor in what it inlines): GCC's target clones cannot be
+// unwound through, so an exception there calls std::terminate and aborts the interpreter, even inside
+// at::parallel_for (which otherwise rethrows a work item's exception on the calling thread). Inputs are
+// therefore checked before the parallel region (cpu_ops.cpp, check_target_values).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define CALIBRL_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -97,13 +101,25 @@ CALIBRL_INLINE acc_t inside(acc_t x, acc_t low, acc_t high) {  // where clamp pa
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t>
 struct RowStats {
-  acc_t lse;      // log sum_j exp(z_j)
+  acc_t lse;      // log sum_j exp(z_j) = row_max / T + log_sum
   acc_t entropy;  // lse - sum_j p_j z_j
+  acc_t row_max;  // max_j logits_j (raw, before the temperature)
+  acc_t log_sum;  // log sum_j exp((logits_j - row_max) / T) >= 0
 };
 
+// The shifted scaled logit u = (x - row_max) / T <= 0, computed shift first. Every log-probability is formed
+// from it (log p_j = u_j - log_sum), never as z_j - lse: with the compiler free to fuse x * (1/T) - lse into one
+// FMA, the unrounded product minus a rounded lse misses by up to half an ulp of |z| (32 at |z| = 1e9), which
+// exponentiates to e^32 (non-finite log-probs and gradients). (x - row_max) * (1/T) has no such pair: the
+// max entry gives exactly 0. A -inf logit stays -inf (1/T is clamped to a positive normal float by the caller).
+template <typename acc_t>
+CALIBRL_INLINE acc_t shifted_logit(acc_t x, acc_t row_max, acc_t inv_temperature) {
+  return (x - row_max) * inv_temperature;
+}
+
 // One pass in blocks of kStatBlock: the block's max (block stays in L1), then its exp-sums relative to
-// the running max m, rescaling the running sums when m grows:
-//   s = sum e^(z - m),  t = sum e^(z - m) (z - m),  lse = m + log s,  H = log s - t / s.
+// the running max m (raw logits), rescaling the running sums when m grows; with u = (x - m) / T:
+//   s = sum e^u,  t = sum e^u u,  log_sum = log s,  lse = m / T + log s,  H = log s - t / s.
 constexpr int64_t kStatBlock = 512;
 
 // A row of all -inf logits gives lse = -inf and entropy = NaN (as torch's log_softmax); a NaN or +inf logit
@@ -120,12 +136,12 @@ CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row,       // the 
     acc_t block_max = neg_inf;
 #pragma omp simd reduction(max : block_max)
     for (int64_t j = 0; j < len; ++j) {
-      block_max = std::max(block_max, static_cast<acc_t>(block[j]) * inv_temperature);
+      block_max = std::max(block_max, static_cast<acc_t>(block[j]));
     }
     if (block_max == neg_inf) continue;  // an all -inf block adds nothing
     if (block_max > m) {
       if (m != neg_inf) {
-        const acc_t shift = m - block_max, f = exp_fast(shift);
+        const acc_t shift = shifted_logit(m, block_max, inv_temperature), f = exp_fast(shift);
         t = f * (t + s * shift);
         s = f * s;
       }
@@ -134,7 +150,7 @@ CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row,       // the 
     acc_t bs = 0, bt = 0;
 #pragma omp simd reduction(+ : bs, bt)
     for (int64_t j = 0; j < len; ++j) {
-      const acc_t u = static_cast<acc_t>(block[j]) * inv_temperature - m;
+      const acc_t u = shifted_logit(static_cast<acc_t>(block[j]), m, inv_temperature);
       const acc_t e = exp_fast(u);
       bs += e;
       bt += e > acc_t(0) ? e * u : acc_t(0);  // e = 0 for u = -inf: no 0 * inf
@@ -145,7 +161,7 @@ CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row,       // the 
   const acc_t log_s = std::log(s);
   // H >= 0 exactly; rounding in log s - t / s can give -1e-8 when one logit dominates (T = 1e-4). std::max
   // keeps a NaN first argument, so a NaN row still reports NaN.
-  return {m + log_s, std::max(log_s - t / s, acc_t(0))};
+  return {m * inv_temperature + log_s, std::max(log_s - t / s, acc_t(0)), m, log_s};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,7 +292,8 @@ CALIBRL_INLINE void row_gradient_body(const scalar_t* row,       // the row's V 
                                       scalar_t* out,             // its V gradient entries (may be `row`)
                                       int64_t vocab,             // V
                                       int64_t target,            // y, or -1 for an ignored token
-                                      acc_t lse,                 // log-sum-exp of z = logits / T
+                                      acc_t row_max,             // max of the raw logits (RowStats)
+                                      acc_t log_sum,             // log sum_j e^((x_j - row_max) / T) (RowStats)
                                       acc_t entropy,             // H of the row
                                       acc_t a,                   // -dL/dlp (times the incoming gradient)
                                       acc_t b,                   // -dL/dH (times the incoming gradient)
@@ -285,25 +302,26 @@ CALIBRL_INLINE void row_gradient_body(const scalar_t* row,       // the row's V 
     std::fill(out, out + vocab, scalar_t(0));
     return;
   }
-  const acc_t z_target = static_cast<acc_t>(row[target]) * inv_temperature;  // read before an in-place write
-  const acc_t at = a * inv_temperature, bt = b * inv_temperature;
+  // log p_j = u_j - log_sum, u_j = shifted_logit(x_j) (see shifted_logit for why not z_j - lse)
+  const acc_t log_p_target = shifted_logit(static_cast<acc_t>(row[target]), row_max, inv_temperature) - log_sum;
+  const acc_t at = a * inv_temperature, bt = b * inv_temperature;  // read above before an in-place write
   if (b == acc_t(0)) {
 #pragma omp simd
     for (int64_t j = 0; j < vocab; ++j) {
-      out[j] = static_cast<scalar_t>(at * exp_fast(static_cast<acc_t>(row[j]) * inv_temperature - lse));
+      out[j] = static_cast<scalar_t>(
+          at * exp_fast(shifted_logit(static_cast<acc_t>(row[j]), row_max, inv_temperature) - log_sum));
     }
   } else {
-    const acc_t shift = entropy - lse;
 #pragma omp simd
     for (int64_t j = 0; j < vocab; ++j) {
-      const acc_t z = static_cast<acc_t>(row[j]) * inv_temperature;
-      const acc_t p = exp_fast(z - lse);
-      const acc_t g = p * (at + bt * (z + shift));
+      const acc_t log_p = shifted_logit(static_cast<acc_t>(row[j]), row_max, inv_temperature) - log_sum;
+      const acc_t p = exp_fast(log_p);
+      const acc_t g = p * (at + bt * (log_p + entropy));
       out[j] = static_cast<scalar_t>(p == acc_t(0) ? acc_t(0) : g);  // no 0 * inf at z = -inf; NaN stays NaN
     }
   }
-  const acc_t p_target = exp_fast(z_target - lse);
-  const acc_t g_target = p_target == acc_t(0) ? acc_t(0) : p_target * (at + bt * (z_target - lse + entropy));
+  const acc_t p_target = exp_fast(log_p_target);
+  const acc_t g_target = p_target == acc_t(0) ? acc_t(0) : p_target * (at + bt * (log_p_target + entropy));
   out[target] = static_cast<scalar_t>(g_target - at);
 }
 

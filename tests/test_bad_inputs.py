@@ -221,3 +221,80 @@ def test_numpy_scalars_and_ints_are_accepted(kind, backend):
 def test_config_still_refuses_bools_strings_and_non_finite(field, value):
     with pytest.raises(ValueError, match=f"CalibRLConfig.{field}"):
         CalibRLConfig(**{field: value})
+
+
+# ------------------------------------------------------------------ argument x numeric type
+KINDS = {
+    "python int": 2, "numpy int": np.int32(2), "numpy float": np.float64(0.5), "bool": True,
+    "huge int": 2**70, "huger int": 2**1100, "nan": float("nan"), "inf": float("inf"),
+}
+# argument -> (call(value), {kind: expected exception type or None (accepted)}); every error names the argument
+ARGUMENTS = {
+    "ignore_index": (
+        lambda v: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), ignore_index=v),
+        {"python int": None, "numpy int": None, "numpy float": TypeError, "bool": TypeError, "huge int": ValueError,
+         "huger int": ValueError, "nan": TypeError, "inf": TypeError},
+    ),
+    "temperature": (
+        lambda v: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=v),
+        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
+         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+    ),
+    "eps": (
+        lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), eps=v),
+        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
+         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+    ),
+    "pass_threshold": (
+        lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), pass_threshold=v),
+        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
+         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+    ),
+    "num_groups": (
+        lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 1]), num_groups=v),
+        {"python int": None, "numpy int": None, "numpy float": TypeError, "bool": TypeError, "huge int": ValueError,
+         "huger int": ValueError, "nan": TypeError, "inf": TypeError},
+    ),
+    "CalibRLConfig.clip_high": (
+        lambda v: CalibRLConfig(clip_high=v),
+        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
+         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+    ),
+    "CalibRLConfig.loss_scale_factor": (
+        lambda v: CalibRLConfig(loss_scale_factor=v),
+        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
+         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("argument", sorted(ARGUMENTS))
+def test_every_numeric_argument_takes_or_refuses_each_numeric_type(argument, kind):
+    call, expected = ARGUMENTS[argument]
+    error = expected[kind]
+    if error is None:
+        call(KINDS[kind])
+        return
+    with pytest.raises(error) as excinfo:
+        call(KINDS[kind])
+    assert argument in str(excinfo.value)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_module_ignore_index_accepts_exactly_what_the_op_accepts(kind, backend):
+    value = KINDS[kind]
+    args = fused_args()
+    positional = [args.pop(k) for k in ("logits", "targets", "old_logp", "advantages", "mask")]
+    try:
+        functional = ck.fused_calibrl_loss(*positional, ignore_index=value, **args)
+    except (TypeError, ValueError) as error:
+        with pytest.raises(type(error), match="ignore_index"):
+            ck.CalibRLLoss(ignore_index=value)
+        with pytest.raises(type(error), match="ignore_index"):
+            ck.LinearCalibRLLoss(ignore_index=value)
+        return
+    module = ck.CalibRLLoss(ignore_index=value)
+    assert type(module.ignore_index) is int
+    torch.testing.assert_close(module(*positional, **args).loss, functional.loss)
