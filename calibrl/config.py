@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -196,6 +197,13 @@ NUMERIC_RANGES: Dict[str, Tuple[Any, Any]] = {
 POSITIVE = ("sft_lr", "lr")  # fields whose lowest value is excluded
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> Dict[str, Any]:
+    """The resolved field annotations of a dataclass (resolving them is slow: done once)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 def _show(bound) -> str:
     return f"{bound:g}" if isinstance(bound, float) else str(bound)
 
@@ -208,7 +216,7 @@ def _expected_type(annotation) -> Tuple[type, bool]:
 
 def check_field_types(cfg: "TrainConfig") -> None:
     """Every field holds its declared type (a bool is no number, an int is a valid float): ConfigError naming it."""
-    hints = typing.get_type_hints(TrainConfig)
+    hints = _hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name in NOT_FLAGS:
             continue
@@ -315,9 +323,8 @@ def _apply(values: Dict[str, Any], train: Dict[str, Any], loss: Dict[str, Any], 
            from_file: bool = False) -> None:
     """Sort ``values`` into TrainConfig fields and CalibRLConfig fields; unknown names raise ValueError.
     ``from_file``: strings of numeric / boolean fields are converted (YAML reads 1e-4 as text)."""
-    train_hints = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)
-                   if f.name not in NOT_FLAGS}
-    loss_hints = typing.get_type_hints(CalibRLConfig)
+    train_hints = {name: hint for name, hint in _hints(TrainConfig).items() if name not in NOT_FLAGS}
+    loss_hints = _hints(CalibRLConfig)
 
     def converted(key: str, value: Any, hints: Dict[str, Any]) -> Any:
         return coerce_text(key, value, _base_type(hints[key])) if from_file else value
