@@ -67,9 +67,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         checkpoint.seed_everything(cfg.seed + 1000 * dist.rank)
-        self.train_rows, eval_rows, ood_rows = self._checked_data(lambda _: None)  # file-level checks
-        self.train_examples = self.train_rows.rows  # by position; None where a bad row is skipped
-        self.eval_examples, self.ood_examples = eval_rows.good(), ood_rows.good()
+        self.data = self._load_data()  # {setting: DataRows}, each line checked (UTF-8, JSON, fields, image file)
         try:
             self.scorer = GuardedScorer(load_reward_fn(cfg.reward_fn))
         except ValueError as error:
@@ -77,12 +75,10 @@ class Trainer:
         self.algorithm = algorithms.make_algorithm(cfg.algo, cfg.loss)
         self.loss_cfg = self.algorithm.loss
         self.policy = self._build_policy(resumed is not None)
-        self.train_rows, eval_rows, ood_rows = self._checked_data(self.policy.check_example, (
-            self.train_rows, eval_rows, ood_rows))  # every row as the policy will encode it
-        self.eval_examples, self.ood_examples = eval_rows.good(), ood_rows.good()
-        self.skipped_rows = {**{f"data {k}": v for k, v in self.train_rows.bad.items()},
-                             **{f"eval {k}": v for k, v in eval_rows.bad.items()},
-                             **{f"ood {k}": v for k, v in ood_rows.bad.items()}}  # reported when the run starts
+        self._check_data()  # every row as the policy will encode it (images, special tokens)
+        self.train_rows = self.data["data"]
+        self.train_examples = self.train_rows.rows  # by position; None where a bad row is skipped
+        self.eval_examples, self.ood_examples = self.data["eval_data"].good(), self.data["ood_eval_data"].good()
         self.policy.model.to(dist.device)
         self.forward = PolicyForward(self.policy)
         self.update_module = distributed.wrap_ddp(self.forward, dist)  # what the update's passes call
@@ -131,25 +127,36 @@ class Trainer:
             raise ConfigError(error)
         return path, state if state is not None else checkpoint.load_checkpoint(path)
 
-    def _checked_data(self, check_row, rows=None):
-        """(train, eval, ood) DataRows, loaded (``rows`` None) or given, each row passed through ``check_row``;
-        a bad row is a ConfigError naming the setting and the row's file:line, or skipped (skip_bad_rows)."""
+    def _load_data(self) -> Dict[str, DataRows]:
+        """The rows of data, eval_data and ood_eval_data; a bad line is a ConfigError naming the setting and
+        its file:line, or is skipped (skip_bad_rows)."""
         cfg, skip = self.cfg, self.cfg.skip_bad_rows
-        loaders = (("data", lambda: load_rows(cfg.data, "train", cfg.train_examples, skip)),
-                   ("eval_data", lambda: load_eval_rows(cfg.data, cfg.eval_data, cfg.eval_examples, skip)),
-                   ("ood_eval_data", lambda: load_rows(cfg.ood_eval_data, "test", cfg.eval_examples, skip)
-                    if cfg.ood_eval_data else DataRows("", [])))
-        out = []
-        for position, (setting, load) in enumerate(loaders):
+        loaders = {"data": lambda: load_rows(cfg.data, "train", cfg.train_examples, skip),
+                   "eval_data": lambda: load_eval_rows(cfg.data, cfg.eval_data, cfg.eval_examples, skip),
+                   "ood_eval_data": lambda: load_rows(cfg.ood_eval_data, "test", cfg.eval_examples, skip)
+                   if cfg.ood_eval_data else DataRows("", [])}
+        data = {}
+        for setting, load in loaders.items():
             try:
-                data = load() if rows is None else rows[position]
-                data.check(check_row, skip)
+                data[setting] = load()
             except RowError as error:
                 raise ConfigError(f"{setting}: {error}") from error
-            out.append(data)
-        if not out[0].good():
-            raise ConfigError(f"data: every row of {cfg.data} is bad: " + "; ".join(list(out[0].bad.values())[:3]))
-        return out
+        return data
+
+    def _check_data(self) -> None:
+        """Every row through ``Policy.check_example``: refused (ConfigError naming file:line) or skipped."""
+        for setting, rows in self.data.items():
+            try:
+                rows.check(self.policy.check_example, self.cfg.skip_bad_rows)
+            except RowError as error:
+                raise ConfigError(f"{setting}: {error}") from error
+        if not self.data["data"].good():
+            raise ConfigError(f"data: every row of {self.cfg.data} is bad: "
+                              + "; ".join(list(self.data["data"].bad.values())[:3]))
+
+    def skipped_rows(self) -> List[str]:
+        """"file:line: why" of every row skipped as bad (skip_bad_rows), in setting and source order."""
+        return [why for rows in self.data.values() for _, why in sorted(rows.bad.items())]
 
     def _build_policy(self, resuming: bool) -> Policy:
         cfg = self.cfg
@@ -159,7 +166,8 @@ class Trainer:
             return self._policy_with_tokenizer_of(self.run_dir)
         if cfg.init_from:  # another run's tokenizer and newest weights (e.g. the study's shared warm start)
             return self._initial_policy(cfg.init_from)
-        texts = [t for e in self.train_rows.good() + self.eval_examples for t in (e.question, e.expert, e.answer)]
+        examples = self.data["data"].good() + self.data["eval_data"].good()
+        texts = [t for e in examples for t in (e.question, e.expert, e.answer)]
         return build_tiny_policy(cfg, texts + ["user\n", "assistant\n"], self.dist.device)
 
     def _policy_with_tokenizer_of(self, run_dir: str) -> Policy:
@@ -268,8 +276,8 @@ class Trainer:
         logger = RunLogger(self.run_dir, self.dist.is_main, cfg.tensorboard, cfg.progress,
                            self.sft_total + cfg.max_steps, self.index)
         logger.message(f"calibrl: {cfg.algo} ({self.algorithm.summary}); run folder {self.run_dir}")
-        if self.skipped_rows:
-            shown = list(self.skipped_rows.values())
+        shown = self.skipped_rows()
+        if shown:
             logger.message(f"skipped {len(shown)} bad data row(s) (--skip-bad-rows): " + "; ".join(shown[:10])
                            + (f"; ... {len(shown) - 10} more" if len(shown) > 10 else ""))
         start = time.time()
