@@ -61,7 +61,8 @@ def parse_line(raw: bytes, path: str, line_no: int) -> Example:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        _fail(path, line_no, f"invalid UTF-8 at byte {error.start + 1} of the line ({raw[error.start:error.start + 4]!r})")
+        bad_bytes = raw[error.start:error.start + 4]
+        _fail(path, line_no, f"invalid UTF-8 at byte {error.start + 1} of the line ({bad_bytes!r})")
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
