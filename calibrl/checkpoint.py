@@ -4,31 +4,36 @@ A checkpoint holds everything a resumed run needs to continue exactly: model, op
 scheduler states, the phase ("sft" or "rl") and step, the data order (sampler state), the RNG
 states of every process (torch CPU and CUDA, numpy, python ``random``) and the run's config.
 Files are ``<run>/checkpoints/ckpt-<index>.pt`` with a monotonic index (SFT steps, then RL steps),
-each with its checksum file ``ckpt-<index>.pt.sha256`` (JSON: file name, size in bytes, sha256).
+each with its checksum file ``ckpt-<index>.pt.sha256`` (JSON: file name, index, size in bytes, sha256).
 
 Writing (``save_checkpoint``): the data goes to a temporary file in the same folder, is fsynced and
 renamed over the final name, then the folder is fsynced; the checksum file follows the same way. A
 checkpoint counts only once its checksum file is in place, and older ones are deleted only after that,
-so a process killed at any moment leaves the previous good checkpoints intact.
+so a process killed at any moment leaves the previous good checkpoints intact. A failed write (a full disk)
+raises ``CheckpointError`` saying so, with the free space, and leaves the older checkpoints as they were.
 
 Loading (``load_checkpoint``, ``load_latest``): the size and sha256 are checked against the checksum
-file first, then the dict is read with ``torch.load(weights_only=True)``, which admits tensors and plain
+file first (and the file name and index it records: a file restored under another name is refused), then
+the dict is read with ``torch.load(weights_only=True)``, which admits tensors and plain
 containers only and never runs code from the file: a pickle of any other object is refused. Every
 value in the dict is therefore a tensor, a number, a string, None or a list / tuple / dict of those
 (the numpy RNG state is stored as a tensor and a dict, see ``capture_rng``). ``load_latest`` falls back
-from a missing, truncated, modified or refused checkpoint to the previous good one with a warning.
+from a missing, truncated, modified, renamed or refused checkpoint, or one whose contents the caller's
+``check`` rejects (another format), to the previous good one with a warning.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -136,12 +141,50 @@ def save_checkpoint(run_dir: str, index: int, state: Dict[str, Any], keep: int) 
     path = os.path.join(folder, f"ckpt-{index:07d}.pt")
     if os.path.exists(checksum_path(path)):  # an older checkpoint of this index is replaced: unverified until done
         os.remove(checksum_path(path))
-    atomic_torch_save(state, path)
-    record = {"file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
-    atomic_write(checksum_path(path), lambda handle: handle.write((json.dumps(record) + "\n").encode()))
+    try:
+        atomic_torch_save(state, path)
+        record = {"file": os.path.basename(path), "index": index, "bytes": os.path.getsize(path),
+                  "sha256": file_sha256(path)}
+        atomic_write(checksum_path(path), lambda handle: handle.write((json.dumps(record) + "\n").encode()))
+    except (OSError, RuntimeError) as error:  # torch reports a short write as RuntimeError "unexpected pos"
+        for leftover in (checksum_path(path), path):  # this index is unusable; the older ones are untouched
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise write_failure(path, error, state_nbytes(state)) from error
     if keep > 0:
         _prune(run_dir, path, keep)
     return path
+
+
+def write_failure(path: str, error: BaseException, needed: int) -> CheckpointError:
+    """The error of a checkpoint write that failed: "no space left on device" when the disk is full."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        "unexpected pos" in str(error) or (free is not None and free < needed))
+    where = f"{free / 2**20:.1f} MiB free in {folder}, the checkpoint needs about {needed / 2**20:.1f} MiB" \
+        if free is not None else folder
+    what = "no space left on device" if full else f"{type(error).__name__}: {str(error).strip()[:300]}"
+    return CheckpointError(f"{what} while writing checkpoint {path} ({where}); the older checkpoints are intact")
+
+
+def iter_tensors(value: Any, name: str = "state") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(dotted name, tensor) of every tensor in a nested dict / list / tuple."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from iter_tensors(item, f"{name}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for position, item in enumerate(value):
+            yield from iter_tensors(item, f"{name}[{position}]")
+
+
+def state_nbytes(state: Any) -> int:
+    return sum(tensor.numel() * tensor.element_size() for _, tensor in iter_tensors(state))
 
 
 def _prune(run_dir: str, newest: str, keep: int) -> None:
@@ -159,8 +202,9 @@ def _prune(run_dir: str, newest: str, keep: int) -> None:
                 pass
 
 
-def _index(path: str) -> int:
-    return int(_NAME.search(path).group(1))
+def _index(path: str) -> Optional[int]:
+    match = _NAME.search(path)
+    return int(match.group(1)) if match else None
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -172,10 +216,14 @@ def verify_checkpoint(path: str) -> Optional[str]:
         with open(checksum_path(path), encoding="utf-8") as handle:
             record = json.load(handle)
         expected_size, expected_sha = int(record["bytes"]), str(record["sha256"])
+        named, index = record.get("file"), record.get("index")  # absent in the oldest checksum files
     except FileNotFoundError:
         return f"no checksum file {os.path.basename(checksum_path(path))} (its write never finished)"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"unreadable checksum file {os.path.basename(checksum_path(path))} ({error})"
+    if (named is not None and named != os.path.basename(path)) or (index is not None and index != _index(path)):
+        return (f"its checksum file was written for {named} (index {index}), not this file: a checkpoint restored "
+                "or copied under another name is never trusted")
     size = os.path.getsize(path)
     if size != expected_size:
         return f"truncated or extended: {size} bytes, the checksum file records {expected_size}"
@@ -206,8 +254,10 @@ def _short(error: Exception) -> str:
     return f"{type(error).__name__}: {detail[:300]}"
 
 
-def load_latest(run_dir: str) -> Tuple[str, Dict[str, Any]]:
-    """(path, state) of the newest checkpoint that verifies and loads; each newer one skipped with a warning.
+def load_latest(run_dir: str, check: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None
+                ) -> Tuple[str, Dict[str, Any]]:
+    """(path, state) of the newest checkpoint that verifies, loads and passes ``check`` (None, or why the
+    contents are unusable, e.g. another format); each newer one skipped with a warning.
 
     ConfigError (reported as a usage error of ``--resume``) when there is none.
     """
@@ -217,13 +267,41 @@ def load_latest(run_dir: str) -> Tuple[str, Dict[str, Any]]:
     reasons = []
     for position in range(len(paths) - 1, -1, -1):
         try:
-            return paths[position], load_checkpoint(paths[position])
+            state = load_checkpoint(paths[position])
+            problem = check(state) if check is not None else None
+            if problem is not None:
+                raise CheckpointError(f"checkpoint {paths[position]}: {problem}")
+            return paths[position], state
         except CheckpointError as error:
             reasons.append(str(error))
             fallback = (f"falling back to {os.path.basename(paths[position - 1])}" if position
                         else "no older checkpoint left")
             warnings.warn(f"{error}; {fallback}", CheckpointWarning, stacklevel=2)
     raise ConfigError(f"--resume: no usable checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(reasons))
+
+
+# ------------------------------------------------------------------------------ the trainer's format
+FORMAT_VERSION = 1  # of the trainer's checkpoint dict (its "format_version"; absent in the first checkpoints)
+TRAINER_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "phase": str, "step": int, "sampler": dict,
+                 "rng": list, "world_size": int, "config": dict}  # required keys and their types
+
+
+def trainer_state_problem(state: Dict[str, Any]) -> Optional[str]:
+    """None when ``state`` has the trainer's keys with their types, else what is wrong (the checkpoint is then
+    skipped like a corrupt one); a newer format version with keys this version does not know warns naming them."""
+    missing = [key for key in TRAINER_STATE if key not in state]
+    wrong = [f"{key} is a {type(state[key]).__name__}, expected {kind.__name__}" for key, kind in TRAINER_STATE.items()
+             if key in state and not isinstance(state[key], kind)]
+    if missing or wrong:
+        return "not a trainer checkpoint of a format this version reads (" + "; ".join(
+            ([f"missing key(s) {missing}"] if missing else []) + wrong) + ")"
+    version = state.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        extra = sorted(set(state) - set(TRAINER_STATE) - {"format_version"})
+        warnings.warn(f"checkpoint format version {version} is newer than this version's {FORMAT_VERSION}: read "
+                      f"as version {FORMAT_VERSION}" + (f", ignoring key(s) {extra}" if extra else ""),
+                      CheckpointWarning, stacklevel=2)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- RNG

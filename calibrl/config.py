@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
 import os
 import typing
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from calibrl_kernels import CalibRLConfig
 
 ALGOS = ("calibrl", "grpo", "dapo", "drgrpo", "luffy", "rlplus", "sft+grpo")
 LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(CalibRLConfig))
+
+
+class SettingsWarning(UserWarning):
+    """Saved settings that this version does not know were ignored."""
 
 
 class ConfigError(ValueError):
@@ -106,6 +113,11 @@ class TrainConfig:
     threads: int = _field(1, "torch CPU threads (0: torch's default); 1 is fastest for the tiny model and robust "
                              "on a shared machine (2 busy-waiting threads on 2 busy cores crawl)")
     quick: bool = _field(False, "a tiny run of a few seconds (tests, smoke checks)")
+    # --- faults
+    max_bad_steps: int = _field(3, "stop (after checkpointing the last good state) when this many steps in a row "
+                                   "had a non-finite loss or gradient; such a step never updates the weights")
+    skip_bad_rows: bool = _field(False, "skip (and count) data rows that fail validation instead of refusing "
+                                        "to start; each is reported with its file:line")
     # --- the loss: CalibRLConfig overrides; unset fields follow the --algo preset
     loss: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "CalibRLConfig overrides"})
     # --- not a setting: the fields the user set explicitly (checked on --resume); never saved
@@ -116,6 +128,7 @@ class TrainConfig:
         return CalibRLConfig.for_algo(self.algo, **self.loss)
 
     def validate(self) -> "TrainConfig":
+        check_field_types(self)
         if self.algo not in ALGOS:
             raise ConfigError(f"algo: expected one of {ALGOS}, got {self.algo!r}")
         unknown = sorted(set(self.loss) - set(LOSS_FIELDS))
@@ -125,27 +138,29 @@ class TrainConfig:
             self.loss_config()  # validates the loss fields
         except (TypeError, ValueError) as error:
             raise ConfigError(f"loss: {error}") from error
-        for name in ("sft_steps", "extra_sft_steps", "max_steps", "train_examples", "eval_examples", "warmup_steps",
-                     "micro_batch_rows", "threads", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
-        for name in ("sft_batch_size", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "ppo_epochs",
-                     "mini_batches", "eval_every", "eval_batch_size", "save_every", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
+        for name, (low, high) in NUMERIC_RANGES.items():
+            value = getattr(self, name)
+            above_low = value > low if name in POSITIVE else value >= low
+            if not (above_low and (high is None or value <= high) and math.isfinite(value)):  # False for NaN
+                kind = "an integer" if isinstance(low, int) else "a number" if high is not None else "a finite number"
+                bound = (f"in [{_show(low)}, {_show(high)}]" if high is not None
+                         else f"{'>' if name in POSITIVE else '>='} {_show(low)}")
+                raise ConfigError(f"{name}: expected {kind} {bound}, got {value}")
         if self.mini_batches > self.prompts_per_step:
             raise ConfigError(f"mini_batches: expected at most prompts_per_step={self.prompts_per_step}, "
                               f"got {self.mini_batches}")
-        if not 0.0 <= self.mix_ratio <= 1.0:
-            raise ConfigError(f"mix_ratio: expected a number in [0, 1], got {self.mix_ratio}")
+        if self.pass_ratio_low > self.pass_ratio_high:
+            raise ConfigError(f"pass_ratio_low: expected at most pass_ratio_high={self.pass_ratio_high}, "
+                              f"got {self.pass_ratio_low}")
         if self.mixup_policy not in ("always", "pass"):
             raise ConfigError(f"mixup_policy: expected 'always' or 'pass', got {self.mixup_policy!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype: expected 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
         if self.init_from and self.model:
             raise ConfigError("init_from: cannot be combined with model (which brings its own weights)")
-        if self.lr <= 0 or self.sft_lr <= 0:
-            raise ConfigError(f"lr / sft_lr: expected numbers > 0, got {self.lr} / {self.sft_lr}")
+        if self.model is None and self.image_size % (2 * self.patch_size):
+            raise ConfigError(f"image_size: expected a multiple of 2 * patch_size = {2 * self.patch_size}, "
+                              f"got {self.image_size}")
         return self
 
     def check_processes(self, world_size: int) -> "TrainConfig":
@@ -166,6 +181,80 @@ class TrainConfig:
         return values
 
 
+# Allowed values of every numeric field: (lowest, highest or None); ints for integer fields.
+NUMERIC_RANGES: Dict[str, Tuple[Any, Any]] = {
+    **{name: (0, None) for name in ("train_examples", "eval_examples", "sft_steps", "extra_sft_steps", "max_steps",
+                                    "warmup_steps", "micro_batch_rows", "keep_checkpoints", "threads")},
+    **{name: (1, None) for name in ("image_size", "patch_size", "vision_dim", "vision_depth", "hidden_size",
+                                    "num_layers", "num_heads", "mlp_ratio", "vocab_size", "sft_batch_size",
+                                    "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "ppo_epochs",
+                                    "mini_batches", "eval_every", "eval_batch_size", "save_every", "max_bad_steps")},
+    "seed": (0, 2**31 - 1),  # numpy seeds the processes with seed + 1000 * rank, below 2**32
+    **{name: (0.0, None) for name in ("sft_lr", "lr", "weight_decay", "grad_clip")},
+    **{name: (0.0, 1.0) for name in ("mix_ratio", "pass_ratio_low", "pass_ratio_high")},
+}
+
+POSITIVE = ("sft_lr", "lr")  # fields whose lowest value is excluded
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> Dict[str, Any]:
+    """The resolved field annotations of a dataclass (resolving them is slow: done once)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _show(bound) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
+def _expected_type(annotation) -> Tuple[type, bool]:
+    """(bool, int, float or str, whether None is allowed) of a TrainConfig field's annotation."""
+    args = typing.get_args(annotation)
+    return _base_type(annotation), type(None) in args
+
+
+def check_field_types(cfg: "TrainConfig") -> None:
+    """Every field holds its declared type (a bool is no number, an int is a valid float): ConfigError naming it."""
+    hints = _hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in NOT_FLAGS:
+            continue
+        kind, optional = _expected_type(hints[f.name])
+        value = getattr(cfg, f.name)
+        if value is None and optional:
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(cfg, f.name, float(value))
+            continue
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ConfigError(f"{f.name}: expected {_TYPE_NAMES[kind]}{' or None' if optional else ''}, got "
+                              f"{value!r} ({type(value).__name__})")
+    if not isinstance(cfg.loss, dict):
+        raise ConfigError(f"loss: expected a mapping of CalibRLConfig fields, got {cfg.loss!r}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def coerce_text(name: str, value: Any, kind: type) -> Any:
+    """A config file's string ``value`` of a numeric or boolean field as the field's type (YAML reads 1e-4
+    as a string); other values unchanged (the type check then refuses what does not fit)."""
+    if not isinstance(value, str) or kind is str:
+        return value
+    text = value.strip()
+    try:
+        if kind is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {_TYPE_NAMES[kind]}, got {value!r}") from None
+    return value
+
+
 # A run of a few seconds on 2 cores: tiny model, 2 groups of 3 rollouts, 2 RL steps.
 QUICK_PRESET: Dict[str, Any] = dict(
     train_examples=256, eval_examples=8, image_size=32, patch_size=8, vision_dim=32, vision_depth=1, hidden_size=32,
@@ -177,7 +266,8 @@ QUICK_PRESET: Dict[str, Any] = dict(
 NOT_FLAGS = ("loss", "explicit")
 # Flags that may differ when resuming a run (they do not change what is computed).
 RESUME_SAFE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "progress", "device",
-               "threads", "resume", "out")
+               "threads", "resume", "out", "max_bad_steps", "skip_bad_rows",
+               "data", "eval_data", "ood_eval_data")  # changed data is checked against the run's (calibrl.data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,19 +319,26 @@ def read_config_file(path: str) -> Dict[str, Any]:
     return values
 
 
-def _apply(values: Dict[str, Any], train: Dict[str, Any], loss: Dict[str, Any], origin: str) -> None:
-    """Sort ``values`` into TrainConfig fields and CalibRLConfig fields; unknown names raise ValueError."""
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(NOT_FLAGS)
+def _apply(values: Dict[str, Any], train: Dict[str, Any], loss: Dict[str, Any], origin: str,
+           from_file: bool = False) -> None:
+    """Sort ``values`` into TrainConfig fields and CalibRLConfig fields; unknown names raise ValueError.
+    ``from_file``: strings of numeric / boolean fields are converted (YAML reads 1e-4 as text)."""
+    train_hints = {name: hint for name, hint in _hints(TrainConfig).items() if name not in NOT_FLAGS}
+    loss_hints = _hints(CalibRLConfig)
+
+    def converted(key: str, value: Any, hints: Dict[str, Any]) -> Any:
+        return coerce_text(key, value, _base_type(hints[key])) if from_file else value
+
     for key, value in values.items():
         if key == "loss":
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: 'loss' must be a mapping of CalibRLConfig fields, got {value!r}")
             _unknown(origin, [k for k in value if k not in LOSS_FIELDS])
-            loss.update(value)
-        elif key in train_fields:
-            train[key] = value
+            loss.update({k: converted(k, v, loss_hints) for k, v in value.items()})
+        elif key in train_hints:
+            train[key] = converted(key, value, train_hints)
         elif key in LOSS_FIELDS:
-            loss[key] = value
+            loss[key] = converted(key, value, loss_hints)
         else:
             _unknown(origin, [key])
 
@@ -261,15 +358,20 @@ def parse_config(argv: Optional[Sequence[str]] = None,
     loss: Dict[str, Any] = {}
     if args.get("quick") or file_values.get("quick"):
         _apply(QUICK_PRESET, train, loss, "--quick preset")
-    _apply(file_values, train, loss, file_path or "")
+    _apply(file_values, train, loss, file_path or "", from_file=True)
     _apply(args, train, loss, "command line")
     explicit = tuple(sorted(set(args) | set(file_values)))  # what the user set (checked on --resume)
     return TrainConfig(**train, loss=loss, explicit=explicit).validate()
 
 
-def config_from_dict(values: Dict[str, Any]) -> TrainConfig:
-    """TrainConfig from a saved ``to_dict`` (checkpoint / config.json)."""
+def config_from_dict(values: Dict[str, Any], origin: str = "saved config") -> TrainConfig:
+    """TrainConfig from a saved ``to_dict`` (checkpoint / config.json); settings this version does not know
+    (a run of a newer version) are ignored with a warning naming them."""
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"explicit"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        warnings.warn(f"{origin}: ignoring setting(s) {unknown} unknown to this version of calibrl (written by a "
+                      "newer one?)", SettingsWarning, stacklevel=2)
     return TrainConfig(**{k: v for k, v in values.items() if k in known}).validate()
 
 

@@ -2,6 +2,11 @@
 
 Records are ``{"phase": "sft"|"rl", "step": k, <metric>: value, ...}``. Lists (the group pass-rate
 histogram) go to TensorBoard as histograms. Only the main process writes.
+
+JSONL files are appended one whole line per ``write`` system call (``O_APPEND``), so a crash never
+interleaves records; a short write (a full disk) can still leave a torn last line, which the readers
+drop with a warning (``--resume`` rewrites the file without it). A torn line elsewhere is an error
+naming the file and line.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ import json
 import math
 import os
 import resource
-from typing import Any, Dict, Iterable
+import warnings
+from typing import Any, Dict, Iterable, List
 
 import torch
 
@@ -29,10 +35,45 @@ def metrics_path(run_dir: str) -> str:
     return os.path.join(run_dir, "metrics.jsonl")
 
 
+class TornLineWarning(UserWarning):
+    """The last line of a JSONL run file was cut short (a full disk or a crash mid-write) and was dropped."""
+
+
+def read_records(path: str) -> List[Dict[str, Any]]:
+    """The records of a JSONL run file; a torn last line is dropped with a warning, any other bad line raises
+    ValueError naming the file and line."""
+    with open(path, "rb") as handle:
+        lines = handle.read().split(b"\n")
+    records = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line.decode("utf-8")))
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+            if line_no == len(lines):  # no newline after it: the write was cut short
+                warnings.warn(f"{path}:{line_no}: dropping a torn last line ({len(line)} bytes, {error})",
+                              TornLineWarning, stacklevel=2)
+                break
+            raise ValueError(f"{path}:{line_no}: not a JSON record ({error})") from error
+    return records
+
+
+def append_line(path: str, record: Dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line with a single write (line-atomic; see the module docstring)."""
+    data = (json.dumps(record) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes (is the disk full?)")
+    finally:
+        os.close(fd)
+
+
 def read_metrics(run_dir: str) -> list:
     """Every record of a run's metrics.jsonl, in file order."""
-    with open(metrics_path(run_dir), encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_records(metrics_path(run_dir))
 
 
 def _position(record: Dict[str, Any]):
@@ -43,8 +84,7 @@ def truncate_records(path: str, phase: str, step: int) -> None:
     """Drop the records of a JSONL run file after (phase, step): a resumed run rewrites what followed."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
+    records = read_records(path)
     keep = [r for r in records if _position(r) <= (PHASES.index(phase), step)]
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -86,10 +126,8 @@ class RunLogger:
         self.run_dir = run_dir
         self.writer = None
         self.bar = None
-        self._file = None
         if not enabled:
             return
-        self._file = open(metrics_path(run_dir), "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -107,8 +145,7 @@ class RunLogger:
         """Write one record; ``advance`` moves the progress bar (False for the evaluation-only record)."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        append_line(metrics_path(self.run_dir), record)
         if self.writer is not None:
             for key, value in record.items():
                 if key in ("phase", "step"):
@@ -127,8 +164,7 @@ class RunLogger:
     def samples(self, phase: str, step: int, samples: list) -> None:
         """Append an evaluation's shown answers to samples.jsonl."""
         if self.enabled:
-            with open(os.path.join(self.run_dir, "samples.jsonl"), "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"phase": phase, "step": step, "samples": samples}) + "\n")
+            append_line(os.path.join(self.run_dir, "samples.jsonl"), {"phase": phase, "step": step, "samples": samples})
 
     def _histogram(self, tag: str, values: Iterable[float], step: int) -> None:
         import numpy as np
@@ -149,8 +185,6 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        if self._file is not None:
-            self._file.close()
 
 
 _CLEAR_REFS = "/proc/self/clear_refs"  # Linux: writing "5" resets VmHWM (peak RSS) to the current RSS

@@ -195,6 +195,7 @@ class Policy:
         self.image_processor = image_processor
         self.instruction = instruction
         self.images = ImageCache()
+        self._accepted_sizes: set = set()  # image sizes (w, h) the image processor accepted
         vocab = tokenizer.get_vocab()
         self.multimodal = image_processor is not None and IMAGE_TOKEN in vocab
         self.image_token_id = vocab.get(IMAGE_TOKEN)
@@ -229,6 +230,34 @@ class Policy:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         image = "<|vision_start|><|image_pad|><|vision_end|>" if with_image else ""
         return f"<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+    def special_tokens(self) -> List[str]:
+        """The tokenizer's special tokens (chat, vision, end of text): never allowed inside a row's text."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        return sorted({t.content for t in added.values() if getattr(t, "special", False)}
+                      | set(self.tokenizer.all_special_tokens))
+
+    def check_example(self, example) -> None:
+        """ValueError when ``example`` would fail once drawn: a special token in its question or expert (it
+        would be read as chat structure or as image tokens), or an image that does not decode or that the
+        image processor refuses (e.g. an extreme aspect ratio). Sizes already accepted are not re-checked."""
+        for field in ("question", "expert"):
+            found = [token for token in self.special_tokens() if token in getattr(example, field)]
+            if found:
+                raise ValueError(f"field '{field}' contains the tokenizer's special token(s) {found}")
+        if not (self.multimodal and example.image is not None):
+            return
+        try:
+            image = self.images.get(example.image)
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... on corrupt files
+            raise ValueError(f"image {example.image} does not decode ({type(error).__name__}: {error})") from None
+        if image.size not in self._accepted_sizes:
+            try:
+                self.image_processor(images=[image], return_tensors="pt")
+            except (ValueError, RuntimeError) as error:
+                raise ValueError(f"image {example.image} of {image.size[0]}x{image.size[1]} pixels is refused by "
+                                 f"the image processor ({error})") from None
+            self._accepted_sizes.add(image.size)
 
     def encode_prompts(self, examples: Sequence) -> PromptBatch:
         """Tokenised, left-padded prompts of ``examples`` with their images processed."""

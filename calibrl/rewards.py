@@ -13,13 +13,14 @@ through ``GuardedScorer``, so a verifier that raises on one sample scores that s
 
 from __future__ import annotations
 
-import math
+import numbers
 import re
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 ANSWER_PATTERN = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
 FORMAT_PATTERN = re.compile(r"<think>.*?</think>.*?<answer>.*?</answer>", re.DOTALL)
 FORMAT_WEIGHT = 0.1  # reward = accuracy + FORMAT_WEIGHT * format
+_FLOAT32_MAX = 3.4028234663852886e38  # rewards travel as float32 tensors: a larger one would become inf
 _EDGE_PUNCTUATION = " \t\n\r.,;:!?\"'`"
 
 
@@ -87,7 +88,8 @@ def load_reward_fn(spec: Optional[str]) -> RewardFn:
 
 class GuardedScorer:
     """Calls a reward function per sample; a sample on which it raises, or returns something that is not a
-    finite number / Score, scores 0 (reward, accuracy and format) instead of stopping the step.
+    finite number / Score of numbers (text is not parsed; a number beyond float32's range, e.g. 1e39, counts
+    as non-finite), scores 0 (reward, accuracy and format) instead of stopping the step.
 
     ``take_errors()`` returns and clears the failures since the last call (count, first message), so the
     trainer can log them with the step in which they happened.
@@ -101,10 +103,14 @@ class GuardedScorer:
     def __call__(self, response: str, truth: str) -> Score:
         try:
             value = self.fn(response, truth)
-            score = value if isinstance(value, Score) else Score(float(value), float(float(value) > FORMAT_WEIGHT), 0.0)
-            if not all(math.isfinite(float(v)) for v in score):
-                raise ValueError(f"non-finite score {tuple(score)}")
-            return Score(*(float(v) for v in score))
+            parts = tuple(value) if isinstance(value, Score) else (value,)
+            if not all(isinstance(v, numbers.Real) for v in parts):  # text is never parsed: "1.0" scores 0
+                raise TypeError(f"expected a number or a Score of numbers, got {value!r}"[:200])
+            if not all(abs(float(v)) <= _FLOAT32_MAX for v in parts):  # NaN, inf, and what overflows float32
+                raise ValueError(f"score {tuple(float(v) for v in parts)} is not a finite float32 number")
+            reward = float(parts[0])
+            return Score(*(float(v) for v in value)) if isinstance(value, Score) else Score(
+                reward, float(reward > FORMAT_WEIGHT), 0.0)
         except Exception as error:  # a verifier bug must not kill a long run: count it, score 0
             self._errors += 1
             if self._first is None:

@@ -14,21 +14,26 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Dict, List, Optional
 
 import torch
 
 from . import algorithms, checkpoint, distributed
 from .config import ConfigError, TrainConfig, build_parser, config_from_dict, merge_resume, parse_config
-from .data import PromptSampler, load_eval_examples, load_examples
+from .data import DataRows, PromptSampler, RowError, changed_rows, load_eval_rows, load_rows
 from .evaluate import evaluate
 from .logging import RunLogger, peak_memory_mb, reset_peak_memory, rollout_metrics, start_run_dir, truncate_run
 from .model import Policy, PolicyForward, build_tiny_policy, load_policy
 from .rewards import GuardedScorer, load_reward_fn
 from .rollout import RolloutBatch, collate_responses, collect_rollouts, old_logprobs, response_targets, sequence_inputs
+from .run_lock import RunLock
+from .step_guard import NonFiniteGuard, TooManyBadSteps, nonfinite_tensors
 from .update import PPOUpdate
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C saved a checkpoint and stopped the run
+FAILED_EXIT_CODE = 1  # a checkpoint could not be written (e.g. a full disk): the older ones are intact
+BAD_STEPS_EXIT_CODE = 3  # max_bad_steps steps in a row had a non-finite loss or gradient; last good state saved
 
 
 def interrupted_exit_code(signum: int) -> int:
@@ -40,17 +45,29 @@ class Trainer:
     """Holds the run's state: policy, optimizer, data order, phase ("sft" then "rl") and step."""
 
     def __init__(self, cfg: TrainConfig, dist: distributed.DistInfo):
-        resumed = self._load_resumed(cfg.resume, dist) if cfg.resume else None
-        self.cfg = merge_resume(config_from_dict(resumed["config"]), cfg) if resumed else cfg
         self.dist = dist
+        self.run_dir = cfg.validate().resume or cfg.run_dir()
+        self.lock = self._lock(self.run_dir, dist)  # one trainer per run folder
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the lock); the trainer does not run afterwards."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self, cfg: TrainConfig) -> None:
+        dist = self.dist
+        resumed_path, resumed = self._load_resumed(cfg.resume, dist) if cfg.resume else (None, None)
+        self.cfg = merge_resume(config_from_dict(resumed["config"], resumed_path), cfg) if resumed else cfg
         cfg = self.cfg.check_processes(dist.world_size)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         checkpoint.seed_everything(cfg.seed + 1000 * dist.rank)
-        self.run_dir = cfg.resume or cfg.run_dir()
-        self.train_examples = load_examples(cfg.data, "train", cfg.train_examples)
-        self.eval_examples = load_eval_examples(cfg.data, cfg.eval_data, cfg.eval_examples)
-        self.ood_examples = load_examples(cfg.ood_eval_data, "test", cfg.eval_examples) if cfg.ood_eval_data else []
+        self.data = self._load_data()  # {setting: DataRows}, each line checked (UTF-8, JSON, fields, image file)
         try:
             self.scorer = GuardedScorer(load_reward_fn(cfg.reward_fn))
         except ValueError as error:
@@ -58,37 +75,88 @@ class Trainer:
         self.algorithm = algorithms.make_algorithm(cfg.algo, cfg.loss)
         self.loss_cfg = self.algorithm.loss
         self.policy = self._build_policy(resumed is not None)
+        self._check_data()  # every row as the policy will encode it (images, special tokens)
+        self.train_rows = self.data["data"]
+        self.train_examples = self.train_rows.rows  # by position; None where a bad row is skipped
+        self.eval_examples, self.ood_examples = self.data["eval_data"].good(), self.data["ood_eval_data"].good()
         self.policy.model.to(dist.device)
         self.forward = PolicyForward(self.policy)
         self.update_module = distributed.wrap_ddp(self.forward, dist)  # what the update's passes call
         self.update = PPOUpdate(self.update_module, self.loss_cfg, cfg, dist, self._optimizer_step)
         self.sft_total = cfg.sft_steps + (cfg.extra_sft_steps if self.algorithm.long_sft else 0)
-        self.sampler = PromptSampler(len(self.train_examples), cfg.seed)
+        self.sampler = PromptSampler(len(self.train_rows.rows), cfg.seed, self.train_rows.skipped())
+        self.guard = NonFiniteGuard(cfg.max_bad_steps, dist)
         self.phase, self.step = "sft", 0
         self.optimizer, self.scheduler = self._make_optimizer("sft")
         self.last_lr = 0.0  # learning rate of the latest optimizer step
         self.interrupted = 0  # the signal number of a Ctrl-C (SIGINT) or SIGTERM, 0 while none came
         self.saved_index = None  # index of the last checkpoint written (the final save skips a repeat)
         if resumed:
-            self._restore(resumed)
+            self._restore(resumed, resumed_path)
         elif dist.is_main:
             start_run_dir(self.run_dir, self.cfg.to_dict(), None if cfg.model else self.policy.tokenizer)
 
     # ---------------------------------------------------------------------------------------- setup
     @staticmethod
-    def _load_resumed(run_dir: str, dist: distributed.DistInfo) -> dict:
-        """The newest good checkpoint of ``run_dir``, chosen by the main process (bad ones skipped with a
-        warning) so that every process loads the same file, even one the main process is still pruning."""
+    def _lock(run_dir: str, dist: distributed.DistInfo) -> Optional[RunLock]:
+        """The run folder's lock, taken by the main process; a folder in use stops every process."""
+        lock, error = None, None
+        if dist.is_main:
+            try:
+                lock = RunLock(run_dir).acquire()
+            except ConfigError as failure:
+                error = str(failure)
+        error = distributed.broadcast_object(error, dist)
+        if error is not None:
+            raise ConfigError(error)
+        return lock
+
+    @staticmethod
+    def _load_resumed(run_dir: str, dist: distributed.DistInfo):
+        """(path, state) of the newest good checkpoint of ``run_dir``, chosen by the main process (bad ones,
+        and ones of another format, skipped with a warning) so that every process loads the same file, even
+        one the main process is still pruning."""
         path, state, error = None, None, None
         if dist.is_main:
             try:
-                path, state = checkpoint.load_latest(run_dir)
+                path, state = checkpoint.load_latest(run_dir, checkpoint.trainer_state_problem)
             except ConfigError as failure:
                 error = str(failure)
         path, error = distributed.broadcast_object((path, error), dist)
         if error is not None:
             raise ConfigError(error)
-        return state if state is not None else checkpoint.load_checkpoint(path)
+        return path, state if state is not None else checkpoint.load_checkpoint(path)
+
+    def _load_data(self) -> Dict[str, DataRows]:
+        """The rows of data, eval_data and ood_eval_data; a bad line is a ConfigError naming the setting and
+        its file:line, or is skipped (skip_bad_rows)."""
+        cfg, skip = self.cfg, self.cfg.skip_bad_rows
+        loaders = {"data": lambda: load_rows(cfg.data, "train", cfg.train_examples, skip),
+                   "eval_data": lambda: load_eval_rows(cfg.data, cfg.eval_data, cfg.eval_examples, skip),
+                   "ood_eval_data": lambda: load_rows(cfg.ood_eval_data, "test", cfg.eval_examples, skip)
+                   if cfg.ood_eval_data else DataRows("", [])}
+        data = {}
+        for setting, load in loaders.items():
+            try:
+                data[setting] = load()
+            except RowError as error:
+                raise ConfigError(f"{setting}: {error}") from error
+        return data
+
+    def _check_data(self) -> None:
+        """Every row through ``Policy.check_example``: refused (ConfigError naming file:line) or skipped."""
+        for setting, rows in self.data.items():
+            try:
+                rows.check(self.policy.check_example, self.cfg.skip_bad_rows)
+            except RowError as error:
+                raise ConfigError(f"{setting}: {error}") from error
+        if not self.data["data"].good():
+            raise ConfigError(f"data: every row of {self.cfg.data} is bad: "
+                              + "; ".join(list(self.data["data"].bad.values())[:3]))
+
+    def skipped_rows(self) -> List[str]:
+        """"file:line: why" of every row skipped as bad (skip_bad_rows), in setting and source order."""
+        return [why for rows in self.data.values() for _, why in sorted(rows.bad.items())]
 
     def _build_policy(self, resuming: bool) -> Policy:
         cfg = self.cfg
@@ -98,7 +166,8 @@ class Trainer:
             return self._policy_with_tokenizer_of(self.run_dir)
         if cfg.init_from:  # another run's tokenizer and newest weights (e.g. the study's shared warm start)
             return self._initial_policy(cfg.init_from)
-        texts = [t for e in self.train_examples + self.eval_examples for t in (e.question, e.expert, e.answer)]
+        examples = self.data["data"].good() + self.data["eval_data"].good()
+        texts = [t for e in examples for t in (e.question, e.expert, e.answer)]
         return build_tiny_policy(cfg, texts + ["user\n", "assistant\n"], self.dist.device)
 
     def _policy_with_tokenizer_of(self, run_dir: str) -> Policy:
@@ -135,24 +204,61 @@ class Trainer:
         return self.step if self.phase == "sft" else self.sft_total + self.step
 
     def save(self) -> None:
-        """Checkpoint ``index`` (written by the main process; every process returns once it is on disk)."""
+        """Checkpoint ``index`` (written by the main process; every process returns once it is on disk).
+
+        A state holding NaN / inf is never written; a failed write (full disk) raises CheckpointError on
+        every process, the older checkpoints intact."""
         rng = distributed.gather_objects(checkpoint.capture_rng(), self.dist)
+        error = None
         if self.dist.is_main:
             state = {
+                "format_version": checkpoint.FORMAT_VERSION,
                 "model": self.policy.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "phase": self.phase, "step": self.step,
                 "sampler": self.sampler.state_dict(), "rng": rng, "world_size": self.dist.world_size,
                 "config": self.cfg.to_dict(),
+                "data": {"rows": len(self.train_rows.rows),
+                         "digests": torch.tensor(self.train_rows.digests(), dtype=torch.int64)},
             }
-            checkpoint.save_checkpoint(self.run_dir, self.index, state, self.cfg.keep_checkpoints)
+            poisoned = nonfinite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
+            try:
+                if poisoned:
+                    raise checkpoint.CheckpointError(f"refusing to write checkpoint {self.index}: non-finite values "
+                                                     f"in {poisoned[:3]}; the older checkpoints are intact")
+                checkpoint.save_checkpoint(self.run_dir, self.index, state, self.cfg.keep_checkpoints)
+            except checkpoint.CheckpointError as failure:
+                error = str(failure)
+        # the broadcast also makes every process wait (and not exit) while the checkpoint is being written
+        error = distributed.broadcast_object(error, self.dist)
+        if error is not None:
+            raise checkpoint.CheckpointError(error)
         self.saved_index = self.index
-        distributed.barrier(self.dist)  # no process moves on (or exits) while the checkpoint is being written
 
-    def _restore(self, state: dict) -> None:
+    def _check_resumed_data(self, saved: dict) -> None:
+        """The training data now against the run's: same row count (the prompt order depends on it), and a
+        warning naming the rows whose content changed (a corrected file is fine to resume with)."""
+        digests = self.train_rows.digests()
+        if int(saved["rows"]) != len(digests):
+            raise ConfigError(f"--resume: data {self.cfg.data} has {len(digests)} rows, the run was trained on "
+                              f"{int(saved['rows'])}; rows added or removed would change the prompt order (correct "
+                              "rows in place, or skip bad ones with --skip-bad-rows)")
+        changed = changed_rows(saved["digests"].tolist(), digests)
+        if changed:
+            first = self.train_rows.rows[changed[0]]
+            where = first.origin if first is not None else f"row {changed[0] + 1} (now skipped)"
+            warnings.warn(f"--resume: {len(changed)} row(s) of data {self.cfg.data} differ from the run's "
+                          f"(first: {where}); continuing with the data as it is now", UserWarning, stacklevel=2)
+
+    def _restore(self, state: dict, path: str) -> None:
         if state["world_size"] != self.dist.world_size:
             raise ConfigError(f"--resume: the run used {state['world_size']} processes, this one has "
                               f"{self.dist.world_size}")
-        self.policy.model.load_state_dict(state["model"])
+        if "data" in state:  # absent in the first checkpoint format
+            self._check_resumed_data(state["data"])
+        try:
+            self.policy.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ConfigError(f"--resume: {path} does not fit the model: {str(error).splitlines()[0]}") from error
         self.phase, self.step = state["phase"], state["step"]
         self.optimizer, self.scheduler = self._make_optimizer(self.phase)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -170,6 +276,10 @@ class Trainer:
         logger = RunLogger(self.run_dir, self.dist.is_main, cfg.tensorboard, cfg.progress,
                            self.sft_total + cfg.max_steps, self.index)
         logger.message(f"calibrl: {cfg.algo} ({self.algorithm.summary}); run folder {self.run_dir}")
+        shown = self.skipped_rows()
+        if shown:
+            logger.message(f"skipped {len(shown)} bad data row(s) (--skip-bad-rows): " + "; ".join(shown[:10])
+                           + (f"; ... {len(shown) - 10} more" if len(shown) > 10 else ""))
         start = time.time()
         try:
             while self.phase == "sft" and self.step < self.sft_total:
@@ -217,8 +327,15 @@ class Trainer:
         """Checkpoint when due; after SIGINT / SIGTERM (on any process) save and return its number, else 0."""
         stop = int(distributed.all_reduce_max(torch.tensor([self.interrupted], device=self.dist.device),
                                               self.dist).item())
-        if stop or self.step % self.cfg.save_every == 0:
-            self.save()
+        too_many_bad = self.guard.should_stop  # the same on every process (the flags are all-reduced)
+        if stop or too_many_bad or self.step % self.cfg.save_every == 0:
+            self.save()  # skipped updates never touched the weights: this is the last good state
+        if too_many_bad:
+            raise TooManyBadSteps(
+                f"stopping: {self.guard.bad_in_row} steps in a row (max_bad_steps={self.cfg.max_bad_steps}) had a "
+                f"non-finite loss or gradient, so their updates were skipped; the last good state is saved as "
+                f"{self.phase} step {self.step} in {self.run_dir}. Look for rewards or advantages that overflow, or "
+                "a learning rate that diverges, then continue with --resume")
         if stop:
             logger.message(f"interrupted by {signal.Signals(stop).name}: saved {self.phase} step {self.step}; "
                            f"continue with --resume {self.run_dir}")
@@ -277,21 +394,25 @@ class Trainer:
         hidden, weight, bias = self.update_module(**inputs)  # (R, T, D), (V, D)
         loss, tokens = algorithms.sft_loss(hidden, weight, bias, targets)  # plain NLL at temperature 1
         loss.backward()
-        grad_norm = self._optimizer_step()
+        grad_norm = self._optimizer_step(bool(torch.isfinite(loss)))
         totals = distributed.all_reduce_sum(torch.tensor([loss.item(), float(tokens)], device=self.dist.device),
                                             self.dist)
         elapsed = time.time() - started
         return {"phase": "sft", "step": self.step, "sft_loss": totals[0].item() / self.dist.world_size,
                 "grad_norm": grad_norm, "lr": self.last_lr, "step_time": elapsed,
-                "tokens_per_s": totals[1].item() / elapsed, "peak_memory_mb": peak_memory_mb(self.dist.device)}
+                "tokens_per_s": totals[1].item() / elapsed, "peak_memory_mb": peak_memory_mb(self.dist.device),
+                "skipped_updates": self.guard.end_step()}
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self, loss_finite: bool = True) -> float:
+        """Clip, step (unless the loss or the gradient is not finite on some process: then skipped and
+        counted, weights and optimizer state untouched), zero the gradients; the gradient norm before clipping."""
         params = [p for p in self.policy.model.parameters() if p.grad is not None]
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         self.last_lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (logged with the step)
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.guard.step_is_finite(loss_finite, grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -318,7 +439,8 @@ class Trainer:
         elapsed = time.time() - started
         record = {"phase": "rl", "step": self.step, **rollout_metrics(batch, pass_rate, keep, dist), **update}
         record.update(step_time=elapsed, rollout_time=rollout_time, lr=self.last_lr,
-                      tokens_per_s=record["sampled_tokens"] / elapsed, peak_memory_mb=peak_memory_mb(dist.device))
+                      tokens_per_s=record["sampled_tokens"] / elapsed, peak_memory_mb=peak_memory_mb(dist.device),
+                      skipped_updates=self.guard.end_step())
         return record
 
     def _group_statistics(self, batch: RolloutBatch):
@@ -351,9 +473,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             trainer = Trainer(cfg, dist)
         except ConfigError as error:  # e.g. --resume with changed settings
             _config_error(parser, error)
-        return trainer.run()
+        try:
+            return trainer.run()
+        except checkpoint.CheckpointError as error:  # e.g. a full disk
+            return _run_error(error, FAILED_EXIT_CODE)
+        except TooManyBadSteps as error:
+            return _run_error(error, BAD_STEPS_EXIT_CODE)
+        finally:
+            trainer.close()
     finally:
         distributed.shutdown(dist)
+
+
+def _run_error(error: Exception, code: int) -> int:
+    """Print why the run stopped (main process) and return its exit status."""
+    if distributed.env_rank() == 0:
+        print(f"calibrl.train: error: {error}", file=sys.stderr, flush=True)
+    return code
 
 
 def _config_error(parser, error: ConfigError) -> None:

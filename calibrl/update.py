@@ -51,12 +51,14 @@ class PPOUpdate:
     """Runs ``cfg.ppo_epochs`` x ``cfg.mini_batches`` optimizer steps on a scored RolloutBatch."""
 
     def __init__(self, module: torch.nn.Module, loss: CalibRLConfig, cfg: TrainConfig,
-                 dist: distributed.DistInfo, optimizer_step: Callable[[], float]):
+                 dist: distributed.DistInfo, optimizer_step: Callable[[bool], float]):
         self.module = module  # PolicyForward, DDP-wrapped under torchrun
         self.loss = loss
         self.cfg = cfg
         self.dist = dist
-        self.optimizer_step = optimizer_step  # clips, steps, zeroes the gradients; returns the gradient norm
+        # (loss finite) -> gradient norm: clips, steps unless the loss or gradient is not finite, zeroes the gradients
+        self.optimizer_step = optimizer_step
+        self.loss_finite = True
 
     def __call__(self, batch: RolloutBatch) -> Dict[str, float]:
         """Loss metrics (means over this step's micro-batches, then over processes) and the mean grad norm.
@@ -77,8 +79,9 @@ class PPOUpdate:
             total_loss_rows = distributed.all_reduce_sum(local[:, 0], dist).cpu()  # (mini_batches,)
             passes = distributed.all_reduce_max(local[:, 1], dist).cpu()  # (mini_batches,)
             for k in range(cfg.mini_batches):
+                self.loss_finite = True  # cleared by a micro-batch whose loss is NaN / inf
                 micro_metrics += self._accumulate(batch, rows[k], int(passes[k]), float(total_loss_rows[k]))
-                grad_norms.append(self.optimizer_step())
+                grad_norms.append(self.optimizer_step(self.loss_finite))
         keys = sorted(micro_metrics[0])
         means = torch.tensor([sum(m[key] for m in micro_metrics) / len(micro_metrics) for key in keys],
                              dtype=torch.float64, device=dist.device)
@@ -105,6 +108,7 @@ class PPOUpdate:
             with contextlib.nullcontext() if sync else self.module.no_sync():
                 out = self._loss(batch.select(micro_rows))
                 (out.loss * weight).backward()
+            self.loss_finite &= bool(torch.isfinite(out.loss))
             if real:
                 metrics.append(out.metrics())
         return metrics

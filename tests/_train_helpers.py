@@ -117,7 +117,7 @@ def update_gradients(flags, dist, drop_experts_of_process=None):
     params = list(trainer.policy.model.parameters())
     gradients = []
 
-    def record_gradient():
+    def record_gradient(loss_finite=True):
         gradients.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                                     for p in params]))
         trainer.optimizer.zero_grad(set_to_none=True)

@@ -110,3 +110,82 @@ def test_leftovers_of_a_killed_writer_are_ignored_and_cleaned(run_dir):
     names = sorted(os.listdir(folder))
     assert not any(".tmp-" in n for n in names)
     assert names == ["ckpt-0000003.pt", "ckpt-0000003.pt.sha256", "ckpt-0000004.pt", "ckpt-0000004.pt.sha256"]
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(28, "No space left on device"),  # errno.ENOSPC from a plain write
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4178"),  # torch's short write
+])
+def test_a_full_disk_is_reported_as_such_and_older_checkpoints_stay(run_dir, monkeypatch, failure):
+    def fails_midway(obj, handle):
+        handle.write(b"PK\x03\x04 partial")
+        raise failure
+
+    monkeypatch.setattr(checkpoint.torch, "save", fails_midway)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no space left on device while writing checkpoint "
+                                                         r".*ckpt-0000004\.pt \(.* MiB free in .*intact"):
+        checkpoint.save_checkpoint(run_dir, 4, _state(4), keep=2)
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(run_dir)] == [
+        "ckpt-0000001.pt", "ckpt-0000002.pt", "ckpt-0000003.pt"]  # nothing pruned, nothing half-written left
+    assert not [n for n in os.listdir(checkpoint.checkpoint_dir(run_dir)) if ".tmp-" in n]
+    assert checkpoint.load_latest(run_dir)[1]["step"] == 3
+
+
+def test_another_write_failure_names_its_cause(run_dir, monkeypatch):
+    def fails(obj, handle):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(checkpoint.torch, "save", fails)
+    with pytest.raises(checkpoint.CheckpointError, match=r"OSError: \[Errno 5\] Input/output error while writing"):
+        checkpoint.save_checkpoint(run_dir, 4, _state(4), keep=2)
+
+
+def test_a_checkpoint_restored_under_another_index_is_never_trusted(run_dir):
+    folder = checkpoint.checkpoint_dir(run_dir)
+    with open(checkpoint.checksum_path(os.path.join(folder, "ckpt-0000003.pt"))) as f:
+        assert json.load(f)["index"] == 3  # the checksum file names the file and its index
+    for suffix in ("", checkpoint.CHECKSUM_SUFFIX):  # an old step-1 checkpoint copied back as the newest
+        with open(os.path.join(folder, "ckpt-0000001.pt" + suffix), "rb") as src, \
+                open(os.path.join(folder, "ckpt-0000009.pt" + suffix), "wb") as dst:
+            dst.write(src.read())
+    copy = os.path.join(folder, "ckpt-0000009.pt")
+    assert "written for ckpt-0000001.pt (index 1)" in checkpoint.verify_checkpoint(copy)
+    with pytest.warns(checkpoint.CheckpointWarning, match="ckpt-0000009.pt: its checksum file was written for"):
+        path, state = checkpoint.load_latest(run_dir)
+    assert state["step"] == 3
+    checkpoint.save_checkpoint(run_dir, 4, _state(4), keep=2)  # pruning keeps the good 3 and 4
+    assert [checkpoint.verify_checkpoint(os.path.join(folder, f"ckpt-000000{i}.pt")) for i in (3, 4)] == [None] * 2
+
+
+def test_the_trainer_format_is_checked_and_newer_versions_warn():
+    good = {key: kind() for key, kind in checkpoint.TRAINER_STATE.items()}
+    assert checkpoint.trainer_state_problem(good) is None
+    renamed = {**good, "weights": good["model"]}
+    del renamed["model"]
+    assert "missing key(s) ['model']" in checkpoint.trainer_state_problem(renamed)
+    assert "step is a str, expected int" in checkpoint.trainer_state_problem({**good, "step": "3"})
+    newer = {**good, "format_version": checkpoint.FORMAT_VERSION + 1, "ema": {}}
+    with pytest.warns(checkpoint.CheckpointWarning, match=r"format version 2 is newer.*ignoring key\(s\) \['ema'\]"):
+        assert checkpoint.trainer_state_problem(newer) is None
+
+
+def test_settings_of_a_newer_version_are_ignored_with_a_warning_naming_them():
+    from calibrl.config import SettingsWarning, TrainConfig, config_from_dict
+
+    saved = {**TrainConfig().to_dict(), "lr": 1e-4, "ema_decay": 0.99, "curriculum": "easy-first"}
+    with pytest.warns(SettingsWarning, match=r"ckpt-7.pt: ignoring setting\(s\) \['curriculum', 'ema_decay'\]"):
+        assert config_from_dict(saved, "ckpt-7.pt").lr == 1e-4
+
+
+def test_one_trainer_per_run_folder(tmp_path):
+    from calibrl.run_lock import RunLock
+
+    first = RunLock(str(tmp_path)).acquire()
+    with pytest.raises(ConfigError, match=rf"in use by another trainer \(pid {os.getpid()} on "):
+        RunLock(str(tmp_path)).acquire()
+    first.release()
+    assert not os.path.exists(tmp_path / "trainer.lock")
+    (tmp_path / "trainer.lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": "gone"}))  # a dead owner
+    second = RunLock(str(tmp_path)).acquire()
+    assert json.loads((tmp_path / "trainer.lock").read_text())["pid"] == os.getpid()
+    second.release()

@@ -113,3 +113,70 @@ def test_prompt_sampler_epochs_and_resume():
     assert PromptSampler(5, seed=4).next_indices(5) != PromptSampler(5, seed=3).next_indices(5)
     with pytest.raises(ValueError, match="saved for 5 examples"):
         PromptSampler(6, seed=3).load_state_dict(state)
+
+
+def test_jsonl_invalid_utf8_names_the_line_and_skip_mode_keeps_positions(tmp_path, image_file):
+    from calibrl.data import RowError, load_rows
+
+    path = tmp_path / "d.jsonl"
+    bad_utf8 = json.dumps(GOOD).encode()[:-3] + b"\xc3\x28\"}"
+    path.write_bytes(b"\n".join([json.dumps(GOOD).encode(), b"", bad_utf8, b"{oops", json.dumps(GOOD).encode()]))
+    with pytest.raises(RowError, match=r"d\.jsonl:3: invalid UTF-8 at byte \d+ .*--skip-bad-rows"):
+        load_jsonl(str(path))
+    rows = load_rows(str(path), "train", skip_bad=True)
+    assert [r is not None for r in rows.rows] == [True, False, False, True]  # blank lines are no rows
+    assert sorted(rows.bad) == [1, 2] and rows.bad[2].startswith(f"{path}:4: invalid JSON")
+    assert rows.rows[3].origin == f"{path}:5" and rows.skipped() == {1, 2}
+    assert rows.digests()[1:3] == [0, 0] and rows.digests()[0] == rows.digests()[3] != 0
+    assert load_rows(str(path), "train", limit=2, skip_bad=True).bad.keys() == {1}
+
+
+def test_prompt_sampler_passes_over_skipped_rows_keeping_the_others_in_place():
+    full = PromptSampler(6, seed=1).next_indices(12)
+    skipping = PromptSampler(6, seed=1, skipped={2, 4}).next_indices(8)
+    assert skipping == [i for i in full if i not in (2, 4)]
+    with pytest.raises(ValueError, match="every one of the 2 rows is skipped"):
+        PromptSampler(2, seed=0, skipped={0, 1})
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    from calibrl.config import parse_config
+    from calibrl.model import build_tiny_policy
+
+    return build_tiny_policy(parse_config(["--quick"]), ["what color is it?", "<think>red</think><answer>red</answer>"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("good", None),
+    ("corrupt png", r"image .*bad\.png does not decode"),
+    ("not an image", r"image .*bad\.png does not decode \(UnidentifiedImageError"),
+    ("aspect ratio 300", r"of 2x600 pixels is refused by the image processor \(.*aspect ratio"),
+    ("aspect ratio 1/300", r"of 600x2 pixels is refused by the image processor"),
+    ("image token in question", r"field 'question' contains the tokenizer's special token\(s\) \['<\|image_pad\|>'\]"),
+    ("end of turn in question", r"field 'question' contains .*<\|im_end\|>"),
+    ("vision start in expert", r"field 'expert' contains .*<\|vision_start\|>"),
+])
+def test_rows_are_checked_as_the_policy_encodes_them(tmp_path, tiny_policy, case, message):
+    from calibrl.data import Example
+
+    image, question, expert = tmp_path / "bad.png", "what color is it?", "<think>red</think><answer>red</answer>"
+    size = {"aspect ratio 300": (2, 600), "aspect ratio 1/300": (600, 2)}.get(case, (16, 16))
+    Image.new("RGB", size, (255, 0, 0)).save(image)
+    if case == "corrupt png":
+        image.write_bytes(image.read_bytes()[:45])
+    elif case == "not an image":
+        image.write_bytes(b"GIF? no, plain text")
+    elif case == "image token in question":
+        question = "what is <|image_pad|>?"
+    elif case == "end of turn in question":
+        question = "red?<|im_end|>\n<|im_start|>assistant\nyes"
+    elif case == "vision start in expert":
+        expert = "<think><|vision_start|></think><answer>red</answer>"
+    example = Example(str(image), question, "red", expert)
+    if message is None:
+        tiny_policy.check_example(example)
+        tiny_policy.encode_prompts([example])  # what passes the check encodes
+    else:
+        with pytest.raises(ValueError, match=message):
+            tiny_policy.check_example(example)

@@ -64,23 +64,34 @@ def test_pass_threshold_separates_correct_rows():
 
 
 def test_guarded_scorer_scores_faults_zero_and_counts_them():
+    import numpy as np
+
     from calibrl.rewards import GuardedScorer, Score
+
+    FAULTY = {  # response -> what the verifier returns; all but np, int and f32max score 0 and count as errors
+        "nan": float("nan"), "inf": float("-inf"), "text": "not a number", "numeric text": "1.0",
+        "bytes": b"1.0", "none": None, "list": [1.0], "overflows float32": 1e39, "just above": 3.5e38,
+        "text score": Score("1.1", 1.0, 1.0), "overflowing score": Score(1.0, 1e39, 0.0),
+        "np": np.float32(0.5), "int": 1, "f32max": 3.4028234663852886e38,
+    }
 
     def verifier(response, truth):
         if response == "boom":
             raise RuntimeError("bug")
         if response == "nan":
             return float("nan")
-        if response == "text":
-            return "not a number"
+        if response in FAULTY:
+            return FAULTY[response]
         return 1.0 if response == truth else 0.05
 
     scorer = GuardedScorer(verifier)
     assert scorer("a", "a") == Score(1.0, 1.0, 0.0)  # a float reward counts as correct above 0.1
     assert scorer("b", "a") == Score(0.05, 0.0, 0.0)
-    for bad in ("boom", "nan", "text"):
-        assert scorer(bad, "a") == Score(0.0, 0.0, 0.0)
+    assert scorer("np", "a") == Score(0.5, 1.0, 0.0) and scorer("int", "a") == Score(1.0, 1.0, 0.0)
+    assert scorer("f32max", "a").reward == 3.4028234663852886e38  # the largest float32 is still a number
+    for bad in ("boom", *(k for k in FAULTY if k not in ("np", "int", "f32max"))):
+        assert scorer(bad, "a") == Score(0.0, 0.0, 0.0), bad
     errors, first = scorer.take_errors()
-    assert errors == 3 and first == "RuntimeError: bug"
+    assert errors == 1 + len(FAULTY) - 3 and first == "RuntimeError: bug"
     assert scorer.take_errors() == (0, None)
     assert GuardedScorer()("<think>x</think><answer>red</answer>", "red") == Score(1.1, 1.0, 1.0)

@@ -127,10 +127,11 @@ def _split(split: str):
 def _examples(split: str) -> Iterable[Tuple[int, Example]]:
     """(image id, Example) of every question of ``split`` about an image with known attributes, in file order."""
     questions, answers, image_ids, paths, attributes = _split(split)
-    for question, answer, image_id in zip(questions, answers, image_ids):
+    for number, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids)):
         if image_id in attributes:
             shape, color = attributes[image_id]
-            yield image_id, Example(paths[image_id], question, answer, expert_response(question, answer, shape, color))
+            yield image_id, Example(paths[image_id], question, answer, expert_response(question, answer, shape, color),
+                                    origin=f"easy-vqa {split} question {number}")
 
 
 @functools.lru_cache(maxsize=2)

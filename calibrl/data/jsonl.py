@@ -4,7 +4,8 @@
   text-only question;
 - ``question``: the prompt text; ``answer``: the ground truth the verifier compares against;
 - ``expert``: one correct response in the ``<think>...</think><answer>...</answer>`` format.
-Blank lines are skipped. Every problem raises ``ValueError`` naming the file, the line and the field.
+Blank lines are skipped. Every problem (invalid UTF-8 or JSON included) raises ``RowError`` naming the
+file, the line and the field, or under ``skip_bad`` the row is kept as a skipped row (see ``DataRows``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import json
 import os
 from typing import List
 
-from . import Example
+from . import DataRows, Example, RowError
 from ..rewards import extract_answer, format_reward, normalize_answer
 
 FIELDS = ("image", "question", "answer", "expert")
 
 
 def _fail(path: str, line_no: int, message: str) -> None:
-    raise ValueError(f"{path}:{line_no}: {message}")
+    raise RowError(f"{path}:{line_no}: {message}")
 
 
 def parse_row(row: object, path: str, line_no: int) -> Example:
@@ -52,23 +53,43 @@ def parse_row(row: object, path: str, line_no: int) -> Example:
     if normalize_answer(expert_answer) != normalize_answer(row["answer"]):
         _fail(path, line_no, f"field 'expert': its answer {expert_answer!r} does not match field 'answer' "
                              f"{row['answer']!r} (experts must be correct)")
-    return Example(image, row["question"], row["answer"], expert)
+    return Example(image, row["question"], row["answer"], expert, origin=f"{path}:{line_no}")
+
+
+def parse_line(raw: bytes, path: str, line_no: int) -> Example:
+    """One line of the file (bytes) -> Example; RowError naming the line for bad UTF-8, JSON or fields."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad_bytes = raw[error.start:error.start + 4]
+        _fail(path, line_no, f"invalid UTF-8 at byte {error.start + 1} of the line ({bad_bytes!r})")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        _fail(path, line_no, f"invalid JSON ({error.msg} at column {error.colno})")
+    return parse_row(row, path, line_no)
+
+
+def read_jsonl(path: str, skip_bad: bool = False) -> DataRows:
+    """The rows of a JSONL file (blank lines are no rows); RowError on the first bad line unless ``skip_bad``."""
+    if not os.path.isfile(path):
+        raise RowError(f"JSONL file not found: {path}")
+    with open(path, "rb") as handle:
+        lines = handle.read().split(b"\n")
+    rows = DataRows(path, [])
+    for line_no, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        rows.rows.append(None)
+        try:
+            rows.rows[-1] = parse_line(raw, path, line_no)
+        except RowError as error:
+            rows.reject(len(rows.rows) - 1, str(error), skip_bad)
+    if not rows.rows:
+        raise RowError(f"{path}: no examples (the file is empty)")
+    return rows
 
 
 def load_jsonl(path: str) -> List[Example]:
-    """All examples of a JSONL file; raises ValueError on the first bad line."""
-    if not os.path.isfile(path):
-        raise ValueError(f"data: JSONL file not found: {path}")
-    examples = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                _fail(path, line_no, f"invalid JSON ({error.msg} at column {error.colno})")
-            examples.append(parse_row(row, path, line_no))
-    if not examples:
-        raise ValueError(f"{path}: no examples (the file is empty)")
-    return examples
+    """All examples of a JSONL file; raises RowError (a ValueError) on the first bad line."""
+    return read_jsonl(path).good()
