@@ -1,6 +1,6 @@
-"""A verifier with bugs, for the reward-fault test: of every 10 calls it raises on the 3rd, returns NaN on the
-5th... precisely: call k raises when k % 10 == 3, returns NaN when 7, the text "1.1" when 5 (text is never
-parsed) and 1e39 (finite in Python, inf in float32) when 9; otherwise it is the real verifier."""
+"""A verifier with bugs, for the reward-fault test. Call k raises when k % 10 == 3, returns the text "1.1" when 5
+(text is never parsed), NaN when 7 and 1e39 (finite in Python, inf in float32) when 9; otherwise it is the real
+verifier."""
 
 from calibrl.rewards import score_response
 
