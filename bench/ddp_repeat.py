@@ -1,4 +1,4 @@
-"""Repeat a 2-process DDP quick run N times and count how each launch ended (issue 17, item 5).
+"""Repeat a 2-process DDP quick run N times and count how each launch ended.
 
     python bench/ddp_repeat.py --runs 50 [--out bench/results/cpu-2core/ddp_repeat.txt]
 

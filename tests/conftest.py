@@ -37,3 +37,18 @@ def triton_device():
     if INTERPRETING:
         return torch.device("cpu")
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+BACKENDS = ("torch", "cpp", "triton")  # every implementation of the ops that runs on CPU tensors
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Each CPU-capable backend in turn, forced through CALIBRL_IMPL; an unavailable one fails the test."""
+    from calibrl_kernels import _dispatch
+
+    ok, reason = _dispatch.availability(request.param, torch.device("cpu"))
+    if not ok:
+        pytest.fail(f"backend {request.param} unavailable: {reason}")
+    monkeypatch.setenv("CALIBRL_IMPL", request.param)
+    return request.param

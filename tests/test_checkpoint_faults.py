@@ -1,4 +1,4 @@
-"""Checkpoint faults (issue 17): truncated, tampered, half-written and malicious checkpoints.
+"""Checkpoint faults: truncated, tampered, half-written and malicious checkpoints.
 
 Each fault is injected into a real checkpoint folder written by ``save_checkpoint``; ``load_latest`` (what
 ``--resume`` uses) must skip the bad newest file with a warning naming it and why, and fall back to the

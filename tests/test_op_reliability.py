@@ -22,20 +22,10 @@ import pytest
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels import CalibRLConfig, _dispatch, reference
+from calibrl_kernels import CalibRLConfig, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-BACKENDS = ("torch", "cpp", "triton")
 B, T, V, D = 3, 4, 11, 5
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    ok, reason = _dispatch.availability(request.param, torch.device("cpu"))
-    if not ok:
-        pytest.fail(f"backend {request.param} unavailable: {reason}")
-    monkeypatch.setenv("CALIBRL_IMPL", request.param)
-    return request.param
 
 
 def _batch(seed=0, b=B):

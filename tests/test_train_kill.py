@@ -1,4 +1,4 @@
-"""SIGKILL during a real run (issue 17): at each stage of a checkpoint write, and at random moments.
+"""SIGKILL during a real run: at each stage of a checkpoint write, and at random moments.
 
 Every killed run is continued with ``--resume``; the continued run must load a good checkpoint (the
 newest complete one), finish, and log every step exactly once. The checksum and atomic-rename logic

@@ -1,4 +1,4 @@
-"""Soak (issue 17): a test-sized run of 120 RL steps with checkpoints and evaluations, resident memory
+"""Soak: a test-sized run of 120 RL steps with checkpoints and evaluations, resident memory
 sampled after every step: after a warm-up of 30 steps it must not grow (a leak of anything per step, such
 as a kept batch, graph or log record, shows as a steady slope)."""
 
