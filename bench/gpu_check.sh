@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (H100 / H200), sized for the device tool's lease: a session has about
-# 15 minutes of device time in all (start and idle included), one command at most 10 minutes, and only
-# what the command writes under $OUT comes back (at most 8 files, 16 MiB each, 2 folders deep). So this
-# script ends within GPU_CHECK_BUDGET seconds (default 360: a rerun still fits), runs the most valuable
-# steps first, and after every step (passed, failed or stopped at its limit) publishes what it has to
-# $OUT, so that a run cut short by the caller's own limit still brings back every finished step.
+# One command for a GPU machine (H100 / H200), made for a time-limited GPU job (a batch allocation, a CI
+# runner, a rented machine): the whole run ends within GPU_CHECK_BUDGET seconds (default 360), the most
+# valuable steps run first, and after every step (passed, failed or stopped at its limit) what it has is
+# published to an output folder ($OUT, when set), so a job cut short by its own limit still keeps every
+# finished step. The published set is capped in file count (7 files) and size (GPU_CHECK_MAX_FILE_MB, 15 MiB
+# each; logs keep their end) for job systems that return only a few small files.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere in the repository
 #   bash bench/gpu_check.sh --dry-run    # anywhere: prints the plan and its limits, then runs the python
@@ -25,17 +25,15 @@
 #
 # Results: bench/results/<gpu-name>/ (kernels.csv, train.csv, *.png, readme_table.md, pytest.xml, one
 # log per step, gpu_check.log, trainer_quick/ with the trainer's metrics and plots but no checkpoints:
-# the trainer runs in a scratch folder). Published to $OUT after every step, 7 files at most, each under
-# 16 MiB (logs keep their last 15 MiB): gpu_check.log, steps.log (every step's output, in order),
-# kernels.csv, train.csv, pytest.xml, readme_table.md, results.tar.gz (the results folder: plots, logs,
-# trainer metrics; never a checkpoint).
+# the trainer runs in a scratch folder). Published to $OUT after every step: gpu_check.log, steps.log
+# (every step's output, in order), kernels.csv, train.csv, pytest.xml, readme_table.md, results.tar.gz (the
+# results folder: plots, logs, trainer metrics; never a checkpoint).
 #
-# Packages the GPU machine lacks (liger-kernel and easy-vqa) come as wheels in .whl/ at the repository
-# root, an ignored folder the caller must name in the device tool's `carry`: run(command="bash
-# bench/gpu_check.sh", carry=[".whl"], timeout_s=420). They are installed with `pip install --no-index
+# Packages a GPU machine may lack (liger-kernel and easy-vqa) can come as wheels in .whl/ at the repository
+# root (an ignored folder; copy it along with the checkout). They are installed with `pip install --no-index
 # --no-deps --target /tmp/site` and put on PYTHONPATH, never over the machine's torch / triton. Without
 # .whl/ the benchmarks record Liger as skipped and the trainer step is skipped. Prepare them, in the
-# repository root (see the device tool's README for the platform tags):
+# repository root, for the GPU machine's Python and platform:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5 easy-vqa==1.0
@@ -55,7 +53,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
         --plan) PLAN_ONLY=1 ;;
-        -h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,43p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$arg' (expected --dry-run, --plan or --help)" >&2; exit 2 ;;
     esac
 done
@@ -73,9 +71,9 @@ declare -A LIMIT=(
 # The Triton test files: every kernel against its reference, natively compiled on CUDA.
 GPU_TESTS=(tests/test_triton_logprob.py tests/test_triton_loss.py tests/test_triton_linear.py
            tests/test_triton_group_stats.py tests/test_triton_launch.py)
-# What comes back through $OUT (7 of the tool's 8 files).
+# What is published to $OUT after every step (with results.tar.gz: 7 files).
 PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml readme_table.md)
-MAX_FILE_BYTES=$((15 * 1024 * 1024))
+MAX_FILE_BYTES=$((${GPU_CHECK_MAX_FILE_MB:-15} * 1024 * 1024))
 
 print_plan() {
     local total=0 name
@@ -135,7 +133,7 @@ log() {
     echo "[gpu_check $(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"
 }
 
-# publish: copy the results so far to $OUT (the device tool brings back only what lies there). Logs
+# publish: copy the results so far to $OUT (the folder the job keeps). Logs
 # longer than MAX_FILE_BYTES keep their end; the tarball leaves out checkpoints and is dropped if too big.
 publish() {
     [ -n "${OUT:-}" ] || return 0
