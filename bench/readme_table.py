@@ -1,5 +1,5 @@
 """The README's performance tables, computed from benchmark CSVs: side-by-side ratios and the targets
-of issues 4, 5, 6 and 8 with "met" or "missed by X".
+of the README with "met" or "missed by X".
 
     python -m bench.readme_table bench/results/cpu-2core/ --targets cpu
     python -m bench.readme_table bench/results/nvidia-h100-80gb-hbm3/ --targets gpu
@@ -188,7 +188,7 @@ TARGETS: Dict[str, Tuple[Target, ...]] = {
         Target("faster than compiled (time ratio < 1)", CPU_LINEAR, _time_over(COMPILED), 1.0, True, "x"),
         Target("memory beyond inputs and their gradients <= 64 MiB", CPU_LINEAR, _extra_memory(_linear.gradient_bytes),
                64.0, True, " MiB"),
-        # The Qwen-size head (issue 15): N 1024, where eager and compiled fit, and N 8192, where they do not.
+        # The Qwen-size head: N 1024, where eager and compiled fit, and N 8192, where they do not.
         Target("N 1024, V 151936: time / GEMM floor <= 1.25x", CPU_QWEN_HEAD_1024, _time_over(ROOFLINE), 1.25, True, "x"),
         Target("N 1024, V 151936: faster than eager", CPU_QWEN_HEAD_1024, _time_over(EAGER), 1.0, True, "x"),
         Target("N 1024, V 151936: faster than compiled", CPU_QWEN_HEAD_1024, _time_over(COMPILED), 1.0, True, "x"),
@@ -337,7 +337,7 @@ def render(source, target_set: str) -> str:
     gpu = target_set == "gpu"
     info = results.machine()
     lines = ["Measured on " + "; ".join(f"{k}: {v}" for k, v in info.items()) + ".", "",
-             "Targets (issues 4, 5, 6, 8, 15):", ""]
+             "Targets:", ""]
     lines += targets_table(results, target_set)
     if target_set == "cpu":
         lines += qwen_head_lines(results)

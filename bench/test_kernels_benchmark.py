@@ -31,7 +31,7 @@ pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (th
 PROVIDERS = (CALIBRL, EAGER, COMPILED, LIGER)
 _LINEAR, _LOGITS, _TOKENS = "fused_linear_calibrl_loss", "fused_calibrl_loss", "token_logprobs"
 
-# Size sets: (kernel, dims, rounds). `cpu` holds the README's CPU target shapes (issue 15 included).
+# Size sets: (kernel, dims, rounds). `cpu` holds the README's CPU target shapes.
 SIZES: Dict[str, List[Tuple[str, Tuple[Tuple[str, int], ...], int]]] = {
     "tiny": [
         (_LINEAR, (("N", 16), ("D", 16), ("V", 96)), 3),
