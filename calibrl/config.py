@@ -46,6 +46,10 @@ class TrainConfig:
     reward_fn: Optional[str] = _field(None, "your verifier as 'package.module:function' (response, answer) -> Score "
                                             "or reward; default: calibrl.rewards.score_response. A sample it "
                                             "raises on scores 0 and is counted in reward_errors")
+    reward_format: str = _field("strict", "the built-in verifier: 'strict' (one <think> block then one <answer> block, "
+                                          "nothing else; a response cut at max_new_tokens fails the format and "
+                                          "scores 0, also with --reward-fn) or 'authors' (first <answer>, lazy "
+                                          "format match, truncation ignored: CALIBRL.md's reward parsing)")
     instruction: Optional[str] = _field(None, "text appended to every question; default: none for the tiny model, "
                                               "a <think>/<answer> format instruction for --model")
     # --- the tiny built-in model (ignored with --model)
@@ -91,6 +95,13 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints
     eval_every: int = _field(10, "greedy held-out evaluation every K RL steps (and after the warm start)")
     eval_batch_size: int = _field(128, "prompts per evaluation generate call of each process")
+    eval_samples: int = _field(8, "temperature-1 samples per held-out question: eval_sampled_* are their means; "
+                                  "> 1 adds eval_distinct_answers, >= 8 eval_pass_at_8")
+    eval_metrics: Optional[str] = _field(None, "extra held-out metrics as 'package.module:function' (response, answer) "
+                                               "-> {name: value}, logged as eval_<name> (greedy) and "
+                                               "eval_sampled_<name>")
+    diagnostics_every: int = _field(5, "log the guide regime (calibrl.diagnostics: z shares, guide / PG gradient "
+                                       "norms and cosine) every K RL steps (0: never)")
     save_every: int = _field(20, "checkpoint every K steps (also at the end and on Ctrl-C)")
     keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (oldest removed; 0 keeps all)")
     out: Optional[str] = _field(None, "run folder; default runs/<algo>-seed<seed>")
@@ -126,11 +137,11 @@ class TrainConfig:
         except (TypeError, ValueError) as error:
             raise ConfigError(f"loss: {error}") from error
         for name in ("sft_steps", "extra_sft_steps", "max_steps", "train_examples", "eval_examples", "warmup_steps",
-                     "micro_batch_rows", "threads", "keep_checkpoints"):
+                     "micro_batch_rows", "threads", "keep_checkpoints", "diagnostics_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         for name in ("sft_batch_size", "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "ppo_epochs",
-                     "mini_batches", "eval_every", "eval_batch_size", "save_every", "vocab_size"):
+                     "mini_batches", "eval_every", "eval_batch_size", "eval_samples", "save_every", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, got {getattr(self, name)}")
         if self.mini_batches > self.prompts_per_step:
@@ -140,6 +151,8 @@ class TrainConfig:
             raise ConfigError(f"mix_ratio: expected a number in [0, 1], got {self.mix_ratio}")
         if self.mixup_policy not in ("always", "pass"):
             raise ConfigError(f"mixup_policy: expected 'always' or 'pass', got {self.mixup_policy!r}")
+        if self.reward_format not in ("strict", "authors"):
+            raise ConfigError(f"reward_format: expected 'strict' or 'authors', got {self.reward_format!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype: expected 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
         if self.init_from and self.model:
@@ -177,7 +190,7 @@ QUICK_PRESET: Dict[str, Any] = dict(
 NOT_FLAGS = ("loss", "explicit")
 # Flags that may differ when resuming a run (they do not change what is computed).
 RESUME_SAFE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "progress", "device",
-               "threads", "resume", "out")
+               "threads", "resume", "out", "diagnostics_every")
 
 
 # ------------------------------------------------------------------------------------------------
