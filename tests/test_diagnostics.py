@@ -173,3 +173,40 @@ def test_guide_regime_skips_gradients_without_a_guide(policy):
     metrics = guide_regime(forward, batch, loss, 0, ONE)
     assert "guide_z_pos_passed" in metrics and "pg_grad_norm" not in metrics
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+# ------------------------------------------------------------------------------------------- trainer
+def test_trainer_logs_exploration_and_guide_regime(tmp_path):
+    from _train_helpers import all_finite, quick_run, rl_records
+
+    out = tmp_path / "run"
+    assert quick_run(out, "--max-steps", 3, "--diagnostics-every", 2, "--eval-samples", 8,
+                     "--eval-metrics", "calibrl.study.tasks:attribute_scores") == 0
+    records = rl_records(out)
+    for record in records:
+        assert all_finite(record) and record["response_entropy"] > 0 and set(record["format_failures"]) == \
+            {"truncated", "missing_think", "missing_answer", "extra_tags", "misordered", "text_before",
+             "text_between", "text_after"}
+        assert {"eval_pass_at_8", "eval_distinct_answers", "eval_color", "eval_sampled_shape"} <= set(record)
+    diagnosed = [r["step"] for r in records if "guide_grad_ratio" in r]
+    assert diagnosed == [1, 2]  # the first step, then every 2nd (scripted rewards: mixed groups)
+    assert all(0 < r["guide_grad_ratio"] and -1 <= r["guide_grad_cos"] <= 1 and r["guide_tokens"] > 0
+               for r in records if r["step"] in diagnosed)
+
+
+@pytest.mark.parametrize("flags, error", [(["--reward-format", "lenient"], "reward_format"),
+                                          (["--eval-samples", "0"], "eval_samples"),
+                                          (["--diagnostics-every", "-1"], "diagnostics_every")])
+def test_new_settings_are_checked_by_name(flags, error):
+    from calibrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=error):
+        parse_config(["--quick", *flags])
+
+
+def test_bad_eval_metrics_is_refused_by_name(tmp_path, capsys):
+    from calibrl.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(tmp_path / "bad"), "--eval-metrics", "not_a_module_xyz:f"])
+    assert exit_info.value.code == 2 and "eval_metrics: cannot load" in capsys.readouterr().err
