@@ -19,7 +19,8 @@ log-probs are the old ones, lp = lp_old, and every PPO ratio is 1):
   g_guide = the gradient of the full loss minus g_pg (= guide_coef x the guide term's gradient), each
   micro-batch weighted as in the update but the step's kept rows taken as ONE batch (not per mini-batch);
   summed over processes. ``guide_grad_ratio`` = |g_guide| / |g_pg|, ``guide_grad_cos`` = their cosine,
-  ``pg_grad_norm`` / ``guide_grad_norm`` (ratio and cosine are left out when either norm is 0). Computed with ``torch.autograd.grad``: the optimizer's
+  ``pg_grad_norm`` / ``guide_grad_norm`` (ratio and cosine are left out when either norm is 0). Computed
+  with ``torch.autograd.grad``: the optimizer's
   gradients are not touched and no random numbers are drawn, so a run's training is the same with and
   without diagnostics.
 """
@@ -65,8 +66,8 @@ def z_regime(batch: RolloutBatch, loss: CalibRLConfig, dist: distributed.DistInf
         local += [float(tokens.sum()), float((tokens & (z > 0)).sum()), float((tokens & (z < 0)).sum()),
                   float(gap[tokens].sum())]
     on_policy_tokens = float(((batch.response_mask > 0) & ~batch.is_expert[:, None]).sum())
-    total = distributed.all_reduce_sum(torch.tensor(local + [on_policy_tokens], dtype=torch.float64, device=dist.device),
-                                       dist).cpu().tolist()
+    local_sums = torch.tensor(local + [on_policy_tokens], dtype=torch.float64, device=dist.device)
+    total = distributed.all_reduce_sum(local_sums, dist).cpu().tolist()
     metrics: Dict[str, float] = {}
     for side, (count, positive, negative, gap_sum) in (("passed", total[0:4]), ("failed", total[4:8])):
         if count:  # left out when no guided token of that kind exists (no NaN in the record)

@@ -113,7 +113,8 @@ def test_z_regime_counts_each_side_of_the_bend():
         advantages=torch.tensor([0.5, -0.5, 0.0, 0.5]))
     metrics = z_regime(batch, CalibRLConfig(), ONE)
     # passed row: lp - b = +1, -1, +1.5 -> z = -1, +1, -1.5; failed row: lp - b = +1, -1 -> z = +1, -1
-    assert metrics["guide_z_pos_passed"] == pytest.approx(1 / 3) and metrics["guide_z_neg_passed"] == pytest.approx(2 / 3)
+    assert metrics["guide_z_pos_passed"] == pytest.approx(1 / 3)
+    assert metrics["guide_z_neg_passed"] == pytest.approx(2 / 3)
     assert metrics["guide_z_pos_failed"] == 0.5 and metrics["guide_z_neg_failed"] == 0.5
     assert metrics["guide_gap_passed"] == pytest.approx(0.5) and metrics["guide_gap_failed"] == 0.0
     assert metrics["guide_tokens"] == pytest.approx(5 / 8)  # the zero-advantage row's 3 tokens are not guided

@@ -124,7 +124,8 @@ def test_v2_grid_seeds_primer_and_one_learning_rate():
     seeds = {}
     for run in rl:
         seeds.setdefault(run.label, set()).add(run.seed)
-        assert run.depends_on == f"primer-seed{run.seed}" and _flag(run, "--init-from") == f"study/primer-seed{run.seed}"
+        assert run.depends_on == f"primer-seed{run.seed}"
+        assert _flag(run, "--init-from") == f"study/primer-seed{run.seed}"
         assert _flag(run, "--reward-format") == "strict" and _flag(run, "--eval-samples") == "8"
         assert _flag(run, "--eval-metrics") == "calibrl.study.tasks:attribute_scores"
         assert _flag(run, "--lr") == _flag(rl[0], "--lr")  # one learning rate for every algorithm
@@ -199,7 +200,7 @@ def test_v2_report_pairs_by_seed_and_counts_failed_runs(tmp_path):
     assert rows["grpo-seed0"]["collapsed"] == "1" and rows["calibrl-seed0"]["collapsed"] == "0"  # distinct answers
     assert float(rows["calibrl-seed0"]["guide_z_pos_passed"]) == pytest.approx(0.25)
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| calibrl | 2/3 | 1 / 1 |" in table  # finished / planned, format broken / crashed
+    assert "| calibrl | 2/3 | 1 / 1 |" in table  # finished / planned, format broken / no result
     # paired: +0.10 and +0.05 over the two seeds that finished (the failed one has no value to pair)
     assert paired_stats.paired([0.1, 0.05]).cell() in table
     assert "calibrl-seed2 (failed)" in table

@@ -32,7 +32,7 @@ FORMAT_BROKEN = 0.5  # final sampled in-domain format rate below this: the run b
 REFERENCE = "grpo"  # paired differences are taken to this configuration of the same seed
 SECTION_TITLES = {
     "main": "Algorithms (every run from its seed's warm start + primer; sft+grpo adds its SFT on the RL images)",
-    "activation": "Activation ablation of the guide term (calibrl; leaky_relu 0.5 is the calibrl row of the main table)",
+    "activation": "Activation ablation of the guide term (calibrl; leaky_relu 0.5 is the main table's calibrl row)",
     "slope": "Slope ablation of leaky_relu (calibrl; 0.5 is the calibrl row, 0 the relu row)",
     "baseline": "Expert-baseline variants (calibrl; position is the calibrl row)",
 }
@@ -135,15 +135,16 @@ def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
     groups = _groups(rows)
     reference = {int(r["seed"]): r for r in rows if r["label"] == REFERENCE and r["status"] == "done"}
     main = groups.get("main", {})
-    starts = [(f"RL start (every run but sft+grpo)", main.get("calibrl") or main.get(REFERENCE) or []),
+    starts = [("RL start (every run but sft+grpo)", main.get("calibrl") or main.get(REFERENCE) or []),
               ("sft+grpo after its SFT", main.get("sft+grpo", []))]
     start_keys = (("ID sampled", "start_id_sampled"), ("ID pass@8", "start_id_pass8"),
                   ("ID distinct answers", "start_id_distinct"), ("OOD pair", "start_ood_sampled"),
                   ("OOD colour", "start_ood_color"), ("OOD shape", "start_ood_shape"),
                   ("resp. entropy (first steps)", "response_entropy_start"))
-    lines += _table("Starting point (RL step 0; mean ± std over seeds)", ["start", "seeds"] + [h for h, _ in start_keys],
-                    [[name, str(len(_values(m, "start_id_sampled")))] + [_mean_std(_values(m, k)) for _, k in start_keys]
-                     for name, m in starts if m])
+    start_lines = [[name, str(len(_values(m, "start_id_sampled")))] + [_mean_std(_values(m, k)) for _, k in start_keys]
+                   for name, m in starts if m]
+    lines += _table("Starting point (RL step 0; mean ± std over seeds)",
+                    ["start", "seeds"] + [h for h, _ in start_keys], start_lines)
     for section, labels in groups.items():
         title = SECTION_TITLES.get(section, section)
         final_lines, paired_lines, regime_lines = [], [], []
@@ -152,7 +153,8 @@ def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
             broken = sum(int(m["format_broken"] == 1) for m in done)
             crashed = len(members) - len(done)
             collapsed = sum(int(m["collapsed"] == 1) for m in done)
-            final_lines.append([label, f"{len(done)}/{len(members)}", f"{broken} / {crashed}", f"{collapsed}/{len(done)}"]
+            counts = [f"{len(done)}/{len(members)}", f"{broken} / {crashed}", f"{collapsed}/{len(done)}"]
+            final_lines.append([label] + counts
                                + [_mean_std(_values(members, k)) for _, k in FINAL_COLUMNS]
                                + [_start_end(members, "response_entropy_start", "response_entropy_end"),
                                   _start_end(members, "start_id_distinct", "final_id_distinct")])
@@ -162,8 +164,9 @@ def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
                                                for _, k in PAIRED_COLUMNS])
             regime_lines.append([label] + [_mean_std(_values(members, k)) for _, k in REGIME_COLUMNS])
         lines += _table(f"{title}: final values (mean ± std over finished runs)",
-                        ["run", "finished", "failed: format broken / crashed", "collapsed"]
-                        + [h for h, _ in FINAL_COLUMNS] + ["resp. entropy start -> end", "distinct answers start -> end"],
+                        ["run", "finished", "failed: format broken / no result", "collapsed"]
+                        + [h for h, _ in FINAL_COLUMNS]
+                        + ["resp. entropy start -> end", "distinct answers start -> end"],
                         final_lines)
         if paired_lines and reference:
             lines += _table(f"{title}: difference to {REFERENCE} of the same seed (mean [95% t interval] sign counts)",
