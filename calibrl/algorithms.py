@@ -81,11 +81,12 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 
 def response_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(R, T) log-probs of targets (R, T) (0 where IGNORE_INDEX) from hidden (R, T, D) and the head (V, D)."""
+                      targets: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False):
+    """(R, T) log-probs of targets (R, T) (0 where IGNORE_INDEX) from hidden (R, T, D) and the head (V, D)
+    [and the (R, T) entropy at each position, 0 where IGNORE_INDEX]."""
     return ck.linear_token_logprobs(
         hidden, weight.to(hidden.dtype), targets, bias=None if bias is None else bias.to(hidden.dtype),
-        temperature=temperature, ignore_index=IGNORE_INDEX,
+        temperature=temperature, ignore_index=IGNORE_INDEX, return_entropy=return_entropy,
     )
 
 

@@ -53,6 +53,10 @@ class TrainConfig:
     reward_fn: Optional[str] = _field(None, "your verifier as 'package.module:function' (response, answer) -> Score "
                                             "or reward; default: calibrl.rewards.score_response. A sample it "
                                             "raises on scores 0 and is counted in reward_errors")
+    reward_format: str = _field("strict", "the built-in verifier: 'strict' (one <think> block then one <answer> block, "
+                                          "nothing else; a response cut at max_new_tokens fails the format and "
+                                          "scores 0, also with --reward-fn) or 'authors' (first <answer>, lazy "
+                                          "format match, truncation ignored: CALIBRL.md's reward parsing)")
     instruction: Optional[str] = _field(None, "text appended to every question; default: none for the tiny model, "
                                               "a <think>/<answer> format instruction for --model")
     # --- the tiny built-in model (ignored with --model)
@@ -98,6 +102,13 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints
     eval_every: int = _field(10, "greedy held-out evaluation every K RL steps (and after the warm start)")
     eval_batch_size: int = _field(128, "prompts per evaluation generate call of each process")
+    eval_samples: int = _field(1, "temperature-1 samples per held-out question: eval_sampled_* are their means; "
+                                  "> 1 adds eval_distinct_answers, >= 8 eval_pass_at_8 (the study uses 8)")
+    eval_metrics: Optional[str] = _field(None, "extra held-out metrics as 'package.module:function' (response, answer) "
+                                               "-> {name: value}, logged as eval_<name> (greedy) and "
+                                               "eval_sampled_<name>")
+    diagnostics_every: int = _field(5, "log the guide regime (calibrl.diagnostics: z shares, guide / PG gradient "
+                                       "norms and cosine) every K RL steps (0: never)")
     save_every: int = _field(20, "checkpoint every K steps (also at the end and on Ctrl-C)")
     keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (oldest removed; 0 keeps all)")
     out: Optional[str] = _field(None, "run folder; default runs/<algo>-seed<seed>")
@@ -154,6 +165,8 @@ class TrainConfig:
                               f"got {self.pass_ratio_low}")
         if self.mixup_policy not in ("always", "pass"):
             raise ConfigError(f"mixup_policy: expected 'always' or 'pass', got {self.mixup_policy!r}")
+        if self.reward_format not in ("strict", "authors"):
+            raise ConfigError(f"reward_format: expected 'strict' or 'authors', got {self.reward_format!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"dtype: expected 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
         if self.init_from and self.model:
@@ -184,11 +197,13 @@ class TrainConfig:
 # Allowed values of every numeric field: (lowest, highest or None); ints for integer fields.
 NUMERIC_RANGES: Dict[str, Tuple[Any, Any]] = {
     **{name: (0, None) for name in ("train_examples", "eval_examples", "sft_steps", "extra_sft_steps", "max_steps",
-                                    "warmup_steps", "micro_batch_rows", "keep_checkpoints", "threads")},
+                                    "warmup_steps", "micro_batch_rows", "keep_checkpoints", "threads",
+                                    "diagnostics_every")},
     **{name: (1, None) for name in ("image_size", "patch_size", "vision_dim", "vision_depth", "hidden_size",
                                     "num_layers", "num_heads", "mlp_ratio", "vocab_size", "sft_batch_size",
                                     "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "ppo_epochs",
-                                    "mini_batches", "eval_every", "eval_batch_size", "save_every", "max_bad_steps")},
+                                    "mini_batches", "eval_every", "eval_batch_size", "eval_samples", "save_every",
+                                    "max_bad_steps")},
     "seed": (0, 2**31 - 1),  # numpy seeds the processes with seed + 1000 * rank, below 2**32
     **{name: (0.0, None) for name in ("sft_lr", "lr", "weight_decay", "grad_clip")},
     **{name: (0.0, 1.0) for name in ("mix_ratio", "pass_ratio_low", "pass_ratio_high")},
@@ -266,7 +281,7 @@ QUICK_PRESET: Dict[str, Any] = dict(
 NOT_FLAGS = ("loss", "explicit")
 # Flags that may differ when resuming a run (they do not change what is computed).
 RESUME_SAFE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "progress", "device",
-               "threads", "resume", "out", "max_bad_steps", "skip_bad_rows",
+               "threads", "resume", "out", "max_bad_steps", "skip_bad_rows", "diagnostics_every",
                "data", "eval_data", "ood_eval_data")  # changed data is checked against the run's (calibrl.data)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .algorithms import IGNORE_INDEX, response_logprobs
 from .model import Policy, PolicyForward, PromptBatch
-from .rewards import Score, score_response
+from .rewards import Score, score_all, score_response
 
 
 @dataclasses.dataclass
@@ -35,6 +35,7 @@ class RolloutBatch:
     passed: Optional[torch.Tensor] = None  # (B,) bool the row's reward passes (it is correct)
     baseline: Optional[torch.Tensor] = None  # (B, T) float32 expert baseline b of the row's group
     baseline_mask: Optional[torch.Tensor] = None  # (B, T) bool the group's expert token mask
+    token_entropy: Optional[torch.Tensor] = None  # (B, T) float32 entropy of the sampling policy, 0 on padding
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -115,6 +116,11 @@ def _cut_at_stop(tokens: List[int], stop_ids: Sequence[int], end_id: int) -> Lis
     return tokens
 
 
+def was_truncated(tokens: Sequence[int], end_token_id: int) -> bool:
+    """True when a sampled response (as ``generate`` returns it) was cut at max_new_tokens: no end token."""
+    return not tokens or tokens[-1] != end_token_id
+
+
 def collate_responses(rows: List[List[int]], pad_id: int):
     """Right-padded (B, T) ids and (B, T) float mask of token lists."""
     width = max(1, max(len(r) for r in rows))
@@ -128,8 +134,10 @@ def collate_responses(rows: List[List[int]], pad_id: int):
 
 def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int], rollouts_per_prompt: int,
                      max_new_tokens: int, temperature: float,
-                     scorer: Callable[[str, str], Score] = score_response) -> RolloutBatch:
-    """P prompts x (n sampled rows + 1 expert row), scored by ``scorer`` (response, truth) -> Score."""
+                     scorer: Callable[[str, str], Score] = score_response,
+                     truncation_fails: bool = True) -> RolloutBatch:
+    """P prompts x (n sampled rows + 1 expert row), scored by ``scorer`` (response, truth) -> Score; with
+    ``truncation_fails`` a row cut at max_new_tokens scores 0 (a format failure, see ``rewards.score_all``)."""
     prompts = policy.encode_prompts(examples)
     num_prompts, n = len(examples), rollouts_per_prompt
     sample_index = torch.arange(num_prompts).repeat_interleave(n)  # (P * n,)
@@ -139,7 +147,7 @@ def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int
         for k in range(n):
             tokens = sampled[p * n + k]
             rows.append(tokens)
-            truncated.append(not tokens or tokens[-1] != policy.end_token_id)
+            truncated.append(was_truncated(tokens, policy.end_token_id))
         rows.append(policy.encode_response(example.expert))
         truncated.append(False)
         prompt_index += [p] * (n + 1)
@@ -147,7 +155,8 @@ def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int
     response_ids, response_mask = collate_responses(rows, policy.pad_token_id)
     texts = [policy.decode_response(r) for r in rows]
     answers = [examples[p].answer for p in prompt_index]
-    scores = torch.tensor([tuple(scorer(t, a)) for t, a in zip(texts, answers)], dtype=torch.float32)  # (B, 3)
+    scores = torch.tensor([tuple(s) for s in score_all(scorer, texts, answers, truncated, truncation_fails)],
+                          dtype=torch.float32)  # (B, 3)
     return RolloutBatch(
         prompts=prompts,
         prompt_index=torch.tensor(prompt_index, dtype=torch.long),
@@ -165,20 +174,25 @@ def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int
 
 @torch.no_grad()
 def old_logprobs(forward: PolicyForward, batch: RolloutBatch, temperature: float,
-                 micro_batch_rows: int) -> torch.Tensor:
-    """(B, T) float32 log-probs of the response tokens under the current policy, 0 on padding.
+                 micro_batch_rows: int, return_entropy: bool = False):
+    """(B, T) float32 log-probs of the response tokens under the current policy, 0 on padding [and the
+    (B, T) float32 entropy of the policy at each response position, 0 on padding].
 
     Computed from the final hidden states with ``linear_token_logprobs``: no (B, T, V) logits. The
-    forward pass runs under the policy's precision, like the sampling and the update.
+    forward pass runs under the policy's precision, like the sampling and the update. Asking for the
+    entropy leaves the log-probs unchanged (the same pass over the vocabulary).
     """
     policy = forward.policy[0]
     device = policy.device
     step = micro_batch_rows or len(batch)
-    parts = []
+    logps, entropies = [], []
     for start in range(0, len(batch), step):
         rows = torch.arange(start, min(start + step, len(batch)))
         micro = batch.select(rows)
         hidden, weight, bias = forward(**micro.forward_inputs(device))  # (R, T, D), (V, D)
-        logp = response_logprobs(hidden, weight, bias, micro.targets().to(device), temperature)  # (R, T)
-        parts.append(logp.float().cpu())
-    return torch.cat(parts)
+        out = response_logprobs(hidden, weight, bias, micro.targets().to(device), temperature,
+                                return_entropy=return_entropy)  # (R, T) [, (R, T)]
+        logps.append((out[0] if return_entropy else out).float().cpu())
+        if return_entropy:
+            entropies.append(out[1].float().cpu())
+    return (torch.cat(logps), torch.cat(entropies)) if return_entropy else torch.cat(logps)

@@ -22,10 +22,12 @@ import torch
 from . import algorithms, checkpoint, distributed
 from .config import ConfigError, TrainConfig, build_parser, config_from_dict, merge_resume, parse_config
 from .data import DataRows, PromptSampler, RowError, changed_rows, load_eval_rows, load_rows
+from .diagnostics import guide_regime
 from .evaluate import evaluate
+from .exploration import rollout_exploration
 from .logging import RunLogger, peak_memory_mb, reset_peak_memory, rollout_metrics, start_run_dir, truncate_run
 from .model import Policy, PolicyForward, build_tiny_policy, load_policy
-from .rewards import GuardedScorer, load_reward_fn
+from .rewards import GuardedScorer, load_function, load_reward_fn
 from .rollout import RolloutBatch, collate_responses, collect_rollouts, old_logprobs, response_targets, sequence_inputs
 from .run_lock import RunLock
 from .step_guard import NonFiniteGuard, TooManyBadSteps, nonfinite_tensors
@@ -69,9 +71,12 @@ class Trainer:
         checkpoint.seed_everything(cfg.seed + 1000 * dist.rank)
         self.data = self._load_data()  # {setting: DataRows}, each line checked (UTF-8, JSON, fields, image file)
         try:
-            self.scorer = GuardedScorer(load_reward_fn(cfg.reward_fn))
+            self.scorer = GuardedScorer(load_reward_fn(cfg.reward_fn, cfg.reward_format))
+            extra = load_function(cfg.eval_metrics, "eval_metrics") if cfg.eval_metrics else None
         except ValueError as error:
             raise ConfigError(str(error)) from error
+        self.truncation_fails = cfg.reward_format == "strict"  # a response cut at max_new_tokens scores 0
+        self.eval_options = dict(samples=cfg.eval_samples, truncation_fails=self.truncation_fails, extra_metrics=extra)
         self.algorithm = algorithms.make_algorithm(cfg.algo, cfg.loss)
         self.loss_cfg = self.algorithm.loss
         self.policy = self._build_policy(resumed is not None)
@@ -356,11 +361,12 @@ class Trainer:
         if not self.eval_examples:
             return {}
         results, samples = evaluate(self.policy, self.eval_examples, self.cfg.max_new_tokens,
-                                    self.cfg.eval_batch_size, self.loss_cfg.temperature, self.dist, self.scorer)
+                                    self.cfg.eval_batch_size, self.loss_cfg.temperature, self.dist, self.scorer,
+                                    **self.eval_options)
         logger.samples(self.phase, self.step, samples)
         if self.ood_examples:
             ood, _ = evaluate(self.policy, self.ood_examples, self.cfg.max_new_tokens, self.cfg.eval_batch_size,
-                              self.loss_cfg.temperature, self.dist, self.scorer)
+                              self.loss_cfg.temperature, self.dist, self.scorer, **self.eval_options)
             results.update({f"ood_{key}": value for key, value in ood.items()})
         return results
 
@@ -426,18 +432,25 @@ class Trainer:
         first_group = dist.rank * len(mine)  # group ids are positions in the step's global prompt list
         batch = collect_rollouts(self.policy, [self.train_examples[i] for i in mine],
                                  list(range(first_group, first_group + len(mine))), cfg.rollouts_per_prompt,
-                                 cfg.max_new_tokens, self.loss_cfg.temperature, self.scorer)  # B = P_local * (n + 1)
+                                 cfg.max_new_tokens, self.loss_cfg.temperature, self.scorer,
+                                 self.truncation_fails)  # B = P_local * (n + 1)
         rollout_time = time.time() - started
-        batch.old_logp = old_logprobs(self.forward, batch, self.loss_cfg.temperature, cfg.micro_batch_rows)  # (B, T)
+        batch.old_logp, batch.token_entropy = old_logprobs(self.forward, batch, self.loss_cfg.temperature,
+                                                           cfg.micro_batch_rows, return_entropy=True)  # (B, T) each
         pass_rate, local_pass_rate, local_group_index = self._group_statistics(batch)
         # b (B, T) from the expert rows' old log-probs, before any expert row is dropped
         batch.baseline, batch.baseline_mask = algorithms.expert_baseline(
             batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, self.loss_cfg)
         keep = algorithms.expert_keep_mask(local_group_index, batch.is_expert, local_pass_rate, cfg.mixup_policy,
                                            cfg.mix_ratio, cfg.pass_ratio_low, cfg.pass_ratio_high)  # (B,)
-        update = self.update(batch.select(keep.nonzero().squeeze(1)))
+        kept = batch.select(keep.nonzero().squeeze(1))
+        every = cfg.diagnostics_every
+        regime = guide_regime(self.forward, kept, self.loss_cfg, cfg.micro_batch_rows, dist) \
+            if every and (self.step == 1 or self.step % every == 0) else {}  # before the update: lp = lp_old
+        update = self.update(kept)
         elapsed = time.time() - started
-        record = {"phase": "rl", "step": self.step, **rollout_metrics(batch, pass_rate, keep, dist), **update}
+        record = {"phase": "rl", "step": self.step, **rollout_metrics(batch, pass_rate, keep, dist),
+                  **rollout_exploration(batch, self.policy.decode_response, dist), **regime, **update}
         record.update(step_time=elapsed, rollout_time=rollout_time, lr=self.last_lr,
                       tokens_per_s=record["sampled_tokens"] / elapsed, peak_memory_mb=peak_memory_mb(dist.device),
                       skipped_updates=self.guard.end_step())

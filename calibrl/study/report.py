@@ -162,8 +162,10 @@ PANELS = (("eval_sampled_accuracy", "in-domain accuracy (1 sample, T=1)", True),
           ("entropy", "entropy of on-policy rows (nats/token, 5-step mean)", False))
 
 
-def plot_section(groups: Dict[str, List[Dict[str, object]]], study_dir: str, title: str, path: str) -> None:
-    """One figure: a panel per metric, a line per label (mean over seeds), shaded +- one std."""
+def plot_section(groups: Dict[str, List[Dict[str, object]]], study_dir: str, title: str, path: str,
+                 panels: Sequence = PANELS) -> None:
+    """One figure: a panel per metric (five of (key, title, evaluation only)), a line per label (mean over
+    seeds), shaded +- one std."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,7 +177,7 @@ def plot_section(groups: Dict[str, List[Dict[str, object]]], study_dir: str, tit
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (label, members) in enumerate(groups.items()):
         color = colors[k % len(colors)]
-        for ax, (key, panel_title, eval_only) in zip(axes, PANELS):
+        for ax, (key, panel_title, eval_only) in zip(axes, panels):
             series = [_series(os.path.join(study_dir, str(m["name"])), key, eval_only) for m in members]
             steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
             if not steps:

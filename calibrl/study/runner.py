@@ -15,16 +15,32 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from .. import checkpoint
 from .grid import Run
 
 DONE_FILE = "study_done.json"
+FAILED_FILE = "study_failed.json"  # the last attempt's error (removed when the run finishes)
 
 
 def is_done(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, DONE_FILE))
+
+
+def failure_message(run_dir: str) -> Optional[str]:
+    """The error of the run's last failed attempt, or None."""
+    path = os.path.join(run_dir, FAILED_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)["error"]
+
+
+def _record_failure(run: Run, run_dir: str, error: str) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, FAILED_FILE), "w", encoding="utf-8") as handle:
+        json.dump({"name": run.name, "error": error}, handle, indent=2)
 
 
 def _command(run: Run, run_dir: str) -> List[str]:
@@ -49,6 +65,8 @@ def _execute(run: Run, run_dir: str) -> float:
         raise RuntimeError(f"{run.name}: calibrl.train exited with status {code}; see {run_dir}/train.log")
     with open(os.path.join(run_dir, DONE_FILE), "w", encoding="utf-8") as handle:
         json.dump({"name": run.name, "wall_s": elapsed, "command": command}, handle, indent=2)
+    if os.path.isfile(os.path.join(run_dir, FAILED_FILE)):
+        os.remove(os.path.join(run_dir, FAILED_FILE))
     return elapsed
 
 
@@ -74,11 +92,12 @@ def run_all(runs: Sequence[Run], study_dir: str, jobs: int, progress: bool = Tru
             if run.depends_on is not None:
                 finished[run.depends_on].wait()
                 if status.get(run.depends_on) not in ("done", "skipped"):
-                    raise RuntimeError(f"{run.name}: its warm start {run.depends_on} failed")
+                    raise RuntimeError(f"{run.name}: {run.depends_on}, which it starts from, failed")
             _execute(run, os.path.join(study_dir, run.name))
             result = "done"
-        except Exception as error:  # reported, and the other runs go on
+        except Exception as error:  # reported (and kept for the report), and the other runs go on
             result = str(error)
+            _record_failure(run, os.path.join(study_dir, run.name), result)
         with lock:
             status[run.name] = result
             bar.update(1)

@@ -10,6 +10,9 @@ out-of-domain (OOD) evaluation, where the right answer is a colour-shape pair th
   expert traces;
 - RL (``rl.jsonl``): the odd-id in-domain training images (disjoint from the warm start), the compositional
   question only, each with an expert trace ``<think>i see a red circle.</think><answer>red circle</answer>``;
+- expert traces on the warm start's images (``warmstart_traces.jsonl``): the even-id images' compositional
+  question with the expert-trace target; the second study's short primer on them puts the expert's
+  reasoning within the policy's reach without showing it any RL image;
 - evaluation: the compositional question on the test images, in-domain (``eval_id.jsonl``) and OOD
   (``eval_ood.jsonl``).
 The answer space of the compositional question is 24 pairs (chance 1/24), so accuracy is far from saturated.
@@ -23,6 +26,7 @@ from typing import Dict, List
 
 from ..data import Example
 from ..data.easyvqa import COLORS, SHAPES, easyvqa_images
+from ..rewards import normalize_answer, strict_answer
 
 HELD_OUT = (("circle", "red"), ("circle", "teal"), ("rectangle", "blue"), ("rectangle", "yellow"),
             ("triangle", "green"), ("triangle", "brown"))  # (shape, colour) pairs never trained on
@@ -54,6 +58,7 @@ def study_splits() -> Dict[str, List[Example]]:
     test = easyvqa_images("test")
     return {
         "warmstart": warm_examples,
+        "warmstart_traces": [compositional(im) for im in warm],
         "rl": [compositional(im) for im in rl],
         "eval_id": [compositional(im) for im in test if (im.shape, im.color) not in held_out],
         "eval_ood": [compositional(im) for im in test if (im.shape, im.color) in held_out],
@@ -74,3 +79,19 @@ def write_splits(folder: str) -> Dict[str, str]:
         paths[name] = path
     return paths
 
+
+def attribute_scores(response: str, truth: str) -> Dict[str, float]:
+    """Colour and shape scored separately (the trainer's ``--eval-metrics``; logged as eval_color /
+    eval_shape and their sampled twins): 1 when the answer (read like the strict reward: the single answer
+    block of a well-formed response) names exactly one colour and it is the truth's, likewise the shape.
+    The pair itself is the accuracy. On held-out pairs these rank policies even where every pair answer
+    is wrong (RL on the 18 trained pairs takes probability away from the 6 never rewarded)."""
+    answer = strict_answer(response)
+    words = normalize_answer(answer).split() if answer is not None else []
+    truth_words = normalize_answer(truth).split()
+    scores = {}
+    for name, vocabulary in (("color", COLORS), ("shape", SHAPES)):
+        named = [w for w in words if w in vocabulary]
+        expected = [w for w in truth_words if w in vocabulary]
+        scores[name] = float(len(named) == 1 and named == expected)
+    return scores
