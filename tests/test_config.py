@@ -80,11 +80,11 @@ def test_algorithm_presets(algo, mode, norm, agg):
 # refused. A new numeric field must be added to one of the two sets.
 ZERO_ALLOWED = {"train_examples", "eval_examples", "sft_steps", "extra_sft_steps", "max_steps", "warmup_steps",
                 "micro_batch_rows", "keep_checkpoints", "threads", "seed", "weight_decay", "grad_clip", "mix_ratio",
-                "pass_ratio_low", "pass_ratio_high"}
+                "pass_ratio_low", "pass_ratio_high", "diagnostics_every"}
 ZERO_REFUSED = {"image_size", "patch_size", "vision_dim", "vision_depth", "hidden_size", "num_layers", "num_heads",
                 "mlp_ratio", "vocab_size", "sft_batch_size", "sft_lr", "prompts_per_step", "rollouts_per_prompt",
                 "max_new_tokens", "lr", "ppo_epochs", "mini_batches", "eval_every", "eval_batch_size", "save_every",
-                "max_bad_steps"}
+                "max_bad_steps", "eval_samples"}
 
 
 def _numeric_fields():

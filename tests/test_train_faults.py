@@ -36,7 +36,10 @@ def test_poisoned_steps_are_skipped_never_checkpointed_and_the_run_resumes(tmp_p
     out = tmp_path / "poisoned"
     _overflow_reward.POISON[0] = True
     try:
-        code = main([*FLAGS, "--out", str(out), "--reward-fn", "_overflow_reward:score", "--max-steps", "4",
+        # the authors' format: the quick model's responses are all truncated, which the strict format scores 0
+        # without calling the verifier
+        code = main([*FLAGS, "--out", str(out), "--reward-fn", "_overflow_reward:score", "--reward-format", "authors",
+                     "--max-steps", "4",
                      "--max-bad-steps", "2", "--keep-checkpoints", "0"])
     finally:
         _overflow_reward.POISON[0] = False
