@@ -1,8 +1,9 @@
-"""The README's plain-PyTorch snippets run as written, on a tiny Qwen2 model, and agree with each other.
+"""The documented plain-PyTorch snippets run as written, on a tiny Qwen2 model, and agree with each other.
 
-The snippets are read from README.md (the ```python blocks of the "Plain PyTorch" paragraph), so an edit
-that breaks them fails here. The inputs are a real batch: 2 prompts x (3 sampled rows + 1 expert row),
-old log-probs from the model itself, padded responses.
+The snippets are read from docs/getting-started.md (the ```python blocks of the "Plain PyTorch" paragraph),
+and README.md's example must be the first of them, so an edit that breaks either fails here. The inputs are
+a real batch: 2 prompts x (3 sampled rows + 1 expert row), old log-probs from the model itself, padded
+responses.
 """
 
 from __future__ import annotations
@@ -19,16 +20,33 @@ pytest.importorskip("transformers", reason="the README snippets use a transforme
 import calibrl_kernels as ck  # noqa: E402
 from _tiny_models import tiny_causal_lm  # noqa: E402
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+GETTING_STARTED = ROOT / "docs" / "getting-started.md"
+SNIPPETS_END = "<!-- end of the plain-PyTorch snippets -->"
+README_EXAMPLE = "<!-- readme-example:"
 
 
 def plain_pytorch_snippets():
-    """The ```python blocks between '**Plain PyTorch**' and '**TRL**' in README.md."""
-    text = README.read_text()
-    start, end = text.index("**Plain PyTorch**"), text.index("**TRL**")
+    """The ```python blocks between '**Plain PyTorch**' and the end marker in docs/getting-started.md."""
+    text = GETTING_STARTED.read_text()
+    start, end = text.index("**Plain PyTorch**"), text.index(SNIPPETS_END)
     blocks = re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
     assert len(blocks) == 2, f"expected the two plain-PyTorch snippets, found {len(blocks)}"
     return blocks
+
+
+def readme_example():
+    """The ```python block right after the readme-example marker in README.md."""
+    text = README.read_text()
+    match = re.compile(r"```python\n(.*?)```", flags=re.S).search(text, text.index(README_EXAMPLE))
+    assert match, "README.md: no ```python block after the readme-example marker"
+    return match.group(1)
+
+
+def test_readme_example_is_the_first_documented_snippet():
+    first, _ = plain_pytorch_snippets()
+    assert readme_example() == first
 
 
 def snippet_inputs(seed: int = 0):
