@@ -1,14 +1,11 @@
 """The one timing harness of bench/: interleaved timing, peak memory, long-format CSV.
 
-Timing: every provider of one measurement (and the roofline's probe) is warmed up, measured for
-peak memory, then timed in rounds, one call of each per round, so that a load change on a shared
-machine hits all of them alike. On CUDA each round's value is ``triton.testing.do_bench``'s median
-of one provider; on CPU it is one call timed with ``time.perf_counter``. We report p20 / p50 / p80.
-
-Peak memory of one call, above the allocation before it: on CUDA ``max_memory_allocated``; on CPU
-(Linux) the resident-set high-water mark (``VmHWM`` after writing "5" to ``/proc/self/clear_refs``),
-with glibc told to hand every block of 64 KiB or more to ``mmap`` during the call so that freed heap
-memory is not silently reused; outside the measurement glibc's threshold is fixed at 32 MiB.
+Every provider of a measurement (and the roofline's probe) is warmed up, measured for peak memory, then
+timed in rounds, one call of each per round, so a load change on a shared machine hits all alike. A
+round is ``triton.testing.do_bench``'s median on CUDA, one ``perf_counter``-timed call on CPU; rows
+hold p20 / p50 / p80. Peak memory above the allocation before the call: ``max_memory_allocated`` on
+CUDA; on CPU (Linux) the resident-set high-water mark (``VmHWM``, reset through ``clear_refs``) with
+glibc made to map every block of 64 KiB or more, so that no freed heap memory is silently reused.
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -101,55 +99,39 @@ def release(device: torch.device) -> None:
 
 def percentiles(values: Sequence[float]) -> tuple:
     """(p20, p50, p80), linearly interpolated; NaNs for no values."""
-    data = sorted(v for v in values if not math.isnan(v))
-    if not data:
-        return (math.nan,) * 3
-
-    def at(q: float) -> float:
-        position = q * (len(data) - 1)
-        low = int(position)
-        high = min(low + 1, len(data) - 1)
-        return data[low] + (data[high] - data[low]) * (position - low)
-
-    return (at(0.2), at(0.5), at(0.8))
+    data = [v for v in values if not math.isnan(v)]
+    if len(data) < 2:
+        return (data[0] if data else math.nan,) * 3
+    quintiles = statistics.quantiles(data, n=5, method="inclusive")
+    return (quintiles[0], statistics.median(data), quintiles[3])
 
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory
 # ---------------------------------------------------------------------------------------------
-class _Glibc:
-    """glibc's mmap / trim thresholds (mallopt); no-ops where glibc is absent."""
-
-    MMAP, TRIM, EXACT, STEADY = -3, -1, 64 * 1024, 32 * 2**20
-
-    def __init__(self) -> None:
-        name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(name) if name else None
-        self.libc = libc if libc is not None and hasattr(libc, "mallopt") else None
-        self.set(self.STEADY)
-
-    def set(self, threshold: int) -> None:
-        if self.libc is not None:
-            self.libc.mallopt(self.MMAP, threshold)
-            self.libc.mallopt(self.TRIM, threshold if threshold == self.EXACT else 2 * threshold)
-            if threshold == self.EXACT:
-                self.libc.malloc_trim(0)
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if os.name == "posix" else None
+_EXACT, _STEADY = 64 * 1024, 32 * 2**20  # glibc mmap thresholds during / outside a CPU memory measurement
 
 
-_GLIBC: Optional[_Glibc] = None
+def _malloc_threshold(threshold: int) -> None:
+    """Blocks of ``threshold`` bytes or more get their own mapping, returned to the system when freed."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        _LIBC.mallopt(-1, threshold if threshold == _EXACT else 2 * threshold)  # M_TRIM_THRESHOLD
+        if threshold == _EXACT:
+            _LIBC.malloc_trim(0)
+
+
+_malloc_threshold(_STEADY)  # fixed for the whole run, so that timings do not depend on the measurement order
 
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def peak_bytes(call: Callable[[], object], device: torch.device) -> float:
     """Peak bytes allocated during one call above the allocation before it (NaN where unmeasurable)."""
-    global _GLIBC
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
@@ -160,19 +142,17 @@ def peak_bytes(call: Callable[[], object], device: torch.device) -> float:
         del result
         return float(torch.cuda.max_memory_allocated(device) - before)
     try:
-        _GLIBC = _GLIBC or _Glibc()
-        _GLIBC.set(_GLIBC.EXACT)
+        _malloc_threshold(_EXACT)
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # VmHWM := VmRSS
         before = _status_kib("VmRSS")
         result = call()
         peak = _status_kib("VmHWM") - before
         del result
-    except OSError:  # not Linux, or /proc is read-only
+    except (OSError, StopIteration):  # not Linux, or /proc is read-only
         return math.nan
     finally:
-        if _GLIBC is not None:
-            _GLIBC.set(_GLIBC.STEADY)
+        _malloc_threshold(_STEADY)
     return float(max(peak, 0) * 1024)
 
 

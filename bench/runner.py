@@ -270,7 +270,7 @@ def run_suite(suite_name: str, ops: Sequence[Op], options: argparse.Namespace) -
 
 
 def parser(prog: str, ops: Sequence[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Benchmark calibrl_kernels' ops side by side (CSV, PNG, tables).")
+    p = argparse.ArgumentParser(prog=prog, description="Benchmark calibrl_kernels' ops side by side.")
     p.add_argument("--suite", choices=sorted(SUITES), default="tiny")
     p.add_argument("--ops", nargs="+", choices=ops, default=None, help="only these ops (default: every one)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, auto (default: the suite's)")
@@ -290,7 +290,8 @@ def parser(prog: str, ops: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None, only: Optional[str] = None) -> int:
     ops = all_ops()
-    options = parser("python -m bench" if only is None else f"python -m bench.bench_{only}", sorted(ops)).parse_args(argv)
+    prog = "python -m bench" if only is None else f"python -m bench.bench_{only}"
+    options = parser(prog, sorted(ops)).parse_args(argv)
     chosen = [ops[only]] if only else [op for name, op in ops.items() if not options.ops or name in options.ops]
     if only:
         options.no_train = True

@@ -45,7 +45,8 @@ def render(source) -> str:
         else:
             floor, mine = at.get(("roofline", "speed"), math.nan), at.get(("calibrl", "speed"), math.nan)
             lines += [f"**{kernel}, {mode}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**", "",
-                      "| provider | ms p50 | / roofline | / calibrl | peak above inputs (MiB) |", "|---|---|---|---|---|"]
+                      "| provider | ms p50 | / roofline | / calibrl | peak above inputs (MiB) |",
+                      "|---|---|---|---|---|"]
             for p in providers:
                 time, memory = at.get((p, "speed"), math.nan), at.get((p, "memory"), math.nan)
                 lines.append(f"| {p} | {_fmt(time)} | {_fmt(time / floor)} | {_fmt(time / mine)} | {_fmt(memory)} |")

@@ -143,7 +143,8 @@ def test_providers_compute_the_same_loss(impl):
     torch.testing.assert_close(OPS["group_advantages"].calibrl(scores), OPS["group_advantages"].eager(scores))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Liger's Triton kernels under the interpreter")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs Liger's Triton kernels under the interpreter")
 def test_liger_logits_providers_run_under_the_triton_interpreter():
     """The GPU-only Liger calls (cross-entropy, GRPO loss on logits) have the right signatures: checked
     on CPU tensors through Triton's interpreter, as if on CUDA."""
@@ -170,7 +171,8 @@ def test_failed_provider_is_recorded_not_raised(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     out = runner.run_suite("tiny", [OPS["group_advantages"]],
-                           options(tmp_path, "--compiled", "--providers", "compiled", "eager", "--no-plot", "--no-table"))
+                           options(tmp_path, "--compiled", "--providers", "compiled", "eager", "--no-plot",
+                                   "--no-table"))
     rows = check_well_formed(out / "kernels.csv")
     compiled = [row for row in rows if row["provider"] == "compiled" and row["metric"] == "speed"]
     assert compiled and all(math.isnan(float(row["p50"])) for row in compiled)
@@ -181,7 +183,8 @@ def test_failed_provider_is_recorded_not_raised(tmp_path, monkeypatch):
 
 def test_memory_guard_does_not_run_providers_that_materialise_logits(tmp_path):
     out = runner.run_suite("tiny", [OPS["fused_calibrl_loss"]], options(
-        tmp_path, "--mem-cap-gib", "1e-9", "--providers", "calibrl", "calibrl-torch", "eager", "--no-plot", "--no-table"))
+        tmp_path, "--mem-cap-gib", "1e-9", "--providers", "calibrl", "calibrl-torch", "eager", "--no-plot",
+        "--no-table"))
     rows = check_well_formed(out / "kernels.csv")
     guarded = [row for row in rows if row["provider"] in ("calibrl-torch", "eager")]
     assert guarded and all(math.isnan(float(row["p50"])) for row in guarded)  # the torch backend and eager materialise
@@ -198,7 +201,8 @@ def test_cpu_peak_memory_sees_the_call_and_not_what_came_before():
     assert 30 * 2**20 <= peak <= 40 * 2**20, peak / 2**20
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="inductor's CPU backend needs a C++ compiler")
 def test_compiled_provider_runs(tmp_path):
     """The one real torch.compile of the tests (tens of seconds on a CPU when the cache is cold)."""
     op = dataclasses.replace(OPS["token_logprobs"], sweeps={"tiny": [Sweep("N", (8,), {"V": 96})]})
@@ -374,8 +378,8 @@ def test_gpu_check_steps_cut_at_their_limit_still_publish(tmp_path):
     results = tmp_path / "results"
     limits = dict(ENV_TIMEOUT="1", KERNEL_TIMEOUT="1", TRAIN_TIMEOUT="1", REPORT_TIMEOUT="1")
     started = time.monotonic()
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=_script_env(results, PYTHON=str(fake), OUT=str(out),
-                          **limits), capture_output=True, text=True, timeout=120)
+    env = _script_env(results, PYTHON=str(fake), OUT=str(out), **limits)
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and time.monotonic() - started < 60
     log = (out / "gpu_check.log").read_text()
     for name in ("environment", "kernels", "train", "report"):
