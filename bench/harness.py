@@ -106,9 +106,7 @@ def percentiles(values: Sequence[float]) -> tuple:
     return (quintiles[0], statistics.median(data), quintiles[3])
 
 
-# ---------------------------------------------------------------------------------------------
 # Peak memory
-# ---------------------------------------------------------------------------------------------
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6") if os.name == "posix" else None
 _EXACT, _STEADY = 64 * 1024, 32 * 2**20  # glibc mmap thresholds during / outside a CPU memory measurement
 
@@ -167,9 +165,7 @@ def available_bytes(device: torch.device) -> float:
         return math.inf
 
 
-# ---------------------------------------------------------------------------------------------
 # Timing
-# ---------------------------------------------------------------------------------------------
 def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"
 
@@ -225,9 +221,7 @@ def _one_round(call: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-# ---------------------------------------------------------------------------------------------
 # CSV (long format) and events
-# ---------------------------------------------------------------------------------------------
 def x_name(axis: str, fixed: Dict[str, object]) -> str:
     """'N; D=512; V=32000; dtype=float32': the swept axis, then the fixed sizes."""
     return "; ".join([axis] + [f"{key}={value}" for key, value in fixed.items()])

@@ -1,20 +1,14 @@
-"""Benchmark CSVs as PNGs: one figure per kernel and sweep, a row per metric, a column per mode.
-
-    python -m bench.plot bench/results/cpu-2core/            # every *.csv under the folder
-    python -m bench.plot kernels.csv --out /tmp/plots
-
-One line per provider (p50 with the p20-p80 band), the roofline dashed; the latest run of each point.
+"""Benchmark CSVs as PNGs (``python -m bench.table DIR --plots``): one figure per kernel and sweep, a row per
+metric, a column per mode, a line per provider (p50, p20-p80 band), the roofline dashed; the latest run of a point.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List
 
 from .harness import METRICS, MODES, read_rows
 
@@ -78,17 +72,3 @@ def render(source, out_dir=None) -> List[Path]:
         plt.close(figure)
         written.append(path)
     return written
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a benchmark CSV or a folder of them")
-    parser.add_argument("--out", default=None, help="folder for the PNGs (default: beside the CSV)")
-    args = parser.parse_args(argv)
-    for path in render(args.source, args.out):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

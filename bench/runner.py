@@ -107,9 +107,7 @@ def forced_impl(impl: Optional[str]):
             os.environ["CALIBRL_IMPL"] = previous
 
 
-# ---------------------------------------------------------------------------------------------
 # Shared inputs and the eager computation
-# ---------------------------------------------------------------------------------------------
 def split_tokens(num_tokens: int, max_row: int = 512) -> Tuple[int, int]:
     """N tokens as (B rows, T tokens per row): about 8 rows, T at most ``max_row``."""
     tokens = min(max_row, max(1, num_tokens // 8))
@@ -150,9 +148,7 @@ def eager_calibrl_loss(logits: torch.Tensor, inputs: Dict[str, torch.Tensor]) ->
                                   entropy=entropy, config=LOSS_CONFIG, **loss_kwargs(inputs)).loss
 
 
-# ---------------------------------------------------------------------------------------------
 # One point: every provider, interleaved
-# ---------------------------------------------------------------------------------------------
 def _probe(op: Op, suite: Suite, dtype: torch.dtype, device: torch.device) -> Tuple[Callable, float]:
     """The roofline's machine probe and its work per call (FLOP of a square GEMM, or bytes a copy moves)."""
     if op.floor == "gemm":
@@ -164,14 +160,14 @@ def _probe(op: Op, suite: Suite, dtype: torch.dtype, device: torch.device) -> Tu
     return (lambda: target.copy_(source)), 2.0 * suite.copy_bytes
 
 
-def _forwards(op: Op, inputs, device, suite: Suite, impls, compiled: bool, writer: Writer, where: dict):
-    """provider -> (forward, tensors its full mode differentiates); contexts of the forced backends."""
+def providers(op: Op, inputs, device: torch.device, impls: Sequence[str] = (), compiled: bool = True):
+    """{provider: (forward, tensors its full mode differentiates)}, {provider: backend context},
+    {provider left out: why}."""
     grads = [t for t in inputs.values() if t.requires_grad]
-    forwards = {CALIBRL: (lambda: op.calibrl(inputs), grads)}
-    contexts = {CALIBRL: lambda: forced_impl(None)}
-    for impl in impls:
-        forwards[f"{CALIBRL}-{impl}"] = (lambda: op.calibrl(inputs), grads)
-        contexts[f"{CALIBRL}-{impl}"] = lambda impl=impl: forced_impl(impl)
+    forwards, contexts, skipped = {}, {}, {}
+    for impl in (None, *impls):
+        name = CALIBRL if impl is None else f"{CALIBRL}-{impl}"
+        forwards[name], contexts[name] = (lambda: op.calibrl(inputs), grads), lambda impl=impl: forced_impl(impl)
     forwards[EAGER] = (lambda: op.eager(inputs), grads)
     if compiled:
         compiled_fn = torch.compile(op.eager, dynamic=False)
@@ -181,8 +177,8 @@ def _forwards(op: Op, inputs, device, suite: Suite, impls, compiled: bool, write
             raise Unavailable("Liger-Kernel has no counterpart of this op")
         forwards[LIGER] = op.liger(inputs, device)
     except (Unavailable, ImportError) as why:
-        writer.event(kind="skipped", provider=LIGER, reason=str(why), **where)
-    return forwards, contexts
+        skipped[LIGER] = str(why)
+    return forwards, contexts, skipped
 
 
 def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device: torch.device, writer: Writer,
@@ -196,7 +192,9 @@ def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device: 
     inputs = op.build(dims, dtype, device)
     impls = suite.impls if options.impls is None else options.impls
     compiled = (suite.compiled if options.compiled is None else options.compiled) and sweep.compiled
-    forwards, contexts = _forwards(op, inputs, device, suite, impls, compiled, writer, dict(kernel=op.name, x=x))
+    forwards, contexts, skipped = providers(op, inputs, device, impls, compiled)
+    for provider, why in skipped.items():
+        writer.event(kind="skipped", kernel=op.name, provider=provider, x=x, reason=why)
     if options.providers:
         forwards = {p: f for p, f in forwards.items() if p in options.providers}
     probe, probe_work = _probe(op, suite, dtype, device)
@@ -223,9 +221,7 @@ def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device: 
     release(device)
 
 
-# ---------------------------------------------------------------------------------------------
 # Suites and the command line
-# ---------------------------------------------------------------------------------------------
 def all_ops() -> Dict[str, Op]:
     from . import bench_fused_calibrl_loss, bench_fused_linear_calibrl_loss, bench_group_advantages
     from . import bench_token_logprobs

@@ -9,10 +9,12 @@ op and shape, so the providers sit side by side. pytest-benchmark times one benc
 ``python -m bench`` interleaves them (fair ratios on a shared machine) and measures memory and the roofline.
 """
 
+import contextlib
+
 import pytest
 import torch
 
-from bench.runner import CALIBRL, COMPILED, DTYPES, EAGER, LIGER, Unavailable, all_ops, forced_impl
+from bench.runner import CALIBRL, COMPILED, DTYPES, EAGER, LIGER, all_ops, providers
 
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (the bench extra) to run bench/")
 CPU = torch.device("cpu")
@@ -36,18 +38,13 @@ def test_forward_backward(benchmark, case):
         torch.manual_seed(0)
         _INPUTS[key] = op.build(dims, DTYPES[sweep.dtype], CPU)
     inputs = _INPUTS[key]
-    grads = [t for t in inputs.values() if t.requires_grad]
-    if provider == LIGER:
-        try:
-            forward, grads = op.liger(inputs, CPU)
-        except Unavailable as why:
-            pytest.skip(str(why))
-    else:
-        eager = torch.compile(op.eager, dynamic=False) if provider == COMPILED else op.eager
-        forward = (lambda: op.calibrl(inputs)) if provider == CALIBRL else (lambda: eager(inputs))
+    forwards, contexts, skipped = providers(op, inputs, CPU, compiled=provider == COMPILED)
+    if provider in skipped:
+        pytest.skip(skipped[provider])
+    forward, grads = forwards[provider]
     benchmark.group = f"{op.name} " + ", ".join(f"{k} {v}" for k, v in dims.items()) + f" {sweep.dtype} full"
     benchmark.extra_info.update(provider=provider, threads=torch.get_num_threads(), **dims)
-    with forced_impl(None):
+    with contexts.get(provider, contextlib.nullcontext)():
         result = benchmark.pedantic(lambda: torch.autograd.grad(forward(), grads), rounds=3, iterations=1,
                                     warmup_rounds=1)
     assert len(result) == len(grads) and all(torch.isfinite(g).all() for g in result)

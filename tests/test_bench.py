@@ -249,16 +249,17 @@ def test_table_shows_ratios_to_the_roofline_and_to_calibrl(tmp_path):
     assert "| eager | n/a | n/a | n/a | n/a |" in lines
 
 
-def test_plot_cli_renders_png_with_roofline(tmp_path):
+def test_table_cli_renders_png_with_roofline(tmp_path):
     name = "N; D=512; V=32000; dtype=float32"
     rows = [("fused_linear_calibrl_loss", provider, mode, "speed", name, n, value * n)
             for provider, value in (("calibrl", 1.0), ("eager", 1.2), ("roofline", 0.7))
             for mode in ("forward", "full") for n in (512, 1024, 2048)]
     rows += [("fused_linear_calibrl_loss", "calibrl", "full", "memory", name, n, 70.0) for n in (512, 1024, 2048)]
     write_rows(tmp_path, rows)
-    assert plot.main([str(tmp_path / "kernels.csv"), "--out", str(tmp_path / "png")]) == 0
-    pngs = list((tmp_path / "png").glob("*.png"))
+    assert table.main([str(tmp_path), "--plots"]) == 0
+    pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == PNG_MAGIC
+    assert plot.render(tmp_path / "kernels.csv", tmp_path / "png") == [tmp_path / "png" / pngs[0].name]
 
 
 def test_csv_writer_refuses_a_foreign_header(tmp_path):
