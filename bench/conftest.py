@@ -2,5 +2,5 @@
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-sizes", default="cpu",
-                     help="size set of bench/test_kernels_benchmark.py: cpu (the README's CPU shapes) or tiny")
+    parser.addoption("--bench-sizes", default="cpu", choices=("tiny", "cpu"),
+                     help="which sizes of python -m bench's suites bench/test_kernels_benchmark.py times")

@@ -1,46 +1,34 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (H100 / H200), made for a time-limited GPU job (a batch allocation, a CI
-# runner, a rented machine): the whole run ends within GPU_CHECK_BUDGET seconds (default 360), the most
-# valuable steps run first, and after every step (passed, failed or stopped at its limit) what it has is
-# published to an output folder ($OUT, when set), so a job cut short by its own limit still keeps every
-# finished step. The published set is capped in file count (7 files) and size (GPU_CHECK_MAX_FILE_MB, 15 MiB
-# each; logs keep their end) for job systems that return only a few small files.
+# One command for a GPU machine (H100 / H200), made for a time-limited GPU job (a batch allocation, a CI runner):
+# the run ends within GPU_CHECK_BUDGET seconds (default 360), the most valuable steps first, and after every step
+# (passed, failed or stopped at its limit) its results are published to the output folder $OUT (when set), so a
+# job cut short keeps every finished step. Published: at most 7 files of GPU_CHECK_MAX_FILE_MB (15) MiB each.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere in the repository
-#   bash bench/gpu_check.sh --dry-run    # anywhere: prints the plan and its limits, then runs the python
-#                                        # entry points in a tiny CPU configuration (pytest only printed)
-#   bash bench/gpu_check.sh --plan       # prints the plan and its limits only
+#   bash bench/gpu_check.sh --dry-run    # anywhere: the plan, then the python steps in a tiny CPU configuration
+#   bash bench/gpu_check.sh --plan       # the plan and its limits only
 #
-# Steps, in this order (limit in seconds; each is cut to the time left in the budget):
-#   environment  20   versions, GPU, backends that can run
-#   kernels     140   bench.run --suite gpu-targets: the README targets' Qwen shapes (N 16384, D 4096,
-#                     V 151936, bf16) against eager, torch.compile and Liger, the floors, the README table
-#   tests       110   the Triton test files natively on CUDA (no interpreter), pytest-xdist when there
-#   train        35   bench.bench_train --config gpu (one RL update step, our loss vs eager)
-#   trainer      30   python -m calibrl.train --quick --device cuda (bf16 autocast; needs easy-vqa)
-#   report       15   plots and readme_table.md from what the steps wrote
-#   sweeps      rest  bench.run --suite gpu-sweeps: the N / D / V sweeps, only with 30 s or more left
-# Limits add up to 350 s; 10 s stay for the last publish. Override any with ENV_TIMEOUT, KERNEL_TIMEOUT,
-# TEST_TIMEOUT, TRAIN_TIMEOUT, TRAINER_TIMEOUT, REPORT_TIMEOUT, and the whole with GPU_CHECK_BUDGET.
+# Steps, in order (limit in seconds, each cut to the time left; override with ENV_TIMEOUT, KERNEL_TIMEOUT,
+# TEST_TIMEOUT, TRAIN_TIMEOUT, TRAINER_TIMEOUT, REPORT_TIMEOUT; limits add up to 350 s, 10 s stay for the last publish):
+#   environment  20   versions, GPU, the backends that run
+#   kernels     140   python -m bench --suite gpu-targets: Qwen shapes (N 16384, D 4096, V 151936, bf16), every provider
+#   tests       110   the Triton test files natively on CUDA (no interpreter), pytest-xdist when installed
+#   train        35   python -m bench.bench_train --config gpu (one RL update step, our loss vs eager)
+#   trainer      30   python -m calibrl.train --quick --device cuda (needs easy-vqa; in a scratch folder)
+#   report       15   python -m bench.table: tables.md and the plots
+#   sweeps      rest  python -m bench --suite gpu-sweeps: the N / D / V sweeps, only with 30 s or more left
 #
-# Results: bench/results/<gpu-name>/ (kernels.csv, train.csv, *.png, readme_table.md, pytest.xml, one
-# log per step, gpu_check.log, trainer_quick/ with the trainer's metrics and plots but no checkpoints:
-# the trainer runs in a scratch folder). Published to $OUT after every step: gpu_check.log, steps.log
-# (every step's output, in order), kernels.csv, train.csv, pytest.xml, readme_table.md, results.tar.gz (the
-# results folder: plots, logs, trainer metrics; never a checkpoint).
+# Results in bench/results/<gpu-name>/ (CSV, PNG, tables.md, pytest.xml, a log per step, trainer_quick/ metrics
+# without checkpoints); published after every step: gpu_check.log, steps.log (every step's output), kernels.csv,
+# train.csv, pytest.xml, tables.md, results.tar.gz (the results folder; never a checkpoint; logs keep their end).
 #
-# Packages a GPU machine may lack (liger-kernel and easy-vqa) can come as wheels in .whl/ at the repository
-# root (an ignored folder; copy it along with the checkout). They are installed with `pip install --no-index
-# --no-deps --target /tmp/site` and put on PYTHONPATH, never over the machine's torch / triton. Without
-# .whl/ the benchmarks record Liger as skipped and the trainer step is skipped. Prepare them, in the
-# repository root, for the GPU machine's Python and platform:
-#   echo /.whl/ >> .git/info/exclude
+# Packages the GPU machine may lack (liger-kernel, easy-vqa) can come as wheels in .whl/ (ignored by git), installed
+# with `pip install --no-index --no-deps --target /tmp/site` onto PYTHONPATH, never over torch / triton:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5 easy-vqa==1.0
 #
-# Environment: PYTHON (default python3), RESULTS (results folder), TEST_WORKERS (8): pytest-xdist workers.
-# Exit status: 0 when every step passed (or was skipped for a missing package), 1 when any failed, timed
-# out or found no time left (the later steps still run), 2 for a usage error or no CUDA device.
+# Environment: PYTHON (python3), RESULTS (results folder), TEST_WORKERS (8). Exit status: 0 when every step passed
+# (or was skipped for a missing package), 1 when any failed, timed out or had no time left, 2 for a usage error.
 
 set -uo pipefail
 
@@ -53,7 +41,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
         --plan) PLAN_ONLY=1 ;;
-        -h|--help) sed -n '2,43p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$arg' (expected --dry-run, --plan or --help)" >&2; exit 2 ;;
     esac
 done
@@ -72,7 +60,7 @@ declare -A LIMIT=(
 GPU_TESTS=(tests/test_triton_logprob.py tests/test_triton_loss.py tests/test_triton_linear.py
            tests/test_triton_group_stats.py tests/test_triton_launch.py)
 # What is published to $OUT after every step (with results.tar.gz: 7 files).
-PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml readme_table.md)
+PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml tables.md)
 MAX_FILE_BYTES=$((${GPU_CHECK_MAX_FILE_MB:-15} * 1024 * 1024))
 
 print_plan() {
@@ -218,24 +206,30 @@ for name in ("triton", "numpy", "transformers", "liger-kernel", "easy-vqa", "tok
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
         print(name, "not installed")
-import calibrl_kernels, calibrl_kernels._dispatch as dispatch
+import os, calibrl_kernels as ck
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-print("calibrl_kernels", calibrl_kernels.__version__, calibrl_kernels.__file__)
-for impl in dispatch.IMPLS:
-    print("backend", impl, "on", device, dispatch.availability(impl, device))
+print("calibrl_kernels", ck.__version__, ck.__file__)
+# the backends for this device, each forced through CALIBRL_IMPL on a tiny input (cpp is built on first use)
+for impl in ("triton" if device.type == "cuda" else "cpp", "torch"):
+    os.environ["CALIBRL_IMPL"] = impl
+    try:
+        ck.token_logprobs(torch.randn(4, 11, device=device), torch.zeros(4, dtype=torch.long, device=device))
+        print("backend", impl, "on", device, "runs")
+    except Exception as error:
+        print("backend", impl, "on", device, "cannot run:", " ".join(str(error).split())[:300])
 '
 
 if [ "$DRY_RUN" = 0 ]; then
     unset TRITON_INTERPRET  # the kernels run natively; conftest leaves the interpreter off on CUDA
-    step kernels "$PYTHON" -m bench.run --suite "$KERNEL_SUITE" --device "$DEVICE" --out "$RESULTS" \
-        --no-train --no-plot
+    step kernels "$PYTHON" -m bench --suite "$KERNEL_SUITE" --device "$DEVICE" --out "$RESULTS" \
+        --no-train --no-plot --no-table
     PARALLEL=()  # pytest-xdist (on that machine's image) spreads the tests over a few workers
     if "$PYTHON" -c 'import xdist' 2>/dev/null; then PARALLEL=(-n "${TEST_WORKERS:-8}"); fi
     step tests "$PYTHON" -m pytest -v -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
         --junitxml="$RESULTS/pytest.xml" "${GPU_TESTS[@]}"
 else
-    step kernels "$PYTHON" -m bench.run --suite "$KERNEL_SUITE" --device "$DEVICE" --out "$RESULTS" \
-        --no-train --no-plot --no-table --kernels group_advantages
+    step kernels "$PYTHON" -m bench --suite "$KERNEL_SUITE" --device "$DEVICE" --out "$RESULTS" \
+        --no-train --no-plot --no-table --ops group_advantages
     show tests "$PYTHON" -m pytest -v -p no:cacheprovider --junitxml="$RESULTS/pytest.xml" "${GPU_TESTS[@]}"
 fi
 step train "$PYTHON" -m bench.bench_train --config "$TRAIN_CONFIG" --device "$DEVICE" --out "$RESULTS"
@@ -251,16 +245,16 @@ if "$PYTHON" -c 'import easy_vqa, tokenizers' 2>/dev/null; then
 else
     log "step trainer: skipped (easy-vqa or tokenizers not importable; bring easy-vqa as a wheel in .whl/)"
 fi
-step report "$PYTHON" -m bench.readme_table "$RESULTS" --targets gpu --plots --out "$RESULTS/readme_table.md"
+step report "$PYTHON" -m bench.table "$RESULTS" --plots --out "$RESULTS/tables.md"
 if [ "$DRY_RUN" = 0 ]; then
     if [ $((DEADLINE - SECONDS - KILL_AFTER)) -ge "$MIN_SWEEPS" ]; then
-        step sweeps "$PYTHON" -m bench.run --suite gpu-sweeps --device "$DEVICE" --out "$RESULTS" \
+        step sweeps "$PYTHON" -m bench --suite gpu-sweeps --device "$DEVICE" --out "$RESULTS" \
             --no-train --no-plot --no-table
     else
         log "step sweeps: skipped (under ${MIN_SWEEPS}s left)"
     fi
 else
-    show sweeps "$PYTHON" -m bench.run --suite gpu-sweeps --device "$DEVICE" --out "$RESULTS" --no-train --no-plot --no-table
+    show sweeps "$PYTHON" -m bench --suite gpu-sweeps --device "$DEVICE" --out "$RESULTS" --no-train --no-plot --no-table
 fi
 
 if [ "${#FAILED[@]}" -gt 0 ]; then

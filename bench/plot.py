@@ -1,124 +1,74 @@
-"""Render benchmark CSVs as PNGs: one figure per kernel and sweep, time and memory against size.
-
-    python -m bench.plot bench/results/cpu-2core/            # every *.csv under the folder
-    python -m bench.plot kernels.csv --out /tmp/plots
-
-Each figure has a row per metric (speed, memory) and a column per mode (forward, full); one line
-per provider (p50, with the p20-p80 band), the roofline dashed. Where a CSV holds several runs of
-the same point, the latest run is drawn.
+"""Benchmark CSVs as PNGs (``python -m bench.table DIR --plots``): one figure per kernel and sweep, a row per
+metric, a column per mode, a line per provider (p50, p20-p80 band), the roofline dashed; the latest run of a point.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
+import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List
 
-from . import harness
-from .providers import ROOFLINE
-
-MACHINE_KERNELS = ("gemm", "copy")  # the floors' own rows: numbers, not curves
-METRIC_ORDER = ("speed", "memory")
-MODE_ORDER = ("forward", "full")
+from .harness import METRICS, MODES, read_rows
 
 
-def _figure_groups(rows: List[dict]) -> Dict[tuple, List[dict]]:
-    groups: Dict[tuple, List[dict]] = defaultdict(list)
+def _draw(axis, rows: List[dict]) -> bool:
+    by_provider = defaultdict(list)
     for row in rows:
-        if row["kernel"] in MACHINE_KERNELS:
-            continue
-        groups[(row["device"], row["kernel"], row["x_name"])].append(row)
-    return groups
-
-
-def _draw(axis, rows: List[dict], metric: str, mode: str) -> bool:
-    by_provider: Dict[str, List[dict]] = defaultdict(list)
-    for row in rows:
-        if row["metric"] == metric and row["mode"] == mode:
+        if not math.isnan(row["p50"]):
             by_provider[row["provider"]].append(row)
-    drawn = False
-    positive = True  # a log axis needs positive values (a tiny kernel's memory can be 0)
-    unit = ""
-    for provider in sorted(by_provider, key=lambda name: (name == ROOFLINE, name)):
-        points = sorted((r for r in by_provider[provider] if not math.isnan(r["p50"])), key=lambda r: r["x"])
-        if not points:
-            continue
-        unit = points[0]["unit"]
-        xs = [r["x"] for r in points]
-        positive = positive and all(r["p20"] > 0 for r in points)
-        if provider == ROOFLINE:
-            label = "roofline (GEMM / bandwidth floor)" if metric == "speed" else "floor (gradients returned)"
-            axis.plot(xs, [r["p50"] for r in points], "k--", marker="_", markersize=14, label=label, linewidth=1.5)
+    for provider in sorted(by_provider, key=lambda name: (name == "roofline", name)):
+        points = sorted(by_provider[provider], key=lambda r: r["x"])
+        xs, p50 = [r["x"] for r in points], [r["p50"] for r in points]
+        if provider == "roofline":
+            axis.plot(xs, p50, "k--", marker="_", markersize=14, label="roofline (floor)")
         else:
-            line, = axis.plot(xs, [r["p50"] for r in points], marker="o", label=provider)
-            axis.fill_between(xs, [r["p20"] for r in points], [r["p80"] for r in points], color=line.get_color(), alpha=0.15)
-        drawn = True
-    if drawn:
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log" if positive else "linear")
-        axis.set_title(f"{metric} / {mode}")
-        axis.set_ylabel(unit)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize="small")
-    return drawn
+            line, = axis.plot(xs, p50, marker="o", label=provider)
+            axis.fill_between(xs, [r["p20"] for r in points], [r["p80"] for r in points], color=line.get_color(),
+                              alpha=0.15)
+        axis.set_ylabel(points[0]["unit"])
+    if not by_provider:
+        return False
+    positive = all(r["p20"] > 0 for group in by_provider.values() for r in group)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log" if positive else "linear")  # a tiny kernel's memory can be 0
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize="small")
+    return True
 
 
 def render(source, out_dir=None) -> List[Path]:
-    """Write one PNG per (device, kernel, sweep) of the CSV(s) at ``source``; returns the paths."""
+    """One PNG per (device, kernel, sweep) of the CSV(s) at ``source``; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = harness.csv_files(Path(source))
-    rows = harness.latest_rows(harness.read_rows(paths))
-    out = Path(out_dir) if out_dir is not None else (Path(source) if Path(source).is_dir() else Path(source).parent)
+    source = Path(source)
+    out = Path(out_dir) if out_dir is not None else (source if source.is_dir() else source.parent)
     out.mkdir(parents=True, exist_ok=True)
-    groups = _figure_groups(rows)
+    groups = defaultdict(list)
+    for row in read_rows(source):
+        groups[(row["device"], row["kernel"], row["x_name"])].append(row)
     several_devices = len({device for device, _, _ in groups}) > 1
-    written: List[Path] = []
+    written = []
     for (device, kernel, x_name), group in sorted(groups.items()):
-        metrics = [m for m in METRIC_ORDER if any(r["metric"] == m for r in group)]
-        modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in group)]
-        if not metrics or not modes:
-            continue
-        figure, axes = plt.subplots(len(metrics), len(modes), figsize=(5.5 * len(modes), 4.0 * len(metrics)), squeeze=False)
-        any_drawn = False
+        metrics = [m for m in METRICS if any(r["metric"] == m for r in group)]
+        modes = [m for m in MODES if any(r["mode"] == m for r in group)]
+        figure, axes = plt.subplots(len(metrics), len(modes), figsize=(5.5 * len(modes), 4 * len(metrics)),
+                                    squeeze=False)
         for i, metric in enumerate(metrics):
             for j, mode in enumerate(modes):
-                if not _draw(axes[i][j], group, metric, mode):
-                    axes[i][j].set_visible(False)
-                else:
-                    any_drawn = True
-                axes[i][j].set_xlabel(harness.parse_x_name(x_name)[0])
-        if not any_drawn:
-            plt.close(figure)
-            continue
-        version = group[0]["version"]
-        figure.suptitle(f"{kernel} on {device}\n{x_name}   (version {version})", fontsize="medium")
+                drawn = _draw(axes[i][j], [r for r in group if r["metric"] == metric and r["mode"] == mode])
+                axes[i][j].set_visible(drawn)
+                axes[i][j].set_title(f"{metric} / {mode}")
+                axes[i][j].set_xlabel(x_name.split(";")[0])
+        figure.suptitle(f"{kernel} on {device}\n{x_name}   (version {group[0]['version']})", fontsize="medium")
         figure.tight_layout()
-        name = f"{kernel}__{harness.sanitize(x_name.replace('; ', '_').replace('=', ''))}.png"
-        if several_devices:
-            name = f"{device}__{name}"
-        path = out / name
+        name = f"{kernel}__" + re.sub(r"[^a-z0-9._-]+", "-", x_name.lower().replace("; ", "_").replace("=", ""))
+        path = out / (f"{device}__{name}.png" if several_devices else f"{name}.png")
         figure.savefig(path, dpi=90)
         plt.close(figure)
         written.append(path)
     return written
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a benchmark CSV or a folder of them")
-    parser.add_argument("--out", default=None, help="folder for the PNGs (default: beside the CSV)")
-    args = parser.parse_args(argv)
-    for path in render(args.source, args.out):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
