@@ -18,7 +18,9 @@ The sources ship inside the package as ``calibrl_kernels/_csrc`` (a wheel) or si
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 import sys
 import threading
@@ -28,6 +30,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: builds are then only serialised by torch's own lock file
+    fcntl = None
 
 SOURCES = ("cpu_ops.cpp",)
 HEADERS = ("cpu_ops.h",)
@@ -69,18 +76,59 @@ def source_dir() -> Path:
     )
 
 
+def _build_directory(name: str, verbose: bool) -> str:
+    """The folder torch builds the extension ``name`` in (under TORCH_EXTENSIONS_DIR or torch's default root)."""
+    from torch.utils import cpp_extension
+
+    find = getattr(cpp_extension, "_get_build_directory", None)
+    if find is not None:
+        return find(name, verbose)
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    folder = os.path.join(root, name)
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def _build_lock(folder: str):
+    """One calibrl build or load at a time per build folder, across processes, that dies with its holder.
+
+    torch guards a build folder with a lock *file* (``lock``) that a process creates before running ninja
+    and deletes afterwards, even when nothing is rebuilt. A process killed in between (SIGKILL, a test's
+    timeout) leaves the file behind, and every later process then waits for it forever. An ``flock`` is
+    released by the kernel when its holder dies, so under it a leftover ``lock`` file can only be stale and
+    is removed before torch looks at it.
+    """
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(folder, "calibrl.flock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(folder, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _compile_and_load(verbose: bool = False):
     """Compile (if the cached build is stale) and import the extension module."""
     from torch.utils import cpp_extension
 
     src = source_dir()
-    return cpp_extension.load(
-        name=extension_name(),
-        sources=[str(src / name) for name in SOURCES],  # cpu_ops.h sits beside them (ninja tracks it)
-        extra_cflags=list(CFLAGS),
-        extra_ldflags=list(LDFLAGS),
-        verbose=verbose,
-    )
+    name = extension_name()
+    folder = _build_directory(name, verbose)
+    with _build_lock(folder):
+        return cpp_extension.load(
+            name=name,
+            sources=[str(src / file) for file in SOURCES],  # cpu_ops.h sits beside them (ninja tracks it)
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=folder,
+            verbose=verbose,
+        )
 
 
 def expected_layout() -> dict:
