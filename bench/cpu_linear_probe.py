@@ -36,8 +36,8 @@ import time
 
 import torch
 
-from calibrl_kernels import CalibRLConfig, linear_cpu, reference
-from calibrl_kernels import _cpp_backend
+from calibrl_kernels import CalibRLConfig, chunked, reference
+from calibrl_kernels.cpu import _rows as cpp_rows
 
 PROVIDERS = ("gemm_only", "cpp", "torch", "eager", "compiled", "liger")
 
@@ -76,12 +76,12 @@ def step_fn(provider: str, x: dict, chunk_bytes=None):
     args = (h, w, t, x["old_logp"], x["advantages"], x["mask"])
     kwargs = dict(expert_logp=x["expert_logp"], passed=x["passed"], config=config)
     if provider in ("cpp", "torch", "gemm_only"):
-        math = {"cpp": lambda: _cpp_backend._row_math(), "torch": lambda: linear_cpu.TORCH_ROW_MATH,
+        math = {"cpp": lambda: cpp_rows.row_math(), "torch": lambda: chunked.TORCH_ROW_MATH,
                 "gemm_only": lambda: _NoRowMath()}[provider]()
         assert math is not None, "the C++ extension did not build"
 
         def run():
-            out = linear_cpu.fused_linear_calibrl_loss(*args, row_math=math, chunk_bytes=chunk_bytes, **kwargs)
+            out = chunked.fused_linear_calibrl_loss(*args, row_math=math, chunk_bytes=chunk_bytes, **kwargs)
             out.loss.backward()
         return run
     if provider in ("eager", "compiled"):
@@ -142,7 +142,7 @@ def timings(args) -> None:
             times[p].append(_time(fn))
     work = 6 * args.n * args.d * args.v
     print(f"N={args.n} D={args.d} V={args.v} threads={torch.get_num_threads()} rounds={args.rounds} "
-          f"chunk_bytes={linear_cpu.chunk_budget(args.chunk_bytes)}")
+          f"chunk_bytes={chunked.chunk_budget(args.chunk_bytes)}")
     # Two estimates: medians (typical under load) and minima (least disturbed by other processes).
     for label, pick in (("median", statistics.median), ("min", min)):
         rate = max(rates) if label == "min" else statistics.median(rates)
@@ -177,9 +177,9 @@ def gemm_share(x: dict, chunk_bytes, rounds: int = 3) -> list:
                 spent["gemm"] += time.perf_counter() - start
         return wrapper
 
-    originals = (linear_cpu._Operands.logits_into, linear_cpu._Gradients.add_chunk)
-    linear_cpu._Operands.logits_into = timed(originals[0])
-    linear_cpu._Gradients.add_chunk = timed(originals[1])
+    originals = (chunked._Operands.logits_into, chunked._Gradients.add_chunk)
+    chunked._Operands.logits_into = timed(originals[0])
+    chunked._Gradients.add_chunk = timed(originals[1])
     try:
         run = step_fn("cpp", x, chunk_bytes)
         shares = []
@@ -190,7 +190,7 @@ def gemm_share(x: dict, chunk_bytes, rounds: int = 3) -> list:
             shares.append(1 - spent["gemm"] / total)
         return shares
     finally:
-        linear_cpu._Operands.logits_into, linear_cpu._Gradients.add_chunk = originals
+        chunked._Operands.logits_into, chunked._Gradients.add_chunk = originals
 
 
 def _rss_kib(field: str) -> int:

@@ -1,7 +1,7 @@
 """Choose the implementation of an op per call.
 
 Backends: ``triton`` (CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1``), ``cpp`` (the
-C++/OpenMP CPU kernels of ``csrc/``) and ``torch`` (the reference, always available).
+C++/OpenMP CPU kernels of ``cpu/csrc/``) and ``torch`` (the reference, always available).
 Default: triton for CUDA tensors, cpp for CPU tensors, torch where neither applies or a backend does
 not implement the op. ``CALIBRL_IMPL=triton|cpp|torch`` forces a backend for the ops it implements;
 forcing one that cannot run on the tensors' device raises ``RuntimeError`` saying why.
@@ -27,8 +27,8 @@ IMPLS = ("triton", "cpp", "torch")
 
 # Backend name -> module path; a backend whose module is absent is simply unavailable.
 _BACKEND_MODULES: Dict[str, str] = {
-    "triton": "calibrl_kernels._triton_backend",
-    "cpp": "calibrl_kernels._cpp_backend",
+    "triton": "calibrl_kernels.triton",
+    "cpp": "calibrl_kernels.cpu",
     "torch": "calibrl_kernels._torch_backend",
 }
 _loaded: Dict[str, object] = {}

@@ -188,6 +188,9 @@ class CalibRLConfig:
         return cls(**{**presets[algo], **overrides})
 
 
+DEFAULT_CONFIG = CalibRLConfig()  # the default of every op and module taking a config
+
+
 class GroupStats(NamedTuple):
     """Group statistics over on-policy rows (expert rows excluded), per row and per group.
 

@@ -11,10 +11,7 @@ from typing import Optional
 import torch
 
 from . import _checks, _dispatch, reference
-from .config import CalibRLConfig, GroupStats, LossOutput
-
-_DEFAULT_CONFIG = CalibRLConfig()
-
+from .config import DEFAULT_CONFIG, CalibRLConfig, GroupStats, LossOutput
 
 def token_logprobs(
     logits: torch.Tensor,
@@ -111,7 +108,7 @@ def calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
 ) -> LossOutput:
     """The CalibRL loss from per-token log-probs (the reference semantics every fused op matches).
 
@@ -174,7 +171,7 @@ def fused_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
     inplace_backward: bool = False,
     num_groups: Optional[int] = None,
 ) -> LossOutput:
@@ -229,7 +226,7 @@ def fused_linear_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
     num_groups: Optional[int] = None,
 ) -> LossOutput:
     """fused_calibrl_loss starting from hidden states (B, T, D) and the lm_head weight (V, D) [+ bias (V,)].

@@ -199,7 +199,7 @@ def cpp_module_or_skip():
     missing compiler is a broken CI and must not silently skip every C++ test."""
     import pytest
 
-    from calibrl_kernels import build
+    from calibrl_kernels.cpu import build
 
     module = build.extension(fallback_warning=False)
     if module is None:
@@ -212,7 +212,7 @@ def cpp_module_or_skip():
 
 def simulate_build_failure(monkeypatch, message: str = "simulated: no C++ compiler") -> None:
     """Forget this process's C++ build and make the next attempt fail (monkeypatch restores it all)."""
-    from calibrl_kernels import build
+    from calibrl_kernels.cpu import build
 
     def fail(verbose=False):
         raise RuntimeError(message)

@@ -118,7 +118,7 @@ def test_calibrl_providers_follow_dispatch(monkeypatch):
         return reference.token_logprobs(*args)
 
     fake = types.SimpleNamespace(OPS={"token_logprobs": fake_token_logprobs}, availability=lambda device: (True, ""))
-    monkeypatch.setitem(_dispatch._loaded, "cpp", fake)  # as if calibrl_kernels._cpp_backend had landed
+    monkeypatch.setitem(_dispatch._loaded, "cpp", fake)  # as if calibrl_kernels.cpu had landed
     monkeypatch.delenv("CALIBRL_IMPL", raising=False)
     providers, skipped = calibrl_providers("token_logprobs", CPU)
     assert [(p.name, p.impl, p.resolved) for p in providers] == [("calibrl", None, "cpp"), ("calibrl-torch", "torch", "torch")]

@@ -5,7 +5,7 @@ tokens x vocabulary and reduce over D with ``tl.dot`` (fp32 accumulation; bf16 /
 
 Forward (2 N D V FLOPs): ``_linear_stats_kernel`` computes each [BLOCK_M tokens x BLOCK_N vocabulary]
 logit tile in registers and folds it into online row statistics (max, sum-exp, shifted sum(z e) and the
-target's logit; ``_triton_common.online_softmax_update``). The vocabulary is split over several programs
+target's logit; ``_softmax.online_softmax_update``). The vocabulary is split over several programs
 per row block when rows alone would not fill the GPU; ``_linear_finish_kernel`` merges the partial
 statistics (``merge_softmax_statistics``) into lse, H, lp and runs the same closed-form loss epilogue
 as the logits path (``loss_epilogue``), or writes log-probs / entropies for ``linear_token_logprobs``.
@@ -33,13 +33,13 @@ is produced once by one program whose fp32 accumulator runs over all N rows in a
 deterministic by construction (no fp32 atomics, nothing to opt out of) and needs no (V, D) buffer.
 dHidden is accumulated across the V / C chunks in an fp32 (N, D) buffer (a read and write of N D 4 bytes
 per chunk: 37 chunks x 0.5 GB = 20 GB at N = 16384, D = 4096, C = 4096, ~7 ms of a ~100 ms step).
-Extra memory: the chunk (<= ``_heuristics.LINEAR_CHUNK_BYTES``, 128 MiB; freed before the end) + the fp32
+Extra memory: the chunk (<= ``_launch.LINEAR_CHUNK_BYTES``, 128 MiB; freed before the end) + the fp32
 dHidden accumulator when hidden is not fp32 (N D 4 bytes) + O(N) statistics; at N = 16384, D = 4096 bf16
 the backward peaks at 384 MiB beyond dWeight (arithmetic in ``linear_gradients``).
 
-The chunk budget of this GPU path is its own constant, ``_heuristics.LINEAR_CHUNK_BYTES``; the CPU path's
-``CALIBRL_CHUNK_BYTES`` (``linear_cpu``, default 1/16 of the machine's memory, 64 MiB to 1 GiB) does not apply here (it does to fp64 inputs, which
-run ``linear_cpu``). The two budgets bound
+The chunk budget of this GPU path is its own constant, ``_launch.LINEAR_CHUNK_BYTES``; the CPU path's
+``CALIBRL_CHUNK_BYTES`` (``chunked``, default 1/16 of the machine's memory, 64 MiB to 1 GiB) does not apply here (it does to fp64 inputs, which
+run ``chunked``). The two budgets bound
 different things: on the CPU a row chunk of fp32 logits plus the row math's temporaries; here one (N, C)
 column chunk of the logits gradient in the input dtype, whose size also sets how often the fp32 dHidden
 accumulator is re-read and re-written (N D 8 bytes per chunk). The CPU default applied here would give
@@ -55,30 +55,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _coefficients, _heuristics, linear_cpu
-from ._autograd import first_order_only
-from ._triton_common import (
-    TOKEN_OUTPUTS,
-    cast_for_store,
-    counted_tokens,
-    dot_tile,
-    finalize_softmax_statistics,
-    gradient_row_inputs,
-    launch,
-    logits_grad_tile,
-    loss_epilogue,
-    merge_softmax_statistics,
-    online_softmax_update,
-    token_is_counted,
-)
-from .calibrl_loss_triton import kernel_loss_arguments, loss_and_metrics, prepare_token_table
-from .config import CalibRLConfig, LossOutput
-from .logprob_entropy import common_stride
-from .reference import inverse_temperature
+from .. import chunked
+from ..reference import coefficients
+from . import _launch
+from .._autograd import first_order_only
+from ._launch import launch
+from ._loss_terms import TOKEN_OUTPUTS, counted_tokens, loss_epilogue, token_is_counted
+from ._softmax import cast_for_store, dot_tile, finalize_softmax_statistics, gradient_row_inputs, logits_grad_tile, merge_softmax_statistics, online_softmax_update
+from .loss import kernel_loss_arguments, loss_and_metrics, prepare_token_table
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
+from .logprobs import common_stride
+from ..reference import inverse_temperature
 
-ROW = _coefficients.ROW
+ROW = coefficients.ROW
 
-_DEFAULT_CONFIG = CalibRLConfig()
 # Partial statistics of the split-V forward, one (SPLITS, N) plane each: running max, sum-exp, shifted
 # sum(z e) and the target's logit (constexpr: read inside the kernels).
 _PART_MAX = tl.constexpr(0)
@@ -170,7 +160,7 @@ def _linear_finish_kernel(
     targets_ptr,  # (N,) int64 target ids
     N,  # tokens
     ignore_index,  # target value of tokens without log-prob
-    table_ptr,  # WITH_LOSS: (N, TOKEN_INPUTS) fp32 token table of the loss (_coefficients.token_table)
+    table_ptr,  # WITH_LOSS: (N, TOKEN_INPUTS) fp32 token table of the loss (coefficients.token_table)
     out_ptr,  # WITH_LOSS: (N, TOKEN_OUTPUTS) fp32 out: the row table, as the logits path's loss kernel
     logp_ptr,  # not WITH_LOSS: (N,) fp32 out log-prob (0 where ignored)
     entropy_ptr,  # not WITH_LOSS: (N,) fp32 out entropy (0 where ignored)
@@ -183,9 +173,9 @@ def _linear_finish_kernel(
     negative_slope,  # alpha of leaky_relu
     huber_delta,  # transition of the huber activation
     entropy_coef,  # loss -= entropy_coef * agg(H)
-    POLICY: tl.constexpr,  # policy-term kind (_triton_common.POLICY_CODES)
+    POLICY: tl.constexpr,  # policy-term kind (_loss_terms.POLICY_CODES)
     USES_GUIDE: tl.constexpr,  # whether the guide term exists
-    ACTIVATION: tl.constexpr,  # guide activation code (_triton_common.ACTIVATION_CODES)
+    ACTIVATION: tl.constexpr,  # guide activation code (_loss_terms.ACTIVATION_CODES)
     WITH_LOSS: tl.constexpr,  # loss epilogue, or plain log-prob / entropy outputs
     BLOCK_M: tl.constexpr,  # tokens per program
 ):
@@ -328,7 +318,7 @@ def _matmul_kernel(
 # ----------------------------------------------------------------------------------------------
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact fp32 products unless torch itself allows TF32 matmuls (as the reference would)."""
-    if dtype == torch.float32 and _heuristics.tf32_matmuls_allowed():
+    if dtype == torch.float32 and _launch.tf32_matmuls_allowed():
         return "tf32"
     return "ieee"
 
@@ -336,12 +326,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _tiles(dtype: torch.dtype, device: torch.device, gemm: bool = False, accumulate: bool = False):
     """(fixed TileLaunch, its launch keywords, autotune candidates) for operands of ``dtype`` on ``device``
     (whose shared-memory limit bounds the pipeline stages)."""
-    limit = _heuristics.shared_memory_limit(device)
+    limit = _launch.shared_memory_limit(device)
     if gemm:
-        fixed = _heuristics.gemm_tile_launch(dtype, accumulate, limit)
+        fixed = _launch.gemm_tile_launch(dtype, accumulate, limit)
     else:
-        fixed = _heuristics.linear_tile_launch(dtype, limit)
-    return fixed, fixed.meta(), _heuristics.linear_autotune_configs(dtype, limit)
+        fixed = _launch.linear_tile_launch(dtype, limit)
+    return fixed, fixed.meta(), _launch.linear_autotune_configs(dtype, limit)
 
 
 def linear_statistics(
@@ -353,7 +343,7 @@ def linear_statistics(
     V = weight.shape[0]
     fixed, meta, tune = _tiles(hidden.dtype, hidden.device)
     row_blocks = triton.cdiv(N, fixed.block_m)
-    splits = _heuristics.linear_vocab_splits(row_blocks, triton.cdiv(V, fixed.block_n), hidden.device)
+    splits = _launch.linear_vocab_splits(row_blocks, triton.cdiv(V, fixed.block_n), hidden.device)
     partial = torch.empty(PARTIAL_FIELDS, splits, N, dtype=torch.float32, device=hidden.device)
     launch(
         _linear_stats_kernel, lambda meta_: (triton.cdiv(N, meta_["BLOCK_M"]), splits),
@@ -381,8 +371,8 @@ def finish_statistics(partial, splits, targets, ignore_index, table=None, config
     else:
         logp, entropy, lse = torch.empty(3, N, dtype=torch.float32, device=device).unbind(0)
         outputs = dict(table_ptr=logp, out_ptr=logp, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse)
-        loss_args = kernel_loss_arguments(_DEFAULT_CONFIG)
-    meta = _heuristics.finish_launch()
+        loss_args = kernel_loss_arguments(DEFAULT_CONFIG)
+    meta = _launch.finish_launch()
     launch(
         _linear_finish_kernel, (triton.cdiv(N, meta["BLOCK_M"]),),
         dict(partial_ptr=partial, splits=splits, targets_ptr=targets, N=N, ignore_index=int(ignore_index),
@@ -444,7 +434,7 @@ def _chunked_gradients(
     stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
     fixed, meta, tune = _tiles(dtype, hidden.device)
     precision = _dot_precision(dtype)
-    chunk = _heuristics.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
+    chunk = _launch.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
     dlogits = torch.empty(N, chunk, dtype=dtype, device=hidden.device)
     has_scale = scale is not None
     scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
@@ -576,11 +566,11 @@ def linear_token_logprobs(
 ):
     """The Triton twin of ``reference.linear_token_logprobs`` (never materialises (N, V) logits).
 
-    float64 inputs run the device-agnostic chunked path ``linear_cpu`` in fp64 (the kernels accumulate in
+    float64 inputs run the device-agnostic chunked path ``chunked`` in fp64 (the kernels accumulate in
     fp32); it never materialises (N, V) logits either.
     """
     if hidden.dtype == torch.float64:
-        return linear_cpu.linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+        return chunked.linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
     logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index))
     return (logp, entropy) if return_entropy else logp
 
@@ -599,15 +589,15 @@ def fused_linear_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
 ) -> LossOutput:
     """The Triton twin of ``reference.fused_linear_calibrl_loss`` (same signature and results).
 
     Gradients flow to hidden, weight and bias; dWeight is deterministic (see the module docstring).
-    float64 inputs run the device-agnostic chunked path ``linear_cpu`` in fp64 (no (N, V) logits).
+    float64 inputs run the device-agnostic chunked path ``chunked`` in fp64 (no (N, V) logits).
     """
     if hidden.dtype == torch.float64:
-        return linear_cpu.fused_linear_calibrl_loss(
+        return chunked.fused_linear_calibrl_loss(
             hidden, weight, targets, old_logp, advantages, mask, bias=bias, expert_logp=expert_logp, passed=passed,
             is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
         )

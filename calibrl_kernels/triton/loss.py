@@ -1,20 +1,17 @@
 """The CalibRL loss (and GRPO / DAPO / Dr.GRPO / LUFFY / RL-PLUS) fused over logits (B, T, V) (Triton).
 
-(Named ``calibrl_loss_triton`` rather than ``calibrl_loss``: a submodule ``calibrl_kernels.calibrl_loss``
-would replace the public function ``calibrl_kernels.calibrl_loss`` as a package attribute once imported.)
-
 Forward, one kernel, BLOCK_N tokens per program (1 on a GPU for real vocabularies): stream each
 token's V logits once (online max / sum-exp / shifted sum(z e), fp32) -> lp, H; then, in closed form
-(``_triton_common.calibrl_token_terms``), the token's weighted policy and guide terms, the metric flags,
+(``_loss_terms.calibrl_token_terms``), the token's weighted policy and guide terms, the metric flags,
 and the two gradient coefficients a = -dL/dlp and b = -dL/dH. The aggregation weights c (B, T) of every
 term depend on the mask only (``reference.aggregation_weights``), so they are known before launch: the
-per-token inputs are ``_coefficients.token_table`` (the table every backend uses), and the kernel writes
-the row table of ``_coefficients.ROW_FIELDS`` (N, 12), whose column sums ``_coefficients.loss_output``
+per-token inputs are ``coefficients.token_table`` (the table every backend uses), and the kernel writes
+the row table of ``coefficients.ROW_FIELDS`` (N, 12), whose column sums ``coefficients.loss_output``
 turns into the LossOutput. Tokens that carry no weight (padding, ignore_index, expert rows of
 on-policy-only modes) are not read.
 
 Backward: dL/dlogits = g * (a (p - onehot) + b p (z - lse + H)) / temperature, g the incoming
-gradient, produced tile by tile by ``logprob_entropy._logits_grad_kernel`` (no (N, V) fp32
+gradient, produced tile by tile by ``triton.logprobs._logits_grad_kernel`` (no (N, V) fp32
 temporary; the result is written in the logits dtype, optionally over the logits themselves).
 
 Why the gradient is recomputed in backward rather than written during the forward: memory traffic.
@@ -34,25 +31,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _coefficients, reference
-from ._autograd import can_overwrite, first_order_only
-from ._triton_common import (
-    FIRST_SUMMED_OUTPUT,
-    TOKEN_OUTPUTS,
-    activation_code,
-    launch,
-    logits_row_statistics,
-    loss_epilogue,
-    policy_code,
-    token_is_counted,
-    token_row_pointers,
-)
-from .config import CalibRLConfig, LossOutput
-from .logprob_entropy import as_token_rows, logits_backward, row_kernel_launch
-from .reference import inverse_temperature
+from .. import reference
+from ..reference import coefficients
+from .._autograd import can_overwrite, first_order_only
+from ._launch import launch
+from ._loss_terms import FIRST_SUMMED_OUTPUT, TOKEN_OUTPUTS, activation_code, loss_epilogue, policy_code, token_is_counted
+from ._softmax import logits_row_statistics, token_row_pointers
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
+from .logprobs import as_token_rows, logits_backward, row_kernel_launch
+from ..reference import inverse_temperature
 
-ROW = _coefficients.ROW
-_DEFAULT_CONFIG = CalibRLConfig()
+ROW = coefficients.ROW
 
 
 @triton.jit
@@ -62,8 +51,8 @@ def _calibrl_loss_fwd_kernel(
     stride_t,  # element stride between time steps of logits
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
     targets_ptr,  # (N,) int64 sampled token ids, N = B * T
-    table_ptr,  # (N, TOKEN_INPUTS) fp32 token table of the loss (_coefficients.token_table)
-    out_ptr,  # (N, TOKEN_OUTPUTS) fp32 out: the row table (_coefficients.ROW_FIELDS: lp, H, lse, a, b, terms)
+    table_ptr,  # (N, TOKEN_INPUTS) fp32 token table of the loss (coefficients.token_table)
+    out_ptr,  # (N, TOKEN_OUTPUTS) fp32 out: the row table (coefficients.ROW_FIELDS: lp, H, lse, a, b, terms)
     n_tokens,  # N
     V,  # vocabulary size
     inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (a multiply, not a divide, per element)
@@ -75,9 +64,9 @@ def _calibrl_loss_fwd_kernel(
     negative_slope,  # alpha of leaky_relu
     huber_delta,  # transition of the huber activation
     entropy_coef,  # loss -= entropy_coef * agg(H)
-    POLICY: tl.constexpr,  # policy-term kind (_triton_common.POLICY_CODES: PPO, or LUFFY / RLPLUS on expert tokens)
+    POLICY: tl.constexpr,  # policy-term kind (_loss_terms.POLICY_CODES: PPO, or LUFFY / RLPLUS on expert tokens)
     USES_GUIDE: tl.constexpr,  # whether the guide term exists (mode calibrl, activation != none)
-    ACTIVATION: tl.constexpr,  # guide activation code (_triton_common.ACTIVATION_CODES; unused without USES_GUIDE)
+    ACTIVATION: tl.constexpr,  # guide activation code (_loss_terms.ACTIVATION_CODES; unused without USES_GUIDE)
     BLOCK_N: tl.constexpr,  # token rows per program
     BLOCK_V: tl.constexpr,  # vocabulary tile
 ):
@@ -98,7 +87,7 @@ def _calibrl_loss_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Host side: the token table before launch (``_coefficients``), the LossOutput after
+# Host side: the token table before launch (``reference.coefficients``), the LossOutput after
 # ----------------------------------------------------------------------------------------------
 def prepare_token_table(
     targets: torch.Tensor,
@@ -112,9 +101,9 @@ def prepare_token_table(
     ignore_index: int,
     config: CalibRLConfig,
 ) -> torch.Tensor:
-    """(N, TOKEN_INPUTS) fp32 token table of the loss kernels, N = B * T: ``_coefficients.loss_token_table``
+    """(N, TOKEN_INPUTS) fp32 token table of the loss kernels, N = B * T: ``coefficients.loss_token_table``
     (the masks and aggregation weights of ``reference.calibrl_loss``, shared by every backend)."""
-    return _coefficients.loss_token_table(
+    return coefficients.loss_token_table(
         targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
         expert_mask=expert_mask, ignore_index=ignore_index, config=config, dtype=torch.float32,
     )
@@ -132,8 +121,8 @@ def kernel_loss_arguments(config: CalibRLConfig) -> dict:
 
 def loss_and_metrics(ctx, token_out: torch.Tensor, config: CalibRLConfig):
     """The outputs of a loss autograd Function: (loss, *metrics) from the row table (N, TOKEN_OUTPUTS),
-    combined by ``_coefficients.loss_output`` (as every backend); metrics marked non-differentiable."""
-    out = _coefficients.loss_output(token_out[:, FIRST_SUMMED_OUTPUT:].sum(dim=0), config)
+    combined by ``coefficients.loss_output`` (as every backend); metrics marked non-differentiable."""
+    out = coefficients.loss_output(token_out[:, FIRST_SUMMED_OUTPUT:].sum(dim=0), config)
     metrics = tuple(out[1:])
     ctx.mark_non_differentiable(*metrics)
     return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
@@ -209,7 +198,7 @@ def fused_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
     inplace_backward: bool = False,
 ) -> LossOutput:
     """The Triton twin of ``reference.fused_calibrl_loss`` (same signature and results).

@@ -1,9 +1,10 @@
-"""Closed-form loss terms and gradient coefficients (calibrl_kernels._coefficients) vs autograd on the reference."""
+"""Closed-form loss terms and gradient coefficients (calibrl_kernels.reference.coefficients) vs autograd on the reference."""
 
 import pytest
 import torch
 
-from calibrl_kernels import _coefficients, reference
+from calibrl_kernels import reference
+from calibrl_kernels.reference import coefficients
 from calibrl_kernels.config import CalibRLConfig
 
 from _cpu_helpers import CONFIGS, assert_loss_outputs_close, make_batch, token_values_with_ties
@@ -12,7 +13,7 @@ from _cpu_helpers import CONFIGS, assert_loss_outputs_close, make_batch, token_v
 def _both(logp, entropy, batch, config, advantages=None):
     args = (logp, entropy, batch.old_logp, batch.advantages if advantages is None else advantages, batch.mask)
     expected = reference.gradient_coefficients(*args, **batch.kwargs(config))
-    actual = _coefficients.closed_form_coefficients(*args, **batch.kwargs(config))
+    actual = coefficients.closed_form_coefficients(*args, **batch.kwargs(config))
     return actual, expected
 
 
@@ -85,5 +86,5 @@ def test_fp32_inputs_match_fp32_reference():
 
 
 def test_table_layout_is_consistent():
-    assert len(set(_coefficients.TOKEN_FIELDS)) == len(_coefficients.TOKEN_FIELDS)
-    assert _coefficients.TERM_FIELDS[0] == "pg" and _coefficients.TERM_FIELDS[-1] == "ppo_kl"
+    assert len(set(coefficients.TOKEN_FIELDS)) == len(coefficients.TOKEN_FIELDS)
+    assert coefficients.TERM_FIELDS[0] == "pg" and coefficients.TERM_FIELDS[-1] == "ppo_kl"

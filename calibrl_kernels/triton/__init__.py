@@ -1,4 +1,4 @@
-"""The Triton backend: ``OPS`` (op name -> function with the reference's signature) and ``availability``.
+"""The Triton backend (one module per op: logprobs, group_stats, loss, linear): ``OPS`` (op name -> function with the reference's signature) and ``availability``.
 
 Importing this module imports triton and builds the kernels; ``_dispatch`` does so on first use only,
 so ``import calibrl_kernels`` never imports triton. Kernels run natively on CUDA tensors, and on CPU
@@ -12,11 +12,11 @@ from typing import Tuple
 
 import torch
 
-from . import _triton_common
-from .calibrl_loss_triton import fused_calibrl_loss
+from ._launch import BUILT_FOR_INTERPRETER
 from .group_stats import group_advantages
-from .linear_triton import fused_linear_calibrl_loss, linear_token_logprobs
-from .logprob_entropy import token_logprobs
+from .linear import fused_linear_calibrl_loss, linear_token_logprobs
+from .logprobs import token_logprobs
+from .loss import fused_calibrl_loss
 
 OPS = {
     "token_logprobs": token_logprobs,
@@ -29,7 +29,7 @@ OPS = {
 
 def interpreted() -> bool:
     """Whether this process's kernels were built for the interpreter (TRITON_INTERPRET=1 at import)."""
-    return _triton_common.BUILT_FOR_INTERPRETER
+    return BUILT_FOR_INTERPRETER
 
 
 def availability(device: torch.device) -> Tuple[bool, str]:

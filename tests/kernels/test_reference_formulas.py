@@ -159,7 +159,7 @@ def test_gradcheck_calibrl_loss(overrides):
 
 
 def test_fused_reference_gradient_matches_chain_rule_of_coefficients():
-    """dL/dlogits = (a (p - onehot) + b p (z - lse + H)) / temperature with (a, b) = gradient_coefficients."""
+    """dL/dlogits = (a (p - onehot) + b p (z - lse + H)) / temperature with (a, b) = gradientcoefficients."""
     g = torch.Generator().manual_seed(5)
     B, T, V, temp = 4, 3, 7, 0.8
     logits = torch.randn(B, T, V, generator=g, dtype=F64, requires_grad=True)

@@ -1,7 +1,7 @@
-"""The C++/OpenMP CPU backend (csrc/, calibrl_kernels._cpp_backend) against the reference.
+"""The C++/OpenMP CPU backend (calibrl_kernels.cpu) against the reference.
 
 The extension is built once per test session (build.extension() caches it; ~30 s the first time on a
-2-core machine, a cached load afterwards). Its linear-path row math is also covered by test_linear_cpu.
+2-core machine, a cached load afterwards). Its linear-path row math is also covered by test_chunked.
 """
 
 import os
@@ -12,7 +12,9 @@ import warnings
 import pytest
 import torch
 
-from calibrl_kernels import _coefficients, _cpp_backend, _dispatch, build, ops, reference
+from calibrl_kernels import _dispatch, cpu, ops, reference
+from calibrl_kernels.cpu import build
+from calibrl_kernels.reference import coefficients
 from calibrl_kernels.config import CalibRLConfig
 
 from _cpu_helpers import (
@@ -20,7 +22,7 @@ from _cpu_helpers import (
     simulate_build_failure,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_token_logprobs_against_reference(cpp, dtype, vocab):
     logits = _logits((3, 2, vocab), dtype, seed=vocab)
     targets = torch.randint(0, vocab, (3, 2), generator=torch.Generator().manual_seed(1))
     targets[1, 0] = -100
-    _check_against_exact(_cpp_backend.token_logprobs, logits, targets, 0.7)
+    _check_against_exact(cpu.token_logprobs, logits, targets, 0.7)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
@@ -75,8 +77,8 @@ def test_token_logprobs_awkward_rows(cpp, temperature):
     logits = wide[:, 2:-3]
     assert logits.stride(0) == V + 5
     targets = torch.tensor([800, V - 1, 17, 3])
-    _check_against_exact(_cpp_backend.token_logprobs, logits, targets, temperature, ignore_index=3)
-    _check_against_exact(_cpp_backend.token_logprobs, logits[:1], targets[:1], temperature)
+    _check_against_exact(cpu.token_logprobs, logits, targets, temperature, ignore_index=3)
+    _check_against_exact(cpu.token_logprobs, logits[:1], targets[:1], temperature)
 
 
 def test_shifted_logits_are_read_in_place(cpp):
@@ -87,16 +89,16 @@ def test_shifted_logits_are_read_in_place(cpp):
     B, T = batch.old_logp.shape
     full = _logits((B, T + 1, 300), torch.float32, seed=8).requires_grad_(True)
     shifted = full[:, :-1]
-    assert not shifted.is_contiguous() and _cpp_backend._row_view(shifted).data_ptr() == shifted.data_ptr()
+    assert not shifted.is_contiguous() and cpu._rows.row_view(shifted).data_ptr() == shifted.data_ptr()
     targets = torch.randint(0, 300, (B, T))
     args = (targets, batch.old_logp, batch.advantages, batch.mask)
     ref = reference.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
-    out = _cpp_backend.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
+    out = cpu.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
     assert_loss_outputs_close(out, ref, rtol=1e-5, atol=1e-6)
     (want,) = torch.autograd.grad(ref.loss, (full,))
     (got,) = torch.autograd.grad(out.loss, (full,))
     assert max_rel_error(got, want) < 1e-5
-    _check_against_exact(_cpp_backend.token_logprobs, shifted.detach(), targets, 1.0)
+    _check_against_exact(cpu.token_logprobs, shifted.detach(), targets, 1.0)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -109,7 +111,7 @@ def test_fused_calibrl_loss_every_config_fp64(cpp, name):
     targets[0, 1] = -100
     args = (logits, targets, batch.old_logp, batch.advantages, batch.mask)
     ref = reference.fused_calibrl_loss(*args, **batch.kwargs(config))
-    out = _cpp_backend.fused_calibrl_loss(*args, **batch.kwargs(config))
+    out = cpu.fused_calibrl_loss(*args, **batch.kwargs(config))
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12, what=name)
     (want,) = torch.autograd.grad(ref.loss * 1.5, (logits,))
     (got,) = torch.autograd.grad(out.loss * 1.5, (logits,))
@@ -128,7 +130,7 @@ def test_fused_calibrl_loss_low_precision(cpp, dtype, name):
 
     def run(x):
         x = x.detach().requires_grad_(True)
-        fn = _cpp_backend.fused_calibrl_loss if run.ours else reference.fused_calibrl_loss
+        fn = cpu.fused_calibrl_loss if run.ours else reference.fused_calibrl_loss
         out = fn(x, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config))
         return out, torch.autograd.grad(out.loss, (x,))[0]
 
@@ -144,7 +146,7 @@ def test_fused_calibrl_loss_low_precision(cpp, dtype, name):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_row_loss_terms_equal_closed_form_with_ties(cpp, name):
-    """(b) of row_loss: the C++ per-row terms and coefficients equal _coefficients.token_terms on the
+    """(b) of row_loss: the C++ per-row terms and coefficients equal coefficients.token_terms on the
     kernel's own lp and H (fp64), with ties planted on those lp (ratio 1, guide z = 0, huber kinks,
     clamp bounds, clipped and dual-clipped ratios)."""
     config = CONFIGS[name]
@@ -153,22 +155,22 @@ def test_row_loss_terms_equal_closed_form_with_ties(cpp, name):
     logits = _logits((B, T, 53), torch.float64, seed=len(name))
     targets = torch.randint(0, 53, (B * T,), generator=torch.Generator().manual_seed(len(name)))
     targets[5] = -100
-    stats = torch.zeros(B * T, len(_coefficients.ROW_FIELDS), dtype=torch.float64)
+    stats = torch.zeros(B * T, len(coefficients.ROW_FIELDS), dtype=torch.float64)
     cpp.row_stats(logits, targets, 1.0, -100, stats)
-    batch = batch_with_ties(batch, stats[:, _coefficients.ROW["logp"]].view(B, T))
+    batch = batch_with_ties(batch, stats[:, coefficients.ROW["logp"]].view(B, T))
     mask = batch.mask * (targets != -100).view(B, T)
-    table = _coefficients.token_table(
+    table = coefficients.token_table(
         batch.old_logp, batch.advantages, mask, expert_logp=batch.expert_logp, passed=batch.passed,
         is_expert=batch.is_expert, expert_mask=batch.expert_mask, config=config, dtype=torch.float64,
     )
     rows = torch.zeros_like(stats)
-    cpp.row_loss(logits, targets, table, rows, config.mode, config.activation, _cpp_backend.loss_params(config), 1.0,
+    cpp.row_loss(logits, targets, table, rows, config.mode, config.activation, cpu._rows.loss_params(config), 1.0,
                  -100, False)
     torch.testing.assert_close(rows[:, :3], stats[:, :3], rtol=0, atol=0)  # logp, entropy, lse
     expected = rows.clone()
-    _coefficients.fill_row_terms(expected, table, config)
+    coefficients.fill_row_terms(expected, table, config)
     torch.testing.assert_close(rows, expected, rtol=1e-12, atol=1e-15)
-    assert bool((rows[:, _coefficients.ROW["coef_a"]] != 0).any())
+    assert bool((rows[:, coefficients.ROW["coef_a"]] != 0).any())
 
 
 def test_same_result_on_one_and_two_threads(cpp):
@@ -181,7 +183,7 @@ def test_same_result_on_one_and_two_threads(cpp):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            out = _cpp_backend.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
+            out = cpu.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
                                                   **batch.kwargs(CalibRLConfig()))
             results.append((out.loss.detach(), torch.autograd.grad(out.loss, (logits,))[0]))
     finally:
@@ -191,11 +193,11 @@ def test_same_result_on_one_and_two_threads(cpp):
 
 def test_dispatch_picks_cpp_on_cpu(cpp, monkeypatch):
     monkeypatch.delenv("CALIBRL_IMPL", raising=False)
-    cpu = torch.device("cpu")
+    cpu_device = torch.device("cpu")
     for op in ("token_logprobs", "fused_calibrl_loss", "linear_token_logprobs", "fused_linear_calibrl_loss"):
-        assert _dispatch.selected_impl(op, cpu) == "cpp", op
-    assert _dispatch.selected_impl("group_advantages", cpu) == "torch"
-    ok, reason = _cpp_backend.availability(torch.device("meta"))
+        assert _dispatch.selected_impl(op, cpu_device) == "cpp", op
+    assert _dispatch.selected_impl("group_advantages", cpu_device) == "torch"
+    ok, reason = cpu.availability(torch.device("meta"))
     assert not ok and "CPU" in reason
     logits = _logits((2, 3, 50), torch.float32).requires_grad_(True)
     targets = torch.randint(0, 50, (2, 3))
@@ -217,24 +219,24 @@ def test_fallback_when_the_build_fails_warns_once(monkeypatch):
     weight = _logits((40, 6), torch.float32).requires_grad_(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _cpp_backend.availability(torch.device("cpu"))[0]  # not tried yet: optimistic, and no build
+        assert cpu.availability(torch.device("cpu"))[0]  # not tried yet: optimistic, and no build
         assert not build.attempted()
         for _ in range(2):
-            out = _cpp_backend.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
+            out = cpu.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
                                                   **batch.kwargs(config))
             ref = reference.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
                                                **batch.kwargs(config))
             assert_loss_outputs_close(out, ref, rtol=1e-6, atol=1e-7)
-            _cpp_backend.token_logprobs(logits, targets, 1.0, -100, True)
-            lin = _cpp_backend.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
+            cpu.token_logprobs(logits, targets, 1.0, -100, True)
+            lin = cpu.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
                                                          batch.mask, **batch.kwargs(config))
             lin.loss.backward()
-            _cpp_backend.linear_token_logprobs(hidden, weight, targets)
+            cpu.linear_token_logprobs(hidden, weight, targets)
             ops.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config))
     ours = [w for w in caught if "C++ CPU kernels could not be built" in str(w.message)]
     assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
     assert "simulated: no C++ compiler" in str(ours[0].message)
-    ok, reason = _cpp_backend.availability(torch.device("cpu"))
+    ok, reason = cpu.availability(torch.device("cpu"))
     assert not ok and "simulated" in reason
     assert _dispatch.selected_impl("fused_calibrl_loss", torch.device("cpu")) == "torch"
 
@@ -251,7 +253,7 @@ def _run_python(code: str, timeout: int = 300) -> str:
 def test_import_and_non_cpp_ops_do_not_build():
     code = (
         "import torch, calibrl_kernels as ck\n"
-        "from calibrl_kernels import build, _cpp_backend\n"
+        "from calibrl_kernels import cpu\nfrom calibrl_kernels.cpu import build\n"
         "ck.group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))\n"
         "print('attempted', build.attempted())\n"
     )
@@ -278,10 +280,10 @@ def test_second_order_gradients_raise(cpp, op):
 
     def run(fn_logits, fn_kind):
         if op == "token_logprobs":
-            fn = _cpp_backend.token_logprobs if fn_kind == "cpp" else reference.token_logprobs
+            fn = cpu.token_logprobs if fn_kind == "cpp" else reference.token_logprobs
             logp, ent = fn(fn_logits, targets, 1.0, -100, True)
             return logp.sum() + ent.sum()
-        fn = _cpp_backend.fused_calibrl_loss if fn_kind == "cpp" else reference.fused_calibrl_loss
+        fn = cpu.fused_calibrl_loss if fn_kind == "cpp" else reference.fused_calibrl_loss
         return fn(fn_logits, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config)).loss
 
     (want,) = torch.autograd.grad(run(logits, "reference"), (logits,))
@@ -335,7 +337,7 @@ def test_inplace_backward_bumps_the_version_counter(cpp):
     base = logits.clone().requires_grad_(True)
     x = base * 1.0  # a non-leaf: the logits of a model
     other = torch.sin(x).sum()  # saves x (created first, so its backward runs after ours)
-    out = _cpp_backend.fused_calibrl_loss(x, targets, batch.old_logp, batch.advantages, batch.mask,
+    out = cpu.fused_calibrl_loss(x, targets, batch.old_logp, batch.advantages, batch.mask,
                                           inplace_backward=True, **batch.kwargs(config))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (out.loss + other).backward()
@@ -350,12 +352,12 @@ def test_inplace_backward_on_shifted_logits_and_fallback(cpp, monkeypatch):
     ref_full = full.clone().requires_grad_(True)
     reference.fused_calibrl_loss(ref_full[:, :-1], *args, **batch.kwargs(config)).loss.backward()
     ours_full = full.clone().requires_grad_(True)
-    _cpp_backend.fused_calibrl_loss(ours_full[:, :-1], *args, inplace_backward=True,
+    cpu.fused_calibrl_loss(ours_full[:, :-1], *args, inplace_backward=True,
                                     **batch.kwargs(config)).loss.backward()
     assert max_rel_error(ours_full.grad, ref_full.grad) < 1e-5
-    monkeypatch.setattr(_cpp_backend, "_row_math", lambda: None)  # as after a failed build
+    monkeypatch.setattr(cpu.loss, "row_math", lambda: None)  # as after a failed build
     y = logits.clone().requires_grad_(True)
-    fallback = _cpp_backend.fused_calibrl_loss(y, *args, inplace_backward=True, **batch.kwargs(config))
+    fallback = cpu.fused_calibrl_loss(y, *args, inplace_backward=True, **batch.kwargs(config))
     fallback.loss.backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
 
@@ -383,9 +385,9 @@ def test_forced_cpp_with_a_failed_build_raises_on_every_call(monkeypatch):
         "ops.fused_calibrl_loss": lambda: ops.fused_calibrl_loss(logits, targets, *loss_args, **batch.kwargs(config)),
         "ops.fused_linear_calibrl_loss": lambda: ops.fused_linear_calibrl_loss(
             hidden, weight, targets, *loss_args, **batch.kwargs(config)),
-        "cpp.token_logprobs": lambda: _cpp_backend.token_logprobs(logits, targets),
-        "cpp.linear_token_logprobs": lambda: _cpp_backend.linear_token_logprobs(hidden, weight, targets),
-        "cpp.fused_calibrl_loss": lambda: _cpp_backend.fused_calibrl_loss(logits, targets, *loss_args,
+        "cpp.token_logprobs": lambda: cpu.token_logprobs(logits, targets),
+        "cpp.linear_token_logprobs": lambda: cpu.linear_token_logprobs(hidden, weight, targets),
+        "cpp.fused_calibrl_loss": lambda: cpu.fused_calibrl_loss(logits, targets, *loss_args,
                                                                           **batch.kwargs(config)),
     }
     with warnings.catch_warnings(record=True) as caught:
@@ -407,20 +409,20 @@ def test_forced_cpp_with_a_failed_build_raises_on_every_call(monkeypatch):
 
 @pytest.mark.parametrize("op", ["linear_token_logprobs", "fused_linear_calibrl_loss"])
 def test_fallback_keeps_the_chunk_budget(monkeypatch, op):
-    """After a failed build the linear ops run linear_cpu's torch row math with the caller's chunk_bytes."""
-    from calibrl_kernels import linear_cpu
+    """After a failed build the linear ops run the chunked torch row math with the caller's chunk_bytes."""
+    from calibrl_kernels import chunked
 
     simulate_build_failure(monkeypatch)
     monkeypatch.delenv("CALIBRL_IMPL", raising=False)
     config, batch, logits, targets, hidden, weight = _fallback_inputs()
-    budget = 64 * 4 * linear_cpu.TORCH_ROW_MATH.buffers_per_chunk  # one fp32 row of V = 64 per chunk
+    budget = 64 * 4 * chunked.TORCH_ROW_MATH.buffers_per_chunk  # one fp32 row of V = 64 per chunk
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with linear_cpu.record_chunks() as chunks:
+        with chunked.record_chunks() as chunks:
             if op == "linear_token_logprobs":
-                _cpp_backend.linear_token_logprobs(hidden, weight, targets, chunk_bytes=budget)
+                cpu.linear_token_logprobs(hidden, weight, targets, chunk_bytes=budget)
             else:
-                _cpp_backend.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
+                cpu.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
                                                        batch.mask, chunk_bytes=budget, **batch.kwargs(config))
     assert [record.rows for record in chunks] == [1]
 
@@ -447,7 +449,7 @@ def test_masked_all_minus_inf_row_gets_a_zero_gradient(cpp, entropy_coef):
     active = (mask != 0) & (targets != -100)  # (B, T)
     args = (targets, batch.old_logp, batch.advantages, batch.mask)
     x = logits.clone().requires_grad_(True)
-    out = _cpp_backend.fused_calibrl_loss(x, *args, **batch.kwargs(config))
+    out = cpu.fused_calibrl_loss(x, *args, **batch.kwargs(config))
     out.loss.backward()
     ref_x = logits.to(torch.float64).requires_grad_(True)
     ref = reference.fused_calibrl_loss(ref_x, *args, **batch.kwargs(config))
@@ -458,7 +460,7 @@ def test_masked_all_minus_inf_row_gets_a_zero_gradient(cpp, entropy_coef):
     assert max_rel_error(x.grad[active], ref_x.grad[active]) < 2e-5
     # token_logprobs: a zero incoming gradient on the -inf row's logp and entropy gives a zero row too.
     y = logits.clone().requires_grad_(True)
-    logp, ent = _cpp_backend.token_logprobs(y, targets, 1.0, -100, True)
+    logp, ent = cpu.token_logprobs(y, targets, 1.0, -100, True)
     assert torch.isnan(logp[0, T - 1]) and torch.isnan(ent[0, T - 1])  # as the reference
     (logp[active].sum() + ent[active].sum()).backward()
     assert torch.isfinite(y.grad).all() and torch.equal(y.grad[~active], torch.zeros_like(y.grad[~active]))

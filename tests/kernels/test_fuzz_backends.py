@@ -11,7 +11,7 @@ all-expert rows, groups with an expert row); configs (mode, activation, baseline
 temperature, entropy_coef, norm_by_std). Checked: loss and metrics, and the gradients.
 
 Derandomized (the same examples on every run, reproducible in CI). To explore new examples run e.g.
-``python -m pytest tests/test_fuzz_backends.py -p no:cacheprovider --hypothesis-seed=1234`` after
+``python -m pytest tests/kernels/test_fuzz_backends.py -p no:cacheprovider --hypothesis-seed=1234`` after
 removing ``derandomize=True`` below (or set it with a hypothesis profile); a failure prints a
 ``@reproduce_failure`` blob (print_blob=True).
 """
@@ -28,7 +28,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from calibrl_kernels import CalibRLConfig, linear_cpu, reference  # noqa: E402
+from calibrl_kernels import CalibRLConfig, chunked, reference  # noqa: E402
 import calibrl_kernels as ck  # noqa: E402
 from calibrl_kernels.config import ACTIVATIONS, BASELINES, LOSS_AGG_MODES, MODES  # noqa: E402
 
@@ -167,7 +167,7 @@ def test_linear_backends_match_the_reference(problem):
     truth, truth_grads = run(reference.fused_linear_calibrl_loss, leaves, targets, fields, config, dtype=torch.float64)
     for backend in ("torch", "cpp", "triton"):
         # a budget of about two rows per chunk, so the chunked CPU paths loop over several chunks
-        with forced_backend(backend), linear_cpu.chunk_bytes_scope(2 * V * 8 * 8):
+        with forced_backend(backend), chunked.chunk_bytes_scope(2 * V * 8 * 8):
             out, grads = run(ck.fused_linear_calibrl_loss, leaves, targets, fields, config)
         check_against_truth(f"{backend}[{layout},{mask_kind},{dtype}]", out, grads, truth, truth_grads,
                             dtype == torch.bfloat16)

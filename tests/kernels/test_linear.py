@@ -22,12 +22,12 @@ import pytest
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels import CalibRLConfig, linear_cpu, reference
+from calibrl_kernels import CalibRLConfig, chunked, reference
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 pytest.importorskip("triton")
-from calibrl_kernels import linear_triton  # noqa: E402  (after the triton check)
+from calibrl_kernels.triton import linear as triton_linear  # noqa: E402  (after the triton check)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -185,13 +185,13 @@ def test_logprobs_all_ignored_and_partial_grads(triton_device):
 
 
 def test_logprobs_float64_run_the_chunked_torch_path(triton_device, monkeypatch):
-    """fp64 (which the fp32 kernels cannot honour) runs linear_cpu's chunked path in fp64, never the
+    """fp64 (which the fp32 kernels cannot honour) runs the chunked chunked path in fp64, never the
     reference, which would materialise (N, V) logits."""
     hidden, weight, b, targets = make_head(5, 4, 9, triton_device, dtype=torch.float64)
     lp_ref, ent_ref = reference_logprobs(hidden, weight, targets, b)
     monkeypatch.setattr(reference, "linear_logits", None)  # any use of the reference's logits fails
     h, w, bb = leaves((hidden, weight, b))
-    with linear_cpu.record_chunks() as chunks:
+    with chunked.record_chunks() as chunks:
         lp, ent = ck.linear_token_logprobs(h, w, targets, bias=bb, return_entropy=True)
         (lp.sum() + ent.sum()).backward()
     assert chunks and lp.dtype == torch.float64 and h.grad.dtype == torch.float64
@@ -376,17 +376,17 @@ def test_dweight_is_deterministic(triton_device):
 def test_the_backward_is_chunked_and_never_allocates_n_by_v(triton_device, monkeypatch):
     """The logits gradient lives in (N, chunk) buffers only; the chunk comes from the heuristics."""
     widths = []
-    original = linear_triton._matmul
+    original = triton_linear._matmul
 
     def spy(a, b, c, accumulate, precision):
         widths.append(a.shape)
         return original(a, b, c, accumulate, precision)
 
-    monkeypatch.setattr(linear_triton, "_matmul", spy)
-    monkeypatch.setattr(linear_triton._heuristics, "LINEAR_CHUNK_BYTES", 6 * 16 * 4)  # GPU: one tile per chunk
+    monkeypatch.setattr(triton_linear, "_matmul", spy)
+    monkeypatch.setattr(triton_linear._launch, "LINEAR_CHUNK_BYTES", 6 * 16 * 4)  # GPU: one tile per chunk
     batch = make_batch(2, 3, 16, 150, triton_device, seed=10, masked="none")
     run_loss(ck.fused_linear_calibrl_loss, batch, CalibRLConfig())
-    chunk = linear_triton._heuristics.linear_chunk_columns(6, 150, 4, linear_triton._heuristics.linear_tile_launch(torch.float32).block_n)
+    chunk = triton_linear._launch.linear_chunk_columns(6, 150, 4, triton_linear._launch.linear_tile_launch(torch.float32).block_n)
     assert chunk < 150
     assert len(widths) == 2 * -(-150 // chunk)  # dWeight and dHidden GEMM per chunk
     assert max(max(shape) for shape in widths) <= max(chunk, 16)  # no operand spans the vocabulary
@@ -434,7 +434,7 @@ def test_the_dlogits_chunk_is_freed_before_dhidden_is_cast(triton_device, monkey
     """Peak memory of the backward: the (N, C) chunk buffer must not be alive when the fp32 dHidden
     accumulator is cast to the input dtype (that cast allocates dHidden itself)."""
     chunk_buffers, alive_at_cast = [], []
-    original_matmul, original_narrowed = linear_triton._matmul, linear_triton._narrowed
+    original_matmul, original_narrowed = triton_linear._matmul, triton_linear._narrowed
 
     def matmul_spy(a, b, c, accumulate, precision):
         chunk_buffers.append(weakref.ref(a._base if a._base is not None else a))  # a: a view of the chunk buffer
@@ -444,8 +444,8 @@ def test_the_dlogits_chunk_is_freed_before_dhidden_is_cast(triton_device, monkey
         alive_at_cast.append(any(ref() is not None for ref in chunk_buffers))
         return original_narrowed(accumulator, dtype)
 
-    monkeypatch.setattr(linear_triton, "_matmul", matmul_spy)
-    monkeypatch.setattr(linear_triton, "_narrowed", narrowed_spy)
+    monkeypatch.setattr(triton_linear, "_matmul", matmul_spy)
+    monkeypatch.setattr(triton_linear, "_narrowed", narrowed_spy)
     batch = make_batch(2, 3, 16, 90, triton_device, dtype=torch.bfloat16, seed=12, masked="none")
     _, grads = run_loss(ck.fused_linear_calibrl_loss, batch, CalibRLConfig())
     assert grads[0].dtype == torch.bfloat16 and chunk_buffers
@@ -457,7 +457,7 @@ def test_loss_float64_runs_the_chunked_torch_path(triton_device, monkeypatch):
     config = CalibRLConfig(entropy_coef=0.01)
     ref, grads_ref = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
     monkeypatch.setattr(reference, "linear_logits", None)  # any use of the reference's logits fails
-    with linear_cpu.record_chunks() as chunks:
+    with chunked.record_chunks() as chunks:
         out, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config, torch.float64)
     assert chunks and out.loss.dtype == torch.float64
     for name in FIELDS:
@@ -472,7 +472,7 @@ def test_fp32_dot_precision_follows_torch_tf32_settings_old_and_new():
     (``fp32_precision``, which transformers sets) is used, torch refuses reads of the legacy ``allow_tf32``:
     the op must still launch, reading the new setting."""
     matmul = torch.backends.cuda.matmul
-    precision = linear_triton._dot_precision
+    precision = triton_linear._dot_precision
     assert precision(torch.float32) == "ieee"  # torch's default: no TF32
     try:
         matmul.allow_tf32 = True  # the legacy API

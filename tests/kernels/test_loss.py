@@ -10,14 +10,14 @@ import torch
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
-from calibrl_kernels._coefficients import ROW_FIELDS, TOKEN_FIELDS, fill_row_terms, loss_output
+from calibrl_kernels.reference.coefficients import ROW_FIELDS, TOKEN_FIELDS, fill_row_terms, loss_output
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 pytest.importorskip("triton")
-from calibrl_kernels import _triton_common as common  # noqa: E402  (after the triton check)
-from calibrl_kernels import calibrl_loss_triton as triton_loss  # noqa: E402
-from calibrl_kernels._triton_common import focal_factor  # noqa: E402
+from calibrl_kernels.triton import _launch, _loss_terms, _softmax  # noqa: E402  (after the triton check)
+from calibrl_kernels.triton import loss as triton_loss  # noqa: E402
+from calibrl_kernels.triton._loss_terms import focal_factor  # noqa: E402
 
 import triton  # noqa: E402  (installed: importorskip above)
 import triton.language as tl  # noqa: E402
@@ -298,13 +298,13 @@ def test_nan_logits_of_a_masked_token_are_never_read(triton_device):
 # Closed-form gradient coefficients vs autograd of the reference loss
 # ------------------------------------------------------------------------------------------------
 def kernel_outputs(logits, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
-    """The kernel's row table as {column name (_coefficients.ROW_FIELDS): (B, T) tensor}."""
+    """The kernel's row table as {column name (coefficients.ROW_FIELDS): (B, T) tensor}."""
     table = triton_loss.prepare_token_table(
         targets, old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], ignore_index, config
     )
     rows = triton_loss.as_token_rows(logits)
     out = triton_loss.calibrl_loss_forward(rows, targets.reshape(-1), table, config, ignore_index)
-    assert out.shape == (targets.numel(), common.TOKEN_OUTPUTS)
+    assert out.shape == (targets.numel(), _loss_terms.TOKEN_OUTPUTS)
     return {name: out[:, i].reshape(targets.shape) for i, name in enumerate(ROW_FIELDS)}
 
 
@@ -340,9 +340,9 @@ def test_closed_form_coefficients_match_autograd(config, triton_device):
     ids=_config_id,
 )
 def test_tables_are_those_of_every_backend(config, triton_device):
-    """The kernel reads ``_coefficients.token_table`` and writes the ``_coefficients.ROW_FIELDS`` row table:
+    """The kernel reads ``coefficients.token_table`` and writes the ``coefficients.ROW_FIELDS`` row table:
     its terms and coefficients are those the torch / C++ closed form (``fill_row_terms``) derives from the
-    kernel's own lp and H, and ``_coefficients.loss_output`` of its column sums is the op's LossOutput."""
+    kernel's own lp and H, and ``coefficients.loss_output`` of its column sums is the op's LossOutput."""
     logits, targets, old_logp, adv, mask, kw = make_inputs(6, 5, 30, triton_device, seed=19)
     table = triton_loss.prepare_token_table(
         targets, old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], -100, config
@@ -444,15 +444,15 @@ def test_reference_accepts_the_inplace_keyword(monkeypatch):
 def test_kernel_codes_cover_every_mode_and_activation():
     from calibrl_kernels.config import ACTIVATIONS, MODES
 
-    assert sorted(common.ACTIVATION_CODES) == sorted(a for a in ACTIVATIONS if a != "none")
-    assert len(set(common.ACTIVATION_CODES.values())) == len(common.ACTIVATION_CODES)
+    assert sorted(_loss_terms.ACTIVATION_CODES) == sorted(a for a in ACTIVATIONS if a != "none")
+    assert len(set(_loss_terms.ACTIVATION_CODES.values())) == len(_loss_terms.ACTIVATION_CODES)
     for mode in MODES:  # exactly the modes that keep expert rows have an expert-token term
         expected = "ppo" if not CalibRLConfig(mode=mode).keeps_expert_rows else mode
-        assert common.policy_code(mode) == common.POLICY_CODES[expected]
+        assert _loss_terms.policy_code(mode) == _loss_terms.POLICY_CODES[expected]
     for activation in ACTIVATIONS:
         config = CalibRLConfig(activation=activation)
-        code = common.activation_code(config)
-        assert code == (common.ACTIVATION_CODES[activation] if config.uses_guide else 0)
+        code = _loss_terms.activation_code(config)
+        assert code == (_loss_terms.ACTIVATION_CODES[activation] if config.uses_guide else 0)
 
 
 @triton.jit
@@ -467,7 +467,7 @@ def test_focal_factor_is_the_configured_power(triton_device):
     """RL-PLUS's focal factor (1 - p)^RLPLUS_FOCAL_POWER: the kernels' helper for that and other powers."""
     from calibrl_kernels.config import RLPLUS_FOCAL_POWER
 
-    assert common._RLPLUS_FOCAL_POWER == RLPLUS_FOCAL_POWER
+    assert _loss_terms._RLPLUS_FOCAL_POWER == RLPLUS_FOCAL_POWER
     x = torch.tensor([0.0, 1e-30, 1e-6, 0.3, 0.5, 0.99, 1.0])
     for power in (RLPLUS_FOCAL_POWER, 0.25, 1.0, 2.0):
         out = torch.empty_like(x, device=triton_device)

@@ -10,7 +10,7 @@ import calibrl_kernels as ck
 from calibrl_kernels import reference
 
 pytest.importorskip("triton")
-from calibrl_kernels import group_stats  # noqa: E402  (after the triton check)
+from calibrl_kernels.triton import group_stats as triton_group_stats  # noqa: E402  (after the triton check)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -96,7 +96,7 @@ def test_num_groups_avoids_the_group_count_sync(triton_device, monkeypatch):
     def no_sync(run_index):
         raise AssertionError("group count read from the device although num_groups was given")
 
-    monkeypatch.setattr(group_stats, "_group_count", no_sync)
+    monkeypatch.setattr(triton_group_stats, "_group_count", no_sync)
     _assert_stats_equal(ck.group_advantages(scores, group_ids, is_expert=is_expert, num_groups=3), ref, torch.float32)
     with pytest.raises(AssertionError, match="group count read"):
         ck.group_advantages(scores, group_ids, is_expert=is_expert)
@@ -126,7 +126,7 @@ def test_num_groups_and_no_value_checks_run_no_host_synchronising_operator(dtype
     scores, group_ids, is_expert = _batch([4, 2, 3], triton_device, dtype, seed=4)
     monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "0")
     with _OperatorLog() as log:
-        stats = group_stats.group_advantages(scores, group_ids, is_expert, True, eps=1e-3, num_groups=3)
+        stats = triton_group_stats.group_advantages(scores, group_ids, is_expert, True, eps=1e-3, num_groups=3)
     synchronising = sorted({name for name in log.names if name.split("::")[-1].split(".")[0] in _HOST_SYNC_OPS})
     assert not synchronising, f"host-synchronising operators: {synchronising}"
     _assert_stats_equal(stats, reference.group_advantages(scores, group_ids, is_expert, True, eps=1e-3), dtype)
@@ -136,11 +136,11 @@ def test_num_groups_and_no_value_checks_run_no_host_synchronising_operator(dtype
 def test_num_groups_runs_without_cuda_synchronisation(monkeypatch):
     scores, group_ids, is_expert = _batch([4, 2, 3], "cuda", seed=5)
     monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "0")
-    group_stats.group_advantages(scores, group_ids, is_expert, True, num_groups=3)  # compiled before timing anything
+    triton_group_stats.group_advantages(scores, group_ids, is_expert, True, num_groups=3)  # compiled before timing anything
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        stats = group_stats.group_advantages(scores, group_ids, is_expert, True, num_groups=3)
+        stats = triton_group_stats.group_advantages(scores, group_ids, is_expert, True, num_groups=3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     _assert_stats_equal(stats, reference.group_advantages(scores, group_ids, is_expert, True), torch.float32)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("triton")
 from triton.runtime import interpreter  # noqa: E402
 
-from calibrl_kernels import _interpreter_compat  # noqa: E402
+from calibrl_kernels.triton import _interpreter_compat  # noqa: E402
 
 NUMPY_REFUSES_ONE_ELEMENT_ARRAYS = tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4)
 
@@ -62,9 +62,9 @@ def test_unknown_interpreter_layout_is_left_alone(monkeypatch):
 def test_fix_state_of_this_process_matches_the_running_triton():
     """Kernels built for the interpreter have the fix exactly when this triton needs it (triton 3.6 with
     NumPy >= 2.4 does, 3.9 does not); compiled kernels never touch the interpreter."""
-    from calibrl_kernels import _triton_common
+    from calibrl_kernels.triton import _launch
 
-    if not _triton_common.BUILT_FOR_INTERPRETER:
-        assert not _triton_common.INTERPRETER_INDEX_FIXED
+    if not _launch.BUILT_FOR_INTERPRETER:
+        assert not _launch.INTERPRETER_INDEX_FIXED
     else:
         assert not _interpreter_compat.needs_fix(), "after the kernels' import the interpreter converts scalars"

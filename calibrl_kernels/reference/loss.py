@@ -1,13 +1,9 @@
-"""Torch reference of every public op: the semantics all fused implementations must reproduce.
+"""Torch reference of the CalibRL loss (and GRPO / DAPO / Dr.GRPO / LUFFY / RL-PLUS): the semantics every fused
+backend reproduces, the aggregation modes, and the autograd oracle of the gradient coefficients.
 
-Written for clarity and exactness, not speed: logits are materialised, autograd provides the
-gradients. Computation is in float32 (float64 when the main input is float64, so ``gradcheck`` and
-1e-10 comparisons against hand-computed values work). These functions do not check the types, shapes
-or devices of their inputs (the public wrappers in ``calibrl_kernels.ops`` do, then dispatch here or to
-a fused backend); only the value checks that need a computed quantity (a group without on-policy rows,
-a group without exactly one expert) run here.
-
-Formulas: ``../shared/CALIBRL.md`` (paper arXiv 2602.20197 and the authors' verl-based code).
+Written for clarity and exactness, not speed: logits are materialised, autograd provides the gradients.
+Computation is in float32 (float64 when the main input is float64, so ``gradcheck`` and 1e-10 comparisons
+against hand-computed values work). Inputs are not checked here (``calibrl_kernels.ops`` does that).
 """
 
 from __future__ import annotations
@@ -17,207 +13,20 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _checks
-from .config import (
+from ..config import (
     AGG_EPS,
+    DEFAULT_CONFIG,
     LOG_RATIO_CLAMP,
     LUFFY_SHAPING_GAMMA,
     RLPLUS_FOCAL_POWER,
     RLPLUS_MIX,
     RLPLUS_OLD_WEIGHT,
     CalibRLConfig,
-    GroupStats,
     LossOutput,
 )
-
-_DEFAULT_CONFIG = CalibRLConfig()
-
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 when given float64, float32 otherwise (bf16/fp16 inputs are upcast)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from .logprobs import compute_dtype, linear_logits, token_logprobs
 
 
-def representable_temperature(temperature: float, dtype: torch.dtype) -> float:
-    """temperature clamped to the positive normal range of ``dtype`` (the compute dtype).
-
-    Dividing an fp32 tensor by 1e300 divides by inf (the scalar is rounded to fp32), which turns a -inf
-    logit into NaN; the clamped value gives the same logits / T wherever that quotient is representable
-    (T = 1e300 gives the uniform distribution, as the fp64 reference does)."""
-    info = torch.finfo(dtype)
-    return min(max(float(temperature), info.tiny), info.max)
-
-
-def inverse_temperature(temperature: float, dtype: torch.dtype = torch.float32) -> float:
-    """1 / temperature clamped to the positive normal range of ``dtype``, for kernels that multiply by it:
-    never 0 (x * 0 would turn a -inf logit into NaN) and never inf (it would turn a logit of 0 into NaN)."""
-    info = torch.finfo(dtype)
-    return min(max(1.0 / float(temperature), info.tiny), info.max)
-
-
-# --------------------------------------------------------------------------------------------
-# Token log-probs and entropy
-# --------------------------------------------------------------------------------------------
-def token_logprobs(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-):
-    """log softmax(logits / temperature)[target] and the entropy of that distribution.
-
-    logits (..., V), targets (...) -> logp (...) [, entropy (...)], float32 (float64 for float64 input).
-    Positions whose target is ``ignore_index`` are not read: logp = entropy = 0 and an exactly zero
-    gradient, whatever their logits hold (NaN padding included), as in the fused backends.
-    Entries of -inf in the logits (a masked vocabulary) are allowed; a row whose logits are ALL -inf
-    has no distribution, and a row holding a NaN or +inf logit none either: such a row's outputs and
-    gradient are NaN (as torch's log_softmax), other rows are unaffected.
-    """
-    targets = targets.long()  # compared as integers: uint8 targets never wrap ignore_index (-100 -> 156)
-    valid = targets != ignore_index  # (...)
-    dt = compute_dtype(logits)
-    z = logits.to(dt) / representable_temperature(temperature, dt)  # (..., V)
-    z = torch.where(valid.unsqueeze(-1), z, torch.zeros_like(z))  # ignored rows never read
-    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-    log_probs = torch.log_softmax(z, dim=-1)  # (..., V)
-    logp = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(valid, logp, torch.zeros_like(logp))
-    if not return_entropy:
-        return logp
-    # H = -sum_j p_j log p_j: every term is >= 0 (log_softmax <= 0), so H >= 0 even where lse - sum_j p_j z_j
-    # cancels (T = 1e-3: -2e-3); a -inf logit has p_j = 0 and contributes nothing (0 * -inf guarded, also in
-    # the gradient); a NaN row stays NaN.
-    probs = log_probs.exp()
-    entropy = -(probs * torch.where(probs > 0, log_probs, torch.zeros_like(log_probs))).sum(-1)
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-    return logp, entropy
-
-
-def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """hidden (..., D) @ weight (V, D)^T + bias (V,) in the compute dtype -> (..., V)."""
-    dt = compute_dtype(hidden)
-    logits = hidden.to(dt) @ weight.to(dt).t()
-    if bias is not None:
-        logits = logits + bias.to(dt)
-    return logits
-
-
-def linear_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-):
-    """token_logprobs of the lm_head logits, computed through explicit logits (the reference)."""
-    return token_logprobs(linear_logits(hidden, weight, bias), targets, temperature, ignore_index, return_entropy)
-
-
-# --------------------------------------------------------------------------------------------
-# Group statistics
-# --------------------------------------------------------------------------------------------
-def group_advantages(
-    scores: torch.Tensor,
-    group_ids: torch.Tensor,
-    is_expert: Optional[torch.Tensor] = None,
-    norm_by_std: bool = False,
-    eps: float = 1e-6,
-    pass_threshold: float = 0.1,
-    num_groups: Optional[int] = None,
-) -> GroupStats:
-    """Group mean / unbiased std / pass rate over on-policy rows, advantages for every row.
-
-    scores (B,) rewards, group_ids (B,) any integers, is_expert (B,) bool or None (all on-policy).
-    A group with one on-policy row uses mean 0 and std 1; a group with none raises ValueError.
-    num_groups (optional): the number of distinct ids, checked (value check) here; fused backends use
-    it to avoid a host synchronisation.
-    """
-    dt = compute_dtype(scores)
-    r = scores.to(dt)  # (B,)
-    on_policy = torch.ones_like(r, dtype=torch.bool) if is_expert is None else ~is_expert  # (B,)
-    group_keys, group_index = torch.unique(group_ids, sorted=True, return_inverse=True)  # (G,), (B,)
-    if num_groups is not None and _checks.value_checks_enabled():
-        _checks.check_num_groups(num_groups, group_keys.numel())
-    num_groups = group_keys.numel()
-    on_f = on_policy.to(dt)
-
-    def per_group_sum(values: torch.Tensor) -> torch.Tensor:  # (B,) -> (G,)
-        return torch.zeros(num_groups, dtype=values.dtype, device=r.device).index_add_(0, group_index, values)
-
-    count = per_group_sum(on_policy.long())  # (G,)
-    _checks.check_every_group_has_on_policy_rows(count, group_keys)
-    count_f = count.to(dt)
-    # Expert rows' scores are not read (where, not * on_f: a NaN expert score must not poison its group).
-    zero = torch.zeros((), dtype=dt, device=r.device)
-    raw_mean = per_group_sum(torch.where(on_policy, r, zero)) / count_f.clamp_min(1)  # (G,)
-    deviation = torch.where(on_policy, r - raw_mean[group_index], zero)  # (B,) two-pass variance for accuracy
-    raw_std = (per_group_sum(deviation * deviation) / (count_f - 1).clamp_min(1)).sqrt()
-    single = count <= 1
-    mean = torch.where(single, torch.zeros_like(raw_mean), raw_mean)  # (G,)
-    std = torch.where(single, torch.ones_like(raw_std), raw_std)  # (G,)
-    passed = r > pass_threshold  # (B,)
-    pass_rate = per_group_sum(passed.to(dt) * on_f) / count_f.clamp_min(1)  # (G,)
-    advantages = r - mean[group_index]  # (B,)
-    if norm_by_std:
-        advantages = advantages / (std[group_index] + eps)
-    return GroupStats(
-        advantages=advantages,
-        weights=advantages.abs(),
-        passed=passed,
-        mean=mean,
-        std=std,
-        pass_rate=pass_rate,
-        count=count,
-        group_index=group_index,
-        group_keys=group_keys,
-    )
-
-
-def expert_baseline(
-    old_logp: torch.Tensor,
-    mask: torch.Tensor,
-    group_ids: torch.Tensor,
-    is_expert: torch.Tensor,
-    kind: str = "position",
-    return_mask: bool = False,
-):
-    """The expert baseline b (B, T) of every row, from its group's expert row (exactly one per group).
-
-    kind="position" (authors' code): b[i, t] = old_logp[e, t] of the group's expert row e, and 0 past
-    the expert's length (mask[e, t] == 0). kind="sequence-mean": the expert's mean token log-prob,
-    the same value at every t. With return_mask, also the expert's token mask mask[e] (B, T) bool,
-    used by ``mask_beyond_expert``.
-    """
-    if kind not in ("position", "sequence-mean"):
-        raise ValueError(f"kind: expected 'position' or 'sequence-mean', got {kind!r}")
-    B, T = old_logp.shape
-    dt = compute_dtype(old_logp)
-    group_keys, group_index = torch.unique(group_ids, sorted=True, return_inverse=True)
-    expert_count = torch.zeros(group_keys.numel(), dtype=torch.long, device=old_logp.device)
-    expert_count.index_add_(0, group_index, is_expert.long())
-    _checks.check_one_expert_per_group(expert_count, group_keys)
-    rows = torch.arange(B, device=old_logp.device)
-    expert_row_of_group = torch.zeros(group_keys.numel(), dtype=torch.long, device=old_logp.device)
-    expert_row_of_group[group_index[is_expert]] = rows[is_expert]
-    expert_row = expert_row_of_group[group_index]  # (B,) the expert row of each row's group
-    expert_tokens = mask[expert_row] != 0  # (B, T)
-    expert_old = old_logp.detach().to(dt)[expert_row]  # (B, T)
-    zeros = torch.zeros_like(expert_old)
-    if kind == "position":
-        baseline = torch.where(expert_tokens, expert_old, zeros)
-    else:
-        m = expert_tokens.to(dt)
-        seq_mean = (torch.where(expert_tokens, expert_old, zeros)).sum(-1) / m.sum(-1).clamp_min(1)  # (B,)
-        baseline = seq_mean[:, None].expand(B, T).contiguous()
-    return (baseline, expert_tokens) if return_mask else baseline
-
-
-# --------------------------------------------------------------------------------------------
-# Aggregation
-# --------------------------------------------------------------------------------------------
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, loss_scale_factor: Optional[float] = None) -> torch.Tensor:
     """Reduce a (B, T) token term to a scalar over the tokens where mask != 0.
 
@@ -337,7 +146,7 @@ def calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
 ) -> LossOutput:
     """The CalibRL loss (and the baselines') from per-token log-probs; see CALIBRL.md sections 2-4.
 
@@ -417,7 +226,7 @@ def fused_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
     inplace_backward: bool = False,
 ) -> LossOutput:
     """Reference twin of the fused op: explicit log-softmax of logits (B, T, V), then calibrl_loss.
@@ -454,7 +263,7 @@ def fused_linear_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
 ) -> LossOutput:
     """Reference twin of the linear fused op: logits = hidden (B, T, D) @ weight (V, D)^T + bias."""
     return fused_calibrl_loss(
@@ -474,7 +283,7 @@ def gradient_coefficients(
     passed: Optional[torch.Tensor] = None,
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
 ) -> Tuple[LossOutput, torch.Tensor, torch.Tensor]:
     """The loss and the two per-token coefficients that define its gradient w.r.t. the logits.
 

@@ -9,29 +9,47 @@ Three regimes:
   the problem sizes. Launches that write into one of their own inputs (the in-place logits gradient)
   are never autotuned, since the tuner would run them several times over their own output.
 
-This module imports no triton at module level, so ``import calibrl_kernels`` never does.
+Also the one answer to "were this process's kernels built for the interpreter" (``BUILT_FOR_INTERPRETER``)
+and ``launch``, which every launcher calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import List, Optional
 
 import torch
+import triton
 
-from ._checks import env_flag
+from .._checks import env_flag
+from . import _interpreter_compat
+
+
+@triton.jit
+def _probe():
+    """An empty kernel whose type tells how triton built this module's kernels."""
+    pass
+
+
+# Whether the kernels of this process were built for the interpreter. Triton decides when a function is
+# decorated (at import of the kernel modules), from TRITON_INTERPRET at that moment: ask triton what it
+# built rather than reading the variable again, which may have changed since. Every other module (the
+# launch heuristics included: ``interpreting`` below) uses this value.
+BUILT_FOR_INTERPRETER = not isinstance(_probe, triton.runtime.JITFunction)
+# Triton 3.6's interpreter cannot take a scalar loop bound under NumPy >= 2.4; fixed here when (and only
+# when) the running triton has that defect (``_interpreter_compat``).
+INTERPRETER_INDEX_FIXED = BUILT_FOR_INTERPRETER and _interpreter_compat.install()
 
 
 def interpreting() -> bool:
     """Whether this process's Triton kernels run under the interpreter.
 
-    The one source of truth is ``_triton_common.BUILT_FOR_INTERPRETER``: triton reads TRITON_INTERPRET when
+    The one source of truth is ``BUILT_FOR_INTERPRETER``: triton reads TRITON_INTERPRET when
     a kernel is defined (at import of the kernel modules), so the variable's current value may no longer
     describe the kernels that will run. Only launchers call this, i.e. after the kernels were imported.
     """
-    from ._triton_common import BUILT_FOR_INTERPRETER
-
     return BUILT_FOR_INTERPRETER
 
 
@@ -141,7 +159,7 @@ def group_launch() -> GroupLaunch:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fused lm_head kernels (linear_triton.py): tiles of rows x vocabulary x hidden, and plain GEMMs
+# Fused lm_head kernels (triton/linear.py): tiles of rows x vocabulary x hidden, and plain GEMMs
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TileLaunch:
@@ -275,7 +293,7 @@ def linear_vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device)
 
 
 # Memory budget of the backward's logits-gradient chunk (rows x vocabulary columns, input dtype). The GPU
-# path's own constant: CALIBRL_CHUNK_BYTES (linear_cpu's budget) does not apply (linear_triton docstring).
+# path's own constant: CALIBRL_CHUNK_BYTES (chunked's budget) does not apply (triton/linear.py docstring).
 # 128 MiB = N D 2 at N = 16384, D = 4096: the chunk costs what dHidden costs; a smaller one adds fp32
 # dHidden accumulator traffic (N D 8 bytes per chunk) for little memory (the accumulator is N D 4 anyway).
 LINEAR_CHUNK_BYTES = 128 * 2 ** 20
@@ -292,3 +310,53 @@ def linear_chunk_columns(n_rows: int, vocab_size: int, element_bytes: int, block
     columns = LINEAR_CHUNK_BYTES // max(1, n_rows * element_bytes)
     columns = max(block_v, columns // block_v * block_v)
     return min(columns, -(-vocab_size // block_v) * block_v)
+
+
+# ==============================================================================================
+# Launching with a fixed configuration or, on request, with triton.autotune
+# ==============================================================================================
+_AUTOTUNED = {}
+
+
+def launch_device(kernel, kwargs: dict):
+    """The device of a launch: that of its tensor arguments, which must all be on one (None without any)."""
+    devices = {value.device for value in kwargs.values() if isinstance(value, torch.Tensor)}
+    if len(devices) > 1:
+        where = {name: str(value.device) for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+        raise ValueError(f"{kernel.__name__}: expected every tensor argument on one device, got {where}")
+    return next(iter(devices), None)
+
+
+def device_guard(device):
+    """Make ``device`` current for a launch on it: triton launches on the current CUDA device and its
+    current stream, so tensors on cuda:1 while cuda:0 is current would be read at the wrong addresses."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launch(kernel, grid, kwargs: dict, fixed: dict, tune_configs, tune_key, allow_autotune: bool = True) -> None:
+    """Launch ``kernel`` on ``grid`` with ``kwargs`` plus either the ``fixed`` meta-parameters
+    (dict with the kernel's block constexprs and num_warps / num_stages), or, when CALIBRL_AUTOTUNE=1
+    and ``allow_autotune``, the best of ``tune_configs`` (same dicts) chosen by triton.autotune keyed
+    on the argument names ``tune_key``. Runs on the device of the tensor arguments, made current for it.
+    """
+    with device_guard(launch_device(kernel, kwargs)):
+        _launch_on_current_device(kernel, grid, kwargs, fixed, tune_configs, tune_key, allow_autotune)
+
+
+def _launch_on_current_device(kernel, grid, kwargs, fixed, tune_configs, tune_key, allow_autotune) -> None:
+    if allow_autotune and autotune_enabled():
+        # One tuner per kernel and candidate list: the list depends on the dtype (and the device's shared
+        # memory), so a tuner made for bf16 must not serve fp32 calls. (triton's own cache inside a tuner
+        # also keys on the tensor arguments' dtypes besides ``tune_key``.)
+        cache_key = (kernel, tuple(tune_key), tuple(tuple(sorted(config.items())) for config in tune_configs))
+        if cache_key not in _AUTOTUNED:
+            configs = []
+            for config in tune_configs:
+                meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+                configs.append(triton.Config(meta, num_warps=config["num_warps"], num_stages=config["num_stages"]))
+            _AUTOTUNED[cache_key] = triton.autotune(configs=configs, key=list(tune_key))(kernel)
+        _AUTOTUNED[cache_key][grid](**kwargs)
+        return
+    kernel[grid](**kwargs, **fixed)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels import CalibRLConfig, _coefficients, reference
+from calibrl_kernels import CalibRLConfig, reference
+from calibrl_kernels.reference import coefficients
 
 F64 = torch.float64
 TOL = dict(rtol=0, atol=1e-10)
@@ -94,7 +95,7 @@ def test_dual_clip_off_is_plain_ppo_clipping():
     close(l_pg[:, 0], [-1.2, 5.0, 0.8, -1.2])  # (-1, 5): max(5, 1.2) = 5, no cap
     assert not clipped_lower.any()
     # the closed-form slope of the kernels: d l / d lp = -A rho where the unclipped branch wins
-    _, slope, _, _ = _coefficients.ppo_term_and_slope(logp, old, adv[:, None], config)
+    _, slope, _, _ = coefficients.ppo_term_and_slope(logp, old, adv[:, None], config)
     close(slope[:, 0], [0.0, 5.0, 0.0, 0.0])
 
 

@@ -5,13 +5,13 @@ For each chunk of n rows:
 
 1. logits chunk Z (n, V) = h (n, D) @ W^T (+ bias), one GEMM into a reused buffer,
 2. row math on Z (per row: log-sum-exp, entropy, target log-prob; for the loss also the closed-form
-   coefficients a = -dL/dlp, b = -dL/dH of ``_coefficients``), then the gradient formed in place:
+   coefficients a = -dL/dlp, b = -dL/dH of ``reference.coefficients``), then the gradient formed in place:
    dZ = [a (p - onehot(y)) + b p (z - lse + H)] / temperature,
 3. dHidden rows = dZ @ W and dWeight += dZ^T @ h (fp32 accumulation), dBias += sum over rows of dZ.
 
 The row math is pluggable (one driver, two implementations): ``TorchRowMath`` here (device-agnostic
-torch, a few chunk-sized temporaries) and the C++/OpenMP kernels of ``csrc/`` (``_cpp_backend``, one
-pass per row, no temporaries). Both fill the same row table (``_coefficients.ROW_FIELDS``).
+torch, a few chunk-sized temporaries) and the C++/OpenMP kernels of ``csrc/`` (``calibrl_kernels.cpu``, one
+pass per row, no temporaries). Both fill the same row table (``reference.coefficients.ROW_FIELDS``).
 
 The loss computes its gradients during the forward (the coefficients are known there) and backward
 only scales them by the incoming gradient (in fp32, before the one cast of 16-bit gradients). ``linear_token_logprobs`` cannot: its a, b are the incoming
@@ -41,7 +41,7 @@ with the C++ row math the extra memory of the step is ``rows * V * 4`` bytes (29
 rows; 62 MiB at V 32000) plus a (N, 16) row table, beyond the (N, D) and (V, D) fp32 gradient
 accumulators, which are the gradients returned for fp32 inputs. This budget belongs to this chunked path
 only, i.e. the cpp and torch backends (CPU tensors by default); the Triton GPU path sizes its own chunks
-(``_heuristics.LINEAR_CHUNK_BYTES``) and ignores it. fp32 / fp64 inputs are used in place (the GEMMs read
+(``triton._launch.LINEAR_CHUNK_BYTES``) and ignores it. fp32 / fp64 inputs are used in place (the GEMMs read
 them directly); bf16 / fp16 inputs are upcast per chunk (rows of hidden) and per vocabulary block (rows of
 the weight; the budget is then split in halves between the logits chunk and the weight block), so
 statistics and every GEMM accumulate in fp32; dHidden and dWeight are accumulated in fp32 (N, D) and
@@ -62,9 +62,9 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import _coefficients as coef
+from .reference import coefficients as coef
 from ._autograd import first_order_only
-from .config import CalibRLConfig, LossOutput
+from .config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
 from .reference import compute_dtype, inverse_temperature
 
 ROW = coef.ROW
@@ -72,7 +72,6 @@ ENV_CHUNK_BYTES = "CALIBRL_CHUNK_BYTES"
 GEMM_KNEE_ROWS = 512  # rows at which the chunk GEMMs reach their plateau rate (module docstring)
 _DEFAULT_BUDGET_FRACTION = 16  # the default budget is 1/16 of the machine's memory ...
 _DEFAULT_BUDGET_BOUNDS = (64 * 2**20, 2**30)  # ... between 64 MiB and 1 GiB
-_DEFAULT_CONFIG = CalibRLConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,7 +477,7 @@ def fused_linear_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
     row_math=TORCH_ROW_MATH,
     chunk_bytes: Optional[int] = None,
 ) -> LossOutput:

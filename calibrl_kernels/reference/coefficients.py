@@ -17,7 +17,7 @@ the test oracle.
 
 Fused implementations work on flat token tables so that a row chunk needs only slices:
 ``token_table`` packs the per-token inputs (TOKEN_FIELDS, one row per token) and every row kernel
-fills a row table (ROW_FIELDS). The C++ kernels (csrc/cpu_ops.h) use the same column layout.
+fills a row table (ROW_FIELDS). The C++ kernels (cpu/csrc/cpu_ops.h) use the same column layout.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import reference
-from .config import (
+from ..config import (
     LOG_RATIO_CLAMP,
     LUFFY_SHAPING_GAMMA,
     RLPLUS_FOCAL_POWER,
@@ -36,6 +35,8 @@ from .config import (
     CalibRLConfig,
     LossOutput,
 )
+from .logprobs import compute_dtype
+from .loss import aggregation_weights
 
 # Columns of the token table (N, len(TOKEN_FIELDS)): per-token inputs of the loss, compute dtype.
 TOKEN_FIELDS = (
@@ -98,18 +99,18 @@ def token_weights(
         on_policy_m = m * (~is_expert)[:, None].to(dtype)  # (B, T)
     loss_m = m if config.keeps_expert_rows else on_policy_m
     agg_mode, scale = config.loss_agg_mode, config.loss_scale_factor
-    loss_c = reference.aggregation_weights(loss_m, agg_mode, scale, dtype)
+    loss_c = aggregation_weights(loss_m, agg_mode, scale, dtype)
     if not config.uses_guide:
         guide_c = torch.zeros_like(m)
     elif config.mask_beyond_expert:
-        guide_c = reference.aggregation_weights(on_policy_m * (expert_mask != 0).to(dtype), agg_mode, scale, dtype)
+        guide_c = aggregation_weights(on_policy_m * (expert_mask != 0).to(dtype), agg_mode, scale, dtype)
     else:
-        guide_c = reference.aggregation_weights(on_policy_m, agg_mode, scale, dtype)
+        guide_c = aggregation_weights(on_policy_m, agg_mode, scale, dtype)
     return TokenWeights(
         loss=loss_c,
         guide=guide_c,
-        entropy_metric=reference.aggregation_weights(on_policy_m, "token-mean", None, dtype),
-        all_tokens=reference.aggregation_weights(m, "token-mean", None, dtype),
+        entropy_metric=aggregation_weights(on_policy_m, "token-mean", None, dtype),
+        all_tokens=aggregation_weights(m, "token-mean", None, dtype),
     )
 
 
@@ -344,7 +345,7 @@ def closed_form_coefficients(
     config: CalibRLConfig = CalibRLConfig(),
 ):
     """The closed-form twin of ``reference.gradient_coefficients``: (LossOutput, a (B, T), b (B, T))."""
-    dtype = reference.compute_dtype(logp)
+    dtype = compute_dtype(logp)
     B, T = logp.shape
     table = token_table(
         old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,

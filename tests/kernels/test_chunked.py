@@ -1,4 +1,4 @@
-"""The chunked lm_head path (calibrl_kernels.linear_cpu) with both row maths, against the reference.
+"""The chunked lm_head path (calibrl_kernels.chunked) with both row maths, against the reference.
 
 The reference goes through explicit (N, V) logits; the chunked path must match it on values and on
 the gradients of hidden, weight and bias, for every mode / activation / aggregation / baseline, and
@@ -8,7 +8,7 @@ must never allocate an (N, V) tensor.
 import pytest
 import torch
 
-from calibrl_kernels import _dispatch, linear_cpu, ops, reference
+from calibrl_kernels import _dispatch, chunked, ops, reference
 from calibrl_kernels.config import CalibRLConfig
 
 from _cpu_helpers import (
@@ -20,8 +20,8 @@ from _cpu_helpers import (
 @pytest.fixture(scope="module", params=["torch", "cpp"])
 def row_math(request):
     if request.param == "torch":
-        return linear_cpu.TORCH_ROW_MATH
-    from calibrl_kernels._cpp_backend import CppRowMath
+        return chunked.TORCH_ROW_MATH
+    from calibrl_kernels.cpu._rows import CppRowMath
 
     return CppRowMath(cpp_module_or_skip())
 
@@ -31,7 +31,7 @@ def _chunked(row_math, rows=7):
     budget = rows * 67 * 8 * row_math.buffers_per_chunk
 
     def fn(*args, **kwargs):
-        return linear_cpu.fused_linear_calibrl_loss(*args, row_math=row_math, chunk_bytes=budget, **kwargs)
+        return chunked.fused_linear_calibrl_loss(*args, row_math=row_math, chunk_bytes=budget, **kwargs)
     return fn
 
 
@@ -40,7 +40,7 @@ def test_loss_matches_reference_fp64_every_config(row_math, name):
     config = CONFIGS[name].replace(temperature=0.7 if "options" in name else 1.0)
     case = make_linear_case(config, seed=len(name))
     ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config)
-    with linear_cpu.record_chunks() as chunks:
+    with chunked.record_chunks() as chunks:
         out, grads = loss_and_grads(_chunked(row_math), case, config)
     assert len(chunks) == 1 and chunks[0].rows < case.targets.numel(), "the case should run in several chunks"
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12, what=name)
@@ -73,8 +73,8 @@ def test_loss_bf16_no_worse_than_reference_in_bf16(row_math, mode):
     exact, exact_grads = loss_and_grads(reference.fused_linear_calibrl_loss, upcast_leaves(case), config)
     ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config)
     # A small budget: several row chunks and several upcast blocks of the bf16 weight.
-    with linear_cpu.record_chunks() as chunks:
-        out, grads = loss_and_grads(linear_cpu.fused_linear_calibrl_loss, case, config, row_math=row_math,
+    with chunked.record_chunks() as chunks:
+        out, grads = loss_and_grads(chunked.fused_linear_calibrl_loss, case, config, row_math=row_math,
                                     chunk_bytes=64 * 1024)
     assert chunks[0].weight_block_rows < 600
     for name in ("loss", "pg_loss", "guide_loss", "entropy"):
@@ -98,7 +98,7 @@ def test_single_token(row_math, config):
     kw = dict(bias=bias, expert_logp=torch.tensor([[-2.0]], dtype=torch.float64), passed=torch.tensor([True]),
               config=config)
     ref = reference.fused_linear_calibrl_loss(*args, **kw)
-    out = linear_cpu.fused_linear_calibrl_loss(*args, row_math=row_math, **kw)
+    out = chunked.fused_linear_calibrl_loss(*args, row_math=row_math, **kw)
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
     for got, want in zip(torch.autograd.grad(out.loss, (hidden, weight, bias)),
                          torch.autograd.grad(ref.loss, (hidden, weight, bias))):
@@ -146,8 +146,8 @@ def test_linear_token_logprobs_values_and_gradients(row_math, dtype, flat):
 
     ex_lp, ex_ent, ex_grads = run(ex_hidden, exact.weight, exact.bias, fn=reference.linear_token_logprobs)
     ref_lp, ref_ent, ref_grads = run(hidden, case.weight, case.bias, fn=reference.linear_token_logprobs)
-    with linear_cpu.record_chunks() as chunks:
-        lp, ent, grads = run(hidden, case.weight, case.bias, fn=linear_cpu.linear_token_logprobs, row_math=row_math,
+    with chunked.record_chunks() as chunks:
+        lp, ent, grads = run(hidden, case.weight, case.bias, fn=chunked.linear_token_logprobs, row_math=row_math,
                              chunk_bytes=5 * 531 * 4 * row_math.buffers_per_chunk)
     assert len(chunks) == 2 and chunks[0].rows < targets.numel()  # forward + recomputing backward
     assert lp.shape == targets.shape and lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -160,14 +160,14 @@ def test_linear_token_logprobs_values_and_gradients(row_math, dtype, flat):
 
 def test_linear_token_logprobs_logp_only_and_no_grad(row_math):
     case = make_linear_case(CalibRLConfig(), V=90, seed=12)
-    logp = linear_cpu.linear_token_logprobs(case.hidden, case.weight, case.targets, case.bias, row_math=row_math)
+    logp = chunked.linear_token_logprobs(case.hidden, case.weight, case.targets, case.bias, row_math=row_math)
     ref = reference.linear_token_logprobs(case.hidden, case.weight, case.targets, case.bias)
     got = torch.autograd.grad(logp.sum(), case.leaves())
     want = torch.autograd.grad(ref.sum(), case.leaves())
     for g, w in zip(got, want):
         assert max_rel_error(g, w) < 1e-10
     with torch.no_grad():
-        logp2 = linear_cpu.linear_token_logprobs(case.hidden, case.weight, case.targets, case.bias, row_math=row_math)
+        logp2 = chunked.linear_token_logprobs(case.hidden, case.weight, case.targets, case.bias, row_math=row_math)
     assert not logp2.requires_grad
     torch.testing.assert_close(logp2, logp.detach(), rtol=0, atol=0)
 
@@ -176,21 +176,21 @@ def test_gradients_skipped_when_nothing_requires_grad(row_math, monkeypatch):
     config = CalibRLConfig()
     case = make_linear_case(config, seed=13)
     built = []
-    original = linear_cpu._Gradients.__init__
+    original = chunked._Gradients.__init__
 
     def spy(self, *args):
         built.append(args[1:])
         original(self, *args)
 
-    monkeypatch.setattr(linear_cpu._Gradients, "__init__", spy)
+    monkeypatch.setattr(chunked._Gradients, "__init__", spy)
     b = case.batch
     with torch.no_grad():
-        out = linear_cpu.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages,
+        out = chunked.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages,
                                                    b.mask, bias=case.bias, row_math=row_math, **b.kwargs(config))
     assert built == [] and not out.loss.requires_grad
     # Only the weight requires grad: only its gradient buffer is built.
     hidden = case.hidden.detach()
-    out = linear_cpu.fused_linear_calibrl_loss(hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
+    out = chunked.fused_linear_calibrl_loss(hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
                                                row_math=row_math, **b.kwargs(config))
     assert built == [(False, True, False)]
     (grad_w,) = torch.autograd.grad(out.loss, (case.weight,))
@@ -205,11 +205,11 @@ def test_backward_accumulates_and_refuses_a_second_pass(row_math):
     b = case.batch
     args = (case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask)
     for _ in range(2):
-        linear_cpu.fused_linear_calibrl_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config)).loss.backward()
+        chunked.fused_linear_calibrl_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config)).loss.backward()
     _, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config)
     for leaf, want in zip(case.leaves(), ref_grads):
         assert max_rel_error(leaf.grad, 2 * want) < 1e-10
-    out = linear_cpu.fused_linear_calibrl_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config))
+    out = chunked.fused_linear_calibrl_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config))
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.loss.backward()
@@ -225,15 +225,15 @@ def test_never_allocates_n_by_v(row_math):
     budget = 128 * 1024
     assert logits_bytes > 4 * budget
     b = case.batch
-    with linear_cpu.record_chunks() as chunks, torch.profiler.profile(
+    with chunked.record_chunks() as chunks, torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
-        out = linear_cpu.fused_linear_calibrl_loss(
+        out = chunked.fused_linear_calibrl_loss(
             case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, row_math=row_math,
             chunk_bytes=budget, **b.kwargs(config),
         )
         out.loss.backward()
-        logp = linear_cpu.linear_token_logprobs(case.hidden, case.weight, case.targets, row_math=row_math,
+        logp = chunked.linear_token_logprobs(case.hidden, case.weight, case.targets, row_math=row_math,
                                                 chunk_bytes=budget)
         logp.sum().backward()
     assert len(chunks) == 3
@@ -245,54 +245,54 @@ def test_never_allocates_n_by_v(row_math):
 
 
 def test_chunk_budget_sources_and_validation(monkeypatch):
-    monkeypatch.delenv(linear_cpu.ENV_CHUNK_BYTES, raising=False)
-    assert linear_cpu.chunk_budget() == linear_cpu.default_chunk_bytes()
-    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, "1e6")
-    assert linear_cpu.chunk_budget() == 1_000_000
-    assert linear_cpu.chunk_budget(4096) == 4096
-    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, "lots")
+    monkeypatch.delenv(chunked.ENV_CHUNK_BYTES, raising=False)
+    assert chunked.chunk_budget() == chunked.default_chunk_bytes()
+    monkeypatch.setenv(chunked.ENV_CHUNK_BYTES, "1e6")
+    assert chunked.chunk_budget() == 1_000_000
+    assert chunked.chunk_budget(4096) == 4096
+    monkeypatch.setenv(chunked.ENV_CHUNK_BYTES, "lots")
     with pytest.raises(ValueError, match="CALIBRL_CHUNK_BYTES"):
-        linear_cpu.chunk_budget()
+        chunked.chunk_budget()
     with pytest.raises(ValueError, match="chunk_bytes"):
-        linear_cpu.chunk_budget(0)
+        chunked.chunk_budget(0)
     # Chunks stay under the budget, even, and on 16-row tiles where possible.
-    assert linear_cpu.rows_per_chunk(2048, 32000, 4, 1, 32 * 2**20) == 256
-    assert linear_cpu.rows_per_chunk(2048, 32000, 4, 1, 48 * 2**20) == 352  # 6 chunks, not 5 x 384 + 128
-    assert linear_cpu.rows_per_chunk(100, 10, 4, 1, 10 * 40) == 10
-    assert linear_cpu.rows_per_chunk(30, 67, 8, 4, 7 * 67 * 8 * 4) == 6  # 5 even chunks of 6 rows
-    assert linear_cpu.rows_per_chunk(3, 151936, 4, 1, 1) == 1
-    assert linear_cpu.rows_per_chunk(5, 10, 4, 1, 10**9) == 5
+    assert chunked.rows_per_chunk(2048, 32000, 4, 1, 32 * 2**20) == 256
+    assert chunked.rows_per_chunk(2048, 32000, 4, 1, 48 * 2**20) == 352  # 6 chunks, not 5 x 384 + 128
+    assert chunked.rows_per_chunk(100, 10, 4, 1, 10 * 40) == 10
+    assert chunked.rows_per_chunk(30, 67, 8, 4, 7 * 67 * 8 * 4) == 6  # 5 even chunks of 6 rows
+    assert chunked.rows_per_chunk(3, 151936, 4, 1, 1) == 1
+    assert chunked.rows_per_chunk(5, 10, 4, 1, 10**9) == 5
     # With room in the budget: N // 512 chunks of 512 to 1023 rows (the GEMMs' knee), never fewer rows.
     gib = 2**30
-    assert linear_cpu.rows_per_chunk(8192, 151936, 4, 1, gib) == 512  # 16 chunks, 297 MiB
-    assert linear_cpu.rows_per_chunk(2048, 32000, 4, 1, gib) == 512
-    assert linear_cpu.rows_per_chunk(1023, 151936, 4, 1, gib) == 1023  # one chunk, not 2 x 512
-    assert linear_cpu.rows_per_chunk(1100, 32000, 4, 1, gib) == 560  # 2 even chunks on 16-row tiles
-    assert linear_cpu.rows_per_chunk(8192, 151936, 4, 4, gib) == 432  # torch row math: the budget binds (441)
-    assert linear_cpu.rows_per_chunk(4096, 64, 8, 1, gib, knee=100) == 112  # 40 chunks of 103 -> 112
+    assert chunked.rows_per_chunk(8192, 151936, 4, 1, gib) == 512  # 16 chunks, 297 MiB
+    assert chunked.rows_per_chunk(2048, 32000, 4, 1, gib) == 512
+    assert chunked.rows_per_chunk(1023, 151936, 4, 1, gib) == 1023  # one chunk, not 2 x 512
+    assert chunked.rows_per_chunk(1100, 32000, 4, 1, gib) == 560  # 2 even chunks on 16-row tiles
+    assert chunked.rows_per_chunk(8192, 151936, 4, 4, gib) == 432  # torch row math: the budget binds (441)
+    assert chunked.rows_per_chunk(4096, 64, 8, 1, gib, knee=100) == 112  # 40 chunks of 103 -> 112
     for n in (1, 511, 512, 1024, 1500, 8192, 10**5):
-        rows = linear_cpu.rows_per_chunk(n, 151936, 4, 1, gib)
+        rows = chunked.rows_per_chunk(n, 151936, 4, 1, gib)
         assert rows * 151936 * 4 <= gib and (rows == n or 512 <= rows < 1024)
 
 
 def test_default_chunk_budget_is_a_bounded_fraction_of_memory(monkeypatch):
-    memory = linear_cpu._memory_bytes()
+    memory = chunked._memory_bytes()
     assert memory is not None and memory > 0  # Linux: a cgroup limit or the physical memory
-    linear_cpu.default_chunk_bytes.cache_clear()
+    chunked.default_chunk_bytes.cache_clear()
     try:
-        monkeypatch.setattr(linear_cpu, "_memory_bytes", lambda: 24 * 2**30)
-        assert linear_cpu.default_chunk_bytes() == 2**30  # capped
-        linear_cpu.default_chunk_bytes.cache_clear()
-        monkeypatch.setattr(linear_cpu, "_memory_bytes", lambda: 4 * 2**30)
-        assert linear_cpu.default_chunk_bytes() == 256 * 2**20  # 1/16
-        linear_cpu.default_chunk_bytes.cache_clear()
-        monkeypatch.setattr(linear_cpu, "_memory_bytes", lambda: 2**29)
-        assert linear_cpu.default_chunk_bytes() == 64 * 2**20  # floor
-        linear_cpu.default_chunk_bytes.cache_clear()
-        monkeypatch.setattr(linear_cpu, "_memory_bytes", lambda: None)
-        assert linear_cpu.default_chunk_bytes() == 2**30
+        monkeypatch.setattr(chunked, "_memory_bytes", lambda: 24 * 2**30)
+        assert chunked.default_chunk_bytes() == 2**30  # capped
+        chunked.default_chunk_bytes.cache_clear()
+        monkeypatch.setattr(chunked, "_memory_bytes", lambda: 4 * 2**30)
+        assert chunked.default_chunk_bytes() == 256 * 2**20  # 1/16
+        chunked.default_chunk_bytes.cache_clear()
+        monkeypatch.setattr(chunked, "_memory_bytes", lambda: 2**29)
+        assert chunked.default_chunk_bytes() == 64 * 2**20  # floor
+        chunked.default_chunk_bytes.cache_clear()
+        monkeypatch.setattr(chunked, "_memory_bytes", lambda: None)
+        assert chunked.default_chunk_bytes() == 2**30
     finally:
-        linear_cpu.default_chunk_bytes.cache_clear()
+        chunked.default_chunk_bytes.cache_clear()
 
 
 def test_strided_hidden_and_int32_targets(row_math):
@@ -305,7 +305,7 @@ def test_strided_hidden_and_int32_targets(row_math):
     kw = dict(bias=case.bias, **b.kwargs(config))
     ref = reference.fused_linear_calibrl_loss(wide[:, 1:-2], case.weight, case.targets, b.old_logp, b.advantages,
                                               b.mask, **kw)
-    out = linear_cpu.fused_linear_calibrl_loss(wide[:, 1:-2], case.weight, case.targets.int(), b.old_logp,
+    out = chunked.fused_linear_calibrl_loss(wide[:, 1:-2], case.weight, case.targets.int(), b.old_logp,
                                                b.advantages, b.mask, row_math=row_math, **kw)
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
     (want,) = torch.autograd.grad(ref.loss, (wide,))
@@ -318,8 +318,8 @@ def test_public_ops_dispatch_to_the_chunked_path(monkeypatch):
     case = make_linear_case(config, seed=16)
     b = case.batch
     monkeypatch.setenv("CALIBRL_IMPL", "torch")
-    assert _dispatch.implementation("fused_linear_calibrl_loss", torch.device("cpu")) is linear_cpu.fused_linear_calibrl_loss
-    assert _dispatch.implementation("linear_token_logprobs", torch.device("cpu")) is linear_cpu.linear_token_logprobs
+    assert _dispatch.implementation("fused_linear_calibrl_loss", torch.device("cpu")) is chunked.fused_linear_calibrl_loss
+    assert _dispatch.implementation("linear_token_logprobs", torch.device("cpu")) is chunked.linear_token_logprobs
     out = ops.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
                                         bias=case.bias, **b.kwargs(config))
     ref = reference.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
@@ -332,16 +332,16 @@ def test_gradients_are_handed_over_without_a_copy(row_math, monkeypatch):
     config = CalibRLConfig(mode="grpo")
     case = make_linear_case(config, dtype=torch.float32, bias=False, seed=17)
     buffers = []
-    original = linear_cpu._Gradients.finish
+    original = chunked._Gradients.finish
 
     def spy(self, *args):
         result = original(self, *args)
         buffers.append([t.data_ptr() for t in result if t is not None])
         return result
 
-    monkeypatch.setattr(linear_cpu._Gradients, "finish", spy)
+    monkeypatch.setattr(chunked._Gradients, "finish", spy)
     b = case.batch
-    out = linear_cpu.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
+    out = chunked.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
                                                row_math=row_math, config=config)
     out.loss.backward()
     assert buffers == [[case.hidden.grad.data_ptr(), case.weight.grad.data_ptr()]]
@@ -362,7 +362,7 @@ def test_second_order_gradients_raise(row_math, op):
         return fn(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias,
                   **b.kwargs(config)).loss
 
-    ours = getattr(linear_cpu, op)
+    ours = getattr(chunked, op)
     want = torch.autograd.grad(run(getattr(reference, op)), case.leaves())
     grads = torch.autograd.grad(run(lambda *a, **k: ours(*a, row_math=row_math, **k)), case.leaves(),
                                 create_graph=True)
@@ -375,7 +375,7 @@ def test_second_order_gradients_raise(row_math, op):
 def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
     """A masked token (a = b = 0) gets an exactly zero gradient row, even when its logits are all -inf
     (which used to give NaN: 0 * NaN); an ignored target too. Other rows are untouched."""
-    from calibrl_kernels import _coefficients
+    from calibrl_kernels.reference import coefficients
 
     config = CalibRLConfig(entropy_coef=0.1)
     g = torch.Generator().manual_seed(19)
@@ -383,7 +383,7 @@ def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
     logits = torch.randn(4, V, generator=g, dtype=torch.float64) * 2
     targets = torch.tensor([3, 7, 11, -100])
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64) * (targets != -100)
-    table = _coefficients.token_table(
+    table = coefficients.token_table(
         -torch.rand(1, 4, generator=g, dtype=torch.float64), torch.tensor([0.8], dtype=torch.float64), mask,
         expert_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64), passed=torch.tensor([True]),
         is_expert=None, expert_mask=None, config=config, dtype=torch.float64,
@@ -391,7 +391,7 @@ def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
 
     def gradient(chunk):
         chunk = chunk.clone()
-        rows = torch.zeros(4, len(_coefficients.ROW_FIELDS), dtype=torch.float64)
+        rows = torch.zeros(4, len(coefficients.ROW_FIELDS), dtype=torch.float64)
         row_math.loss(chunk, targets, table, rows, config, 1 / 0.9, -100, True)
         return chunk, rows
 
@@ -399,13 +399,13 @@ def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
     padded = logits.clone()
     padded[2] = float("-inf")
     grad, rows = gradient(padded)
-    assert rows[2, _coefficients.ROW["coef_a"]] == 0 and rows[2, _coefficients.ROW["coef_b"]] == 0
+    assert rows[2, coefficients.ROW["coef_a"]] == 0 and rows[2, coefficients.ROW["coef_b"]] == 0
     assert torch.isfinite(grad).all()
     assert torch.equal(grad[2:], torch.zeros_like(grad[2:]))
     assert torch.equal(grad[:2], finite[:2]) and bool((grad[:2] != 0).any())
     # The backward-only entry (linear_token_logprobs) with zero incoming gradients on the padded row.
-    rows[:, _coefficients.ROW["coef_a"]] = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
-    rows[:, _coefficients.ROW["coef_b"]] = torch.tensor([0.0, 0.3, 0.0, 1.0], dtype=torch.float64)
+    rows[:, coefficients.ROW["coef_a"]] = torch.tensor([0.5, -1.0, 0.0, 2.0], dtype=torch.float64)
+    rows[:, coefficients.ROW["coef_b"]] = torch.tensor([0.0, 0.3, 0.0, 1.0], dtype=torch.float64)
     chunk = padded.clone()
     row_math.gradient(chunk, targets, rows, 1 / 0.9, -100)
     assert torch.isfinite(chunk).all() and torch.equal(chunk[2:], torch.zeros_like(chunk[2:]))
@@ -427,7 +427,7 @@ def test_bf16_gradients_are_rounded_once_under_a_scaled_backward(row_math, scale
     case = make_linear_case(config, V=600, D=24, dtype=torch.bfloat16, seed=5)
     exact, exact_grads = loss_and_grads(reference.fused_linear_calibrl_loss, upcast_leaves(case), config, scale=scale)
     ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config, scale=scale)
-    out, grads = loss_and_grads(linear_cpu.fused_linear_calibrl_loss, case, config, scale=scale, row_math=row_math,
+    out, grads = loss_and_grads(chunked.fused_linear_calibrl_loss, case, config, scale=scale, row_math=row_math,
                                 chunk_bytes=64 * 1024)
     for got, want, base, name in zip(grads, exact_grads, ref_grads, ("hidden", "weight", "bias")):
         assert got.dtype == torch.bfloat16, name
@@ -439,8 +439,8 @@ def test_bf16_gradients_are_rounded_once_under_a_scaled_backward(row_math, scale
 
 @pytest.mark.parametrize("raw, expected", [("4096", 4096), (" 1e6 ", 1_000_000), ("1_048_576", 2**20), ("2.0e3", 2000)])
 def test_chunk_bytes_env_accepts_whole_numbers(monkeypatch, raw, expected):
-    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, raw)
-    assert linear_cpu.chunk_budget() == expected
+    monkeypatch.setenv(chunked.ENV_CHUNK_BYTES, raw)
+    assert chunked.chunk_budget() == expected
 
 
 @pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "1e400", "0.5", "1.9", "0", "-4096", "lots", "12 MB"])
@@ -449,17 +449,17 @@ def test_chunk_bytes_env_rejects_the_rest_quoting_it(monkeypatch, raw):
     OverflowError, 0.5 to report 'got 0', 1.9 to run silently with 1 byte)."""
     import re
 
-    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, raw)
+    monkeypatch.setenv(chunked.ENV_CHUNK_BYTES, raw)
     with pytest.raises(ValueError, match=f"CALIBRL_CHUNK_BYTES.*{re.escape(repr(raw))}"):
-        linear_cpu.chunk_budget()
+        chunked.chunk_budget()
 
 
 def test_chunk_bytes_argument_validation(monkeypatch):
-    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, "1.9")  # an explicit argument wins: the env is not read
-    assert linear_cpu.chunk_budget(4096) == 4096
+    monkeypatch.setenv(chunked.ENV_CHUNK_BYTES, "1.9")  # an explicit argument wins: the env is not read
+    assert chunked.chunk_budget(4096) == 4096
     for bad in (1.9, 4096.0, "4096", True):
         with pytest.raises(TypeError, match="chunk_bytes"):
-            linear_cpu.chunk_budget(bad)
+            chunked.chunk_budget(bad)
     for bad in (0, -1):
         with pytest.raises(ValueError, match="chunk_bytes.*got " + str(bad)):
-            linear_cpu.chunk_budget(bad)
+            chunked.chunk_budget(bad)

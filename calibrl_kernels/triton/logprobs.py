@@ -2,13 +2,13 @@
 
 Forward: each program takes BLOCK_N token rows (1 for real vocabularies on a GPU) and streams their V
 logits in [BLOCK_N, BLOCK_V] tiles, keeping an online max /
-sum-exp / shifted sum(z e) in fp32 (``_triton_common.online_softmax_update``), so the row is read
+sum-exp / shifted sum(z e) in fp32 (``_softmax.online_softmax_update``), so the row is read
 exactly once; logp = z_y - lse and H = lse - sum_j p_j z_j come out per row, plus lse for the backward.
 
 Backward: the upstream gradients give two coefficients per row, a = -dL/dlogp and b = -dL/dH, and
 ``_logits_grad_kernel`` streams the row again writing dL/dlogits = (a (p - onehot(y)) + b p (z - lse + H))
 / temperature tile by tile (one read, one write). The same kernel produces the gradient of the fused
-CalibRL loss (``calibrl_loss_triton.py``), whose coefficients come from the loss in closed form, optionally
+CalibRL loss (``triton/loss.py``), whose coefficients come from the loss in closed form, optionally
 writing it over the logits buffer.
 
 Logits may be (N, V) or (B, T, V) with any batch / time strides (offsets in int64); a last dimension
@@ -23,17 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _heuristics, reference
-from .reference import inverse_temperature
-from ._autograd import first_order_only
-from ._triton_common import (
-    cast_for_store,
-    gradient_row_inputs,
-    launch,
-    logits_grad_tile,
-    logits_row_statistics,
-    token_row_pointers,
-)
+from .. import reference
+from . import _launch
+from ..reference import inverse_temperature
+from .._autograd import first_order_only
+from ._launch import launch
+from ._softmax import cast_for_store, gradient_row_inputs, logits_grad_tile, logits_row_statistics, token_row_pointers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +134,8 @@ def common_stride(*stats: torch.Tensor) -> int:
 
 def row_kernel_launch(vocab_size: int, n_rows: int):
     """(grid, BLOCK_N, fixed meta-parameters, autotune configs) of the per-row logits kernels."""
-    config = _heuristics.row_launch(vocab_size)
-    return (triton.cdiv(n_rows, config.block_n),), config.block_n, config.meta(), _heuristics.row_autotune_configs()
+    config = _launch.row_launch(vocab_size)
+    return (triton.cdiv(n_rows, config.block_n),), config.block_n, config.meta(), _launch.row_autotune_configs()
 
 
 def logprob_entropy_forward(

@@ -95,9 +95,9 @@ def test_logits_module_inplace_backward(monkeypatch):
 def test_linear_module_chunk_bytes_option(monkeypatch):
     """LinearCalibRLLoss(chunk_bytes=...) sets the CPU chunked path's budget for its calls (over the
     environment variable), is validated at construction, and does not leak into other calls."""
-    from calibrl_kernels import linear_cpu
+    from calibrl_kernels import chunked
 
-    monkeypatch.setenv(linear_cpu.ENV_CHUNK_BYTES, str(10**9))
+    monkeypatch.setenv(chunked.ENV_CHUNK_BYTES, str(10**9))
     config = ck.CalibRLConfig()
     case = make_linear_case(config, seed=23)
     b = case.batch
@@ -108,14 +108,14 @@ def test_linear_module_chunk_bytes_option(monkeypatch):
     budget = 3 * V * 8 * 4  # a few fp64 rows per chunk (3 with the torch row math's 4 buffers, 12 with C++)
     module = ck.LinearCalibRLLoss(config, chunk_bytes=budget)
     assert f"chunk_bytes={budget}" in repr(module)
-    with linear_cpu.record_chunks() as chunks:
+    with chunked.record_chunks() as chunks:
         out = module(*args, **fields)
         ck.fused_linear_calibrl_loss(*args, **fields, config=config)  # not the module: the env's budget
     n_rows = case.targets.numel()
     assert chunks[0].bytes <= budget and chunks[0].rows < n_rows and chunks[1].rows == n_rows
     ref = reference.fused_linear_calibrl_loss(*args, **fields, config=config)
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
-    assert linear_cpu.chunk_budget() == 10**9
+    assert chunked.chunk_budget() == 10**9
     with pytest.raises(ValueError, match="chunk_bytes"):
         ck.LinearCalibRLLoss(chunk_bytes=0)
     with pytest.raises(TypeError, match="chunk_bytes"):

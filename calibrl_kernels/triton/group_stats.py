@@ -23,10 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _checks, _heuristics
-from ._triton_common import div_rn, launch, sqrt_rn
-from .config import GroupStats
-from .reference import compute_dtype
+from .. import _checks
+from . import _launch
+from ._launch import launch
+from ._softmax import div_rn, sqrt_rn
+from ..config import GroupStats
+from ..reference import compute_dtype
 
 
 @triton.jit
@@ -139,7 +141,7 @@ def group_advantages(
     # tensor rather than a scalar argument because triton passes Python floats as fp32, and fp64 scores
     # must see the same eps as the reference.
     eps_on_device = torch.full((), eps, dtype=dt, device=device)
-    config = _heuristics.group_launch()
+    config = _launch.group_launch()
     launch(
         _group_stats_kernel, (B,),
         dict(

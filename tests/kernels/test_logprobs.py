@@ -19,11 +19,11 @@ from calibrl_kernels import _dispatch, reference
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy, interpreter only
 
 pytest.importorskip("triton")
-from calibrl_kernels import _triton_backend as backend  # noqa: E402  (after the triton check)
+from calibrl_kernels import triton as backend  # noqa: E402  (after the triton check)
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +236,7 @@ def test_dispatch_selects_triton_when_forced(triton_device):
 
 
 def test_forcing_triton_on_cpu_without_interpreter_raises(monkeypatch):
-    monkeypatch.setattr(backend._triton_common, "BUILT_FOR_INTERPRETER", False)
+    monkeypatch.setattr(backend, "BUILT_FOR_INTERPRETER", False)
     ok, reason = backend.availability(torch.device("cpu"))
     assert not ok and "TRITON_INTERPRET=1" in reason
     logits = torch.randn(2, 5)
@@ -247,21 +247,21 @@ def test_forcing_triton_on_cpu_without_interpreter_raises(monkeypatch):
 
 def test_interpreter_mode_is_the_one_the_kernels_were_built_for(monkeypatch):
     """The launch heuristics follow how the kernels were built (at import), not TRITON_INTERPRET now."""
-    from calibrl_kernels import _heuristics, _triton_common
+    from calibrl_kernels.triton import _launch
 
-    built = _triton_common.BUILT_FOR_INTERPRETER
+    built = _launch.BUILT_FOR_INTERPRETER
     assert built == (os.environ.get("TRITON_INTERPRET") == "1")  # conftest set it before the import
     monkeypatch.setenv("TRITON_INTERPRET", "0" if built else "1")  # changed after the kernels were built
     monkeypatch.setenv("CALIBRL_AUTOTUNE", "1")
-    assert _heuristics.interpreting() == built
-    assert (_heuristics.row_launch(1000).block_n == _heuristics.INTERPRETER_BLOCK_N) == built
-    assert _heuristics.autotune_enabled() == (not built)
+    assert _launch.interpreting() == built
+    assert (_launch.row_launch(1000).block_n == _launch.INTERPRETER_BLOCK_N) == built
+    assert _launch.autotune_enabled() == (not built)
 
 
 def test_autotune_wiring(monkeypatch, triton_device):
     """CALIBRL_AUTOTUNE=1 wraps kernels in triton.autotune keyed on V (faked here: the interpreter cannot
     time configs), never for in-place launches; results stay those of the fixed configuration."""
-    from calibrl_kernels import _heuristics, _triton_common
+    from calibrl_kernels.triton import _launch
 
     wrapped = []
 
@@ -277,15 +277,15 @@ def test_autotune_wiring(monkeypatch, triton_device):
             return run
 
     def fake_autotune(configs, key):
-        assert configs and all(isinstance(c, _triton_common.triton.Config) for c in configs)
+        assert configs and all(isinstance(c, _launch.triton.Config) for c in configs)
         def wrap(kernel):
             wrapped.append((kernel.__name__, tuple(key)))
             return FakeAutotuner(kernel, configs, key)
         return wrap
 
-    monkeypatch.setattr(_heuristics, "autotune_enabled", lambda: True)
-    monkeypatch.setattr(_triton_common.triton, "autotune", fake_autotune)
-    monkeypatch.setattr(_triton_common, "_AUTOTUNED", {})
+    monkeypatch.setattr(_launch, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(_launch.triton, "autotune", fake_autotune)
+    monkeypatch.setattr(_launch, "_AUTOTUNED", {})
     logits, targets, w_lp, w_h = _case(5, 300, torch.float32, triton_device, seed=1)
     lp, h, grad = _run(logits, targets, w_lp, w_h, 1.0, fn=ck.token_logprobs)
     assert ("_token_logprobs_fwd_kernel", ("V",)) in wrapped and ("_logits_grad_kernel", ("V",)) in wrapped
@@ -294,7 +294,7 @@ def test_autotune_wiring(monkeypatch, triton_device):
     assert_close_rel(grad, grad64, 1e-5, "dlogits")
     # the in-place gradient of the fused loss must not be autotuned (the tuner reruns launches)
     wrapped.clear()
-    monkeypatch.setattr(_triton_common, "_AUTOTUNED", {})
+    monkeypatch.setattr(_launch, "_AUTOTUNED", {})
     x = logits.clone().reshape(1, 5, 300).requires_grad_(True)
     out = ck.fused_calibrl_loss(
         x, targets.reshape(1, 5).clamp_min(0), torch.zeros(1, 5, device=triton_device),
@@ -337,7 +337,7 @@ _OFFSET_SCRIPT = textwrap.dedent(
     import torch
     import calibrl_kernels as ck
     from calibrl_kernels import reference
-    from calibrl_kernels.logprob_entropy import token_logprobs
+    from calibrl_kernels.triton.logprobs import token_logprobs
     V, rows = 40, 3
     stride = 2 ** 30 + 64  # fits int32; rows * stride does not
     storage = torch.empty(stride * (rows - 1) + V, dtype=torch.bfloat16, device=device)
