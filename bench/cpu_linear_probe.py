@@ -37,6 +37,7 @@ import time
 import torch
 
 from calibrl_kernels import CalibRLConfig, chunked, reference
+from calibrl_kernels.config import LossInputs
 from calibrl_kernels.cpu import _rows as cpp_rows
 
 PROVIDERS = ("gemm_only", "cpp", "torch", "eager", "compiled", "liger")
@@ -73,22 +74,22 @@ def step_fn(provider: str, x: dict, chunk_bytes=None):
     """A closure running one forward + backward of the provider."""
     config = CalibRLConfig()
     h, w, t = x["hidden"], x["weight"], x["targets"]
-    args = (h, w, t, x["old_logp"], x["advantages"], x["mask"])
-    kwargs = dict(expert_logp=x["expert_logp"], passed=x["passed"], config=config)
+    inputs = LossInputs(x["old_logp"], x["advantages"], x["mask"], expert_logp=x["expert_logp"], passed=x["passed"])
     if provider in ("cpp", "torch", "gemm_only"):
         math = {"cpp": lambda: cpp_rows.row_math(), "torch": lambda: chunked.TORCH_ROW_MATH,
                 "gemm_only": lambda: _NoRowMath()}[provider]()
         assert math is not None, "the C++ extension did not build"
 
         def run():
-            out = chunked.fused_linear_calibrl_loss(*args, row_math=math, chunk_bytes=chunk_bytes, **kwargs)
+            out = chunked.fused_linear_calibrl_loss(h, w, t, inputs, config, row_math=math, chunk_bytes=chunk_bytes)
             out.loss.backward()
         return run
     if provider in ("eager", "compiled"):
         def eager_loss(h, w):
             logits = h @ w.t()
             logp = torch.log_softmax(logits.float(), -1).gather(-1, t[..., None]).squeeze(-1)
-            return reference.calibrl_loss(logp, x["old_logp"], x["advantages"], x["mask"], **kwargs).loss
+            return reference.calibrl_loss(logp, x["old_logp"], x["advantages"], x["mask"], expert_logp=x["expert_logp"],
+                                          passed=x["passed"], config=config).loss
 
         loss_fn = eager_loss if provider == "eager" else torch.compile(eager_loss, dynamic=False)
 

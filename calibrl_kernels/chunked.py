@@ -64,7 +64,7 @@ import torch
 
 from .reference import coefficients as coef
 from ._autograd import first_order_only
-from .config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
+from .config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from .reference import compute_dtype, inverse_temperature
 
 ROW = coef.ROW
@@ -467,30 +467,20 @@ def fused_linear_calibrl_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    expert_logp: Optional[torch.Tensor] = None,
-    passed: Optional[torch.Tensor] = None,
-    is_expert: Optional[torch.Tensor] = None,
-    expert_mask: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    inputs: LossInputs,
     config: CalibRLConfig = DEFAULT_CONFIG,
+    bias: Optional[torch.Tensor] = None,
+    *,
     row_math=TORCH_ROW_MATH,
     chunk_bytes: Optional[int] = None,
 ) -> LossOutput:
-    """The chunked twin of ``reference.fused_linear_calibrl_loss`` (same arguments, validated inputs).
+    """The chunked backend of ``ops.fused_linear_calibrl_loss`` (validated inputs, any device, any float dtype).
 
-    hidden (B, T, D), weight (V, D), bias (V,) or None; targets, old_logp, mask (B, T); advantages (B,)
-    or (B, T); see ``ops.fused_linear_calibrl_loss``. Gradients flow to hidden, weight and bias.
+    hidden (B, T, D), weight (V, D), bias (V,) or None; targets (B, T). Gradients flow to hidden, weight
+    and bias. row_math: ``TORCH_ROW_MATH`` or the C++ row math; chunk_bytes: see ``chunk_budget``.
     """
-    dtype = compute_dtype(hidden)
-    table = coef.loss_token_table(
-        targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, ignore_index=ignore_index, config=config, dtype=dtype,
-    )
+    ignore_index = inputs.ignore_index
+    table = coef.loss_token_table(targets, inputs, config, compute_dtype(hidden))
     outputs = _FusedLinearLoss.apply(
         hidden, weight, bias, targets, table, config, ignore_index, row_math, chunk_budget(chunk_bytes),
         torch.is_grad_enabled(),

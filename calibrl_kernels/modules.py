@@ -18,13 +18,13 @@ from typing import Optional
 import torch
 
 from . import _checks, chunked, ops
-from .config import CalibRLConfig, LossOutput
+from .config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
 
 
 class _ConfiguredLoss(torch.nn.Module):
     def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100):
         super().__init__()
-        config = CalibRLConfig() if config is None else config
+        config = DEFAULT_CONFIG if config is None else config
         _checks.check_config(config)
         self.config = config
         # As the functional ops: Python or NumPy integers in the int64 range, stored as a Python int.

@@ -1,10 +1,8 @@
 """What the C++ ops share: the loss parameters the kernels read, the row math of the chunked driver, the
-(N, V) row view and the row table, and the build-or-fall-back decision of each call.
+(N, V) row view and the row table.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -64,15 +62,14 @@ def build_failure() -> str:
     return f"the C++ kernels could not be built: {build.build_error()}"
 
 
-def row_math() -> Optional[CppRowMath]:
-    """The C++ row math; None when the build failed (the caller falls back to torch) unless forced."""
-    forced = cpp_forced()
-    module = build.extension(fallback_warning=not forced)
-    if module is not None:
-        return CppRowMath(module)
-    if forced:
-        raise RuntimeError(f"calibrl_kernels: backend 'cpp' was requested (CALIBRL_IMPL=cpp) but {build_failure()}")
-    return None
+def row_math() -> CppRowMath:
+    """The C++ row math, building the extension on first use. ``_dispatch`` picks this backend only once the
+    build succeeded (``availability``); called directly after a failed build it raises naming the error."""
+    module = build.extension(fallback_warning=False)
+    if module is None:
+        how = "was requested (CALIBRL_IMPL=cpp)" if cpp_forced() else "was called directly"
+        raise RuntimeError(f"calibrl_kernels: backend 'cpp' {how} but {build_failure()}")
+    return CppRowMath(module)
 
 
 def row_view(logits: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ callers that fall back to the torch path ask for the one warning of the process
 
 Prebuild (e.g. in a Docker image) and print where the library is::
 
-    python -m calibrl_kernels.build   (or python -m calibrl_kernels.cpu.build)
+    python -m calibrl_kernels.build
 
 The sources ship inside the package (``calibrl_kernels/cpu/csrc``, package data of a wheel or an editable
 install alike).
@@ -128,7 +128,7 @@ def _warn_fallback_once() -> None:
     last_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
     warnings.warn(
         f"calibrl_kernels: the C++ CPU kernels could not be built ({type(error).__name__}: {last_line}); "
-        "using the torch path. Run `python -m calibrl_kernels.build   (or python -m calibrl_kernels.cpu.build)` to see the full build log.",
+        "using the torch path. Run `python -m calibrl_kernels.build` to see the full build log.",
         RuntimeWarning,
         stacklevel=4,
     )

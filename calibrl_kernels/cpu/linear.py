@@ -4,29 +4,23 @@
 
 from __future__ import annotations
 
-from .. import _torch_backend, chunked
-from ..config import LossOutput
+from .. import chunked
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from ._rows import row_math
 
 
 def linear_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100,
                           return_entropy=False, *, chunk_bytes=None):
-    math = row_math()
-    if math is None:
-        return _torch_backend.OPS["linear_token_logprobs"](
-            hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_bytes=chunk_bytes
-        )
+    """The C++ backend of ``ops.linear_token_logprobs``: the chunked driver with the C++ row math."""
     return chunked.linear_token_logprobs(
-        hidden, weight, targets, bias, temperature, ignore_index, return_entropy, row_math=math, chunk_bytes=chunk_bytes
+        hidden, weight, targets, bias, temperature, ignore_index, return_entropy, row_math=row_math(),
+        chunk_bytes=chunk_bytes,
     )
 
 
-def fused_linear_calibrl_loss(hidden, weight, targets, old_logp, advantages, mask, *, chunk_bytes=None, **kwargs) -> LossOutput:
-    math = row_math()
-    if math is None:
-        return _torch_backend.OPS["fused_linear_calibrl_loss"](
-            hidden, weight, targets, old_logp, advantages, mask, chunk_bytes=chunk_bytes, **kwargs
-        )
+def fused_linear_calibrl_loss(hidden, weight, targets, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG,
+                              bias=None, *, chunk_bytes=None) -> LossOutput:
+    """The C++ backend of ``ops.fused_linear_calibrl_loss``: the chunked driver with the C++ row math."""
     return chunked.fused_linear_calibrl_loss(
-        hidden, weight, targets, old_logp, advantages, mask, row_math=math, chunk_bytes=chunk_bytes, **kwargs
+        hidden, weight, targets, inputs, config, bias, row_math=row_math(), chunk_bytes=chunk_bytes
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _torch_backend
 from .._autograd import first_order_only
 from ..reference import compute_dtype, inverse_temperature
 from ..reference.coefficients import ROW
@@ -38,9 +37,8 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(logits, targets, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """The C++ backend of ``ops.token_logprobs``: logits (N, V) or (B, T, V) on the CPU."""
     math = row_math()
-    if math is None:
-        return _torch_backend.OPS["token_logprobs"](logits, targets, temperature, ignore_index, return_entropy)
     inv_temperature = inverse_temperature(temperature, compute_dtype(logits))
     logp, entropy = _TokenLogprobs.apply(logits, targets, inv_temperature, ignore_index, math)
     return (logp, entropy) if return_entropy else logp

@@ -5,13 +5,10 @@ twice and the gradient written once, with no (N, V) temporary.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from .. import _torch_backend
 from .._autograd import can_overwrite, first_order_only
-from ..config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from ..reference import coefficients as coef
 from ..reference import compute_dtype, inverse_temperature
 from ..reference.coefficients import ROW
@@ -71,34 +68,16 @@ class _FusedLoss(torch.autograd.Function):
 def fused_calibrl_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    expert_logp: Optional[torch.Tensor] = None,
-    passed: Optional[torch.Tensor] = None,
-    is_expert: Optional[torch.Tensor] = None,
-    expert_mask: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    inputs: LossInputs,
     config: CalibRLConfig = DEFAULT_CONFIG,
     inplace_backward: bool = False,
 ) -> LossOutput:
-    """The C++ twin of ``reference.fused_calibrl_loss``.
+    """The C++ backend of ``ops.fused_calibrl_loss``: logits (B, T, V) on the CPU, targets (B, T).
 
     inplace_backward=True writes dL/dlogits over the logits buffer during backward (no logits-sized
     gradient buffer): afterwards ``logits`` holds its own gradient (``logits.grad`` aliases it when
     logits is a leaf) and must not be used as logits again; a second backward raises.
     """
     math = row_math()
-    if math is None:
-        return _torch_backend.OPS["fused_calibrl_loss"](
-            logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed,
-            is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
-            inplace_backward=inplace_backward,
-        )
-    dtype = compute_dtype(logits)
-    table = coef.loss_token_table(
-        targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, ignore_index=ignore_index, config=config, dtype=dtype,
-    )
-    return LossOutput(*_FusedLoss.apply(logits, targets, table, config, ignore_index, math, bool(inplace_backward)))
+    table = coef.loss_token_table(targets, inputs, config, compute_dtype(logits))
+    return LossOutput(*_FusedLoss.apply(logits, targets, table, config, inputs.ignore_index, math, inplace_backward))

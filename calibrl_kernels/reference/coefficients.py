@@ -27,12 +27,14 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..config import (
+    DEFAULT_CONFIG,
     LOG_RATIO_CLAMP,
     LUFFY_SHAPING_GAMMA,
     RLPLUS_FOCAL_POWER,
     RLPLUS_MIX,
     RLPLUS_OLD_WEIGHT,
     CalibRLConfig,
+    LossInputs,
     LossOutput,
 )
 from .logprobs import compute_dtype
@@ -156,28 +158,15 @@ def token_table(
     return table.view(B * T, len(TOKEN_FIELDS))
 
 
-def loss_token_table(
-    targets: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    expert_logp: Optional[torch.Tensor],
-    passed: Optional[torch.Tensor],
-    is_expert: Optional[torch.Tensor],
-    expert_mask: Optional[torch.Tensor],
-    ignore_index: int,
-    config: CalibRLConfig,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def loss_token_table(targets: torch.Tensor, inputs: LossInputs, config: CalibRLConfig, dtype: torch.dtype) -> torch.Tensor:
     """``token_table`` of the loss mask with the ignore_index targets removed (every fused backend's table).
 
-    targets, old_logp, mask (B, T); tokens whose target is ignore_index leave the loss, as in the reference.
+    targets (B, T); tokens whose target is ignore_index leave the loss, as in the reference.
     """
-    token_mask = mask.to(dtype) * (targets != ignore_index).to(dtype)  # (B, T)
+    token_mask = inputs.mask.to(dtype) * (targets != inputs.ignore_index).to(dtype)  # (B, T)
     return token_table(
-        old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, config=config, dtype=dtype,
+        inputs.old_logp, inputs.advantages, token_mask, expert_logp=inputs.expert_logp, passed=inputs.passed,
+        is_expert=inputs.is_expert, expert_mask=inputs.expert_mask, config=config, dtype=dtype,
     )
 
 
@@ -342,7 +331,7 @@ def closed_form_coefficients(
     passed: Optional[torch.Tensor] = None,
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
-    config: CalibRLConfig = CalibRLConfig(),
+    config: CalibRLConfig = DEFAULT_CONFIG,
 ):
     """The closed-form twin of ``reference.gradient_coefficients``: (LossOutput, a (B, T), b (B, T))."""
     dtype = compute_dtype(logp)

@@ -38,8 +38,8 @@ dHidden accumulator when hidden is not fp32 (N D 4 bytes) + O(N) statistics; at 
 the backward peaks at 384 MiB beyond dWeight (arithmetic in ``linear_gradients``).
 
 The chunk budget of this GPU path is its own constant, ``_launch.LINEAR_CHUNK_BYTES``; the CPU path's
-``CALIBRL_CHUNK_BYTES`` (``chunked``, default 1/16 of the machine's memory, 64 MiB to 1 GiB) does not apply here (it does to fp64 inputs, which
-run ``chunked``). The two budgets bound
+``CALIBRL_CHUNK_BYTES`` (``chunked``, default 1/16 of the machine's memory, 64 MiB to 1 GiB) does not apply
+here (it does to fp64 inputs, which ``_dispatch`` sends to ``chunked``). The two budgets bound
 different things: on the CPU a row chunk of fp32 logits plus the row math's temporaries; here one (N, C)
 column chunk of the logits gradient in the input dtype, whose size also sets how often the fp32 dHidden
 accumulator is re-read and re-written (N D 8 bytes per chunk). The CPU default applied here would give
@@ -55,7 +55,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import chunked
 from ..reference import coefficients
 from . import _launch
 from .._autograd import first_order_only
@@ -63,7 +62,7 @@ from ._launch import launch
 from ._loss_terms import TOKEN_OUTPUTS, counted_tokens, loss_epilogue, token_is_counted
 from ._softmax import cast_for_store, dot_tile, finalize_softmax_statistics, gradient_row_inputs, logits_grad_tile, merge_softmax_statistics, online_softmax_update
 from .loss import kernel_loss_arguments, loss_and_metrics, prepare_token_table
-from ..config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from .logprobs import common_stride
 from ..reference import inverse_temperature
 
@@ -564,13 +563,7 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
 ):
-    """The Triton twin of ``reference.linear_token_logprobs`` (never materialises (N, V) logits).
-
-    float64 inputs run the device-agnostic chunked path ``chunked`` in fp64 (the kernels accumulate in
-    fp32); it never materialises (N, V) logits either.
-    """
-    if hidden.dtype == torch.float64:
-        return chunked.linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+    """The Triton backend of ``ops.linear_token_logprobs`` (never materialises (N, V) logits; fp32 / bf16 / fp16)."""
     logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index))
     return (logp, entropy) if return_entropy else logp
 
@@ -579,30 +572,13 @@ def fused_linear_calibrl_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    expert_logp: Optional[torch.Tensor] = None,
-    passed: Optional[torch.Tensor] = None,
-    is_expert: Optional[torch.Tensor] = None,
-    expert_mask: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    inputs: LossInputs,
     config: CalibRLConfig = DEFAULT_CONFIG,
+    bias: Optional[torch.Tensor] = None,
 ) -> LossOutput:
-    """The Triton twin of ``reference.fused_linear_calibrl_loss`` (same signature and results).
+    """The Triton backend of ``ops.fused_linear_calibrl_loss``: hidden (B, T, D), weight (V, D), bias (V,).
 
     Gradients flow to hidden, weight and bias; dWeight is deterministic (see the module docstring).
-    float64 inputs run the device-agnostic chunked path ``chunked`` in fp64 (no (N, V) logits).
     """
-    if hidden.dtype == torch.float64:
-        return chunked.fused_linear_calibrl_loss(
-            hidden, weight, targets, old_logp, advantages, mask, bias=bias, expert_logp=expert_logp, passed=passed,
-            is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
-        )
-    table = prepare_token_table(
-        targets, old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index, config
-    )
-    return LossOutput(*_FusedLinearCalibRLLoss.apply(hidden, weight, bias, targets, table, config, int(ignore_index)))
-
+    table = prepare_token_table(targets, inputs, config)
+    return LossOutput(*_FusedLinearCalibRLLoss.apply(hidden, weight, bias, targets, table, config, inputs.ignore_index))

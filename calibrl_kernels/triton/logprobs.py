@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import _launch
 from ..reference import inverse_temperature
 from .._autograd import first_order_only
@@ -248,12 +247,6 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
 ):
-    """The Triton twin of ``reference.token_logprobs`` (same signature and results).
-
-    float64 logits run the reference: the kernels compute in fp32, which float64 callers (gradcheck,
-    exact tests) would not expect.
-    """
-    if logits.dtype == torch.float64:
-        return reference.token_logprobs(logits, targets, temperature, ignore_index, return_entropy)
+    """The Triton backend of ``ops.token_logprobs``: logits (N, V) or (B, T, V) fp32 / bf16 / fp16."""
     logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index))
     return (logp, entropy) if return_entropy else logp

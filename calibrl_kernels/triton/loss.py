@@ -25,19 +25,17 @@ At N = 16384, V = 151936, bf16 (4.98 GB of logits) that is 3 x 4.98 GB = 14.9 GB
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from ..reference import coefficients
 from .._autograd import can_overwrite, first_order_only
 from ._launch import launch
 from ._loss_terms import FIRST_SUMMED_OUTPUT, TOKEN_OUTPUTS, activation_code, loss_epilogue, policy_code, token_is_counted
 from ._softmax import logits_row_statistics, token_row_pointers
-from ..config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from .logprobs import as_token_rows, logits_backward, row_kernel_launch
 from ..reference import inverse_temperature
 
@@ -89,24 +87,10 @@ def _calibrl_loss_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side: the token table before launch (``reference.coefficients``), the LossOutput after
 # ----------------------------------------------------------------------------------------------
-def prepare_token_table(
-    targets: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    expert_logp: Optional[torch.Tensor],
-    passed: Optional[torch.Tensor],
-    is_expert: Optional[torch.Tensor],
-    expert_mask: Optional[torch.Tensor],
-    ignore_index: int,
-    config: CalibRLConfig,
-) -> torch.Tensor:
+def prepare_token_table(targets: torch.Tensor, inputs: LossInputs, config: CalibRLConfig) -> torch.Tensor:
     """(N, TOKEN_INPUTS) fp32 token table of the loss kernels, N = B * T: ``coefficients.loss_token_table``
     (the masks and aggregation weights of ``reference.calibrl_loss``, shared by every backend)."""
-    return coefficients.loss_token_table(
-        targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, ignore_index=ignore_index, config=config, dtype=torch.float32,
-    )
+    return coefficients.loss_token_table(targets, inputs, config, torch.float32)
 
 
 def kernel_loss_arguments(config: CalibRLConfig) -> dict:
@@ -189,31 +173,15 @@ class _FusedCalibRLLoss(torch.autograd.Function):
 def fused_calibrl_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    expert_logp: Optional[torch.Tensor] = None,
-    passed: Optional[torch.Tensor] = None,
-    is_expert: Optional[torch.Tensor] = None,
-    expert_mask: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    inputs: LossInputs,
     config: CalibRLConfig = DEFAULT_CONFIG,
     inplace_backward: bool = False,
 ) -> LossOutput:
-    """The Triton twin of ``reference.fused_calibrl_loss`` (same signature and results).
+    """The Triton backend of ``ops.fused_calibrl_loss``: logits (B, T, V) fp32 / bf16 / fp16, targets (B, T).
 
     inplace_backward=True writes dL/dlogits over the logits buffer during backward (no gradient
     buffer: peak memory is the logits alone); afterwards the logits tensor holds its own gradient
     (``logits.grad`` aliases it when logits is a leaf) and must not be used as logits again.
-    float64 logits run the reference (the kernels compute in fp32).
     """
-    if logits.dtype == torch.float64:
-        return reference.fused_calibrl_loss(
-            logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed,
-            is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
-        )
-    table = prepare_token_table(
-        targets, old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index, config
-    )
-    return LossOutput(*_FusedCalibRLLoss.apply(logits, targets, table, config, int(ignore_index), bool(inplace_backward)))
+    table = prepare_token_table(targets, inputs, config)
+    return LossOutput(*_FusedCalibRLLoss.apply(logits, targets, table, config, inputs.ignore_index, inplace_backward))

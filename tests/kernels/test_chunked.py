@@ -12,8 +12,8 @@ from calibrl_kernels import _dispatch, chunked, ops, reference
 from calibrl_kernels.config import CalibRLConfig
 
 from _cpu_helpers import (
-    CONFIGS, assert_loss_outputs_close, cpp_module_or_skip, loss_and_grads, make_linear_case, max_rel_error,
-    upcast_leaves,
+    CONFIGS, assert_loss_outputs_close, chunked_linear_loss, cpp_module_or_skip, loss_and_grads, make_linear_case,
+    max_rel_error, upcast_leaves,
 )
 
 
@@ -31,7 +31,7 @@ def _chunked(row_math, rows=7):
     budget = rows * 67 * 8 * row_math.buffers_per_chunk
 
     def fn(*args, **kwargs):
-        return chunked.fused_linear_calibrl_loss(*args, row_math=row_math, chunk_bytes=budget, **kwargs)
+        return chunked_linear_loss(*args, row_math=row_math, chunk_bytes=budget, **kwargs)
     return fn
 
 
@@ -74,7 +74,7 @@ def test_loss_bf16_no_worse_than_reference_in_bf16(row_math, mode):
     ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config)
     # A small budget: several row chunks and several upcast blocks of the bf16 weight.
     with chunked.record_chunks() as chunks:
-        out, grads = loss_and_grads(chunked.fused_linear_calibrl_loss, case, config, row_math=row_math,
+        out, grads = loss_and_grads(chunked_linear_loss, case, config, row_math=row_math,
                                     chunk_bytes=64 * 1024)
     assert chunks[0].weight_block_rows < 600
     for name in ("loss", "pg_loss", "guide_loss", "entropy"):
@@ -98,7 +98,7 @@ def test_single_token(row_math, config):
     kw = dict(bias=bias, expert_logp=torch.tensor([[-2.0]], dtype=torch.float64), passed=torch.tensor([True]),
               config=config)
     ref = reference.fused_linear_calibrl_loss(*args, **kw)
-    out = chunked.fused_linear_calibrl_loss(*args, row_math=row_math, **kw)
+    out = chunked_linear_loss(*args, row_math=row_math, **kw)
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
     for got, want in zip(torch.autograd.grad(out.loss, (hidden, weight, bias)),
                          torch.autograd.grad(ref.loss, (hidden, weight, bias))):
@@ -185,12 +185,12 @@ def test_gradients_skipped_when_nothing_requires_grad(row_math, monkeypatch):
     monkeypatch.setattr(chunked._Gradients, "__init__", spy)
     b = case.batch
     with torch.no_grad():
-        out = chunked.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages,
+        out = chunked_linear_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages,
                                                    b.mask, bias=case.bias, row_math=row_math, **b.kwargs(config))
     assert built == [] and not out.loss.requires_grad
     # Only the weight requires grad: only its gradient buffer is built.
     hidden = case.hidden.detach()
-    out = chunked.fused_linear_calibrl_loss(hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
+    out = chunked_linear_loss(hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
                                                row_math=row_math, **b.kwargs(config))
     assert built == [(False, True, False)]
     (grad_w,) = torch.autograd.grad(out.loss, (case.weight,))
@@ -205,11 +205,11 @@ def test_backward_accumulates_and_refuses_a_second_pass(row_math):
     b = case.batch
     args = (case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask)
     for _ in range(2):
-        chunked.fused_linear_calibrl_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config)).loss.backward()
+        chunked_linear_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config)).loss.backward()
     _, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config)
     for leaf, want in zip(case.leaves(), ref_grads):
         assert max_rel_error(leaf.grad, 2 * want) < 1e-10
-    out = chunked.fused_linear_calibrl_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config))
+    out = chunked_linear_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config))
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.loss.backward()
@@ -228,7 +228,7 @@ def test_never_allocates_n_by_v(row_math):
     with chunked.record_chunks() as chunks, torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
-        out = chunked.fused_linear_calibrl_loss(
+        out = chunked_linear_loss(
             case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, row_math=row_math,
             chunk_bytes=budget, **b.kwargs(config),
         )
@@ -305,7 +305,7 @@ def test_strided_hidden_and_int32_targets(row_math):
     kw = dict(bias=case.bias, **b.kwargs(config))
     ref = reference.fused_linear_calibrl_loss(wide[:, 1:-2], case.weight, case.targets, b.old_logp, b.advantages,
                                               b.mask, **kw)
-    out = chunked.fused_linear_calibrl_loss(wide[:, 1:-2], case.weight, case.targets.int(), b.old_logp,
+    out = chunked_linear_loss(wide[:, 1:-2], case.weight, case.targets.int(), b.old_logp,
                                                b.advantages, b.mask, row_math=row_math, **kw)
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
     (want,) = torch.autograd.grad(ref.loss, (wide,))
@@ -341,7 +341,7 @@ def test_gradients_are_handed_over_without_a_copy(row_math, monkeypatch):
 
     monkeypatch.setattr(chunked._Gradients, "finish", spy)
     b = case.batch
-    out = chunked.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
+    out = chunked_linear_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
                                                row_math=row_math, config=config)
     out.loss.backward()
     assert buffers == [[case.hidden.grad.data_ptr(), case.weight.grad.data_ptr()]]
@@ -362,7 +362,7 @@ def test_second_order_gradients_raise(row_math, op):
         return fn(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias,
                   **b.kwargs(config)).loss
 
-    ours = getattr(chunked, op)
+    ours = chunked.linear_token_logprobs if op == "linear_token_logprobs" else chunked_linear_loss
     want = torch.autograd.grad(run(getattr(reference, op)), case.leaves())
     grads = torch.autograd.grad(run(lambda *a, **k: ours(*a, row_math=row_math, **k)), case.leaves(),
                                 create_graph=True)
@@ -427,7 +427,7 @@ def test_bf16_gradients_are_rounded_once_under_a_scaled_backward(row_math, scale
     case = make_linear_case(config, V=600, D=24, dtype=torch.bfloat16, seed=5)
     exact, exact_grads = loss_and_grads(reference.fused_linear_calibrl_loss, upcast_leaves(case), config, scale=scale)
     ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config, scale=scale)
-    out, grads = loss_and_grads(chunked.fused_linear_calibrl_loss, case, config, scale=scale, row_math=row_math,
+    out, grads = loss_and_grads(chunked_linear_loss, case, config, scale=scale, row_math=row_math,
                                 chunk_bytes=64 * 1024)
     for got, want, base, name in zip(grads, exact_grads, ref_grads, ("hidden", "weight", "bias")):
         assert got.dtype == torch.bfloat16, name

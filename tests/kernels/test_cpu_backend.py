@@ -93,7 +93,7 @@ def test_shifted_logits_are_read_in_place(cpp):
     targets = torch.randint(0, 300, (B, T))
     args = (targets, batch.old_logp, batch.advantages, batch.mask)
     ref = reference.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
-    out = cpu.fused_calibrl_loss(shifted, *args, **batch.kwargs(config))
+    out = cpu.fused_calibrl_loss(shifted, targets, batch.inputs(), config)
     assert_loss_outputs_close(out, ref, rtol=1e-5, atol=1e-6)
     (want,) = torch.autograd.grad(ref.loss, (full,))
     (got,) = torch.autograd.grad(out.loss, (full,))
@@ -111,7 +111,7 @@ def test_fused_calibrl_loss_every_config_fp64(cpp, name):
     targets[0, 1] = -100
     args = (logits, targets, batch.old_logp, batch.advantages, batch.mask)
     ref = reference.fused_calibrl_loss(*args, **batch.kwargs(config))
-    out = cpu.fused_calibrl_loss(*args, **batch.kwargs(config))
+    out = cpu.fused_calibrl_loss(logits, targets, batch.inputs(), config)
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12, what=name)
     (want,) = torch.autograd.grad(ref.loss * 1.5, (logits,))
     (got,) = torch.autograd.grad(out.loss * 1.5, (logits,))
@@ -130,8 +130,11 @@ def test_fused_calibrl_loss_low_precision(cpp, dtype, name):
 
     def run(x):
         x = x.detach().requires_grad_(True)
-        fn = cpu.fused_calibrl_loss if run.ours else reference.fused_calibrl_loss
-        out = fn(x, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config))
+        if run.ours:
+            out = cpu.fused_calibrl_loss(x, targets, batch.inputs(), config)
+        else:
+            out = reference.fused_calibrl_loss(x, targets, batch.old_logp, batch.advantages, batch.mask,
+                                               **batch.kwargs(config))
         return out, torch.autograd.grad(out.loss, (x,))[0]
 
     run.ours = False
@@ -183,8 +186,7 @@ def test_same_result_on_one_and_two_threads(cpp):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            out = cpu.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
-                                                  **batch.kwargs(CalibRLConfig()))
+            out = cpu.fused_calibrl_loss(logits, targets, batch.inputs(), CalibRLConfig())
             results.append((out.loss.detach(), torch.autograd.grad(out.loss, (logits,))[0]))
     finally:
         torch.set_num_threads(threads)
@@ -206,7 +208,8 @@ def test_dispatch_picks_cpp_on_cpu(cpp, monkeypatch):
 
 
 def test_fallback_when_the_build_fails_warns_once(monkeypatch):
-    """Simulated build failure: every op falls back to the torch path, with exactly one warning."""
+    """Simulated build failure: the dispatcher runs every op on the torch path, with exactly one warning;
+    the backend's own functions, called directly, raise naming the build error instead."""
 
     simulate_build_failure(monkeypatch)
     monkeypatch.delenv("CALIBRL_IMPL", raising=False)
@@ -217,28 +220,29 @@ def test_fallback_when_the_build_fails_warns_once(monkeypatch):
     targets = torch.randint(0, 40, (B, T))
     hidden = _logits((B, T, 6), torch.float32).requires_grad_(True)
     weight = _logits((40, 6), torch.float32).requires_grad_(True)
+    loss_args = (batch.old_logp, batch.advantages, batch.mask)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cpu.availability(torch.device("cpu"))[0]  # not tried yet: optimistic, and no build
         assert not build.attempted()
         for _ in range(2):
-            out = cpu.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
-                                                  **batch.kwargs(config))
-            ref = reference.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask,
-                                               **batch.kwargs(config))
+            out = ops.fused_calibrl_loss(logits, targets, *loss_args, **batch.kwargs(config))
+            ref = reference.fused_calibrl_loss(logits, targets, *loss_args, **batch.kwargs(config))
             assert_loss_outputs_close(out, ref, rtol=1e-6, atol=1e-7)
-            cpu.token_logprobs(logits, targets, 1.0, -100, True)
-            lin = cpu.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
-                                                         batch.mask, **batch.kwargs(config))
+            ops.token_logprobs(logits, targets, return_entropy=True)
+            lin = ops.fused_linear_calibrl_loss(hidden, weight, targets, *loss_args, **batch.kwargs(config))
             lin.loss.backward()
-            cpu.linear_token_logprobs(hidden, weight, targets)
-            ops.fused_calibrl_loss(logits, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config))
+            ops.linear_token_logprobs(hidden, weight, targets)
     ours = [w for w in caught if "C++ CPU kernels could not be built" in str(w.message)]
     assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
     assert "simulated: no C++ compiler" in str(ours[0].message)
     ok, reason = cpu.availability(torch.device("cpu"))
     assert not ok and "simulated" in reason
     assert _dispatch.selected_impl("fused_calibrl_loss", torch.device("cpu")) == "torch"
+    for call in (lambda: cpu.token_logprobs(logits, targets),
+                 lambda: cpu.fused_calibrl_loss(logits, targets, batch.inputs(), config),
+                 lambda: cpu.fused_linear_calibrl_loss(hidden, weight, targets, batch.inputs(), config)):
+        with pytest.raises(RuntimeError, match="cpp.*called directly.*simulated: no C\\+\\+ compiler"):
+            call()
 
 
 def _run_python(code: str, timeout: int = 300) -> str:
@@ -283,8 +287,10 @@ def test_second_order_gradients_raise(cpp, op):
             fn = cpu.token_logprobs if fn_kind == "cpp" else reference.token_logprobs
             logp, ent = fn(fn_logits, targets, 1.0, -100, True)
             return logp.sum() + ent.sum()
-        fn = cpu.fused_calibrl_loss if fn_kind == "cpp" else reference.fused_calibrl_loss
-        return fn(fn_logits, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config)).loss
+        if fn_kind == "cpp":
+            return cpu.fused_calibrl_loss(fn_logits, targets, batch.inputs(), config).loss
+        return reference.fused_calibrl_loss(fn_logits, targets, batch.old_logp, batch.advantages, batch.mask,
+                                            **batch.kwargs(config)).loss
 
     (want,) = torch.autograd.grad(run(logits, "reference"), (logits,))
     # A constant incoming gradient (the usual torch.autograd.grad(..., create_graph=True)).
@@ -337,8 +343,7 @@ def test_inplace_backward_bumps_the_version_counter(cpp):
     base = logits.clone().requires_grad_(True)
     x = base * 1.0  # a non-leaf: the logits of a model
     other = torch.sin(x).sum()  # saves x (created first, so its backward runs after ours)
-    out = cpu.fused_calibrl_loss(x, targets, batch.old_logp, batch.advantages, batch.mask,
-                                          inplace_backward=True, **batch.kwargs(config))
+    out = cpu.fused_calibrl_loss(x, targets, batch.inputs(), config, inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (out.loss + other).backward()
 
@@ -352,12 +357,13 @@ def test_inplace_backward_on_shifted_logits_and_fallback(cpp, monkeypatch):
     ref_full = full.clone().requires_grad_(True)
     reference.fused_calibrl_loss(ref_full[:, :-1], *args, **batch.kwargs(config)).loss.backward()
     ours_full = full.clone().requires_grad_(True)
-    cpu.fused_calibrl_loss(ours_full[:, :-1], *args, inplace_backward=True,
-                                    **batch.kwargs(config)).loss.backward()
+    cpu.fused_calibrl_loss(ours_full[:, :-1], targets, batch.inputs(), config, inplace_backward=True).loss.backward()
     assert max_rel_error(ours_full.grad, ref_full.grad) < 1e-5
-    monkeypatch.setattr(cpu.loss, "row_math", lambda: None)  # as after a failed build
+    simulate_build_failure(monkeypatch)  # the public op then runs the torch fallback, which accepts the option
+    monkeypatch.delenv("CALIBRL_IMPL", raising=False)
     y = logits.clone().requires_grad_(True)
-    fallback = cpu.fused_calibrl_loss(y, *args, inplace_backward=True, **batch.kwargs(config))
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        fallback = ops.fused_calibrl_loss(y, *args, inplace_backward=True, **batch.kwargs(config))
     fallback.loss.backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
 
@@ -387,8 +393,7 @@ def test_forced_cpp_with_a_failed_build_raises_on_every_call(monkeypatch):
             hidden, weight, targets, *loss_args, **batch.kwargs(config)),
         "cpp.token_logprobs": lambda: cpu.token_logprobs(logits, targets),
         "cpp.linear_token_logprobs": lambda: cpu.linear_token_logprobs(hidden, weight, targets),
-        "cpp.fused_calibrl_loss": lambda: cpu.fused_calibrl_loss(logits, targets, *loss_args,
-                                                                          **batch.kwargs(config)),
+        "cpp.fused_calibrl_loss": lambda: cpu.fused_calibrl_loss(logits, targets, batch.inputs(), config),
     }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -409,7 +414,7 @@ def test_forced_cpp_with_a_failed_build_raises_on_every_call(monkeypatch):
 
 @pytest.mark.parametrize("op", ["linear_token_logprobs", "fused_linear_calibrl_loss"])
 def test_fallback_keeps_the_chunk_budget(monkeypatch, op):
-    """After a failed build the linear ops run the chunked torch row math with the caller's chunk_bytes."""
+    """After a failed build the linear ops run the chunked torch row math with the caller's chunk budget."""
     from calibrl_kernels import chunked
 
     simulate_build_failure(monkeypatch)
@@ -419,11 +424,12 @@ def test_fallback_keeps_the_chunk_budget(monkeypatch, op):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with chunked.record_chunks() as chunks:
-            if op == "linear_token_logprobs":
-                cpu.linear_token_logprobs(hidden, weight, targets, chunk_bytes=budget)
-            else:
-                cpu.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
-                                                       batch.mask, chunk_bytes=budget, **batch.kwargs(config))
+            with chunked.chunk_bytes_scope(budget):
+                if op == "linear_token_logprobs":
+                    ops.linear_token_logprobs(hidden, weight, targets)
+                else:
+                    ops.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
+                                                  batch.mask, **batch.kwargs(config))
     assert [record.rows for record in chunks] == [1]
 
 
@@ -449,7 +455,7 @@ def test_masked_all_minus_inf_row_gets_a_zero_gradient(cpp, entropy_coef):
     active = (mask != 0) & (targets != -100)  # (B, T)
     args = (targets, batch.old_logp, batch.advantages, batch.mask)
     x = logits.clone().requires_grad_(True)
-    out = cpu.fused_calibrl_loss(x, *args, **batch.kwargs(config))
+    out = cpu.fused_calibrl_loss(x, targets, batch.inputs(), config)
     out.loss.backward()
     ref_x = logits.to(torch.float64).requires_grad_(True)
     ref = reference.fused_calibrl_loss(ref_x, *args, **batch.kwargs(config))

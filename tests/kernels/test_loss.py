@@ -10,12 +10,13 @@ import torch
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
+from calibrl_kernels.config import LossInputs
 from calibrl_kernels.reference.coefficients import ROW_FIELDS, TOKEN_FIELDS, fill_row_terms, loss_output
 
 from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 pytest.importorskip("triton")
-from calibrl_kernels.triton import _launch, _loss_terms, _softmax  # noqa: E402  (after the triton check)
+from calibrl_kernels.triton import _loss_terms  # noqa: E402  (after the triton check)
 from calibrl_kernels.triton import loss as triton_loss  # noqa: E402
 from calibrl_kernels.triton._loss_terms import focal_factor  # noqa: E402
 
@@ -299,9 +300,8 @@ def test_nan_logits_of_a_masked_token_are_never_read(triton_device):
 # ------------------------------------------------------------------------------------------------
 def kernel_outputs(logits, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
     """The kernel's row table as {column name (coefficients.ROW_FIELDS): (B, T) tensor}."""
-    table = triton_loss.prepare_token_table(
-        targets, old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], ignore_index, config
-    )
+    inputs = LossInputs(old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], ignore_index)
+    table = triton_loss.prepare_token_table(targets, inputs, config)
     rows = triton_loss.as_token_rows(logits)
     out = triton_loss.calibrl_loss_forward(rows, targets.reshape(-1), table, config, ignore_index)
     assert out.shape == (targets.numel(), _loss_terms.TOKEN_OUTPUTS)
@@ -344,9 +344,8 @@ def test_tables_are_those_of_every_backend(config, triton_device):
     its terms and coefficients are those the torch / C++ closed form (``fill_row_terms``) derives from the
     kernel's own lp and H, and ``coefficients.loss_output`` of its column sums is the op's LossOutput."""
     logits, targets, old_logp, adv, mask, kw = make_inputs(6, 5, 30, triton_device, seed=19)
-    table = triton_loss.prepare_token_table(
-        targets, old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], -100, config
-    )
+    inputs = LossInputs(old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], -100)
+    table = triton_loss.prepare_token_table(targets, inputs, config)
     assert table.shape == (30, len(TOKEN_FIELDS)) and table.dtype == torch.float32
     out = triton_loss.calibrl_loss_forward(triton_loss.as_token_rows(logits), targets.reshape(-1), table, config, -100)
     expected = out.clone()
