@@ -1,6 +1,7 @@
 """Configuration and result types shared by every implementation of the CalibRL loss.
 
-The semantics are those of the paper (arXiv 2602.20197) and the authors' verl-based code. ``CalibRLConfig`` is frozen and validated on construction: a bad field raises ``ValueError``
+The semantics are those of the paper (arXiv 2602.20197) and the authors' verl-based code.
+``CalibRLConfig`` is frozen and validated on construction: a bad field raises ``ValueError``
 or ``TypeError`` naming the field, the allowed values and the value given.
 """
 

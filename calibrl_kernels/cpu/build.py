@@ -95,7 +95,9 @@ def _check_layout(module) -> None:
     layout = module.layout()
     expected = expected_layout()
     if layout != expected:
-        raise RuntimeError(f"table layout of the C++ kernels {layout} differs from calibrl_kernels.reference.coefficients {expected}")
+        raise RuntimeError(
+            f"table layout of the C++ kernels {layout} differs from calibrl_kernels.reference.coefficients {expected}"
+        )
 
 
 def extension(verbose: bool = False, *, fallback_warning: bool = True):

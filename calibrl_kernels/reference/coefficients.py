@@ -158,7 +158,9 @@ def token_table(
     return table.view(B * T, len(TOKEN_FIELDS))
 
 
-def loss_token_table(targets: torch.Tensor, inputs: LossInputs, config: CalibRLConfig, dtype: torch.dtype) -> torch.Tensor:
+def loss_token_table(
+    targets: torch.Tensor, inputs: LossInputs, config: CalibRLConfig, dtype: torch.dtype
+) -> torch.Tensor:
     """``token_table`` of the loss mask with the ignore_index targets removed (every fused backend's table).
 
     targets (B, T); tokens whose target is ignore_index leave the loss, as in the reference.

@@ -1,4 +1,5 @@
-"""The Triton backend (one module per op: logprobs, group_stats, loss, linear): ``OPS`` (op name -> function with the reference's signature) and ``availability``.
+"""The Triton backend (one module per op: logprobs, group_stats, loss, linear):
+``OPS`` (op name -> function under the backend contract of ``_dispatch``) and ``availability``.
 
 Importing this module imports triton and builds the kernels; ``_dispatch`` does so on first use only,
 so ``import calibrl_kernels`` never imports triton. Kernels run natively on CUDA tensors, and on CPU

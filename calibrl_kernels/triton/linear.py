@@ -60,10 +60,14 @@ from . import _launch
 from .._autograd import first_order_only
 from ._launch import launch
 from ._loss_terms import TOKEN_OUTPUTS, counted_tokens, loss_epilogue, token_is_counted
-from ._softmax import cast_for_store, dot_tile, finalize_softmax_statistics, gradient_row_inputs, logits_grad_tile, merge_softmax_statistics, online_softmax_update
+from ._softmax import (
+    cast_for_store, dot_tile, finalize_softmax_statistics,
+    gradient_row_inputs, logits_grad_tile,
+    merge_softmax_statistics, online_softmax_update,
+)
 from .loss import kernel_loss_arguments, loss_and_metrics, prepare_token_table
 from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
-from .logprobs import common_stride
+from .logprobs import common_stride, upstream_coefficients
 from ..reference import inverse_temperature
 
 ROW = coefficients.ROW
@@ -516,10 +520,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     @first_order_only  # a double backward raises instead of being wrong
     def backward(ctx, grad_logp, grad_entropy):
         h, w, b, flat_targets, lse, entropy = ctx.saved_tensors[:6]
-        n = flat_targets.numel()
-        zeros = torch.zeros(n, dtype=torch.float32, device=lse.device)
-        coef_lp = zeros if grad_logp is None else (-grad_logp.reshape(-1)).to(torch.float32).contiguous()
-        coef_ent = zeros if grad_entropy is None else (-grad_entropy.reshape(-1)).to(torch.float32).contiguous()
+        coef_lp, coef_ent = upstream_coefficients(grad_logp, grad_entropy, flat_targets.numel(), lse.device)
         grads = linear_gradients(
             h, w, b, flat_targets, lse, entropy, coef_lp, coef_ent, None, ctx.temperature, ctx.ignore_index,
             need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],

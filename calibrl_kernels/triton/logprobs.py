@@ -206,6 +206,20 @@ def logits_backward(
 # ----------------------------------------------------------------------------------------------
 # Autograd and the backend op
 # ----------------------------------------------------------------------------------------------
+def upstream_coefficients(grad_logp, grad_entropy, n: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """a = -dL/dlogp and b = -dL/dH per row, (N,) fp32 each, from the incoming gradients of (logp, entropy)
+    (None, an unused output, gives zeros)."""
+    zeros = None
+    coefficients = []
+    for grad in (grad_logp, grad_entropy):
+        if grad is None:
+            zeros = torch.zeros(n, dtype=torch.float32, device=device) if zeros is None else zeros
+            coefficients.append(zeros)
+        else:
+            coefficients.append((-grad.reshape(-1)).to(torch.float32).contiguous())
+    return coefficients[0], coefficients[1]
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, ignore_index):
@@ -222,20 +236,9 @@ class _TokenLogprobs(torch.autograd.Function):
     @first_order_only  # a double backward raises instead of being wrong
     def backward(ctx, grad_logp, grad_entropy):
         rows, flat_targets, lse, entropy, _ = ctx.saved_tensors
-        n = flat_targets.numel()
-        zeros = None
-
-        def coefficient(grad):
-            nonlocal zeros
-            if grad is None:
-                if zeros is None:
-                    zeros = torch.zeros(n, dtype=torch.float32, device=lse.device)
-                return zeros
-            return (-grad.reshape(-1)).to(torch.float32).contiguous()
-
+        coef_lp, coef_ent = upstream_coefficients(grad_logp, grad_entropy, flat_targets.numel(), lse.device)
         grad_rows = logits_backward(
-            rows, flat_targets, lse, entropy, coefficient(grad_logp), coefficient(grad_entropy),
-            ctx.temperature, ctx.ignore_index,
+            rows, flat_targets, lse, entropy, coef_lp, coef_ent, ctx.temperature, ctx.ignore_index,
         )
         return grad_rows.view(ctx.logits_shape), None, None, None
 

@@ -33,7 +33,9 @@ import triton.language as tl
 from ..reference import coefficients
 from .._autograd import can_overwrite, first_order_only
 from ._launch import launch
-from ._loss_terms import FIRST_SUMMED_OUTPUT, TOKEN_OUTPUTS, activation_code, loss_epilogue, policy_code, token_is_counted
+from ._loss_terms import (
+    FIRST_SUMMED_OUTPUT, TOKEN_OUTPUTS, activation_code, loss_epilogue, policy_code, token_is_counted,
+)
 from ._softmax import logits_row_statistics, token_row_pointers
 from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from .logprobs import as_token_rows, logits_backward, row_kernel_launch

@@ -1,4 +1,5 @@
-"""Closed-form loss terms and gradient coefficients (calibrl_kernels.reference.coefficients) vs autograd on the reference."""
+"""Closed-form loss terms and gradient coefficients (calibrl_kernels.reference.coefficients) vs autograd on the
+reference."""
 
 import pytest
 import torch

@@ -300,7 +300,8 @@ def test_nan_logits_of_a_masked_token_are_never_read(triton_device):
 # ------------------------------------------------------------------------------------------------
 def kernel_outputs(logits, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
     """The kernel's row table as {column name (coefficients.ROW_FIELDS): (B, T) tensor}."""
-    inputs = LossInputs(old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], ignore_index)
+    inputs = LossInputs(old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"],
+                        ignore_index)
     table = triton_loss.prepare_token_table(targets, inputs, config)
     rows = triton_loss.as_token_rows(logits)
     out = triton_loss.calibrl_loss_forward(rows, targets.reshape(-1), table, config, ignore_index)

@@ -23,6 +23,7 @@ def test_all_kernels_compile_for_sm90():
         pytest.skip("triton has no NVIDIA backend here")
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_triton_compile_check.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.pathsep + env.get("PYTHONPATH", "")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and out.stdout.rstrip().endswith("ok"), f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"

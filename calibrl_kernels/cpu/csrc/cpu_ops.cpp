@@ -6,7 +6,7 @@
 //   row_gradient  (c) dL/dlogits from the row table's row_max, log_sum, entropy, a, b -> out (may be the logits)
 //   row_loss      (a) + (b) loss terms and a = -dL/dlp, b = -dL/dH + optionally (c) in place, row by row
 //                 while the row is in cache                               -> row table (+ logits)
-// The row math itself is in cpu_ops.h; table layouts are those of calibrl_kernels/_coefficients.py.
+// The row math itself is in cpu_ops.h; table layouts are those of calibrl_kernels/reference/coefficients.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <torch/csrc/utils/pybind.h>
@@ -307,7 +307,7 @@ std::map<std::string, int64_t> layout() {
 }  // namespace calibrl
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "CalibRL CPU row kernels on logits chunks (see csrc/cpu_ops.h)";
+  m.doc() = "CalibRL CPU row kernels on logits chunks (see cpu_ops.h)";
   m.def("row_stats", &calibrl::row_stats, "(a) lse, entropy, logp of each row into the row table", py::arg("logits"),
         py::arg("targets"), py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("rows"));
   m.def("row_gradient", &calibrl::row_gradient, "(c) dL/dlogits from the row table into out (may alias logits)",

@@ -5,7 +5,7 @@
 // lp = z_y - lse and H = lse - sum_j p_j z_j, so a row needs
 //   (a) one streaming pass for max, lse, H, z_y (RowStats),
 //   (b) the closed-form per-token loss terms and the coefficients a = -dL/dlp, b = -dL/dH
-//       (row_terms, the C++ twin of calibrl_kernels/_coefficients.py::token_terms),
+//       (row_terms, the C++ twin of calibrl_kernels/reference/coefficients.py::token_terms),
 //   (c) the gradient dL/dlogits_j = [a (p_j - [j = y]) + b p_j (z_j - lse + H)] / temperature.
 // Accumulation is in float for float / bfloat16 / half logits and in double for double logits.
 //
@@ -23,7 +23,7 @@
 
 namespace calibrl {
 
-// Columns of the token table and of the row table: calibrl_kernels/_coefficients.py TOKEN_FIELDS and
+// Columns of the token table and of the row table: calibrl_kernels/reference/coefficients.py TOKEN_FIELDS and
 // ROW_FIELDS, in the same order (the Python loader checks them against layout()).
 namespace token {
 enum : int64_t {
@@ -165,7 +165,7 @@ CALIBRL_INLINE RowStats<acc_t> row_stats_body(const scalar_t* row,       // the 
 }
 
 // ---------------------------------------------------------------------------------------------
-// (b) per-token loss terms and gradient coefficients (mirrors _coefficients.token_terms)
+// (b) per-token loss terms and gradient coefficients (mirrors reference/coefficients.py token_terms)
 // ---------------------------------------------------------------------------------------------
 enum class Mode { kCalibrl, kGrpo, kDapo, kDrgrpo, kLuffy, kRlplus };
 enum class Activation { kLeakyRelu, kRelu, kTanh, kSigmoid, kHuber, kNone };
