@@ -57,8 +57,8 @@ declare -A LIMIT=(
     [train]="${TRAIN_TIMEOUT:-35}" [trainer]="${TRAINER_TIMEOUT:-30}" [report]="${REPORT_TIMEOUT:-15}" [sweeps]=rest
 )
 # The Triton test files: every kernel against its reference, natively compiled on CUDA.
-GPU_TESTS=(tests/test_triton_logprob.py tests/test_triton_loss.py tests/test_triton_linear.py
-           tests/test_triton_group_stats.py tests/test_triton_launch.py)
+GPU_TESTS=(tests/kernels/test_logprobs.py tests/kernels/test_loss.py tests/kernels/test_linear.py
+           tests/kernels/test_group_stats.py tests/kernels/test_triton_launch.py)
 # What is published to $OUT after every step (with results.tar.gz: 7 files).
 PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml tables.md)
 MAX_FILE_BYTES=$((${GPU_CHECK_MAX_FILE_MB:-15} * 1024 * 1024))

@@ -1,37 +1,88 @@
-"""Choose the implementation of an op per call.
+"""Choose the implementation of an op per call: every backend choice and every fallback happens here.
 
-Backends: ``triton`` (CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1``), ``cpp`` (the
-C++/OpenMP CPU kernels of ``csrc/``) and ``torch`` (the reference, always available).
-Default: triton for CUDA tensors, cpp for CPU tensors, torch where neither applies or a backend does
-not implement the op. ``CALIBRL_IMPL=triton|cpp|torch`` forces a backend for the ops it implements;
-forcing one that cannot run on the tensors' device raises ``RuntimeError`` saying why.
+Backends: ``triton`` (CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1``), ``cpp`` (the C++/OpenMP
+CPU kernels of ``cpu/csrc/``) and ``torch`` (the reference, plus the chunked lm_head path; always available).
+Default: triton for CUDA tensors, cpp for CPU tensors, torch where neither applies or a backend does not
+implement the op. ``CALIBRL_IMPL=triton|cpp|torch`` forces a backend for the ops it implements; forcing one
+that cannot run on the tensors' device raises ``RuntimeError`` saying why.
 
-A backend is a module exposing ``OPS`` (op name -> function with the reference's positional
-signature) and ``availability(device) -> (bool, reason)``. Modules are imported on first use only.
+Fallbacks, all decided here:
+- float64 inputs run the torch backend (the Triton kernels compute in fp32, which float64 callers such as
+  gradcheck would not expect); the C++ kernels compute in the input's precision and keep float64.
+- A C++ build that failed makes ``cpp`` unavailable (``calibrl_kernels.cpu.availability``): torch runs
+  instead after one warning, or, with ``CALIBRL_IMPL=cpp``, every call raises naming the build error.
+- Triton on CPU tensors needs the interpreter (``calibrl_kernels.triton.availability``).
+- Inside a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``vmap``, ...) every op runs the reference
+  (plain torch ops, which functorch handles): the fused kernels read raw memory and compute closed-form
+  gradients that functorch cannot trace or batch; a backend forced with ``CALIBRL_IMPL`` is refused there.
 
-Inside a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``, ``vmap``, ...) the fused kernels cannot run:
-they read raw memory and compute closed-form gradients that functorch cannot trace or batch. There every
-op runs the reference (``calibrl_kernels.reference``, plain torch ops, which functorch handles); a backend
-forced with ``CALIBRL_IMPL`` is refused with a RuntimeError naming the op and that alternative.
+Backend contract (tensors and scalars only, so each entry maps onto a ``torch.library`` schema):
+``token_logprobs(logits, targets, temperature, ignore_index, return_entropy)``,
+``linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)``,
+``group_advantages(scores, group_ids, is_expert, norm_by_std, eps, pass_threshold, num_groups)``,
+``fused_calibrl_loss(logits, targets, inputs: LossInputs, config, inplace_backward)``,
+``fused_linear_calibrl_loss(hidden, weight, targets, inputs: LossInputs, config, bias)``.
+A backend module exposes ``OPS`` (op name -> function) and ``availability(device) -> (bool, reason)``;
+the triton and cpp modules are imported on first use only.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import types
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-IMPLS = ("triton", "cpp", "torch")
+from . import chunked, reference
+from .config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 
-# Backend name -> module path; a backend whose module is absent is simply unavailable.
-_BACKEND_MODULES: Dict[str, str] = {
-    "triton": "calibrl_kernels._triton_backend",
-    "cpp": "calibrl_kernels._cpp_backend",
-    "torch": "calibrl_kernels._torch_backend",
+IMPLS = ("triton", "cpp", "torch")
+# Ops whose Triton kernels compute in fp32: float64 inputs run the torch backend instead.
+_FP32_KERNEL_OPS = ("token_logprobs", "linear_token_logprobs", "fused_calibrl_loss", "fused_linear_calibrl_loss")
+
+
+def _reference_fused_calibrl_loss(logits, targets, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG,
+                                  inplace_backward: bool = False) -> LossOutput:
+    """The reference under the backend contract (it never writes over the logits: inplace is a no-op)."""
+    return reference.fused_calibrl_loss(
+        logits, targets, inputs.old_logp, inputs.advantages, inputs.mask, config=config, **inputs.fields()
+    )
+
+
+def _reference_fused_linear_calibrl_loss(hidden, weight, targets, inputs: LossInputs,
+                                         config: CalibRLConfig = DEFAULT_CONFIG, bias=None) -> LossOutput:
+    """The reference of the lm_head loss under the backend contract (materialises the logits)."""
+    return reference.fused_linear_calibrl_loss(
+        hidden, weight, targets, inputs.old_logp, inputs.advantages, inputs.mask, bias=bias, config=config,
+        **inputs.fields()
+    )
+
+
+# Under torch.func: the reference of every op (plain torch ops, autograd gradients).
+_REFERENCE_OPS = {
+    "token_logprobs": reference.token_logprobs,
+    "linear_token_logprobs": reference.linear_token_logprobs,
+    "group_advantages": reference.group_advantages,
+    "fused_calibrl_loss": _reference_fused_calibrl_loss,
+    "fused_linear_calibrl_loss": _reference_fused_linear_calibrl_loss,
 }
-_loaded: Dict[str, object] = {}
+# The torch backend: the reference, except for the lm_head ops, which run the chunked path (torch row
+# math, any device) that never materialises the (N, V) logits.
+_TORCH = types.SimpleNamespace(
+    OPS={
+        "token_logprobs": reference.token_logprobs,
+        "linear_token_logprobs": chunked.linear_token_logprobs,
+        "group_advantages": reference.group_advantages,
+        "fused_calibrl_loss": _reference_fused_calibrl_loss,
+        "fused_linear_calibrl_loss": chunked.fused_linear_calibrl_loss,
+    },
+    availability=lambda device: (True, ""),
+)
+# Backend name -> module path; a backend whose module cannot be imported is unavailable.
+_BACKEND_MODULES: Dict[str, str] = {"triton": "calibrl_kernels.triton", "cpp": "calibrl_kernels.cpu"}
+_loaded: Dict[str, object] = {"torch": _TORCH}
 
 
 def requested_impl() -> Optional[str]:
@@ -66,16 +117,8 @@ def functorch_transform_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _reference_op(op: str) -> Callable:
-    from . import reference
-
-    return getattr(reference, op)
-
-
-def implementation(op: str, device: torch.device, impl: Optional[str] = None) -> Callable:
-    """The function implementing ``op`` for tensors on ``device`` (``impl`` or CALIBRL_IMPL forces one)."""
-    device = torch.device(device)
-    forced = impl or requested_impl()
+def _choose(op: str, device: torch.device, forced: Optional[str], dtype: Optional[torch.dtype]) -> str:
+    """The name of the backend that runs ``op`` (see the module docstring for the rules)."""
     if functorch_transform_active():
         if forced is not None and forced != "torch":
             raise RuntimeError(
@@ -84,29 +127,39 @@ def implementation(op: str, device: torch.device, impl: Optional[str] = None) ->
                 "functorch can neither trace nor batch. Unset CALIBRL_IMPL (the ops then run the reference under "
                 f"torch.func), call calibrl_kernels.reference.{op}, or use torch.autograd.grad outside torch.func"
             )
-        return _reference_op(op)
+        return "reference"
     if forced is not None:
         if forced not in IMPLS:
             raise ValueError(f"impl: expected one of {IMPLS}, got {forced!r}")
         ok, reason = availability(forced, device)
         if not ok:
             raise RuntimeError(f"calibrl_kernels: backend {forced!r} was requested but cannot run on {device}: {reason}")
-        ops = _backend(forced).OPS
-        if op in ops:
-            return ops[op]
-    order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+        order = (forced, "torch")
+    else:
+        order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
     for name in order:
-        ok, _ = availability(name, device)
-        if ok and op in _backend(name).OPS:
-            return _backend(name).OPS[op]
+        module = _backend(name)
+        if isinstance(module, ImportError) or op not in module.OPS:  # checked first: no build for other ops
+            continue
+        if name == "triton" and dtype == torch.float64 and op in _FP32_KERNEL_OPS:
+            continue
+        if name == forced or availability(name, device)[0]:
+            return name
     raise RuntimeError(f"calibrl_kernels: no backend implements {op!r} on {device}")
 
 
-def selected_impl(op: str, device: torch.device, impl: Optional[str] = None) -> str:
+def implementation(op: str, device: torch.device, impl: Optional[str] = None,
+                   dtype: Optional[torch.dtype] = None) -> Callable:
+    """The function implementing ``op`` for tensors on ``device`` of ``dtype`` (the op's main input; None
+    for no dtype rule); ``impl`` or CALIBRL_IMPL forces a backend."""
+    name = _choose(op, torch.device(device), impl or requested_impl(), dtype)
+    if name == "reference":
+        return _REFERENCE_OPS[op]
+    return _backend(name).OPS[op]
+
+
+def selected_impl(op: str, device: torch.device, impl: Optional[str] = None,
+                  dtype: Optional[torch.dtype] = None) -> str:
     """The name of the backend ``implementation`` would pick (for logs and benchmarks)."""
-    fn = implementation(op, device, impl)
-    for name in IMPLS:
-        module = _backend(name)
-        if not isinstance(module, ImportError) and module.OPS.get(op) is fn:
-            return name
-    return "unknown"
+    name = _choose(op, torch.device(device), impl or requested_impl(), dtype)
+    return "torch" if name == "reference" else name

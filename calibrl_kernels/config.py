@@ -1,7 +1,7 @@
 """Configuration and result types shared by every implementation of the CalibRL loss.
 
-The semantics are those of ``../shared/CALIBRL.md`` (arXiv 2602.20197 and the authors' verl-based
-code). ``CalibRLConfig`` is frozen and validated on construction: a bad field raises ``ValueError``
+The semantics are those of the paper (arXiv 2602.20197) and the authors' verl-based code.
+``CalibRLConfig`` is frozen and validated on construction: a bad field raises ``ValueError``
 or ``TypeError`` naming the field, the allowed values and the value given.
 """
 
@@ -188,6 +188,9 @@ class CalibRLConfig:
         return cls(**{**presets[algo], **overrides})
 
 
+DEFAULT_CONFIG = CalibRLConfig()  # the default of every op and module taking a config
+
+
 class GroupStats(NamedTuple):
     """Group statistics over on-policy rows (expert rows excluded), per row and per group.
 
@@ -203,6 +206,28 @@ class GroupStats(NamedTuple):
     count: torch.Tensor  # (G,) int64 number of on-policy rows
     group_index: torch.Tensor  # (B,) int64 in [0, G)
     group_keys: torch.Tensor  # (G,) the distinct group ids, ascending
+
+
+class LossInputs(NamedTuple):
+    """The per-token inputs of the loss, validated and resolved once by ``ops`` and handed to every backend.
+
+    Only tensors and one integer, so a backend entry ``op(logits, targets, inputs, config, ...)`` maps onto a
+    ``torch.library`` schema of tensors and scalars. B rows of T response tokens.
+    """
+
+    old_logp: torch.Tensor  # (B, T) log-probs of the behaviour policy
+    advantages: torch.Tensor  # (B,) or (B, T)
+    mask: torch.Tensor  # (B, T) response-token mask (0/1 or non-negative weights)
+    expert_logp: Optional[torch.Tensor] = None  # (B, T) or (B,) expert baseline b (guide term only)
+    passed: Optional[torch.Tensor] = None  # (B,) bool, reward above the pass threshold (guide term only)
+    is_expert: Optional[torch.Tensor] = None  # (B,) bool, the row is an off-policy expert demonstration
+    expert_mask: Optional[torch.Tensor] = None  # (B, T) expert's response length (mask_beyond_expert only)
+    ignore_index: int = -100  # targets equal to it are left out of the loss
+
+    def fields(self) -> dict:
+        """The optional fields and ignore_index as keyword arguments (the reference's calling convention)."""
+        return dict(expert_logp=self.expert_logp, passed=self.passed, is_expert=self.is_expert,
+                    expert_mask=self.expert_mask, ignore_index=self.ignore_index)
 
 
 class LossOutput(NamedTuple):

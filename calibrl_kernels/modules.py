@@ -17,14 +17,14 @@ from typing import Optional
 
 import torch
 
-from . import _checks, linear_cpu, ops
-from .config import CalibRLConfig, LossOutput
+from . import _checks, chunked, ops
+from .config import DEFAULT_CONFIG, CalibRLConfig, LossOutput
 
 
 class _ConfiguredLoss(torch.nn.Module):
     def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100):
         super().__init__()
-        config = CalibRLConfig() if config is None else config
+        config = DEFAULT_CONFIG if config is None else config
         _checks.check_config(config)
         self.config = config
         # As the functional ops: Python or NumPy integers in the int64 range, stored as a Python int.
@@ -79,8 +79,8 @@ class LinearCalibRLLoss(_ConfiguredLoss):
     See ``ops.fused_linear_calibrl_loss``; gradients flow to hidden, weight and bias.
 
     chunk_bytes: the byte budget of a logits chunk on the CPU chunked path (the cpp and torch backends,
-    ``linear_cpu``) for this module's calls; None uses env CALIBRL_CHUNK_BYTES, else
-    ``linear_cpu.default_chunk_bytes()`` (1/16 of the machine's memory, 64 MiB to 1 GiB). Chunks take
+    ``chunked``) for this module's calls; None uses env CALIBRL_CHUNK_BYTES, else
+    ``chunked.default_chunk_bytes()`` (1/16 of the machine's memory, 64 MiB to 1 GiB). Chunks take
     512 rows where the budget allows (the GEMMs' knee), fewer below it, so a budget under 512 * V * 4
     bytes costs speed. The Triton GPU path has its own budget and ignores it.
     """
@@ -89,7 +89,7 @@ class LinearCalibRLLoss(_ConfiguredLoss):
                  chunk_bytes: Optional[int] = None):
         super().__init__(config, ignore_index=ignore_index)
         if chunk_bytes is not None:
-            linear_cpu.chunk_budget(chunk_bytes)  # TypeError / ValueError now rather than at the first call
+            chunked.chunk_budget(chunk_bytes)  # TypeError / ValueError now rather than at the first call
         self.chunk_bytes = chunk_bytes
 
     def extra_repr(self) -> str:
@@ -108,7 +108,7 @@ class LinearCalibRLLoss(_ConfiguredLoss):
         **batch_fields,
     ) -> LossOutput:
         """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
-        with linear_cpu.chunk_bytes_scope(self.chunk_bytes):
+        with chunked.chunk_bytes_scope(self.chunk_bytes):
             return ops.fused_linear_calibrl_loss(
                 hidden, weight, targets, old_logp, advantages, mask, bias=bias, ignore_index=self.ignore_index,
                 config=self.config, **batch_fields,

@@ -1,7 +1,7 @@
-"""The public ops: validate inputs, resolve the RL batch fields, dispatch to a backend.
+"""The public ops: validate inputs once, resolve the RL batch fields into one ``LossInputs``, dispatch.
 
-Every backend function has the signature of its twin in ``reference`` and receives validated,
-fully resolved inputs (advantages, pass flags and expert baseline already computed).
+Backends receive validated, fully resolved inputs (advantages, pass flags and expert baseline already
+computed) under the contract of ``_dispatch``; none of them validates or falls back again.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from typing import Optional
 import torch
 
 from . import _checks, _dispatch, reference
-from .config import CalibRLConfig, GroupStats, LossOutput
-
-_DEFAULT_CONFIG = CalibRLConfig()
-
+from .config import DEFAULT_CONFIG, CalibRLConfig, GroupStats, LossInputs, LossOutput
 
 def token_logprobs(
     logits: torch.Tensor,
@@ -34,7 +31,7 @@ def token_logprobs(
     _checks.check_bool_argument("return_entropy", return_entropy)
     temperature, ignore_index = float(temperature), int(ignore_index)  # NumPy scalars -> Python numbers
     targets = _checks.token_ids(targets)  # compared as int64 on every backend (uint8 never wraps ignore_index)
-    fn = _dispatch.implementation("token_logprobs", logits.device)
+    fn = _dispatch.implementation("token_logprobs", logits.device, dtype=logits.dtype)
     return fn(logits, targets, temperature, ignore_index, return_entropy)
 
 
@@ -53,7 +50,7 @@ def linear_token_logprobs(
     _checks.check_bool_argument("return_entropy", return_entropy)
     temperature, ignore_index = float(temperature), int(ignore_index)  # NumPy scalars -> Python numbers
     targets = _checks.token_ids(targets)
-    fn = _dispatch.implementation("linear_token_logprobs", hidden.device)
+    fn = _dispatch.implementation("linear_token_logprobs", hidden.device, dtype=hidden.dtype)
     return fn(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
 
 
@@ -79,10 +76,14 @@ def group_advantages(
     _checks.check_bool_argument("norm_by_std", norm_by_std)
     _checks.check_finite_number("pass_threshold", pass_threshold)
     _checks.check_num_groups_argument(num_groups, scores.numel())
+    return _group_advantages(scores, group_ids, is_expert, norm_by_std, eps, pass_threshold, num_groups)
+
+
+def _group_advantages(scores, group_ids, is_expert, norm_by_std, eps, pass_threshold, num_groups) -> GroupStats:
+    """group_advantages on validated inputs: dispatch only."""
     eps, num_groups = float(eps), None if num_groups is None else int(num_groups)  # NumPy scalars -> Python
     fn = _dispatch.implementation("group_advantages", scores.device)
-    extra = {} if num_groups is None else {"num_groups": num_groups}
-    return fn(scores, group_ids, is_expert, norm_by_std, eps, float(pass_threshold), **extra)
+    return fn(scores, group_ids, is_expert, norm_by_std, eps, float(pass_threshold), num_groups)
 
 
 def expert_baseline(
@@ -111,7 +112,7 @@ def calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     entropy: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
 ) -> LossOutput:
     """The CalibRL loss from per-token log-probs (the reference semantics every fused op matches).
 
@@ -129,9 +130,14 @@ def calibrl_loss(
     )
 
 
-def _resolve_rl_fields(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask,
-                       config, num_groups):
-    """Fill in advantages / passed from scores + group_ids, and the expert baseline from the batch."""
+def _loss_inputs(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask,
+                 ignore_index: int, config: CalibRLConfig, num_groups, batch_shape) -> LossInputs:
+    """Validate the loss fields of a fused op once and resolve them into the LossInputs every backend takes.
+
+    advantages / passed come from scores + group_ids when not given (group statistics), the expert baseline
+    from the batch's expert rows (group_ids + is_expert) when the mode needs one and it is not given.
+    batch_shape: (B, T) of the targets.
+    """
     _checks.require_tensor("old_logp", old_logp)
     _checks.require_tensor("mask", mask)
     _checks.check_ndim("old_logp", old_logp, (2,), "(B, T)")
@@ -139,9 +145,10 @@ def _resolve_rl_fields(old_logp, advantages, mask, scores, group_ids, expert_log
     if advantages is None:
         if scores is None or group_ids is None:
             raise ValueError("advantages: give either advantages (B,) / (B, T) or both scores (B,) and group_ids (B,)")
-        stats = group_advantages(
-            scores, group_ids, is_expert=is_expert, norm_by_std=config.norm_by_std, eps=config.adv_eps,
-            pass_threshold=config.pass_threshold, num_groups=num_groups,
+        _checks.check_group_inputs(scores, group_ids, is_expert)
+        _checks.check_num_groups_argument(num_groups, scores.numel())
+        stats = _group_advantages(
+            scores, group_ids, is_expert, config.norm_by_std, config.adv_eps, config.pass_threshold, num_groups
         )
         advantages = stats.advantages
         passed = stats.passed if passed is None else passed
@@ -153,11 +160,15 @@ def _resolve_rl_fields(old_logp, advantages, mask, scores, group_ids, expert_log
                 "expert_logp: required for mode='calibrl'; pass it, or pass group_ids and is_expert so that "
                 "it is built from the batch's expert rows"
             )
-        expert_logp, built_mask = expert_baseline(
-            old_logp, mask, group_ids, is_expert, kind=config.baseline, return_mask=True
-        )
+        _checks.check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert)
+        expert_logp, built_mask = reference.expert_baseline(old_logp, mask, group_ids, is_expert, config.baseline, True)
         expert_mask = built_mask if expert_mask is None else expert_mask
-    return advantages, expert_logp, passed, expert_mask
+    _checks.check_shape("old_logp", old_logp, batch_shape, "(B, T) like targets")
+    _checks.check_loss_inputs(
+        old_logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
+        entropy=None, expert_mask=expert_mask, config=config, logp_name="old_logp", computes_entropy=True,
+    )
+    return LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index)
 
 
 def fused_calibrl_loss(
@@ -174,7 +185,7 @@ def fused_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
     inplace_backward: bool = False,
     num_groups: Optional[int] = None,
 ) -> LossOutput:
@@ -189,28 +200,16 @@ def fused_calibrl_loss(
     backward pass, saving a logits-sized gradient buffer: afterwards ``logits`` is overwritten (holds
     its gradient) and must not be used again; one backward pass only.
     """
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward: expected a bool, got {type(inplace_backward).__name__}")
+    _checks.check_bool_argument("inplace_backward", inplace_backward)
     _checks.check_config(config)
     _checks.check_token_logprobs_inputs(logits, targets, config.temperature, ignore_index)
-    ignore_index = int(ignore_index)  # NumPy integer -> Python int
     targets = _checks.token_ids(targets)
     if logits.dim() != 3:
         raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
-    advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
-        old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config, num_groups
-    )
-    _checks.check_shape("old_logp", old_logp, targets.shape, "(B, T) like targets")
-    _checks.check_loss_inputs(
-        old_logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        entropy=None, expert_mask=expert_mask, config=config, logp_name="old_logp", computes_entropy=True,
-    )
-    fn = _dispatch.implementation("fused_calibrl_loss", logits.device)
-    extra = {"inplace_backward": True} if inplace_backward else {}  # passed only when asked for
-    return fn(
-        logits, targets, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, ignore_index=ignore_index, config=config, **extra,
-    )
+    inputs = _loss_inputs(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask,
+                          int(ignore_index), config, num_groups, targets.shape)
+    fn = _dispatch.implementation("fused_calibrl_loss", logits.device, dtype=logits.dtype)
+    return fn(logits, targets, inputs, config, inplace_backward)
 
 
 def fused_linear_calibrl_loss(
@@ -229,7 +228,7 @@ def fused_linear_calibrl_loss(
     is_expert: Optional[torch.Tensor] = None,
     expert_mask: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
-    config: CalibRLConfig = _DEFAULT_CONFIG,
+    config: CalibRLConfig = DEFAULT_CONFIG,
     num_groups: Optional[int] = None,
 ) -> LossOutput:
     """fused_calibrl_loss starting from hidden states (B, T, D) and the lm_head weight (V, D) [+ bias (V,)].
@@ -238,20 +237,10 @@ def fused_linear_calibrl_loss(
     """
     _checks.check_config(config)
     _checks.check_linear_inputs(hidden, weight, targets, bias, config.temperature, ignore_index)
-    ignore_index = int(ignore_index)  # NumPy integer -> Python int
     targets = _checks.token_ids(targets)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
-    advantages, expert_logp, passed, expert_mask = _resolve_rl_fields(
-        old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask, config, num_groups
-    )
-    _checks.check_shape("old_logp", old_logp, targets.shape, "(B, T) like targets")
-    _checks.check_loss_inputs(
-        old_logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        entropy=None, expert_mask=expert_mask, config=config, logp_name="old_logp", computes_entropy=True,
-    )
-    fn = _dispatch.implementation("fused_linear_calibrl_loss", hidden.device)
-    return fn(
-        hidden, weight, targets, old_logp, advantages, mask, bias=bias, expert_logp=expert_logp, passed=passed,
-        is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
-    )
+    inputs = _loss_inputs(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask,
+                          int(ignore_index), config, num_groups, targets.shape)
+    fn = _dispatch.implementation("fused_linear_calibrl_loss", hidden.device, dtype=hidden.dtype)
+    return fn(hidden, weight, targets, inputs, config, bias)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
 from calibrl_kernels import reference
-from calibrl_kernels.config import ACTIVATIONS, LOSS_AGG_MODES, MODES, CalibRLConfig
+from calibrl_kernels.config import ACTIVATIONS, DEFAULT_CONFIG, LOSS_AGG_MODES, MODES, CalibRLConfig, LossInputs
 
 # One config per (mode, activation) pair that makes sense, plus the aggregation modes and options.
 CONFIGS: Dict[str, CalibRLConfig] = {}
@@ -46,6 +46,11 @@ class Batch(NamedTuple):
             expert_logp=self.expert_logp, passed=self.passed, is_expert=self.is_expert,
             expert_mask=self.expert_mask, config=config,
         )
+
+    def inputs(self, ignore_index: int = -100, mask: Optional[torch.Tensor] = None) -> LossInputs:
+        """This batch as the LossInputs a backend takes (mask: another (B, T) mask instead of its own)."""
+        return LossInputs(self.old_logp, self.advantages, self.mask if mask is None else mask, self.expert_logp,
+                          self.passed, self.is_expert, self.expert_mask, ignore_index)
 
 
 def make_batch(groups: int, rows_per_group: int, T: int, *, config: CalibRLConfig, dtype=torch.float64,
@@ -180,6 +185,17 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return err / scale if scale > 0 else err
 
 
+def chunked_linear_loss(hidden, weight, targets, old_logp, advantages, mask, *, bias=None, expert_logp=None,
+                        passed=None, is_expert=None, expert_mask=None, ignore_index=-100, config=DEFAULT_CONFIG,
+                        **extra):
+    """``chunked.fused_linear_calibrl_loss`` (the backend, taking LossInputs) called like the reference's twin;
+    extra: row_math, chunk_bytes."""
+    from calibrl_kernels import chunked
+
+    inputs = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index)
+    return chunked.fused_linear_calibrl_loss(hidden, weight, targets, inputs, config, bias, **extra)
+
+
 def loss_and_grads(fn, case: LinearCase, config: CalibRLConfig, ignore_index=-100, scale=1.0, **extra):
     """Run a fused linear loss fn(hidden, weight, targets, ...) and backpropagate scale * loss."""
     b = case.batch
@@ -199,7 +215,7 @@ def cpp_module_or_skip():
     missing compiler is a broken CI and must not silently skip every C++ test."""
     import pytest
 
-    from calibrl_kernels import build
+    from calibrl_kernels.cpu import build
 
     module = build.extension(fallback_warning=False)
     if module is None:
@@ -212,7 +228,7 @@ def cpp_module_or_skip():
 
 def simulate_build_failure(monkeypatch, message: str = "simulated: no C++ compiler") -> None:
     """Forget this process's C++ build and make the next attempt fail (monkeypatch restores it all)."""
-    from calibrl_kernels import build
+    from calibrl_kernels.cpu import build
 
     def fail(verbose=False):
         raise RuntimeError(message)

@@ -2,18 +2,18 @@
 
 The interpreter accepts programs the GPU compiler rejects (type mismatches across branches or loop
 iterations, constexpr misuse, unsupported casts), so CPU-only test runs would not see such errors.
-Here each launcher of the library runs on small CPU tensors with ``_triton_common.launch`` replaced by
+Here each launcher of the library runs on small CPU tensors with ``_launch.launch`` replaced by
 a recorder; every recorded launch (the real argument set and the GPU launch configuration of
-``_heuristics``) is then compiled by ``triton.compile`` for sm_90 (H100) down to a cubin, with the
+``triton._launch``) is then compiled by ``triton.compile`` for sm_90 (H100) down to a cubin, with the
 16-byte divisibility hints the JIT would give aligned pointers and strides. Prints one line per kernel
 (registers / stack frame from cuobjdump when available; more than 8 bytes of stack fails, as spilling) and
 "ok" at the end.
 
 Covered: every dtype a launcher takes (bf16, fp16, fp32 with exact fp32 products and fp32 with TF32, as
 ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` selects), and besides each default launch every
-candidate of ``CALIBRL_AUTOTUNE=1`` (``_heuristics.*_autotune_configs``). Every compiled variant's shared
+candidate of ``CALIBRL_AUTOTUNE=1`` (``_launch.*_autotune_configs``). Every compiled variant's shared
 memory (``metadata.shared``: what the launch asks for, which triton checks only when it loads the kernel
-on a GPU) must fit sm_90's per-block limit, ``_heuristics.SM90_SHARED_MEMORY_BYTES``, and no kernel may
+on a GPU) must fit sm_90's per-block limit, ``_launch.SM90_SHARED_MEMORY_BYTES``, and no kernel may
 hold an approximate division or square root (div.full / sqrt.approx / rcp.approx: the kernels use the
 correctly rounded forms, as torch); the default launches must also compile without register spills.
 
@@ -36,15 +36,17 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from calibrl_kernels import CalibRLConfig, _heuristics, _triton_common  # noqa: E402
-from calibrl_kernels import calibrl_loss_triton, group_stats, linear_triton, logprob_entropy  # noqa: E402
+from calibrl_kernels import CalibRLConfig  # noqa: E402
+from calibrl_kernels.triton import _launch, _loss_terms  # noqa: E402
+from calibrl_kernels.triton import group_stats as triton_group_stats  # noqa: E402
+from calibrl_kernels.triton import linear as triton_linear, logprobs as triton_logprobs, loss as triton_loss  # noqa: E402
 
 TYPES = {
     torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
     torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
 }
 TARGET = GPUTarget("cuda", 90, 32)
-SHARED_LIMIT = _heuristics.SM90_SHARED_MEMORY_BYTES
+SHARED_LIMIT = _launch.SM90_SHARED_MEMORY_BYTES
 recorded = []  # (kernel, launch arguments, spills matter, role: "default" or "autotune")
 check_spills = True  # off for the degenerate sizes, whose speed is irrelevant
 
@@ -104,7 +106,7 @@ def run_launchers():
     global check_spills
     run_launchers_at(2, 3, 4096, 64, 256, full=True)
     with tf32_matmuls():
-        assert linear_triton._dot_precision(torch.float32) == "tf32"
+        assert triton_linear._dot_precision(torch.float32) == "tf32"
         run_linear_launchers(4096, 64, 256, (torch.float32,), CalibRLConfig())
     check_spills = False
     run_launchers_at(1, 1, 1, 1, 1, full=False)
@@ -132,24 +134,24 @@ def run_launchers_at(B, T, V, N, D, full):
     targets = torch.randint(0, V, (B * T,))
     for dtype in (torch.bfloat16, torch.float32, torch.float16) if full else (torch.bfloat16,):
         rows = torch.empty(B, T, V, dtype=dtype)
-        logprob_entropy.logprob_entropy_forward(rows, targets, 0.7, -100)
+        triton_logprobs.logprob_entropy_forward(rows, targets, 0.7, -100)
         stats = torch.zeros(B * T)
-        logprob_entropy.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100)
-        logprob_entropy.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100, scale=torch.ones(()), inplace=True)
+        triton_logprobs.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100)
+        triton_logprobs.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100, scale=torch.ones(()), inplace=True)
         # the fused loss's backward reads its statistics from columns of the (N, TOKEN_OUTPUTS) row table
-        columns = torch.zeros(B * T, _triton_common.TOKEN_OUTPUTS).unbind(1)[:4]
-        logprob_entropy.logits_backward(rows, targets, *columns, 0.7, -100, scale=torch.ones(()), inplace=True)
+        columns = torch.zeros(B * T, _loss_terms.TOKEN_OUTPUTS).unbind(1)[:4]
+        triton_logprobs.logits_backward(rows, targets, *columns, 0.7, -100, scale=torch.ones(()), inplace=True)
     rows = torch.empty(B, T, V, dtype=torch.bfloat16)
     configs = [CalibRLConfig(activation=a) for a in ("leaky_relu", "relu", "tanh", "sigmoid", "huber", "none")]
     configs += [CalibRLConfig.for_algo(m) for m in ("grpo", "luffy", "rlplus")]
     configs += [CalibRLConfig(weight_by_advantage=False, entropy_coef=0.1)]
     configs = configs if full else configs[:1]
-    table = torch.zeros(B * T, _triton_common.TOKEN_INPUTS)
+    table = torch.zeros(B * T, _loss_terms.TOKEN_INPUTS)
     for config in configs:
-        calibrl_loss_triton.calibrl_loss_forward(rows, targets, table, config, -100)
+        triton_loss.calibrl_loss_forward(rows, targets, table, config, -100)
     for dtype in (torch.float32, torch.float64) if full else (torch.float32,):
         for norm in (False, True):
-            group_stats.group_advantages(torch.rand(N, dtype=dtype), torch.arange(N) // 3, None, norm)
+            triton_group_stats.group_advantages(torch.rand(N, dtype=dtype), torch.arange(N) // 3, None, norm)
     run_linear_launchers(V, N, D, (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,),
                          configs[0])
 
@@ -157,21 +159,21 @@ def run_launchers_at(B, T, V, N, D, full):
 def run_linear_launchers(V, N, D, dtypes, config):
     """lm_head kernels: statistics, both finish variants, logits gradient, both GEMMs (dHidden accumulating
     over several vocabulary chunks), per dtype."""
-    _heuristics.LINEAR_CHUNK_BYTES = N * 1024 * 4  # <= 1024 columns per chunk: V = 4096 takes several
+    _launch.LINEAR_CHUNK_BYTES = N * 1024 * 4  # <= 1024 columns per chunk: V = 4096 takes several
     for dtype in dtypes:
         hidden = torch.empty(N, D, dtype=dtype)
         weight = torch.empty(V, D, dtype=dtype)
         bias = torch.empty(V, dtype=dtype)
         flat = torch.randint(0, V, (N,))
         active = torch.ones(N, dtype=torch.int8)
-        partial, splits = linear_triton.linear_statistics(hidden, weight, bias, flat, active, 0.7)
-        linear_triton.finish_statistics(partial, splits, flat, -100)
-        linear_triton.finish_statistics(partial, splits, flat, -100, table=torch.zeros(N, _triton_common.TOKEN_INPUTS), config=config)
+        partial, splits = triton_linear.linear_statistics(hidden, weight, bias, flat, active, 0.7)
+        triton_linear.finish_statistics(partial, splits, flat, -100)
+        triton_linear.finish_statistics(partial, splits, flat, -100, table=torch.zeros(N, _loss_terms.TOKEN_INPUTS), config=config)
         stats = torch.zeros(N)
-        linear_triton.linear_gradients(hidden, weight, bias, flat, stats, stats, stats, stats, torch.ones(()), 0.7, -100)
-        linear_triton.linear_gradients(hidden, weight, None, flat, stats, stats, stats, stats, None, 1.0, -100)
-        columns = torch.zeros(N, _triton_common.TOKEN_OUTPUTS).unbind(1)[:4]  # the loss's row-table columns
-        linear_triton.linear_gradients(hidden, weight, bias, flat, *columns, torch.ones(()), 0.7, -100)
+        triton_linear.linear_gradients(hidden, weight, bias, flat, stats, stats, stats, stats, torch.ones(()), 0.7, -100)
+        triton_linear.linear_gradients(hidden, weight, None, flat, stats, stats, stats, stats, None, 1.0, -100)
+        columns = torch.zeros(N, _loss_terms.TOKEN_OUTPUTS).unbind(1)[:4]  # the loss's row-table columns
+        triton_linear.linear_gradients(hidden, weight, bias, flat, *columns, torch.ones(()), 0.7, -100)
 
 
 # The launch keywords an autotune candidate varies (with num_warps / num_stages); a candidate is compiled
@@ -211,7 +213,7 @@ def compile_variant(index):
 
 
 # PTX of a division / square root / reciprocal that is not correctly rounded. The kernels divide and take
-# roots with div_rn / sqrt_rn (``_triton_common``), as torch does; only tl.exp is the fast ex2.approx.
+# roots with div_rn / sqrt_rn (``triton._softmax``), as torch does; only tl.exp is the fast ex2.approx.
 APPROXIMATE_DIVISION = re.compile(r"\b((?:div\.(?:full|approx)|sqrt\.approx|rcp\.approx)\.[a-z0-9.]+)")
 
 
@@ -220,11 +222,11 @@ VARIANTS = []
 
 def main():
     os.environ["CALIBRL_VALUE_CHECKS"] = "0"  # nothing runs: outputs hold no values to check
-    _triton_common.launch = record
-    logprob_entropy.launch = record
-    calibrl_loss_triton.launch = record
-    group_stats.launch = record
-    linear_triton.launch = record
+    _launch.launch = record
+    triton_logprobs.launch = record
+    triton_loss.launch = record
+    triton_group_stats.launch = record
+    triton_linear.launch = record
     run_launchers()
     VARIANTS.extend(distinct_variants())
     # compilations are independent: one worker per core (forked: the workers share VARIANTS)
@@ -244,9 +246,9 @@ def main():
         assert not approximate, f"{line}: approximate {approximate} where the kernels promise torch's rounding"
         if kernel.__name__ in DOT_KERNELS:  # the estimate the heuristics prune candidates with is not low
             element_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype.lstrip("*")]
-            estimate = _heuristics.dot_shared_memory(constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"],
+            estimate = _launch.dot_shared_memory(constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"],
                                                      options["num_stages"], element_bytes)
-            assert shared <= estimate, f"{line}: more shared memory than _heuristics.dot_shared_memory ({estimate})"
+            assert shared <= estimate, f"{line}: more shared memory than _launch.dot_shared_memory ({estimate})"
         largest[kernel.__name__, dtype] = max(largest.get((kernel.__name__, dtype), 0), shared)
         if "no cuobjdump" not in usage and spills_matter:  # a stack frame beyond 8 bytes means real spills
             stack = int(re.search(r"STACK:(\d+)", usage).group(1))

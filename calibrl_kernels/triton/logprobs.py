@@ -1,0 +1,255 @@
+"""Token log-probs and entropies from logits in one streaming pass over the vocabulary (Triton).
+
+Forward: each program takes BLOCK_N token rows (1 for real vocabularies on a GPU) and streams their V
+logits in [BLOCK_N, BLOCK_V] tiles, keeping an online max /
+sum-exp / shifted sum(z e) in fp32 (``_softmax.online_softmax_update``), so the row is read
+exactly once; logp = z_y - lse and H = lse - sum_j p_j z_j come out per row, plus lse for the backward.
+
+Backward: the upstream gradients give two coefficients per row, a = -dL/dlogp and b = -dL/dH, and
+``_logits_grad_kernel`` streams the row again writing dL/dlogits = (a (p - onehot(y)) + b p (z - lse + H))
+/ temperature tile by tile (one read, one write). The same kernel produces the gradient of the fused
+CalibRL loss (``triton/loss.py``), whose coefficients come from the loss in closed form, optionally
+writing it over the logits buffer.
+
+Logits may be (N, V) or (B, T, V) with any batch / time strides (offsets in int64); a last dimension
+that is not contiguous is copied first. Temperature is a runtime scalar (no recompilation per value).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+from ..reference import inverse_temperature
+from .._autograd import first_order_only
+from ._launch import launch
+from ._softmax import cast_for_store, gradient_row_inputs, logits_grad_tile, logits_row_statistics, token_row_pointers
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    logits_ptr,  # (B, T, V) logits (fp32 / bf16 / fp16), last dim contiguous
+    stride_b,  # element stride between batch entries of logits
+    stride_t,  # element stride between time steps of logits
+    rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
+    n_rows,  # N = B * T
+    targets_ptr,  # (N,) int64 target ids
+    logp_ptr,  # (N,) fp32 out: log softmax(logits / temperature)[target], 0 where ignored
+    entropy_ptr,  # (N,) fp32 out: entropy of softmax(logits / temperature), 0 where ignored
+    lse_ptr,  # (N,) fp32 out: logsumexp(logits / temperature), 0 where ignored (for the backward)
+    V,  # vocabulary size
+    inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (a multiply, not a divide, per element)
+    ignore_index,  # target value marking a token without log-prob
+    BLOCK_N: tl.constexpr,  # token rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary tile
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64
+    in_range = rows < n_rows
+    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
+    valid = in_range & (targets != ignore_index)
+    lse, entropy = logits_row_statistics(row_ptrs, V, inv_temperature, valid, BLOCK_V)
+    target_logit = tl.load(row_ptrs + tl.where(valid, targets, 0), mask=valid, other=0.0).to(tl.float32)
+    logp = target_logit * inv_temperature - lse
+    tl.store(logp_ptr + rows, tl.where(valid, logp, 0.0), mask=in_range)
+    tl.store(entropy_ptr + rows, tl.where(valid, entropy, 0.0), mask=in_range)
+    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=in_range)
+
+
+@triton.jit
+def _logits_grad_kernel(
+    logits_ptr,  # (B, T, V) logits of the forward pass, last dim contiguous
+    stride_b,  # element stride between batch entries of logits
+    stride_t,  # element stride between time steps of logits
+    rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
+    n_rows,  # N = B * T
+    grad_ptr,  # (B, T, V) out: dL/dlogits in the logits dtype; may be logits_ptr itself (in place)
+    grad_stride_b,  # element stride between batch entries of grad
+    grad_stride_t,  # element stride between time steps of grad
+    targets_ptr,  # (N,) int64 target ids
+    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (from the forward), token t at t * stats_stride
+    entropy_ptr,  # (N,) fp32 entropy (from the forward), same stride
+    coef_lp_ptr,  # (N,) fp32 a = -dL/dlogp per row, same stride
+    coef_ent_ptr,  # (N,) fp32 b = -dL/dH per row, same stride
+    stats_stride,  # element stride between tokens of lse / entropy / coef_lp / coef_ent
+    scale_ptr,  # () fp32 factor on both coefficients (upstream dL_total/dL), read on device; unused without HAS_SCALE
+    V,  # vocabulary size
+    inv_temperature,  # fp32 runtime scalar 1 / temperature of the forward
+    ignore_index,  # target value of rows that get a zero gradient
+    HAS_SCALE: tl.constexpr,  # whether to multiply by *scale_ptr
+    BLOCK_N: tl.constexpr,  # token rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary tile
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64
+    in_range = rows < n_rows
+    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    grad_row_ptrs = token_row_pointers(grad_ptr, rows, rows_per_batch, grad_stride_b, grad_stride_t)
+    targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
+        targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, in_range,
+        ignore_index, HAS_SCALE,
+    )
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        in_row = cols[None, :] < V
+        x = tl.load(row_ptrs[:, None] + cols[None, :], mask=active[:, None] & in_row, other=float("-inf"))
+        z = x.to(tl.float32) * inv_temperature
+        grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) * inv_temperature
+        grad = tl.where(active[:, None], grad, 0.0)
+        tl.store(
+            grad_row_ptrs[:, None] + cols[None, :], cast_for_store(grad, grad_ptr.dtype.element_ty),
+            mask=in_range[:, None] & in_row,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def as_token_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) or (B, T, V) logits as a (B, T, V) view whose last dimension is contiguous."""
+    rows = logits.unsqueeze(0) if logits.dim() == 2 else logits
+    if rows.stride(-1) != 1 and rows.shape[-1] > 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _flat_targets(targets: torch.Tensor) -> torch.Tensor:
+    return targets.reshape(-1).to(torch.int64).contiguous()
+
+
+def common_stride(*stats: torch.Tensor) -> int:
+    """The one element stride of several (N,) per-token fp32 arrays passed to a kernel with one stride."""
+    strides = {t.stride(0) if t.numel() > 1 else 1 for t in stats}
+    if len(strides) != 1 or any(t.dtype != torch.float32 for t in stats):
+        raise RuntimeError(f"per-token statistics need one stride and fp32, got strides {strides}")
+    return strides.pop()
+
+
+def row_kernel_launch(vocab_size: int, n_rows: int):
+    """(grid, BLOCK_N, fixed meta-parameters, autotune configs) of the per-row logits kernels."""
+    config = _launch.row_launch(vocab_size)
+    return (triton.cdiv(n_rows, config.block_n),), config.block_n, config.meta(), _launch.row_autotune_configs()
+
+
+def logprob_entropy_forward(
+    rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows (B, T, V) from ``as_token_rows``, targets (N,) int64 -> logp, entropy, lse, each (N,) fp32."""
+    B, T, V = rows.shape
+    n = B * T
+    logp = torch.empty(n, dtype=torch.float32, device=rows.device)
+    entropy = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    if n == 0:
+        return logp, entropy, lse
+    grid, block_n, fixed, tune = row_kernel_launch(V, n)
+    launch(
+        _token_logprobs_fwd_kernel, grid,
+        dict(
+            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=n,
+            BLOCK_N=block_n, targets_ptr=targets, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse, V=V,
+            inv_temperature=inverse_temperature(temperature), ignore_index=int(ignore_index),
+        ),
+        fixed, tune, ["V"],
+    )
+    return logp, entropy, lse
+
+
+def logits_backward(
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    coef_lp: torch.Tensor,
+    coef_ent: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    scale: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """dL/dlogits (B, T, V) in the logits dtype from per-row a = coef_lp, b = coef_ent (N,) fp32.
+
+    lse, entropy, coef_lp, coef_ent: (N,) fp32 views with one common stride (columns of a row table work).
+    ``scale`` (0-d tensor, optional) multiplies both coefficients on the device (no host sync).
+    ``inplace`` writes the gradient over ``rows`` itself and returns it.
+    """
+    B, T, V = rows.shape
+    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
+    grad = rows if inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    if B * T == 0:
+        return grad
+    has_scale = scale is not None
+    scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
+    grid, block_n, fixed, tune = row_kernel_launch(V, B * T)
+    launch(
+        _logits_grad_kernel, grid,
+        dict(
+            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=B * T,
+            BLOCK_N=block_n, grad_ptr=grad, grad_stride_b=grad.stride(0), grad_stride_t=grad.stride(1),
+            targets_ptr=targets, lse_ptr=lse, entropy_ptr=entropy, coef_lp_ptr=coef_lp,
+            coef_ent_ptr=coef_ent, stats_stride=stats_stride, scale_ptr=scale_arg, V=V,
+            inv_temperature=inverse_temperature(temperature),
+            ignore_index=int(ignore_index), HAS_SCALE=has_scale,
+        ),
+        fixed, tune, ["V"],
+        allow_autotune=not inplace,  # the tuner would run an in-place launch over its own output
+    )
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and the backend op
+# ----------------------------------------------------------------------------------------------
+def upstream_coefficients(grad_logp, grad_entropy, n: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """a = -dL/dlogp and b = -dL/dH per row, (N,) fp32 each, from the incoming gradients of (logp, entropy)
+    (None, an unused output, gives zeros)."""
+    zeros = None
+    coefficients = []
+    for grad in (grad_logp, grad_entropy):
+        if grad is None:
+            zeros = torch.zeros(n, dtype=torch.float32, device=device) if zeros is None else zeros
+            coefficients.append(zeros)
+        else:
+            coefficients.append((-grad.reshape(-1)).to(torch.float32).contiguous())
+    return coefficients[0], coefficients[1]
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index):
+        rows = as_token_rows(logits.detach())
+        flat_targets = _flat_targets(targets)
+        logp, entropy, lse = logprob_entropy_forward(rows, flat_targets, temperature, ignore_index)
+        ctx.save_for_backward(rows, flat_targets, lse, entropy, logits)  # logits itself anchors first_order_only
+        ctx.logits_shape = logits.shape
+        ctx.temperature = temperature
+        ctx.ignore_index = ignore_index
+        return logp.view(targets.shape), entropy.view(targets.shape)
+
+    @staticmethod
+    @first_order_only  # a double backward raises instead of being wrong
+    def backward(ctx, grad_logp, grad_entropy):
+        rows, flat_targets, lse, entropy, _ = ctx.saved_tensors
+        coef_lp, coef_ent = upstream_coefficients(grad_logp, grad_entropy, flat_targets.numel(), lse.device)
+        grad_rows = logits_backward(
+            rows, flat_targets, lse, entropy, coef_lp, coef_ent, ctx.temperature, ctx.ignore_index,
+        )
+        return grad_rows.view(ctx.logits_shape), None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """The Triton backend of ``ops.token_logprobs``: logits (N, V) or (B, T, V) fp32 / bf16 / fp16."""
+    logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index))
+    return (logp, entropy) if return_entropy else logp

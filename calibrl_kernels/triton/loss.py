@@ -1,0 +1,189 @@
+"""The CalibRL loss (and GRPO / DAPO / Dr.GRPO / LUFFY / RL-PLUS) fused over logits (B, T, V) (Triton).
+
+Forward, one kernel, BLOCK_N tokens per program (1 on a GPU for real vocabularies): stream each
+token's V logits once (online max / sum-exp / shifted sum(z e), fp32) -> lp, H; then, in closed form
+(``_loss_terms.calibrl_token_terms``), the token's weighted policy and guide terms, the metric flags,
+and the two gradient coefficients a = -dL/dlp and b = -dL/dH. The aggregation weights c (B, T) of every
+term depend on the mask only (``reference.aggregation_weights``), so they are known before launch: the
+per-token inputs are ``coefficients.token_table`` (the table every backend uses), and the kernel writes
+the row table of ``coefficients.ROW_FIELDS`` (N, 12), whose column sums ``coefficients.loss_output``
+turns into the LossOutput. Tokens that carry no weight (padding, ignore_index, expert rows of
+on-policy-only modes) are not read.
+
+Backward: dL/dlogits = g * (a (p - onehot) + b p (z - lse + H)) / temperature, g the incoming
+gradient, produced tile by tile by ``triton.logprobs._logits_grad_kernel`` (no (N, V) fp32
+temporary; the result is written in the logits dtype, optionally over the logits themselves).
+
+Why the gradient is recomputed in backward rather than written during the forward: memory traffic.
+With logits of N x V elements of s bytes, the forward reads N V s once. Writing the gradient in the
+forward as well (and scaling it by g in backward) costs a write of N V s in forward plus a read and
+a write of N V s in backward when g != 1 (or a (N, V) buffer kept alive between the two), i.e. 2-4 N V s
+after the forward's read; recomputing costs one read and one write, 2 N V s, which is the floor of any
+gradient that depends on the logits. It also needs no state between the passes beyond 4 floats per token.
+At N = 16384, V = 151936, bf16 (4.98 GB of logits) that is 3 x 4.98 GB = 14.9 GB of traffic per step.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import coefficients
+from .._autograd import can_overwrite, first_order_only
+from ._launch import launch
+from ._loss_terms import (
+    FIRST_SUMMED_OUTPUT, TOKEN_OUTPUTS, activation_code, loss_epilogue, policy_code, token_is_counted,
+)
+from ._softmax import logits_row_statistics, token_row_pointers
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
+from .logprobs import as_token_rows, logits_backward, row_kernel_launch
+from ..reference import inverse_temperature
+
+ROW = coefficients.ROW
+
+
+@triton.jit
+def _calibrl_loss_fwd_kernel(
+    logits_ptr,  # (B, T, V) logits (fp32 / bf16 / fp16), last dim contiguous
+    stride_b,  # element stride between batch entries of logits
+    stride_t,  # element stride between time steps of logits
+    rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
+    targets_ptr,  # (N,) int64 sampled token ids, N = B * T
+    table_ptr,  # (N, TOKEN_INPUTS) fp32 token table of the loss (coefficients.token_table)
+    out_ptr,  # (N, TOKEN_OUTPUTS) fp32 out: the row table (coefficients.ROW_FIELDS: lp, H, lse, a, b, terms)
+    n_tokens,  # N
+    V,  # vocabulary size
+    inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (a multiply, not a divide, per element)
+    ignore_index,  # target value of tokens left out of the loss
+    clip_low,  # PPO: rho is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high,  # upper clip width (DAPO's clip-higher when > clip_low)
+    dual_clip_c,  # PPO dual clip c for negative advantages
+    guide_coef,  # beta, weight of the guide term
+    negative_slope,  # alpha of leaky_relu
+    huber_delta,  # transition of the huber activation
+    entropy_coef,  # loss -= entropy_coef * agg(H)
+    POLICY: tl.constexpr,  # policy-term kind (_loss_terms.POLICY_CODES: PPO, or LUFFY / RLPLUS on expert tokens)
+    USES_GUIDE: tl.constexpr,  # whether the guide term exists (mode calibrl, activation != none)
+    ACTIVATION: tl.constexpr,  # guide activation code (_loss_terms.ACTIVATION_CODES; unused without USES_GUIDE)
+    BLOCK_N: tl.constexpr,  # token rows per program
+    BLOCK_V: tl.constexpr,  # vocabulary tile
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64 token indices
+    in_range = rows < n_tokens
+    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
+    # Tokens without any weight (padding, ignored targets, dropped expert rows) are not read at all.
+    counted = token_is_counted(table_ptr, rows, in_range) & (targets != ignore_index)
+    lse, entropy = logits_row_statistics(row_ptrs, V, inv_temperature, counted, BLOCK_V)
+    target_logit = tl.load(row_ptrs + tl.where(counted, targets, 0), mask=counted, other=0.0).to(tl.float32)
+    lp = target_logit * inv_temperature - lse
+    loss_epilogue(
+        table_ptr, out_ptr, rows, in_range, counted, lp, entropy, lse,
+        clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
+        POLICY, USES_GUIDE, ACTIVATION,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: the token table before launch (``reference.coefficients``), the LossOutput after
+# ----------------------------------------------------------------------------------------------
+def prepare_token_table(targets: torch.Tensor, inputs: LossInputs, config: CalibRLConfig) -> torch.Tensor:
+    """(N, TOKEN_INPUTS) fp32 token table of the loss kernels, N = B * T: ``coefficients.loss_token_table``
+    (the masks and aggregation weights of ``reference.calibrl_loss``, shared by every backend)."""
+    return coefficients.loss_token_table(targets, inputs, config, torch.float32)
+
+
+def kernel_loss_arguments(config: CalibRLConfig) -> dict:
+    """The runtime scalars and constexprs of config that every loss kernel takes."""
+    return dict(
+        clip_low=float(config.clip_low), clip_high=float(config.clip_high), dual_clip_c=float(config.dual_clip_bound),
+        guide_coef=float(config.guide_coef), negative_slope=float(config.negative_slope),
+        huber_delta=float(config.huber_delta), entropy_coef=float(config.entropy_coef),
+        POLICY=policy_code(config.mode), USES_GUIDE=config.uses_guide, ACTIVATION=activation_code(config),
+    )
+
+
+def loss_and_metrics(ctx, token_out: torch.Tensor, config: CalibRLConfig):
+    """The outputs of a loss autograd Function: (loss, *metrics) from the row table (N, TOKEN_OUTPUTS),
+    combined by ``coefficients.loss_output`` (as every backend); metrics marked non-differentiable."""
+    out = coefficients.loss_output(token_out[:, FIRST_SUMMED_OUTPUT:].sum(dim=0), config)
+    metrics = tuple(out[1:])
+    ctx.mark_non_differentiable(*metrics)
+    return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
+
+
+def calibrl_loss_forward(
+    rows: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, config: CalibRLConfig, ignore_index: int
+) -> torch.Tensor:
+    """rows (B, T, V) logits view, targets (N,) int64, table (N, TOKEN_INPUTS) -> row table (N, TOKEN_OUTPUTS) fp32."""
+    B, T, V = rows.shape
+    n = B * T
+    token_out = torch.zeros(n, TOKEN_OUTPUTS, dtype=torch.float32, device=rows.device)
+    if n == 0:
+        return token_out
+    grid, block_n, fixed, tune = row_kernel_launch(V, n)
+    launch(
+        _calibrl_loss_fwd_kernel, grid,
+        dict(
+            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T,
+            targets_ptr=targets, table_ptr=table, out_ptr=token_out, n_tokens=n, V=V,
+            inv_temperature=inverse_temperature(config.temperature), ignore_index=int(ignore_index), BLOCK_N=block_n,
+            **kernel_loss_arguments(config),
+        ),
+        fixed, tune, ["V"],
+    )
+    return token_out
+
+
+class _FusedCalibRLLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, table, config, ignore_index, inplace_backward):
+        rows = as_token_rows(logits.detach())
+        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+        token_out = calibrl_loss_forward(rows, flat_targets, table, config, ignore_index)
+        ctx.save_for_backward(rows, flat_targets, token_out, logits)  # logits itself anchors first_order_only
+        ctx.logits_shape = logits.shape
+        ctx.temperature = config.temperature
+        ctx.ignore_index = ignore_index
+        ctx.inplace = inplace_backward and can_overwrite(rows)  # aliasing logits: a fresh buffer (can_overwrite)
+        ctx.backward_done = False
+        return loss_and_metrics(ctx, token_out, config)
+
+    @staticmethod
+    @first_order_only  # a double backward raises instead of being wrong
+    def backward(ctx, grad_loss, *grad_metrics):
+        if ctx.inplace and ctx.backward_done:
+            raise RuntimeError(
+                "fused_calibrl_loss(inplace_backward=True): the logits buffer already holds the gradient of a "
+                "first backward pass; a second backward (retain_graph=True) cannot recompute it"
+            )
+        rows, flat_targets, token_out, _ = ctx.saved_tensors
+        grad = logits_backward(
+            rows, flat_targets, token_out[:, ROW["lse"]], token_out[:, ROW["entropy"]], token_out[:, ROW["coef_a"]],
+            token_out[:, ROW["coef_b"]], ctx.temperature, ctx.ignore_index, scale=grad_loss, inplace=ctx.inplace,
+        )
+        if ctx.inplace:
+            ctx.backward_done = True
+            # Autograd cannot see a kernel's writes: bump the version counter so that any other node
+            # that saved these logits fails loudly instead of reading gradients as logits.
+            torch.autograd.graph.increment_version(rows)
+        return grad.view(ctx.logits_shape), None, None, None, None, None
+
+
+def fused_calibrl_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    inputs: LossInputs,
+    config: CalibRLConfig = DEFAULT_CONFIG,
+    inplace_backward: bool = False,
+) -> LossOutput:
+    """The Triton backend of ``ops.fused_calibrl_loss``: logits (B, T, V) fp32 / bf16 / fp16, targets (B, T).
+
+    inplace_backward=True writes dL/dlogits over the logits buffer during backward (no gradient
+    buffer: peak memory is the logits alone); afterwards the logits tensor holds its own gradient
+    (``logits.grad`` aliases it when logits is a leaf) and must not be used as logits again.
+    """
+    table = prepare_token_table(targets, inputs, config)
+    return LossOutput(*_FusedCalibRLLoss.apply(logits, targets, table, config, inputs.ignore_index, inplace_backward))
