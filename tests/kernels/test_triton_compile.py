@@ -25,5 +25,6 @@ def test_all_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=600)
+    # several minutes of compiling on 2 idle cores, much longer on a loaded machine
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=1500)
     assert out.returncode == 0 and out.stdout.rstrip().endswith("ok"), f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
