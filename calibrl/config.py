@@ -56,7 +56,7 @@ class TrainConfig:
     reward_format: str = _field("strict", "the built-in verifier: 'strict' (one <think> block then one <answer> block, "
                                           "nothing else; a response cut at max_new_tokens fails the format and "
                                           "scores 0, also with --reward-fn) or 'authors' (first <answer>, lazy "
-                                          "format match, truncation ignored: CALIBRL.md's reward parsing)")
+                                          "format match, truncation ignored: docs/method.md's reward parsing)")
     instruction: Optional[str] = _field(None, "text appended to every question; default: none for the tiny model, "
                                               "a <think>/<answer> format instruction for --model")
     # --- the tiny built-in model (ignored with --model)

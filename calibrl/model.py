@@ -11,7 +11,7 @@ or any text-only causal LM (images are then left out of the prompts).
 
 Precision: every forward pass of the policy (sampling, old log-probs, the update, evaluation) runs under
 the same autocast (``Policy.precision``), so the policy that samples is the policy whose log-probs are
-the PPO ratio's denominator (CALIBRL.md: old log-probs are those of the sampling policy). Weights and
+the PPO ratio's denominator (docs/method.md: old log-probs are those of the sampling policy). Weights and
 optimizer state stay fp32 (the master weights); ``--dtype bf16`` (and ``auto`` on CUDA) computes in bf16.
 
 ``PolicyForward`` is the module the update runs (and DDP wraps): it returns the final hidden states

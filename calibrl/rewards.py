@@ -8,7 +8,7 @@ strict (``score_response``, the trainer's default):
 - accuracy: 1 when the response has that format and the content of its answer block equals the ground
   truth after ``normalize_answer``: a malformed response earns nothing, so repeating or appending tags
   (``...</answer></answer>``) cannot keep the reward of a correct first answer.
-authors (``score_response_authors``, CALIBRL.md "Reward parsing", the authors' code):
+authors (``score_response_authors``, docs/method.md "Reward parsing", the authors' code):
 - answer: the content of the FIRST ``<answer>...</answer>`` (surrounding whitespace dropped);
 - accuracy: 1 when that answer equals the ground truth after ``normalize_answer``, else 0;
 - format: 1 when the whole response (outer whitespace stripped) matches

@@ -1,6 +1,6 @@
 """calibrl_kernels: fused log-prob / entropy / group-statistics / CalibRL-loss ops for PyTorch.
 
-Public API (see DESIGN.md): token_logprobs, linear_token_logprobs, group_advantages, expert_baseline,
+Public API (see docs/api.md): token_logprobs, linear_token_logprobs, group_advantages, expert_baseline,
 calibrl_loss, fused_calibrl_loss, fused_linear_calibrl_loss, CalibRLConfig, GroupStats, LossOutput,
 and the modules CalibRLLoss / LinearCalibRLLoss.
 ``calibrl_kernels.reference`` holds the torch reference of every op.

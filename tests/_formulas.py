@@ -1,4 +1,4 @@
-"""CALIBRL.md's formulas written a second time, in plain Python floats, one token at a time.
+"""docs/method.md's formulas written a second time, in plain Python floats, one token at a time.
 
 Deliberately naive (loops, the math module, no torch) so that it shares no code with
 calibrl_kernels.reference: tests compare the two to 1e-10 in float64.

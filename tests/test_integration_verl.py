@@ -142,7 +142,7 @@ def test_ppo_term_matches_verl_vanilla(agg):
         )
         loss.backward()
         outs.append((loss.detach(), lp.grad, metrics))
-    # verl divides by the token count, calibrl_kernels by count + 1e-8 (CALIBRL.md): relative 1e-8 / count apart.
+    # verl divides by the token count, calibrl_kernels by count + 1e-8 (docs/method.md): relative 1e-8 / count apart.
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-8, atol=1e-12)
     for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):

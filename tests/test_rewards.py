@@ -1,5 +1,5 @@
 """The verifier and format reward (calibrl.rewards) on edge cases: the strict parser (the trainer's default)
-and the authors' first-match / lazy parser (CALIBRL.md "Reward parsing")."""
+and the authors' first-match / lazy parser (docs/method.md "Reward parsing")."""
 
 import pytest
 

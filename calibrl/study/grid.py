@@ -25,7 +25,7 @@ MAIN_ALGOS = ("calibrl", "grpo", "sft+grpo", "luffy", "rlplus", "dapo")
 NO_GUIDE = ("none", "main", "none (no guide)", ("--algo", "calibrl", "--activation", "none"))
 FIVE_SEED_KEYS = ("calibrl", "grpo", "sft-grpo", "none")  # v2: these take every seed, the rest the first 3
 OTHER_SEEDS = 3
-# Activation ablation of the guide term (CALIBRL.md: the paper's Table of average accuracy); leaky_relu 0.5 is
+# Activation ablation of the guide term (docs/method.md: the paper's Table of average accuracy); leaky_relu 0.5 is
 # the calibrl run itself.
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "huber", "none")
 # Slope ablation of leaky_relu's negative side; 0.5 is the calibrl run and 0 is exactly relu (max(z, 0)), so

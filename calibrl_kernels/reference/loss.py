@@ -148,7 +148,7 @@ def calibrl_loss(
     expert_mask: Optional[torch.Tensor] = None,
     config: CalibRLConfig = DEFAULT_CONFIG,
 ) -> LossOutput:
-    """The CalibRL loss (and the baselines') from per-token log-probs; see CALIBRL.md sections 2-4.
+    """The CalibRL loss (and the baselines') from per-token log-probs; see docs/method.md sections 2-4.
 
     logp, old_logp, mask (B, T); advantages (B,) or (B, T); expert_logp (B, T) or (B,);
     passed, is_expert (B,) bool; entropy (B, T); expert_mask (B, T) (for mask_beyond_expert).

@@ -1,7 +1,7 @@
 """The CalibRL loss per token in closed form, and the per-token inputs / outputs of the loss kernels.
 
 ``calibrl_token_terms`` gives a token's policy term, guide term, metric flags and the two gradient
-coefficients a = -dL/dlp and b = -dL/dH (see DESIGN.md "The single pass"). Ties (max/min of equal values,
+coefficients a = -dL/dlp and b = -dL/dH (see docs/design.md, "The single pass"). Ties (max/min of equal values,
 clamp at its bounds) follow torch's autograd rules, so the kernels take the same branch as
 ``reference.gradient_coefficients`` at every tie and kink. ``loss_epilogue`` reads a token's inputs from the
 token table and writes its outputs to the row table, in the layout of ``reference.coefficients`` that every

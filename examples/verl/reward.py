@@ -1,4 +1,4 @@
-"""Reward for verl's `reward.custom_reward_function.path`: accuracy + 0.1 * format (CALIBRL.md).
+"""Reward for verl's `reward.custom_reward_function.path`: accuracy + 0.1 * format (docs/method.md).
 
 verl calls compute_score(data_source, solution_str, ground_truth, extra_info) once per row, expert rows
 included (they are scored like any rollout).

@@ -1,4 +1,4 @@
-"""The reference against an independent plain-Python transcription of CALIBRL.md (1e-10, float64),
+"""The reference against an independent plain-Python transcription of docs/method.md (1e-10, float64),
 gradcheck in float64, and property tests (hypothesis) of invariances."""
 
 import itertools

@@ -1,4 +1,4 @@
-"""Hand-computed cases for every rule of CALIBRL.md, checked on the reference in float64 to 1e-10."""
+"""Hand-computed cases for every rule of docs/method.md, checked on the reference in float64 to 1e-10."""
 
 import math
 
