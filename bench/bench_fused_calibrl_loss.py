@@ -12,8 +12,8 @@ import torch
 
 import calibrl_kernels as ck
 
-from .runner import LOSS_CONFIG, Op, Sweep, Unavailable, eager_calibrl_loss, loss_kwargs, main, rl_batch
 from .harness import Timing
+from .runner import LOSS_CONFIG, Op, Sweep, Unavailable, eager_calibrl_loss, loss_kwargs, main, rl_batch
 
 
 def build(dims, dtype, device):
@@ -24,8 +24,9 @@ def build(dims, dtype, device):
 
 
 def calibrl(x):
-    return ck.fused_calibrl_loss(x["logits"], x["targets"], x["old_logp"], x["advantages"], x["mask"],
-                                 config=LOSS_CONFIG, **loss_kwargs(x)).loss
+    return ck.fused_calibrl_loss(
+        x["logits"], x["targets"], x["old_logp"], x["advantages"], x["mask"], config=LOSS_CONFIG, **loss_kwargs(x)
+    ).loss
 
 
 def liger(x, device):
@@ -35,23 +36,43 @@ def liger(x, device):
 
     logits = x["logits"].detach()  # Liger drops the last position of (B, T + 1, V) logits: its own copy
     extended = torch.cat([logits, logits[:, -1:]], dim=1).requires_grad_(True)
-    return (lambda: triton_grpo_loss(
-        extended, x["old_logp"], None, x["targets"], x["advantages"], x["mask"], temperature=1.0, beta=0.0,
-        eps_low=LOSS_CONFIG.clip_low, eps_high=LOSS_CONFIG.clip_high, inplace=False, loss_type="dapo", reduce=True,
-    )[0]), [extended]
+    return (
+        lambda: triton_grpo_loss(
+            extended,
+            x["old_logp"],
+            None,
+            x["targets"],
+            x["advantages"],
+            x["mask"],
+            temperature=1.0,
+            beta=0.0,
+            eps_low=LOSS_CONFIG.clip_low,
+            eps_high=LOSS_CONFIG.clip_high,
+            inplace=False,
+            loss_type="dapo",
+            reduce=True,
+        )[0]
+    ), [extended]
 
 
 def logits_op(name, build, calibrl, eager, liger):
     """The roofline, memory floor and sizes shared by the ops on (N, V) logits."""
     return Op(
-        name=name, build=build, calibrl=calibrl, eager=eager, liger=liger, floor="copy",
+        name=name,
+        build=build,
+        calibrl=calibrl,
+        eager=eager,
+        liger=liger,
+        floor="copy",
         work=lambda d, size, mode: d["N"] * d["V"] * size * (1 if mode == "forward" else 3),
         grad_bytes=lambda d, size: d["N"] * d["V"] * size,
         eager_bytes=lambda d, mode: d["N"] * d["V"] * 4.0 * (3 if mode == "forward" else 5),
         sweeps={
             "tiny": [Sweep("N", (8, 16), {"V": 96})],
-            "cpu": [Sweep("N", (2048,), {"V": 32000}, timing=Timing(1, 5, 15, 2.0)),
-                    Sweep("N", (512, 1024), {"V": 32000}, compiled=False)],
+            "cpu": [
+                Sweep("N", (2048,), {"V": 32000}, timing=Timing(1, 5, 15, 2.0)),
+                Sweep("N", (512, 1024), {"V": 32000}, compiled=False),
+            ],
             "gpu-targets": [Sweep("N", (16384,), {"V": 151936}, dtype="bfloat16")],
             "gpu-sweeps": [Sweep("N", (2048, 4096, 8192), {"V": 151936}, dtype="bfloat16", compiled=False)],
         },

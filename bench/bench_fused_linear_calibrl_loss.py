@@ -13,8 +13,8 @@ import torch
 
 import calibrl_kernels as ck
 
-from .runner import LOSS_CONFIG, Op, Sweep, eager_calibrl_loss, loss_kwargs, main, rl_batch
 from .harness import Timing
+from .runner import LOSS_CONFIG, Op, Sweep, eager_calibrl_loss, loss_kwargs, main, rl_batch
 
 
 def build(dims, dtype, device):
@@ -27,8 +27,16 @@ def build(dims, dtype, device):
 
 
 def calibrl(x):
-    return ck.fused_linear_calibrl_loss(x["hidden"], x["weight"], x["targets"], x["old_logp"], x["advantages"],
-                                        x["mask"], config=LOSS_CONFIG, **loss_kwargs(x)).loss
+    return ck.fused_linear_calibrl_loss(
+        x["hidden"],
+        x["weight"],
+        x["targets"],
+        x["old_logp"],
+        x["advantages"],
+        x["mask"],
+        config=LOSS_CONFIG,
+        **loss_kwargs(x),
+    ).loss
 
 
 def eager(x):
@@ -38,11 +46,20 @@ def eager(x):
 def liger(x, device):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, compiled=device.type == "cuda", use_ref_model=False,
-                                       loss_type="dapo", epsilon_low=LOSS_CONFIG.clip_low,
-                                       epsilon_high=LOSS_CONFIG.clip_high, temperature=1.0)
-    return (lambda: loss_fn(x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"],
-                            old_per_token_logps=x["old_logp"])[0]), [x["hidden"], x["weight"]]
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=0.0,
+        compiled=device.type == "cuda",
+        use_ref_model=False,
+        loss_type="dapo",
+        epsilon_low=LOSS_CONFIG.clip_low,
+        epsilon_high=LOSS_CONFIG.clip_high,
+        temperature=1.0,
+    )
+    return (
+        lambda: loss_fn(
+            x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"], old_per_token_logps=x["old_logp"]
+        )[0]
+    ), [x["hidden"], x["weight"]]
 
 
 _QWEN_HEAD = {"D": 896, "V": 151936}
@@ -50,22 +67,33 @@ _FIVE = Timing(warmup=1, min_rounds=5, max_rounds=15, min_time_s=2.0)
 _TWO = Timing(warmup=1, min_rounds=2, max_rounds=2, min_time_s=0.0)
 _GPU = {"dtype": "bfloat16", "compiled": False}
 OP = Op(
-    name="fused_linear_calibrl_loss", build=build, calibrl=calibrl, eager=eager, liger=liger, floor="gemm",
+    name="fused_linear_calibrl_loss",
+    build=build,
+    calibrl=calibrl,
+    eager=eager,
+    liger=liger,
+    floor="gemm",
     work=lambda d, size, mode: (2 if mode == "forward" else 6) * d["N"] * d["D"] * d["V"],
     grad_bytes=lambda d, size: (d["N"] + d["V"]) * d["D"] * size,
     eager_bytes=lambda d, mode: d["N"] * d["V"] * 4.0 * (4 if mode == "forward" else 6),
     sweeps={
         "tiny": [Sweep("N", (8, 16), {"D": 16, "V": 96})],
-        "cpu": [Sweep("N", (2048,), {"D": 512, "V": 32000}, timing=_FIVE),
-                Sweep("N", (1024,), _QWEN_HEAD, modes=("full",), timing=_TWO),
-                Sweep("N", (8192,), _QWEN_HEAD, modes=("full",), compiled=False, timing=_TWO),
-                Sweep("N", (512, 1024), {"D": 512, "V": 32000}, compiled=False)],
-        "cpu-vocab": [Sweep("V", (8000, 32000, 64000), {"N": 1024, "D": 896}, modes=("full",), timing=_FIVE),
-                      Sweep("V", (151936, 256000), {"N": 1024, "D": 896}, modes=("full",))],
+        "cpu": [
+            Sweep("N", (2048,), {"D": 512, "V": 32000}, timing=_FIVE),
+            Sweep("N", (1024,), _QWEN_HEAD, modes=("full",), timing=_TWO),
+            Sweep("N", (8192,), _QWEN_HEAD, modes=("full",), compiled=False, timing=_TWO),
+            Sweep("N", (512, 1024), {"D": 512, "V": 32000}, compiled=False),
+        ],
+        "cpu-vocab": [
+            Sweep("V", (8000, 32000, 64000), {"N": 1024, "D": 896}, modes=("full",), timing=_FIVE),
+            Sweep("V", (151936, 256000), {"N": 1024, "D": 896}, modes=("full",)),
+        ],
         "gpu-targets": [Sweep("N", (16384,), {"D": 4096, "V": 151936}, dtype="bfloat16")],
-        "gpu-sweeps": [Sweep("N", (2048, 4096, 8192), {"D": 4096, "V": 151936}, **_GPU),
-                       Sweep("D", (1024, 2048), {"N": 16384, "V": 151936}, **_GPU),
-                       Sweep("V", (32000, 65536), {"N": 16384, "D": 4096}, **_GPU)],
+        "gpu-sweeps": [
+            Sweep("N", (2048, 4096, 8192), {"D": 4096, "V": 151936}, **_GPU),
+            Sweep("D", (1024, 2048), {"N": 16384, "V": 151936}, **_GPU),
+            Sweep("V", (32000, 65536), {"N": 16384, "D": 4096}, **_GPU),
+        ],
     },
 )
 

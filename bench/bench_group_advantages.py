@@ -18,20 +18,27 @@ from .runner import Op, Sweep, main
 
 def build(dims, dtype, device):
     row = torch.arange(dims["B"], device=device)
-    return {"scores": torch.rand(dims["B"], device=device),  # (B,)
-            "group_ids": (row // dims["G"]) * 7919 + 3,  # (B,) arbitrary int64 ids
-            "is_expert": row % dims["G"] == 0}  # (B,)
+    return {
+        "scores": torch.rand(dims["B"], device=device),  # (B,)
+        "group_ids": (row // dims["G"]) * 7919 + 3,  # (B,) arbitrary int64 ids
+        "is_expert": row % dims["G"] == 0,
+    }  # (B,)
 
 
 OP = Op(
-    name="group_advantages", build=build, differentiable=False, floor="copy",
+    name="group_advantages",
+    build=build,
+    differentiable=False,
+    floor="copy",
     calibrl=lambda x: ck.group_advantages(x["scores"], x["group_ids"], is_expert=x["is_expert"]).advantages,
     eager=lambda x: reference.group_advantages(x["scores"], x["group_ids"], x["is_expert"]).advantages,
     work=lambda d, size, mode: 22.0 * d["B"],
     sweeps={
         "tiny": [Sweep("B", (8, 64), {"G": 4}, modes=("forward",))],
-        "cpu": [Sweep("B", (16384,), {"G": 8}, modes=("forward",)),
-                Sweep("B", (1024, 262144), {"G": 8}, modes=("forward",), compiled=False)],
+        "cpu": [
+            Sweep("B", (16384,), {"G": 8}, modes=("forward",)),
+            Sweep("B", (1024, 262144), {"G": 8}, modes=("forward",), compiled=False),
+        ],
         "gpu-sweeps": [Sweep("B", (4096, 65536, 1048576), {"G": 8}, modes=("forward",), compiled=False)],
     },
 )

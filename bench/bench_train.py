@@ -60,11 +60,19 @@ def build_model(config: TrainConfig, device: torch.device, max_positions: int) -
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,
-        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=False, use_cache=False,
-    ))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=config.vocab,
+            hidden_size=config.hidden,
+            intermediate_size=config.intermediate,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.kv_heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
+    )
     return model.to(device=device, dtype=DTYPES[config.dtype]).train()
 
 
@@ -81,7 +89,7 @@ def synthetic_batch(config: TrainConfig, response: int, device: torch.device) ->
         "is_expert": row % config.group_size == 0,  # (B,)
     }
     batch = {key: value.to(device) for key, value in batch.items()}
-    batch["targets"] = batch["input_ids"][:, config.prompt:]  # (B, T) the response tokens
+    batch["targets"] = batch["input_ids"][:, config.prompt :]  # (B, T) the response tokens
     return batch
 
 
@@ -91,20 +99,47 @@ def make_step(provider: str, model, optimizer, batch: Dict[str, torch.Tensor], p
     def step() -> torch.Tensor:
         stats = algorithms.group_statistics(batch["scores"], batch["group_ids"], batch["is_expert"], LOSS_CONFIG)
         expert_logp, expert_mask = algorithms.expert_baseline(
-            batch["old_logp"], batch["mask"], batch["group_ids"], batch["is_expert"], LOSS_CONFIG)
+            batch["old_logp"], batch["mask"], batch["group_ids"], batch["is_expert"], LOSS_CONFIG
+        )
         states = model.model(input_ids=batch["input_ids"]).last_hidden_state  # (B, P + T, D)
-        hidden = states[:, prompt - 1:-1]  # (B, T, D): the states that predict the response tokens
+        hidden = states[:, prompt - 1 : -1]  # (B, T, D): the states that predict the response tokens
         rl = dict(expert_logp=expert_logp, passed=stats.passed, is_expert=batch["is_expert"])
         if provider == "eager":
-            loss = eager_calibrl_loss(model.lm_head(hidden), dict(rl, targets=batch["targets"], old_logp=batch[
-                "old_logp"], advantages=stats.advantages, mask=batch["mask"]))
+            loss = eager_calibrl_loss(
+                model.lm_head(hidden),
+                dict(
+                    rl,
+                    targets=batch["targets"],
+                    old_logp=batch["old_logp"],
+                    advantages=stats.advantages,
+                    mask=batch["mask"],
+                ),
+            )
         elif provider == "calibrl-logits":
-            loss = ck.fused_calibrl_loss(model.lm_head(hidden), batch["targets"], batch["old_logp"], stats.advantages,
-                                         batch["mask"], config=LOSS_CONFIG, **rl).loss
+            loss = ck.fused_calibrl_loss(
+                model.lm_head(hidden),
+                batch["targets"],
+                batch["old_logp"],
+                stats.advantages,
+                batch["mask"],
+                config=LOSS_CONFIG,
+                **rl,
+            ).loss
         else:
             loss = algorithms.policy_loss(
-                hidden, model.lm_head.weight, None, batch["targets"], batch["old_logp"], stats.advantages,
-                batch["mask"], stats.passed, batch["is_expert"], expert_logp, expert_mask, LOSS_CONFIG).loss
+                hidden,
+                model.lm_head.weight,
+                None,
+                batch["targets"],
+                batch["old_logp"],
+                stats.advantages,
+                batch["mask"],
+                stats.passed,
+                batch["is_expert"],
+                expert_logp,
+                expert_mask,
+                LOSS_CONFIG,
+            ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -113,8 +148,13 @@ def make_step(provider: str, model, optimizer, batch: Dict[str, torch.Tensor], p
     return step
 
 
-def run(config_name: str, device: torch.device, out: Path, timestamp: Optional[str] = None,
-        providers: Sequence[str] = PROVIDERS) -> Path:
+def run(
+    config_name: str,
+    device: torch.device,
+    out: Path,
+    timestamp: Optional[str] = None,
+    providers: Sequence[str] = PROVIDERS,
+) -> Path:
     """Every provider at every response length of ``config_name``, interleaved; rows to ``out/train.csv``."""
     config = CONFIGS[config_name]
     writer = Writer(out, "train", device, timestamp)
@@ -123,15 +163,20 @@ def run(config_name: str, device: torch.device, out: Path, timestamp: Optional[s
     try:
         for response in config.responses:
             tokens = config.rows * (config.prompt + response)
-            name = x_name("T", dict(B=config.rows, P=config.prompt, D=config.hidden, L=config.layers, V=config.vocab,
-                                    dtype=config.dtype))
+            name = x_name(
+                "T",
+                dict(
+                    B=config.rows, P=config.prompt, D=config.hidden, L=config.layers, V=config.vocab, dtype=config.dtype
+                ),
+            )
             print(f"{KERNEL}  {name}  T={response} ({tokens} tokens per step)", flush=True)
             steps = {}
             for provider in providers:  # each its own model (same initial weights), AdamW and batch
                 model = build_model(config, device, config.prompt + response)
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-                steps[provider] = make_step(provider, model, optimizer, synthetic_batch(config, response, device),
-                                            config.prompt)
+                steps[provider] = make_step(
+                    provider, model, optimizer, synthetic_batch(config, response, device), config.prompt
+                )
             outcomes = measure(steps, device, config.timing)
             for provider in providers:
                 writer.outcome(KERNEL, provider, "full", name, response, outcomes[provider], "tokens/s", tokens)

@@ -2,5 +2,9 @@
 
 
 def pytest_addoption(parser):
-    parser.addoption("--bench-sizes", default="cpu", choices=("tiny", "cpu"),
-                     help="which sizes of python -m bench's suites bench/test_kernels_benchmark.py times")
+    parser.addoption(
+        "--bench-sizes",
+        default="cpu",
+        choices=("tiny", "cpu"),
+        help="which sizes of python -m bench's suites bench/test_kernels_benchmark.py times",
+    )

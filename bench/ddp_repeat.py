@@ -21,8 +21,21 @@ import time
 
 
 def launch(out: str, extra) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "calibrl.train", "--quick", "--no-tensorboard", "--out", out, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "calibrl.train",
+        "--quick",
+        "--no-tensorboard",
+        "--out",
+        out,
+        *extra,
+    ]
     env = {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
@@ -47,9 +60,11 @@ def main() -> int:
             print(f"launch {k + 1}/{args.runs}: exit {result.returncode}", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    lines = [f"ddp_repeat: {args.runs} launches of 2 processes (gloo, CPU), alternating fresh and --resume runs, "
-             f"in {time.time() - started:.0f} s",
-             "exit codes: " + ", ".join(f"{code}: {count}" for code, count in sorted(codes.items()))]
+    lines = [
+        f"ddp_repeat: {args.runs} launches of 2 processes (gloo, CPU), alternating fresh and --resume runs, "
+        f"in {time.time() - started:.0f} s",
+        "exit codes: " + ", ".join(f"{code}: {count}" for code, count in sorted(codes.items())),
+    ]
     for k, code, tail in failures:
         lines += [f"--- launch {k + 1} exited {code}; output tail:", tail]
     summary = "\n".join(lines) + "\n"

@@ -29,8 +29,21 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-CSV_COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x_name", "x", "p20", "p50", "p80", "device",
-               "timestamp", "version")
+CSV_COLUMNS = (
+    "kernel",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "x_name",
+    "x",
+    "p20",
+    "p50",
+    "p80",
+    "device",
+    "timestamp",
+    "version",
+)
 MODES = ("forward", "full")
 METRICS = ("speed", "memory")
 MIB = float(2**20)
@@ -170,8 +183,12 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"
 
 
-def measure(calls: Dict[str, Callable[[], object]], device: torch.device, timing: Timing,
-            contexts: Optional[Dict[str, Callable]] = None) -> Dict[str, Outcome]:
+def measure(
+    calls: Dict[str, Callable[[], object]],
+    device: torch.device,
+    timing: Timing,
+    contexts: Optional[Dict[str, Callable]] = None,
+) -> Dict[str, Outcome]:
     """Warm up and take the peak memory of every call, then time them interleaved, round by round.
 
     ``contexts`` maps a name to a context-manager factory entered around each of its calls (a forced
@@ -191,8 +208,11 @@ def measure(calls: Dict[str, Callable[[], object]], device: torch.device, timing
             outcomes[name] = Outcome("failed", reason=_reason(error))
             release(device)
     started, rounds = time.perf_counter(), 0
-    while live and rounds < timing.max_rounds and (
-            rounds < timing.min_rounds or time.perf_counter() - started < timing.min_time_s * len(live)):
+    while (
+        live
+        and rounds < timing.max_rounds
+        and (rounds < timing.min_rounds or time.perf_counter() - started < timing.min_time_s * len(live))
+    ):
         for name, call in list(live.items()):
             try:
                 with _context(contexts, name):
@@ -249,20 +269,38 @@ class Writer:
         if mode not in MODES or metric not in METRICS:
             raise ValueError(f"mode, metric: expected one of {MODES} and {METRICS}, got {mode!r}, {metric!r}")
         with open(self.csv_path, "a", newline="") as out:
-            csv.writer(out).writerow([kernel, provider, mode, metric, unit, name, x]
-                                     + [f"{v:.6g}" for v in values] + [self.device, self.timestamp, self.version])
+            csv.writer(out).writerow(
+                [kernel, provider, mode, metric, unit, name, x]
+                + [f"{v:.6g}" for v in values]
+                + [self.device, self.timestamp, self.version]
+            )
 
-    def outcome(self, kernel: str, provider: str, mode: str, name: str, x, outcome: Outcome, speed_unit: str = "ms",
-                per_second: Optional[float] = None) -> None:
+    def outcome(
+        self,
+        kernel: str,
+        provider: str,
+        mode: str,
+        name: str,
+        x,
+        outcome: Outcome,
+        speed_unit: str = "ms",
+        per_second: Optional[float] = None,
+    ) -> None:
         """Speed (ms per call, or ``per_second`` / time, e.g. tokens/s) and memory rows of one provider."""
         if outcome.status != "ok":
             self.event(kind=outcome.status, kernel=kernel, provider=provider, mode=mode, x=x, reason=outcome.reason)
         speeds = [per_second / s if per_second else s * 1e3 for s in outcome.seconds]
         self.row(kernel, provider, mode, "speed", speed_unit, name, x, percentiles(speeds))
         self.row(kernel, provider, mode, "memory", "MiB", name, x, [outcome.peak_bytes / MIB] * 3)
-        print(f"  {provider:16s} {mode:7s} " + (f"p50 {percentiles(speeds)[1]:10.4g} {speed_unit:8s} peak "
-              f"+{outcome.peak_bytes / MIB:9.1f} MiB" if outcome.status == "ok" else
-              f"{outcome.status}: {outcome.reason}"), flush=True)
+        print(
+            f"  {provider:16s} {mode:7s} "
+            + (
+                f"p50 {percentiles(speeds)[1]:10.4g} {speed_unit:8s} peak +{outcome.peak_bytes / MIB:9.1f} MiB"
+                if outcome.status == "ok"
+                else f"{outcome.status}: {outcome.reason}"
+            ),
+            flush=True,
+        )
 
     def event(self, **fields) -> None:
         with open(self.events_path, "a") as out:

@@ -24,9 +24,10 @@ def _draw(axis, rows: List[dict]) -> bool:
         if provider == "roofline":
             axis.plot(xs, p50, "k--", marker="_", markersize=14, label="roofline (floor)")
         else:
-            line, = axis.plot(xs, p50, marker="o", label=provider)
-            axis.fill_between(xs, [r["p20"] for r in points], [r["p80"] for r in points], color=line.get_color(),
-                              alpha=0.15)
+            (line,) = axis.plot(xs, p50, marker="o", label=provider)
+            axis.fill_between(
+                xs, [r["p20"] for r in points], [r["p80"] for r in points], color=line.get_color(), alpha=0.15
+            )
         axis.set_ylabel(points[0]["unit"])
     if not by_provider:
         return False
@@ -56,8 +57,9 @@ def render(source, out_dir=None) -> List[Path]:
     for (device, kernel, x_name), group in sorted(groups.items()):
         metrics = [m for m in METRICS if any(r["metric"] == m for r in group)]
         modes = [m for m in MODES if any(r["mode"] == m for r in group)]
-        figure, axes = plt.subplots(len(metrics), len(modes), figsize=(5.5 * len(modes), 4 * len(metrics)),
-                                    squeeze=False)
+        figure, axes = plt.subplots(
+            len(metrics), len(modes), figsize=(5.5 * len(modes), 4 * len(metrics)), squeeze=False
+        )
         for i, metric in enumerate(metrics):
             for j, mode in enumerate(modes):
                 drawn = _draw(axes[i][j], [r for r in group if r["metric"] == metric and r["mode"] == mode])

@@ -22,7 +22,17 @@ import calibrl_kernels as ck
 from calibrl_kernels import reference
 
 from .harness import (
-    MIB, Outcome, Timing, Writer, available_bytes, device_name, measure, percentiles, release, resolve_device, x_name,
+    MIB,
+    Outcome,
+    Timing,
+    Writer,
+    available_bytes,
+    device_name,
+    measure,
+    percentiles,
+    release,
+    resolve_device,
+    x_name,
 )
 
 CALIBRL, EAGER, COMPILED, LIGER, ROOFLINE = "calibrl", "eager", "compiled", "liger", "roofline"
@@ -126,9 +136,15 @@ def rl_batch(num_tokens: int, vocab: int, device: torch.device) -> Dict[str, tor
     mask = (torch.arange(tokens, device=device)[None, :] < lengths[:, None]).float()  # (B, T)
     old_logp = -math.log(vocab) + 0.1 * torch.randn(rows, tokens, device=device)  # (B, T)
     stats = ck.group_advantages(torch.rand(rows, device=device), group_ids, is_expert=is_expert)
-    return {"targets": torch.randint(0, vocab, (rows, tokens), device=device), "old_logp": old_logp,
-            "advantages": stats.advantages, "mask": mask, "passed": stats.passed, "is_expert": is_expert,
-            "expert_logp": ck.expert_baseline(old_logp, mask, group_ids, is_expert)}
+    return {
+        "targets": torch.randint(0, vocab, (rows, tokens), device=device),
+        "old_logp": old_logp,
+        "advantages": stats.advantages,
+        "mask": mask,
+        "passed": stats.passed,
+        "is_expert": is_expert,
+        "expert_logp": ck.expert_baseline(old_logp, mask, group_ids, is_expert),
+    }
 
 
 def loss_kwargs(inputs: Dict[str, torch.Tensor]) -> dict:
@@ -144,8 +160,15 @@ def eager_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor) -> Tuple
 
 def eager_calibrl_loss(logits: torch.Tensor, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
     logp, entropy = eager_logprobs_entropy(logits, inputs["targets"])
-    return reference.calibrl_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"],
-                                  entropy=entropy, config=LOSS_CONFIG, **loss_kwargs(inputs)).loss
+    return reference.calibrl_loss(
+        logp,
+        inputs["old_logp"],
+        inputs["advantages"],
+        inputs["mask"],
+        entropy=entropy,
+        config=LOSS_CONFIG,
+        **loss_kwargs(inputs),
+    ).loss
 
 
 # One point: every provider, interleaved
@@ -154,7 +177,7 @@ def _probe(op: Op, suite: Suite, dtype: torch.dtype, device: torch.device) -> Tu
     if op.floor == "gemm":
         a = torch.randn(suite.gemm_size, suite.gemm_size, device=device).to(dtype)
         out = torch.empty_like(a)
-        return (lambda: torch.mm(a, a, out=out)), 2.0 * suite.gemm_size ** 3
+        return (lambda: torch.mm(a, a, out=out)), 2.0 * suite.gemm_size**3
     source = torch.ones(suite.copy_bytes // 4, device=device)
     target = torch.empty_like(source)
     return (lambda: target.copy_(source)), 2.0 * suite.copy_bytes
@@ -181,8 +204,15 @@ def providers(op: Op, inputs, device: torch.device, impls: Sequence[str] = (), c
     return forwards, contexts, skipped
 
 
-def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device: torch.device, writer: Writer,
-              options: argparse.Namespace) -> None:
+def run_point(
+    op: Op,
+    sweep: Sweep,
+    dims: Dict[str, int],
+    suite: Suite,
+    device: torch.device,
+    writer: Writer,
+    options: argparse.Namespace,
+) -> None:
     dtype = DTYPES[sweep.dtype]
     size = torch.empty((), dtype=dtype).element_size()
     name = x_name(sweep.axis, dict({k: v for k, v in dims.items() if k != sweep.axis}, dtype=sweep.dtype))
@@ -204,8 +234,11 @@ def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device: 
         for provider, (forward, grads) in forwards.items():
             estimate = op.eager_bytes(dims, mode) if provider in (EAGER, COMPILED, f"{CALIBRL}-torch") else 0.0
             if estimate > cap:
-                guarded[provider] = Outcome("not-run", reason=f"not run: estimated peak {estimate / 2**30:.1f} GiB "
-                                            f"exceeds the memory cap {cap / 2**30:.1f} GiB")
+                guarded[provider] = Outcome(
+                    "not-run",
+                    reason=f"not run: estimated peak {estimate / 2**30:.1f} GiB "
+                    f"exceeds the memory cap {cap / 2**30:.1f} GiB",
+                )
             elif mode == "full":
                 calls[provider] = lambda forward=forward, grads=grads: torch.autograd.grad(forward(), grads)
             else:
@@ -223,8 +256,12 @@ def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device: 
 
 # Suites and the command line
 def all_ops() -> Dict[str, Op]:
-    from . import bench_fused_calibrl_loss, bench_fused_linear_calibrl_loss, bench_group_advantages
-    from . import bench_token_logprobs
+    from . import (
+        bench_fused_calibrl_loss,
+        bench_fused_linear_calibrl_loss,
+        bench_group_advantages,
+        bench_token_logprobs,
+    )
 
     modules = (bench_fused_linear_calibrl_loss, bench_fused_calibrl_loss, bench_token_logprobs, bench_group_advantages)
     return {module.OP.name: module.OP for module in modules}
@@ -239,8 +276,11 @@ def run_suite(suite_name: str, ops: Sequence[Op], options: argparse.Namespace) -
     torch.set_num_threads(options.threads or suite.threads or previous_threads)
     try:
         writer = Writer(out, "kernels", device)
-        print(f"suite {suite_name} on {writer.device} ({torch.get_num_threads()} threads), version {writer.version}; "
-              f"results in {out}", flush=True)
+        print(
+            f"suite {suite_name} on {writer.device} ({torch.get_num_threads()} threads), version {writer.version}; "
+            f"results in {out}",
+            flush=True,
+        )
         writer.event(kind="run", suite=suite_name, threads=torch.get_num_threads())
         for op in ops:
             for part in suite.parts:
@@ -272,12 +312,25 @@ def parser(prog: str, ops: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, auto (default: the suite's)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
     p.add_argument("--providers", nargs="+", default=None, help="keep only these (roofline rows are always written)")
-    p.add_argument("--impls", nargs="*", choices=("triton", "cpp", "torch"), default=None,
-                   help="calibrl-<impl> providers, forced through CALIBRL_IMPL (default: the suite's)")
-    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
-                   help="run torch.compile of eager (default: the suite's choice)")
-    p.add_argument("--mem-cap-gib", type=float, default=None,
-                   help="skip providers that materialise logits above this (default: 90%% of the free memory)")
+    p.add_argument(
+        "--impls",
+        nargs="*",
+        choices=("triton", "cpp", "torch"),
+        default=None,
+        help="calibrl-<impl> providers, forced through CALIBRL_IMPL (default: the suite's)",
+    )
+    p.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run torch.compile of eager (default: the suite's choice)",
+    )
+    p.add_argument(
+        "--mem-cap-gib",
+        type=float,
+        default=None,
+        help="skip providers that materialise logits above this (default: 90%% of the free memory)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the suite's)")
     for flag in ("--no-train", "--no-plot", "--no-table"):
         p.add_argument(flag, action="store_true")

@@ -30,23 +30,35 @@ def render(source) -> str:
     for row in rows:
         cells[(row["kernel"], row["x_name"], row["mode"], row["x"])][(row["provider"], row["metric"])] = row["p50"]
     stamps = sorted({row["timestamp"] for row in rows})
-    lines = [f"Measured on {', '.join(sorted({r['device'] for r in rows}))}; version "
-             f"{', '.join(sorted({r['version'] for r in rows}))}; runs {stamps[0] if stamps else '-'}"
-             f"{' .. ' + stamps[-1] if len(stamps) > 1 else ''}.", ""]
+    lines = [
+        f"Measured on {', '.join(sorted({r['device'] for r in rows}))}; version "
+        f"{', '.join(sorted({r['version'] for r in rows}))}; runs {stamps[0] if stamps else '-'}"
+        f"{' .. ' + stamps[-1] if len(stamps) > 1 else ''}.",
+        "",
+    ]
     for (kernel, x_name, mode, x), at in sorted(cells.items()):
         providers = sorted({p for p, _ in at}, key=_order)
         if kernel == "train_step":
             eager = at.get(("eager", "speed"), math.nan)
-            lines += [f"**{kernel}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**", "",
-                      "| provider | tokens/s p50 | / eager | peak (MiB) |", "|---|---|---|---|"]
-            lines += [f"| {p} | {_fmt(at.get((p, 'speed'), math.nan))} | "
-                      f"{_fmt(at.get((p, 'speed'), math.nan) / eager)} | {_fmt(at.get((p, 'memory'), math.nan))} |"
-                      for p in providers]
+            lines += [
+                f"**{kernel}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**",
+                "",
+                "| provider | tokens/s p50 | / eager | peak (MiB) |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {p} | {_fmt(at.get((p, 'speed'), math.nan))} | "
+                f"{_fmt(at.get((p, 'speed'), math.nan) / eager)} | {_fmt(at.get((p, 'memory'), math.nan))} |"
+                for p in providers
+            ]
         else:
             floor, mine = at.get(("roofline", "speed"), math.nan), at.get(("calibrl", "speed"), math.nan)
-            lines += [f"**{kernel}, {mode}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**", "",
-                      "| provider | ms p50 | / roofline | / calibrl | peak above inputs (MiB) |",
-                      "|---|---|---|---|---|"]
+            lines += [
+                f"**{kernel}, {mode}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**",
+                "",
+                "| provider | ms p50 | / roofline | / calibrl | peak above inputs (MiB) |",
+                "|---|---|---|---|---|",
+            ]
             for p in providers:
                 time, memory = at.get((p, "speed"), math.nan), at.get((p, "memory"), math.nan)
                 lines.append(f"| {p} | {_fmt(time)} | {_fmt(time / floor)} | {_fmt(time / mine)} | {_fmt(memory)} |")

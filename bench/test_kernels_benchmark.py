@@ -24,8 +24,13 @@ _INPUTS = {}  # one input set alive, shared by the providers of a shape
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         part = metafunc.config.getoption("--bench-sizes")
-        cases = [(op, op.sweeps[part][0], provider) for op in all_ops().values() if op.differentiable
-                 for provider in (CALIBRL, EAGER, COMPILED, LIGER) if provider != LIGER or op.liger is not None]
+        cases = [
+            (op, op.sweeps[part][0], provider)
+            for op in all_ops().values()
+            if op.differentiable
+            for provider in (CALIBRL, EAGER, COMPILED, LIGER)
+            if provider != LIGER or op.liger is not None
+        ]
         metafunc.parametrize("case", cases, ids=[f"{op.name}-{provider}" for op, _, provider in cases])
 
 
@@ -45,6 +50,7 @@ def test_forward_backward(benchmark, case):
     benchmark.group = f"{op.name} " + ", ".join(f"{k} {v}" for k, v in dims.items()) + f" {sweep.dtype} full"
     benchmark.extra_info.update(provider=provider, threads=torch.get_num_threads(), **dims)
     with contexts.get(provider, contextlib.nullcontext)():
-        result = benchmark.pedantic(lambda: torch.autograd.grad(forward(), grads), rounds=3, iterations=1,
-                                    warmup_rounds=1)
+        result = benchmark.pedantic(
+            lambda: torch.autograd.grad(forward(), grads), rounds=3, iterations=1, warmup_rounds=1
+        )
     assert len(result) == len(grads) and all(torch.isfinite(g).all() for g in result)

@@ -47,25 +47,41 @@ def make_algorithm(name: str, loss_overrides: Optional[dict] = None) -> Algorith
     return Algorithm(name, CalibRLConfig.for_algo(name, **(loss_overrides or {})), long_sft, summary)
 
 
-def group_statistics(rewards: torch.Tensor, group_ids: torch.Tensor, is_expert: torch.Tensor,
-                     loss: CalibRLConfig) -> GroupStats:
+def group_statistics(
+    rewards: torch.Tensor, group_ids: torch.Tensor, is_expert: torch.Tensor, loss: CalibRLConfig
+) -> GroupStats:
     """Advantages (B,), |A| weights (B,), pass flags (B,) and per-group mean / std / pass rate (G,)."""
     return ck.group_advantages(
-        rewards, group_ids, is_expert=is_expert, norm_by_std=loss.norm_by_std, eps=loss.adv_eps,
+        rewards,
+        group_ids,
+        is_expert=is_expert,
+        norm_by_std=loss.norm_by_std,
+        eps=loss.adv_eps,
         pass_threshold=loss.pass_threshold,
     )
 
 
-def expert_baseline(old_logp: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, is_expert: torch.Tensor,
-                    loss: CalibRLConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+def expert_baseline(
+    old_logp: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, is_expert: torch.Tensor, loss: CalibRLConfig
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """b (B, T) from each group's expert row (its OLD log-probs) and the expert's token mask (B, T) bool."""
     return ck.expert_baseline(old_logp, mask, group_ids, is_expert, kind=loss.baseline, return_mask=True)
 
 
-def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-                old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, passed: torch.Tensor,
-                is_expert: torch.Tensor, baseline: Optional[torch.Tensor], baseline_mask: Optional[torch.Tensor],
-                loss: CalibRLConfig) -> LossOutput:
+def policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    passed: torch.Tensor,
+    is_expert: torch.Tensor,
+    baseline: Optional[torch.Tensor],
+    baseline_mask: Optional[torch.Tensor],
+    loss: CalibRLConfig,
+) -> LossOutput:
     """The algorithm's loss of R rows from hidden (R, T, D) and the lm_head weight (V, D).
 
     targets (R, T) with IGNORE_INDEX on padding; old_logp, mask (R, T); advantages, passed, is_expert (R,);
@@ -73,33 +89,65 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     ``calibrl.integrations`` call this same function, so every path computes one loss.
     """
     return ck.fused_linear_calibrl_loss(
-        hidden, weight.to(hidden.dtype), targets, old_logp, advantages, mask,
-        bias=None if bias is None else bias.to(hidden.dtype), expert_logp=baseline if loss.uses_guide else None,
-        passed=passed, is_expert=is_expert, expert_mask=baseline_mask if loss.mask_beyond_expert else None,
-        ignore_index=IGNORE_INDEX, config=loss,
+        hidden,
+        weight.to(hidden.dtype),
+        targets,
+        old_logp,
+        advantages,
+        mask,
+        bias=None if bias is None else bias.to(hidden.dtype),
+        expert_logp=baseline if loss.uses_guide else None,
+        passed=passed,
+        is_expert=is_expert,
+        expert_mask=baseline_mask if loss.mask_beyond_expert else None,
+        ignore_index=IGNORE_INDEX,
+        config=loss,
     )
 
 
-def response_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      targets: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False):
+def response_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
     """(R, T) log-probs of targets (R, T) (0 where IGNORE_INDEX) from hidden (R, T, D) and the head (V, D)
     [and the (R, T) entropy at each position, 0 where IGNORE_INDEX]."""
     return ck.linear_token_logprobs(
-        hidden, weight.to(hidden.dtype), targets, bias=None if bias is None else bias.to(hidden.dtype),
-        temperature=temperature, ignore_index=IGNORE_INDEX, return_entropy=return_entropy,
+        hidden,
+        weight.to(hidden.dtype),
+        targets,
+        bias=None if bias is None else bias.to(hidden.dtype),
+        temperature=temperature,
+        ignore_index=IGNORE_INDEX,
+        return_entropy=return_entropy,
     )
 
 
-def sft_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-             temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def sft_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Token-mean negative log-likelihood of targets (R, T) (IGNORE_INDEX on padding) and the token count."""
     logp = response_logprobs(hidden, weight, bias, targets, temperature)  # (R, T), 0 on padding
     tokens = (targets != IGNORE_INDEX).sum()
     return -logp.sum() / tokens.clamp_min(1), tokens
 
 
-def expert_keep_mask(group_index: torch.Tensor, is_expert: torch.Tensor, pass_rate: torch.Tensor, policy: str,
-                     mix_ratio: float, low: float, high: float) -> torch.Tensor:
+def expert_keep_mask(
+    group_index: torch.Tensor,
+    is_expert: torch.Tensor,
+    pass_rate: torch.Tensor,
+    policy: str,
+    mix_ratio: float,
+    low: float,
+    high: float,
+) -> torch.Tensor:
     """(B,) bool rows to keep: all on-policy rows, and each group's expert row per the mixup policy.
 
     policy 'always': keep the expert row with probability mix_ratio (one draw per group);

@@ -123,7 +123,7 @@ def _remove_leftovers(folder: str) -> None:
     """Temporary files of a writer that was killed, and checksum files whose checkpoint is gone."""
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if _TEMP in name or (name.endswith(CHECKSUM_SUFFIX) and not os.path.exists(path[:-len(CHECKSUM_SUFFIX)])):
+        if _TEMP in name or (name.endswith(CHECKSUM_SUFFIX) and not os.path.exists(path[: -len(CHECKSUM_SUFFIX)])):
             try:
                 os.remove(path)
             except FileNotFoundError:
@@ -143,8 +143,12 @@ def save_checkpoint(run_dir: str, index: int, state: Dict[str, Any], keep: int) 
         os.remove(checksum_path(path))
     try:
         atomic_torch_save(state, path)
-        record = {"file": os.path.basename(path), "index": index, "bytes": os.path.getsize(path),
-                  "sha256": file_sha256(path)}
+        record = {
+            "file": os.path.basename(path),
+            "index": index,
+            "bytes": os.path.getsize(path),
+            "sha256": file_sha256(path),
+        }
         atomic_write(checksum_path(path), lambda handle: handle.write((json.dumps(record) + "\n").encode()))
     except (OSError, RuntimeError) as error:  # torch reports a short write as RuntimeError "unexpected pos"
         for leftover in (checksum_path(path), path):  # this index is unusable; the older ones are untouched
@@ -164,9 +168,13 @@ def write_failure(path: str, error: BaseException, needed: int) -> CheckpointErr
     except OSError:
         free = None
     full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-        "unexpected pos" in str(error) or (free is not None and free < needed))
-    where = f"{free / 2**20:.1f} MiB free in {folder}, the checkpoint needs about {needed / 2**20:.1f} MiB" \
-        if free is not None else folder
+        "unexpected pos" in str(error) or (free is not None and free < needed)
+    )
+    where = (
+        f"{free / 2**20:.1f} MiB free in {folder}, the checkpoint needs about {needed / 2**20:.1f} MiB"
+        if free is not None
+        else folder
+    )
     what = "no space left on device" if full else f"{type(error).__name__}: {str(error).strip()[:300]}"
     return CheckpointError(f"{what} while writing checkpoint {path} ({where}); the older checkpoints are intact")
 
@@ -222,8 +230,10 @@ def verify_checkpoint(path: str) -> Optional[str]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"unreadable checksum file {os.path.basename(checksum_path(path))} ({error})"
     if (named is not None and named != os.path.basename(path)) or (index is not None and index != _index(path)):
-        return (f"its checksum file was written for {named} (index {index}), not this file: a checkpoint restored "
-                "or copied under another name is never trusted")
+        return (
+            f"its checksum file was written for {named} (index {index}), not this file: a checkpoint restored "
+            "or copied under another name is never trusted"
+        )
     size = os.path.getsize(path)
     if size != expected_size:
         return f"truncated or extended: {size} bytes, the checksum file records {expected_size}"
@@ -240,8 +250,10 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refuses any global it does not allow: nothing is executed
-        raise CheckpointError(f"checkpoint {path}: refused by torch.load(weights_only=True), it holds more than "
-                              f"tensors and plain containers ({_short(error)})") from error
+        raise CheckpointError(
+            f"checkpoint {path}: refused by torch.load(weights_only=True), it holds more than "
+            f"tensors and plain containers ({_short(error)})"
+        ) from error
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, got {type(state).__name__}")
     return state
@@ -250,12 +262,15 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 def _short(error: Exception) -> str:
     """The informative line of a torch.load error (weights_only's names the refused global)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = next((line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[-1] if lines else "")
+    detail = next(
+        (line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line), lines[-1] if lines else ""
+    )
     return f"{type(error).__name__}: {detail[:300]}"
 
 
-def load_latest(run_dir: str, check: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None
-                ) -> Tuple[str, Dict[str, Any]]:
+def load_latest(
+    run_dir: str, check: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None
+) -> Tuple[str, Dict[str, Any]]:
     """(path, state) of the newest checkpoint that verifies, loads and passes ``check`` (None, or why the
     contents are unusable, e.g. another format); each newer one skipped with a warning.
 
@@ -274,33 +289,52 @@ def load_latest(run_dir: str, check: Optional[Callable[[Dict[str, Any]], Optiona
             return paths[position], state
         except CheckpointError as error:
             reasons.append(str(error))
-            fallback = (f"falling back to {os.path.basename(paths[position - 1])}" if position
-                        else "no older checkpoint left")
+            fallback = (
+                f"falling back to {os.path.basename(paths[position - 1])}" if position else "no older checkpoint left"
+            )
             warnings.warn(f"{error}; {fallback}", CheckpointWarning, stacklevel=2)
     raise ConfigError(f"--resume: no usable checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(reasons))
 
 
 # ------------------------------------------------------------------------------ the trainer's format
 FORMAT_VERSION = 1  # of the trainer's checkpoint dict (its "format_version"; absent in the first checkpoints)
-TRAINER_STATE = {"model": dict, "optimizer": dict, "scheduler": dict, "phase": str, "step": int, "sampler": dict,
-                 "rng": list, "world_size": int, "config": dict}  # required keys and their types
+TRAINER_STATE = {
+    "model": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "phase": str,
+    "step": int,
+    "sampler": dict,
+    "rng": list,
+    "world_size": int,
+    "config": dict,
+}  # required keys and their types
 
 
 def trainer_state_problem(state: Dict[str, Any]) -> Optional[str]:
     """None when ``state`` has the trainer's keys with their types, else what is wrong (the checkpoint is then
     skipped like a corrupt one); a newer format version with keys this version does not know warns naming them."""
     missing = [key for key in TRAINER_STATE if key not in state]
-    wrong = [f"{key} is a {type(state[key]).__name__}, expected {kind.__name__}" for key, kind in TRAINER_STATE.items()
-             if key in state and not isinstance(state[key], kind)]
+    wrong = [
+        f"{key} is a {type(state[key]).__name__}, expected {kind.__name__}"
+        for key, kind in TRAINER_STATE.items()
+        if key in state and not isinstance(state[key], kind)
+    ]
     if missing or wrong:
-        return "not a trainer checkpoint of a format this version reads (" + "; ".join(
-            ([f"missing key(s) {missing}"] if missing else []) + wrong) + ")"
+        return (
+            "not a trainer checkpoint of a format this version reads ("
+            + "; ".join(([f"missing key(s) {missing}"] if missing else []) + wrong)
+            + ")"
+        )
     version = state.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         extra = sorted(set(state) - set(TRAINER_STATE) - {"format_version"})
-        warnings.warn(f"checkpoint format version {version} is newer than this version's {FORMAT_VERSION}: read "
-                      f"as version {FORMAT_VERSION}" + (f", ignoring key(s) {extra}" if extra else ""),
-                      CheckpointWarning, stacklevel=2)
+        warnings.warn(
+            f"checkpoint format version {version} is newer than this version's {FORMAT_VERSION}: read "
+            f"as version {FORMAT_VERSION}" + (f", ignoring key(s) {extra}" if extra else ""),
+            CheckpointWarning,
+            stacklevel=2,
+        )
     return None
 
 
@@ -317,8 +351,13 @@ def capture_rng() -> Dict[str, Any]:
     kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": random.getstate(),  # (version, tuple of ints, gauss_next float or None)
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -329,8 +368,15 @@ def capture_rng() -> Dict[str, Any]:
 def restore_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     saved = state["numpy"]
-    np.random.set_state((saved["kind"], saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
-                         saved["cached_gaussian"]))
+    np.random.set_state(
+        (
+            saved["kind"],
+            saved["keys"].numpy().astype(np.uint32),
+            saved["pos"],
+            saved["has_gauss"],
+            saved["cached_gaussian"],
+        )
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():

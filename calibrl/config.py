@@ -44,21 +44,34 @@ class TrainConfig:
     algo: str = _field("calibrl", f"algorithm: one of {ALGOS}")
     model: Optional[str] = _field(None, "local Hugging Face checkpoint folder; default: build the tiny Qwen2-VL model")
     data: str = _field("easy-vqa", "'easy-vqa' or a JSONL file of {image, question, answer, expert} rows")
-    eval_data: Optional[str] = _field(None, "JSONL for evaluation; default: easy-vqa's test split "
-                                            "(with JSONL data: none)")
-    ood_eval_data: Optional[str] = _field(None, "a second held-out JSONL (e.g. out-of-domain questions), evaluated "
-                                                "beside eval_data; its metrics are logged as ood_eval_*")
+    eval_data: Optional[str] = _field(
+        None, "JSONL for evaluation; default: easy-vqa's test split (with JSONL data: none)"
+    )
+    ood_eval_data: Optional[str] = _field(
+        None,
+        "a second held-out JSONL (e.g. out-of-domain questions), evaluated "
+        "beside eval_data; its metrics are logged as ood_eval_*",
+    )
     train_examples: int = _field(0, "use only the first N training questions (0: all)")
     eval_examples: int = _field(512, "held-out questions per greedy evaluation (0: all)")
-    reward_fn: Optional[str] = _field(None, "your verifier as 'package.module:function' (response, answer) -> Score "
-                                            "or reward; default: calibrl.rewards.score_response. A sample it "
-                                            "raises on scores 0 and is counted in reward_errors")
-    reward_format: str = _field("strict", "the built-in verifier: 'strict' (one <think> block then one <answer> block, "
-                                          "nothing else; a response cut at max_new_tokens fails the format and "
-                                          "scores 0, also with --reward-fn) or 'authors' (first <answer>, lazy "
-                                          "format match, truncation ignored: docs/method.md's reward parsing)")
-    instruction: Optional[str] = _field(None, "text appended to every question; default: none for the tiny model, "
-                                              "a <think>/<answer> format instruction for --model")
+    reward_fn: Optional[str] = _field(
+        None,
+        "your verifier as 'package.module:function' (response, answer) -> Score "
+        "or reward; default: calibrl.rewards.score_response. A sample it "
+        "raises on scores 0 and is counted in reward_errors",
+    )
+    reward_format: str = _field(
+        "strict",
+        "the built-in verifier: 'strict' (one <think> block then one <answer> block, "
+        "nothing else; a response cut at max_new_tokens fails the format and "
+        "scores 0, also with --reward-fn) or 'authors' (first <answer>, lazy "
+        "format match, truncation ignored: docs/method.md's reward parsing)",
+    )
+    instruction: Optional[str] = _field(
+        None,
+        "text appended to every question; default: none for the tiny model, "
+        "a <think>/<answer> format instruction for --model",
+    )
     # --- the tiny built-in model (ignored with --model)
     image_size: int = _field(64, "images are resized to image_size x image_size pixels")
     patch_size: int = _field(8, "vision patch size; (image_size / patch_size)^2 / 4 visual tokens per image")
@@ -69,46 +82,71 @@ class TrainConfig:
     num_heads: int = _field(2, "attention heads of the language model")
     mlp_ratio: int = _field(4, "MLP width / hidden_size in the language model")
     vocab_size: int = _field(512, "upper bound of the BPE vocabulary trained on the task text")
-    init_from: Optional[str] = _field(None, "start from the latest checkpoint of this run folder (its weights and "
-                                             "tokenizer; the model flags must match it) instead of a fresh model")
+    init_from: Optional[str] = _field(
+        None,
+        "start from the latest checkpoint of this run folder (its weights and "
+        "tokenizer; the model flags must match it) instead of a fresh model",
+    )
     # --- supervised warm start on expert traces
     sft_steps: int = _field(350, "supervised steps on expert responses before RL")
     extra_sft_steps: int = _field(100, "sft+grpo only: further supervised steps (its SFT stage is longer)")
-    sft_batch_size: int = _field(32, "questions per supervised step, over all processes (a multiple of the number "
-                                      "of processes under torchrun)")
+    sft_batch_size: int = _field(
+        32, "questions per supervised step, over all processes (a multiple of the number of processes under torchrun)"
+    )
     sft_lr: float = _field(5e-4, "learning rate of the warm start (2e-3 never learns to look at the image)")
     # --- RL
     max_steps: int = _field(80, "RL steps (each: rollouts, group statistics, PPO updates)")
-    prompts_per_step: int = _field(8, "P: prompts (groups) per RL step, over all processes (a multiple of the "
-                                       "number of processes under torchrun: each samples P / processes prompts)")
+    prompts_per_step: int = _field(
+        8,
+        "P: prompts (groups) per RL step, over all processes (a multiple of the "
+        "number of processes under torchrun: each samples P / processes prompts)",
+    )
     rollouts_per_prompt: int = _field(8, "n: on-policy responses per prompt (plus 1 expert row)")
     max_new_tokens: int = _field(24, "longest sampled response")
-    lr: float = _field(5e-5, "learning rate of the RL updates (AdamW, fresh after the warm start; "
-                             "2e-4 degrades the tiny model)")
+    lr: float = _field(
+        5e-5, "learning rate of the RL updates (AdamW, fresh after the warm start; 2e-4 degrades the tiny model)"
+    )
     weight_decay: float = _field(0.01, "AdamW weight decay")
     grad_clip: float = _field(1.0, "global gradient-norm clip (0: none)")
     warmup_steps: int = _field(20, "linear learning-rate warmup (optimizer steps) at the start of each phase")
     ppo_epochs: int = _field(1, "passes over each RL batch")
-    mini_batches: int = _field(2, "optimizer steps per epoch: the step's P groups (over all processes) are split "
-                                  "into this many mini-batches (at most P); under torchrun a process holding no "
-                                  "group of a mini-batch takes part with a zero-weight pass")
-    micro_batch_rows: int = _field(0, "rows per forward/backward of each process within a mini-batch "
-                                      "(0: the process's whole share of the mini-batch)")
+    mini_batches: int = _field(
+        2,
+        "optimizer steps per epoch: the step's P groups (over all processes) are split "
+        "into this many mini-batches (at most P); under torchrun a process holding no "
+        "group of a mini-batch takes part with a zero-weight pass",
+    )
+    micro_batch_rows: int = _field(
+        0,
+        "rows per forward/backward of each process within a mini-batch "
+        "(0: the process's whole share of the mini-batch)",
+    )
     mix_ratio: float = _field(1.0, "probability that a group keeps its expert row in the batch")
-    mixup_policy: str = _field("always", "'always' (mix_ratio) or 'pass' (keep the expert when the pass rate "
-                                         "lies in [pass_ratio_low, pass_ratio_high])")
+    mixup_policy: str = _field(
+        "always",
+        "'always' (mix_ratio) or 'pass' (keep the expert when the pass rate lies in [pass_ratio_low, pass_ratio_high])",
+    )
     pass_ratio_low: float = _field(0.0, "mixup_policy=pass: lowest pass rate that keeps the expert row")
     pass_ratio_high: float = _field(1.0, "mixup_policy=pass: highest pass rate that keeps the expert row")
     # --- evaluation, logging, checkpoints
     eval_every: int = _field(10, "greedy held-out evaluation every K RL steps (and after the warm start)")
     eval_batch_size: int = _field(128, "prompts per evaluation generate call of each process")
-    eval_samples: int = _field(1, "temperature-1 samples per held-out question: eval_sampled_* are their means; "
-                                  "> 1 adds eval_distinct_answers, >= 8 eval_pass_at_8 (the study uses 8)")
-    eval_metrics: Optional[str] = _field(None, "extra held-out metrics as 'package.module:function' (response, answer) "
-                                               "-> {name: value}, logged as eval_<name> (greedy) and "
-                                               "eval_sampled_<name>")
-    diagnostics_every: int = _field(5, "log the guide regime (calibrl.diagnostics: z shares, guide / PG gradient "
-                                       "norms and cosine) every K RL steps (0: never)")
+    eval_samples: int = _field(
+        1,
+        "temperature-1 samples per held-out question: eval_sampled_* are their means; "
+        "> 1 adds eval_distinct_answers, >= 8 eval_pass_at_8 (the study uses 8)",
+    )
+    eval_metrics: Optional[str] = _field(
+        None,
+        "extra held-out metrics as 'package.module:function' (response, answer) "
+        "-> {name: value}, logged as eval_<name> (greedy) and "
+        "eval_sampled_<name>",
+    )
+    diagnostics_every: int = _field(
+        5,
+        "log the guide regime (calibrl.diagnostics: z shares, guide / PG gradient "
+        "norms and cosine) every K RL steps (0: never)",
+    )
     save_every: int = _field(20, "checkpoint every K steps (also at the end and on Ctrl-C)")
     keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (oldest removed; 0 keeps all)")
     out: Optional[str] = _field(None, "run folder; default runs/<algo>-seed<seed>")
@@ -118,17 +156,29 @@ class TrainConfig:
     # --- machine
     seed: int = _field(0, "seed of model init, data order and sampling")
     device: str = _field("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: str = _field("auto", "'auto' (bf16 on cuda, fp32 on cpu), 'fp32', 'bf16': bf16 means bf16 autocast of "
-                                "every forward pass (sampling, old log-probs, update, evaluation) with fp32 "
-                                "weights and optimizer state")
-    threads: int = _field(1, "torch CPU threads (0: torch's default); 1 is fastest for the tiny model and robust "
-                             "on a shared machine (2 busy-waiting threads on 2 busy cores crawl)")
+    dtype: str = _field(
+        "auto",
+        "'auto' (bf16 on cuda, fp32 on cpu), 'fp32', 'bf16': bf16 means bf16 autocast of "
+        "every forward pass (sampling, old log-probs, update, evaluation) with fp32 "
+        "weights and optimizer state",
+    )
+    threads: int = _field(
+        1,
+        "torch CPU threads (0: torch's default); 1 is fastest for the tiny model and robust "
+        "on a shared machine (2 busy-waiting threads on 2 busy cores crawl)",
+    )
     quick: bool = _field(False, "a tiny run of a few seconds (tests, smoke checks)")
     # --- faults
-    max_bad_steps: int = _field(3, "stop (after checkpointing the last good state) when this many steps in a row "
-                                   "had a non-finite loss or gradient; such a step never updates the weights")
-    skip_bad_rows: bool = _field(False, "skip (and count) data rows that fail validation instead of refusing "
-                                        "to start; each is reported with its file:line")
+    max_bad_steps: int = _field(
+        3,
+        "stop (after checkpointing the last good state) when this many steps in a row "
+        "had a non-finite loss or gradient; such a step never updates the weights",
+    )
+    skip_bad_rows: bool = _field(
+        False,
+        "skip (and count) data rows that fail validation instead of refusing "
+        "to start; each is reported with its file:line",
+    )
     # --- the loss: CalibRLConfig overrides; unset fields follow the --algo preset
     loss: Dict[str, Any] = dataclasses.field(default_factory=dict, metadata={"help": "CalibRLConfig overrides"})
     # --- not a setting: the fields the user set explicitly (checked on --resume); never saved
@@ -154,15 +204,20 @@ class TrainConfig:
             above_low = value > low if name in POSITIVE else value >= low
             if not (above_low and (high is None or value <= high) and math.isfinite(value)):  # False for NaN
                 kind = "an integer" if isinstance(low, int) else "a number" if high is not None else "a finite number"
-                bound = (f"in [{_show(low)}, {_show(high)}]" if high is not None
-                         else f"{'>' if name in POSITIVE else '>='} {_show(low)}")
+                bound = (
+                    f"in [{_show(low)}, {_show(high)}]"
+                    if high is not None
+                    else f"{'>' if name in POSITIVE else '>='} {_show(low)}"
+                )
                 raise ConfigError(f"{name}: expected {kind} {bound}, got {value}")
         if self.mini_batches > self.prompts_per_step:
-            raise ConfigError(f"mini_batches: expected at most prompts_per_step={self.prompts_per_step}, "
-                              f"got {self.mini_batches}")
+            raise ConfigError(
+                f"mini_batches: expected at most prompts_per_step={self.prompts_per_step}, got {self.mini_batches}"
+            )
         if self.pass_ratio_low > self.pass_ratio_high:
-            raise ConfigError(f"pass_ratio_low: expected at most pass_ratio_high={self.pass_ratio_high}, "
-                              f"got {self.pass_ratio_low}")
+            raise ConfigError(
+                f"pass_ratio_low: expected at most pass_ratio_high={self.pass_ratio_high}, got {self.pass_ratio_low}"
+            )
         if self.mixup_policy not in ("always", "pass"):
             raise ConfigError(f"mixup_policy: expected 'always' or 'pass', got {self.mixup_policy!r}")
         if self.reward_format not in ("strict", "authors"):
@@ -172,16 +227,19 @@ class TrainConfig:
         if self.init_from and self.model:
             raise ConfigError("init_from: cannot be combined with model (which brings its own weights)")
         if self.model is None and self.image_size % (2 * self.patch_size):
-            raise ConfigError(f"image_size: expected a multiple of 2 * patch_size = {2 * self.patch_size}, "
-                              f"got {self.image_size}")
+            raise ConfigError(
+                f"image_size: expected a multiple of 2 * patch_size = {2 * self.patch_size}, got {self.image_size}"
+            )
         return self
 
     def check_processes(self, world_size: int) -> "TrainConfig":
         """The per-process limits of a run over ``world_size`` processes (torchrun): batches split evenly."""
         for name in ("prompts_per_step", "sft_batch_size"):
             if getattr(self, name) % world_size:
-                raise ConfigError(f"{name}: expected a multiple of the number of processes ({world_size}) so that "
-                                  f"each process gets the same share, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{name}: expected a multiple of the number of processes ({world_size}) so that "
+                    f"each process gets the same share, got {getattr(self, name)}"
+                )
         return self
 
     def run_dir(self) -> str:
@@ -196,14 +254,46 @@ class TrainConfig:
 
 # Allowed values of every numeric field: (lowest, highest or None); ints for integer fields.
 NUMERIC_RANGES: Dict[str, Tuple[Any, Any]] = {
-    **{name: (0, None) for name in ("train_examples", "eval_examples", "sft_steps", "extra_sft_steps", "max_steps",
-                                    "warmup_steps", "micro_batch_rows", "keep_checkpoints", "threads",
-                                    "diagnostics_every")},
-    **{name: (1, None) for name in ("image_size", "patch_size", "vision_dim", "vision_depth", "hidden_size",
-                                    "num_layers", "num_heads", "mlp_ratio", "vocab_size", "sft_batch_size",
-                                    "prompts_per_step", "rollouts_per_prompt", "max_new_tokens", "ppo_epochs",
-                                    "mini_batches", "eval_every", "eval_batch_size", "eval_samples", "save_every",
-                                    "max_bad_steps")},
+    **{
+        name: (0, None)
+        for name in (
+            "train_examples",
+            "eval_examples",
+            "sft_steps",
+            "extra_sft_steps",
+            "max_steps",
+            "warmup_steps",
+            "micro_batch_rows",
+            "keep_checkpoints",
+            "threads",
+            "diagnostics_every",
+        )
+    },
+    **{
+        name: (1, None)
+        for name in (
+            "image_size",
+            "patch_size",
+            "vision_dim",
+            "vision_depth",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "mlp_ratio",
+            "vocab_size",
+            "sft_batch_size",
+            "prompts_per_step",
+            "rollouts_per_prompt",
+            "max_new_tokens",
+            "ppo_epochs",
+            "mini_batches",
+            "eval_every",
+            "eval_batch_size",
+            "eval_samples",
+            "save_every",
+            "max_bad_steps",
+        )
+    },
     "seed": (0, 2**31 - 1),  # numpy seeds the processes with seed + 1000 * rank, below 2**32
     **{name: (0.0, None) for name in ("sft_lr", "lr", "weight_decay", "grad_clip")},
     **{name: (0.0, 1.0) for name in ("mix_ratio", "pass_ratio_low", "pass_ratio_high")},
@@ -243,8 +333,10 @@ def check_field_types(cfg: "TrainConfig") -> None:
             setattr(cfg, f.name, float(value))
             continue
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise ConfigError(f"{f.name}: expected {_TYPE_NAMES[kind]}{' or None' if optional else ''}, got "
-                              f"{value!r} ({type(value).__name__})")
+            raise ConfigError(
+                f"{f.name}: expected {_TYPE_NAMES[kind]}{' or None' if optional else ''}, got "
+                f"{value!r} ({type(value).__name__})"
+            )
     if not isinstance(cfg.loss, dict):
         raise ConfigError(f"loss: expected a mapping of CalibRLConfig fields, got {cfg.loss!r}")
 
@@ -272,17 +364,50 @@ def coerce_text(name: str, value: Any, kind: type) -> Any:
 
 # A run of a few seconds on 2 cores: tiny model, 2 groups of 3 rollouts, 2 RL steps.
 QUICK_PRESET: Dict[str, Any] = dict(
-    train_examples=256, eval_examples=8, image_size=32, patch_size=8, vision_dim=32, vision_depth=1, hidden_size=32,
-    num_layers=1, num_heads=1, mlp_ratio=2, sft_steps=2, extra_sft_steps=2, sft_batch_size=4, max_steps=2,
-    prompts_per_step=2, rollouts_per_prompt=3, max_new_tokens=8, mini_batches=2, eval_every=1, eval_batch_size=8,
-    save_every=1, progress=False,
+    train_examples=256,
+    eval_examples=8,
+    image_size=32,
+    patch_size=8,
+    vision_dim=32,
+    vision_depth=1,
+    hidden_size=32,
+    num_layers=1,
+    num_heads=1,
+    mlp_ratio=2,
+    sft_steps=2,
+    extra_sft_steps=2,
+    sft_batch_size=4,
+    max_steps=2,
+    prompts_per_step=2,
+    rollouts_per_prompt=3,
+    max_new_tokens=8,
+    mini_batches=2,
+    eval_every=1,
+    eval_batch_size=8,
+    save_every=1,
+    progress=False,
 )
 # Fields that are no flags: the loss overrides have their own flags; ``explicit`` is bookkeeping.
 NOT_FLAGS = ("loss", "explicit")
 # Flags that may differ when resuming a run (they do not change what is computed).
-RESUME_SAFE = ("max_steps", "eval_every", "save_every", "keep_checkpoints", "tensorboard", "progress", "device",
-               "threads", "resume", "out", "max_bad_steps", "skip_bad_rows", "diagnostics_every",
-               "data", "eval_data", "ood_eval_data")  # changed data is checked against the run's (calibrl.data)
+RESUME_SAFE = (
+    "max_steps",
+    "eval_every",
+    "save_every",
+    "keep_checkpoints",
+    "tensorboard",
+    "progress",
+    "device",
+    "threads",
+    "resume",
+    "out",
+    "max_bad_steps",
+    "skip_bad_rows",
+    "diagnostics_every",
+    "data",
+    "eval_data",
+    "ood_eval_data",
+)  # changed data is checked against the run's (calibrl.data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,8 +422,9 @@ def _base_type(annotation) -> type:
 def _add_flag(parser: argparse.ArgumentParser, name: str, kind: type, help_text: str) -> None:
     flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
     if kind is bool:
-        parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                            help=help_text)
+        parser.add_argument(
+            *flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+        )
     else:
         parser.add_argument(*flags, dest=name, type=kind, default=argparse.SUPPRESS, help=help_text)
 
@@ -334,8 +460,9 @@ def read_config_file(path: str) -> Dict[str, Any]:
     return values
 
 
-def _apply(values: Dict[str, Any], train: Dict[str, Any], loss: Dict[str, Any], origin: str,
-           from_file: bool = False) -> None:
+def _apply(
+    values: Dict[str, Any], train: Dict[str, Any], loss: Dict[str, Any], origin: str, from_file: bool = False
+) -> None:
     """Sort ``values`` into TrainConfig fields and CalibRLConfig fields; unknown names raise ValueError.
     ``from_file``: strings of numeric / boolean fields are converted (YAML reads 1e-4 as text)."""
     train_hints = {name: hint for name, hint in _hints(TrainConfig).items() if name not in NOT_FLAGS}
@@ -363,8 +490,7 @@ def _unknown(origin: str, names: List[str]) -> None:
         raise ConfigError(f"{origin}: unknown field(s) {names}; see python -m calibrl.train --help")
 
 
-def parse_config(argv: Optional[Sequence[str]] = None,
-                 parser: Optional[argparse.ArgumentParser] = None) -> TrainConfig:
+def parse_config(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> TrainConfig:
     """TrainConfig from defaults < --quick preset < --config file < flags (ConfigError when invalid)."""
     args = vars((parser or build_parser()).parse_args(argv))
     file_path = args.pop("config", None)
@@ -385,8 +511,11 @@ def config_from_dict(values: Dict[str, Any], origin: str = "saved config") -> Tr
     known = {f.name for f in dataclasses.fields(TrainConfig)} - {"explicit"}
     unknown = sorted(set(values) - known)
     if unknown:
-        warnings.warn(f"{origin}: ignoring setting(s) {unknown} unknown to this version of calibrl (written by a "
-                      "newer one?)", SettingsWarning, stacklevel=2)
+        warnings.warn(
+            f"{origin}: ignoring setting(s) {unknown} unknown to this version of calibrl (written by a newer one?)",
+            SettingsWarning,
+            stacklevel=2,
+        )
     return TrainConfig(**{k: v for k, v in values.items() if k in known}).validate()
 
 

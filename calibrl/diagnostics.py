@@ -36,8 +36,15 @@ from calibrl_kernels import CalibRLConfig
 from . import algorithms, distributed
 from .rollout import RolloutBatch
 
-Z_KEYS = ("guide_z_pos_passed", "guide_z_neg_passed", "guide_z_pos_failed", "guide_z_neg_failed",
-          "guide_gap_passed", "guide_gap_failed", "guide_tokens")
+Z_KEYS = (
+    "guide_z_pos_passed",
+    "guide_z_neg_passed",
+    "guide_z_pos_failed",
+    "guide_z_neg_failed",
+    "guide_gap_passed",
+    "guide_gap_failed",
+    "guide_tokens",
+)
 
 
 def guided_token_mask(batch: RolloutBatch, loss: CalibRLConfig) -> torch.Tensor:
@@ -63,8 +70,12 @@ def z_regime(batch: RolloutBatch, loss: CalibRLConfig, dist: distributed.DistInf
     local: List[float] = []
     for rows in (batch.passed, ~batch.passed):
         tokens = guided & rows[:, None]  # (B, T)
-        local += [float(tokens.sum()), float((tokens & (z > 0)).sum()), float((tokens & (z < 0)).sum()),
-                  float(gap[tokens].sum())]
+        local += [
+            float(tokens.sum()),
+            float((tokens & (z > 0)).sum()),
+            float((tokens & (z < 0)).sum()),
+            float(gap[tokens].sum()),
+        ]
     on_policy_tokens = float(((batch.response_mask > 0) & ~batch.is_expert[:, None]).sum())
     local_sums = torch.tensor(local + [on_policy_tokens], dtype=torch.float64, device=dist.device)
     total = distributed.all_reduce_sum(local_sums, dist).cpu().tolist()
@@ -83,8 +94,9 @@ def _flat_gradient(loss: torch.Tensor, params: List[torch.nn.Parameter], retain:
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double() for p, g in zip(params, grads)])
 
 
-def guide_gradients(forward, batch: RolloutBatch, loss: CalibRLConfig, micro_batch_rows: int,
-                    dist: distributed.DistInfo) -> Dict[str, float]:
+def guide_gradients(
+    forward, batch: RolloutBatch, loss: CalibRLConfig, micro_batch_rows: int, dist: distributed.DistInfo
+) -> Dict[str, float]:
     """Norms and cosine of the policy-gradient and guide parts of the loss's gradient (module docstring).
 
     forward: the unwrapped PolicyForward (no DDP hooks); batch: this process's kept rows, scored.
@@ -104,9 +116,19 @@ def guide_gradients(forward, batch: RolloutBatch, loss: CalibRLConfig, micro_bat
         weight = micro_rows / max(total_rows, 1.0)
         device = dist.device
         hidden, head, bias = forward(**micro.forward_inputs(device))  # (R, T, D), (V, D), (V,) or None
-        args = (hidden, head, bias, micro.targets().to(device), micro.old_logp.to(device),
-                micro.advantages.to(device), micro.response_mask.to(device), micro.passed.to(device),
-                micro.is_expert.to(device), micro.baseline.to(device), micro.baseline_mask.to(device))
+        args = (
+            hidden,
+            head,
+            bias,
+            micro.targets().to(device),
+            micro.old_logp.to(device),
+            micro.advantages.to(device),
+            micro.response_mask.to(device),
+            micro.passed.to(device),
+            micro.is_expert.to(device),
+            micro.baseline.to(device),
+            micro.baseline_mask.to(device),
+        )
         full += _flat_gradient(algorithms.policy_loss(*args, loss).loss * weight, params, retain=True).cpu()
         pg += _flat_gradient(algorithms.policy_loss(*args, pg_only).loss * weight, params, retain=False).cpu()
     full = distributed.all_reduce_sum(full.to(dist.device), dist).cpu()
@@ -120,8 +142,9 @@ def guide_gradients(forward, batch: RolloutBatch, loss: CalibRLConfig, micro_bat
     return metrics
 
 
-def guide_regime(forward, batch: RolloutBatch, loss: CalibRLConfig, micro_batch_rows: int,
-                 dist: distributed.DistInfo) -> Dict[str, float]:
+def guide_regime(
+    forward, batch: RolloutBatch, loss: CalibRLConfig, micro_batch_rows: int, dist: distributed.DistInfo
+) -> Dict[str, float]:
     """Every diagnostic of the module docstring for one RL step's kept rows (before the update)."""
     metrics = z_regime(batch, loss, dist)
     if loss.uses_guide and loss.guide_coef > 0:

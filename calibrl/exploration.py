@@ -59,7 +59,7 @@ def token_char_spans(decode, tokens: Sequence[int]) -> List[Tuple[int, int]]:
         previous = ""
         for i in range(1, len(tokens) + 1):
             prefix = decode(list(tokens[:i]))
-            pieces.append(prefix[len(previous):] if prefix.startswith(previous) else "")
+            pieces.append(prefix[len(previous) :] if prefix.startswith(previous) else "")
             previous = prefix
     spans, start = [], 0
     for piece in pieces:
@@ -68,8 +68,13 @@ def token_char_spans(decode, tokens: Sequence[int]) -> List[Tuple[int, int]]:
     return spans
 
 
-def answer_token_mask(decode, response_ids: torch.Tensor, response_mask: torch.Tensor, texts: Sequence[str],
-                      rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+def answer_token_mask(
+    decode,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    texts: Sequence[str],
+    rows: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """(B, T) bool: the tokens that overlap the content of each response's first <answer> block.
 
     response_ids, response_mask (B, T); texts (B,) the decoded responses; ``rows``: only these rows
@@ -97,10 +102,16 @@ def rollout_exploration(batch, decode, dist: distributed.DistInfo) -> Dict[str, 
     answer = answer_token_mask(decode, batch.response_ids, batch.response_mask, batch.texts, on_rows)  # (B, T)
     has_answer = answer.any(1) & on  # (B,)
     failures = [format_violation(batch.texts[r], bool(batch.truncated[r])) for r in on_rows]
-    local = torch.tensor([
-        float(on.sum()), float(entropy[on].sum()), float(has_answer.sum()), float((entropy * answer)[has_answer].sum()),
-        *[float(sum(f == reason for f in failures)) for reason in FORMAT_VIOLATIONS],
-    ], dtype=torch.float64)
+    local = torch.tensor(
+        [
+            float(on.sum()),
+            float(entropy[on].sum()),
+            float(has_answer.sum()),
+            float((entropy * answer)[has_answer].sum()),
+            *[float(sum(f == reason for f in failures)) for reason in FORMAT_VIOLATIONS],
+        ],
+        dtype=torch.float64,
+    )
     total = distributed.all_reduce_sum(local.to(dist.device), dist).cpu().tolist()
     rows, answered = max(total[0], 1.0), total[2]
     metrics: Dict[str, object] = {"response_entropy": total[1] / rows, "answer_rows": answered / rows}

@@ -24,8 +24,13 @@ from . import checkpoint, distributed
 from .config import ConfigError
 
 PHASES = ("sft", "rl")
-BAR_KEYS = (("reward", "reward"), ("accuracy", "acc"), ("entropy", "ent"), ("eval_accuracy", "eval"),
-            ("sft_loss", "nll"))
+BAR_KEYS = (
+    ("reward", "reward"),
+    ("accuracy", "acc"),
+    ("entropy", "ent"),
+    ("eval_accuracy", "eval"),
+    ("sft_loss", "nll"),
+)
 
 
 RECORD_FILES = ("metrics.jsonl", "samples.jsonl")  # per-step JSONL files of a run
@@ -52,8 +57,11 @@ def read_records(path: str) -> List[Dict[str, Any]]:
             records.append(json.loads(line.decode("utf-8")))
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
             if line_no == len(lines):  # no newline after it: the write was cut short
-                warnings.warn(f"{path}:{line_no}: dropping a torn last line ({len(line)} bytes, {error})",
-                              TornLineWarning, stacklevel=2)
+                warnings.warn(
+                    f"{path}:{line_no}: dropping a torn last line ({len(line)} bytes, {error})",
+                    TornLineWarning,
+                    stacklevel=2,
+                )
                 break
             raise ValueError(f"{path}:{line_no}: not a JSON record ({error})") from error
     return records
@@ -95,8 +103,9 @@ def truncate_records(path: str, phase: str, step: int) -> None:
 def start_run_dir(run_dir: str, config: Dict[str, Any], tokenizer=None) -> None:
     """Prepare a new run's folder: config.json and the built-in model's tokenizer; refuse one holding a run."""
     if checkpoint.list_checkpoints(run_dir):
-        raise ConfigError(f"out: {run_dir} already holds a run; continue it with --resume {run_dir} "
-                          "or choose another --out")
+        raise ConfigError(
+            f"out: {run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+        )
     os.makedirs(run_dir, exist_ok=True)
     for name in RECORD_FILES:  # left over from a run that never reached its first checkpoint
         if os.path.exists(os.path.join(run_dir, name)):
@@ -120,8 +129,9 @@ class RunLogger:
     by the interrupted run are purged, since the resumed run writes those steps again.
     """
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, progress: bool, total_steps: int,
-                 done_steps: int):
+    def __init__(
+        self, run_dir: str, enabled: bool, tensorboard: bool, progress: bool, total_steps: int, done_steps: int
+    ):
         self.enabled = enabled
         self.run_dir = run_dir
         self.writer = None
@@ -224,17 +234,30 @@ def rollout_metrics(batch, pass_rate: torch.Tensor, keep: torch.Tensor, dist: di
     """
     on = ~batch.is_expert  # (B,)
     lengths = batch.response_mask.sum(1)  # (B,)
-    local = torch.stack([
-        batch.rewards[on].sum(), batch.accuracy[on].sum(), batch.format[on].sum(), lengths[on].sum(),
-        batch.truncated[on].float().sum(), on.sum().float(), batch.rewards[~on].sum(), (~on).sum().float(),
-        (keep & ~on).sum().float(),
-    ]).double()
+    local = torch.stack(
+        [
+            batch.rewards[on].sum(),
+            batch.accuracy[on].sum(),
+            batch.format[on].sum(),
+            lengths[on].sum(),
+            batch.truncated[on].float().sum(),
+            on.sum().float(),
+            batch.rewards[~on].sum(),
+            (~on).sum().float(),
+            (keep & ~on).sum().float(),
+        ]
+    ).double()
     total = distributed.all_reduce_sum(local.to(dist.device), dist).cpu().tolist()
     rows, experts = total[5], max(total[7], 1.0)
     return {
-        "reward": total[0] / rows, "accuracy": total[1] / rows, "format": total[2] / rows,
-        "response_length": total[3] / rows, "truncated": total[4] / rows, "sampled_tokens": total[3],
-        "expert_reward": total[6] / experts, "expert_rows_kept": total[8] / experts,
+        "reward": total[0] / rows,
+        "accuracy": total[1] / rows,
+        "format": total[2] / rows,
+        "response_length": total[3] / rows,
+        "truncated": total[4] / rows,
+        "sampled_tokens": total[3],
+        "expert_reward": total[6] / experts,
+        "expert_rows_kept": total[8] / experts,
         "groups_all_pass": float((pass_rate == 1).float().mean()),
         "groups_all_fail": float((pass_rate == 0).float().mean()),
         "group_pass_rate": [round(float(p), 4) for p in pass_rate],  # (G_global,) the histogram's data

@@ -32,7 +32,12 @@ import torch
 from PIL import Image
 
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
     "<|video_pad|>",
 )
 TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -58,20 +63,25 @@ CHAT_TEMPLATE = (
 # ------------------------------------------------------------------------------------------------
 def train_tokenizer(texts: Sequence[str], vocab_size: int):
     """A byte-level BPE tokenizer trained on ``texts`` (deterministic: sorted unique texts)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers, AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(sorted(set(texts)), trainer=trainer)
     tokenizer.add_tokens([AddedToken(tag, normalized=False, special=False) for tag in TAG_TOKENS])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=END_OF_TURN, pad_token="<|endoftext|>", padding_side="left",
+        tokenizer_object=tokenizer,
+        eos_token=END_OF_TURN,
+        pad_token="<|endoftext|>",
+        padding_side="left",
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -93,21 +103,36 @@ def tiny_qwen2vl_config(tokenizer, cfg):
     head_dim = cfg.hidden_size // cfg.num_heads
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_ratio * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=max(1, cfg.num_heads // 2), max_position_embeddings=1024,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.mlp_ratio * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=max(1, cfg.num_heads // 2),
+        max_position_embeddings=1024,
         rope_scaling={"type": "mrope", "mrope_section": _mrope_section(head_dim)},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[END_OF_TURN], pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids[END_OF_TURN],
+        pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=True,
     )
     vision = dict(
-        depth=cfg.vision_depth, embed_dim=cfg.vision_dim, hidden_size=cfg.hidden_size,
-        num_heads=max(1, cfg.vision_dim // 32), mlp_ratio=2, patch_size=cfg.patch_size, temporal_patch_size=1,
+        depth=cfg.vision_depth,
+        embed_dim=cfg.vision_dim,
+        hidden_size=cfg.hidden_size,
+        num_heads=max(1, cfg.vision_dim // 32),
+        mlp_ratio=2,
+        patch_size=cfg.patch_size,
+        temporal_patch_size=1,
         spatial_merge_size=2,
     )
     return Qwen2VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids[IMAGE_TOKEN], video_token_id=ids[VIDEO_TOKEN],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids[IMAGE_TOKEN],
+        video_token_id=ids[VIDEO_TOKEN],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
 
@@ -187,8 +212,9 @@ class ImageCache:
 class Policy:
     """A causal LM (multimodal or not) with its tokenizer, image processor and prompt format."""
 
-    def __init__(self, model, tokenizer, image_processor=None, instruction: str = "",
-                 compute_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self, model, tokenizer, image_processor=None, instruction: str = "", compute_dtype: Optional[torch.dtype] = None
+    ):
         self.model = model
         self.compute_dtype = compute_dtype  # autocast dtype of every forward pass; None: fp32
         self.tokenizer = tokenizer
@@ -234,8 +260,9 @@ class Policy:
     def special_tokens(self) -> List[str]:
         """The tokenizer's special tokens (chat, vision, end of text): never allowed inside a row's text."""
         added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
-        return sorted({t.content for t in added.values() if getattr(t, "special", False)}
-                      | set(self.tokenizer.all_special_tokens))
+        return sorted(
+            {t.content for t in added.values() if getattr(t, "special", False)} | set(self.tokenizer.all_special_tokens)
+        )
 
     def check_example(self, example) -> None:
         """ValueError when ``example`` would fail once drawn: a special token in its question or expert (it
@@ -255,8 +282,10 @@ class Policy:
             try:
                 self.image_processor(images=[image], return_tensors="pt")
             except (ValueError, RuntimeError) as error:
-                raise ValueError(f"image {example.image} of {image.size[0]}x{image.size[1]} pixels is refused by "
-                                 f"the image processor ({error})") from None
+                raise ValueError(
+                    f"image {example.image} of {image.size[0]}x{image.size[1]} pixels is refused by "
+                    f"the image processor ({error})"
+                ) from None
             self._accepted_sizes.add(image.size)
 
     def encode_prompts(self, examples: Sequence) -> PromptBatch:
@@ -269,7 +298,7 @@ class Policy:
             if with_image:
                 processed = self.image_processor(images=[self.images.get(example.image)], return_tensors="pt")
                 pixels, grid = processed["pixel_values"], processed["image_grid_thw"][0].long()
-                count = int(grid.prod()) // self.merge_size ** 2
+                count = int(grid.prod()) // self.merge_size**2
                 if text.count(IMAGE_TOKEN) != 1:
                     raise ValueError(f"prompt: expected one {IMAGE_TOKEN} in the chat template's output, got {text!r}")
                 text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * count)
@@ -280,8 +309,8 @@ class Policy:
         input_ids = torch.full((len(token_rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(token_rows), width), dtype=torch.long)
         for i, row in enumerate(token_rows):
-            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, width - len(row):] = 1
+            input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row) :] = 1
         return PromptBatch(input_ids, attention_mask, pixel_values, grids)
 
     def encode_response(self, text: str) -> List[int]:
@@ -291,8 +320,9 @@ class Policy:
     def decode_response(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     vision: Dict[str, torch.Tensor]) -> Dict:
+    def model_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: Dict[str, torch.Tensor]
+    ) -> Dict:
         """Keyword arguments of a forward / generate call on these token rows."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **vision}
         if self.multimodal and self.accepts_mm_token_type_ids:
@@ -310,8 +340,7 @@ class Policy:
             self.image_processor.save_pretrained(path)
 
 
-def build_tiny_policy(cfg, texts: Sequence[str], device: torch.device = torch.device("cpu"),
-                      tokenizer=None) -> Policy:
+def build_tiny_policy(cfg, texts: Sequence[str], device: torch.device = torch.device("cpu"), tokenizer=None) -> Policy:
     """The built-in tiny Qwen2-VL policy, initialised from cfg.seed.
 
     The tokenizer is trained on ``texts`` unless one is given (a resumed run reuses its own).
@@ -339,8 +368,9 @@ def load_policy(path: str, cfg, device: torch.device) -> Policy:
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
     compute_dtype = autocast_dtype(device, cfg.dtype)
-    options = dict(local_files_only=True, dtype=torch.float32, attn_implementation=attention_implementation(
-        device, compute_dtype))  # fp32 master weights; the forward passes autocast to compute_dtype
+    options = dict(
+        local_files_only=True, dtype=torch.float32, attn_implementation=attention_implementation(device, compute_dtype)
+    )  # fp32 master weights; the forward passes autocast to compute_dtype
     if hasattr(config, "vision_config"):
         model = _vision_model_class(config).from_pretrained(path, **options)
         image_processor = _load_image_processor(path)
@@ -390,7 +420,7 @@ class PolicyForward(torch.nn.Module):
         kwargs = policy.model_inputs(input_ids, attention_mask, vision)
         with policy.precision():
             outputs = self.model.base_model(**kwargs, use_cache=False)
-        hidden = outputs.last_hidden_state[:, -response_len - 1:-1]  # (R, T, D), after the final norm
+        hidden = outputs.last_hidden_state[:, -response_len - 1 : -1]  # (R, T, D), after the final norm
         if policy.compute_dtype is not None:
             # The final norm returns fp32 under autocast (fp32 residual stream); the lm_head matmul that
             # autocast would run in the compute dtype runs there in the fused loss too (calibrl.algorithms

@@ -16,28 +16,57 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .logging import read_metrics
 
 DEFAULT_METRICS = (
-    "reward", "accuracy", "eval_accuracy", "eval_sampled_accuracy", "entropy", "pg_loss", "guide_loss", "clipfrac",
-    "ppo_kl", "response_length", "groups_all_fail", "groups_all_pass", "tokens_per_s",
+    "reward",
+    "accuracy",
+    "eval_accuracy",
+    "eval_sampled_accuracy",
+    "entropy",
+    "pg_loss",
+    "guide_loss",
+    "clipfrac",
+    "ppo_kl",
+    "response_length",
+    "groups_all_fail",
+    "groups_all_pass",
+    "tokens_per_s",
 )
-SPARSE_METRICS = ("eval_accuracy", "eval_format", "eval_reward", "eval_response_length", "eval_sampled_accuracy",
-                  "eval_sampled_reward")  # not every step
+SPARSE_METRICS = (
+    "eval_accuracy",
+    "eval_format",
+    "eval_reward",
+    "eval_response_length",
+    "eval_sampled_accuracy",
+    "eval_sampled_reward",
+)  # not every step
 TITLES = {
-    "reward": "train reward (on-policy rows)", "accuracy": "train accuracy (on-policy rows)",
-    "eval_accuracy": "held-out accuracy (greedy)", "eval_sampled_accuracy": "held-out accuracy (1 sample, T=1)",
-    "eval_sampled_reward": "held-out reward (1 sample, T=1)", "entropy": "entropy of on-policy rows (nats/token)",
-    "pg_loss": "policy-gradient loss", "guide_loss": "guide (calibration) loss", "clipfrac": "PPO clip fraction",
-    "ppo_kl": "PPO KL (old - new)", "response_length": "response length (tokens)",
-    "groups_all_fail": "groups with no correct rollout", "groups_all_pass": "groups with all rollouts correct",
-    "tokens_per_s": "sampled tokens / s", "sft_loss": "warm-start NLL", "format": "format rate (on-policy rows)",
-    "eval_format": "held-out format rate", "grad_norm": "gradient norm", "truncated": "responses cut at max length",
+    "reward": "train reward (on-policy rows)",
+    "accuracy": "train accuracy (on-policy rows)",
+    "eval_accuracy": "held-out accuracy (greedy)",
+    "eval_sampled_accuracy": "held-out accuracy (1 sample, T=1)",
+    "eval_sampled_reward": "held-out reward (1 sample, T=1)",
+    "entropy": "entropy of on-policy rows (nats/token)",
+    "pg_loss": "policy-gradient loss",
+    "guide_loss": "guide (calibration) loss",
+    "clipfrac": "PPO clip fraction",
+    "ppo_kl": "PPO KL (old - new)",
+    "response_length": "response length (tokens)",
+    "groups_all_fail": "groups with no correct rollout",
+    "groups_all_pass": "groups with all rollouts correct",
+    "tokens_per_s": "sampled tokens / s",
+    "sft_loss": "warm-start NLL",
+    "format": "format rate (on-policy rows)",
+    "eval_format": "held-out format rate",
+    "grad_norm": "gradient norm",
+    "truncated": "responses cut at max length",
 }
 
 
 def series(records: Sequence[dict], metric: str) -> Tuple[List[float], List[float]]:
     """(steps, values) of one metric; sft_loss over SFT steps, everything else over RL steps."""
     phase = "sft" if metric == "sft_loss" else "rl"
-    points = [(r["step"], r[metric]) for r in records
-              if r.get("phase") == phase and isinstance(r.get(metric), (int, float))]
+    points = [
+        (r["step"], r[metric]) for r in records if r.get("phase") == phase and isinstance(r.get(metric), (int, float))
+    ]
     return [p[0] for p in points], [float(p[1]) for p in points]
 
 
@@ -51,8 +80,14 @@ def ema(values: Sequence[float], smoothing: float) -> List[float]:
     return out
 
 
-def plot_runs(run_dirs: Sequence[str], out_path: str, metrics: Sequence[str] = DEFAULT_METRICS,
-              labels: Optional[Sequence[str]] = None, smoothing: float = 0.8, title: Optional[str] = None) -> str:
+def plot_runs(
+    run_dirs: Sequence[str],
+    out_path: str,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    labels: Optional[Sequence[str]] = None,
+    smoothing: float = 0.8,
+    title: Optional[str] = None,
+) -> str:
     """Draw ``metrics`` of every run into one PNG grid at ``out_path``; returns the path."""
     import matplotlib
 
@@ -81,7 +116,7 @@ def plot_runs(run_dirs: Sequence[str], out_path: str, metrics: Sequence[str] = D
         ax.set_title(TITLES.get(metric, metric), fontsize=10)
         ax.set_xlabel("warm-start step" if metric == "sft_loss" else "RL step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     height = fig.get_size_inches()[1]
     top = 1 - (0.8 if title else 0.45) / height  # room above the panels for the title and the legend
@@ -89,8 +124,14 @@ def plot_runs(run_dirs: Sequence[str], out_path: str, metrics: Sequence[str] = D
         fig.suptitle(title, y=1 - 0.05 / height, va="top")
     handles, names = axes.flat[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 1 - (0.35 if title else 0.02) / height),
-                   ncol=min(len(names), 6), frameon=False)
+        fig.legend(
+            handles,
+            names,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 1 - (0.35 if title else 0.02) / height),
+            ncol=min(len(names), 6),
+            frameon=False,
+        )
     fig.tight_layout(rect=(0, 0, 1, top))
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     fig.savefig(out_path, dpi=110, bbox_inches="tight")

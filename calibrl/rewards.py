@@ -34,8 +34,16 @@ _BLOCK_TEXT = r"(?:(?!</?(?:think|answer)>).)*"  # block content: any text holdi
 STRICT_PATTERN = re.compile(rf"\s*<think>{_BLOCK_TEXT}</think>\s*<answer>({_BLOCK_TEXT})</answer>\s*", re.DOTALL)
 STRICT_TAG_ORDER = ["<think>", "</think>", "<answer>", "</answer>"]
 # why a response fails the strict format, in the order format_violation checks them
-FORMAT_VIOLATIONS = ("truncated", "missing_think", "missing_answer", "extra_tags", "misordered", "text_before",
-                     "text_between", "text_after")
+FORMAT_VIOLATIONS = (
+    "truncated",
+    "missing_think",
+    "missing_answer",
+    "extra_tags",
+    "misordered",
+    "text_before",
+    "text_between",
+    "text_after",
+)
 REWARD_FORMATS = ("strict", "authors")
 FORMAT_WEIGHT = 0.1  # reward = accuracy + FORMAT_WEIGHT * format
 _FLOAT32_MAX = 3.4028234663852886e38  # rewards travel as float32 tensors: a larger one would become inf
@@ -121,15 +129,24 @@ SCORERS = {"strict": score_response, "authors": score_response_authors}
 TRUNCATED_SCORE = Score(0.0, 0.0, 0.0)  # a response cut at max_new_tokens, under truncation_fails
 
 
-def score_all(scorer: Callable[[str, str], Score], texts: Sequence[str], truths: Sequence[str],
-              truncated: Sequence[bool], truncation_fails: bool) -> List[Score]:
+def score_all(
+    scorer: Callable[[str, str], Score],
+    texts: Sequence[str],
+    truths: Sequence[str],
+    truncated: Sequence[bool],
+    truncation_fails: bool,
+) -> List[Score]:
     """The score of every response; with ``truncation_fails`` (strict format) a response cut at
     max_new_tokens scores ``TRUNCATED_SCORE`` (a format failure) without calling the verifier."""
     if not len(texts) == len(truths) == len(truncated):
-        raise ValueError(f"score_all: texts, truths and truncated must have one entry per response, got "
-                         f"{len(texts)}, {len(truths)} and {len(truncated)}")
-    return [TRUNCATED_SCORE if cut and truncation_fails else scorer(text, truth)
-            for text, truth, cut in zip(texts, truths, truncated)]
+        raise ValueError(
+            f"score_all: texts, truths and truncated must have one entry per response, got "
+            f"{len(texts)}, {len(truths)} and {len(truncated)}"
+        )
+    return [
+        TRUNCATED_SCORE if cut and truncation_fails else scorer(text, truth)
+        for text, truth, cut in zip(texts, truths, truncated)
+    ]
 
 
 def load_reward_fn(spec: Optional[str], reward_format: str = "strict") -> RewardFn:
@@ -183,8 +200,11 @@ class GuardedScorer:
             if not all(abs(float(v)) <= _FLOAT32_MAX for v in parts):  # NaN, inf, and what overflows float32
                 raise ValueError(f"score {tuple(float(v) for v in parts)} is not a finite float32 number")
             reward = float(parts[0])
-            return Score(*(float(v) for v in value)) if isinstance(value, Score) else Score(
-                reward, float(reward > FORMAT_WEIGHT), 0.0)
+            return (
+                Score(*(float(v) for v in value))
+                if isinstance(value, Score)
+                else Score(reward, float(reward > FORMAT_WEIGHT), 0.0)
+            )
         except Exception as error:  # a verifier bug must not kill a long run: count it, score 0
             self._errors += 1
             if self._first is None:

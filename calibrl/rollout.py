@@ -66,8 +66,13 @@ def response_targets(response_ids: torch.Tensor, response_mask: torch.Tensor) ->
     return response_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
 
 
-def sequence_inputs(prompts: PromptBatch, prompt_index: torch.Tensor, response_ids: torch.Tensor,
-                    response_mask: torch.Tensor, device: torch.device) -> dict:
+def sequence_inputs(
+    prompts: PromptBatch,
+    prompt_index: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    device: torch.device,
+) -> dict:
     """PolicyForward arguments of rows [prompt ``prompt_index`` (R,) | response (R, T)]."""
     prompt_ids = prompts.input_ids[prompt_index]  # (R, Lp) left padded
     prompt_mask = prompts.attention_mask[prompt_index]  # (R, Lp)
@@ -83,28 +88,40 @@ def _generation_config(policy: Policy, max_new_tokens: int, temperature: float, 
 
     sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
     return GenerationConfig(
-        do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=policy.stop_token_ids,
-        pad_token_id=policy.pad_token_id, suppress_tokens=policy.suppressed_token_ids or None,
-        repetition_penalty=1.0, **sampling,
+        do_sample=not greedy,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=policy.stop_token_ids,
+        pad_token_id=policy.pad_token_id,
+        suppress_tokens=policy.suppressed_token_ids or None,
+        repetition_penalty=1.0,
+        **sampling,
     )
 
 
 @torch.no_grad()
-def generate(policy: Policy, prompts: PromptBatch, prompt_index: torch.Tensor, max_new_tokens: int,
-             temperature: float = 1.0, greedy: bool = False) -> List[List[int]]:
+def generate(
+    policy: Policy,
+    prompts: PromptBatch,
+    prompt_index: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+) -> List[List[int]]:
     """One response per row (rows repeat prompts ``prompt_index`` (R,)); token lists end at the end token."""
     device = policy.device
     vision = prompts.vision_inputs(prompt_index, device)
-    inputs = policy.model_inputs(prompts.input_ids[prompt_index].to(device),
-                                 prompts.attention_mask[prompt_index].to(device), vision)
+    inputs = policy.model_inputs(
+        prompts.input_ids[prompt_index].to(device), prompts.attention_mask[prompt_index].to(device), vision
+    )
     inputs.pop("position_ids", None)  # generate derives positions from the attention mask itself
     was_training = policy.model.training
     policy.model.eval()
     with policy.precision():  # the same autocast as the old log-probs and the update: pi_old samples
         output = policy.model.generate(
-            **inputs, generation_config=_generation_config(policy, max_new_tokens, temperature, greedy))
+            **inputs, generation_config=_generation_config(policy, max_new_tokens, temperature, greedy)
+        )
     policy.model.train(was_training)
-    new_tokens = output[:, prompts.input_ids.shape[1]:].tolist()  # (R, <= max_new_tokens)
+    new_tokens = output[:, prompts.input_ids.shape[1] :].tolist()  # (R, <= max_new_tokens)
     return [_cut_at_stop(row, policy.stop_token_ids, policy.end_token_id) for row in new_tokens]
 
 
@@ -127,15 +144,21 @@ def collate_responses(rows: List[List[int]], pad_id: int):
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1.0
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1.0
     return ids, mask
 
 
-def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int], rollouts_per_prompt: int,
-                     max_new_tokens: int, temperature: float,
-                     scorer: Callable[[str, str], Score] = score_response,
-                     truncation_fails: bool = True) -> RolloutBatch:
+def collect_rollouts(
+    policy: Policy,
+    examples: Sequence,
+    group_ids: Sequence[int],
+    rollouts_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    scorer: Callable[[str, str], Score] = score_response,
+    truncation_fails: bool = True,
+) -> RolloutBatch:
     """P prompts x (n sampled rows + 1 expert row), scored by ``scorer`` (response, truth) -> Score; with
     ``truncation_fails`` a row cut at max_new_tokens scores 0 (a format failure, see ``rewards.score_all``)."""
     prompts = policy.encode_prompts(examples)
@@ -155,8 +178,9 @@ def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int
     response_ids, response_mask = collate_responses(rows, policy.pad_token_id)
     texts = [policy.decode_response(r) for r in rows]
     answers = [examples[p].answer for p in prompt_index]
-    scores = torch.tensor([tuple(s) for s in score_all(scorer, texts, answers, truncated, truncation_fails)],
-                          dtype=torch.float32)  # (B, 3)
+    scores = torch.tensor(
+        [tuple(s) for s in score_all(scorer, texts, answers, truncated, truncation_fails)], dtype=torch.float32
+    )  # (B, 3)
     return RolloutBatch(
         prompts=prompts,
         prompt_index=torch.tensor(prompt_index, dtype=torch.long),
@@ -173,8 +197,9 @@ def collect_rollouts(policy: Policy, examples: Sequence, group_ids: Sequence[int
 
 
 @torch.no_grad()
-def old_logprobs(forward: PolicyForward, batch: RolloutBatch, temperature: float,
-                 micro_batch_rows: int, return_entropy: bool = False):
+def old_logprobs(
+    forward: PolicyForward, batch: RolloutBatch, temperature: float, micro_batch_rows: int, return_entropy: bool = False
+):
     """(B, T) float32 log-probs of the response tokens under the current policy, 0 on padding [and the
     (B, T) float32 entropy of the policy at each response position, 0 on padding].
 
@@ -190,8 +215,9 @@ def old_logprobs(forward: PolicyForward, batch: RolloutBatch, temperature: float
         rows = torch.arange(start, min(start + step, len(batch)))
         micro = batch.select(rows)
         hidden, weight, bias = forward(**micro.forward_inputs(device))  # (R, T, D), (V, D)
-        out = response_logprobs(hidden, weight, bias, micro.targets().to(device), temperature,
-                                return_entropy=return_entropy)  # (R, T) [, (R, T)]
+        out = response_logprobs(
+            hidden, weight, bias, micro.targets().to(device), temperature, return_entropy=return_entropy
+        )  # (R, T) [, (R, T)]
         logps.append((out[0] if return_entropy else out).float().cpu())
         if return_entropy:
             entropies.append(out[1].float().cpu())

@@ -88,8 +88,10 @@ class RunLock:
 
     def _refuse(self, owner: dict) -> None:
         who = f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
-        raise ConfigError(f"run folder {os.path.dirname(self.path)} is in use by another trainer ({who}, lock file "
-                          f"{self.path}); wait for it to finish, stop it, or choose another --out")
+        raise ConfigError(
+            f"run folder {os.path.dirname(self.path)} is in use by another trainer ({who}, lock file "
+            f"{self.path}); wait for it to finish, stop it, or choose another --out"
+        )
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (idempotent)."""

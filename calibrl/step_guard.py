@@ -57,5 +57,8 @@ class NonFiniteGuard:
 
 def nonfinite_tensors(state: Any, name: str = "state") -> List[str]:
     """Names of the floating-point tensors of a (nested) state dict holding NaN or inf."""
-    return [key for key, tensor in iter_tensors(state, name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    return [
+        key
+        for key, tensor in iter_tensors(state, name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]

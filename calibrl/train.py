@@ -136,10 +136,13 @@ class Trainer:
         """The rows of data, eval_data and ood_eval_data; a bad line is a ConfigError naming the setting and
         its file:line, or is skipped (skip_bad_rows)."""
         cfg, skip = self.cfg, self.cfg.skip_bad_rows
-        loaders = {"data": lambda: load_rows(cfg.data, "train", cfg.train_examples, skip),
-                   "eval_data": lambda: load_eval_rows(cfg.data, cfg.eval_data, cfg.eval_examples, skip),
-                   "ood_eval_data": lambda: load_rows(cfg.ood_eval_data, "test", cfg.eval_examples, skip)
-                   if cfg.ood_eval_data else DataRows("", [])}
+        loaders = {
+            "data": lambda: load_rows(cfg.data, "train", cfg.train_examples, skip),
+            "eval_data": lambda: load_eval_rows(cfg.data, cfg.eval_data, cfg.eval_examples, skip),
+            "ood_eval_data": lambda: (
+                load_rows(cfg.ood_eval_data, "test", cfg.eval_examples, skip) if cfg.ood_eval_data else DataRows("", [])
+            ),
+        }
         data = {}
         for setting, load in loaders.items():
             try:
@@ -156,11 +159,12 @@ class Trainer:
             except RowError as error:
                 raise ConfigError(f"{setting}: {error}") from error
         if not self.data["data"].good():
-            raise ConfigError(f"data: every row of {self.cfg.data} is bad: "
-                              + "; ".join(list(self.data["data"].bad.values())[:3]))
+            raise ConfigError(
+                f"data: every row of {self.cfg.data} is bad: " + "; ".join(list(self.data["data"].bad.values())[:3])
+            )
 
     def skipped_rows(self) -> List[str]:
-        """"file:line: why" of every row skipped as bad (skip_bad_rows), in setting and source order."""
+        """ "file:line: why" of every row skipped as bad (skip_bad_rows), in setting and source order."""
         return [why for rows in self.data.values() for _, why in sorted(rows.bad.items())]
 
     def _build_policy(self, resuming: bool) -> Policy:
@@ -190,8 +194,10 @@ class Trainer:
         try:
             policy.model.load_state_dict(state["model"])
         except RuntimeError as error:
-            raise ConfigError(f"init_from: {path} does not fit this model's flags (hidden size, layers, ...): "
-                              f"{str(error).splitlines()[0]}") from error
+            raise ConfigError(
+                f"init_from: {path} does not fit this model's flags (hidden size, layers, ...): "
+                f"{str(error).splitlines()[0]}"
+            ) from error
         return policy
 
     def _make_optimizer(self, phase: str):
@@ -218,18 +224,27 @@ class Trainer:
         if self.dist.is_main:
             state = {
                 "format_version": checkpoint.FORMAT_VERSION,
-                "model": self.policy.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "phase": self.phase, "step": self.step,
-                "sampler": self.sampler.state_dict(), "rng": rng, "world_size": self.dist.world_size,
+                "model": self.policy.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "phase": self.phase,
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+                "rng": rng,
+                "world_size": self.dist.world_size,
                 "config": self.cfg.to_dict(),
-                "data": {"rows": len(self.train_rows.rows),
-                         "digests": torch.tensor(self.train_rows.digests(), dtype=torch.int64)},
+                "data": {
+                    "rows": len(self.train_rows.rows),
+                    "digests": torch.tensor(self.train_rows.digests(), dtype=torch.int64),
+                },
             }
             poisoned = nonfinite_tensors({"model": state["model"], "optimizer": state["optimizer"]})
             try:
                 if poisoned:
-                    raise checkpoint.CheckpointError(f"refusing to write checkpoint {self.index}: non-finite values "
-                                                     f"in {poisoned[:3]}; the older checkpoints are intact")
+                    raise checkpoint.CheckpointError(
+                        f"refusing to write checkpoint {self.index}: non-finite values "
+                        f"in {poisoned[:3]}; the older checkpoints are intact"
+                    )
                 checkpoint.save_checkpoint(self.run_dir, self.index, state, self.cfg.keep_checkpoints)
             except checkpoint.CheckpointError as failure:
                 error = str(failure)
@@ -244,20 +259,27 @@ class Trainer:
         warning naming the rows whose content changed (a corrected file is fine to resume with)."""
         digests = self.train_rows.digests()
         if int(saved["rows"]) != len(digests):
-            raise ConfigError(f"--resume: data {self.cfg.data} has {len(digests)} rows, the run was trained on "
-                              f"{int(saved['rows'])}; rows added or removed would change the prompt order (correct "
-                              "rows in place, or skip bad ones with --skip-bad-rows)")
+            raise ConfigError(
+                f"--resume: data {self.cfg.data} has {len(digests)} rows, the run was trained on "
+                f"{int(saved['rows'])}; rows added or removed would change the prompt order (correct "
+                "rows in place, or skip bad ones with --skip-bad-rows)"
+            )
         changed = changed_rows(saved["digests"].tolist(), digests)
         if changed:
             first = self.train_rows.rows[changed[0]]
             where = first.origin if first is not None else f"row {changed[0] + 1} (now skipped)"
-            warnings.warn(f"--resume: {len(changed)} row(s) of data {self.cfg.data} differ from the run's "
-                          f"(first: {where}); continuing with the data as it is now", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"--resume: {len(changed)} row(s) of data {self.cfg.data} differ from the run's "
+                f"(first: {where}); continuing with the data as it is now",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _restore(self, state: dict, path: str) -> None:
         if state["world_size"] != self.dist.world_size:
-            raise ConfigError(f"--resume: the run used {state['world_size']} processes, this one has "
-                              f"{self.dist.world_size}")
+            raise ConfigError(
+                f"--resume: the run used {state['world_size']} processes, this one has {self.dist.world_size}"
+            )
         if "data" in state:  # absent in the first checkpoint format
             self._check_resumed_data(state["data"])
         try:
@@ -278,13 +300,17 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        logger = RunLogger(self.run_dir, self.dist.is_main, cfg.tensorboard, cfg.progress,
-                           self.sft_total + cfg.max_steps, self.index)
+        logger = RunLogger(
+            self.run_dir, self.dist.is_main, cfg.tensorboard, cfg.progress, self.sft_total + cfg.max_steps, self.index
+        )
         logger.message(f"calibrl: {cfg.algo} ({self.algorithm.summary}); run folder {self.run_dir}")
         shown = self.skipped_rows()
         if shown:
-            logger.message(f"skipped {len(shown)} bad data row(s) (--skip-bad-rows): " + "; ".join(shown[:10])
-                           + (f"; ... {len(shown) - 10} more" if len(shown) > 10 else ""))
+            logger.message(
+                f"skipped {len(shown)} bad data row(s) (--skip-bad-rows): "
+                + "; ".join(shown[:10])
+                + (f"; ... {len(shown) - 10} more" if len(shown) > 10 else "")
+            )
         start = time.time()
         try:
             while self.phase == "sft" and self.step < self.sft_total:
@@ -330,8 +356,9 @@ class Trainer:
 
     def _end_of_step(self, logger: RunLogger) -> int:
         """Checkpoint when due; after SIGINT / SIGTERM (on any process) save and return its number, else 0."""
-        stop = int(distributed.all_reduce_max(torch.tensor([self.interrupted], device=self.dist.device),
-                                              self.dist).item())
+        stop = int(
+            distributed.all_reduce_max(torch.tensor([self.interrupted], device=self.dist.device), self.dist).item()
+        )
         too_many_bad = self.guard.should_stop  # the same on every process (the flags are all-reduced)
         if stop or too_many_bad or self.step % self.cfg.save_every == 0:
             self.save()  # skipped updates never touched the weights: this is the last good state
@@ -340,33 +367,54 @@ class Trainer:
                 f"stopping: {self.guard.bad_in_row} steps in a row (max_bad_steps={self.cfg.max_bad_steps}) had a "
                 f"non-finite loss or gradient, so their updates were skipped; the last good state is saved as "
                 f"{self.phase} step {self.step} in {self.run_dir}. Look for rewards or advantages that overflow, or "
-                "a learning rate that diverges, then continue with --resume")
+                "a learning rate that diverges, then continue with --resume"
+            )
         if stop:
-            logger.message(f"interrupted by {signal.Signals(stop).name}: saved {self.phase} step {self.step}; "
-                           f"continue with --resume {self.run_dir}")
+            logger.message(
+                f"interrupted by {signal.Signals(stop).name}: saved {self.phase} step {self.step}; "
+                f"continue with --resume {self.run_dir}"
+            )
         return stop
 
     def _reward_errors(self, logger: RunLogger) -> int:
         """Samples the reward function raised on since the last call (all processes); the first is printed."""
         errors, first = self.scorer.take_errors()
-        total = int(distributed.all_reduce_sum(torch.tensor([float(errors)], device=self.dist.device),
-                                               self.dist).item())
+        total = int(
+            distributed.all_reduce_sum(torch.tensor([float(errors)], device=self.dist.device), self.dist).item()
+        )
         if total:
-            logger.message(f"reward function raised on {total} sample(s) up to {self.phase} step {self.step}; "
-                           f"each scored 0" + (f". First: {first}" if first else ""))
+            logger.message(
+                f"reward function raised on {total} sample(s) up to {self.phase} step {self.step}; "
+                f"each scored 0" + (f". First: {first}" if first else "")
+            )
         return total
 
     def _evaluate(self, logger: RunLogger) -> Dict[str, float]:
         """Greedy and sampled held-out metrics; a few greedy answers go to samples.jsonl."""
         if not self.eval_examples:
             return {}
-        results, samples = evaluate(self.policy, self.eval_examples, self.cfg.max_new_tokens,
-                                    self.cfg.eval_batch_size, self.loss_cfg.temperature, self.dist, self.scorer,
-                                    **self.eval_options)
+        results, samples = evaluate(
+            self.policy,
+            self.eval_examples,
+            self.cfg.max_new_tokens,
+            self.cfg.eval_batch_size,
+            self.loss_cfg.temperature,
+            self.dist,
+            self.scorer,
+            **self.eval_options,
+        )
         logger.samples(self.phase, self.step, samples)
         if self.ood_examples:
-            ood, _ = evaluate(self.policy, self.ood_examples, self.cfg.max_new_tokens, self.cfg.eval_batch_size,
-                              self.loss_cfg.temperature, self.dist, self.scorer, **self.eval_options)
+            ood, _ = evaluate(
+                self.policy,
+                self.ood_examples,
+                self.cfg.max_new_tokens,
+                self.cfg.eval_batch_size,
+                self.loss_cfg.temperature,
+                self.dist,
+                self.scorer,
+                **self.eval_options,
+            )
             results.update({f"ood_{key}": value for key, value in ood.items()})
         return results
 
@@ -374,18 +422,21 @@ class Trainer:
         record.update(self._evaluate(logger))
         logger.log(record, self.index, advance=False)
         if "eval_accuracy" in record:
-            logger.message(f"held-out accuracy {record['eval_accuracy']:.3f} (greedy), "
-                           f"{record['eval_sampled_accuracy']:.3f} (sampled) at rl step 0")
+            logger.message(
+                f"held-out accuracy {record['eval_accuracy']:.3f} (greedy), "
+                f"{record['eval_sampled_accuracy']:.3f} (sampled) at rl step 0"
+            )
 
     # ------------------------------------------------------------------------------- one SFT step
     def _my_prompts(self, count: int, setting: str) -> List[int]:
         """This process's share of the next ``count`` prompts of the data order (contiguous block)."""
         if count % self.dist.world_size:  # check_processes refuses such settings at start-up
-            raise ConfigError(f"{setting}: {count} prompts cannot be split evenly over {self.dist.world_size} "
-                              "processes")
+            raise ConfigError(
+                f"{setting}: {count} prompts cannot be split evenly over {self.dist.world_size} processes"
+            )
         indices = self.sampler.next_indices(count)
         share = count // self.dist.world_size
-        return indices[self.dist.rank * share:(self.dist.rank + 1) * share]
+        return indices[self.dist.rank * share : (self.dist.rank + 1) * share]
 
     def sft_step(self) -> dict:
         """One supervised step on expert responses (token-mean NLL via linear_token_logprobs)."""
@@ -393,21 +444,30 @@ class Trainer:
         reset_peak_memory(self.dist.device)
         examples = [self.train_examples[i] for i in self._my_prompts(self.cfg.sft_batch_size, "sft_batch_size")]
         prompts = self.policy.encode_prompts(examples)
-        response_ids, response_mask = collate_responses([self.policy.encode_response(e.expert) for e in examples],
-                                                        self.policy.pad_token_id)  # (R, T)
+        response_ids, response_mask = collate_responses(
+            [self.policy.encode_response(e.expert) for e in examples], self.policy.pad_token_id
+        )  # (R, T)
         inputs = sequence_inputs(prompts, torch.arange(len(examples)), response_ids, response_mask, self.dist.device)
         targets = response_targets(response_ids, response_mask).to(self.dist.device)  # (R, T)
         hidden, weight, bias = self.update_module(**inputs)  # (R, T, D), (V, D)
         loss, tokens = algorithms.sft_loss(hidden, weight, bias, targets)  # plain NLL at temperature 1
         loss.backward()
         grad_norm = self._optimizer_step(bool(torch.isfinite(loss)))
-        totals = distributed.all_reduce_sum(torch.tensor([loss.item(), float(tokens)], device=self.dist.device),
-                                            self.dist)
+        totals = distributed.all_reduce_sum(
+            torch.tensor([loss.item(), float(tokens)], device=self.dist.device), self.dist
+        )
         elapsed = time.time() - started
-        return {"phase": "sft", "step": self.step, "sft_loss": totals[0].item() / self.dist.world_size,
-                "grad_norm": grad_norm, "lr": self.last_lr, "step_time": elapsed,
-                "tokens_per_s": totals[1].item() / elapsed, "peak_memory_mb": peak_memory_mb(self.dist.device),
-                "skipped_updates": self.guard.end_step()}
+        return {
+            "phase": "sft",
+            "step": self.step,
+            "sft_loss": totals[0].item() / self.dist.world_size,
+            "grad_norm": grad_norm,
+            "lr": self.last_lr,
+            "step_time": elapsed,
+            "tokens_per_s": totals[1].item() / elapsed,
+            "peak_memory_mb": peak_memory_mb(self.dist.device),
+            "skipped_updates": self.guard.end_step(),
+        }
 
     def _optimizer_step(self, loss_finite: bool = True) -> float:
         """Clip, step (unless the loss or the gradient is not finite on some process: then skipped and
@@ -430,30 +490,59 @@ class Trainer:
         reset_peak_memory(dist.device)
         mine = self._my_prompts(cfg.prompts_per_step, "prompts_per_step")
         first_group = dist.rank * len(mine)  # group ids are positions in the step's global prompt list
-        batch = collect_rollouts(self.policy, [self.train_examples[i] for i in mine],
-                                 list(range(first_group, first_group + len(mine))), cfg.rollouts_per_prompt,
-                                 cfg.max_new_tokens, self.loss_cfg.temperature, self.scorer,
-                                 self.truncation_fails)  # B = P_local * (n + 1)
+        batch = collect_rollouts(
+            self.policy,
+            [self.train_examples[i] for i in mine],
+            list(range(first_group, first_group + len(mine))),
+            cfg.rollouts_per_prompt,
+            cfg.max_new_tokens,
+            self.loss_cfg.temperature,
+            self.scorer,
+            self.truncation_fails,
+        )  # B = P_local * (n + 1)
         rollout_time = time.time() - started
-        batch.old_logp, batch.token_entropy = old_logprobs(self.forward, batch, self.loss_cfg.temperature,
-                                                           cfg.micro_batch_rows, return_entropy=True)  # (B, T) each
+        batch.old_logp, batch.token_entropy = old_logprobs(
+            self.forward, batch, self.loss_cfg.temperature, cfg.micro_batch_rows, return_entropy=True
+        )  # (B, T) each
         pass_rate, local_pass_rate, local_group_index = self._group_statistics(batch)
         # b (B, T) from the expert rows' old log-probs, before any expert row is dropped
         batch.baseline, batch.baseline_mask = algorithms.expert_baseline(
-            batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, self.loss_cfg)
-        keep = algorithms.expert_keep_mask(local_group_index, batch.is_expert, local_pass_rate, cfg.mixup_policy,
-                                           cfg.mix_ratio, cfg.pass_ratio_low, cfg.pass_ratio_high)  # (B,)
+            batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, self.loss_cfg
+        )
+        keep = algorithms.expert_keep_mask(
+            local_group_index,
+            batch.is_expert,
+            local_pass_rate,
+            cfg.mixup_policy,
+            cfg.mix_ratio,
+            cfg.pass_ratio_low,
+            cfg.pass_ratio_high,
+        )  # (B,)
         kept = batch.select(keep.nonzero().squeeze(1))
         every = cfg.diagnostics_every
-        regime = guide_regime(self.forward, kept, self.loss_cfg, cfg.micro_batch_rows, dist) \
-            if every and (self.step == 1 or self.step % every == 0) else {}  # before the update: lp = lp_old
+        regime = (
+            guide_regime(self.forward, kept, self.loss_cfg, cfg.micro_batch_rows, dist)
+            if every and (self.step == 1 or self.step % every == 0)
+            else {}
+        )  # before the update: lp = lp_old
         update = self.update(kept)
         elapsed = time.time() - started
-        record = {"phase": "rl", "step": self.step, **rollout_metrics(batch, pass_rate, keep, dist),
-                  **rollout_exploration(batch, self.policy.decode_response, dist), **regime, **update}
-        record.update(step_time=elapsed, rollout_time=rollout_time, lr=self.last_lr,
-                      tokens_per_s=record["sampled_tokens"] / elapsed, peak_memory_mb=peak_memory_mb(dist.device),
-                      skipped_updates=self.guard.end_step())
+        record = {
+            "phase": "rl",
+            "step": self.step,
+            **rollout_metrics(batch, pass_rate, keep, dist),
+            **rollout_exploration(batch, self.policy.decode_response, dist),
+            **regime,
+            **update,
+        }
+        record.update(
+            step_time=elapsed,
+            rollout_time=rollout_time,
+            lr=self.last_lr,
+            tokens_per_s=record["sampled_tokens"] / elapsed,
+            peak_memory_mb=peak_memory_mb(dist.device),
+            skipped_updates=self.guard.end_step(),
+        )
         return record
 
     def _group_statistics(self, batch: RolloutBatch):

@@ -50,8 +50,14 @@ def micro_batches_needed(rows: int, micro_batch_rows: int) -> int:
 class PPOUpdate:
     """Runs ``cfg.ppo_epochs`` x ``cfg.mini_batches`` optimizer steps on a scored RolloutBatch."""
 
-    def __init__(self, module: torch.nn.Module, loss: CalibRLConfig, cfg: TrainConfig,
-                 dist: distributed.DistInfo, optimizer_step: Callable[[bool], float]):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        loss: CalibRLConfig,
+        cfg: TrainConfig,
+        dist: distributed.DistInfo,
+        optimizer_step: Callable[[bool], float],
+    ):
         self.module = module  # PolicyForward, DDP-wrapped under torchrun
         self.loss = loss
         self.cfg = cfg
@@ -72,10 +78,14 @@ class PPOUpdate:
         for _ in range(cfg.ppo_epochs):
             order = groups[torch.randperm(len(groups))]  # (G_local,)
             minibatch = minibatch_of_groups(len(order), dist.rank, cfg.mini_batches)  # (G_local,)
-            rows = [torch.isin(batch.group_ids, order[minibatch == k]).nonzero().squeeze(1)
-                    for k in range(cfg.mini_batches)]  # this process's rows of each mini-batch
-            local = torch.tensor([[self._loss_rows(batch, r), micro_batches_needed(len(r), cfg.micro_batch_rows)]
-                                  for r in rows], dtype=torch.float64, device=dist.device)  # (mini_batches, 2)
+            rows = [
+                torch.isin(batch.group_ids, order[minibatch == k]).nonzero().squeeze(1) for k in range(cfg.mini_batches)
+            ]  # this process's rows of each mini-batch
+            local = torch.tensor(
+                [[self._loss_rows(batch, r), micro_batches_needed(len(r), cfg.micro_batch_rows)] for r in rows],
+                dtype=torch.float64,
+                device=dist.device,
+            )  # (mini_batches, 2)
             total_loss_rows = distributed.all_reduce_sum(local[:, 0], dist).cpu()  # (mini_batches,)
             passes = distributed.all_reduce_max(local[:, 1], dist).cpu()  # (mini_batches,)
             for k in range(cfg.mini_batches):
@@ -83,8 +93,11 @@ class PPOUpdate:
                 micro_metrics += self._accumulate(batch, rows[k], int(passes[k]), float(total_loss_rows[k]))
                 grad_norms.append(self.optimizer_step(self.loss_finite))
         keys = sorted(micro_metrics[0])
-        means = torch.tensor([sum(m[key] for m in micro_metrics) / len(micro_metrics) for key in keys],
-                             dtype=torch.float64, device=dist.device)
+        means = torch.tensor(
+            [sum(m[key] for m in micro_metrics) / len(micro_metrics) for key in keys],
+            dtype=torch.float64,
+            device=dist.device,
+        )
         means = distributed.all_reduce_sum(means, dist).cpu() / dist.world_size
         return {**dict(zip(keys, means.tolist())), "grad_norm": sum(grad_norms) / len(grad_norms)}
 
@@ -92,13 +105,14 @@ class PPOUpdate:
         """How many of ``rows`` (R,) enter the loss: on-policy rows, and expert rows if the loss keeps them."""
         return len(rows) if self.loss.keeps_expert_rows else int((~batch.is_expert[rows]).sum())
 
-    def _accumulate(self, batch: RolloutBatch, rows: torch.Tensor, passes: int,
-                    total_loss_rows: float) -> List[Dict[str, float]]:
+    def _accumulate(
+        self, batch: RolloutBatch, rows: torch.Tensor, passes: int, total_loss_rows: float
+    ) -> List[Dict[str, float]]:
         """Forward/backward ``passes`` micro-batches of ``rows`` (R,), gradients accumulated (not yet synced
         except in the last pass); zero-weight passes fill up when this process has fewer micro-batches.
         ``total_loss_rows``: loss rows of the whole mini-batch over all processes."""
         step = self.cfg.micro_batch_rows or max(len(rows), 1)
-        chunks = [rows[start:start + step] for start in range(0, len(rows), step)]
+        chunks = [rows[start : start + step] for start in range(0, len(rows), step)]
         metrics = []
         for index in range(passes):
             real = index < len(chunks)
@@ -117,7 +131,16 @@ class PPOUpdate:
         device = self.dist.device
         hidden, weight, bias = self.module(**micro.forward_inputs(device))  # (R, T, D), (V, D), (V,) or None
         return algorithms.policy_loss(
-            hidden, weight, bias, micro.targets().to(device), micro.old_logp.to(device),
-            micro.advantages.to(device), micro.response_mask.to(device), micro.passed.to(device),
-            micro.is_expert.to(device), micro.baseline.to(device), micro.baseline_mask.to(device), self.loss,
+            hidden,
+            weight,
+            bias,
+            micro.targets().to(device),
+            micro.old_logp.to(device),
+            micro.advantages.to(device),
+            micro.response_mask.to(device),
+            micro.passed.to(device),
+            micro.is_expert.to(device),
+            micro.baseline.to(device),
+            micro.baseline_mask.to(device),
+            self.loss,
         )

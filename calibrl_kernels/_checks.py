@@ -120,7 +120,9 @@ def check_bool(name: str, t: torch.Tensor) -> None:
 def check_mask_dtype(name: str, t: torch.Tensor) -> None:
     """Masks are 0/1 (bool, integer or floating) or non-negative floating token weights."""
     if t.dtype != torch.bool and t.dtype not in FLOAT_DTYPES and t.dtype not in INTEGER_DTYPES:
-        raise TypeError(f"{name}: expected a bool, integer or floating mask (0/1 or non-negative weights), got {t.dtype}")
+        raise TypeError(
+            f"{name}: expected a bool, integer or floating mask (0/1 or non-negative weights), got {t.dtype}"
+        )
 
 
 def check_mask_values(name: str, t: torch.Tensor) -> None:
@@ -147,7 +149,9 @@ def check_ndim(name: str, t: torch.Tensor, allowed: Sequence[int], what: str) ->
 
 def check_device(name: str, t: torch.Tensor, device: torch.device, reference_name: str) -> None:
     if t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (the device of {reference_name}), got one on {t.device}")
+        raise ValueError(
+            f"{name}: expected a tensor on {device} (the device of {reference_name}), got one on {t.device}"
+        )
 
 
 def check_positive_number(name: str, value) -> float:
@@ -198,7 +202,9 @@ def check_token_logprobs_inputs(logits: torch.Tensor, targets: torch.Tensor, tem
     check_targets(targets, logits.shape[-1], ignore_index)
 
 
-def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias, temperature, ignore_index) -> None:
+def check_linear_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias, temperature, ignore_index
+) -> None:
     require_tensor("hidden", hidden)
     require_tensor("weight", weight)
     require_tensor("targets", targets)
@@ -215,7 +221,8 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
         raise ValueError("weight: expected a vocabulary of at least one row, got V = 0")
     if hidden.shape[-1] == 0:
         raise ValueError(
-            f"hidden: expected a hidden size D >= 1 (shape (N, D) or (B, T, D)), got D = 0 in shape {tuple(hidden.shape)}"
+            f"hidden: expected a hidden size D >= 1 (shape (N, D) or (B, T, D)), "
+            f"got D = 0 in shape {tuple(hidden.shape)}"
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
@@ -372,7 +379,8 @@ def check_loss_inputs(
     check_floating("advantages", advantages)
     if tuple(advantages.shape) not in ((B,), (B, T)):
         raise ValueError(
-            f"advantages: expected shape (B,) = {(B,)} or (B, T) = {(B, T)} (like {logp_name}), got {tuple(advantages.shape)}"
+            f"advantages: expected shape (B,) = {(B,)} or (B, T) = {(B, T)} (like {logp_name}), "
+            f"got {tuple(advantages.shape)}"
         )
     check_device("advantages", advantages, device, logp_name)
     if expert_logp is not None:

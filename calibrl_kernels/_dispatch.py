@@ -43,20 +43,29 @@ IMPLS = ("triton", "cpp", "torch")
 _FP32_KERNEL_OPS = ("token_logprobs", "linear_token_logprobs", "fused_calibrl_loss", "fused_linear_calibrl_loss")
 
 
-def _reference_fused_calibrl_loss(logits, targets, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG,
-                                  inplace_backward: bool = False) -> LossOutput:
+def _reference_fused_calibrl_loss(
+    logits, targets, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG, inplace_backward: bool = False
+) -> LossOutput:
     """The reference under the backend contract (it never writes over the logits: inplace is a no-op)."""
     return reference.fused_calibrl_loss(
         logits, targets, inputs.old_logp, inputs.advantages, inputs.mask, config=config, **inputs.fields()
     )
 
 
-def _reference_fused_linear_calibrl_loss(hidden, weight, targets, inputs: LossInputs,
-                                         config: CalibRLConfig = DEFAULT_CONFIG, bias=None) -> LossOutput:
+def _reference_fused_linear_calibrl_loss(
+    hidden, weight, targets, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG, bias=None
+) -> LossOutput:
     """The reference of the lm_head loss under the backend contract (materialises the logits)."""
     return reference.fused_linear_calibrl_loss(
-        hidden, weight, targets, inputs.old_logp, inputs.advantages, inputs.mask, bias=bias, config=config,
-        **inputs.fields()
+        hidden,
+        weight,
+        targets,
+        inputs.old_logp,
+        inputs.advantages,
+        inputs.mask,
+        bias=bias,
+        config=config,
+        **inputs.fields(),
     )
 
 
@@ -133,7 +142,9 @@ def _choose(op: str, device: torch.device, forced: Optional[str], dtype: Optiona
             raise ValueError(f"impl: expected one of {IMPLS}, got {forced!r}")
         ok, reason = availability(forced, device)
         if not ok:
-            raise RuntimeError(f"calibrl_kernels: backend {forced!r} was requested but cannot run on {device}: {reason}")
+            raise RuntimeError(
+                f"calibrl_kernels: backend {forced!r} was requested but cannot run on {device}: {reason}"
+            )
         order = (forced, "torch")
     else:
         order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
@@ -148,8 +159,9 @@ def _choose(op: str, device: torch.device, forced: Optional[str], dtype: Optiona
     raise RuntimeError(f"calibrl_kernels: no backend implements {op!r} on {device}")
 
 
-def implementation(op: str, device: torch.device, impl: Optional[str] = None,
-                   dtype: Optional[torch.dtype] = None) -> Callable:
+def implementation(
+    op: str, device: torch.device, impl: Optional[str] = None, dtype: Optional[torch.dtype] = None
+) -> Callable:
     """The function implementing ``op`` for tensors on ``device`` of ``dtype`` (the op's main input; None
     for no dtype rule); ``impl`` or CALIBRL_IMPL forces a backend."""
     name = _choose(op, torch.device(device), impl or requested_impl(), dtype)
@@ -158,8 +170,9 @@ def implementation(op: str, device: torch.device, impl: Optional[str] = None,
     return _backend(name).OPS[op]
 
 
-def selected_impl(op: str, device: torch.device, impl: Optional[str] = None,
-                  dtype: Optional[torch.dtype] = None) -> str:
+def selected_impl(
+    op: str, device: torch.device, impl: Optional[str] = None, dtype: Optional[torch.dtype] = None
+) -> str:
     """The name of the backend ``implementation`` would pick (for logs and benchmarks)."""
     name = _choose(op, torch.device(device), impl or requested_impl(), dtype)
     return "torch" if name == "reference" else name

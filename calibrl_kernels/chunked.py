@@ -14,10 +14,11 @@ torch, a few chunk-sized temporaries) and the C++/OpenMP kernels of ``csrc/`` (`
 pass per row, no temporaries). Both fill the same row table (``reference.coefficients.ROW_FIELDS``).
 
 The loss computes its gradients during the forward (the coefficients are known there) and backward
-only scales them by the incoming gradient (in fp32, before the one cast of 16-bit gradients). ``linear_token_logprobs`` cannot: its a, b are the incoming
-gradients of logp and entropy, known only in backward, and dWeight needs them inside the V x D
-reduction, so backward recomputes each logits chunk (one extra GEMM, 8 N D V flops in all instead of
-6) rather than keeping (N, V) logits alive between forward and backward.
+only scales them by the incoming gradient (in fp32, before the one cast of 16-bit gradients).
+``linear_token_logprobs`` cannot: its a, b are the incoming gradients of logp and entropy, known only in
+backward, and dWeight needs them inside the V x D reduction, so backward recomputes each logits chunk (one
+extra GEMM, 8 N D V flops in all instead of 6) rather than keeping (N, V) logits alive between forward and
+backward.
 
 Chunk shape: the GEMMs set the speed, so a chunk has at least ``GEMM_KNEE_ROWS`` (512) rows where the
 input has them, i.e. ``N // 512`` chunks of 512 to 1023 rows, spread evenly (``rows_per_chunk``). Measured
@@ -62,9 +63,9 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .reference import coefficients as coef
 from ._autograd import first_order_only
 from .config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
+from .reference import coefficients as coef
 from .reference import compute_dtype, inverse_temperature
 
 ROW = coef.ROW
@@ -165,8 +166,9 @@ def chunk_bytes_scope(chunk_bytes: Optional[int]) -> Iterator[None]:
         _scoped_chunk_bytes.reset(token)
 
 
-def rows_per_chunk(num_rows: int, vocab: int, element_bytes: int, buffers: int, budget: int,
-                   knee: int = GEMM_KNEE_ROWS) -> int:
+def rows_per_chunk(
+    num_rows: int, vocab: int, element_bytes: int, buffers: int, budget: int, knee: int = GEMM_KNEE_ROWS
+) -> int:
     """Rows of a logits chunk: at least ``knee`` where there are that many rows and the budget allows,
     with ``buffers`` chunk-sized tensors within ``budget`` bytes.
 
@@ -425,18 +427,26 @@ class _FusedLinearLoss(torch.autograd.Function):
         need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         hidden2d, flat_targets = _flatten(hidden, targets)
         ops = _Operands(hidden2d, weight, bias, budget)
-        grads = _Gradients(ops, need_hidden, need_weight, need_bias) if any((need_hidden, need_weight, need_bias)) else None
+        grads = (
+            _Gradients(ops, need_hidden, need_weight, need_bias) if any((need_hidden, need_weight, need_bias)) else None
+        )
         rows = torch.empty(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
         inv_temperature = inverse_temperature(config.temperature, ops.dtype)
 
         def process(chunk, start, end):
             row_math.loss(
-                chunk, flat_targets[start:end], table[start:end], rows[start:end], config, inv_temperature,
-                ignore_index, grads is not None,
+                chunk,
+                flat_targets[start:end],
+                table[start:end],
+                rows[start:end],
+                config,
+                inv_temperature,
+                ignore_index,
+                grads is not None,
             )
 
         _stream(ops, row_math, grads, process)
-        out = coef.loss_output(rows[:, ROW["pg"]:].sum(0), config)
+        out = coef.loss_output(rows[:, ROW["pg"] :].sum(0), config)
         if grads is not None:
             grads.ops = None  # keep only the accumulators until backward
         ctx.gradients = grads  # finished (scaled, then cast) in backward
@@ -482,7 +492,15 @@ def fused_linear_calibrl_loss(
     ignore_index = inputs.ignore_index
     table = coef.loss_token_table(targets, inputs, config, compute_dtype(hidden))
     outputs = _FusedLinearLoss.apply(
-        hidden, weight, bias, targets, table, config, ignore_index, row_math, chunk_budget(chunk_bytes),
+        hidden,
+        weight,
+        bias,
+        targets,
+        table,
+        config,
+        ignore_index,
+        row_math,
+        chunk_budget(chunk_bytes),
         torch.is_grad_enabled(),
     )
     return LossOutput(*outputs)

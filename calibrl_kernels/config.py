@@ -111,8 +111,16 @@ class CalibRLConfig:
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"CalibRLConfig.{field}: expected bool, got {type(getattr(self, field)).__name__}")
         for field in (
-            "clip_low", "clip_high", *(("dual_clip_c",) if self.dual_clip_c is not None else ()), "guide_coef", "negative_slope", "entropy_coef",
-            "temperature", "adv_eps", "pass_threshold", "huber_delta",
+            "clip_low",
+            "clip_high",
+            *(("dual_clip_c",) if self.dual_clip_c is not None else ()),
+            "guide_coef",
+            "negative_slope",
+            "entropy_coef",
+            "temperature",
+            "adv_eps",
+            "pass_threshold",
+            "huber_delta",
         ):
             value = getattr(self, field)
             # Python int / float or NumPy scalars (np.float32(0.2), np.int64(3)); stored as Python floats.
@@ -137,7 +145,8 @@ class CalibRLConfig:
             _fail("huber_delta", "a number > 0", self.huber_delta)
         if self.loss_scale_factor is not None:
             if not (
-                isinstance(self.loss_scale_factor, numbers.Real) and not isinstance(self.loss_scale_factor, bool)
+                isinstance(self.loss_scale_factor, numbers.Real)
+                and not isinstance(self.loss_scale_factor, bool)
                 and _fits_float(self.loss_scale_factor)
                 and self.loss_scale_factor > 0
             ):
@@ -226,8 +235,13 @@ class LossInputs(NamedTuple):
 
     def fields(self) -> dict:
         """The optional fields and ignore_index as keyword arguments (the reference's calling convention)."""
-        return dict(expert_logp=self.expert_logp, passed=self.passed, is_expert=self.is_expert,
-                    expert_mask=self.expert_mask, ignore_index=self.ignore_index)
+        return dict(
+            expert_logp=self.expert_logp,
+            passed=self.passed,
+            is_expert=self.is_expert,
+            expert_mask=self.expert_mask,
+            ignore_index=self.ignore_index,
+        )
 
 
 class LossOutput(NamedTuple):

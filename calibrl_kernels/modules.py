@@ -42,8 +42,9 @@ class CalibRLLoss(_ConfiguredLoss):
     gradient and must not be used again, and each forward allows one backward only.
     """
 
-    def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100,
-                 inplace_backward: bool = False):
+    def __init__(
+        self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100, inplace_backward: bool = False
+    ):
         super().__init__(config, ignore_index=ignore_index)
         _checks.check_bool_argument("inplace_backward", inplace_backward)
         self.inplace_backward = inplace_backward
@@ -68,8 +69,15 @@ class CalibRLLoss(_ConfiguredLoss):
         """
         inplace = self.inplace_backward if inplace_backward is None else inplace_backward  # the op checks it
         return ops.fused_calibrl_loss(
-            logits, targets, old_logp, advantages, mask, ignore_index=self.ignore_index, config=self.config,
-            inplace_backward=inplace, **batch_fields,
+            logits,
+            targets,
+            old_logp,
+            advantages,
+            mask,
+            ignore_index=self.ignore_index,
+            config=self.config,
+            inplace_backward=inplace,
+            **batch_fields,
         )
 
 
@@ -85,8 +93,9 @@ class LinearCalibRLLoss(_ConfiguredLoss):
     bytes costs speed. The Triton GPU path has its own budget and ignores it.
     """
 
-    def __init__(self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100,
-                 chunk_bytes: Optional[int] = None):
+    def __init__(
+        self, config: Optional[CalibRLConfig] = None, *, ignore_index: int = -100, chunk_bytes: Optional[int] = None
+    ):
         super().__init__(config, ignore_index=ignore_index)
         if chunk_bytes is not None:
             chunked.chunk_budget(chunk_bytes)  # TypeError / ValueError now rather than at the first call
@@ -110,6 +119,14 @@ class LinearCalibRLLoss(_ConfiguredLoss):
         """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
         with chunked.chunk_bytes_scope(self.chunk_bytes):
             return ops.fused_linear_calibrl_loss(
-                hidden, weight, targets, old_logp, advantages, mask, bias=bias, ignore_index=self.ignore_index,
-                config=self.config, **batch_fields,
+                hidden,
+                weight,
+                targets,
+                old_logp,
+                advantages,
+                mask,
+                bias=bias,
+                ignore_index=self.ignore_index,
+                config=self.config,
+                **batch_fields,
             )

@@ -13,6 +13,7 @@ import torch
 from . import _checks, _dispatch, reference
 from .config import DEFAULT_CONFIG, CalibRLConfig, GroupStats, LossInputs, LossOutput
 
+
 def token_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -121,17 +122,46 @@ def calibrl_loss(
     entropy metric); expert_mask (B, T) (needed when config.mask_beyond_expert).
     """
     _checks.check_loss_inputs(
-        logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        entropy=entropy, expert_mask=expert_mask, config=config,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        expert_logp=expert_logp,
+        passed=passed,
+        is_expert=is_expert,
+        entropy=entropy,
+        expert_mask=expert_mask,
+        config=config,
     )
     return reference.calibrl_loss(
-        logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        entropy=entropy, expert_mask=expert_mask, config=config,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        expert_logp=expert_logp,
+        passed=passed,
+        is_expert=is_expert,
+        entropy=entropy,
+        expert_mask=expert_mask,
+        config=config,
     )
 
 
-def _loss_inputs(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask,
-                 ignore_index: int, config: CalibRLConfig, num_groups, batch_shape) -> LossInputs:
+def _loss_inputs(
+    old_logp,
+    advantages,
+    mask,
+    scores,
+    group_ids,
+    expert_logp,
+    passed,
+    is_expert,
+    expert_mask,
+    ignore_index: int,
+    config: CalibRLConfig,
+    num_groups,
+    batch_shape,
+) -> LossInputs:
     """Validate the loss fields of a fused op once and resolve them into the LossInputs every backend takes.
 
     advantages / passed come from scores + group_ids when not given (group statistics), the expert baseline
@@ -165,8 +195,18 @@ def _loss_inputs(old_logp, advantages, mask, scores, group_ids, expert_logp, pas
         expert_mask = built_mask if expert_mask is None else expert_mask
     _checks.check_shape("old_logp", old_logp, batch_shape, "(B, T) like targets")
     _checks.check_loss_inputs(
-        old_logp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        entropy=None, expert_mask=expert_mask, config=config, logp_name="old_logp", computes_entropy=True,
+        old_logp,
+        old_logp,
+        advantages,
+        mask,
+        expert_logp=expert_logp,
+        passed=passed,
+        is_expert=is_expert,
+        entropy=None,
+        expert_mask=expert_mask,
+        config=config,
+        logp_name="old_logp",
+        computes_entropy=True,
     )
     return LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index)
 
@@ -206,8 +246,21 @@ def fused_calibrl_loss(
     targets = _checks.token_ids(targets)
     if logits.dim() != 3:
         raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
-    inputs = _loss_inputs(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask,
-                          int(ignore_index), config, num_groups, targets.shape)
+    inputs = _loss_inputs(
+        old_logp,
+        advantages,
+        mask,
+        scores,
+        group_ids,
+        expert_logp,
+        passed,
+        is_expert,
+        expert_mask,
+        int(ignore_index),
+        config,
+        num_groups,
+        targets.shape,
+    )
     fn = _dispatch.implementation("fused_calibrl_loss", logits.device, dtype=logits.dtype)
     return fn(logits, targets, inputs, config, inplace_backward)
 
@@ -240,7 +293,20 @@ def fused_linear_calibrl_loss(
     targets = _checks.token_ids(targets)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
-    inputs = _loss_inputs(old_logp, advantages, mask, scores, group_ids, expert_logp, passed, is_expert, expert_mask,
-                          int(ignore_index), config, num_groups, targets.shape)
+    inputs = _loss_inputs(
+        old_logp,
+        advantages,
+        mask,
+        scores,
+        group_ids,
+        expert_logp,
+        passed,
+        is_expert,
+        expert_mask,
+        int(ignore_index),
+        config,
+        num_groups,
+        targets.shape,
+    )
     fn = _dispatch.implementation("fused_linear_calibrl_loss", hidden.device, dtype=hidden.dtype)
     return fn(hidden, weight, targets, inputs, config, bias)

@@ -20,8 +20,15 @@ for _act in ACTIVATIONS:
 for _agg in LOSS_AGG_MODES:
     CONFIGS[f"calibrl-{_agg}"] = CalibRLConfig(loss_agg_mode=_agg, entropy_coef=0.01)
 CONFIGS["calibrl-options"] = CalibRLConfig(
-    mask_beyond_expert=True, weight_by_advantage=False, entropy_coef=0.05, baseline="sequence-mean",
-    loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=7.0, clip_low=0.1, clip_high=0.3, guide_coef=0.5,
+    mask_beyond_expert=True,
+    weight_by_advantage=False,
+    entropy_coef=0.05,
+    baseline="sequence-mean",
+    loss_agg_mode="seq-mean-token-sum-norm",
+    loss_scale_factor=7.0,
+    clip_low=0.1,
+    clip_high=0.3,
+    guide_coef=0.5,
 )
 CONFIGS["luffy-entropy-seqmean"] = CalibRLConfig(mode="luffy", entropy_coef=0.02, loss_agg_mode="seq-mean-token-mean")
 CONFIGS["rlplus-entropy"] = CalibRLConfig(mode="rlplus", entropy_coef=-0.03)
@@ -43,24 +50,43 @@ class Batch(NamedTuple):
     def kwargs(self, config: CalibRLConfig) -> dict:
         """Keyword arguments of the loss ops for this batch."""
         return dict(
-            expert_logp=self.expert_logp, passed=self.passed, is_expert=self.is_expert,
-            expert_mask=self.expert_mask, config=config,
+            expert_logp=self.expert_logp,
+            passed=self.passed,
+            is_expert=self.is_expert,
+            expert_mask=self.expert_mask,
+            config=config,
         )
 
     def inputs(self, ignore_index: int = -100, mask: Optional[torch.Tensor] = None) -> LossInputs:
         """This batch as the LossInputs a backend takes (mask: another (B, T) mask instead of its own)."""
-        return LossInputs(self.old_logp, self.advantages, self.mask if mask is None else mask, self.expert_logp,
-                          self.passed, self.is_expert, self.expert_mask, ignore_index)
+        return LossInputs(
+            self.old_logp,
+            self.advantages,
+            self.mask if mask is None else mask,
+            self.expert_logp,
+            self.passed,
+            self.is_expert,
+            self.expert_mask,
+            ignore_index,
+        )
 
 
-def make_batch(groups: int, rows_per_group: int, T: int, *, config: CalibRLConfig, dtype=torch.float64,
-               seed: int = 0, all_masked: bool = False) -> Batch:
+def make_batch(
+    groups: int,
+    rows_per_group: int,
+    T: int,
+    *,
+    config: CalibRLConfig,
+    dtype=torch.float64,
+    seed: int = 0,
+    all_masked: bool = False,
+) -> Batch:
     """A batch with one expert row per group, partially masked rows, a fully masked row, mixed pass flags."""
     g = torch.Generator().manual_seed(seed)
     B = groups * (rows_per_group + 1)
     group_ids = torch.arange(groups).repeat_interleave(rows_per_group + 1)
     is_expert = torch.zeros(B, dtype=torch.bool)
-    is_expert[rows_per_group::rows_per_group + 1] = True
+    is_expert[rows_per_group :: rows_per_group + 1] = True
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).to(dtype)
     if B > 2:
@@ -75,7 +101,9 @@ def make_batch(groups: int, rows_per_group: int, T: int, *, config: CalibRLConfi
     )
     if config.baseline == "sequence-mean":
         expert_logp = expert_logp[:, 0].contiguous()
-    return Batch(old_logp, stats.advantages.to(dtype), mask, expert_logp.to(dtype), expert_mask, stats.passed, is_expert)
+    return Batch(
+        old_logp, stats.advantages.to(dtype), mask, expert_logp.to(dtype), expert_mask, stats.passed, is_expert
+    )
 
 
 def token_values_with_ties(batch: Batch, dtype=torch.float64, seed: int = 1):
@@ -137,7 +165,11 @@ def assert_loss_outputs_close(actual, expected, rtol, atol, what=""):
     for name in expected._fields:
         a, e = getattr(actual, name), getattr(expected, name)
         torch.testing.assert_close(
-            a.to(torch.float64), e.to(torch.float64), rtol=rtol, atol=atol, equal_nan=True,
+            a.to(torch.float64),
+            e.to(torch.float64),
+            rtol=rtol,
+            atol=atol,
+            equal_nan=True,
             msg=lambda m, name=name: f"{what} LossOutput.{name}: {m}",
         )
 
@@ -156,8 +188,20 @@ class LinearCase(NamedTuple):
         return tuple(t for t in (self.hidden, self.weight, self.bias) if t is not None)
 
 
-def make_linear_case(config: CalibRLConfig, *, groups=2, rows_per_group=2, T=5, D=9, V=67, dtype=torch.float64,
-                     bias=True, seed=0, ignore_index=-100, all_masked=False) -> LinearCase:
+def make_linear_case(
+    config: CalibRLConfig,
+    *,
+    groups=2,
+    rows_per_group=2,
+    T=5,
+    D=9,
+    V=67,
+    dtype=torch.float64,
+    bias=True,
+    seed=0,
+    ignore_index=-100,
+    all_masked=False,
+) -> LinearCase:
     g = torch.Generator().manual_seed(seed + 100)
     batch = make_batch(groups, rows_per_group, T, config=config, dtype=torch.float64, seed=seed, all_masked=all_masked)
     B = batch.old_logp.shape[0]
@@ -185,9 +229,23 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return err / scale if scale > 0 else err
 
 
-def chunked_linear_loss(hidden, weight, targets, old_logp, advantages, mask, *, bias=None, expert_logp=None,
-                        passed=None, is_expert=None, expert_mask=None, ignore_index=-100, config=DEFAULT_CONFIG,
-                        **extra):
+def chunked_linear_loss(
+    hidden,
+    weight,
+    targets,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    bias=None,
+    expert_logp=None,
+    passed=None,
+    is_expert=None,
+    expert_mask=None,
+    ignore_index=-100,
+    config=DEFAULT_CONFIG,
+    **extra,
+):
     """``chunked.fused_linear_calibrl_loss`` (the backend, taking LossInputs) called like the reference's twin;
     extra: row_math, chunk_bytes."""
     from calibrl_kernels import chunked
@@ -199,8 +257,18 @@ def chunked_linear_loss(hidden, weight, targets, old_logp, advantages, mask, *, 
 def loss_and_grads(fn, case: LinearCase, config: CalibRLConfig, ignore_index=-100, scale=1.0, **extra):
     """Run a fused linear loss fn(hidden, weight, targets, ...) and backpropagate scale * loss."""
     b = case.batch
-    out = fn(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias,
-             ignore_index=ignore_index, **b.kwargs(config), **extra)
+    out = fn(
+        case.hidden,
+        case.weight,
+        case.targets,
+        b.old_logp,
+        b.advantages,
+        b.mask,
+        bias=case.bias,
+        ignore_index=ignore_index,
+        **b.kwargs(config),
+        **extra,
+    )
     grads = torch.autograd.grad(out.loss * scale, case.leaves())
     return out, grads
 

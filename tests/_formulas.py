@@ -12,8 +12,14 @@ from typing import Dict, List, Sequence
 from calibrl_kernels import CalibRLConfig
 
 
-def group_stats(scores: Sequence[float], group_ids: Sequence[int], is_expert: Sequence[bool],
-                norm_by_std: bool = False, eps: float = 1e-6, pass_threshold: float = 0.1) -> Dict:
+def group_stats(
+    scores: Sequence[float],
+    group_ids: Sequence[int],
+    is_expert: Sequence[bool],
+    norm_by_std: bool = False,
+    eps: float = 1e-6,
+    pass_threshold: float = 0.1,
+) -> Dict:
     rows_of: Dict[int, List[int]] = {}
     for i, g in enumerate(group_ids):
         rows_of.setdefault(g, []).append(i)
@@ -80,8 +86,9 @@ def aggregate(values: List[List[float]], mask: List[List[float]], cfg: CalibRLCo
     return total / horizon
 
 
-def loss(lp, old, adv, mask, cfg: CalibRLConfig, *, b=None, passed=None, is_expert=None,
-         entropy=None, expert_mask=None) -> Dict[str, float]:
+def loss(
+    lp, old, adv, mask, cfg: CalibRLConfig, *, b=None, passed=None, is_expert=None, entropy=None, expert_mask=None
+) -> Dict[str, float]:
     """All LossOutput fields; lp/old/mask/b/entropy/expert_mask are lists of rows; adv per row."""
     B, T = len(lp), len(lp[0])
     is_expert = is_expert or [False] * B

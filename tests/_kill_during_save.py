@@ -31,13 +31,15 @@ def save(run_dir, index, state, keep):
 
 def write(path, writer):
     if saves[0] == NTH and STAGE == "data-half" and path.endswith(".pt"):
+
         def half(handle):
             buffer = io.BytesIO()
             writer(buffer)
-            handle.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
             handle.flush()
             os.fsync(handle.fileno())
             die()
+
         return original_write(path, half)
     if saves[0] == NTH and STAGE == "before-checksum" and path.endswith(checkpoint.CHECKSUM_SUFFIX):
         die()

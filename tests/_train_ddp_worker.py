@@ -17,10 +17,9 @@ import sys
 
 import torch
 import torch.distributed as torch_dist
+from _train_helpers import scripted_rewards, update_gradients
 
 from calibrl import distributed, train, update
-
-from _train_helpers import scripted_rewards, update_gradients
 
 
 def run_trainer(argv, update_rows):

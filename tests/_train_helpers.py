@@ -44,11 +44,22 @@ def scripted_rewards(log=None):
         batch.rewards = accuracy + FORMAT_WEIGHT * batch.format
         result = original(self, batch)
         if log is not None:
-            prompts = [batch.prompts.input_ids[p][batch.prompts.attention_mask[p] == 1].tolist()
-                       for p in batch.prompt_index.tolist()]
-            log.append({"rank": self.dist.rank, "step": self.step, "group_ids": batch.group_ids.tolist(),
-                        "position": position.tolist(), "prompts": prompts, "rewards": batch.rewards.tolist(),
-                        "advantages": batch.advantages.tolist(), "passed": batch.passed.tolist()})
+            prompts = [
+                batch.prompts.input_ids[p][batch.prompts.attention_mask[p] == 1].tolist()
+                for p in batch.prompt_index.tolist()
+            ]
+            log.append(
+                {
+                    "rank": self.dist.rank,
+                    "step": self.step,
+                    "group_ids": batch.group_ids.tolist(),
+                    "position": position.tolist(),
+                    "prompts": prompts,
+                    "rewards": batch.rewards.tolist(),
+                    "advantages": batch.advantages.tolist(),
+                    "passed": batch.passed.tolist(),
+                }
+            )
         return result
 
     Trainer._group_statistics = rescored
@@ -61,8 +72,9 @@ def scripted_rewards(log=None):
 def quick_run(out, *flags, tensorboard=False, log=None):
     """``python -m calibrl.train --quick --out OUT FLAGS`` in this process with scripted rewards; exit code."""
     with scripted_rewards(log):
-        return main(["--quick", "--out", str(out), "--tensorboard" if tensorboard else "--no-tensorboard",
-                     *map(str, flags)])
+        return main(
+            ["--quick", "--out", str(out), "--tensorboard" if tensorboard else "--no-tensorboard", *map(str, flags)]
+        )
 
 
 def comparable(records):
@@ -98,7 +110,6 @@ def rows_by_key(log):
     return rows
 
 
-
 def update_gradients(flags, dist, drop_experts_of_process=None):
     """The gradient of every optimizer step of one PPO update, as DDP leaves it (parameters never stepped).
 
@@ -118,8 +129,7 @@ def update_gradients(flags, dist, drop_experts_of_process=None):
     gradients = []
 
     def record_gradient(loss_finite=True):
-        gradients.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                                    for p in params]))
+        gradients.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]))
         trainer.optimizer.zero_grad(set_to_none=True)
         return 0.0
 
@@ -134,7 +144,8 @@ def update_gradients(flags, dist, drop_experts_of_process=None):
     stats = algorithms.group_statistics(batch.rewards, batch.group_ids, batch.is_expert, trainer.loss_cfg)
     batch.advantages, batch.passed = stats.advantages.float(), stats.passed
     batch.baseline, batch.baseline_mask = algorithms.expert_baseline(
-        batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, trainer.loss_cfg)
+        batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, trainer.loss_cfg
+    )
     share = P // dist.world_size
     keep = batch.group_ids // share == dist.rank  # (B,) this process's groups
     if drop_experts_of_process is not None:

@@ -39,11 +39,20 @@ from triton.compiler import ASTSource  # noqa: E402
 from calibrl_kernels import CalibRLConfig  # noqa: E402
 from calibrl_kernels.triton import _launch, _loss_terms  # noqa: E402
 from calibrl_kernels.triton import group_stats as triton_group_stats  # noqa: E402
-from calibrl_kernels.triton import linear as triton_linear, logprobs as triton_logprobs, loss as triton_loss  # noqa: E402
+from calibrl_kernels.triton import linear as triton_linear  # noqa: E402
+from calibrl_kernels.triton import logprobs as triton_logprobs  # noqa: E402
+from calibrl_kernels.triton import loss as triton_loss  # noqa: E402
 
 TYPES = {
-    torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
 }
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = _launch.SM90_SHARED_MEMORY_BYTES
@@ -75,7 +84,7 @@ def signature_of(kernel, args):
             signature[name] = "constexpr"
             constexprs[name] = 1
         elif isinstance(value, int):
-            signature[name] = "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             if value % 16 == 0 and value != 0:
                 attrs[(names.index(name),)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
@@ -137,7 +146,9 @@ def run_launchers_at(B, T, V, N, D, full):
         triton_logprobs.logprob_entropy_forward(rows, targets, 0.7, -100)
         stats = torch.zeros(B * T)
         triton_logprobs.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100)
-        triton_logprobs.logits_backward(rows, targets, stats, stats, stats, stats, 0.7, -100, scale=torch.ones(()), inplace=True)
+        triton_logprobs.logits_backward(
+            rows, targets, stats, stats, stats, stats, 0.7, -100, scale=torch.ones(()), inplace=True
+        )
         # the fused loss's backward reads its statistics from columns of the (N, TOKEN_OUTPUTS) row table
         columns = torch.zeros(B * T, _loss_terms.TOKEN_OUTPUTS).unbind(1)[:4]
         triton_logprobs.logits_backward(rows, targets, *columns, 0.7, -100, scale=torch.ones(()), inplace=True)
@@ -152,8 +163,9 @@ def run_launchers_at(B, T, V, N, D, full):
     for dtype in (torch.float32, torch.float64) if full else (torch.float32,):
         for norm in (False, True):
             triton_group_stats.group_advantages(torch.rand(N, dtype=dtype), torch.arange(N) // 3, None, norm)
-    run_linear_launchers(V, N, D, (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,),
-                         configs[0])
+    run_linear_launchers(
+        V, N, D, (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,), configs[0]
+    )
 
 
 def run_linear_launchers(V, N, D, dtypes, config):
@@ -168,9 +180,13 @@ def run_linear_launchers(V, N, D, dtypes, config):
         active = torch.ones(N, dtype=torch.int8)
         partial, splits = triton_linear.linear_statistics(hidden, weight, bias, flat, active, 0.7)
         triton_linear.finish_statistics(partial, splits, flat, -100)
-        triton_linear.finish_statistics(partial, splits, flat, -100, table=torch.zeros(N, _loss_terms.TOKEN_INPUTS), config=config)
+        triton_linear.finish_statistics(
+            partial, splits, flat, -100, table=torch.zeros(N, _loss_terms.TOKEN_INPUTS), config=config
+        )
         stats = torch.zeros(N)
-        triton_linear.linear_gradients(hidden, weight, bias, flat, stats, stats, stats, stats, torch.ones(()), 0.7, -100)
+        triton_linear.linear_gradients(
+            hidden, weight, bias, flat, stats, stats, stats, stats, torch.ones(()), 0.7, -100
+        )
         triton_linear.linear_gradients(hidden, weight, None, flat, stats, stats, stats, stats, None, 1.0, -100)
         columns = torch.zeros(N, _loss_terms.TOKEN_OUTPUTS).unbind(1)[:4]  # the loss's row-table columns
         triton_linear.linear_gradients(hidden, weight, bias, flat, *columns, torch.ones(()), 0.7, -100)
@@ -190,7 +206,11 @@ def distinct_variants():
         signature, constexprs, attrs = signature_of(kernel, args)
         options = {"num_warps": args.get("num_warps", 4), "num_stages": args.get("num_stages", 3)}
         pointers = tuple(sorted((k, v) for k, v in signature.items() if v.startswith("*")))
-        full = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())))
+        full = (
+            kernel.__name__,
+            tuple(sorted(signature.items())),
+            tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+        )
         tuned = (kernel.__name__, pointers, tuple((k, str(constexprs.get(k))) for k in TUNED))
         key = (full if role == "default" else tuned) + (tuple(sorted(options.items())),)
         if role == "autotune" and full + key[-1:] in variants:
@@ -234,7 +254,8 @@ def main():
         results = pool.map(compile_variant, range(len(VARIANTS)), chunksize=1)
     largest = {}
     for (kernel, signature, constexprs, _, options, spills_matter, roles), (shared, usage, dot, approximate) in zip(
-            VARIANTS, results):
+        VARIANTS, results
+    ):
         where = "/".join(sorted(roles))
         dtype = signature[kernel.arg_names[0]]
         line = f"{kernel.__name__} [{where}] {dtype} {constexprs} {options}: {usage} dynamic-shared:{shared}"
@@ -246,8 +267,13 @@ def main():
         assert not approximate, f"{line}: approximate {approximate} where the kernels promise torch's rounding"
         if kernel.__name__ in DOT_KERNELS:  # the estimate the heuristics prune candidates with is not low
             element_bytes = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype.lstrip("*")]
-            estimate = _launch.dot_shared_memory(constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_K"],
-                                                     options["num_stages"], element_bytes)
+            estimate = _launch.dot_shared_memory(
+                constexprs["BLOCK_M"],
+                constexprs["BLOCK_N"],
+                constexprs["BLOCK_K"],
+                options["num_stages"],
+                element_bytes,
+            )
             assert shared <= estimate, f"{line}: more shared memory than _launch.dot_shared_memory ({estimate})"
         largest[kernel.__name__, dtype] = max(largest.get((kernel.__name__, dtype), 0), shared)
         if "no cuobjdump" not in usage and spills_matter:  # a stack frame beyond 8 bytes means real spills

@@ -25,7 +25,9 @@ def assert_close_rel(value: torch.Tensor, truth: torch.Tensor, rtol: float = 1e-
     assert value.shape == truth.shape, f"{name}: shape {tuple(value.shape)} != {tuple(truth.shape)}"
     finite = torch.isfinite(truth)
     assert torch.equal(torch.isfinite(value), finite), f"{name}: non-finite entries differ"
-    assert torch.equal(value[~finite], truth[~finite]) or torch.isnan(truth[~finite]).all(), f"{name}: inf entries differ"
+    assert torch.equal(value[~finite], truth[~finite]) or torch.isnan(truth[~finite]).all(), (
+        f"{name}: inf entries differ"
+    )
     if not finite.any():
         return
     v, t = value[finite], truth[finite]
@@ -35,12 +37,15 @@ def assert_close_rel(value: torch.Tensor, truth: torch.Tensor, rtol: float = 1e-
     assert worst <= 1.0, f"{name}: error {float((v - t).abs().max()):.3e} exceeds rtol={rtol} (worst ratio {worst:.2f})"
 
 
-def assert_no_worse_than_reference(value, reference_value, truth, factor: float = 2.0, slack: float = 1e-6, name: str = ""):
+def assert_no_worse_than_reference(
+    value, reference_value, truth, factor: float = 2.0, slack: float = 1e-6, name: str = ""
+):
     """Low-precision check against the fp64 truth: error(value) <= factor * error(reference_value) + slack * scale,
     scale = max(|truth|, 1) (so that exact agreement of both with a rounded truth does not demand 0 error)."""
     scale = float(truth.detach().double().abs().max()) if truth.numel() else 0.0
     ours = max_error(value, truth)
     theirs = max_error(reference_value, truth)
     assert ours <= factor * theirs + slack * max(scale, 1.0), (
-        f"{name}: error {ours:.3e} vs fp64 exceeds {factor} x the reference's {theirs:.3e} + {slack * max(scale, 1.0):.1e}"
+        f"{name}: error {ours:.3e} vs fp64 exceeds {factor} x the reference's {theirs:.3e} "
+        f"+ {slack * max(scale, 1.0):.1e}"
     )

@@ -19,24 +19,44 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 def main(out: str, per_device_rows: int) -> None:
+    from _tiny_models import char_tokenizer, tiny_causal_lm
     from datasets import Dataset
+    from test_integration_trl import scripted_reward, scripted_rollout
 
     from calibrl.integrations.trl import CalibRLGRPOConfig, CalibRLTrainer
-    from _tiny_models import char_tokenizer, tiny_causal_lm
-    from test_integration_trl import scripted_reward, scripted_rollout
 
     tokenizer = char_tokenizer()
     answers = ["2", "4", "4", "3"]
-    dataset = Dataset.from_dict({"prompt": ["1+1=", "2+2=", "3+1=", "2+1="], "answer": answers,
-                                 "expert": ["ok " + a for a in answers]})
+    dataset = Dataset.from_dict(
+        {"prompt": ["1+1=", "2+2=", "3+1=", "2+1="], "answer": answers, "expert": ["ok " + a for a in answers]}
+    )
     args = CalibRLGRPOConfig(
-        output_dir=out, use_cpu=True, bf16=False, report_to="none", save_strategy="no", seed=0, disable_tqdm=True,
-        per_device_train_batch_size=per_device_rows, num_generations=4, max_completion_length=6, max_steps=2,
-        logging_steps=1, optim="sgd", learning_rate=0.5, loss_type="dapo", mask_truncated_completions=True,
+        output_dir=out,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        per_device_train_batch_size=per_device_rows,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=2,
+        logging_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        loss_type="dapo",
+        mask_truncated_completions=True,
         calibrl_guide_coef=0.5,
     )
-    trainer = CalibRLTrainer(model=tiny_causal_lm(len(tokenizer)), reward_funcs=scripted_reward, args=args,
-                             train_dataset=dataset, processing_class=tokenizer, rollout_func=scripted_rollout)
+    trainer = CalibRLTrainer(
+        model=tiny_causal_lm(len(tokenizer)),
+        reward_funcs=scripted_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        rollout_func=scripted_rollout,
+    )
     trainer.train()
     if trainer.accelerator.is_main_process:
         with open(os.path.join(out, "log_history.json"), "w") as handle:

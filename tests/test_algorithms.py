@@ -30,8 +30,15 @@ def _batch(seed=0, groups=3, n=3, T=5, D=8, V=11):
     targets = torch.randint(0, V, (B, T), generator=g).masked_fill(mask == 0, -100)
     hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64)
     weight = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.5
-    return dict(is_expert=is_expert, group_ids=group_ids, rewards=rewards, mask=mask, targets=targets, hidden=hidden,
-                weight=weight)
+    return dict(
+        is_expert=is_expert,
+        group_ids=group_ids,
+        rewards=rewards,
+        mask=mask,
+        targets=targets,
+        hidden=hidden,
+        weight=weight,
+    )
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -43,11 +50,32 @@ def test_policy_loss_equals_the_reference_on_explicit_logits(algo):
     old = ck.token_logprobs(logits + 0.05 * torch.randn_like(logits), b["targets"], ignore_index=-100)  # (B, T)
     baseline, baseline_mask = algorithms.expert_baseline(old, b["mask"], b["group_ids"], b["is_expert"], loss_cfg)
     hidden = b["hidden"].clone().requires_grad_(True)
-    out = algorithms.policy_loss(hidden, b["weight"], None, b["targets"], old, stats.advantages, b["mask"], stats.passed,
-                                 b["is_expert"], baseline, baseline_mask, loss_cfg)
+    out = algorithms.policy_loss(
+        hidden,
+        b["weight"],
+        None,
+        b["targets"],
+        old,
+        stats.advantages,
+        b["mask"],
+        stats.passed,
+        b["is_expert"],
+        baseline,
+        baseline_mask,
+        loss_cfg,
+    )
     logp, entropy = ck.token_logprobs(b["hidden"] @ b["weight"].T, b["targets"], ignore_index=-100, return_entropy=True)
-    expected = ck.calibrl_loss(logp, old, stats.advantages, b["mask"], expert_logp=baseline if loss_cfg.uses_guide else None,
-                               passed=stats.passed, is_expert=b["is_expert"], entropy=entropy, config=loss_cfg)
+    expected = ck.calibrl_loss(
+        logp,
+        old,
+        stats.advantages,
+        b["mask"],
+        expert_logp=baseline if loss_cfg.uses_guide else None,
+        passed=stats.passed,
+        is_expert=b["is_expert"],
+        entropy=entropy,
+        config=loss_cfg,
+    )
     torch.testing.assert_close(out.loss, expected.loss)
     assert out.metrics() == pytest.approx(expected.metrics())
     out.loss.backward()
@@ -56,7 +84,9 @@ def test_policy_loss_equals_the_reference_on_explicit_logits(algo):
 
 def test_group_statistics_exclude_the_expert_row():
     b = _batch()
-    stats = algorithms.group_statistics(b["rewards"], b["group_ids"], b["is_expert"], algorithms.make_algorithm("calibrl").loss)
+    stats = algorithms.group_statistics(
+        b["rewards"], b["group_ids"], b["is_expert"], algorithms.make_algorithm("calibrl").loss
+    )
     # on-policy rewards per group: (1.1, 0.1, 0.0), (1.1, 1.1, 0.0), (0.1, 1.0, 0.0); experts all 1.1
     assert stats.mean.tolist() == pytest.approx([1.2 / 3, 2.2 / 3, 1.1 / 3])
     assert stats.pass_rate.tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 3])

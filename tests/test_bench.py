@@ -119,20 +119,33 @@ def test_calibrl_impl_providers_run_under_their_backend(tmp_path, monkeypatch):
 
     op = dataclasses.replace(base, calibrl=recording)
     writer = harness.Writer(tmp_path, "kernels", CPU)
-    runner.run_point(op, Sweep("N", (8,), {"V": 11}, modes=("forward",)), {"N": 8, "V": 11}, SUITES["tiny"], CPU,
-                     writer, options(tmp_path, "--impls", "cpp", "torch", "--providers", "calibrl", "calibrl-cpp",
-                                     "calibrl-torch"))
+    runner.run_point(
+        op,
+        Sweep("N", (8,), {"V": 11}, modes=("forward",)),
+        {"N": 8, "V": 11},
+        SUITES["tiny"],
+        CPU,
+        writer,
+        options(tmp_path, "--impls", "cpp", "torch", "--providers", "calibrl", "calibrl-cpp", "calibrl-torch"),
+    )
     assert set(seen) == {None, "cpp", "torch"} and seen.count("torch") == seen.count(None) >= 3
     assert "CALIBRL_IMPL" not in os.environ
-    assert {r["provider"] for r in check_well_formed(writer.csv_path)} == {"calibrl", "calibrl-cpp", "calibrl-torch",
-                                                                          "roofline"}
+    assert {r["provider"] for r in check_well_formed(writer.csv_path)} == {
+        "calibrl",
+        "calibrl-cpp",
+        "calibrl-torch",
+        "roofline",
+    }
 
 
 @pytest.mark.parametrize("impl", [None, "torch"])
 def test_providers_compute_the_same_loss(impl):
     """calibrl (default backend and the torch one) and eager, compiled's source, agree: like with like."""
-    for name, dims in (("fused_calibrl_loss", {"N": 16, "V": 37}), ("token_logprobs", {"N": 6, "V": 37}),
-                       ("fused_linear_calibrl_loss", {"N": 16, "D": 8, "V": 37})):
+    for name, dims in (
+        ("fused_calibrl_loss", {"N": 16, "V": 37}),
+        ("token_logprobs", {"N": 6, "V": 37}),
+        ("fused_linear_calibrl_loss", {"N": 16, "D": 8, "V": 37}),
+    ):
         torch.manual_seed(0)
         inputs = OPS[name].build(dims, torch.float32, CPU)
         with forced_impl(impl):
@@ -143,8 +156,9 @@ def test_providers_compute_the_same_loss(impl):
     torch.testing.assert_close(OPS["group_advantages"].calibrl(scores), OPS["group_advantages"].eager(scores))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="runs Liger's Triton kernels under the interpreter")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs Liger's Triton kernels under the interpreter"
+)
 def test_liger_logits_providers_run_under_the_triton_interpreter():
     """The GPU-only Liger calls (cross-entropy, GRPO loss on logits) have the right signatures: checked
     on CPU tensors through Triton's interpreter, as if on CUDA."""
@@ -167,12 +181,15 @@ def test_failed_provider_is_recorded_not_raised(tmp_path, monkeypatch):
     def broken_compile(*args, **kwargs):
         def fails(*a, **k):
             raise RuntimeError("inductor exploded")
+
         return fails
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    out = runner.run_suite("tiny", [OPS["group_advantages"]],
-                           options(tmp_path, "--compiled", "--providers", "compiled", "eager", "--no-plot",
-                                   "--no-table"))
+    out = runner.run_suite(
+        "tiny",
+        [OPS["group_advantages"]],
+        options(tmp_path, "--compiled", "--providers", "compiled", "eager", "--no-plot", "--no-table"),
+    )
     rows = check_well_formed(out / "kernels.csv")
     compiled = [row for row in rows if row["provider"] == "compiled" and row["metric"] == "speed"]
     assert compiled and all(math.isnan(float(row["p50"])) for row in compiled)
@@ -182,9 +199,21 @@ def test_failed_provider_is_recorded_not_raised(tmp_path, monkeypatch):
 
 
 def test_memory_guard_does_not_run_providers_that_materialise_logits(tmp_path):
-    out = runner.run_suite("tiny", [OPS["fused_calibrl_loss"]], options(
-        tmp_path, "--mem-cap-gib", "1e-9", "--providers", "calibrl", "calibrl-torch", "eager", "--no-plot",
-        "--no-table"))
+    out = runner.run_suite(
+        "tiny",
+        [OPS["fused_calibrl_loss"]],
+        options(
+            tmp_path,
+            "--mem-cap-gib",
+            "1e-9",
+            "--providers",
+            "calibrl",
+            "calibrl-torch",
+            "eager",
+            "--no-plot",
+            "--no-table",
+        ),
+    )
     rows = check_well_formed(out / "kernels.csv")
     guarded = [row for row in rows if row["provider"] in ("calibrl-torch", "eager")]
     assert guarded and all(math.isnan(float(row["p50"])) for row in guarded)  # the torch backend and eager materialise
@@ -201,13 +230,15 @@ def test_cpu_peak_memory_sees_the_call_and_not_what_came_before():
     assert 30 * 2**20 <= peak <= 40 * 2**20, peak / 2**20
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="inductor's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor's CPU backend needs a C++ compiler"
+)
 def test_compiled_provider_runs(tmp_path):
     """The one real torch.compile of the tests (tens of seconds on a CPU when the cache is cold)."""
     op = dataclasses.replace(OPS["token_logprobs"], sweeps={"tiny": [Sweep("N", (8,), {"V": 96})]})
-    out = runner.run_suite("tiny", [op], options(tmp_path, "--compiled", "--providers", "compiled", "--no-plot",
-                                                 "--no-table"))
+    out = runner.run_suite(
+        "tiny", [op], options(tmp_path, "--compiled", "--providers", "compiled", "--no-plot", "--no-table")
+    )
     compiled = [row for row in check_well_formed(out / "kernels.csv") if row["provider"] == "compiled"]
     assert compiled and all(math.isfinite(float(row["p50"])) for row in compiled), events(out / "kernels.csv")
 
@@ -236,24 +267,35 @@ def write_rows(folder: Path, rows):
 
 def test_table_shows_ratios_to_the_roofline_and_to_calibrl(tmp_path):
     kernel, name = "fused_linear_calibrl_loss", "V; N=1024; D=896; dtype=float32"
-    write_rows(tmp_path, [(kernel, "roofline", "full", "speed", name, 8000, 100.0),
-                          (kernel, "calibrl", "full", "speed", name, 8000, 110.0),
-                          (kernel, "eager", "full", "speed", name, 8000, 130.0),
-                          (kernel, "calibrl", "full", "memory", name, 8000, 50.0),
-                          (kernel, "eager", "full", "speed", name, 32000, math.nan)])
+    write_rows(
+        tmp_path,
+        [
+            (kernel, "roofline", "full", "speed", name, 8000, 100.0),
+            (kernel, "calibrl", "full", "speed", name, 8000, 110.0),
+            (kernel, "eager", "full", "speed", name, 8000, 130.0),
+            (kernel, "calibrl", "full", "memory", name, 8000, 50.0),
+            (kernel, "eager", "full", "speed", name, 32000, math.nan),
+        ],
+    )
     lines = table.render(tmp_path).splitlines()
     at = lines.index("**fused_linear_calibrl_loss, full, V=8000; N=1024; D=896; dtype=float32**")
     assert lines[at + 2] == "| provider | ms p50 | / roofline | / calibrl | peak above inputs (MiB) |"
-    assert lines[at + 4:at + 7] == ["| calibrl | 110 | 1.1 | 1 | 50 |", "| eager | 130 | 1.3 | 1.18 | n/a |",
-                                    "| roofline | 100 | 1 | 0.909 | n/a |"]
+    assert lines[at + 4 : at + 7] == [
+        "| calibrl | 110 | 1.1 | 1 | 50 |",
+        "| eager | 130 | 1.3 | 1.18 | n/a |",
+        "| roofline | 100 | 1 | 0.909 | n/a |",
+    ]
     assert "| eager | n/a | n/a | n/a | n/a |" in lines
 
 
 def test_table_cli_renders_png_with_roofline(tmp_path):
     name = "N; D=512; V=32000; dtype=float32"
-    rows = [("fused_linear_calibrl_loss", provider, mode, "speed", name, n, value * n)
-            for provider, value in (("calibrl", 1.0), ("eager", 1.2), ("roofline", 0.7))
-            for mode in ("forward", "full") for n in (512, 1024, 2048)]
+    rows = [
+        ("fused_linear_calibrl_loss", provider, mode, "speed", name, n, value * n)
+        for provider, value in (("calibrl", 1.0), ("eager", 1.2), ("roofline", 0.7))
+        for mode in ("forward", "full")
+        for n in (512, 1024, 2048)
+    ]
     rows += [("fused_linear_calibrl_loss", "calibrl", "full", "memory", name, n, 70.0) for n in (512, 1024, 2048)]
     write_rows(tmp_path, rows)
     assert table.main([str(tmp_path), "--plots"]) == 0
@@ -281,7 +323,8 @@ def test_sweep_points_have_stable_names_and_valid_sizes():
                     if "N" in dims and op.name != "token_logprobs":
                         runner.split_tokens(dims["N"])
     assert {part for suite in SUITES.values() for part in suite.parts} == {
-        part for op in OPS.values() for part in op.sweeps}
+        part for op in OPS.values() for part in op.sweeps
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +376,13 @@ def _check_published(out):
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "out"
     results = tmp_path / "results"
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=_script_env(results, OUT=str(out)),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", str(GPU_CHECK), "--dry-run"],
+        env=_script_env(results, OUT=str(out)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (results / "gpu_check.log").read_text()
     limits, _ = _plan(log)
@@ -345,7 +393,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert starts == sorted(starts), "steps run in the plan's order"
     for name in ("environment", "kernels", "train", "trainer", "report"):  # each step publishes when it ends
         ended = log.index(f"step {name}: ok")
-        assert "published" in log[ended:].splitlines()[1], log[ended:ended + 300]
+        assert "published" in log[ended:].splitlines()[1], log[ended : ended + 300]
     assert "every step passed" in log
     check_well_formed(results / "kernels.csv")
     train_rows = check_well_formed(results / "train.csv")
@@ -391,15 +439,25 @@ def test_gpu_check_steps_cut_at_their_limit_still_publish(tmp_path):
 
 
 def test_gpu_check_with_no_time_left_skips_steps(tmp_path):
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=_script_env(tmp_path, PYTHON="false",
-                          GPU_CHECK_BUDGET="15"), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(GPU_CHECK), "--dry-run"],
+        env=_script_env(tmp_path, PYTHON="false", GPU_CHECK_BUDGET="15"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     assert "step environment: NO TIME LEFT (budget 15s)" in (tmp_path / "gpu_check.log").read_text()
 
 
 def test_gpu_check_exit_status_reflects_failed_steps(tmp_path):
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=_script_env(tmp_path, PYTHON="false"),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(GPU_CHECK), "--dry-run"],
+        env=_script_env(tmp_path, PYTHON="false"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1
     log = (tmp_path / "gpu_check.log").read_text()
     assert "FAILED steps: environment kernels train report" in log
@@ -410,9 +468,23 @@ def test_pytest_benchmark_entry_point_groups_providers_side_by_side(tmp_path):
     every provider (the plumbing; no timing is asserted)."""
     report = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "--bench-sizes", "tiny", "-q",
-         "-p", "no:cacheprovider", f"--benchmark-json={report}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench/",
+            "--benchmark-only",
+            "--bench-sizes",
+            "tiny",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--benchmark-json={report}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     groups = {}

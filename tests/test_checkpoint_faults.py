@@ -112,21 +112,30 @@ def test_leftovers_of_a_killed_writer_are_ignored_and_cleaned(run_dir):
     assert names == ["ckpt-0000003.pt", "ckpt-0000003.pt.sha256", "ckpt-0000004.pt", "ckpt-0000004.pt.sha256"]
 
 
-@pytest.mark.parametrize("failure", [
-    OSError(28, "No space left on device"),  # errno.ENOSPC from a plain write
-    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4178"),  # torch's short write
-])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),  # errno.ENOSPC from a plain write
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs 4178"),  # torch's short write
+    ],
+)
 def test_a_full_disk_is_reported_as_such_and_older_checkpoints_stay(run_dir, monkeypatch, failure):
     def fails_midway(obj, handle):
         handle.write(b"PK\x03\x04 partial")
         raise failure
 
     monkeypatch.setattr(checkpoint.torch, "save", fails_midway)
-    with pytest.raises(checkpoint.CheckpointError, match=r"no space left on device while writing checkpoint "
-                                                         r".*ckpt-0000004\.pt \(.* MiB free in .*intact"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"no space left on device while writing checkpoint "
+        r".*ckpt-0000004\.pt \(.* MiB free in .*intact",
+    ):
         checkpoint.save_checkpoint(run_dir, 4, _state(4), keep=2)
     assert [os.path.basename(p) for p in checkpoint.list_checkpoints(run_dir)] == [
-        "ckpt-0000001.pt", "ckpt-0000002.pt", "ckpt-0000003.pt"]  # nothing pruned, nothing half-written left
+        "ckpt-0000001.pt",
+        "ckpt-0000002.pt",
+        "ckpt-0000003.pt",
+    ]  # nothing pruned, nothing half-written left
     assert not [n for n in os.listdir(checkpoint.checkpoint_dir(run_dir)) if ".tmp-" in n]
     assert checkpoint.load_latest(run_dir)[1]["step"] == 3
 
@@ -145,8 +154,10 @@ def test_a_checkpoint_restored_under_another_index_is_never_trusted(run_dir):
     with open(checkpoint.checksum_path(os.path.join(folder, "ckpt-0000003.pt"))) as f:
         assert json.load(f)["index"] == 3  # the checksum file names the file and its index
     for suffix in ("", checkpoint.CHECKSUM_SUFFIX):  # an old step-1 checkpoint copied back as the newest
-        with open(os.path.join(folder, "ckpt-0000001.pt" + suffix), "rb") as src, \
-                open(os.path.join(folder, "ckpt-0000009.pt" + suffix), "wb") as dst:
+        with (
+            open(os.path.join(folder, "ckpt-0000001.pt" + suffix), "rb") as src,
+            open(os.path.join(folder, "ckpt-0000009.pt" + suffix), "wb") as dst,
+        ):
             dst.write(src.read())
     copy = os.path.join(folder, "ckpt-0000009.pt")
     assert "written for ckpt-0000001.pt (index 1)" in checkpoint.verify_checkpoint(copy)

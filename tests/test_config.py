@@ -78,13 +78,48 @@ def test_algorithm_presets(algo, mode, norm, agg):
 # ------------------------------------------------------------------------------------------------
 # Numeric fields for which 0 is meaningful (0: all / none / off / torch's default); for every other one 0 is
 # refused. A new numeric field must be added to one of the two sets.
-ZERO_ALLOWED = {"train_examples", "eval_examples", "sft_steps", "extra_sft_steps", "max_steps", "warmup_steps",
-                "micro_batch_rows", "keep_checkpoints", "threads", "seed", "weight_decay", "grad_clip", "mix_ratio",
-                "pass_ratio_low", "pass_ratio_high", "diagnostics_every"}
-ZERO_REFUSED = {"image_size", "patch_size", "vision_dim", "vision_depth", "hidden_size", "num_layers", "num_heads",
-                "mlp_ratio", "vocab_size", "sft_batch_size", "sft_lr", "prompts_per_step", "rollouts_per_prompt",
-                "max_new_tokens", "lr", "ppo_epochs", "mini_batches", "eval_every", "eval_batch_size", "save_every",
-                "max_bad_steps", "eval_samples"}
+ZERO_ALLOWED = {
+    "train_examples",
+    "eval_examples",
+    "sft_steps",
+    "extra_sft_steps",
+    "max_steps",
+    "warmup_steps",
+    "micro_batch_rows",
+    "keep_checkpoints",
+    "threads",
+    "seed",
+    "weight_decay",
+    "grad_clip",
+    "mix_ratio",
+    "pass_ratio_low",
+    "pass_ratio_high",
+    "diagnostics_every",
+}
+ZERO_REFUSED = {
+    "image_size",
+    "patch_size",
+    "vision_dim",
+    "vision_depth",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "mlp_ratio",
+    "vocab_size",
+    "sft_batch_size",
+    "sft_lr",
+    "prompts_per_step",
+    "rollouts_per_prompt",
+    "max_new_tokens",
+    "lr",
+    "ppo_epochs",
+    "mini_batches",
+    "eval_every",
+    "eval_batch_size",
+    "save_every",
+    "max_bad_steps",
+    "eval_samples",
+}
 
 
 def _numeric_fields():
@@ -94,8 +129,11 @@ def _numeric_fields():
     from calibrl.config import TrainConfig, _base_type
 
     hints = typing.get_type_hints(TrainConfig)
-    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(TrainConfig)
-            if _base_type(hints[f.name]) in (int, float)}
+    return {
+        f.name: _base_type(hints[f.name])
+        for f in dataclasses.fields(TrainConfig)
+        if _base_type(hints[f.name]) in (int, float)
+    }
 
 
 def test_every_numeric_setting_is_in_the_table():
@@ -108,8 +146,13 @@ def _bad_values(name, kind):
     if name not in ZERO_ALLOWED:
         values.append((0, "0"))
     if kind is float:
-        values += [(float("nan"), ".nan"), (float("inf"), ".inf"), (float("-inf"), "-.inf"), ("nan", "'nan'"),
-                   ("1e-4", "'1e-4'")]  # a string is refused from Python (the file converts it, see below)
+        values += [
+            (float("nan"), ".nan"),
+            (float("inf"), ".inf"),
+            (float("-inf"), "-.inf"),
+            ("nan", "'nan'"),
+            ("1e-4", "'1e-4'"),
+        ]  # a string is refused from Python (the file converts it, see below)
     else:
         values += [(2.5, "2.5"), (float("nan"), ".nan"), (float("inf"), ".inf")]
     return values

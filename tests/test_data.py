@@ -12,8 +12,14 @@ from calibrl.rewards import score_response
 
 
 def test_image_attributes_from_questions():
-    questions = ["what is the blue shape?", "is there not a red shape?", "does the image contain a circle?",
-                 "what color is the shape?", "is there a triangle?", "is no green shape present?"]
+    questions = [
+        "what is the blue shape?",
+        "is there not a red shape?",
+        "does the image contain a circle?",
+        "what color is the shape?",
+        "is there a triangle?",
+        "is no green shape present?",
+    ]
     answers = ["rectangle", "yes", "no", "teal", "no", "yes"]
     ids = [0, 0, 0, 1, 1, 1]
     attrs = image_attributes(questions, answers, ids)
@@ -24,16 +30,30 @@ def test_image_attributes_from_questions():
 
 def test_image_attributes_reject_contradictions():
     with pytest.raises(ValueError, match="contradictory"):
-        image_attributes(["what shape is in the image?", "is there a circle?", "what color is the shape?"],
-                         ["triangle", "yes", "red"], [3, 3, 3])
+        image_attributes(
+            ["what shape is in the image?", "is there a circle?", "what color is the shape?"],
+            ["triangle", "yes", "red"],
+            [3, 3, 3],
+        )
 
 
-@pytest.mark.parametrize("question, answer, expected", [
-    ("what shape is in the image?", "circle", "<think>i see a red circle.</think><answer>circle</answer>"),
-    ("is there not a blue shape?", "yes", "<think>i see a red circle. a blue shape is absent.</think><answer>yes</answer>"),
-    ("does the image contain a red circle?", "yes", "<think>i see a red circle. a red circle is present.</think><answer>yes</answer>"),
-    ("is no circle present?", "no", "<think>i see a red circle. a circle is present.</think><answer>no</answer>"),
-])
+@pytest.mark.parametrize(
+    "question, answer, expected",
+    [
+        ("what shape is in the image?", "circle", "<think>i see a red circle.</think><answer>circle</answer>"),
+        (
+            "is there not a blue shape?",
+            "yes",
+            "<think>i see a red circle. a blue shape is absent.</think><answer>yes</answer>",
+        ),
+        (
+            "does the image contain a red circle?",
+            "yes",
+            "<think>i see a red circle. a red circle is present.</think><answer>yes</answer>",
+        ),
+        ("is no circle present?", "no", "<think>i see a red circle. a circle is present.</think><answer>no</answer>"),
+    ],
+)
 def test_expert_response(question, answer, expected):
     assert expert_response(question, answer, "circle", "red") == expected
 
@@ -63,7 +83,12 @@ def image_file(tmp_path):
     return "red.png"
 
 
-GOOD = {"image": "red.png", "question": "what color?", "answer": "red", "expert": "<think>red</think><answer>red</answer>"}
+GOOD = {
+    "image": "red.png",
+    "question": "what color?",
+    "answer": "red",
+    "expert": "<think>red</think><answer>red</answer>",
+}
 
 
 def test_jsonl_loads_rows_relative_to_the_file(tmp_path, image_file):
@@ -74,18 +99,24 @@ def test_jsonl_loads_rows_relative_to_the_file(tmp_path, image_file):
     assert load_examples(path, "train", limit=1) == examples[:1]
 
 
-@pytest.mark.parametrize("row, message", [
-    ("{not json", r"d\.jsonl:2: invalid JSON"),
-    ([1, 2], r":2: expected a JSON object"),
-    ({k: v for k, v in GOOD.items() if k != "answer"}, r":2: missing field\(s\) \['answer'\]"),
-    ({**GOOD, "extra": 1}, r":2: unknown field\(s\) \['extra'\]"),
-    ({**GOOD, "question": ""}, r":2: field 'question': expected a non-empty string"),
-    ({**GOOD, "answer": 3}, r":2: field 'answer': expected a non-empty string"),
-    ({**GOOD, "image": "missing.png"}, r":2: field 'image': file not found"),
-    ({**GOOD, "image": 7}, r":2: field 'image': expected a file path string or null"),
-    ({**GOOD, "expert": "red"}, r":2: field 'expert': expected the format"),
-    ({**GOOD, "expert": "<think>x</think><answer>blue</answer>"}, r":2: field 'expert': its answer 'blue' does not match"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("{not json", r"d\.jsonl:2: invalid JSON"),
+        ([1, 2], r":2: expected a JSON object"),
+        ({k: v for k, v in GOOD.items() if k != "answer"}, r":2: missing field\(s\) \['answer'\]"),
+        ({**GOOD, "extra": 1}, r":2: unknown field\(s\) \['extra'\]"),
+        ({**GOOD, "question": ""}, r":2: field 'question': expected a non-empty string"),
+        ({**GOOD, "answer": 3}, r":2: field 'answer': expected a non-empty string"),
+        ({**GOOD, "image": "missing.png"}, r":2: field 'image': file not found"),
+        ({**GOOD, "image": 7}, r":2: field 'image': expected a file path string or null"),
+        ({**GOOD, "expert": "red"}, r":2: field 'expert': expected the format"),
+        (
+            {**GOOD, "expert": "<think>x</think><answer>blue</answer>"},
+            r":2: field 'expert': its answer 'blue' does not match",
+        ),
+    ],
+)
 def test_jsonl_errors_name_line_and_field(tmp_path, image_file, row, message):
     path = _write_jsonl(tmp_path / "d.jsonl", [GOOD, row])
     with pytest.raises(ValueError, match=message):
@@ -119,7 +150,7 @@ def test_jsonl_invalid_utf8_names_the_line_and_skip_mode_keeps_positions(tmp_pat
     from calibrl.data import RowError, load_rows
 
     path = tmp_path / "d.jsonl"
-    bad_utf8 = json.dumps(GOOD).encode()[:-3] + b"\xc3\x28\"}"
+    bad_utf8 = json.dumps(GOOD).encode()[:-3] + b'\xc3\x28"}'
     path.write_bytes(b"\n".join([json.dumps(GOOD).encode(), b"", bad_utf8, b"{oops", json.dumps(GOOD).encode()]))
     with pytest.raises(RowError, match=r"d\.jsonl:3: invalid UTF-8 at byte \d+ .*--skip-bad-rows"):
         load_jsonl(str(path))
@@ -147,16 +178,22 @@ def tiny_policy():
     return build_tiny_policy(parse_config(["--quick"]), ["what color is it?", "<think>red</think><answer>red</answer>"])
 
 
-@pytest.mark.parametrize("case, message", [
-    ("good", None),
-    ("corrupt png", r"image .*bad\.png does not decode"),
-    ("not an image", r"image .*bad\.png does not decode \(UnidentifiedImageError"),
-    ("aspect ratio 300", r"of 2x600 pixels is refused by the image processor \(.*aspect ratio"),
-    ("aspect ratio 1/300", r"of 600x2 pixels is refused by the image processor"),
-    ("image token in question", r"field 'question' contains the tokenizer's special token\(s\) \['<\|image_pad\|>'\]"),
-    ("end of turn in question", r"field 'question' contains .*<\|im_end\|>"),
-    ("vision start in expert", r"field 'expert' contains .*<\|vision_start\|>"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("good", None),
+        ("corrupt png", r"image .*bad\.png does not decode"),
+        ("not an image", r"image .*bad\.png does not decode \(UnidentifiedImageError"),
+        ("aspect ratio 300", r"of 2x600 pixels is refused by the image processor \(.*aspect ratio"),
+        ("aspect ratio 1/300", r"of 600x2 pixels is refused by the image processor"),
+        (
+            "image token in question",
+            r"field 'question' contains the tokenizer's special token\(s\) \['<\|image_pad\|>'\]",
+        ),
+        ("end of turn in question", r"field 'question' contains .*<\|im_end\|>"),
+        ("vision start in expert", r"field 'expert' contains .*<\|vision_start\|>"),
+    ],
+)
 def test_rows_are_checked_as_the_policy_encodes_them(tmp_path, tiny_policy, case, message):
     from calibrl.data import Example
 

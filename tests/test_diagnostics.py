@@ -13,17 +13,24 @@ import torch
 
 pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (pip install easy-vqa)")
 
-from calibrl_kernels import CalibRLConfig, reference  # noqa: E402
 from calibrl import algorithms  # noqa: E402
 from calibrl.config import parse_config  # noqa: E402
 from calibrl.data import load_examples  # noqa: E402
 from calibrl.diagnostics import guide_gradients, guide_regime, z_regime  # noqa: E402
 from calibrl.distributed import DistInfo  # noqa: E402
 from calibrl.evaluate import evaluate  # noqa: E402
-from calibrl.exploration import (NO_ANSWER, answer_class, answer_token_mask, distinct_answers, pass_at_k,  # noqa: E402
-                                 rollout_exploration, token_char_spans)
+from calibrl.exploration import (
+    NO_ANSWER,
+    answer_class,
+    answer_token_mask,
+    distinct_answers,
+    pass_at_k,  # noqa: E402
+    rollout_exploration,
+    token_char_spans,
+)
 from calibrl.model import PolicyForward, build_tiny_policy  # noqa: E402
 from calibrl.rollout import collect_rollouts, old_logprobs  # noqa: E402
+from calibrl_kernels import CalibRLConfig, reference  # noqa: E402
 
 CPU = torch.device("cpu")
 ONE = DistInfo(0, 1, CPU)
@@ -48,8 +55,13 @@ def test_pass_at_k_is_the_chance_that_k_of_n_samples_hold_a_correct_one(n, k):
 
 
 def test_distinct_answers_count_normalised_answers_and_no_answer_once():
-    responses = ["<think>a</think><answer>Red circle</answer>", "<answer>red circle.</answer> junk",
-                 "<think>b</think><answer>blue circle</answer>", "no tags", "also none"]
+    responses = [
+        "<think>a</think><answer>Red circle</answer>",
+        "<answer>red circle.</answer> junk",
+        "<think>b</think><answer>blue circle</answer>",
+        "no tags",
+        "also none",
+    ]
     assert answer_class(responses[1]) == "red circle" and answer_class(responses[3]) == NO_ANSWER
     assert distinct_answers(responses) == 3
 
@@ -62,8 +74,8 @@ def test_answer_tokens_are_the_tokens_of_the_answer_text(policy):
     ids = torch.tensor([tokens + [policy.pad_token_id] * 3])
     mask = torch.tensor([[1.0] * len(tokens) + [0.0] * 3])
     picked = answer_token_mask(policy.decode_response, ids, mask, [text])[0]
-    answer_text = policy.decode_response([t for t, keep in zip(tokens, picked[:len(tokens)].tolist()) if keep])
-    assert "red circle" in answer_text and "think" not in answer_text and not picked[len(tokens):].any()
+    answer_text = policy.decode_response([t for t, keep in zip(tokens, picked[: len(tokens)].tolist()) if keep])
+    assert "red circle" in answer_text and "think" not in answer_text and not picked[len(tokens) :].any()
     assert not answer_token_mask(policy.decode_response, ids, mask, ["<think>x</think>"]).any()
 
 
@@ -73,11 +85,17 @@ def test_rollout_exploration_sums_entropy_per_response():
     ids = torch.zeros(3, 20, dtype=torch.long)
     mask = torch.zeros(3, 20)
     for row, text in enumerate(texts):  # tokens whose decoded characters are the text's
-        ids[row, :len(text)] = torch.tensor([ord(ch) - 97 for ch in text])
-        mask[row, :len(text)] = 1.0
+        ids[row, : len(text)] = torch.tensor([ord(ch) - 97 for ch in text])
+        mask[row, : len(text)] = 1.0
     entropy = torch.rand(3, 20) * mask
-    batch = SimpleNamespace(is_expert=torch.tensor([False, False, True]), response_mask=mask, response_ids=ids,
-                            texts=texts, truncated=torch.tensor([False, True, False]), token_entropy=entropy)
+    batch = SimpleNamespace(
+        is_expert=torch.tensor([False, False, True]),
+        response_mask=mask,
+        response_ids=ids,
+        texts=texts,
+        truncated=torch.tensor([False, True, False]),
+        token_entropy=entropy,
+    )
     metrics = rollout_exploration(batch, decode, ONE)
     assert metrics["response_entropy"] == pytest.approx(float(entropy[:2].sum()) / 2)
     assert metrics["answer_rows"] == 0.5
@@ -92,8 +110,16 @@ def test_evaluate_draws_k_samples_per_question(policy):
         return {"says_yes": float("yes" in response)}
 
     results, shown = evaluate(policy, examples, 6, 4, 1.0, ONE, samples=8, extra_metrics=attributes)
-    assert {"eval_accuracy", "eval_sampled_accuracy", "eval_pass_at_8", "eval_distinct_answers", "eval_truncated",
-            "eval_sampled_truncated", "eval_says_yes", "eval_sampled_says_yes"} <= set(results)
+    assert {
+        "eval_accuracy",
+        "eval_sampled_accuracy",
+        "eval_pass_at_8",
+        "eval_distinct_answers",
+        "eval_truncated",
+        "eval_sampled_truncated",
+        "eval_says_yes",
+        "eval_sampled_says_yes",
+    } <= set(results)
     assert 1.0 <= results["eval_distinct_answers"] <= 8.0
     assert results["eval_pass_at_8"] >= results["eval_sampled_accuracy"]
     assert len(shown) == 5
@@ -107,10 +133,14 @@ def test_z_regime_counts_each_side_of_the_bend():
     # rows: passed on-policy, failed on-policy, a zero-advantage row (no guide weight), the expert row
     old_logp = torch.tensor([[-1.0, -3.0, -0.5], [-1.0, -3.0, 0.0], [-9.0, -9.0, -9.0], [-2.0, -2.0, -2.0]])
     batch = SimpleNamespace(
-        old_logp=old_logp, baseline=torch.full((4, 3), -2.0), baseline_mask=torch.tensor([[True, True, False]] * 4),
+        old_logp=old_logp,
+        baseline=torch.full((4, 3), -2.0),
+        baseline_mask=torch.tensor([[True, True, False]] * 4),
         response_mask=torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]),
-        passed=torch.tensor([True, False, False, True]), is_expert=torch.tensor([False, False, False, True]),
-        advantages=torch.tensor([0.5, -0.5, 0.0, 0.5]))
+        passed=torch.tensor([True, False, False, True]),
+        is_expert=torch.tensor([False, False, False, True]),
+        advantages=torch.tensor([0.5, -0.5, 0.0, 0.5]),
+    )
     metrics = z_regime(batch, CalibRLConfig(), ONE)
     # passed row: lp - b = +1, -1, +1.5 -> z = -1, +1, -1.5; failed row: lp - b = +1, -1 -> z = +1, -1
     assert metrics["guide_z_pos_passed"] == pytest.approx(1 / 3)
@@ -134,8 +164,9 @@ def _scored_batch(policy, loss):
     batch.rewards = torch.tensor([1.1, 0.0, 0.1, 1.1, 1.1, 1.1, 0.0, 1.1])  # mixed outcomes, experts 1.1
     stats = algorithms.group_statistics(batch.rewards, batch.group_ids, batch.is_expert, loss)
     batch.advantages, batch.passed = stats.advantages.float(), stats.passed
-    batch.baseline, batch.baseline_mask = algorithms.expert_baseline(batch.old_logp, batch.response_mask,
-                                                                     batch.group_ids, batch.is_expert, loss)
+    batch.baseline, batch.baseline_mask = algorithms.expert_baseline(
+        batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, loss
+    )
     return forward, batch
 
 
@@ -181,23 +212,55 @@ def test_trainer_logs_exploration_and_guide_regime(tmp_path):
     from _train_helpers import all_finite, quick_run, rl_records
 
     out = tmp_path / "run"
-    assert quick_run(out, "--max-steps", 3, "--diagnostics-every", 2, "--eval-samples", 8,
-                     "--eval-metrics", "calibrl.study.tasks:attribute_scores") == 0
+    assert (
+        quick_run(
+            out,
+            "--max-steps",
+            3,
+            "--diagnostics-every",
+            2,
+            "--eval-samples",
+            8,
+            "--eval-metrics",
+            "calibrl.study.tasks:attribute_scores",
+        )
+        == 0
+    )
     records = rl_records(out)
     for record in records:
-        assert all_finite(record) and record["response_entropy"] > 0 and set(record["format_failures"]) == \
-            {"truncated", "missing_think", "missing_answer", "extra_tags", "misordered", "text_before",
-             "text_between", "text_after"}
+        assert (
+            all_finite(record)
+            and record["response_entropy"] > 0
+            and set(record["format_failures"])
+            == {
+                "truncated",
+                "missing_think",
+                "missing_answer",
+                "extra_tags",
+                "misordered",
+                "text_before",
+                "text_between",
+                "text_after",
+            }
+        )
         assert {"eval_pass_at_8", "eval_distinct_answers", "eval_color", "eval_sampled_shape"} <= set(record)
     diagnosed = [r["step"] for r in records if "guide_grad_ratio" in r]
     assert diagnosed == [1, 2]  # the first step, then every 2nd (scripted rewards: mixed groups)
-    assert all(0 < r["guide_grad_ratio"] and -1 <= r["guide_grad_cos"] <= 1 and r["guide_tokens"] > 0
-               for r in records if r["step"] in diagnosed)
+    assert all(
+        0 < r["guide_grad_ratio"] and -1 <= r["guide_grad_cos"] <= 1 and r["guide_tokens"] > 0
+        for r in records
+        if r["step"] in diagnosed
+    )
 
 
-@pytest.mark.parametrize("flags, error", [(["--reward-format", "lenient"], "reward_format"),
-                                          (["--eval-samples", "0"], "eval_samples"),
-                                          (["--diagnostics-every", "-1"], "diagnostics_every")])
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--reward-format", "lenient"], "reward_format"),
+        (["--eval-samples", "0"], "eval_samples"),
+        (["--diagnostics-every", "-1"], "diagnostics_every"),
+    ],
+)
 def test_new_settings_are_checked_by_name(flags, error):
     from calibrl.config import ConfigError
 

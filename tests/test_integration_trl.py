@@ -50,9 +50,19 @@ def text_dataset(expert=None, n=4):
 
 def make_args(tmp_path, **overrides):
     kwargs = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=6, max_steps=2, logging_steps=1, report_to="none", save_strategy="no",
-        learning_rate=1e-2, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        learning_rate=1e-2,
+        seed=0,
+        disable_tqdm=True,
     )
     kwargs.update(overrides)
     return CalibRLGRPOConfig(**kwargs)
@@ -62,8 +72,11 @@ def make_text_trainer(tmp_path, dataset=None, **overrides):
     tokenizer = char_tokenizer()
     model = tiny_causal_lm(len(tokenizer))
     return CalibRLTrainer(
-        model=model, reward_funcs=text_reward, args=make_args(tmp_path, **overrides),
-        train_dataset=text_dataset() if dataset is None else dataset, processing_class=tokenizer,
+        model=model,
+        reward_funcs=text_reward,
+        args=make_args(tmp_path, **overrides),
+        train_dataset=text_dataset() if dataset is None else dataset,
+        processing_class=tokenizer,
     )
 
 
@@ -110,15 +123,20 @@ def test_qwen2_vl_with_images_trains(tmp_path):
     tokenizer = char_tokenizer()
     model, processor = tiny_qwen2_vl(tokenizer)
     colours = ["red", "blue", "green", "red"]
-    dataset = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": "What colour?"}]] * 4,
-        "image": [Image.new("RGB", (56, 56), c) for c in colours],
-        "expert": [[{"role": "assistant", "content": c}] for c in colours],
-        "answer": colours,
-    })
+    dataset = Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": "What colour?"}]] * 4,
+            "image": [Image.new("RGB", (56, 56), c) for c in colours],
+            "expert": [[{"role": "assistant", "content": c}] for c in colours],
+            "answer": colours,
+        }
+    )
     trainer = CalibRLTrainer(
-        model=model, reward_funcs=text_reward, args=make_args(tmp_path, steps_per_generation=2, gradient_accumulation_steps=2),
-        train_dataset=dataset, processing_class=processor,
+        model=model,
+        reward_funcs=text_reward,
+        args=make_args(tmp_path, steps_per_generation=2, gradient_accumulation_steps=2),
+        train_dataset=dataset,
+        processing_class=processor,
     )
     logs = assert_trains(trainer)
     assert logs[0]["calibrl/expert_reward"] > 1.0  # the expert answers are correct: scored by the same reward
@@ -154,9 +172,11 @@ def test_loss_and_gradients_equal_the_slim_trainer_and_calibrl_kernels(tmp_path,
         T = batch["completion_ids"].size(1)
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
         attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, -T - 1:-1]
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, -T - 1 : -1]
         with torch.no_grad():
-            old = ck.linear_token_logprobs(hidden, model.lm_head.weight, batch["completion_ids"], temperature=config.temperature)
+            old = ck.linear_token_logprobs(
+                hidden, model.lm_head.weight, batch["completion_ids"], temperature=config.temperature
+            )
         return hidden, old
 
     assert config.loss_agg_mode == "token-mean" and not config.norm_by_std and config.dual_clip_c == 3.0
@@ -167,13 +187,35 @@ def test_loss_and_gradients_equal_the_slim_trainer_and_calibrl_kernels(tmp_path,
         hidden, old = hidden_and_old()
         stats = algorithms.group_statistics(scores, group_ids, is_expert, config)
         baseline, baseline_mask = algorithms.expert_baseline(old, mask, group_ids, is_expert, config)
-        return algorithms.policy_loss(hidden, model.lm_head.weight, None, batch["completion_ids"], old, stats.advantages,
-                                      mask, stats.passed, is_expert, baseline, baseline_mask, config).loss
+        return algorithms.policy_loss(
+            hidden,
+            model.lm_head.weight,
+            None,
+            batch["completion_ids"],
+            old,
+            stats.advantages,
+            mask,
+            stats.passed,
+            is_expert,
+            baseline,
+            baseline_mask,
+            config,
+        ).loss
 
     def direct_path():
         hidden, old = hidden_and_old()
-        return ck.fused_linear_calibrl_loss(hidden, model.lm_head.weight, batch["completion_ids"], old, None, mask,
-                                            scores=scores, group_ids=group_ids, is_expert=is_expert, config=config).loss
+        return ck.fused_linear_calibrl_loss(
+            hidden,
+            model.lm_head.weight,
+            batch["completion_ids"],
+            old,
+            None,
+            mask,
+            scores=scores,
+            group_ids=group_ids,
+            is_expert=is_expert,
+            config=config,
+        ).loss
 
     loss_trl, grads_trl = loss_and_grads(lambda: trainer.compute_loss(model, batch))
     for other in (slim_trainer_path, direct_path):
@@ -213,7 +255,12 @@ def test_config_resolution_and_cli_fields(tmp_path):
     # unset TRL fields: CalibRL's setting in the expert modes, TRL's defaults in grpo mode
     calibrl = make_args(tmp_path, calibrl_guide_coef=0.3, epsilon=0.1, epsilon_high=0.28)
     assert (calibrl.algo, calibrl.loss_type, calibrl.scale_rewards, calibrl.delta, calibrl.expert_column) == (
-        "calibrl", "bnpo", "none", 3.0, "expert")
+        "calibrl",
+        "bnpo",
+        "none",
+        3.0,
+        "expert",
+    )
     cfg = calibrl.calibrl_config
     assert (cfg.mode, cfg.guide_coef, cfg.clip_low, cfg.clip_high, cfg.dual_clip_c) == ("calibrl", 0.3, 0.1, 0.28, 3.0)
     grpo = make_args(tmp_path, calibrl_algo="grpo")
@@ -234,8 +281,11 @@ def test_config_resolution_and_cli_fields(tmp_path):
         make_args(tmp_path, calibrl=ck.CalibRLConfig(), calibrl_guide_coef=0.2)
     with pytest.raises(ValueError, match="activation"):
         make_args(tmp_path, calibrl_activation="gelu")
-    with pytest.raises(ValueError, match=r"calibrl_algo: 'dapo' is a TRL loss type here; use calibrl_algo='grpo', "
-                                         "loss_type='dapo'"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibrl_algo: 'dapo' is a TRL loss type here; use calibrl_algo='grpo', "
+        "loss_type='dapo'",
+    ):
         make_args(tmp_path, calibrl_algo="dapo")
     with pytest.raises(ValueError, match=r"delta: expected None, inf or a number >= 1 \+ epsilon_high = 1.28"):
         make_args(tmp_path, delta=1.1, epsilon_high=0.28)
@@ -246,8 +296,11 @@ def test_config_resolution_and_cli_fields(tmp_path):
 def test_every_calibrl_field_has_help_text():
     import dataclasses as dc
 
-    own = [f for f in dc.fields(CalibRLGRPOConfig) if f.name.startswith(("calibrl", "expert"))
-           or f.name in ("loss_type", "scale_rewards", "delta")]
+    own = [
+        f
+        for f in dc.fields(CalibRLGRPOConfig)
+        if f.name.startswith(("calibrl", "expert")) or f.name in ("loss_type", "scale_rewards", "delta")
+    ]
     assert len(own) >= 14
     for f in own:
         assert len(f.metadata.get("help", "")) > 30, f.name
@@ -278,7 +331,9 @@ def test_missing_expert_value_fails_at_first_batch(tmp_path):
 
 def test_expert_longer_than_completion_limit_fails_at_first_batch(tmp_path):
     trainer = make_text_trainer(tmp_path, dataset=text_dataset(expert=["2", "a much too long expert", "4", "3"]))
-    with pytest.raises(ValueError, match=r"expert: the expert completion of row \d+ has \d+ tokens, more than max_completion_length=6"):
+    with pytest.raises(
+        ValueError, match=r"expert: the expert completion of row \d+ has \d+ tokens, more than max_completion_length=6"
+    ):
         trainer.train()
 
 
@@ -291,16 +346,27 @@ def test_groups_split_by_steps_per_generation_fail(tmp_path):
     # 4 rows x 3 steps = 12 rows = 6 groups of 2 -> 18 rows with experts: divisible by 3, fine; 4 x 2 with n=4:
     # 2 groups -> 10 rows, not divisible by steps_per_generation=4
     with pytest.raises(ValueError, match="steps_per_generation: the 2 prompt groups of 4 rows"):
-        make_text_trainer(tmp_path, per_device_train_batch_size=2, num_generations=4, steps_per_generation=4,
-                          gradient_accumulation_steps=4)
+        make_text_trainer(
+            tmp_path,
+            per_device_train_batch_size=2,
+            num_generations=4,
+            steps_per_generation=4,
+            gradient_accumulation_steps=4,
+        )
 
 
 def test_unsupported_trl_options_fail(tmp_path):
-    with pytest.raises(ValueError, match=r"beta: CalibRLTrainer supports only beta=0.0, got 0.1 \(CalibRLTrainer "
-                                         r"loads no reference model and has no KL penalty\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"beta: CalibRLTrainer supports only beta=0.0, got 0.1 \(CalibRLTrainer "
+        r"loads no reference model and has no KL penalty\)",
+    ):
         make_text_trainer(tmp_path, beta=0.1)
-    with pytest.raises(ValueError, match="entropy_coef: CalibRLTrainer supports only entropy_coef=0.0, got 0.01 "
-                                         r"\(TRL's entropy bonus; calibrl_entropy_coef is CalibRL's"):
+    with pytest.raises(
+        ValueError,
+        match="entropy_coef: CalibRLTrainer supports only entropy_coef=0.0, got 0.01 "
+        r"\(TRL's entropy bonus; calibrl_entropy_coef is CalibRL's",
+    ):
         make_text_trainer(tmp_path, entropy_coef=0.01)
     with pytest.raises(ValueError, match="multi_objective_aggregation: mode 'luffy' trains expert rows"):
         make_text_trainer(tmp_path, calibrl_algo="luffy", multi_objective_aggregation="normalize_then_sum")
@@ -317,23 +383,43 @@ def test_group_without_on_policy_rows_fails():
 def test_mismatched_lengths_fail():
     cfg = ck.CalibRLConfig()
     with pytest.raises(ValueError, match=r"group_ids: expected shape \(B,\) like scores"):
-        _core.hybrid_batch_fields(torch.zeros(3), torch.zeros(4, dtype=torch.long), torch.tensor([False, False, True]),
-                                  torch.zeros(3, 5), torch.ones(3, 5), cfg)
-    fields = _core.hybrid_batch_fields(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0, 0, 0]),
-                                       torch.tensor([False, False, True]), torch.zeros(3, 5), torch.ones(3, 5), cfg)
+        _core.hybrid_batch_fields(
+            torch.zeros(3),
+            torch.zeros(4, dtype=torch.long),
+            torch.tensor([False, False, True]),
+            torch.zeros(3, 5),
+            torch.ones(3, 5),
+            cfg,
+        )
+    fields = _core.hybrid_batch_fields(
+        torch.tensor([0.0, 1.0, 1.0]),
+        torch.tensor([0, 0, 0]),
+        torch.tensor([False, False, True]),
+        torch.zeros(3, 5),
+        torch.ones(3, 5),
+        cfg,
+    )
     hidden, weight = torch.randn(3, 5, 8), torch.randn(11, 8)
     with pytest.raises(ValueError, match=r"mask: expected shape \(B, T\)"):
-        _core.calibrl_batch_loss(hidden, weight, torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 4), None, fields, cfg)
+        _core.calibrl_batch_loss(
+            hidden, weight, torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 4), None, fields, cfg
+        )
     with pytest.raises(ValueError, match=r"targets: expected shape hidden.shape\[:-1\]"):
-        _core.calibrl_batch_loss(hidden, weight, torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 5), None, fields, cfg)
+        _core.calibrl_batch_loss(
+            hidden, weight, torch.zeros(3, 4, dtype=torch.long), torch.ones(3, 5), None, fields, cfg
+        )
 
 
 # ---------------------------------------------------------------------------------------------- TRL's own loss
 # Completions fixed per (prompt, index within its group), so that TRL's GRPOTrainer and CalibRLTrainer score
 # the same rows: unequal lengths, one truncated completion (no EOS: an empty row under
 # mask_truncated_completions) and one completion whose reward is None (TRL: advantage 0, row kept).
-SCRIPTED = {"1+1=": ["2", "2 2", "abcdefgh", "7"], "2+2=": ["4", "x", "4 4 4", "9 9"],
-            "3+1=": ["4 o", "5", "44", "x"], "2+1=": ["3", "3 3 3", "1", "33"]}
+SCRIPTED = {
+    "1+1=": ["2", "2 2", "abcdefgh", "7"],
+    "2+2=": ["4", "x", "4 4 4", "9 9"],
+    "3+1=": ["4 o", "5", "44", "x"],
+    "2+1=": ["3", "3 3 3", "1", "33"],
+}
 
 
 def scripted_rollout(prompts, trainer):
@@ -358,11 +444,23 @@ def trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch):
 
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     common = dict(
-        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", save_strategy="no", seed=0,
-        per_device_train_batch_size=8, num_generations=4, steps_per_generation=2, gradient_accumulation_steps=2,
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        steps_per_generation=2,
+        gradient_accumulation_steps=2,
         num_iterations=2,  # TRL then computes old log-probs at generation (used by the off-policy half)
-        max_completion_length=6, mask_truncated_completions=True, loss_type=loss_type, scale_rewards="group",
-        epsilon=0.2, epsilon_high=0.28,
+        max_completion_length=6,
+        mask_truncated_completions=True,
+        loss_type=loss_type,
+        scale_rewards="group",
+        epsilon=0.2,
+        epsilon_high=0.28,
     )
     delta = 3.0 if algo == "calibrl" else None  # CalibRL's default dual clip in calibrl mode, TRL's (off) in grpo
     tokenizer = char_tokenizer()
@@ -370,10 +468,18 @@ def trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch):
     # where the gradient's slope (1 or alpha) would be decided by rounding.
     dataset = text_dataset(expert=["ok " + a for a in ("2", "4", "4", "3")], n=4)
     trainers = []
-    for cls, args in ((CalibRLTrainer, CalibRLGRPOConfig(calibrl_algo=algo, **common)),
-                      (GRPOTrainer, GRPOConfig(delta=delta, **common))):
-        trainer = cls(model=tiny_causal_lm(len(tokenizer)), reward_funcs=scripted_reward, args=args,
-                      train_dataset=dataset, processing_class=tokenizer, rollout_func=scripted_rollout)
+    for cls, args in (
+        (CalibRLTrainer, CalibRLGRPOConfig(calibrl_algo=algo, **common)),
+        (GRPOTrainer, GRPOConfig(delta=delta, **common)),
+    ):
+        trainer = cls(
+            model=tiny_causal_lm(len(tokenizer)),
+            reward_funcs=scripted_reward,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            rollout_func=scripted_rollout,
+        )
         trainer.current_gradient_accumulation_steps = 2
         trainer.model.train()
         trainers.append(trainer)
@@ -433,7 +539,7 @@ def test_loss_and_gradients_equal_trl_grpo_trainer(tmp_path, monkeypatch, algo, 
     # TRL's own generation step gives the same rows, advantages and token count
     for key in ("advantages", "completion_mask", "old_per_token_logps"):
         got, want = batch[key][on_policy], trl_batch[key]
-        torch.testing.assert_close(got[:, :want.size(1)] if got.dim() == 2 else got, want)
+        torch.testing.assert_close(got[:, : want.size(1)] if got.dim() == 2 else got, want)
     assert int(batch["num_items_in_batch"]) == int(trl_batch["num_items_in_batch"])
     assert (batch["completion_mask"][on_policy].sum(-1) == 0).sum() == 1  # the truncated row is empty
     assert (trl_batch["advantages"] == 0).sum() >= 2  # the two rows whose reward is None
@@ -477,8 +583,11 @@ def test_loss_and_gradients_equal_trl_grpo_trainer(tmp_path, monkeypatch, algo, 
     view = trl_view(batch)
     T = view["completion_ids"].size(1)
     lp, _, _ = theirs._get_per_token_logps_and_entropies(
-        theirs.model, torch.cat([view["prompt_ids"], view["completion_ids"]], 1),
-        torch.cat([view["prompt_mask"], view["completion_mask"]], 1), T)
+        theirs.model,
+        torch.cat([view["prompt_ids"], view["completion_ids"]], 1),
+        torch.cat([view["prompt_mask"], view["completion_mask"]], 1),
+        T,
+    )
     log_ratio = (lp - view["old_per_token_logps"])[view["completion_mask"].bool()]
     negative = (view["advantages"][:, None] < 0).expand_as(lp)[view["completion_mask"].bool()]
     log_ratio = log_ratio.detach()
@@ -502,9 +611,25 @@ def test_two_processes_equal_one_process(tmp_path):
         port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-              str(port), worker, str(two), "8"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        worker,
+        str(two),
+        "8",
+    ]
     result = subprocess.run(launch, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sys.path.insert(0, os.path.dirname(__file__))

@@ -20,9 +20,9 @@ from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 from verl.workers.config import ActorConfig  # noqa: E402
 
 import calibrl_kernels as ck  # noqa: E402
-from calibrl_kernels import reference  # noqa: E402
 from calibrl.integrations import _core  # noqa: E402
 from calibrl.integrations import verl as cverl  # noqa: E402
+from calibrl_kernels import reference  # noqa: E402
 
 B, T = 6, 7  # 2 groups x (2 on-policy + 1 expert)
 GROUPS = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -47,16 +47,27 @@ def synthetic_batch(seed=0, dtype=torch.float64):
     stats = reference.group_advantages(scores, GROUPS, IS_EXPERT)
     baseline, expert_mask = reference.expert_baseline(old, mask, GROUPS, IS_EXPERT, return_mask=True)
     entropy = torch.rand(B, T, generator=g, dtype=dtype)
-    return dict(old=old, logp=logp, mask=mask, scores=scores, stats=stats, baseline=baseline,
-                expert_mask=expert_mask, entropy=entropy)
+    return dict(
+        old=old,
+        logp=logp,
+        mask=mask,
+        scores=scores,
+        stats=stats,
+        baseline=baseline,
+        expert_mask=expert_mask,
+        entropy=entropy,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- policy loss
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
-@pytest.mark.parametrize("name, agg", [(n, a) for n in sorted(cverl.POLICY_LOSSES) if n != "calibrl_drgrpo"
-                                       for a in AGGREGATIONS] + [("calibrl_drgrpo", "seq-mean-token-sum-norm")])
+@pytest.mark.parametrize(
+    "name, agg",
+    [(n, a) for n in sorted(cverl.POLICY_LOSSES) if n != "calibrl_drgrpo" for a in AGGREGATIONS]
+    + [("calibrl_drgrpo", "seq-mean-token-sum-norm")],
+)
 def test_registered_loss_equals_reference(name, agg):
     b = synthetic_batch()
     scale = float(T) if name == "calibrl_drgrpo" else None  # Dr.GRPO's constant divisor
@@ -65,16 +76,32 @@ def test_registered_loss_equals_reference(name, agg):
     token_adv = b["stats"].advantages[:, None] * b["mask"]  # verl hands token-level advantages
     lp_verl = b["logp"].clone().requires_grad_(True)
     loss, metrics = get_policy_loss_fn(name)(
-        old_log_prob=b["old"], log_prob=lp_verl, advantages=token_adv, response_mask=b["mask"].bool(),
-        loss_agg_mode=agg, config=config, rollout_is_weights=None, expert_logp=b["baseline"],
-        passed=b["stats"].passed, is_expert=IS_EXPERT, expert_mask=b["expert_mask"], entropy=b["entropy"],
+        old_log_prob=b["old"],
+        log_prob=lp_verl,
+        advantages=token_adv,
+        response_mask=b["mask"].bool(),
+        loss_agg_mode=agg,
+        config=config,
+        rollout_is_weights=None,
+        expert_logp=b["baseline"],
+        passed=b["stats"].passed,
+        is_expert=IS_EXPERT,
+        expert_mask=b["expert_mask"],
+        entropy=b["entropy"],
     )
     loss.backward()
     cfg = ck.CalibRLConfig(mode=mode, clip_low=0.2, clip_high=0.28, loss_agg_mode=agg, loss_scale_factor=scale)
     lp_ref = b["logp"].clone().requires_grad_(True)
     expected = reference.calibrl_loss(
-        lp_ref, b["old"], token_adv, b["mask"], expert_logp=b["baseline"], passed=b["stats"].passed,
-        is_expert=IS_EXPERT, entropy=b["entropy"], config=cfg,
+        lp_ref,
+        b["old"],
+        token_adv,
+        b["mask"],
+        expert_logp=b["baseline"],
+        passed=b["stats"].passed,
+        is_expert=IS_EXPERT,
+        entropy=b["entropy"],
+        config=cfg,
     )
     expected.loss.backward()
     torch.testing.assert_close(loss, expected.loss, rtol=1e-12, atol=1e-12)
@@ -106,18 +133,37 @@ def test_registered_loss_equals_the_slim_trainer_path(name):
     baseline, baseline_mask = algorithms.expert_baseline(b["old"], b["mask"], GROUPS, IS_EXPERT, preset)
 
     h_slim, w_slim = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    slim = algorithms.policy_loss(h_slim, w_slim, None, targets, b["old"], stats.advantages, b["mask"], stats.passed,
-                                  IS_EXPERT, baseline, baseline_mask, preset)
+    slim = algorithms.policy_loss(
+        h_slim,
+        w_slim,
+        None,
+        targets,
+        b["old"],
+        stats.advantages,
+        b["mask"],
+        stats.passed,
+        IS_EXPERT,
+        baseline,
+        baseline_mask,
+        preset,
+    )
     slim.loss.backward()
 
     h_verl, w_verl = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp, entropy = ck.linear_token_logprobs(h_verl, w_verl, targets, return_entropy=True)
     loss, metrics = get_policy_loss_fn(name)(
-        old_log_prob=b["old"], log_prob=logp, advantages=stats.advantages[:, None] * b["mask"],
-        response_mask=b["mask"].bool(), loss_agg_mode=preset.loss_agg_mode,
+        old_log_prob=b["old"],
+        log_prob=logp,
+        advantages=stats.advantages[:, None] * b["mask"],
+        response_mask=b["mask"].bool(),
+        loss_agg_mode=preset.loss_agg_mode,
         config=actor_config(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_scale_factor=scale),
         rollout_is_weights=None,
-        expert_logp=baseline, passed=stats.passed, is_expert=IS_EXPERT, expert_mask=baseline_mask, entropy=entropy.detach(),
+        expert_logp=baseline,
+        passed=stats.passed,
+        is_expert=IS_EXPERT,
+        expert_mask=baseline_mask,
+        entropy=entropy.detach(),
     )
     loss.backward()
     torch.testing.assert_close(loss, slim.loss, rtol=1e-10, atol=1e-12)
@@ -137,8 +183,13 @@ def test_ppo_term_matches_verl_vanilla(agg):
     for name in ("vanilla", "calibrl_dapo"):
         lp = b["logp"].clone().requires_grad_(True)
         loss, metrics = get_policy_loss_fn(name)(
-            old_log_prob=b["old"], log_prob=lp, advantages=adv, response_mask=b["mask"].bool(),
-            loss_agg_mode=agg, config=config, rollout_is_weights=None,
+            old_log_prob=b["old"],
+            log_prob=lp,
+            advantages=adv,
+            response_mask=b["mask"].bool(),
+            loss_agg_mode=agg,
+            config=config,
+            rollout_is_weights=None,
         )
         loss.backward()
         outs.append((loss.detach(), lp.grad, metrics))
@@ -160,8 +211,13 @@ def test_global_normalisation_matches_verl_agg_loss():
     config = actor_config()
     config.global_batch_info.update(dp_size=2, batch_num_tokens=3 * local_tokens, global_batch_size=None)
     loss, _ = get_policy_loss_fn("calibrl_dapo")(
-        old_log_prob=b["old"], log_prob=b["logp"], advantages=adv, response_mask=b["mask"].bool(),
-        loss_agg_mode="token-mean", config=config, is_expert=IS_EXPERT,
+        old_log_prob=b["old"],
+        log_prob=b["logp"],
+        advantages=adv,
+        response_mask=b["mask"].bool(),
+        loss_agg_mode="token-mean",
+        config=config,
+        is_expert=IS_EXPERT,
     )
     l_pg, _, _ = reference.ppo_token_terms(b["logp"], b["old"], adv, ck.CalibRLConfig(mode="dapo"))
     expected = agg_loss(l_pg, on_policy_mask, "token-mean", dp_size=2, batch_num_tokens=3 * local_tokens)
@@ -172,16 +228,28 @@ def test_calibrl_without_expert_fields_is_a_clear_error():
     b = synthetic_batch()
     with pytest.raises(ValueError, match="expert_logp/passed: loss_mode 'calibrl' needs.*trainer_mode=calibrl_sync"):
         get_policy_loss_fn("calibrl")(
-            old_log_prob=b["old"], log_prob=b["logp"], advantages=b["mask"], response_mask=b["mask"].bool(),
-            loss_agg_mode="token-mean", config=actor_config(),
+            old_log_prob=b["old"],
+            log_prob=b["logp"],
+            advantages=b["mask"],
+            response_mask=b["mask"].bool(),
+            loss_agg_mode="token-mean",
+            config=actor_config(),
         )
-    with pytest.raises(ValueError, match="calibrl.clip_low: set it through verl's actor_rollout_ref.actor.clip_ratio_low"):
+    with pytest.raises(
+        ValueError, match="calibrl.clip_low: set it through verl's actor_rollout_ref.actor.clip_ratio_low"
+    ):
         cverl.loss_config("calibrl", actor_config(), "token-mean", {"clip_low": 0.1})
     with pytest.raises(ValueError, match=r"expert_logp: expected shape \(B, T\)"):
         get_policy_loss_fn("calibrl")(
-            old_log_prob=b["old"], log_prob=b["logp"], advantages=b["mask"], response_mask=b["mask"].bool(),
-            loss_agg_mode="token-mean", config=actor_config(), expert_logp=b["baseline"][:, :3],
-            passed=b["stats"].passed, is_expert=IS_EXPERT,
+            old_log_prob=b["old"],
+            log_prob=b["logp"],
+            advantages=b["mask"],
+            response_mask=b["mask"].bool(),
+            loss_agg_mode="token-mean",
+            config=actor_config(),
+            expert_logp=b["baseline"][:, :3],
+            passed=b["stats"].passed,
+            is_expert=IS_EXPERT,
         )
 
 
@@ -193,7 +261,10 @@ def test_registered_advantage_estimator_equals_reference(norm):
     rewards[:, 0] = b["scores"]
     uids = ["p0", "p0", "p0", "p1", "p1", "p1"]
     adv, returns = get_adv_estimator_fn("calibrl")(
-        token_level_rewards=rewards, response_mask=b["mask"], index=uids, is_expert=IS_EXPERT,
+        token_level_rewards=rewards,
+        response_mask=b["mask"],
+        index=uids,
+        is_expert=IS_EXPERT,
         norm_adv_by_std_in_grpo=norm,
     )
     expected = reference.group_advantages(b["scores"].float(), GROUPS, IS_EXPERT, norm_by_std=norm).advantages
@@ -206,13 +277,23 @@ def test_registered_advantage_estimator_equals_reference(norm):
 def test_hybrid_rows_carry_what_the_actor_needs():
     b = synthetic_batch()
     uids = ["p0", "p0", "p0", "p1", "p1", "p1"]
-    rows = cverl.hybrid_rows(b["scores"].float(), uids, IS_EXPERT, b["old"].float(), b["mask"].float(), ck.CalibRLConfig())
+    rows = cverl.hybrid_rows(
+        b["scores"].float(), uids, IS_EXPERT, b["old"].float(), b["mask"].float(), ck.CalibRLConfig()
+    )
     torch.testing.assert_close(rows[_core.FIELD_EXPERT_LOGP], b["baseline"].float())
     assert torch.equal(rows[_core.FIELD_PASSED], b["stats"].passed)
-    assert rows["loss_mask"][IS_EXPERT].sum() == 0 and rows["loss_mask"][~IS_EXPERT].sum() == b["mask"][~IS_EXPERT].sum()
+    assert (
+        rows["loss_mask"][IS_EXPERT].sum() == 0 and rows["loss_mask"][~IS_EXPERT].sum() == b["mask"][~IS_EXPERT].sum()
+    )
     with pytest.raises(ValueError, match="is_expert: expected exactly one expert row in every group"):
-        cverl.hybrid_rows(b["scores"].float(), uids, torch.zeros(B, dtype=torch.bool) | torch.tensor([1, 1, 0, 0, 0, 1]).bool(),
-                          b["old"].float(), b["mask"].float(), ck.CalibRLConfig())
+        cverl.hybrid_rows(
+            b["scores"].float(),
+            uids,
+            torch.zeros(B, dtype=torch.bool) | torch.tensor([1, 1, 0, 0, 0, 1]).bool(),
+            b["old"].float(),
+            b["mask"].float(),
+            ck.CalibRLConfig(),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- actor loss fn
@@ -234,11 +315,17 @@ def padded_actor_data(b, rows):
         ent[P - 1 : P - 1 + n] = b["entropy"][i, :n]
         flat_entropy.append(ent)
     data = TensorDict(
-        {"prompts": prompts, "responses": responses, "attention_mask": attention_mask,
-         "response_mask": b["mask"].long(), "old_log_probs": b["old"], "advantages": rows["advantages"].double(),
-         **{k: rows[k] for k in (_core.FIELD_IS_EXPERT, _core.FIELD_PASSED)},
-         _core.FIELD_EXPERT_LOGP: rows[_core.FIELD_EXPERT_LOGP].double(),
-         _core.FIELD_EXPERT_MASK: rows[_core.FIELD_EXPERT_MASK].float()},
+        {
+            "prompts": prompts,
+            "responses": responses,
+            "attention_mask": attention_mask,
+            "response_mask": b["mask"].long(),
+            "old_log_probs": b["old"],
+            "advantages": rows["advantages"].double(),
+            **{k: rows[k] for k in (_core.FIELD_IS_EXPERT, _core.FIELD_PASSED)},
+            _core.FIELD_EXPERT_LOGP: rows[_core.FIELD_EXPERT_LOGP].double(),
+            _core.FIELD_EXPERT_MASK: rows[_core.FIELD_EXPERT_MASK].float(),
+        },
         batch_size=[B],
     )
     for key, value in (("dp_size", 1), ("batch_num_tokens", None), ("global_batch_size", None)):
@@ -258,8 +345,14 @@ def test_calibrl_ppo_loss_wrapper_equals_reference():
     loss.backward()
     lp_ref = b["logp"].clone().requires_grad_(True)
     expected = reference.calibrl_loss(
-        lp_ref, b["old"], rows["advantages"].double(), b["mask"], expert_logp=rows[_core.FIELD_EXPERT_LOGP].double(),
-        passed=rows[_core.FIELD_PASSED], is_expert=IS_EXPERT, config=cfg,
+        lp_ref,
+        b["old"],
+        rows["advantages"].double(),
+        b["mask"],
+        expert_logp=rows[_core.FIELD_EXPERT_LOGP].double(),
+        passed=rows[_core.FIELD_PASSED],
+        is_expert=IS_EXPERT,
+        config=cfg,
     )
     expected.loss.backward()
     torch.testing.assert_close(loss, expected.loss, rtol=1e-6, atol=1e-9)
@@ -268,7 +361,9 @@ def test_calibrl_ppo_loss_wrapper_equals_reference():
     offset = 0
     for i in range(B):
         n = int(b["mask"][i].sum())
-        torch.testing.assert_close(flat_logp.grad[offset + P - 1 : offset + P - 1 + n], lp_ref.grad[i, :n], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(
+            flat_logp.grad[offset + P - 1 : offset + P - 1 + n], lp_ref.grad[i, :n], rtol=1e-6, atol=1e-9
+        )
         offset += P + n
     assert "actor/guide_loss" in metrics and "actor/pg_loss" in metrics
 
@@ -303,7 +398,10 @@ def test_expert_response_ids_and_errors():
 
     assert expert_response_ids(Tok(), "abc", 8) == [1, 2, 3, 9]
     assert expert_response_ids(Tok(), [{"role": "assistant", "content": "ab"}], 8) == [1, 2, 9]
-    with pytest.raises(ValueError, match="expert: the expert completion has 5 tokens, more than actor_rollout_ref.rollout.response_length=3"):
+    with pytest.raises(
+        ValueError,
+        match="expert: the expert completion has 5 tokens, more than actor_rollout_ref.rollout.response_length=3",
+    ):
         expert_response_ids(Tok(), "abcd", 3)
     with pytest.raises(ValueError, match="expert: expected a non-empty expert completion"):
         expert_response_ids(Tok(), "", 3)
@@ -325,16 +423,25 @@ def test_example_config_composes_and_passes_verl_validation():
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "verl", "calibrl.yaml")
     lines = [re.sub(r"#.*", "", line).strip() for line in open(path)]
     overrides = [re.sub(r":\s*", "=", line, count=1) for line in lines if line] + [
-        "actor_rollout_ref.model.path=/nonexistent", "data.train_files=/nonexistent.parquet",
-        "data.val_files=/nonexistent.parquet", "data.train_batch_size=480", "actor_rollout_ref.actor.ppo_mini_batch_size=120",
+        "actor_rollout_ref.model.path=/nonexistent",
+        "data.train_files=/nonexistent.parquet",
+        "data.val_files=/nonexistent.parquet",
+        "data.train_batch_size=480",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=120",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8", "trainer.n_gpus_per_node=8", "trainer.nnodes=1",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
+        "trainer.n_gpus_per_node=8",
+        "trainer.nnodes=1",
     ]
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(main_ppo.__file__), "config"), version_base=None):
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(main_ppo.__file__), "config"), version_base=None
+    ):
         cfg = compose(config_name="ppo_trainer", overrides=overrides)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-    loss_cfg = cverl.loss_config(actor.policy_loss.loss_mode, actor, actor.loss_agg_mode, cverl.calibrl_overrides(dict(cfg.calibrl)))
+    loss_cfg = cverl.loss_config(
+        actor.policy_loss.loss_mode, actor, actor.loss_agg_mode, cverl.calibrl_overrides(dict(cfg.calibrl))
+    )
     assert (loss_cfg.mode, loss_cfg.guide_coef, loss_cfg.negative_slope) == ("calibrl", 0.1, 0.5)
     assert cfg.trainer.v1.trainer_mode == "calibrl_sync" and cfg.algorithm.adv_estimator == "calibrl"
 
@@ -359,14 +466,22 @@ def composed_config(*extra):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "verl", "calibrl.yaml")
     lines = [re.sub(r"#.*", "", line).strip() for line in open(path)]
     overrides = [re.sub(r":\s*", "=", line, count=1) for line in lines if line] + [
-        "actor_rollout_ref.model.path=/nonexistent", "data.train_files=/nonexistent.parquet",
-        "data.val_files=/nonexistent.parquet", "data.train_batch_size=2", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+        "actor_rollout_ref.model.path=/nonexistent",
+        "data.train_files=/nonexistent.parquet",
+        "data.val_files=/nonexistent.parquet",
+        "data.train_batch_size=2",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2", "trainer.n_gpus_per_node=1",
-        f"actor_rollout_ref.rollout.n={N_ON + 1}", f"actor_rollout_ref.rollout.response_length={RESPONSE_LENGTH}",
-        f"data.max_response_length={RESPONSE_LENGTH}", *extra,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "trainer.n_gpus_per_node=1",
+        f"actor_rollout_ref.rollout.n={N_ON + 1}",
+        f"actor_rollout_ref.rollout.response_length={RESPONSE_LENGTH}",
+        f"data.max_response_length={RESPONSE_LENGTH}",
+        *extra,
     ]
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(main_ppo.__file__), "config"), version_base=None):
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(main_ppo.__file__), "config"), version_base=None
+    ):
         return compose(config_name="ppo_trainer", overrides=overrides)
 
 
@@ -381,8 +496,10 @@ class StubRolloutServer:
 
         self.requests += 1
         length = 3 + self.requests % 5  # unequal lengths, none longer than the response length
-        return TokenOutput(token_ids=[20 + (self.requests + t) % 30 for t in range(length)],
-                           extra_fields={"min_global_steps": 0, "max_global_steps": 0})
+        return TokenOutput(
+            token_ids=[20 + (self.requests + t) % 30 for t in range(length)],
+            extra_fields={"min_global_steps": 0, "max_global_steps": 0},
+        )
 
 
 def run_agent_loops(config, tokenizer, validation=False):
@@ -398,14 +515,25 @@ def run_agent_loops(config, tokenizer, validation=False):
 
     async def run_all():
         # built inside the running event loop, as verl's agent-loop worker builds it
-        loop = CalibRLExpertAgentLoop(trainer_config=DictConfigWrap(config), server_manager=server,
-                                      tokenizer=tokenizer, processor=None, dataset_cls=RLHFDataset,
-                                      data_config=DictConfigWrap(config.data))
+        loop = CalibRLExpertAgentLoop(
+            trainer_config=DictConfigWrap(config),
+            server_manager=server,
+            tokenizer=tokenizer,
+            processor=None,
+            dataset_cls=RLHFDataset,
+            data_config=DictConfigWrap(config.data),
+        )
         results = []
         for index, (question, expert, _) in enumerate(PROMPTS):
             for session in range(N_ON + 1):
-                kwargs = dict(raw_prompt=[{"role": "user", "content": question}], extra_info={"expert": expert},
-                              uid=f"p{index}", session_id=session, global_steps=1, index=index)
+                kwargs = dict(
+                    raw_prompt=[{"role": "user", "content": question}],
+                    extra_info={"expert": expert},
+                    uid=f"p{index}",
+                    session_id=session,
+                    global_steps=1,
+                    index=index,
+                )
                 if validation:
                     kwargs[VALIDATION_FLAG] = True
                 results.append((kwargs, await loop.run(dict(temperature=1.0), **kwargs)))
@@ -450,8 +578,13 @@ def written_rollouts(tq, config, tokenizer):
     g = torch.Generator().manual_seed(11)
     data = tq.kv_batch_get(keys=keys, partition_id="train", select_fields=["response_mask"])
     old = [-0.2 - torch.rand(int(n), generator=g) * 2 for n in data["response_mask"].offsets().diff()]
-    tq.kv_batch_put(keys=keys, partition_id="train", fields=TensorDict(
-        {"old_log_probs": torch.nested.as_nested_tensor(old, layout=torch.jagged)}, batch_size=len(keys)))
+    tq.kv_batch_put(
+        keys=keys,
+        partition_id="train",
+        fields=TensorDict(
+            {"old_log_probs": torch.nested.as_nested_tensor(old, layout=torch.jagged)}, batch_size=len(keys)
+        ),
+    )
     return KVBatchMeta(partition_id="train", keys=keys, tags=[listing[k] for k in keys]), results
 
 
@@ -470,8 +603,14 @@ def worker_micro_batches(batch_meta, config, micro_batch_size=2):
     from verl.workers.engine.utils import prepare_micro_batches
 
     data = _meta_to_realdata(kv_batch_meta2batch_meta(batch_meta))
-    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(data["loss_mask"].values().sum()),
-                         global_batch_size=None, use_dynamic_bsz=False, micro_batch_size_per_gpu=micro_batch_size)
+    tu.assign_non_tensor(
+        data,
+        dp_size=1,
+        batch_num_tokens=int(data["loss_mask"].values().sum()),
+        global_batch_size=None,
+        use_dynamic_bsz=False,
+        micro_batch_size_per_gpu=micro_batch_size,
+    )
     micro_batches, _ = prepare_micro_batches(data)
     return data, micro_batches
 
@@ -556,8 +695,9 @@ def test_calibrl_sync_advantage_tq_round_trip_and_actor_loss(ray_transfer_queue)
     session_of = {f"p{k['index']}_{k['session_id']}_0": k for k, _ in results}
     kwargs = [session_of[key] for key in batch_meta.keys]
     is_expert = torch.tensor([k["session_id"] == N_ON for k in kwargs])
-    scores = torch.tensor([EXPERT_REWARD if k["session_id"] == N_ON else PROMPTS[k["index"]][2][k["session_id"]]
-                           for k in kwargs])
+    scores = torch.tensor(
+        [EXPERT_REWARD if k["session_id"] == N_ON else PROMPTS[k["index"]][2][k["session_id"]] for k in kwargs]
+    )
     means = {g: sum(r) / len(r) for g, (_, _, r) in enumerate(PROMPTS)}
     adv = torch.tensor([scores[i].item() - means[k["index"]] for i, k in enumerate(kwargs)])
     old = [before["old_log_probs"][i] for i in range(B)]
@@ -602,8 +742,9 @@ def test_calibrl_sync_advantage_tq_round_trip_and_actor_loss(ray_transfer_queue)
     total.backward()
     lp_leaf = [new_lp[i].detach().clone().requires_grad_(True) for i in range(B)]
     cfg = dict(clip_low=0.2, clip_high=0.2, c=3.0, beta=0.1, alpha=0.5)
-    expected, expected_pg = independent_calibrl_loss(lp_leaf, old, adv.tolist(), (~is_expert).tolist(),
-                                                     (scores > 0.1).tolist(), baseline, entropy, cfg, 0.01)
+    expected, expected_pg = independent_calibrl_loss(
+        lp_leaf, old, adv.tolist(), (~is_expert).tolist(), (scores > 0.1).tolist(), baseline, entropy, cfg, 0.01
+    )
     expected.backward()
     torch.testing.assert_close(total.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
     assert float(pg_logged) == pytest.approx(expected_pg.item(), rel=1e-5)  # actor/pg_loss: no beta * guide
@@ -624,8 +765,11 @@ def test_plugin_equals_verl_vanilla_loss_and_grpo_advantage_on_nested_micro_batc
     from verl.workers.utils.losses import ppo_loss
 
     tq = ray_transfer_queue
-    config = composed_config("actor_rollout_ref.actor.policy_loss.loss_mode=calibrl_dapo",
-                             "algorithm.norm_adv_by_std_in_grpo=true", "actor_rollout_ref.actor.clip_ratio_high=0.28")
+    config = composed_config(
+        "actor_rollout_ref.actor.policy_loss.loss_mode=calibrl_dapo",
+        "algorithm.norm_adv_by_std_in_grpo=true",
+        "actor_rollout_ref.actor.clip_ratio_high=0.28",
+    )
     batch_meta, results = written_rollouts(tq, config, char_tokenizer())
     trainer = trainer_for(config)
     data, micro_batches = worker_micro_batches(trainer._compute_advantage(batch_meta, {}), config)
@@ -633,10 +777,16 @@ def test_plugin_equals_verl_vanilla_loss_and_grpo_advantage_on_nested_micro_batc
     rm = data["rm_scores"].to_padded_tensor(0.0)
     mask = data["response_mask"].to_padded_tensor(0)
     on_policy = ~data["calibrl_is_expert"]
-    uids = [u for u, keep in zip(data["uid"].tolist() if hasattr(data["uid"], "tolist") else list(data["uid"]),
-                                  on_policy.tolist()) if keep]
-    grpo, _ = compute_grpo_outcome_advantage(rm[on_policy], mask[on_policy], index=np.array(uids, dtype=object),
-                                             norm_adv_by_std_in_grpo=True)
+    uids = [
+        u
+        for u, keep in zip(
+            data["uid"].tolist() if hasattr(data["uid"], "tolist") else list(data["uid"]), on_policy.tolist()
+        )
+        if keep
+    ]
+    grpo, _ = compute_grpo_outcome_advantage(
+        rm[on_policy], mask[on_policy], index=np.array(uids, dtype=object), norm_adv_by_std_in_grpo=True
+    )
     ours = data["advantages"].to_padded_tensor(0.0)[on_policy]
     torch.testing.assert_close(ours, grpo.float(), rtol=1e-5, atol=1e-6)
 
@@ -646,8 +796,10 @@ def test_plugin_equals_verl_vanilla_loss_and_grpo_advantage_on_nested_micro_batc
     row = 0
     for micro in micro_batches:
         first = row
-        new = [data["old_log_probs"][first + r] + 0.5 * torch.randn(len(data["old_log_probs"][first + r]), generator=g)
-               for r in range(len(micro))]
+        new = [
+            data["old_log_probs"][first + r] + 0.5 * torch.randn(len(data["old_log_probs"][first + r]), generator=g)
+            for r in range(len(micro))
+        ]
         lp_a, _ = model_log_probs(micro, lambda r: new[r])
         lp_b, _ = model_log_probs(micro, lambda r: new[r])
         loss_a, _ = plugin_fn(model_output={"log_probs": lp_a}, data=micro)
@@ -655,7 +807,8 @@ def test_plugin_equals_verl_vanilla_loss_and_grpo_advantage_on_nested_micro_batc
         stock = micro.clone()
         keep = (~micro["calibrl_is_expert"]).float()
         stock["advantages"] = torch.nested.as_nested_tensor(
-            [micro["advantages"][r] * keep[r] for r in range(len(micro))], layout=torch.jagged)
+            [micro["advantages"][r] * keep[r] for r in range(len(micro))], layout=torch.jagged
+        )
         loss_b, _ = ppo_loss(vanilla_config, {"log_probs": lp_b}, stock)
         loss_a.backward()
         loss_b.backward()
@@ -684,14 +837,19 @@ def test_dropped_transfer_queue_write_raises(ray_transfer_queue):
 
     tq = ray_transfer_queue
     keys = ["drop_0_0", "drop_1_0"]
-    mask = torch.nested.as_nested_tensor([torch.ones(3, dtype=torch.int64), torch.ones(2, dtype=torch.int64)],
-                                         layout=torch.jagged)
-    tq.kv_batch_put(keys=keys, partition_id="train", fields=TensorDict({"loss_mask": mask}, batch_size=2),
-                    tags=[{}, {}])
+    mask = torch.nested.as_nested_tensor(
+        [torch.ones(3, dtype=torch.int64), torch.ones(2, dtype=torch.int64)], layout=torch.jagged
+    )
+    tq.kv_batch_put(
+        keys=keys, partition_id="train", fields=TensorDict({"loss_mask": mask}, batch_size=2), tags=[{}, {}]
+    )
     as_float = torch.nested.as_nested_tensor([torch.ones(3), torch.zeros(2)], layout=torch.jagged)
     with pytest.raises(RuntimeError, match="calibrl_passed: missing"):
-        put_verified(keys, "train", TensorDict({"loss_mask": as_float, "calibrl_passed": torch.tensor([True, False])},
-                                               batch_size=2))
+        put_verified(
+            keys,
+            "train",
+            TensorDict({"loss_mask": as_float, "calibrl_passed": torch.tensor([True, False])}, batch_size=2),
+        )
     tq.kv_clear(keys=keys, partition_id="train")
 
 
@@ -718,9 +876,17 @@ def test_ppo_kl_metric_is_clamped_like_verl():
     logp = b["logp"].clone()
     logp[0, 0] = b["old"][0, 0] + 30.0  # a runaway ratio: verl clamps the log-ratio at 20
     adv = b["mask"] * 0.5
-    metrics = [get_policy_loss_fn(name)(old_log_prob=b["old"], log_prob=logp, advantages=adv,
-                                        response_mask=b["mask"].bool(), loss_agg_mode="token-mean",
-                                        config=actor_config())[1] for name in ("vanilla", "calibrl_dapo")]
+    metrics = [
+        get_policy_loss_fn(name)(
+            old_log_prob=b["old"],
+            log_prob=logp,
+            advantages=adv,
+            response_mask=b["mask"].bool(),
+            loss_agg_mode="token-mean",
+            config=actor_config(),
+        )[1]
+        for name in ("vanilla", "calibrl_dapo")
+    ]
     assert metrics[1]["actor/ppo_kl"] == pytest.approx(metrics[0]["actor/ppo_kl"], rel=1e-9)
 
 
@@ -762,8 +928,13 @@ def test_example_config_starts_a_synchronous_trainer_and_sizes_the_transfer_queu
     assert type(trainer.replay_buffer) is ReplayBuffer and not isinstance(trainer.replay_buffer, ReplayBufferAsync)
     assert trainer.trainer_mode == "sync"
     # verl's default 8 storage units cannot be scheduled on 2 Ray CPUs: refused before Ray starts
-    with pytest.raises(ValueError, match="num_data_storage_units: 8 storage units .* need 9 Ray CPUs, the cluster has "
-                                         "2, .*set it to at most 1"):
+    with pytest.raises(
+        ValueError,
+        match="num_data_storage_units: 8 storage units .* need 9 Ray CPUs, the cluster has 2, .*set it to at most 1",
+    ):
         check_before_ray(composed_config("ray_kwargs.ray_init.num_cpus=2"))
-    check_before_ray(composed_config("ray_kwargs.ray_init.num_cpus=2",
-                                     "transfer_queue.backend.SimpleStorage.num_data_storage_units=1"))
+    check_before_ray(
+        composed_config(
+            "ray_kwargs.ray_init.num_cpus=2", "transfer_queue.backend.SimpleStorage.num_data_storage_units=1"
+        )
+    )

@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the README snippets use a transformers model (pip install 'calibrl[train]')")
+pytest.importorskip(
+    "transformers", reason="the README snippets use a transformers model (pip install 'calibrl[train]')"
+)
+
+from _tiny_models import tiny_causal_lm  # noqa: E402
 
 import calibrl_kernels as ck  # noqa: E402
-from _tiny_models import tiny_causal_lm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -55,25 +58,37 @@ def snippet_inputs(seed: int = 0):
     vocab, prompt_len, T = 40, 5, 6
     model = tiny_causal_lm(vocab, seed=seed).float()
     B = 8
-    input_ids = torch.randint(2, vocab, (B, prompt_len + T))                         # (B, P + T)
-    attention_mask = torch.ones(B, prompt_len + T, dtype=torch.long)                  # (B, P + T)
-    response_ids = input_ids[:, prompt_len:].clone()                                  # (B, T)
-    lengths = torch.tensor([6, 4, 5, 6, 6, 3, 6, 2])                                  # response lengths
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()                      # (B, T)
+    input_ids = torch.randint(2, vocab, (B, prompt_len + T))  # (B, P + T)
+    attention_mask = torch.ones(B, prompt_len + T, dtype=torch.long)  # (B, P + T)
+    response_ids = input_ids[:, prompt_len:].clone()  # (B, T)
+    lengths = torch.tensor([6, 4, 5, 6, 6, 3, 6, 2])  # response lengths
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # (B, T)
     response_ids[mask == 0] = 0
     attention_mask[:, prompt_len:] = mask.long()
-    prompt_ids = torch.tensor([7, 7, 7, 7, 3, 3, 3, 3])                               # (B,)
-    is_expert = torch.tensor([False, False, False, True] * 2)                         # (B,)
-    rewards = torch.tensor([1.1, 0.0, 0.1, 1.1, 0.0, 1.1, 0.0, 1.1])                  # (B,)
+    prompt_ids = torch.tensor([7, 7, 7, 7, 3, 3, 3, 3])  # (B,)
+    is_expert = torch.tensor([False, False, False, True] * 2)  # (B,)
+    rewards = torch.tensor([1.1, 0.0, 0.1, 1.1, 0.0, 1.1, 0.0, 1.1])  # (B,)
     with torch.no_grad():
-        hidden = model.model(input_ids, attention_mask=attention_mask).last_hidden_state[:, -T - 1:-1]
+        hidden = model.model(input_ids, attention_mask=attention_mask).last_hidden_state[:, -T - 1 : -1]
         old_logp = ck.linear_token_logprobs(hidden, model.lm_head.weight, response_ids)  # (B, T)
-        old_logp = old_logp + 0.05 * torch.randn_like(old_logp)   # a slightly different sampling policy
+        old_logp = old_logp + 0.05 * torch.randn_like(old_logp)  # a slightly different sampling policy
     logged = []
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    return dict(model=model, input_ids=input_ids, attention_mask=attention_mask, T=T, response_ids=response_ids,
-                old_logp=old_logp, mask=mask, prompt_ids=prompt_ids, is_expert=is_expert, rewards=rewards,
-                log=logged.append, logged=logged, optimizer=optimizer)
+    return dict(
+        model=model,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        T=T,
+        response_ids=response_ids,
+        old_logp=old_logp,
+        mask=mask,
+        prompt_ids=prompt_ids,
+        is_expert=is_expert,
+        rewards=rewards,
+        log=logged.append,
+        logged=logged,
+        optimizer=optimizer,
+    )
 
 
 def test_first_snippet_trains_the_model_through_the_fused_loss():
@@ -85,7 +100,7 @@ def test_first_snippet_trains_the_model_through_the_fused_loss():
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.lm_head.weight.grad.abs().sum() > 0
-    assert model.model.embed_tokens.weight.grad.abs().sum() > 0   # the gradient reaches the body
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0  # the gradient reaches the body
     (metrics,) = names["logged"]
     assert {"pg_loss", "guide_loss", "entropy", "clipfrac"} <= set(metrics)
     assert metrics["guide_loss"] != 0
@@ -107,12 +122,19 @@ def test_second_snippet_equals_the_first_and_the_reference():
     torch.testing.assert_close(fresh["model"].lm_head.weight.grad, explicit_grad)
 
     # the same loss from the reference on materialised logits
-    logits = names["hidden"].detach() @ names["model"].lm_head.weight.detach().T    # (B, T, V)
+    logits = names["hidden"].detach() @ names["model"].lm_head.weight.detach().T  # (B, T, V)
     stats = ck.reference.group_advantages(names["rewards"], names["prompt_ids"], names["is_expert"])
-    baseline = ck.reference.expert_baseline(names["old_logp"], names["mask"], names["prompt_ids"],
-                                            names["is_expert"])
+    baseline = ck.reference.expert_baseline(names["old_logp"], names["mask"], names["prompt_ids"], names["is_expert"])
     logp, entropy = ck.reference.token_logprobs(logits, names["response_ids"], return_entropy=True)
-    ref = ck.reference.calibrl_loss(logp, names["old_logp"], stats.advantages, names["mask"], expert_logp=baseline,
-                                    passed=stats.passed, is_expert=names["is_expert"], entropy=entropy,
-                                    config=names["cfg"])
+    ref = ck.reference.calibrl_loss(
+        logp,
+        names["old_logp"],
+        stats.advantages,
+        names["mask"],
+        expert_logp=baseline,
+        passed=stats.passed,
+        is_expert=names["is_expert"],
+        entropy=entropy,
+        config=names["cfg"],
+    )
     torch.testing.assert_close(explicit, ref.loss, rtol=1e-5, atol=1e-6)

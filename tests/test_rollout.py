@@ -11,8 +11,14 @@ from calibrl.config import parse_config  # noqa: E402
 from calibrl.data import load_examples  # noqa: E402
 from calibrl.evaluate import evaluate  # noqa: E402
 from calibrl.model import PolicyForward, build_tiny_policy  # noqa: E402
-from calibrl.rollout import (IGNORE_INDEX, _generation_config, collate_responses, collect_rollouts,  # noqa: E402
-                             old_logprobs, sequence_inputs)
+from calibrl.rollout import (
+    IGNORE_INDEX,
+    _generation_config,
+    collate_responses,
+    collect_rollouts,  # noqa: E402
+    old_logprobs,
+    sequence_inputs,
+)
 
 CPU = torch.device("cpu")
 
@@ -43,8 +49,9 @@ def test_left_padding_does_not_change_hidden_states(policy, examples):
         batched, weight, _ = forward(**sequence_inputs(prompts, torch.arange(3), ids, mask, CPU))
         for i, example in enumerate(examples):
             alone_ids, alone_mask = collate_responses([responses[i]], policy.pad_token_id)
-            alone, _, _ = forward(**sequence_inputs(policy.encode_prompts([example]), torch.arange(1), alone_ids,
-                                                    alone_mask, CPU))
+            alone, _, _ = forward(
+                **sequence_inputs(policy.encode_prompts([example]), torch.arange(1), alone_ids, alone_mask, CPU)
+            )
             n = len(responses[i])
             torch.testing.assert_close(batched[i, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
     assert weight is policy.model.get_output_embeddings().weight
@@ -59,9 +66,13 @@ def test_old_logprobs_match_the_sampling_distribution(policy, examples):
     inputs.pop("position_ids", None)
     torch.manual_seed(0)
     with torch.no_grad():
-        out = policy.model.generate(**inputs, generation_config=_generation_config(policy, 6, 1.0, greedy=False),
-                                    output_logits=True, return_dict_in_generate=True)
-    new = out.sequences[:, prompts.input_ids.shape[1]:]  # (R, t)
+        out = policy.model.generate(
+            **inputs,
+            generation_config=_generation_config(policy, 6, 1.0, greedy=False),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    new = out.sequences[:, prompts.input_ids.shape[1] :]  # (R, t)
     logits = torch.stack(out.logits, dim=1)  # (R, t, V)
     logits[..., policy.suppressed_token_ids] = float("-inf")  # what the sampler saw
     sampled_logp = torch.log_softmax(logits.float(), -1).gather(-1, new[..., None]).squeeze(-1)
@@ -77,8 +88,19 @@ def _batch(prompts, index, ids, mask):
 
     n = len(index)
     zeros = torch.zeros(n)
-    return RolloutBatch(prompts, index, index.clone(), torch.zeros(n, dtype=torch.bool), ids, mask, zeros, zeros,
-                        zeros, torch.zeros(n, dtype=torch.bool), [""] * n)
+    return RolloutBatch(
+        prompts,
+        index,
+        index.clone(),
+        torch.zeros(n, dtype=torch.bool),
+        ids,
+        mask,
+        zeros,
+        zeros,
+        zeros,
+        torch.zeros(n, dtype=torch.bool),
+        [""] * n,
+    )
 
 
 def test_collect_rollouts_layout(policy, examples):
@@ -93,7 +115,7 @@ def test_collect_rollouts_layout(policy, examples):
     assert experts.rewards.tolist() == pytest.approx([1.1] * 3)
     lengths = batch.response_mask.sum(1).long()
     for row in range(len(batch)):  # the mask covers the tokens up to the end token, padding after
-        assert batch.response_mask[row, :lengths[row]].all() and not batch.response_mask[row, lengths[row]:].any()
+        assert batch.response_mask[row, : lengths[row]].all() and not batch.response_mask[row, lengths[row] :].any()
         ended = batch.response_ids[row, lengths[row] - 1] == policy.end_token_id
         assert bool(ended) != bool(batch.truncated[row])
     assert not any(policy.image_token_id in row for row in batch.response_ids.tolist())  # suppressed
@@ -107,23 +129,30 @@ def test_linear_token_logprobs_on_hidden_equals_explicit_logits(policy, examples
     ids, mask = collate_responses([policy.encode_response(e.expert) for e in examples], policy.pad_token_id)
     with torch.no_grad():
         hidden, weight, _ = forward(**sequence_inputs(prompts, torch.arange(3), ids, mask, CPU))
-        full = policy.model(**policy.model_inputs(torch.cat([prompts.input_ids, ids], 1),
-                                                  torch.cat([prompts.attention_mask, mask.long()], 1),
-                                                  prompts.vision_inputs(torch.arange(3), CPU)))
-    logits = full.logits[:, -ids.shape[1] - 1:-1]  # (B, T, V) the HF head on the same positions
+        full = policy.model(
+            **policy.model_inputs(
+                torch.cat([prompts.input_ids, ids], 1),
+                torch.cat([prompts.attention_mask, mask.long()], 1),
+                prompts.vision_inputs(torch.arange(3), CPU),
+            )
+        )
+    logits = full.logits[:, -ids.shape[1] - 1 : -1]  # (B, T, V) the HF head on the same positions
     targets = ids.masked_fill(mask == 0, IGNORE_INDEX)
     expected = ck.token_logprobs(logits, targets, ignore_index=IGNORE_INDEX)
     got = ck.linear_token_logprobs(hidden, weight, targets, ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device, compute_dtype, installed, expected", [
-    ("cuda", torch.bfloat16, True, "flash_attention_2"),
-    ("cuda:1", torch.float16, True, "flash_attention_2"),
-    ("cuda", None, True, "sdpa"),  # fp32 inputs: flash-attn would refuse them
-    ("cpu", torch.bfloat16, True, "sdpa"),
-    ("cuda", torch.bfloat16, False, "sdpa"),
-])
+@pytest.mark.parametrize(
+    "device, compute_dtype, installed, expected",
+    [
+        ("cuda", torch.bfloat16, True, "flash_attention_2"),
+        ("cuda:1", torch.float16, True, "flash_attention_2"),
+        ("cuda", None, True, "sdpa"),  # fp32 inputs: flash-attn would refuse them
+        ("cpu", torch.bfloat16, True, "sdpa"),
+        ("cuda", torch.bfloat16, False, "sdpa"),
+    ],
+)
 def test_attention_implementation(monkeypatch, device, compute_dtype, installed, expected):
     real_find_spec = model.importlib.util.find_spec
 
@@ -136,10 +165,17 @@ def test_attention_implementation(monkeypatch, device, compute_dtype, installed,
     assert model.attention_implementation(torch.device(device), compute_dtype) == expected
 
 
-@pytest.mark.parametrize("setting, device, expected", [
-    ("auto", "cuda", torch.bfloat16), ("auto", "cpu", None), ("bf16", "cpu", torch.bfloat16),
-    ("bf16", "cuda", torch.bfloat16), ("fp32", "cuda", None), ("fp32", "cpu", None),
-])
+@pytest.mark.parametrize(
+    "setting, device, expected",
+    [
+        ("auto", "cuda", torch.bfloat16),
+        ("auto", "cpu", None),
+        ("bf16", "cpu", torch.bfloat16),
+        ("bf16", "cuda", torch.bfloat16),
+        ("fp32", "cuda", None),
+        ("fp32", "cpu", None),
+    ],
+)
 def test_autocast_dtype_of_the_dtype_setting(setting, device, expected):
     assert model.autocast_dtype(torch.device(device), setting) == expected
 
@@ -151,14 +187,14 @@ def test_every_forward_pass_runs_under_the_policy_precision(policy, examples, co
     seen = {}
     phase = ["none"]
     linears = [m for m in policy.model.modules() if isinstance(m, torch.nn.Linear)]
-    hooks = [m.register_forward_hook(lambda m, i, out: seen.setdefault(phase[0], set()).add(out.dtype))
-             for m in linears]
+    hooks = [
+        m.register_forward_hook(lambda m, i, out: seen.setdefault(phase[0], set()).add(out.dtype)) for m in linears
+    ]
     previous, policy.compute_dtype = policy.compute_dtype, compute_dtype
     try:
         torch.manual_seed(0)
         phase[0] = "sampling"
-        batch = collect_rollouts(policy, examples[:2], [0, 1], rollouts_per_prompt=2, max_new_tokens=3,
-                                 temperature=1.0)
+        batch = collect_rollouts(policy, examples[:2], [0, 1], rollouts_per_prompt=2, max_new_tokens=3, temperature=1.0)
         phase[0] = "old log-probs"
         old_logprobs(PolicyForward(policy), batch, 1.0, 0)
         phase[0] = "update"

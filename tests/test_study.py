@@ -39,8 +39,21 @@ def test_grid_has_every_algorithm_and_ablation_per_seed():
     assert [r.section for r in runs[:3]] == ["warmstart"] * 3  # warm starts are scheduled first
     assert len(rl) == 3 * 15
     labels = {r.label for r in rl}
-    assert {"calibrl", "grpo", "sft+grpo", "luffy", "rlplus", "dapo", "relu", "tanh", "sigmoid", "huber", "none",
-            "slope 0.25", "slope 1"} <= labels
+    assert {
+        "calibrl",
+        "grpo",
+        "sft+grpo",
+        "luffy",
+        "rlplus",
+        "dapo",
+        "relu",
+        "tanh",
+        "sigmoid",
+        "huber",
+        "none",
+        "slope 0.25",
+        "slope 1",
+    } <= labels
     calibrl = next(r for r in rl if r.name == "calibrl-seed1")
     assert calibrl.depends_on == "warmstart-seed1" and "--init-from" in calibrl.flags
     assert calibrl.flags[calibrl.flags.index("--sft-steps") + 1] == "0"
@@ -51,8 +64,12 @@ def _record(step, entropy, **extra):
 
 
 def test_run_row_windows_and_collapse(tmp_path):
-    evals = {"eval_accuracy": 0.3, "eval_sampled_accuracy": 0.2, "ood_eval_accuracy": 0.1,
-             "ood_eval_sampled_accuracy": 0.05}
+    evals = {
+        "eval_accuracy": 0.3,
+        "eval_sampled_accuracy": 0.2,
+        "ood_eval_accuracy": 0.1,
+        "ood_eval_sampled_accuracy": 0.05,
+    }
     records = [{"phase": "sft", "step": 1, "sft_loss": 1.0}, {"phase": "rl", "step": 0, **evals}]
     entropies = [1.0] * 5 + [0.5] * 10 + [0.2] * 5  # start window 1.0, end window 0.2 -> ratio 0.2: collapsed
     for step, h in enumerate(entropies, start=1):
@@ -119,8 +136,12 @@ def test_v2_grid_seeds_primer_and_one_learning_rate():
     primers = [r for r in runs if r.name.startswith("primer")]
     rl = [r for r in runs if r.section != "warmstart"]
     assert len(warm) == len(primers) == 5 and runs[:10] == warm + primers  # scheduled before the RL runs
-    assert all(p.depends_on == f"warmstart-seed{p.seed}" and _flag(p, "--data") == "warmstart_traces.jsonl"
-               and _flag(p, "--sft-steps") == str(FULL_V2.primer_steps) for p in primers)
+    assert all(
+        p.depends_on == f"warmstart-seed{p.seed}"
+        and _flag(p, "--data") == "warmstart_traces.jsonl"
+        and _flag(p, "--sft-steps") == str(FULL_V2.primer_steps)
+        for p in primers
+    )
     seeds = {}
     for run in rl:
         seeds.setdefault(run.label, set()).add(run.seed)
@@ -130,21 +151,38 @@ def test_v2_grid_seeds_primer_and_one_learning_rate():
         assert _flag(run, "--eval-metrics") == "calibrl.study.tasks:attribute_scores"
         assert _flag(run, "--lr") == _flag(rl[0], "--lr")  # one learning rate for every algorithm
     assert {label: len(s) for label, s in seeds.items()} == {
-        "calibrl": 5, "grpo": 5, "sft+grpo": 5, "none (no guide)": 5, "luffy": 3, "rlplus": 3, "dapo": 3}
+        "calibrl": 5,
+        "grpo": 5,
+        "sft+grpo": 5,
+        "none (no guide)": 5,
+        "luffy": 3,
+        "rlplus": 3,
+        "dapo": 3,
+    }
     none = next(r for r in rl if r.label == "none (no guide)")
     assert _flag(none, "--algo") == "calibrl" and _flag(none, "--activation") == "none"
     ablations = study_runs(_data(), "study", [0, 1, 2, 3, 4], FULL_V2, ["activation", "slope", "baseline"])
     labels = {r.label for r in ablations if r.section != "warmstart"}
-    assert labels == {"relu", "tanh", "sigmoid", "huber", "slope 0.25", "slope 1", "sequence-mean baseline",
-                      "mask beyond expert length"}
+    assert labels == {
+        "relu",
+        "tanh",
+        "sigmoid",
+        "huber",
+        "slope 0.25",
+        "slope 1",
+        "sequence-mean baseline",
+        "mask beyond expert length",
+    }
     assert {r.seed for r in ablations if r.section != "warmstart"} == {0, 1, 2}
 
 
 def test_attribute_scores_read_the_strict_answer():
     good = "<think>i see a red circle.</think><answer>red circle</answer>"
     assert tasks.attribute_scores(good, "red circle") == {"color": 1.0, "shape": 1.0}
-    assert tasks.attribute_scores(good.replace("red circle</answer>", "teal circle</answer>"), "red circle") == \
-        {"color": 0.0, "shape": 1.0}
+    assert tasks.attribute_scores(good.replace("red circle</answer>", "teal circle</answer>"), "red circle") == {
+        "color": 0.0,
+        "shape": 1.0,
+    }
     assert tasks.attribute_scores("<think>t</think><answer>red blue circle</answer>", "red circle")["color"] == 0.0
     assert tasks.attribute_scores("<answer>red circle</answer>", "red circle") == {"color": 0.0, "shape": 0.0}
     traces = tasks.study_splits()["warmstart_traces"]
@@ -153,8 +191,13 @@ def test_attribute_scores_read_the_strict_answer():
 
 
 def test_t_quantiles_and_paired_intervals():
-    assert [round(paired_stats.t_quantile(0.975, df), 3) for df in (1, 2, 4, 9, 30)] == \
-        [12.706, 4.303, 2.776, 2.262, 2.042]  # the published Student-t table
+    assert [round(paired_stats.t_quantile(0.975, df), 3) for df in (1, 2, 4, 9, 30)] == [
+        12.706,
+        4.303,
+        2.776,
+        2.262,
+        2.042,
+    ]  # the published Student-t table
     result = paired_stats.paired([0.016, 0.005, 0.042])  # the first study's calibrl - grpo (3 seeds)
     assert result.mean == pytest.approx(0.021) and (result.positive, result.negative) == (3, 0)
     assert result.low < 0 < result.high and result.excludes_zero() is False  # t = 1.9, df 2: not significant
@@ -165,29 +208,58 @@ def test_t_quantiles_and_paired_intervals():
 
 def _write_run(folder, accuracy, entropy_end, distinct_end, format_end=1.0, regime=True):
     folder.mkdir(parents=True)
-    records = [{"phase": "rl", "step": 0, "eval_accuracy": 0.2, "eval_sampled_accuracy": 0.2,
-                "eval_sampled_format": 1.0, "eval_distinct_answers": 4.0, "ood_eval_sampled_color": 0.3}]
+    records = [
+        {
+            "phase": "rl",
+            "step": 0,
+            "eval_accuracy": 0.2,
+            "eval_sampled_accuracy": 0.2,
+            "eval_sampled_format": 1.0,
+            "eval_distinct_answers": 4.0,
+            "ood_eval_sampled_color": 0.3,
+        }
+    ]
     for step in range(1, 21):
-        record = {"phase": "rl", "step": step, "entropy": 0.5, "reward": 0.5, "format": 1.0,
-                  "response_entropy": 10.0 if step <= 10 else entropy_end, "response_length": 7.0}
+        record = {
+            "phase": "rl",
+            "step": step,
+            "entropy": 0.5,
+            "reward": 0.5,
+            "format": 1.0,
+            "response_entropy": 10.0 if step <= 10 else entropy_end,
+            "response_length": 7.0,
+        }
         if regime and step % 5 == 0:
             record.update(guide_z_pos_passed=0.25, guide_z_neg_passed=0.75, guide_grad_ratio=0.1, guide_grad_cos=0.9)
         if step == 20:
-            record.update(eval_accuracy=accuracy, eval_sampled_accuracy=accuracy, eval_sampled_format=format_end,
-                          eval_distinct_answers=distinct_end, ood_eval_sampled_color=0.4)
+            record.update(
+                eval_accuracy=accuracy,
+                eval_sampled_accuracy=accuracy,
+                eval_sampled_format=format_end,
+                eval_distinct_answers=distinct_end,
+                ood_eval_sampled_color=0.4,
+            )
         records.append(record)
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / DONE_FILE).write_text("{}")
 
 
 def test_v2_report_pairs_by_seed_and_counts_failed_runs(tmp_path):
-    runs = [Run(f"{key}-seed{s}", "main", label, s, ()) for key, label in (("calibrl", "calibrl"), ("grpo", "grpo"))
-            for s in range(3)]
+    runs = [
+        Run(f"{key}-seed{s}", "main", label, s, ())
+        for key, label in (("calibrl", "calibrl"), ("grpo", "grpo"))
+        for s in range(3)
+    ]
     for s, (mine, theirs) in enumerate(((0.5, 0.4), (0.45, 0.4), (0.6, 0.4))):
         _write_run(tmp_path / f"grpo-seed{s}", theirs, entropy_end=7.0, distinct_end=1.5, regime=False)
         if s < 2:
-            _write_run(tmp_path / f"calibrl-seed{s}", mine, entropy_end=8.0, distinct_end=3.0,
-                       format_end=0.2 if s == 1 else 1.0)
+            _write_run(
+                tmp_path / f"calibrl-seed{s}",
+                mine,
+                entropy_end=8.0,
+                distinct_end=3.0,
+                format_end=0.2 if s == 1 else 1.0,
+            )
     (tmp_path / "calibrl-seed2").mkdir()
     (tmp_path / "calibrl-seed2" / FAILED_FILE).write_text(json.dumps({"name": "calibrl-seed2", "error": "exit 1"}))
     outputs = report_v2.write_report(runs, str(tmp_path), str(tmp_path / "out"))

@@ -14,24 +14,58 @@ import torch
 
 pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (pip install easy-vqa)")
 
-from calibrl import checkpoint, distributed  # noqa: E402
+from _train_helpers import (
+    all_finite,
+    comparable,
+    metrics,
+    quick_run,
+    rl_records,
+    rows_by_key,  # noqa: E402
+    update_gradients,
+)
 
-from _train_helpers import (all_finite, comparable, metrics, quick_run, rl_records, rows_by_key,  # noqa: E402
-                            update_gradients)
+from calibrl import checkpoint, distributed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--quick", "--device", "cpu", "--no-tensorboard"]
 # --algo luffy keeps expert rows, --mix-ratio 0.5 drops some: processes hold different numbers of rows, and
 # with 1 row per micro-batch a process runs zero-weight passes to match the other's pass count.
-MIXED = ["--prompts-per-step", "4", "--sft-batch-size", "4", "--algo", "luffy", "--mix-ratio", "0.5",
-         "--micro-batch-rows", "1", "--seed", "3"]
+MIXED = [
+    "--prompts-per-step",
+    "4",
+    "--sft-batch-size",
+    "4",
+    "--algo",
+    "luffy",
+    "--mix-ratio",
+    "0.5",
+    "--micro-batch-rows",
+    "1",
+    "--seed",
+    "3",
+]
 # Gradient checks (grpo: a per-sequence aggregation, so any split into micro-batches gives the same gradient):
 # "one group each": --quick's P = 2 with 2 mini-batches, each mini-batch's group on one process (the other
 # runs a zero-weight pass); "uneven rows": P = 4 in one mini-batch of 3-row micro-batches, process 1 without
 # its expert rows (6 rows: 2 passes + 1 zero-weight pass against process 0's 8 rows: 3 passes).
-GRADIENT_CHECKS = {"one group each": (["--algo", "grpo"], None),
-                   "uneven rows": (["--algo", "grpo", "--prompts-per-step", "4", "--sft-batch-size", "4",
-                                    "--mini-batches", "1", "--micro-batch-rows", "3"], 1)}
+GRADIENT_CHECKS = {
+    "one group each": (["--algo", "grpo"], None),
+    "uneven rows": (
+        [
+            "--algo",
+            "grpo",
+            "--prompts-per-step",
+            "4",
+            "--sft-batch-size",
+            "4",
+            "--mini-batches",
+            "1",
+            "--micro-batch-rows",
+            "3",
+        ],
+        1,
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +81,16 @@ def ddp_runs(tmp_path_factory):
         COMMON + ["--out", str(dirs["mixed"])] + MIXED,
     ]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "_train_ddp_worker.py"), json.dumps({"runs": runs, "gradient_checks": checks})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "tests", "_train_ddp_worker.py"),
+        json.dumps({"runs": runs, "gradient_checks": checks}),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return dirs
@@ -122,8 +164,7 @@ def test_update_gradients_equal_a_single_process_update(ddp_runs, tmp_path, case
     mini-batches over all processes' groups, the loss-row weights and the zero-weight passes add up."""
     flags, drop = GRADIENT_CHECKS[case]
     got = torch.load(ddp_runs[case] / "gradients.pt")
-    expected = update_gradients(flags + ["--out", str(tmp_path)], distributed.DistInfo(0, 1, torch.device("cpu")),
-                                drop)
+    expected = update_gradients(flags + ["--out", str(tmp_path)], distributed.DistInfo(0, 1, torch.device("cpu")), drop)
     assert len(got) == len(expected) == (2 if case == "one group each" else 1)
     assert all(g.abs().sum() > 0 for g in expected)
     # one process deals its shuffled groups to the mini-batches in another order: match them up

@@ -14,12 +14,12 @@ from PIL import Image
 
 pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (pip install easy-vqa)")
 
+from _train_helpers import quick_run, rl_records  # noqa: E402
+
 from calibrl import checkpoint  # noqa: E402
 from calibrl.logging import TornLineWarning, metrics_path, read_metrics  # noqa: E402
 from calibrl.step_guard import nonfinite_tensors  # noqa: E402
 from calibrl.train import BAD_STEPS_EXIT_CODE, FAILED_EXIT_CODE, main  # noqa: E402
-
-from _train_helpers import quick_run, rl_records  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--quick", "--no-tensorboard"]
@@ -38,9 +38,23 @@ def test_poisoned_steps_are_skipped_never_checkpointed_and_the_run_resumes(tmp_p
     try:
         # the authors' format: the quick model's responses are all truncated, which the strict format scores 0
         # without calling the verifier
-        code = main([*FLAGS, "--out", str(out), "--reward-fn", "_overflow_reward:score", "--reward-format", "authors",
-                     "--max-steps", "4",
-                     "--max-bad-steps", "2", "--keep-checkpoints", "0"])
+        code = main(
+            [
+                *FLAGS,
+                "--out",
+                str(out),
+                "--reward-fn",
+                "_overflow_reward:score",
+                "--reward-format",
+                "authors",
+                "--max-steps",
+                "4",
+                "--max-bad-steps",
+                "2",
+                "--keep-checkpoints",
+                "0",
+            ]
+        )
     finally:
         _overflow_reward.POISON[0] = False
     assert code == BAD_STEPS_EXIT_CODE
@@ -75,8 +89,11 @@ def _guard_worker(rank, init_file, results):
 
     torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     guard = NonFiniteGuard(2, DistInfo(rank, 2, torch.device("cpu")))
-    verdicts = [guard.step_is_finite(rank == 0, 1.0), guard.step_is_finite(True, 1.0),
-                guard.step_is_finite(True, float("nan") if rank == 0 else 1.0)]
+    verdicts = [
+        guard.step_is_finite(rank == 0, 1.0),
+        guard.step_is_finite(True, 1.0),
+        guard.step_is_finite(True, float("nan") if rank == 0 else 1.0),
+    ]
     results[rank] = (verdicts, guard.end_step(), guard.bad_in_row)
     torch_dist.destroy_process_group()
 
@@ -117,18 +134,24 @@ def _image(folder, name, size, corrupt=False):
 
 
 def _row(image, question="what color is the shape?", answer="red"):
-    return {"image": image, "question": question, "answer": answer,
-            "expert": f"<think>a {answer} shape.</think><answer>{answer}</answer>"}
+    return {
+        "image": image,
+        "question": question,
+        "answer": answer,
+        "expert": f"<think>a {answer} shape.</think><answer>{answer}</answer>",
+    }
 
 
 @pytest.fixture
 def bad_data(tmp_path):
     """A JSONL file of 8 good rows and 4 bad ones (lines 3, 6, 9, 12), and the list of its lines."""
     good = _image(tmp_path, "good.png", (32, 32))
-    bad = {3: json.dumps(_row(_image(tmp_path, "corrupt.png", (32, 32), corrupt=True))),
-           6: json.dumps(_row(_image(tmp_path, "thin.png", (2, 600)))),  # aspect ratio 300: the processor refuses
-           9: json.dumps(_row(good, question="what is <|image_pad|> here?")),
-           12: json.dumps(_row(good))[:-2].encode() + b"\xff\xfe\"}"}
+    bad = {
+        3: json.dumps(_row(_image(tmp_path, "corrupt.png", (32, 32), corrupt=True))),
+        6: json.dumps(_row(_image(tmp_path, "thin.png", (2, 600)))),  # aspect ratio 300: the processor refuses
+        9: json.dumps(_row(good, question="what is <|image_pad|> here?")),
+        12: json.dumps(_row(good))[:-2].encode() + b'\xff\xfe"}',
+    }
     lines = []
     for line_no in range(1, 13):
         line = bad.get(line_no, json.dumps(_row(good, answer=("red", "blue")[line_no % 2])))
@@ -154,8 +177,12 @@ def test_bad_rows_are_refused_by_file_line_or_skipped_and_a_corrected_file_resum
     assert quick_run(out, "--data", path, "--skip-bad-rows", "--max-steps", "1") == 0
     printed = capsys.readouterr().out
     assert "skipped 4 bad data row(s)" in printed
-    for line_no, why in ((3, "does not decode"), (6, "refused by the image processor"),
-                         (9, "special token(s) ['<|image_pad|>']"), (12, "invalid UTF-8")):
+    for line_no, why in (
+        (3, "does not decode"),
+        (6, "refused by the image processor"),
+        (9, "special token(s) ['<|image_pad|>']"),
+        (12, "invalid UTF-8"),
+    ):
         assert f"{path}:{line_no}: " in printed and why in printed
     # the corrected file (same rows, bad ones fixed in place) resumes, with a warning naming the changes
     fixed = [json.dumps(_row("good.png", answer=("red", "blue")[n % 2])).encode() for n in range(1, 13)]
@@ -220,9 +247,16 @@ def test_a_newest_checkpoint_of_another_format_falls_back(tmp_path):
 def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path, capsys):
     out = tmp_path / "locked"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from calibrl.run_lock import RunLock; "
-         f"lock = RunLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
-        env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from calibrl.run_lock import RunLock; "
+            f"lock = RunLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(60)",
+        ],
+        env={**os.environ, "PYTHONPATH": ROOT},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit) as exit_info:

@@ -45,8 +45,13 @@ def _resume_to_the_end(out, steps=STEPS):
 @pytest.mark.parametrize("stage, resumes_from", [("data-half", 2), ("before-checksum", 2), ("before-prune", 3)])
 def test_sigkill_inside_a_checkpoint_write_then_resume(tmp_path, stage, resumes_from):
     out = tmp_path / "run"
-    killed = subprocess.run([sys.executable, os.path.join(HERE, "_kill_during_save.py"), stage, "3", *FLAGS,
-                             "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_kill_during_save.py"), stage, "3", *FLAGS, "--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with pytest.warns(UserWarning) if stage == "before-checksum" else contextlib.nullcontext():
         path, state = checkpoint.load_latest(str(out))
@@ -69,9 +74,13 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     for _ in range(3):
         seen = _newest_index(out)
         resume = ["--resume", str(out)] if seen else []
-        process = subprocess.Popen([sys.executable, "-m", "calibrl.train", *FLAGS[:-1], str(steps), "--out",
-                                    str(out), *resume], env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "calibrl.train", *FLAGS[:-1], str(steps), "--out", str(out), *resume],
+            env=_env(),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 240
         while process.poll() is None and _newest_index(out) <= seen and time.time() < deadline:
             time.sleep(0.02)

@@ -12,11 +12,11 @@ import torch
 
 pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (pip install easy-vqa)")
 
+from _train_helpers import all_finite, comparable, metrics, quick_run, rl_records, saved_config  # noqa: E402
+
 from calibrl import checkpoint  # noqa: E402
 from calibrl.config import ALGOS, ConfigError, parse_config  # noqa: E402
 from calibrl.train import INTERRUPTED_EXIT_CODE, Trainer, main  # noqa: E402
-
-from _train_helpers import all_finite, comparable, metrics, quick_run, rl_records, saved_config  # noqa: E402
 
 LOSS_KEYS = ("pg_loss", "guide_loss", "entropy", "clipfrac", "clipfrac_lower", "ppo_kl", "loss")
 
@@ -64,8 +64,9 @@ def test_resume_reproduces_the_next_steps_exactly(tmp_path, reference_run):
     assert got == expected
 
 
-@pytest.mark.parametrize("sig, exit_code", [(signal.SIGINT, INTERRUPTED_EXIT_CODE), (signal.SIGTERM, 143)],
-                         ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    "sig, exit_code", [(signal.SIGINT, INTERRUPTED_EXIT_CODE), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
 def test_signal_saves_mid_warm_start_and_resume_matches(tmp_path, reference_run, monkeypatch, sig, exit_code):
     out = tmp_path / "interrupted"
     previous_handler = signal.getsignal(sig)
@@ -108,7 +109,8 @@ def test_config_errors_are_usage_errors(tmp_path, capsys, monkeypatch):
     # under torchrun (WORLD_SIZE) the batches must split evenly over processes: refused before start-up
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert "prompts_per_step: expected a multiple of the number of processes (3)" in _usage_error(
-        capsys, tmp_path, "--prompts-per-step", "4")  # checked before sft_batch_size
+        capsys, tmp_path, "--prompts-per-step", "4"
+    )  # checked before sft_batch_size
     error = _usage_error(capsys, tmp_path, "--prompts-per-step", "6")
     assert "sft_batch_size: expected a multiple of the number of processes (3)" in error and error.endswith("got 4\n")
     assert not os.path.exists(tmp_path / "config.json")  # nothing started
@@ -164,17 +166,39 @@ def test_model_path_loads_a_qwen2_5_vl_checkpoint(tmp_path, reference_run):
 
     source = reference_run / "final_model"
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    ids = {t: tokenizer.convert_tokens_to_ids(t)
-           for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    }
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=True,
-                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=32, patch_size=8,
-                           temporal_patch_size=1, spatial_merge_size=2, window_size=32, fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=1,
+            out_hidden_size=32,
+            patch_size=8,
+            temporal_patch_size=1,
+            spatial_merge_size=2,
+            window_size=32,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -203,9 +227,17 @@ def test_model_path_loads_a_text_only_causal_lm(tmp_path, reference_run):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(reference_run / "tokenizer"))
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
@@ -218,8 +250,21 @@ def test_plot_overlays_runs(tmp_path, reference_run):
     from calibrl.plot import main as plot_main
 
     out = tmp_path / "cmp.png"
-    assert plot_main([str(reference_run), str(reference_run), "--labels", "a,b", "--out", str(out),
-                      "--metrics", "accuracy,entropy,eval_accuracy,sft_loss"]) == 0
+    assert (
+        plot_main(
+            [
+                str(reference_run),
+                str(reference_run),
+                "--labels",
+                "a,b",
+                "--out",
+                str(out),
+                "--metrics",
+                "accuracy,entropy,eval_accuracy,sft_loss",
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert plot_main([str(reference_run)]) == 0  # default: RUN_DIR/curves.png
     assert (reference_run / "curves.png").is_file()
@@ -230,8 +275,9 @@ def _scored_batch(tmp_path, *flags):
     from calibrl import algorithms, distributed
     from calibrl.rollout import collect_rollouts, old_logprobs
 
-    cfg = parse_config(["--quick", "--out", str(tmp_path), "--rollouts-per-prompt", "4", "--max-new-tokens", "6",
-                        *flags])
+    cfg = parse_config(
+        ["--quick", "--out", str(tmp_path), "--rollouts-per-prompt", "4", "--max-new-tokens", "6", *flags]
+    )
     trainer = Trainer(cfg, distributed.DistInfo(0, 1, torch.device("cpu")))
     trainer.optimizer = torch.optim.SGD(trainer.policy.model.parameters(), lr=0.05)
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda k: 1.0)
@@ -241,7 +287,8 @@ def _scored_batch(tmp_path, *flags):
     batch.old_logp = old_logprobs(trainer.forward, batch, 1.0, 0)  # (B, T)
     trainer._group_statistics(batch)
     batch.baseline, batch.baseline_mask = algorithms.expert_baseline(
-        batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, trainer.loss_cfg)
+        batch.old_logp, batch.response_mask, batch.group_ids, batch.is_expert, trainer.loss_cfg
+    )
     return trainer, batch
 
 
@@ -316,9 +363,24 @@ def test_tensorboard_scalars_and_no_duplicates_after_resume(tmp_path, reference_
         return events, {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
     events, steps = scalars(reference_run)
-    expected = {"sft/sft_loss", "sft/lr", "rl/reward", "rl/accuracy", "rl/entropy", "rl/pg_loss", "rl/guide_loss",
-                "rl/clipfrac", "rl/clipfrac_lower", "rl/ppo_kl", "rl/response_length", "rl/tokens_per_s",
-                "rl/peak_memory_mb", "rl/grad_norm", "rl/eval_accuracy", "rl/eval_sampled_accuracy"}
+    expected = {
+        "sft/sft_loss",
+        "sft/lr",
+        "rl/reward",
+        "rl/accuracy",
+        "rl/entropy",
+        "rl/pg_loss",
+        "rl/guide_loss",
+        "rl/clipfrac",
+        "rl/clipfrac_lower",
+        "rl/ppo_kl",
+        "rl/response_length",
+        "rl/tokens_per_s",
+        "rl/peak_memory_mb",
+        "rl/grad_norm",
+        "rl/eval_accuracy",
+        "rl/eval_sampled_accuracy",
+    }
     assert expected <= set(steps)
     assert steps["sft/sft_loss"] == [1, 2] and steps["rl/reward"] == [3, 4, 5]  # global step: SFT, then RL
     assert steps["rl/eval_accuracy"] == [2, 3, 4, 5]  # after the warm start, then every RL step
@@ -342,9 +404,11 @@ def test_bf16_autocast_run(tmp_path, monkeypatch):
 
     seen = []
     for name in ("fused_linear_calibrl_loss", "linear_token_logprobs"):
+
         def spy(hidden, weight, *args, _op=getattr(ck, name), _name=name, **kwargs):
             seen.append((_name, hidden.dtype, weight.dtype))
             return _op(hidden, weight, *args, **kwargs)
+
         monkeypatch.setattr(ck, name, spy)
     out = tmp_path / "bf16"
     assert quick_run(out, "--dtype", "bf16", "--max-steps", 1) == 0
@@ -377,8 +441,23 @@ def test_reward_function_that_raises_scores_zero_and_the_run_goes_on(tmp_path, c
     _flaky_reward.CALLS[0] = 0
     out = tmp_path / "flaky"
     # authors' format: truncated responses (every response of the tiny model) also reach the verifier
-    assert main(["--quick", "--out", str(out), "--no-tensorboard", "--reward-fn", "_flaky_reward:score",
-                 "--reward-format", "authors", "--max-steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--out",
+                str(out),
+                "--no-tensorboard",
+                "--reward-fn",
+                "_flaky_reward:score",
+                "--reward-format",
+                "authors",
+                "--max-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     records = rl_records(out)
     calls = _flaky_reward.CALLS[0]
     assert calls > 20  # rollouts and evaluations went through it
@@ -388,9 +467,14 @@ def test_reward_function_that_raises_scores_zero_and_the_run_goes_on(tmp_path, c
     assert "reward function raised on" in printed and "ValueError: verifier bug on call 3" in printed
 
 
-@pytest.mark.parametrize("spec, error", [("no_colon", "package.module:function"),
-                                         ("not_a_module_xyz:score", "cannot load"),
-                                         ("calibrl.rewards:FORMAT_WEIGHT", "not a function")])
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ("no_colon", "package.module:function"),
+        ("not_a_module_xyz:score", "cannot load"),
+        ("calibrl.rewards:FORMAT_WEIGHT", "not a function"),
+    ],
+)
 def test_bad_reward_fn_is_refused_by_name(tmp_path, spec, error, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--quick", "--out", str(tmp_path / "bad"), "--reward-fn", spec])

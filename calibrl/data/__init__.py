@@ -61,8 +61,9 @@ class DataRows:
     def reject(self, position: int, why: str, skip: bool) -> None:
         """Skip row ``position`` (``skip``) or raise RowError saying why and what to do."""
         if not skip:
-            raise RowError(f"{why}; fix the row (--resume accepts a corrected file) or skip bad rows with "
-                           "--skip-bad-rows")
+            raise RowError(
+                f"{why}; fix the row (--resume accepts a corrected file) or skip bad rows with --skip-bad-rows"
+            )
         self.rows[position] = None
         self.bad[position] = why
 
@@ -159,7 +160,7 @@ class PromptSampler:
                 self.position = 0
                 self._order = self._permutation(self.epoch)
             take = min(count - len(out), self.num_examples - self.position)
-            out.extend(int(i) for i in self._order[self.position:self.position + take] if int(i) not in self.skipped)
+            out.extend(int(i) for i in self._order[self.position : self.position + take] if int(i) not in self.skipped)
             self.position += take
         return out
 

@@ -130,8 +130,16 @@ def _examples(split: str) -> Iterable[Tuple[int, Example]]:
     for number, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids)):
         if image_id in attributes:
             shape, color = attributes[image_id]
-            yield image_id, Example(paths[image_id], question, answer, expert_response(question, answer, shape, color),
-                                    origin=f"easy-vqa {split} question {number}")
+            yield (
+                image_id,
+                Example(
+                    paths[image_id],
+                    question,
+                    answer,
+                    expert_response(question, answer, shape, color),
+                    origin=f"easy-vqa {split} question {number}",
+                ),
+            )
 
 
 @functools.lru_cache(maxsize=2)

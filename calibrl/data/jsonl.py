@@ -14,8 +14,8 @@ import json
 import os
 from typing import List
 
-from . import DataRows, Example, RowError
 from ..rewards import extract_answer, format_reward, normalize_answer
+from . import DataRows, Example, RowError
 
 FIELDS = ("image", "question", "answer", "expert")
 
@@ -47,12 +47,19 @@ def parse_row(row: object, path: str, line_no: int) -> Example:
             _fail(path, line_no, f"field 'image': file not found: {image}")
     expert = row["expert"]
     if not format_reward(expert):
-        _fail(path, line_no, "field 'expert': expected the format <think>...</think><answer>...</answer>, "
-                             f"got {expert[:80]!r}")
+        _fail(
+            path,
+            line_no,
+            f"field 'expert': expected the format <think>...</think><answer>...</answer>, got {expert[:80]!r}",
+        )
     expert_answer = extract_answer(expert)
     if normalize_answer(expert_answer) != normalize_answer(row["answer"]):
-        _fail(path, line_no, f"field 'expert': its answer {expert_answer!r} does not match field 'answer' "
-                             f"{row['answer']!r} (experts must be correct)")
+        _fail(
+            path,
+            line_no,
+            f"field 'expert': its answer {expert_answer!r} does not match field 'answer' "
+            f"{row['answer']!r} (experts must be correct)",
+        )
     return Example(image, row["question"], row["answer"], expert, origin=f"{path}:{line_no}")
 
 
@@ -61,7 +68,7 @@ def parse_line(raw: bytes, path: str, line_no: int) -> Example:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        bad_bytes = raw[error.start:error.start + 4]
+        bad_bytes = raw[error.start : error.start + 4]
         _fail(path, line_no, f"invalid UTF-8 at byte {error.start + 1} of the line ({bad_bytes!r})")
     try:
         row = json.loads(line)

@@ -104,11 +104,23 @@ def calibrl_batch_loss(
     if old_logp is None:
         with torch.no_grad():
             old_logp = ck.linear_token_logprobs(
-                hidden.detach(), weight.detach(), completion_ids, bias=None if bias is None else bias.detach(),
+                hidden.detach(),
+                weight.detach(),
+                completion_ids,
+                bias=None if bias is None else bias.detach(),
                 temperature=config.temperature,
             )
     return algorithms.policy_loss(
-        hidden, weight, bias, completion_ids, old_logp.float(), fields["advantages"], completion_mask,
-        fields[FIELD_PASSED], fields[FIELD_IS_EXPERT], fields.get(FIELD_EXPERT_LOGP), fields.get(FIELD_EXPERT_MASK),
+        hidden,
+        weight,
+        bias,
+        completion_ids,
+        old_logp.float(),
+        fields["advantages"],
+        completion_mask,
+        fields[FIELD_PASSED],
+        fields[FIELD_IS_EXPERT],
+        fields.get(FIELD_EXPERT_LOGP),
+        fields.get(FIELD_EXPERT_MASK),
         config,
     )

@@ -54,8 +54,7 @@ try:  # TRL is an optional dependency: `pip install calibrl[trl]`
     from trl.trainer.utils import nanstd, split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 except ImportError as _error:  # pragma: no cover - exercised only without TRL
     raise ImportError(
-        "calibrl.integrations.trl needs TRL >= 1.16: pip install 'calibrl[trl]' "
-        f"(importing trl failed: {_error})"
+        f"calibrl.integrations.trl needs TRL >= 1.16: pip install 'calibrl[trl]' (importing trl failed: {_error})"
     ) from _error
 
 __all__ = ["CalibRLGRPOConfig", "CalibRLTrainer", "calibrl_batch_loss", "hybrid_batch_fields"]
@@ -68,7 +67,10 @@ ALGOS = ("calibrl", "grpo", "luffy", "rlplus")
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 # The kernels' per-micro-batch aggregation each loss type starts from (then rescaled to TRL's normaliser).
 _KERNEL_AGGREGATION = {
-    "grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
 }
 # TRL's advantage normalisation guard: (r - mean) / (std + 1e-4).
 TRL_ADV_EPS = 1e-4
@@ -85,8 +87,14 @@ _FORMER_ALGOS = {
 }
 # Flat CLI fields of CalibRLGRPOConfig -> CalibRLConfig fields (None leaves CalibRLConfig's default).
 _FLAT_FIELDS = (
-    "guide_coef", "negative_slope", "activation", "baseline", "mask_beyond_expert", "weight_by_advantage",
-    "pass_threshold", "entropy_coef",
+    "guide_coef",
+    "negative_slope",
+    "activation",
+    "baseline",
+    "mask_beyond_expert",
+    "weight_by_advantage",
+    "pass_threshold",
+    "entropy_coef",
 )
 # Per-row TRL-only field: False on a row whose reward functions all returned None (it gets no loss terms).
 FIELD_SCORABLE = "calibrl_scorable"  # (B,) bool
@@ -97,8 +105,14 @@ _SEQUENCE_WIDE_FIELDS = ("token_type_ids", "mm_token_type_ids")
 _COMPLETION_WIDE_FIELDS = ("completion_ids", "completion_mask", "old_per_token_logps")
 # Multimodal keys TRL keeps in its batch and hands to the model.
 _MODEL_INPUT_FIELDS = (
-    "pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes", "token_type_ids",
-    "mm_token_type_ids", "image_position_ids",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
 )
 
 
@@ -120,67 +134,90 @@ class CalibRLGRPOConfig(GRPOConfig):
 
     calibrl: Optional[Any] = field(
         default=None,
-        metadata={"help": "A calibrl_kernels.CalibRLConfig giving the mode and guide-term fields (instead of "
-                          "calibrl_algo and the flat calibrl_* fields). Its clip, temperature, dual clip, "
-                          "aggregation and advantage fields come from TRL's fields: leave them at their defaults "
-                          "or equal to what TRL's fields give."},
+        metadata={
+            "help": "A calibrl_kernels.CalibRLConfig giving the mode and guide-term fields (instead of "
+            "calibrl_algo and the flat calibrl_* fields). Its clip, temperature, dual clip, "
+            "aggregation and advantage fields come from TRL's fields: leave them at their defaults "
+            "or equal to what TRL's fields give."
+        },
     )
     calibrl_algo: Optional[str] = field(
         default=None,
-        metadata={"help": "calibrl (default): TRL's loss plus the calibrated guide term toward each prompt's expert "
-                          "completion; grpo: TRL's own loss of loss_type, no expert column; luffy / rlplus: the "
-                          "expert rows are trained with LUFFY's / RL-PLUS's terms."},
+        metadata={
+            "help": "calibrl (default): TRL's loss plus the calibrated guide term toward each prompt's expert "
+            "completion; grpo: TRL's own loss of loss_type, no expert column; luffy / rlplus: the "
+            "expert rows are trained with LUFFY's / RL-PLUS's terms."
+        },
     )
     expert_column: Optional[str] = field(
         default=None,
-        metadata={"help": "Dataset column with one expert completion per prompt (text or assistant message), used "
-                          "by calibrl / luffy / rlplus only. None: 'expert' in those modes; grpo reads no expert "
-                          "column and refuses one."},
+        metadata={
+            "help": "Dataset column with one expert completion per prompt (text or assistant message), used "
+            "by calibrl / luffy / rlplus only. None: 'expert' in those modes; grpo reads no expert "
+            "column and refuses one."
+        },
     )
     expert_append_eos: bool = field(
         default=True, metadata={"help": "End each expert completion with the tokenizer's EOS, as generation does."}
     )
     loss_type: Optional[str] = field(
         default=None,
-        metadata={"help": "TRL's loss_type, one of grpo, dapo, dr_grpo, bnpo (the same normaliser as GRPOTrainer). "
-                          "None: bnpo (CalibRL's per-micro-batch token mean) in calibrl / luffy / rlplus, dapo "
-                          "(TRL's default) in grpo."},
+        metadata={
+            "help": "TRL's loss_type, one of grpo, dapo, dr_grpo, bnpo (the same normaliser as GRPOTrainer). "
+            "None: bnpo (CalibRL's per-micro-batch token mean) in calibrl / luffy / rlplus, dapo "
+            "(TRL's default) in grpo."
+        },
     )
     scale_rewards: Optional[str] = field(
         default=None,
-        metadata={"help": "TRL's scale_rewards: group, batch or none. None: none (A = r - mean, CalibRL) in "
-                          "calibrl / luffy / rlplus, group (TRL's default) in grpo."},
+        metadata={
+            "help": "TRL's scale_rewards: group, batch or none. None: none (A = r - mean, CalibRL) in "
+            "calibrl / luffy / rlplus, group (TRL's default) in grpo."
+        },
     )
     delta: Optional[float] = field(
         default=None,
-        metadata={"help": "TRL's two-sided clip, the same as CalibRL's dual clip c: for A < 0 the ratio term is "
-                          "capped at delta * |A|; needs delta >= 1 + epsilon_high. inf: off. None: 3.0 (CalibRL) in "
-                          "calibrl / luffy / rlplus, off (TRL's default) in grpo."},
+        metadata={
+            "help": "TRL's two-sided clip, the same as CalibRL's dual clip c: for A < 0 the ratio term is "
+            "capped at delta * |A|; needs delta >= 1 + epsilon_high. inf: off. None: 3.0 (CalibRL) in "
+            "calibrl / luffy / rlplus, off (TRL's default) in grpo."
+        },
     )
     calibrl_guide_coef: Optional[float] = _flat_field("guide_coef", "beta, weight of the guide term (calibrl mode).")
     calibrl_negative_slope: Optional[float] = _flat_field(
-        "negative_slope", "alpha, slope of the guide's LeakyReLU where a row already agrees with its expert.")
+        "negative_slope", "alpha, slope of the guide's LeakyReLU where a row already agrees with its expert."
+    )
     calibrl_activation: Optional[str] = _flat_field(
-        "activation", "Guide activation: leaky_relu (CalibRL), relu, tanh, sigmoid, huber, or none (no guide).")
+        "activation", "Guide activation: leaky_relu (CalibRL), relu, tanh, sigmoid, huber, or none (no guide)."
+    )
     calibrl_baseline: Optional[str] = _flat_field(
-        "baseline", "Expert baseline b: position (the expert's old log-prob at the same token index) or "
-                    "sequence-mean (its mean token log-prob).")
+        "baseline",
+        "Expert baseline b: position (the expert's old log-prob at the same token index) or "
+        "sequence-mean (its mean token log-prob).",
+    )
     calibrl_mask_beyond_expert: Optional[bool] = _flat_field(
-        "mask_beyond_expert", "Drop guide terms at positions past the expert's length (else they compare with b=0).")
+        "mask_beyond_expert", "Drop guide terms at positions past the expert's length (else they compare with b=0)."
+    )
     calibrl_weight_by_advantage: Optional[bool] = _flat_field(
-        "weight_by_advantage", "Weight each row's guide term by |A| (True) or by 1 (False).")
+        "weight_by_advantage", "Weight each row's guide term by |A| (True) or by 1 (False)."
+    )
     calibrl_pass_threshold: Optional[float] = _flat_field(
-        "pass_threshold", "A row passes when its reward (the weighted sum of the reward functions, before "
-                          "normalisation) is > this; passing rows are pulled toward the expert baseline, failing "
-                          "rows pushed away from it. Set it between your reward's fail and pass values.")
+        "pass_threshold",
+        "A row passes when its reward (the weighted sum of the reward functions, before "
+        "normalisation) is > this; passing rows are pulled toward the expert baseline, failing "
+        "rows pushed away from it. Set it between your reward's fail and pass values.",
+    )
     calibrl_entropy_coef: Optional[float] = _flat_field(
-        "entropy_coef", "CalibRL's entropy bonus: loss -= coef * entropy, normalised like the policy term "
-                        "(TRL's own entropy_coef is refused).")
+        "entropy_coef",
+        "CalibRL's entropy bonus: loss -= coef * entropy, normalised like the policy term "
+        "(TRL's own entropy_coef is refused).",
+    )
 
     def __post_init__(self):
         if self.calibrl is not None and not isinstance(self.calibrl, ck.CalibRLConfig):
             raise TypeError(
-                f"calibrl: expected a calibrl_kernels.CalibRLConfig or None, got {type(self.calibrl).__name__}")
+                f"calibrl: expected a calibrl_kernels.CalibRLConfig or None, got {type(self.calibrl).__name__}"
+            )
         algo = self.algo
         unset = _UNSET_DEFAULTS["grpo" if algo == "grpo" else "expert modes"]
         for name, value in unset.items():
@@ -189,7 +226,8 @@ class CalibRLGRPOConfig(GRPOConfig):
         if algo == "grpo" and self.expert_column is not None:
             raise ValueError(
                 f"expert_column: calibrl_algo='grpo' uses no expert completions, got {self.expert_column!r}; "
-                "leave it None (or choose calibrl, luffy or rlplus)")
+                "leave it None (or choose calibrl, luffy or rlplus)"
+            )
         if algo != "grpo" and self.expert_column is None:
             self.expert_column = "expert"
         super().__post_init__()
@@ -200,7 +238,8 @@ class CalibRLGRPOConfig(GRPOConfig):
         """The mode of this run: calibrl, grpo, luffy or rlplus."""
         if self.calibrl_algo in _FORMER_ALGOS:
             raise ValueError(
-                f"calibrl_algo: {self.calibrl_algo!r} is a TRL loss type here; use {_FORMER_ALGOS[self.calibrl_algo]}")
+                f"calibrl_algo: {self.calibrl_algo!r} is a TRL loss type here; use {_FORMER_ALGOS[self.calibrl_algo]}"
+            )
         if self.calibrl_algo is not None and self.calibrl_algo not in ALGOS:
             raise ValueError(f"calibrl_algo: expected one of {ALGOS} or None, got {self.calibrl_algo!r}")
         if self.calibrl is None:
@@ -216,16 +255,21 @@ class CalibRLGRPOConfig(GRPOConfig):
         if self.delta is not None and not math.isinf(self.delta) and not self.delta >= 1.0 + clip_high:
             raise ValueError(
                 f"delta: expected None, inf or a number >= 1 + epsilon_high = {1.0 + clip_high} (below that TRL's "
-                f"two-sided clip also caps positive advantages, which the dual clip does not), got {self.delta!r}")
+                f"two-sided clip also caps positive advantages, which the dual clip does not), got {self.delta!r}"
+            )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(
-                f"loss_type: CalibRLTrainer computes TRL's loss types {LOSS_TYPES}, got {self.loss_type!r}")
+                f"loss_type: CalibRLTrainer computes TRL's loss types {LOSS_TYPES}, got {self.loss_type!r}"
+            )
         return {
-            "clip_low": self.epsilon, "clip_high": clip_high, "temperature": self.temperature,
+            "clip_low": self.epsilon,
+            "clip_high": clip_high,
+            "temperature": self.temperature,
             "dual_clip_c": None if self.delta is None or math.isinf(self.delta) else float(self.delta),
             "loss_agg_mode": _KERNEL_AGGREGATION[self.loss_type],
             "loss_scale_factor": float(self.max_completion_length) if self.loss_type == "dr_grpo" else None,
-            "norm_by_std": self.scale_rewards != "none", "adv_eps": TRL_ADV_EPS,
+            "norm_by_std": self.scale_rewards != "none",
+            "adv_eps": TRL_ADV_EPS,
         }
 
     @property
@@ -237,8 +281,10 @@ class CalibRLGRPOConfig(GRPOConfig):
         if self.calibrl is None:
             return ck.CalibRLConfig(mode=self.algo, **flat, **owned)
         if flat:
-            raise ValueError(f"calibrl: give the guide settings either as calibrl or as calibrl_* fields, got both "
-                             f"(calibrl_{', calibrl_'.join(flat)})")
+            raise ValueError(
+                f"calibrl: give the guide settings either as calibrl or as calibrl_* fields, got both "
+                f"(calibrl_{', calibrl_'.join(flat)})"
+            )
         defaults = ck.CalibRLConfig()
         for name, value in owned.items():
             given = getattr(self.calibrl, name)
@@ -246,7 +292,8 @@ class CalibRLGRPOConfig(GRPOConfig):
                 raise ValueError(
                     f"calibrl.{name}: TRL's fields decide it here (epsilon, epsilon_high, temperature, delta, "
                     f"loss_type, scale_rewards): expected {value!r} or the default {getattr(defaults, name)!r}, "
-                    f"got {given!r}")
+                    f"got {given!r}"
+                )
         return self.calibrl.replace(**owned)
 
     def to_dict(self):
@@ -333,8 +380,10 @@ class CalibRLTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         if self.aux_loss_enabled:
             raise ValueError(
-                f"router_aux_loss_coef: the CalibRL loss has no MoE load-balancing term, got {self.router_aux_loss_coef}"
-                "; set router_aux_loss_coef=0.0")
+                f"router_aux_loss_coef: the CalibRL loss has no MoE load-balancing term, "
+                f"got {self.router_aux_loss_coef}"
+                "; set router_aux_loss_coef=0.0"
+            )
         self._expert_column = self.args.expert_column if _core.needs_experts(self.calibrl_config) else None
         self._check_dataset_columns(self.train_dataset, "train_dataset")
         self._check_group_layout()
@@ -350,8 +399,11 @@ class CalibRLTrainer(GRPOTrainer):
             "top_entropy_quantile": (args.top_entropy_quantile, 1.0, ""),
             "off_policy_mask_threshold": (args.off_policy_mask_threshold, None, ""),
             "importance_sampling_level": (args.importance_sampling_level, "token", ""),
-            "entropy_coef": (args.entropy_coef, 0.0, "TRL's entropy bonus; calibrl_entropy_coef is CalibRL's, "
-                             "normalised like the policy term"),
+            "entropy_coef": (
+                args.entropy_coef,
+                0.0,
+                "TRL's entropy bonus; calibrl_entropy_coef is CalibRL's, normalised like the policy term",
+            ),
             "use_adaptive_entropy": (args.use_adaptive_entropy, False, ""),
         }
         for name, (value, default, hint) in unsupported.items():
@@ -364,12 +416,15 @@ class CalibRLTrainer(GRPOTrainer):
             raise ValueError(f"scale_rewards: expected 'group', 'batch' or 'none', got {args.scale_rewards!r}")
         aggregation = args.multi_objective_aggregation
         if aggregation not in ("sum_then_normalize", "normalize_then_sum"):
-            raise ValueError(f"multi_objective_aggregation: expected 'sum_then_normalize' or 'normalize_then_sum', "
-                             f"got {aggregation!r}")
+            raise ValueError(
+                f"multi_objective_aggregation: expected 'sum_then_normalize' or 'normalize_then_sum', "
+                f"got {aggregation!r}"
+            )
         if cfg.keeps_expert_rows and aggregation != "sum_then_normalize":
             raise ValueError(
                 f"multi_objective_aggregation: mode {cfg.mode!r} trains expert rows, whose advantage needs the summed "
-                f"reward (sum_then_normalize), got {aggregation!r}")
+                f"reward (sum_then_normalize), got {aggregation!r}"
+            )
         if args.use_vllm and args.vllm_importance_sampling_correction:
             raise ValueError(
                 "vllm_importance_sampling_correction: not supported by the CalibRL loss; set it to False "
@@ -419,8 +474,13 @@ class CalibRLTrainer(GRPOTrainer):
         """
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         text_config = target.config.get_text_config()
-        for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                     "logits_scaling"):
+        for attr in (
+            "final_logit_softcapping",
+            "logit_scale",
+            "output_multiplier",
+            "lm_head_multiplier",
+            "logits_scaling",
+        ):
             value = getattr(text_config, attr, None)
             if value not in (None, 1.0):
                 raise NotImplementedError(
@@ -466,7 +526,7 @@ class CalibRLTrainer(GRPOTrainer):
             self._captured_rewards = None
         # The reward matrix covers every process's rows; keep this process's.
         start = self.accelerator.process_index * num_rows
-        local_rewards = rewards_per_func[start:start + num_rows]  # (B_on, F), NaN where a function returned None
+        local_rewards = rewards_per_func[start : start + num_rows]  # (B_on, F), NaN where a function returned None
         scores = self._weighted_scores(local_rewards)  # (B_on,)
         scorable = ~torch.isnan(local_rewards).all(dim=1)  # (B_on,)
         # TRL's advantages (scale_rewards, multi_objective_aggregation, 0 on unscorable rows), kept as they are.
@@ -486,8 +546,9 @@ class CalibRLTrainer(GRPOTrainer):
             if self.calibrl_config.keeps_expert_rows:
                 expert_advantages = self._expert_advantages(rewards_per_func, expert_rewards, n)
                 # TRL's token count of the generation batch (the dapo normaliser) covers the rows the loss trains.
-                batch["num_items_in_batch"] = batch["num_items_in_batch"] + self.accelerator.gather(
-                    expert_mask.sum()).sum()
+                batch["num_items_in_batch"] = (
+                    batch["num_items_in_batch"] + self.accelerator.gather(expert_mask.sum()).sum()
+                )
             else:  # calibrl: expert rows enter only through the baseline; their advantage is never read
                 expert_advantages = torch.zeros(expert_mask.size(0), device=device)
             advantages = torch.cat([advantages, expert_advantages])
@@ -563,7 +624,7 @@ class CalibRLTrainer(GRPOTrainer):
             self, [inputs[i] for i in heads], [reward_prompts[i] for i in heads], completions, expert_ids
         )
         start = self.accelerator.process_index * num_groups
-        expert_rewards = expert_rewards[start:start + num_groups]  # (G, F)
+        expert_rewards = expert_rewards[start : start + num_groups]  # (G, F)
         expert_scores = self._weighted_scores(expert_rewards)
 
         # Widen the completion axis to fit the longest expert, then copy each group's prompt row.
@@ -581,8 +642,9 @@ class CalibRLTrainer(GRPOTrainer):
                 split[key] = _pad_width(split[key], split[key].size(1) + extra, 0)
         experts = _take_rows(split, heads, num_rows)
         experts["completion_ids"] = torch.full((num_groups, width), pad_id, dtype=torch.long, device=device)
-        experts["completion_mask"] = torch.zeros((num_groups, width), dtype=split["completion_mask"].dtype,
-                                                 device=device)
+        experts["completion_mask"] = torch.zeros(
+            (num_groups, width), dtype=split["completion_mask"].dtype, device=device
+        )
         for g, ids in enumerate(expert_ids):
             experts["completion_ids"][g, : len(ids)] = torch.tensor(ids, device=device)
             experts["completion_mask"][g, : len(ids)] = 1
@@ -591,8 +653,9 @@ class CalibRLTrainer(GRPOTrainer):
             experts["old_per_token_logps"] = expert_old
         merged = unsplit_pixel_values_by_grid(_concat_rows(split, experts))
 
-        is_expert = torch.cat([torch.zeros(num_rows, dtype=torch.bool),
-                               torch.ones(num_groups, dtype=torch.bool)]).to(device)
+        is_expert = torch.cat([torch.zeros(num_rows, dtype=torch.bool), torch.ones(num_groups, dtype=torch.bool)]).to(
+            device
+        )
         baseline_logp = torch.cat([torch.zeros(num_rows, width, device=device), expert_old.float()])
         all_scores = torch.cat([scores, expert_scores])
         all_groups = torch.cat([group_ids, group_ids[torch.as_tensor(heads, device=device)]])
@@ -606,8 +669,14 @@ class CalibRLTrainer(GRPOTrainer):
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         model_inputs = {key: rows[key] for key in _MODEL_INPUT_FIELDS if rows.get(key) is not None}
         logps, _, _ = self._get_per_token_logps_and_entropies(
-            self.model, input_ids, attention_mask, width, batch_size=batch_size,
-            num_images=rows.get("num_images"), num_tiles=rows.get("num_tiles"), **model_inputs,
+            self.model,
+            input_ids,
+            attention_mask,
+            width,
+            batch_size=batch_size,
+            num_images=rows.get("num_images"),
+            num_tiles=rows.get("num_tiles"),
+            **model_inputs,
         )
         return logps * rows["completion_mask"]  # zero on padding, as the authors' baseline is
 
@@ -636,8 +705,13 @@ class CalibRLTrainer(GRPOTrainer):
         lm_head = head.get_output_embeddings()
         with self.accelerator.autocast():
             out = _core.calibrl_batch_loss(
-                hidden, lm_head.weight, completion_ids, kernel_mask, inputs.get("old_per_token_logps"),
-                {key: inputs[key] for key in ("advantages", *_core.ROW_FIELDS)}, self.calibrl_config,
+                hidden,
+                lm_head.weight,
+                completion_ids,
+                kernel_mask,
+                inputs.get("old_per_token_logps"),
+                {key: inputs[key] for key in ("advantages", *_core.ROW_FIELDS)},
+                self.calibrl_config,
                 bias=lm_head.bias,
             )
         mode = "train" if self.model.training else "eval"
@@ -656,8 +730,11 @@ class CalibRLTrainer(GRPOTrainer):
         tokens count); dr_grpo: sum / (rows * max_completion_length); bnpo: sum / tokens(M); dapo: sum / (the
         generation batch's tokens over every process / processes * accumulation / steps_per_generation).
         """
-        loss_rows = torch.ones_like(inputs[_core.FIELD_IS_EXPERT]) if self.calibrl_config.keeps_expert_rows else \
-            ~inputs[_core.FIELD_IS_EXPERT]  # (B,) bool
+        loss_rows = (
+            torch.ones_like(inputs[_core.FIELD_IS_EXPERT])
+            if self.calibrl_config.keeps_expert_rows
+            else ~inputs[_core.FIELD_IS_EXPERT]
+        )  # (B,) bool
         trl_mask = inputs["completion_mask"][loss_rows].float()  # (R, T)
         kept = kernel_mask[loss_rows].float()  # (R, T)
         if self.loss_type in ("grpo", "dr_grpo"):  # the kernels divide by the rows that have tokens

@@ -139,8 +139,9 @@ def loss_config(mode: str, actor_config: Any, loss_agg_mode: str, overrides: Opt
     )
 
 
-def global_scale(config: ck.CalibRLConfig, mask: torch.Tensor, is_expert: Optional[torch.Tensor],
-                 info: dict) -> torch.Tensor:
+def global_scale(
+    config: ck.CalibRLConfig, mask: torch.Tensor, is_expert: Optional[torch.Tensor], info: dict
+) -> torch.Tensor:
     """Factor turning the micro-batch aggregation of calibrl_kernels into verl 0.9's global one.
 
     verl normalises every micro-batch loss by global counts (``batch_num_tokens`` or ``global_batch_size``
@@ -156,7 +157,8 @@ def global_scale(config: ck.CalibRLConfig, mask: torch.Tensor, is_expert: Option
         if total is None:
             if dp_size > 1:
                 raise ValueError(
-                    "global_batch_info.batch_num_tokens: required when dp_size > 1 (as in verl's agg_loss)")
+                    "global_batch_info.batch_num_tokens: required when dp_size > 1 (as in verl's agg_loss)"
+                )
             return torch.ones((), dtype=torch.float64, device=mask.device)
         if config.mask_beyond_expert and config.uses_guide:
             raise NotImplementedError(
@@ -205,15 +207,23 @@ def policy_loss(
     cfg = loss_config(mode, config, loss_agg_mode, calibrl_overrides)
     if cfg.uses_guide and (expert_logp is None or passed is None):
         raise ValueError(
-            f"expert_logp/passed: loss_mode 'calibrl' needs the per-row expert baseline and pass flags, which verl's "
+            "expert_logp/passed: loss_mode 'calibrl' needs the per-row expert baseline and pass flags, which verl's "
             "stock ppo_loss does not pass; run with trainer.v1.trainer_mode=calibrl_sync (see examples/verl)"
         )
     if cfg.keeps_expert_rows and is_expert is None:
         raise ValueError(
-            f"is_expert: loss_mode for {mode!r} needs the (B,) expert-row flags (trainer_mode=calibrl_sync)")
+            f"is_expert: loss_mode for {mode!r} needs the (B,) expert-row flags (trainer_mode=calibrl_sync)"
+        )
     out = ck.calibrl_loss(
-        log_prob, old_log_prob, advantages if advantages.is_floating_point() else advantages.float(), response_mask,
-        expert_logp=expert_logp, passed=passed, is_expert=is_expert, entropy=entropy, expert_mask=expert_mask,
+        log_prob,
+        old_log_prob,
+        advantages if advantages.is_floating_point() else advantages.float(),
+        response_mask,
+        expert_logp=expert_logp,
+        passed=passed,
+        is_expert=is_expert,
+        entropy=entropy,
+        expert_mask=expert_mask,
         config=cfg,
     )
     info = _get(config, "global_batch_info", {}) or {}
@@ -328,13 +338,22 @@ def calibrl_ppo_loss(config, model_output, data, dp_group=None, calibrl_override
         config.global_batch_info[key] = data[key]
     config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
     global_normalisation = (
-        data["dp_size"] > 1 or data["batch_num_tokens"] is not None or data["global_batch_size"] is not None
+        data["dp_size"] > 1
+        or data["batch_num_tokens"] is not None
+        or data["global_batch_size"] is not None
         or config.loss_scale_factor is not None
     )
     metric_aggregation = AggregationType.SUM if global_normalisation else AggregationType.MEAN
 
-    fields = ["response_mask", "old_log_probs", "advantages", _core.FIELD_IS_EXPERT, _core.FIELD_PASSED,
-              _core.FIELD_EXPERT_LOGP, _core.FIELD_EXPERT_MASK]
+    fields = [
+        "response_mask",
+        "old_log_probs",
+        "advantages",
+        _core.FIELD_IS_EXPERT,
+        _core.FIELD_PASSED,
+        _core.FIELD_EXPERT_LOGP,
+        _core.FIELD_EXPERT_MASK,
+    ]
     missing = [name for name in fields if name not in data.keys()]
     if missing:
         raise ValueError(f"data: missing {missing}; loss_mode {loss_mode!r} needs trainer.v1.trainer_mode=calibrl_sync")
@@ -342,12 +361,19 @@ def calibrl_ppo_loss(config, model_output, data, dp_group=None, calibrl_override
     batch = data.select(*fields, *optional).to_padded_tensor()
     response_mask = batch["response_mask"].to(bool)
     pg_loss, pg_metrics = get_policy_loss_fn(loss_mode)(
-        old_log_prob=batch["old_log_probs"], log_prob=log_prob, advantages=batch["advantages"],
-        response_mask=response_mask, loss_agg_mode=config.loss_agg_mode, config=config,
+        old_log_prob=batch["old_log_probs"],
+        log_prob=log_prob,
+        advantages=batch["advantages"],
+        response_mask=response_mask,
+        loss_agg_mode=config.loss_agg_mode,
+        config=config,
         rollout_is_weights=batch.get("rollout_is_weights", None),
-        expert_logp=batch[_core.FIELD_EXPERT_LOGP].float(), passed=batch[_core.FIELD_PASSED].bool(),
-        is_expert=batch[_core.FIELD_IS_EXPERT].bool(), expert_mask=batch[_core.FIELD_EXPERT_MASK].bool(),
-        entropy=None if entropy is None else entropy.detach(), calibrl_overrides=calibrl_overrides,
+        expert_logp=batch[_core.FIELD_EXPERT_LOGP].float(),
+        passed=batch[_core.FIELD_PASSED].bool(),
+        is_expert=batch[_core.FIELD_IS_EXPERT].bool(),
+        expert_mask=batch[_core.FIELD_EXPERT_MASK].bool(),
+        entropy=None if entropy is None else entropy.detach(),
+        calibrl_overrides=calibrl_overrides,
     )
     # the loss terms (globally normalised, summed over micro-batches like verl's actor/pg_loss); ratios and
     # fractions as micro-batch means
@@ -358,17 +384,23 @@ def calibrl_ppo_loss(config, model_output, data, dp_group=None, calibrl_override
     # entropy bonus and KL loss over the tokens the policy loss counts (expert rows only for luffy / rlplus),
     # so that their sums match verl's global token count (the sum of the loss_mask the advantage step wrote)
     is_expert = batch[_core.FIELD_IS_EXPERT].bool()
-    counted_mask = response_mask & counted_rows(loss_config(POLICY_LOSSES[loss_mode], config, config.loss_agg_mode,
-                                                            calibrl_overrides), is_expert)[:, None]
+    counted_mask = (
+        response_mask
+        & counted_rows(
+            loss_config(POLICY_LOSSES[loss_mode], config, config.loss_agg_mode, calibrl_overrides), is_expert
+        )[:, None]
+    )
     if entropy is not None:
-        entropy_loss = agg_loss(loss_mat=entropy, loss_mask=counted_mask, loss_agg_mode=config.loss_agg_mode,
-                                **config.global_batch_info)
+        entropy_loss = agg_loss(
+            loss_mat=entropy, loss_mask=counted_mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info
+        )
         policy_loss_value = policy_loss_value - config.entropy_coeff * entropy_loss
         metrics["actor/entropy_loss"] = Metric(value=entropy_loss, aggregation=metric_aggregation)
     if config.use_kl_loss:
         kld = kl_penalty(logprob=log_prob, ref_logprob=batch["ref_log_prob"], kl_penalty=config.kl_loss_type)
-        kl_loss = agg_loss(loss_mat=kld, loss_mask=counted_mask, loss_agg_mode=config.loss_agg_mode,
-                           **config.global_batch_info)
+        kl_loss = agg_loss(
+            loss_mat=kld, loss_mask=counted_mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info
+        )
         policy_loss_value = policy_loss_value + kl_loss * config.kl_loss_coef
         metrics["kl_loss"] = Metric(value=kl_loss, aggregation=metric_aggregation)
         metrics["kl_coef"] = config.kl_loss_coef
@@ -396,8 +428,12 @@ def startup_problems(config: Any) -> List[str]:
     adv_estimator = _select(config, "algorithm.adv_estimator")
     trainer_mode = _select(config, "trainer.v1.trainer_mode", "sync")
     agent_loop = _select(config, "actor_rollout_ref.rollout.agent.default_agent_loop")
-    if loss_mode not in POLICY_LOSSES and adv_estimator != ADV_ESTIMATOR and trainer_mode != TRAINER_MODE \
-            and agent_loop != AGENT_LOOP:
+    if (
+        loss_mode not in POLICY_LOSSES
+        and adv_estimator != ADV_ESTIMATOR
+        and trainer_mode != TRAINER_MODE
+        and agent_loop != AGENT_LOOP
+    ):
         return []
     problems = []
     try:
@@ -405,10 +441,12 @@ def startup_problems(config: Any) -> List[str]:
     except ValueError as error:
         return [str(error)]
     if loss_mode not in POLICY_LOSSES:
-        return [f"actor_rollout_ref.actor.policy_loss.loss_mode: the CalibRL pieces in use "
-                f"(adv_estimator={adv_estimator!r}, "
-                f"trainer_mode={trainer_mode!r}, agent loop {agent_loop!r}) need one of {sorted(POLICY_LOSSES)}, "
-                f"got {loss_mode!r}"]
+        return [
+            f"actor_rollout_ref.actor.policy_loss.loss_mode: the CalibRL pieces in use "
+            f"(adv_estimator={adv_estimator!r}, "
+            f"trainer_mode={trainer_mode!r}, agent loop {agent_loop!r}) need one of {sorted(POLICY_LOSSES)}, "
+            f"got {loss_mode!r}"
+        ]
     mode = POLICY_LOSSES[loss_mode]
     loss = ck.CalibRLConfig(mode=mode, **overrides)
     actor = "actor_rollout_ref.actor"
@@ -419,40 +457,55 @@ def startup_problems(config: Any) -> List[str]:
         problems.append(str(error))
     if mode == "drgrpo" and _select(config, "algorithm.norm_adv_by_std_in_grpo", True):
         problems.append(
-            "algorithm.norm_adv_by_std_in_grpo: calibrl_drgrpo uses A = r - mean (Dr.GRPO); set it to false")
+            "algorithm.norm_adv_by_std_in_grpo: calibrl_drgrpo uses A = r - mean (Dr.GRPO); set it to false"
+        )
     needs_experts = _core.needs_experts(loss)
     if needs_experts:
-        for key, value, wanted in (("trainer.v1.trainer_mode", trainer_mode, TRAINER_MODE),
-                                   ("algorithm.adv_estimator", adv_estimator, ADV_ESTIMATOR),
-                                   ("actor_rollout_ref.rollout.agent.default_agent_loop", agent_loop, AGENT_LOOP)):
+        for key, value, wanted in (
+            ("trainer.v1.trainer_mode", trainer_mode, TRAINER_MODE),
+            ("algorithm.adv_estimator", adv_estimator, ADV_ESTIMATOR),
+            ("actor_rollout_ref.rollout.agent.default_agent_loop", agent_loop, AGENT_LOOP),
+        ):
             if value != wanted:
-                problems.append(f"{key}: loss_mode {loss_mode!r} needs expert rows, carried by {key}={wanted}; "
-                                f"got {value!r}")
+                problems.append(
+                    f"{key}: loss_mode {loss_mode!r} needs expert rows, carried by {key}={wanted}; got {value!r}"
+                )
     if trainer_mode == TRAINER_MODE and not _select(config, "trainer.use_v1", True):
         problems.append(f"trainer.use_v1: trainer_mode {TRAINER_MODE} is a v1 trainer; set trainer.use_v1=true")
     if agent_loop == AGENT_LOOP and trainer_mode != TRAINER_MODE:
-        problems.append(f"trainer.v1.trainer_mode: the {AGENT_LOOP} agent loop emits expert rows that only "
-                        f"{TRAINER_MODE} keeps out of the policy loss; got {trainer_mode!r}")
+        problems.append(
+            f"trainer.v1.trainer_mode: the {AGENT_LOOP} agent loop emits expert rows that only "
+            f"{TRAINER_MODE} keeps out of the policy loss; got {trainer_mode!r}"
+        )
     rollout_correction = _select(config, "algorithm.rollout_correction") or {}
     for key in ("rollout_is", "rollout_rs"):
         if _get(rollout_correction, key) is not None:
-            problems.append(f"algorithm.rollout_correction.{key}: rollout importance weights / rejection sampling are "
-                            f"not part of the CalibRL loss; set it to null")
+            problems.append(
+                f"algorithm.rollout_correction.{key}: rollout importance weights / rejection sampling are "
+                f"not part of the CalibRL loss; set it to null"
+            )
     if _get(rollout_correction, "bypass_mode", False) and (loss.uses_guide or loss.keeps_expert_rows):
         problems.append(
             "algorithm.rollout_correction.bypass_mode: it takes old log-probs from the rollout engine, which has none "
             f"for expert rows (the expert baseline / expert-token terms of {loss_mode!r} would read 0.0); set it "
-            "to false so that the actor recomputes old log-probs for every row")
+            "to false so that the actor recomputes old log-probs for every row"
+        )
     if adv_estimator == ADV_ESTIMATOR and _select(config, "algorithm.use_kl_in_reward", False):
-        problems.append("algorithm.use_kl_in_reward: would change the task reward that decides CalibRL's pass flags; "
-                        "set it to false and use actor_rollout_ref.actor.use_kl_loss=true (a KL loss term) instead")
+        problems.append(
+            "algorithm.use_kl_in_reward: would change the task reward that decides CalibRL's pass flags; "
+            "set it to false and use actor_rollout_ref.actor.use_kl_loss=true (a KL loss term) instead"
+        )
     if loss.mask_beyond_expert and loss.uses_guide and loss_agg_mode == "token-mean":
-        problems.append("calibrl.mask_beyond_expert: the guide term would count other tokens than verl's global token "
-                        "count; use mask_beyond_expert=false under verl")
+        problems.append(
+            "calibrl.mask_beyond_expert: the guide term would count other tokens than verl's global token "
+            "count; use mask_beyond_expert=false under verl"
+        )
     rollout_n = int(_select(config, "actor_rollout_ref.rollout.n", 1))
     if agent_loop == AGENT_LOOP and rollout_n < 2:
-        problems.append(f"actor_rollout_ref.rollout.n: the {AGENT_LOOP} agent loop needs n on-policy sessions + 1 "
-                        f"expert session (>= 2), got {rollout_n}")
+        problems.append(
+            f"actor_rollout_ref.rollout.n: the {AGENT_LOOP} agent loop needs n on-policy sessions + 1 "
+            f"expert session (>= 2), got {rollout_n}"
+        )
     return problems
 
 
@@ -471,8 +524,9 @@ def transfer_queue_problem(config: Any, num_cpus: float) -> Optional[str]:
     return (
         f"transfer_queue.backend.SimpleStorage.num_data_storage_units: {units} storage units + the TransferQueue "
         f"controller need {units + 1} Ray CPUs, the cluster has {num_cpus:g}, and verl would wait for them forever; "
-        f"set it to at most {fitting}" + (" or " if fitting else "; ") +
-        "raise ray_kwargs.ray_init.num_cpus (Ray's logical CPUs may exceed the cores)"
+        f"set it to at most {fitting}"
+        + (" or " if fitting else "; ")
+        + "raise ray_kwargs.ray_init.num_cpus (Ray's logical CPUs may exceed the cores)"
     )
 
 

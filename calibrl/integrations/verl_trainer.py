@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any, List, Optional
+from typing import Any, List
 
 import numpy as np
 import torch
@@ -34,8 +34,15 @@ import calibrl_kernels as ck
 
 from . import _core
 from .verl import (
-    ADV_ESTIMATOR, AGENT_LOOP, POLICY_LOSSES, TRAINER_MODE, calibrl_overrides, calibrl_ppo_loss, check_startup_config,
-    hybrid_rows, require_verl,
+    ADV_ESTIMATOR,
+    AGENT_LOOP,
+    POLICY_LOSSES,
+    TRAINER_MODE,
+    calibrl_overrides,
+    calibrl_ppo_loss,
+    check_startup_config,
+    hybrid_rows,
+    require_verl,
 )
 
 require_verl()
@@ -94,11 +101,14 @@ class CalibRLExpertAgentLoop(SingleTurnAgentLoop):
         num_sessions = int(self.rollout_config.n)
         if num_sessions < 2:
             raise ValueError(
-                f"actor_rollout_ref.rollout.n: expected n on-policy sessions + 1 expert (>= 2), got {num_sessions}")
+                f"actor_rollout_ref.rollout.n: expected n on-policy sessions + 1 expert (>= 2), got {num_sessions}"
+            )
         trainer_mode = self.config.trainer.v1.trainer_mode
         if trainer_mode != TRAINER_MODE:
-            raise ValueError(f"trainer.v1.trainer_mode: the {AGENT_LOOP} agent loop needs {TRAINER_MODE} (which keeps "
-                             f"expert rows out of the policy loss), got {trainer_mode!r}")
+            raise ValueError(
+                f"trainer.v1.trainer_mode: the {AGENT_LOOP} agent loop needs {TRAINER_MODE} (which keeps "
+                f"expert rows out of the policy loss), got {trainer_mode!r}"
+            )
         validating = bool(kwargs.get(VALIDATION_FLAG, False))  # validation scores sampled answers only
         if validating or int(kwargs.get("session_id", 0)) != num_sessions - 1:
             output = await super().run(sampling_params, **kwargs)
@@ -108,8 +118,11 @@ class CalibRLExpertAgentLoop(SingleTurnAgentLoop):
         multi_modal_data = await self.process_multi_modal_info(messages)
         self._assert_mm_supported(bool(multi_modal_data))
         prompt_ids = await self.ct_build_initial_tokens(
-            messages, images=multi_modal_data.get("images"), videos=multi_modal_data.get("videos"),
-            audios=multi_modal_data.get("audios"), mm_inputs_out={},
+            messages,
+            images=multi_modal_data.get("images"),
+            videos=multi_modal_data.get("videos"),
+            audios=multi_modal_data.get("audios"),
+            mm_inputs_out={},
         )
         response_ids = expert_response_ids(self.tokenizer, expert_text_of(kwargs), self.response_length)
         logprobs = [0.0] * len(response_ids) if self.rollout_config.calculate_log_probs else None
@@ -117,12 +130,21 @@ class CalibRLExpertAgentLoop(SingleTurnAgentLoop):
         # step - 1's weights): the expert row then adds no staleness to verl's off-policy metrics.
         weights_version = int(kwargs["global_steps"]) - 1
         return AgentLoopOutput(
-            prompt_ids=prompt_ids, response_ids=response_ids, response_mask=[1] * len(response_ids),
-            response_logprobs=logprobs, multi_modal_data=multi_modal_data,
+            prompt_ids=prompt_ids,
+            response_ids=response_ids,
+            response_mask=[1] * len(response_ids),
+            response_logprobs=logprobs,
+            multi_modal_data=multi_modal_data,
             mm_processor_kwargs=self._get_mm_processor_kwargs(multi_modal_data.get("audios")),
-            num_turns=2, metrics={},
-            extra_fields={EXPERT_FLAG: True, "turn_scores": [], "tool_rewards": [],
-                          "min_global_steps": weights_version, "max_global_steps": weights_version},
+            num_turns=2,
+            metrics={},
+            extra_fields={
+                EXPERT_FLAG: True,
+                "turn_scores": [],
+                "tool_rewards": [],
+                "min_global_steps": weights_version,
+                "max_global_steps": weights_version,
+            },
         )
 
 
@@ -247,8 +269,12 @@ class CalibRLSyncTrainer(PPOTrainerSync):
         )
         response_mask = padded.batch["response_mask"]
         rows = hybrid_rows(
-            padded.batch["rm_scores"].sum(-1), uids, is_expert.to(response_mask.device),
-            padded.batch["old_log_probs"], response_mask, config,
+            padded.batch["rm_scores"].sum(-1),
+            uids,
+            is_expert.to(response_mask.device),
+            padded.batch["old_log_probs"],
+            response_mask,
+            config,
         )
         out = {}
         for name in ("advantages", "returns", _core.FIELD_EXPERT_LOGP, _core.FIELD_EXPERT_MASK):

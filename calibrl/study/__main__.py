@@ -28,17 +28,32 @@ from .tasks import HELD_OUT, write_splits
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m calibrl.study", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="v1", choices=tuple(STUDIES),
-                        help="v1: the first study as it was run; v2: the second (see calibrl/study/grid.py)")
-    parser.add_argument("--out", default=None, help="study folder, one folder per run (default runs/study for v1, "
-                                                    "runs/study-v2 for v2)")
+    parser.add_argument(
+        "--config",
+        default="v1",
+        choices=tuple(STUDIES),
+        help="v1: the first study as it was run; v2: the second (see calibrl/study/grid.py)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="study folder, one folder per run (default runs/study for v1, runs/study-v2 for v2)"
+    )
     parser.add_argument("--results", default=None, help="where results.csv / .md / curves_*.png go (default: --out)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="seeds (default v1: 0 1 2, v2: 0 1 2 3 4, of which all but the main four "
-                             "configurations take the first 3; --quick: 0)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds (default v1: 0 1 2, v2: 0 1 2 3 4, of which all but the main four "
+        "configurations take the first 3; --quick: 0)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one process (and core) each")
-    parser.add_argument("--sections", nargs="+", default=None, choices=SECTIONS,
-                        help="which parts of the study to run (default v1: all, v2: main)")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=None,
+        choices=SECTIONS,
+        help="which parts of the study to run (default v1: all, v2: main)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 RL steps: checks the plumbing only")
     parser.add_argument("--report-only", action="store_true", help="render the outputs of the finished runs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -103,8 +118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         status = run_all(runs, args.out, args.jobs, args.progress)
         failed = {name: message for name, message in status.items() if message not in ("done", "skipped")}
         ran = sum(message == "done" for message in status.values())
-        print(f"study: {ran} runs done, {len(status) - ran - len(failed)} skipped (finished before), "
-              f"{len(failed)} failed", flush=True)
+        print(
+            f"study: {ran} runs done, {len(status) - ran - len(failed)} skipped (finished before), "
+            f"{len(failed)} failed",
+            flush=True,
+        )
         for message in failed.values():
             print(f"  FAILED {message}", file=sys.stderr)
         if ran:

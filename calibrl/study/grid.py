@@ -32,8 +32,10 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid", "huber", "none")
 # those two rows reuse the calibrl and relu runs instead of recomputing identical losses.
 SLOPES = (0.25, 1.0)
 SLOPE_ALIASES = {0.0: "act-relu", 0.5: "calibrl"}
-BASELINE_VARIANTS = (("baseline-seqmean", "sequence-mean baseline", ("--baseline", "sequence-mean")),
-                     ("mask-beyond-expert", "mask beyond expert length", ("--mask-beyond-expert",)))
+BASELINE_VARIANTS = (
+    ("baseline-seqmean", "sequence-mean baseline", ("--baseline", "sequence-mean")),
+    ("mask-beyond-expert", "mask beyond expert length", ("--mask-beyond-expert",)),
+)
 SECTIONS = ("main", "activation", "slope", "baseline")
 
 
@@ -56,26 +58,62 @@ class Budget:
     other_seeds: Optional[int] = None  # configurations outside FIVE_SEED_KEYS run on the first N seeds (None: all)
 
 
-FULL = Budget(warm_start_steps=300, rl_steps=60, extra_sft_steps=100, eval_every=10, eval_examples=192,
-              max_new_tokens=20)
+FULL = Budget(
+    warm_start_steps=300, rl_steps=60, extra_sft_steps=100, eval_every=10, eval_examples=192, max_new_tokens=20
+)
 # one configuration of each section and of each kind of reference row
-QUICK = Budget(warm_start_steps=3, rl_steps=2, extra_sft_steps=2, eval_every=1, eval_examples=8, max_new_tokens=8,
-               quick=True, only=("calibrl", "grpo", "sft-grpo", "act-relu", "slope-0.25", "baseline-seqmean"))
+QUICK = Budget(
+    warm_start_steps=3,
+    rl_steps=2,
+    extra_sft_steps=2,
+    eval_every=1,
+    eval_examples=8,
+    max_new_tokens=8,
+    quick=True,
+    only=("calibrl", "grpo", "sft-grpo", "act-relu", "slope-0.25", "baseline-seqmean"),
+)
 # v1 as it was run: the authors' reward parsing and one evaluation sample (defaults of calibrl.train then)
 V1_FLAGS = ("--reward-format", "authors", "--eval-samples", "1", "--diagnostics-every", "0")
 FULL = dataclasses.replace(FULL, train_flags=V1_FLAGS)
 QUICK = dataclasses.replace(QUICK, train_flags=V1_FLAGS)
-V2_FLAGS = ("--reward-format", "strict", "--eval-samples", "8", "--diagnostics-every", "5",
-            "--eval-metrics", "calibrl.study.tasks:attribute_scores")
+V2_FLAGS = (
+    "--reward-format",
+    "strict",
+    "--eval-samples",
+    "8",
+    "--diagnostics-every",
+    "5",
+    "--eval-metrics",
+    "calibrl.study.tasks:attribute_scores",
+)
 # v2's regime, chosen from the probe recorded in docs/study/v2_probe.md (GRPO's behaviour only for the lr):
 # a 60-step primer crosses the guide's bend on about 40% of guided tokens; lr 5e-4 (10 warm-up steps, then
 # constant) took GRPO's per-response entropy to 24% of its first 10 steps' value within 100 steps
-FULL_V2 = Budget(warm_start_steps=300, rl_steps=100, extra_sft_steps=100, eval_every=20, eval_examples=96,
-                 max_new_tokens=20, version="v2", primer_steps=60, train_flags=V2_FLAGS,
-                 rl_flags=("--lr", "5e-4", "--warmup-steps", "10"), other_seeds=OTHER_SEEDS)
-QUICK_V2 = dataclasses.replace(FULL_V2, warm_start_steps=3, rl_steps=2, extra_sft_steps=2, eval_every=1,
-                               eval_examples=8, max_new_tokens=8, primer_steps=2, quick=True,
-                               only=("calibrl", "grpo"))
+FULL_V2 = Budget(
+    warm_start_steps=300,
+    rl_steps=100,
+    extra_sft_steps=100,
+    eval_every=20,
+    eval_examples=96,
+    max_new_tokens=20,
+    version="v2",
+    primer_steps=60,
+    train_flags=V2_FLAGS,
+    rl_flags=("--lr", "5e-4", "--warmup-steps", "10"),
+    other_seeds=OTHER_SEEDS,
+)
+QUICK_V2 = dataclasses.replace(
+    FULL_V2,
+    warm_start_steps=3,
+    rl_steps=2,
+    extra_sft_steps=2,
+    eval_every=1,
+    eval_examples=8,
+    max_new_tokens=8,
+    primer_steps=2,
+    quick=True,
+    only=("calibrl", "grpo"),
+)
 STUDIES = {"v1": (FULL, QUICK), "v2": (FULL_V2, QUICK_V2)}  # (full, --quick) budget of each configuration
 
 
@@ -108,39 +146,105 @@ def _rl_configs(sections: Sequence[str], version: str = "v1") -> List[Tuple[str,
         activations = [a for a in ACTIVATIONS if version == "v1" or a != "none"]
         configs += [(f"act-{a}", "activation", a, ("--algo", "calibrl", "--activation", a)) for a in activations]
     if "slope" in sections:
-        configs += [(f"slope-{s:g}", "slope", f"slope {s:g}", ("--algo", "calibrl", "--negative-slope", str(s)))
-                    for s in SLOPES]
+        configs += [
+            (f"slope-{s:g}", "slope", f"slope {s:g}", ("--algo", "calibrl", "--negative-slope", str(s))) for s in SLOPES
+        ]
     if "baseline" in sections:
         configs += [(key, "baseline", label, ("--algo", "calibrl") + flags) for key, label, flags in BASELINE_VARIANTS]
     return configs
 
 
-def study_runs(data: Dict[str, str], study_dir: str, seeds: Sequence[int], budget: Budget,
-               sections: Sequence[str] = SECTIONS) -> List[Run]:
+def study_runs(
+    data: Dict[str, str], study_dir: str, seeds: Sequence[int], budget: Budget, sections: Sequence[str] = SECTIONS
+) -> List[Run]:
     """Every run of the study: the warm starts first, then the RL runs seed by seed."""
-    common = ("--eval-data", data["eval_id"], "--ood-eval-data", data["eval_ood"],
-              "--eval-examples", str(budget.eval_examples), "--max-new-tokens", str(budget.max_new_tokens),
-              "--no-progress", "--no-tensorboard", "--keep-checkpoints", "1", "--save-every", "1000000")
+    common = (
+        "--eval-data",
+        data["eval_id"],
+        "--ood-eval-data",
+        data["eval_ood"],
+        "--eval-examples",
+        str(budget.eval_examples),
+        "--max-new-tokens",
+        str(budget.max_new_tokens),
+        "--no-progress",
+        "--no-tensorboard",
+        "--keep-checkpoints",
+        "1",
+        "--save-every",
+        "1000000",
+    )
     common += budget.train_flags
     if budget.quick:
         common = ("--quick",) + common
-    runs = [Run(warm_start_name(s), "warmstart", "warm start", s,
-                common + ("--seed", str(s), "--data", data["warmstart"], "--sft-steps", str(budget.warm_start_steps),
-                          "--max-steps", "0"))
-            for s in seeds]
+    runs = [
+        Run(
+            warm_start_name(s),
+            "warmstart",
+            "warm start",
+            s,
+            common
+            + (
+                "--seed",
+                str(s),
+                "--data",
+                data["warmstart"],
+                "--sft-steps",
+                str(budget.warm_start_steps),
+                "--max-steps",
+                "0",
+            ),
+        )
+        for s in seeds
+    ]
     start_of = warm_start_name
     if budget.primer_steps:  # the expert traces of the warm start's images, after the answer-only warm start
-        runs += [Run(primer_name(s), "warmstart", "primer", s,
-                     common + ("--seed", str(s), "--data", data["warmstart_traces"], "--sft-steps",
-                               str(budget.primer_steps), "--max-steps", "0", "--init-from",
-                               os.path.join(study_dir, warm_start_name(s))), warm_start_name(s))
-                 for s in seeds]
+        runs += [
+            Run(
+                primer_name(s),
+                "warmstart",
+                "primer",
+                s,
+                common
+                + (
+                    "--seed",
+                    str(s),
+                    "--data",
+                    data["warmstart_traces"],
+                    "--sft-steps",
+                    str(budget.primer_steps),
+                    "--max-steps",
+                    "0",
+                    "--init-from",
+                    os.path.join(study_dir, warm_start_name(s)),
+                ),
+                warm_start_name(s),
+            )
+            for s in seeds
+        ]
         start_of = primer_name
     for position, seed in enumerate(seeds):
         init = os.path.join(study_dir, start_of(seed))
-        rl = common + ("--seed", str(seed), "--data", data["rl"], "--init-from", init, "--sft-steps", "0",
-                       "--extra-sft-steps", str(budget.extra_sft_steps), "--max-steps", str(budget.rl_steps),
-                       "--eval-every", str(budget.eval_every)) + budget.rl_flags
+        rl = (
+            common
+            + (
+                "--seed",
+                str(seed),
+                "--data",
+                data["rl"],
+                "--init-from",
+                init,
+                "--sft-steps",
+                "0",
+                "--extra-sft-steps",
+                str(budget.extra_sft_steps),
+                "--max-steps",
+                str(budget.rl_steps),
+                "--eval-every",
+                str(budget.eval_every),
+            )
+            + budget.rl_flags
+        )
         for key, section, label, flags in _rl_configs(sections, budget.version):
             if budget.only is not None and key not in budget.only:
                 continue

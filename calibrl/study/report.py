@@ -25,11 +25,26 @@ WINDOW = 5  # RL steps averaged for the start / middle / end entropy
 COLLAPSE_RATIO = 0.3  # end / start entropy below this: collapsed
 SPLITS = (("id", "eval_"), ("ood", "ood_eval_"))
 DECODINGS = (("greedy", "accuracy"), ("sampled", "sampled_accuracy"))
-ACCURACY_COLUMNS = tuple(f"{when}_{split}_{decoding}" for when in ("start", "final", "best")
-                         for split, _ in SPLITS for decoding, _ in DECODINGS)
-COLUMNS = ("name", "section", "label", "seed") + ACCURACY_COLUMNS + (
-    "entropy_start", "entropy_mid", "entropy_end", "entropy_ratio", "collapsed", "reward_end", "train_accuracy_end",
-    "rl_steps")
+ACCURACY_COLUMNS = tuple(
+    f"{when}_{split}_{decoding}"
+    for when in ("start", "final", "best")
+    for split, _ in SPLITS
+    for decoding, _ in DECODINGS
+)
+COLUMNS = (
+    ("name", "section", "label", "seed")
+    + ACCURACY_COLUMNS
+    + (
+        "entropy_start",
+        "entropy_mid",
+        "entropy_end",
+        "entropy_ratio",
+        "collapsed",
+        "reward_end",
+        "train_accuracy_end",
+        "rl_steps",
+    )
+)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -52,7 +67,7 @@ def run_row(run: Run, run_dir: str) -> Dict[str, object]:
     entropy = [r["entropy"] for r in steps]
     middle = max(len(entropy) // 2 - WINDOW // 2, 0)
     row["entropy_start"] = _mean(entropy[:WINDOW])
-    row["entropy_mid"] = _mean(entropy[middle:middle + WINDOW])
+    row["entropy_mid"] = _mean(entropy[middle : middle + WINDOW])
     row["entropy_end"] = _mean(entropy[-WINDOW:])
     start = row["entropy_start"]
     row["entropy_ratio"] = row["entropy_end"] / start if start and start > 0 else float("nan")
@@ -82,9 +97,15 @@ def _mean_std(values: Sequence[float]) -> str:
 
 # (column header, row key) of the Markdown table
 TABLE_COLUMNS = (
-    ("ID sampled", "final_id_sampled"), ("ID greedy", "final_id_greedy"), ("OOD sampled", "final_ood_sampled"),
-    ("OOD greedy", "final_ood_greedy"), ("best ID sampled", "best_id_sampled"), ("best OOD sampled", "best_ood_sampled"),
-    ("entropy start", "entropy_start"), ("entropy mid", "entropy_mid"), ("entropy end", "entropy_end"),
+    ("ID sampled", "final_id_sampled"),
+    ("ID greedy", "final_id_greedy"),
+    ("OOD sampled", "final_ood_sampled"),
+    ("OOD greedy", "final_ood_greedy"),
+    ("best ID sampled", "best_id_sampled"),
+    ("best OOD sampled", "best_ood_sampled"),
+    ("entropy start", "entropy_start"),
+    ("entropy mid", "entropy_mid"),
+    ("entropy end", "entropy_end"),
     ("train reward end", "reward_end"),
 )
 SECTION_TITLES = {
@@ -114,23 +135,33 @@ def section_groups(rows: Sequence[Dict[str, object]]) -> Dict[str, Dict[str, Lis
     return sections
 
 
-def _paired_differences(members: Sequence[Dict[str, object]], reference: Dict[int, Dict[str, object]],
-                        key: str) -> List[float]:
+def _paired_differences(
+    members: Sequence[Dict[str, object]], reference: Dict[int, Dict[str, object]], key: str
+) -> List[float]:
     """``key`` of each member minus that of the reference run of the same seed (same warm start and prompts)."""
     return [float(m[key]) - float(reference[int(m["seed"])][key]) for m in members if int(m["seed"]) in reference]
 
 
-START_COLUMNS = (("ID greedy", "start_id_greedy"), ("ID sampled", "start_id_sampled"), ("OOD greedy", "start_ood_greedy"),
-                 ("OOD sampled", "start_ood_sampled"), ("entropy (first 5 steps)", "entropy_start"))
+START_COLUMNS = (
+    ("ID greedy", "start_id_greedy"),
+    ("ID sampled", "start_id_sampled"),
+    ("OOD greedy", "start_ood_greedy"),
+    ("OOD sampled", "start_ood_sampled"),
+    ("entropy (first 5 steps)", "entropy_start"),
+)
 
 
 def markdown_table(rows: Sequence[Dict[str, object]], header: str = "") -> str:
     lines = [header] if header else []
     main = section_groups(rows).get("main", {})
     if main:  # where RL starts: the warm start (every algorithm) and sft+grpo after its expert SFT
-        lines += ["", "**Starting point (RL step 0)**", "",
-                  "| run | seeds | " + " | ".join(h for h, _ in START_COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(START_COLUMNS)]
+        lines += [
+            "",
+            "**Starting point (RL step 0)**",
+            "",
+            "| run | seeds | " + " | ".join(h for h, _ in START_COLUMNS) + " |",
+            "|---|---|" + "---|" * len(START_COLUMNS),
+        ]
         for label in [k for k in ("calibrl", "sft+grpo") if k in main]:
             members = main[label]
             name = "warm start (every algorithm but sft+grpo)" if label == "calibrl" else "sft+grpo after its SFT"
@@ -138,10 +169,14 @@ def markdown_table(rows: Sequence[Dict[str, object]], header: str = "") -> str:
             lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
     grpo = {int(r["seed"]): r for r in rows if r["name"] == f"grpo-seed{r['seed']}"}
     for section, groups in section_groups(rows).items():
-        lines += ["", f"**{SECTION_TITLES.get(section, section)}**", "",
-                  "| run | seeds | " + " | ".join(h for h, _ in TABLE_COLUMNS) + " | ID sampled - grpo (same seed) "
-                  "| collapsed |",
-                  "|---|---|" + "---|" * (len(TABLE_COLUMNS) + 1) + "---|"]
+        lines += [
+            "",
+            f"**{SECTION_TITLES.get(section, section)}**",
+            "",
+            "| run | seeds | " + " | ".join(h for h, _ in TABLE_COLUMNS) + " | ID sampled - grpo (same seed) "
+            "| collapsed |",
+            "|---|---|" + "---|" * (len(TABLE_COLUMNS) + 1) + "---|",
+        ]
         for label, members in groups.items():
             cells = [_mean_std([float(m[key]) for m in members]) for _, key in TABLE_COLUMNS]
             cells.append(_mean_std(_paired_differences(members, grpo, "final_id_sampled")))
@@ -155,15 +190,18 @@ def _series(run_dir: str, key: str, eval_only: bool) -> Dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in records if not eval_only or "eval_accuracy" in r}
 
 
-PANELS = (("eval_sampled_accuracy", "in-domain accuracy (1 sample, T=1)", True),
-          ("ood_eval_sampled_accuracy", "out-of-domain accuracy (1 sample, T=1)", True),
-          ("eval_accuracy", "in-domain accuracy (greedy)", True),
-          ("ood_eval_accuracy", "out-of-domain accuracy (greedy)", True),
-          ("entropy", "entropy of on-policy rows (nats/token, 5-step mean)", False))
+PANELS = (
+    ("eval_sampled_accuracy", "in-domain accuracy (1 sample, T=1)", True),
+    ("ood_eval_sampled_accuracy", "out-of-domain accuracy (1 sample, T=1)", True),
+    ("eval_accuracy", "in-domain accuracy (greedy)", True),
+    ("ood_eval_accuracy", "out-of-domain accuracy (greedy)", True),
+    ("entropy", "entropy of on-policy rows (nats/token, 5-step mean)", False),
+)
 
 
-def plot_section(groups: Dict[str, List[Dict[str, object]]], study_dir: str, title: str, path: str,
-                 panels: Sequence = PANELS) -> None:
+def plot_section(
+    groups: Dict[str, List[Dict[str, object]]], study_dir: str, title: str, path: str, panels: Sequence = PANELS
+) -> None:
     """One figure: a panel per metric (five of (key, title, evaluation only)), a line per label (mean over
     seeds), shaded +- one std."""
     import matplotlib
@@ -186,10 +224,16 @@ def plot_section(groups: Dict[str, List[Dict[str, object]]], study_dir: str, tit
             if not eval_only:  # per-step training metric: moving mean over 5 steps
                 kernel = np.ones(min(5, len(steps))) / min(5, len(steps))
                 values = np.stack([np.convolve(v, kernel, mode="valid") for v in values])
-                steps = steps[len(steps) - values.shape[1]:]
+                steps = steps[len(steps) - values.shape[1] :]
             mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
-            ax.plot(steps, mean, color=color, label=f"{label} (n={len(members)})",
-                    marker="o" if eval_only else None, markersize=3)
+            ax.plot(
+                steps,
+                mean,
+                color=color,
+                label=f"{label} (n={len(members)})",
+                marker="o" if eval_only else None,
+                markersize=3,
+            )
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
             ax.set_title(panel_title, fontsize=9)
             ax.set_xlabel("RL step")
@@ -203,15 +247,19 @@ def plot_section(groups: Dict[str, List[Dict[str, object]]], study_dir: str, tit
     plt.close(fig)
 
 
-def write_report(runs: Sequence[Run], study_dir: str, results_dir: Optional[str] = None,
-                 header: str = "") -> Dict[str, str]:
+def write_report(
+    runs: Sequence[Run], study_dir: str, results_dir: Optional[str] = None, header: str = ""
+) -> Dict[str, str]:
     """CSV, Markdown and PNGs of every finished RL run in ``runs``; returns {what: path}."""
     from .runner import is_done
 
     results_dir = results_dir or study_dir
     os.makedirs(results_dir, exist_ok=True)
-    rows = [run_row(run, os.path.join(study_dir, run.name)) for run in runs
-            if run.section != "warmstart" and is_done(os.path.join(study_dir, run.name))]
+    rows = [
+        run_row(run, os.path.join(study_dir, run.name))
+        for run in runs
+        if run.section != "warmstart" and is_done(os.path.join(study_dir, run.name))
+    ]
     outputs = {"csv": os.path.join(results_dir, "results.csv"), "table": os.path.join(results_dir, "results.md")}
     write_csv(rows, outputs["csv"])
     with open(outputs["table"], "w", encoding="utf-8") as handle:

@@ -38,19 +38,43 @@ SECTION_TITLES = {
 }
 
 # (CSV name, metrics key) of the evaluation values kept at the start (RL step 0) and at the final step
-EVALS = (("id_sampled", "eval_sampled_accuracy"), ("id_greedy", "eval_accuracy"), ("id_pass8", "eval_pass_at_8"),
-         ("id_distinct", "eval_distinct_answers"), ("id_format", "eval_sampled_format"),
-         ("ood_sampled", "ood_eval_sampled_accuracy"), ("ood_greedy", "ood_eval_accuracy"),
-         ("ood_pass8", "ood_eval_pass_at_8"), ("ood_color", "ood_eval_sampled_color"),
-         ("ood_shape", "ood_eval_sampled_shape"), ("ood_distinct", "ood_eval_distinct_answers"))
-TRAINING = (("response_entropy", "response_entropy"), ("token_entropy", "entropy"),
-            ("response_length", "response_length"), ("answer_entropy", "answer_entropy"), ("train_format", "format"))
-REGIME = ("guide_z_pos_passed", "guide_z_neg_passed", "guide_z_pos_failed", "guide_z_neg_failed", "guide_gap_passed",
-          "guide_gap_failed", "guide_grad_ratio", "guide_grad_cos")
-COLUMNS = (("name", "section", "label", "seed", "status")
-           + tuple(f"{when}_{name}" for when in ("start", "final") for name, _ in EVALS)
-           + tuple(f"{name}_{when}" for name, _ in TRAINING for when in ("start", "end"))
-           + ("response_entropy_ratio", "distinct_ratio", "collapsed", "format_broken", "rl_steps") + REGIME)
+EVALS = (
+    ("id_sampled", "eval_sampled_accuracy"),
+    ("id_greedy", "eval_accuracy"),
+    ("id_pass8", "eval_pass_at_8"),
+    ("id_distinct", "eval_distinct_answers"),
+    ("id_format", "eval_sampled_format"),
+    ("ood_sampled", "ood_eval_sampled_accuracy"),
+    ("ood_greedy", "ood_eval_accuracy"),
+    ("ood_pass8", "ood_eval_pass_at_8"),
+    ("ood_color", "ood_eval_sampled_color"),
+    ("ood_shape", "ood_eval_sampled_shape"),
+    ("ood_distinct", "ood_eval_distinct_answers"),
+)
+TRAINING = (
+    ("response_entropy", "response_entropy"),
+    ("token_entropy", "entropy"),
+    ("response_length", "response_length"),
+    ("answer_entropy", "answer_entropy"),
+    ("train_format", "format"),
+)
+REGIME = (
+    "guide_z_pos_passed",
+    "guide_z_neg_passed",
+    "guide_z_pos_failed",
+    "guide_z_neg_failed",
+    "guide_gap_passed",
+    "guide_gap_failed",
+    "guide_grad_ratio",
+    "guide_grad_cos",
+)
+COLUMNS = (
+    ("name", "section", "label", "seed", "status")
+    + tuple(f"{when}_{name}" for when in ("start", "final") for name, _ in EVALS)
+    + tuple(f"{name}_{when}" for name, _ in TRAINING for when in ("start", "end"))
+    + ("response_entropy_ratio", "distinct_ratio", "collapsed", "format_broken", "rl_steps")
+    + REGIME
+)
 
 
 def _nan_mean(values: Sequence[float]) -> float:
@@ -111,23 +135,39 @@ def _start_end(members: Sequence[Dict[str, object]], start: str, end: str) -> st
     return "-" if math.isnan(a) else f"{a:.2f} -> {b:.2f}"
 
 
-FINAL_COLUMNS = (("ID sampled", "final_id_sampled"), ("ID pass@8", "final_id_pass8"),
-                 ("OOD pair", "final_ood_sampled"), ("OOD colour", "final_ood_color"),
-                 ("OOD shape", "final_ood_shape"))
+FINAL_COLUMNS = (
+    ("ID sampled", "final_id_sampled"),
+    ("ID pass@8", "final_id_pass8"),
+    ("OOD pair", "final_ood_sampled"),
+    ("OOD colour", "final_ood_color"),
+    ("OOD shape", "final_ood_shape"),
+)
 # (header, CSV key) of the paired differences to grpo of the same seed
-PAIRED_COLUMNS = (("ID sampled", "final_id_sampled"), ("ID pass@8", "final_id_pass8"),
-                  ("OOD pair", "final_ood_sampled"), ("OOD colour", "final_ood_color"),
-                  ("OOD shape", "final_ood_shape"), ("resp. entropy end/start", "response_entropy_ratio"),
-                  ("distinct answers end", "final_id_distinct"))
-REGIME_COLUMNS = (("z>0 passed", "guide_z_pos_passed"), ("z<0 passed", "guide_z_neg_passed"),
-                  ("z>0 failed", "guide_z_pos_failed"), ("z<0 failed", "guide_z_neg_failed"),
-                  ("lp-b passed", "guide_gap_passed"), ("lp-b failed", "guide_gap_failed"),
-                  ("|g_guide|/|g_pg|", "guide_grad_ratio"), ("cos(g_guide, g_pg)", "guide_grad_cos"))
+PAIRED_COLUMNS = (
+    ("ID sampled", "final_id_sampled"),
+    ("ID pass@8", "final_id_pass8"),
+    ("OOD pair", "final_ood_sampled"),
+    ("OOD colour", "final_ood_color"),
+    ("OOD shape", "final_ood_shape"),
+    ("resp. entropy end/start", "response_entropy_ratio"),
+    ("distinct answers end", "final_id_distinct"),
+)
+REGIME_COLUMNS = (
+    ("z>0 passed", "guide_z_pos_passed"),
+    ("z<0 passed", "guide_z_neg_passed"),
+    ("z>0 failed", "guide_z_pos_failed"),
+    ("z<0 failed", "guide_z_neg_failed"),
+    ("lp-b passed", "guide_gap_passed"),
+    ("lp-b failed", "guide_gap_failed"),
+    ("|g_guide|/|g_pg|", "guide_grad_ratio"),
+    ("cos(g_guide, g_pg)", "guide_grad_cos"),
+)
 
 
 def _table(title: str, headers: Sequence[str], lines: Sequence[Sequence[str]]) -> List[str]:
-    return ["", f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + \
-        ["| " + " | ".join(cells) + " |" for cells in lines]
+    return ["", f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
+        "| " + " | ".join(cells) + " |" for cells in lines
+    ]
 
 
 def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
@@ -135,16 +175,29 @@ def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
     groups = _groups(rows)
     reference = {int(r["seed"]): r for r in rows if r["label"] == REFERENCE and r["status"] == "done"}
     main = groups.get("main", {})
-    starts = [("RL start (every run but sft+grpo)", main.get("calibrl") or main.get(REFERENCE) or []),
-              ("sft+grpo after its SFT", main.get("sft+grpo", []))]
-    start_keys = (("ID sampled", "start_id_sampled"), ("ID pass@8", "start_id_pass8"),
-                  ("ID distinct answers", "start_id_distinct"), ("OOD pair", "start_ood_sampled"),
-                  ("OOD colour", "start_ood_color"), ("OOD shape", "start_ood_shape"),
-                  ("resp. entropy (first steps)", "response_entropy_start"))
-    start_lines = [[name, str(len(_values(m, "start_id_sampled")))] + [_mean_std(_values(m, k)) for _, k in start_keys]
-                   for name, m in starts if m]
-    lines += _table("Starting point (RL step 0; mean ± std over seeds)",
-                    ["start", "seeds"] + [h for h, _ in start_keys], start_lines)
+    starts = [
+        ("RL start (every run but sft+grpo)", main.get("calibrl") or main.get(REFERENCE) or []),
+        ("sft+grpo after its SFT", main.get("sft+grpo", [])),
+    ]
+    start_keys = (
+        ("ID sampled", "start_id_sampled"),
+        ("ID pass@8", "start_id_pass8"),
+        ("ID distinct answers", "start_id_distinct"),
+        ("OOD pair", "start_ood_sampled"),
+        ("OOD colour", "start_ood_color"),
+        ("OOD shape", "start_ood_shape"),
+        ("resp. entropy (first steps)", "response_entropy_start"),
+    )
+    start_lines = [
+        [name, str(len(_values(m, "start_id_sampled")))] + [_mean_std(_values(m, k)) for _, k in start_keys]
+        for name, m in starts
+        if m
+    ]
+    lines += _table(
+        "Starting point (RL step 0; mean ± std over seeds)",
+        ["start", "seeds"] + [h for h, _ in start_keys],
+        start_lines,
+    )
     for section, labels in groups.items():
         title = SECTION_TITLES.get(section, section)
         final_lines, paired_lines, regime_lines = [], [], []
@@ -154,41 +207,71 @@ def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
             crashed = len(members) - len(done)
             collapsed = sum(int(m["collapsed"] == 1) for m in done)
             counts = [f"{len(done)}/{len(members)}", f"{broken} / {crashed}", f"{collapsed}/{len(done)}"]
-            final_lines.append([label] + counts
-                               + [_mean_std(_values(members, k)) for _, k in FINAL_COLUMNS]
-                               + [_start_end(members, "response_entropy_start", "response_entropy_end"),
-                                  _start_end(members, "start_id_distinct", "final_id_distinct")])
+            final_lines.append(
+                [label]
+                + counts
+                + [_mean_std(_values(members, k)) for _, k in FINAL_COLUMNS]
+                + [
+                    _start_end(members, "response_entropy_start", "response_entropy_end"),
+                    _start_end(members, "start_id_distinct", "final_id_distinct"),
+                ]
+            )
             if label != REFERENCE:
-                paired_lines.append([label] + [paired([float(m[k]) - float(reference[int(m["seed"])][k])
-                                                       for m in done if int(m["seed"]) in reference]).cell()
-                                               for _, k in PAIRED_COLUMNS])
+                paired_lines.append(
+                    [label]
+                    + [
+                        paired(
+                            [
+                                float(m[k]) - float(reference[int(m["seed"])][k])
+                                for m in done
+                                if int(m["seed"]) in reference
+                            ]
+                        ).cell()
+                        for _, k in PAIRED_COLUMNS
+                    ]
+                )
             regime_lines.append([label] + [_mean_std(_values(members, k)) for _, k in REGIME_COLUMNS])
-        lines += _table(f"{title}: final values (mean ± std over finished runs)",
-                        ["run", "finished", "failed: format broken / no result", "collapsed"]
-                        + [h for h, _ in FINAL_COLUMNS]
-                        + ["resp. entropy start -> end", "distinct answers start -> end"],
-                        final_lines)
+        lines += _table(
+            f"{title}: final values (mean ± std over finished runs)",
+            ["run", "finished", "failed: format broken / no result", "collapsed"]
+            + [h for h, _ in FINAL_COLUMNS]
+            + ["resp. entropy start -> end", "distinct answers start -> end"],
+            final_lines,
+        )
         if paired_lines and reference:
-            lines += _table(f"{title}: difference to {REFERENCE} of the same seed (mean [95% t interval] sign counts)",
-                            ["run"] + [h for h, _ in PAIRED_COLUMNS], paired_lines)
-        lines += _table(f"{title}: guide regime (means over each run's diagnostic steps, then over seeds)",
-                        ["run"] + [h for h, _ in REGIME_COLUMNS], regime_lines)
+            lines += _table(
+                f"{title}: difference to {REFERENCE} of the same seed (mean [95% t interval] sign counts)",
+                ["run"] + [h for h, _ in PAIRED_COLUMNS],
+                paired_lines,
+            )
+        lines += _table(
+            f"{title}: guide regime (means over each run's diagnostic steps, then over seeds)",
+            ["run"] + [h for h, _ in REGIME_COLUMNS],
+            regime_lines,
+        )
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
-        lines += ["", "Runs without results (counted as failed above): " + ", ".join(
-            f"{r['name']} ({r['status']})" for r in failed) + "."]
+        lines += [
+            "",
+            "Runs without results (counted as failed above): "
+            + ", ".join(f"{r['name']} ({r['status']})" for r in failed)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
-PANELS = (("eval_sampled_accuracy", "in-domain accuracy (8 samples, T=1)", True),
-          ("ood_eval_sampled_color", "out-of-domain colour accuracy (sampled)", True),
-          ("ood_eval_sampled_shape", "out-of-domain shape accuracy (sampled)", True),
-          ("response_entropy", "entropy per response (nats, 5-step mean)", False),
-          ("eval_distinct_answers", "distinct answers per ID question (of 8)", True))
+PANELS = (
+    ("eval_sampled_accuracy", "in-domain accuracy (8 samples, T=1)", True),
+    ("ood_eval_sampled_color", "out-of-domain colour accuracy (sampled)", True),
+    ("ood_eval_sampled_shape", "out-of-domain shape accuracy (sampled)", True),
+    ("response_entropy", "entropy per response (nats, 5-step mean)", False),
+    ("eval_distinct_answers", "distinct answers per ID question (of 8)", True),
+)
 
 
-def write_report(runs: Sequence[Run], study_dir: str, results_dir: Optional[str] = None,
-                 header: str = "") -> Dict[str, str]:
+def write_report(
+    runs: Sequence[Run], study_dir: str, results_dir: Optional[str] = None, header: str = ""
+) -> Dict[str, str]:
     """CSV, Markdown and PNGs of every planned RL run in ``runs``; returns {what: path}."""
     results_dir = results_dir or study_dir
     os.makedirs(results_dir, exist_ok=True)

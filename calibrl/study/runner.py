@@ -58,8 +58,9 @@ def _execute(run: Run, run_dir: str) -> float:
     with open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        code = subprocess.call(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     elapsed = time.time() - started
     if code != 0:
         raise RuntimeError(f"{run.name}: calibrl.train exited with status {code}; see {run_dir}/train.log")
@@ -83,8 +84,14 @@ def run_all(runs: Sequence[Run], study_dir: str, jobs: int, progress: bool = Tru
             finished[run.name].set()
         else:
             pending.append(run)
-    bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc="study runs", unit="run", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(runs),
+        initial=len(runs) - len(pending),
+        desc="study runs",
+        unit="run",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     lock = threading.Lock()
 
     def work(run: Run) -> None:

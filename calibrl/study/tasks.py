@@ -28,10 +28,19 @@ from ..data import Example
 from ..data.easyvqa import COLORS, SHAPES, easyvqa_images
 from ..rewards import normalize_answer, strict_answer
 
-HELD_OUT = (("circle", "red"), ("circle", "teal"), ("rectangle", "blue"), ("rectangle", "yellow"),
-            ("triangle", "green"), ("triangle", "brown"))  # (shape, colour) pairs never trained on
-QUESTIONS = ("what color and shape is the object?", "which shape of which color is in the image?",
-             "name the color and the shape.")  # one phrasing per image, by image id
+HELD_OUT = (
+    ("circle", "red"),
+    ("circle", "teal"),
+    ("rectangle", "blue"),
+    ("rectangle", "yellow"),
+    ("triangle", "green"),
+    ("triangle", "brown"),
+)  # (shape, colour) pairs never trained on
+QUESTIONS = (
+    "what color and shape is the object?",
+    "which shape of which color is in the image?",
+    "name the color and the shape.",
+)  # one phrasing per image, by image id
 
 
 def answer_only(answer: str) -> str:
@@ -71,8 +80,10 @@ def write_splits(folder: str) -> Dict[str, str]:
     paths = {}
     for name, examples in study_splits().items():
         path = os.path.join(folder, f"{name}.jsonl")
-        text = "".join(json.dumps({"image": e.image, "question": e.question, "answer": e.answer,
-                                   "expert": e.expert}) + "\n" for e in examples)
+        text = "".join(
+            json.dumps({"image": e.image, "question": e.question, "answer": e.answer, "expert": e.expert}) + "\n"
+            for e in examples
+        )
         if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write(text)

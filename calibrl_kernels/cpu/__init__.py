@@ -21,7 +21,6 @@ from .linear import fused_linear_calibrl_loss, linear_token_logprobs
 from .logprobs import token_logprobs
 from .loss import fused_calibrl_loss
 
-
 OPS = {
     "token_logprobs": token_logprobs,
     "fused_calibrl_loss": fused_calibrl_loss,

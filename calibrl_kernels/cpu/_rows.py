@@ -14,18 +14,26 @@ from ..config import (
     RLPLUS_OLD_WEIGHT,
     CalibRLConfig,
 )
-from ..reference import compute_dtype
 from ..reference import coefficients as coef
+from ..reference import compute_dtype
 from . import build
 
 
 def loss_params(config: CalibRLConfig) -> dict:
     """The numeric loss parameters the C++ row_terms reads (by name)."""
     return dict(
-        clip_low=config.clip_low, clip_high=config.clip_high, dual_clip_c=config.dual_clip_bound,
-        guide_coef=config.guide_coef, negative_slope=config.negative_slope, huber_delta=config.huber_delta,
-        entropy_coef=config.entropy_coef, log_ratio_clamp=LOG_RATIO_CLAMP, luffy_gamma=LUFFY_SHAPING_GAMMA,
-        rlplus_old_weight=RLPLUS_OLD_WEIGHT, rlplus_mix=RLPLUS_MIX, rlplus_focal_power=RLPLUS_FOCAL_POWER,
+        clip_low=config.clip_low,
+        clip_high=config.clip_high,
+        dual_clip_c=config.dual_clip_bound,
+        guide_coef=config.guide_coef,
+        negative_slope=config.negative_slope,
+        huber_delta=config.huber_delta,
+        entropy_coef=config.entropy_coef,
+        log_ratio_clamp=LOG_RATIO_CLAMP,
+        luffy_gamma=LUFFY_SHAPING_GAMMA,
+        rlplus_old_weight=RLPLUS_OLD_WEIGHT,
+        rlplus_mix=RLPLUS_MIX,
+        rlplus_focal_power=RLPLUS_FOCAL_POWER,
     )
 
 
@@ -43,8 +51,16 @@ class CppRowMath:
 
     def loss(self, logits, targets, table, rows, config, inv_temperature, ignore_index, form_gradient):
         self.module.row_loss(
-            logits, targets.long().contiguous(), table, rows, config.mode, config.activation, loss_params(config),
-            inv_temperature, ignore_index, form_gradient,
+            logits,
+            targets.long().contiguous(),
+            table,
+            rows,
+            config.mode,
+            config.activation,
+            loss_params(config),
+            inv_temperature,
+            ignore_index,
+            form_gradient,
         )
 
     def gradient(self, logits, targets, rows, inv_temperature, ignore_index):

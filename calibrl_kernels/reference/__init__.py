@@ -29,8 +29,22 @@ from .loss import (
 )
 
 __all__ = [
-    "aggregate", "aggregation_weights", "calibrl_loss", "compute_dtype", "expert_baseline", "expert_token_term",
-    "fused_calibrl_loss", "fused_linear_calibrl_loss", "gradient_coefficients", "group_advantages",
-    "guide_activation", "inverse_temperature", "linear_logits", "linear_token_logprobs", "masked_token_mean",
-    "ppo_token_terms", "representable_temperature", "token_logprobs",
+    "aggregate",
+    "aggregation_weights",
+    "calibrl_loss",
+    "compute_dtype",
+    "expert_baseline",
+    "expert_token_term",
+    "fused_calibrl_loss",
+    "fused_linear_calibrl_loss",
+    "gradient_coefficients",
+    "group_advantages",
+    "guide_activation",
+    "inverse_temperature",
+    "linear_logits",
+    "linear_token_logprobs",
+    "masked_token_mean",
+    "ppo_token_terms",
+    "representable_temperature",
+    "token_logprobs",
 ]

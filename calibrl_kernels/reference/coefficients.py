@@ -73,7 +73,7 @@ ROW_FIELDS = (
 TOKEN = {name: i for i, name in enumerate(TOKEN_FIELDS)}
 ROW = {name: i for i, name in enumerate(ROW_FIELDS)}
 # The row-table columns holding per-token contributions (summed over tokens for the LossOutput).
-TERM_FIELDS = ROW_FIELDS[ROW["pg"]:]
+TERM_FIELDS = ROW_FIELDS[ROW["pg"] :]
 
 
 class TokenWeights(NamedTuple):
@@ -167,8 +167,15 @@ def loss_token_table(
     """
     token_mask = inputs.mask.to(dtype) * (targets != inputs.ignore_index).to(dtype)  # (B, T)
     return token_table(
-        inputs.old_logp, inputs.advantages, token_mask, expert_logp=inputs.expert_logp, passed=inputs.passed,
-        is_expert=inputs.is_expert, expert_mask=inputs.expert_mask, config=config, dtype=dtype,
+        inputs.old_logp,
+        inputs.advantages,
+        token_mask,
+        expert_logp=inputs.expert_logp,
+        passed=inputs.passed,
+        is_expert=inputs.is_expert,
+        expert_mask=inputs.expert_mask,
+        config=config,
+        dtype=dtype,
     )
 
 
@@ -223,7 +230,9 @@ def expert_term_and_slope(lp, old_lp, adv, mode: str):
 def guide_activation_and_slope(z, config: CalibRLConfig):
     """act(z) of the guide term and act'(z), with torch's values at the kinks."""
     if config.activation == "leaky_relu":
-        return torch.where(z > 0, z, z * config.negative_slope), torch.where(z > 0, 1.0, config.negative_slope).to(z.dtype)
+        return torch.where(z > 0, z, z * config.negative_slope), torch.where(z > 0, 1.0, config.negative_slope).to(
+            z.dtype
+        )
     if config.activation == "relu":
         return torch.relu(z), (z > 0).to(z.dtype)
     if config.activation == "tanh":
@@ -280,7 +289,11 @@ def token_terms(lp: torch.Tensor, entropy: torch.Tensor, table: torch.Tensor, co
     else:
         guide = torch.zeros_like(lp)
     entropy_loss = _weighted(c_loss, entropy)
-    coef_b = config.entropy_coef * _weighted(c_loss, torch.ones_like(lp)) if config.entropy_coef != 0.0 else torch.zeros_like(lp)
+    coef_b = (
+        config.entropy_coef * _weighted(c_loss, torch.ones_like(lp))
+        if config.entropy_coef != 0.0
+        else torch.zeros_like(lp)
+    )
     c_all = col("c_all")
     return TokenTerms(
         coef_a=-d_loss_d_lp,
@@ -339,8 +352,15 @@ def closed_form_coefficients(
     dtype = compute_dtype(logp)
     B, T = logp.shape
     table = token_table(
-        old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        expert_mask=expert_mask, config=config, dtype=dtype,
+        old_logp,
+        advantages,
+        mask,
+        expert_logp=expert_logp,
+        passed=passed,
+        is_expert=is_expert,
+        expert_mask=expert_mask,
+        config=config,
+        dtype=dtype,
     )
     terms = token_terms(logp.detach().to(dtype).reshape(-1), entropy.detach().to(dtype).reshape(-1), table, config)
     sums = torch.stack([getattr(terms, name).sum() for name in TERM_FIELDS])

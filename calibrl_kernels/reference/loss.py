@@ -27,7 +27,9 @@ from ..config import (
 from .logprobs import compute_dtype, linear_logits, token_logprobs
 
 
-def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, loss_scale_factor: Optional[float] = None) -> torch.Tensor:
+def aggregate(
+    loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, loss_scale_factor: Optional[float] = None
+) -> torch.Tensor:
     """Reduce a (B, T) token term to a scalar over the tokens where mask != 0.
 
     token-mean:              sum(m * l) / (sum(m) + 1e-8)
@@ -49,10 +51,15 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, loss_scale_
         return seq_mean_token_sum
     if mode == "seq-mean-token-sum-norm":
         return seq_mean_token_sum / (loss_scale_factor if loss_scale_factor is not None else m.shape[-1])
-    raise ValueError(f"loss_agg_mode: expected one of token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, got {mode!r}")
+    raise ValueError(
+        f"loss_agg_mode: expected one of token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+        f"seq-mean-token-sum-norm, got {mode!r}"
+    )
 
 
-def aggregation_weights(mask: torch.Tensor, mode: str, loss_scale_factor: Optional[float] = None, dtype=torch.float32) -> torch.Tensor:
+def aggregation_weights(
+    mask: torch.Tensor, mode: str, loss_scale_factor: Optional[float] = None, dtype=torch.float32
+) -> torch.Tensor:
     """Per-token weights c (B, T) with aggregate(l, mask, mode) == sum(c * l).
 
     They depend on the mask only, so fused kernels know the normaliser of every token before launch.
@@ -68,7 +75,10 @@ def aggregation_weights(mask: torch.Tensor, mode: str, loss_scale_factor: Option
         return m / num_rows
     if mode == "seq-mean-token-sum-norm":
         return m / num_rows / (loss_scale_factor if loss_scale_factor is not None else m.shape[-1])
-    raise ValueError(f"loss_agg_mode: expected one of token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, got {mode!r}")
+    raise ValueError(
+        f"loss_agg_mode: expected one of token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+        f"seq-mean-token-sum-norm, got {mode!r}"
+    )
 
 
 def masked_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -240,12 +250,25 @@ def fused_calibrl_loss(
     """
     targets = targets.long()  # compared as integers (see token_logprobs)
     read = (mask != 0) & (targets != ignore_index)  # (B, T) tokens whose logits the loss uses
-    logp, entropy = token_logprobs(logits, torch.where(read, targets, torch.full_like(targets, ignore_index)),
-                                   config.temperature, ignore_index, return_entropy=True)
+    logp, entropy = token_logprobs(
+        logits,
+        torch.where(read, targets, torch.full_like(targets, ignore_index)),
+        config.temperature,
+        ignore_index,
+        return_entropy=True,
+    )
     token_mask = mask.to(logp.dtype) * read.to(logp.dtype)
     return calibrl_loss(
-        logp, old_logp, advantages, token_mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        entropy=entropy, expert_mask=expert_mask, config=config,
+        logp,
+        old_logp,
+        advantages,
+        token_mask,
+        expert_logp=expert_logp,
+        passed=passed,
+        is_expert=is_expert,
+        entropy=entropy,
+        expert_mask=expert_mask,
+        config=config,
     )
 
 
@@ -267,8 +290,17 @@ def fused_linear_calibrl_loss(
 ) -> LossOutput:
     """Reference twin of the linear fused op: logits = hidden (B, T, D) @ weight (V, D)^T + bias."""
     return fused_calibrl_loss(
-        linear_logits(hidden, weight, bias), targets, old_logp, advantages, mask, expert_logp=expert_logp,
-        passed=passed, is_expert=is_expert, expert_mask=expert_mask, ignore_index=ignore_index, config=config,
+        linear_logits(hidden, weight, bias),
+        targets,
+        old_logp,
+        advantages,
+        mask,
+        expert_logp=expert_logp,
+        passed=passed,
+        is_expert=is_expert,
+        expert_mask=expert_mask,
+        ignore_index=ignore_index,
+        config=config,
     )
 
 
@@ -296,8 +328,16 @@ def gradient_coefficients(
     lp = logp.detach().to(compute_dtype(logp)).requires_grad_(True)
     ent = entropy.detach().to(lp.dtype).requires_grad_(True)
     out = calibrl_loss(
-        lp, old_logp, advantages, mask, expert_logp=expert_logp, passed=passed, is_expert=is_expert,
-        entropy=ent, expert_mask=expert_mask, config=config,
+        lp,
+        old_logp,
+        advantages,
+        mask,
+        expert_logp=expert_logp,
+        passed=passed,
+        is_expert=is_expert,
+        entropy=ent,
+        expert_mask=expert_mask,
+        config=config,
     )
     d_lp, d_ent = torch.autograd.grad(out.loss, (lp, ent), allow_unused=True)
     d_lp = torch.zeros_like(lp) if d_lp is None else d_lp

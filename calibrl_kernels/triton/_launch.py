@@ -170,8 +170,13 @@ class TileLaunch:
     num_stages: int
 
     def meta(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                    num_warps=self.num_warps, num_stages=self.num_stages)
+        return dict(
+            BLOCK_M=self.block_m,
+            BLOCK_N=self.block_n,
+            BLOCK_K=self.block_k,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
 
 
 # Shared memory one block of an sm_90 GPU (H100, H200) may use: 227 KiB (228 KiB per SM, 1 KiB reserved
@@ -210,7 +215,6 @@ def _fit_stages(launch: "TileLaunch", element_bytes: int, limit: int) -> "TileLa
     while launch.num_stages > 1 and not _fits(launch, element_bytes, limit):
         launch = dataclasses.replace(launch, num_stages=launch.num_stages - 1)
     return launch
-
 
 
 def _narrow(dtype: torch.dtype) -> bool:
@@ -296,7 +300,7 @@ def linear_vocab_splits(row_blocks: int, vocab_tiles: int, device: torch.device)
 # path's own constant: CALIBRL_CHUNK_BYTES (chunked's budget) does not apply (triton/linear.py docstring).
 # 128 MiB = N D 2 at N = 16384, D = 4096: the chunk costs what dHidden costs; a smaller one adds fp32
 # dHidden accumulator traffic (N D 8 bytes per chunk) for little memory (the accumulator is N D 4 anyway).
-LINEAR_CHUNK_BYTES = 128 * 2 ** 20
+LINEAR_CHUNK_BYTES = 128 * 2**20
 
 
 def linear_chunk_columns(n_rows: int, vocab_size: int, element_bytes: int, block_v: int) -> int:

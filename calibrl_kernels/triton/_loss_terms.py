@@ -25,7 +25,6 @@ from ..config import (
 )
 from ..reference.coefficients import ROW, ROW_FIELDS, TERM_FIELDS, TOKEN, TOKEN_FIELDS
 
-
 # Globals read inside kernels must be constexpr.
 _LOG_RATIO_CLAMP = tl.constexpr(LOG_RATIO_CLAMP)
 _LUFFY_GAMMA = tl.constexpr(LUFFY_SHAPING_GAMMA)
@@ -188,10 +187,26 @@ def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def calibrl_token_terms(
-    lp, entropy, old_lp, adv, baseline, sign, guide_weight, is_expert_token,
-    w_loss, w_guide,
-    clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, ACTIVATION: tl.constexpr,
+    lp,
+    entropy,
+    old_lp,
+    adv,
+    baseline,
+    sign,
+    guide_weight,
+    is_expert_token,
+    w_loss,
+    w_guide,
+    clip_low,
+    clip_high,
+    dual_clip_c,
+    guide_coef,
+    negative_slope,
+    huber_delta,
+    entropy_coef,
+    POLICY: tl.constexpr,
+    USES_GUIDE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
 ):
     """Everything the loss needs from one token, in closed form.
 
@@ -300,9 +315,24 @@ def token_is_counted(table_ptr, rows, row_mask):
 
 @triton.jit
 def loss_epilogue(
-    table_ptr, out_ptr, rows, row_mask, counted, lp, entropy, lse,
-    clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-    POLICY: tl.constexpr, USES_GUIDE: tl.constexpr, ACTIVATION: tl.constexpr,
+    table_ptr,
+    out_ptr,
+    rows,
+    row_mask,
+    counted,
+    lp,
+    entropy,
+    lse,
+    clip_low,
+    clip_high,
+    dual_clip_c,
+    guide_coef,
+    negative_slope,
+    huber_delta,
+    entropy_coef,
+    POLICY: tl.constexpr,
+    USES_GUIDE: tl.constexpr,
+    ACTIVATION: tl.constexpr,
 ):
     """From the row statistics of tokens ``rows`` to every output of the loss kernels.
 
@@ -324,9 +354,26 @@ def loss_epilogue(
     w_all = token_input(table_ptr, rows, row_mask, _IN_C_ALL, 0.0)
     w_entropy_metric = token_input(table_ptr, rows, row_mask, _IN_C_ENTROPY_METRIC, 0.0)
     pg, guide, clipped, clipped_lower, coef_lp, coef_ent = calibrl_token_terms(
-        lp, entropy, old_lp, adv, baseline, sign, guide_weight, is_expert, w_loss, w_guide,
-        clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-        POLICY, USES_GUIDE, ACTIVATION,
+        lp,
+        entropy,
+        old_lp,
+        adv,
+        baseline,
+        sign,
+        guide_weight,
+        is_expert,
+        w_loss,
+        w_guide,
+        clip_low,
+        clip_high,
+        dual_clip_c,
+        guide_coef,
+        negative_slope,
+        huber_delta,
+        entropy_coef,
+        POLICY,
+        USES_GUIDE,
+        ACTIVATION,
     )
     in_metric = w_all != 0
     store_token_output(out_ptr, rows, row_mask, _OUT_LOGP, lp)

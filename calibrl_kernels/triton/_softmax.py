@@ -89,8 +89,17 @@ def logits_grad_tile(z, is_target, lse, entropy, coef_lp, coef_ent):
 
 @triton.jit
 def gradient_row_inputs(
-    targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, row_mask,
-    ignore_index, HAS_SCALE: tl.constexpr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    coef_lp_ptr,
+    coef_ent_ptr,
+    stats_stride,
+    scale_ptr,
+    rows,
+    row_mask,
+    ignore_index,
+    HAS_SCALE: tl.constexpr,
 ):
     """Per-row inputs [R] of the logits-gradient kernels (logits path and lm_head path), for rows ``rows``.
 

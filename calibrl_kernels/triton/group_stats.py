@@ -24,11 +24,11 @@ import triton
 import triton.language as tl
 
 from .. import _checks
+from ..config import GroupStats
+from ..reference import compute_dtype
 from . import _launch
 from ._launch import launch
 from ._softmax import div_rn, sqrt_rn
-from ..config import GroupStats
-from ..reference import compute_dtype
 
 
 @triton.jit
@@ -143,14 +143,27 @@ def group_advantages(
     eps_on_device = torch.full((), eps, dtype=dt, device=device)
     config = _launch.group_launch()
     launch(
-        _group_stats_kernel, (B,),
+        _group_stats_kernel,
+        (B,),
         dict(
-            order_ptr=order, run_start_ptr=run_start, scores_ptr=r, on_policy_ptr=on_policy.to(dt),
-            passed_ptr=passed.to(dt), eps_ptr=eps_on_device,
-            advantages_ptr=advantages, weights_ptr=weights, group_index_ptr=group_index, mean_ptr=mean,
-            std_ptr=std, pass_rate_ptr=pass_rate, count_ptr=count, NORM_BY_STD=bool(norm_by_std),
+            order_ptr=order,
+            run_start_ptr=run_start,
+            scores_ptr=r,
+            on_policy_ptr=on_policy.to(dt),
+            passed_ptr=passed.to(dt),
+            eps_ptr=eps_on_device,
+            advantages_ptr=advantages,
+            weights_ptr=weights,
+            group_index_ptr=group_index,
+            mean_ptr=mean,
+            std_ptr=std,
+            pass_rate_ptr=pass_rate,
+            count_ptr=count,
+            NORM_BY_STD=bool(norm_by_std),
         ),
-        dict(BLOCK_ROWS=config.block_rows, num_warps=config.num_warps, num_stages=1), (), (),
+        dict(BLOCK_ROWS=config.block_rows, num_warps=config.num_warps, num_stages=1),
+        (),
+        (),
         allow_autotune=False,  # a few microseconds of work: nothing to tune
     )
 

@@ -55,20 +55,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import coefficients
-from . import _launch
 from .._autograd import first_order_only
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
+from ..reference import coefficients, inverse_temperature
+from . import _launch
 from ._launch import launch
 from ._loss_terms import TOKEN_OUTPUTS, counted_tokens, loss_epilogue, token_is_counted
 from ._softmax import (
-    cast_for_store, dot_tile, finalize_softmax_statistics,
-    gradient_row_inputs, logits_grad_tile,
-    merge_softmax_statistics, online_softmax_update,
+    cast_for_store,
+    dot_tile,
+    finalize_softmax_statistics,
+    gradient_row_inputs,
+    logits_grad_tile,
+    merge_softmax_statistics,
+    online_softmax_update,
 )
-from .loss import kernel_loss_arguments, loss_and_metrics, prepare_token_table
-from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from .logprobs import common_stride, upstream_coefficients
-from ..reference import inverse_temperature
+from .loss import kernel_loss_arguments, loss_and_metrics, prepare_token_table
 
 ROW = coefficients.ROW
 
@@ -86,8 +89,21 @@ PARTIAL_FIELDS = 4
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def linear_logits_tile(
-    hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr, rows, row_mask, cols, col_mask, D, d_end,
-    inv_temperature, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+    hidden_ptr,
+    stride_hn,
+    weight_ptr,
+    stride_wv,
+    bias_ptr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    D,
+    d_end,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Scaled logits [R, C] fp32 of token rows ``rows`` [R] and vocabulary entries ``cols`` [C] (int64):
     (hidden[rows] . weight[cols] + bias[cols]) / temperature, reducing over D in BLOCK_K steps up to
@@ -142,8 +158,21 @@ def _linear_stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_mask = cols < v_end
         z = linear_logits_tile(
-            hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr, rows, row_mask, cols, col_mask, D, d_end,
-            inv_temperature, HAS_BIAS, INPUT_PRECISION, BLOCK_K,
+            hidden_ptr,
+            stride_hn,
+            weight_ptr,
+            stride_wv,
+            bias_ptr,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            D,
+            d_end,
+            inv_temperature,
+            HAS_BIAS,
+            INPUT_PRECISION,
+            BLOCK_K,
         )
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m, s, t = online_softmax_update(m, s, t, z)
@@ -203,9 +232,24 @@ def _linear_finish_kernel(
     if WITH_LOSS:
         counted = token_is_counted(table_ptr, rows, row_mask) & valid
         loss_epilogue(
-            table_ptr, out_ptr, rows, row_mask, counted, lp, entropy, lse,
-            clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-            POLICY, USES_GUIDE, ACTIVATION,
+            table_ptr,
+            out_ptr,
+            rows,
+            row_mask,
+            counted,
+            lp,
+            entropy,
+            lse,
+            clip_low,
+            clip_high,
+            dual_clip_c,
+            guide_coef,
+            negative_slope,
+            huber_delta,
+            entropy_coef,
+            POLICY,
+            USES_GUIDE,
+            ACTIVATION,
         )
     else:
         tl.store(logp_ptr + rows, tl.where(valid, lp, 0.0), mask=row_mask)
@@ -248,13 +292,35 @@ def _linear_dlogits_kernel(
     row_mask = rows < N
     col_mask = cols < v_end
     targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
-        targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, row_mask,
-        ignore_index, HAS_SCALE,
+        targets_ptr,
+        lse_ptr,
+        entropy_ptr,
+        coef_lp_ptr,
+        coef_ent_ptr,
+        stats_stride,
+        scale_ptr,
+        rows,
+        row_mask,
+        ignore_index,
+        HAS_SCALE,
     )
     d_end = tl.where(tl.max(active.to(tl.int32), axis=0) != 0, D, 0)  # blocks without gradient: zeros
     z = linear_logits_tile(
-        hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr, rows, row_mask, cols, col_mask, D, d_end,
-        inv_temperature, HAS_BIAS, INPUT_PRECISION, BLOCK_K,
+        hidden_ptr,
+        stride_hn,
+        weight_ptr,
+        stride_wv,
+        bias_ptr,
+        rows,
+        row_mask,
+        cols,
+        col_mask,
+        D,
+        d_end,
+        inv_temperature,
+        HAS_BIAS,
+        INPUT_PRECISION,
+        BLOCK_K,
     )
     z = tl.where(col_mask[None, :], z, float("-inf"))
     grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) * inv_temperature
@@ -304,10 +370,16 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
         acc = dot_tile(a, b, acc, INPUT_PRECISION)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
@@ -338,8 +410,12 @@ def _tiles(dtype: torch.dtype, device: torch.device, gemm: bool = False, accumul
 
 
 def linear_statistics(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-    active: torch.Tensor, temperature: float,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    active: torch.Tensor,
+    temperature: float,
 ):
     """Partial row statistics (PARTIAL_FIELDS, SPLITS, N) fp32 and SPLITS (forward pass over V)."""
     N, D = hidden.shape
@@ -349,14 +425,28 @@ def linear_statistics(
     splits = _launch.linear_vocab_splits(row_blocks, triton.cdiv(V, fixed.block_n), hidden.device)
     partial = torch.empty(PARTIAL_FIELDS, splits, N, dtype=torch.float32, device=hidden.device)
     launch(
-        _linear_stats_kernel, lambda meta_: (triton.cdiv(N, meta_["BLOCK_M"]), splits),
+        _linear_stats_kernel,
+        lambda meta_: (triton.cdiv(N, meta_["BLOCK_M"]), splits),
         dict(
-            hidden_ptr=hidden, stride_hn=hidden.stride(0), weight_ptr=weight, stride_wv=weight.stride(0),
-            bias_ptr=bias if bias is not None else weight, targets_ptr=targets, active_ptr=active,
-            partial_ptr=partial, N=N, V=V, D=D, splits=splits, inv_temperature=inverse_temperature(temperature),
-            HAS_BIAS=bias is not None, INPUT_PRECISION=_dot_precision(hidden.dtype),
+            hidden_ptr=hidden,
+            stride_hn=hidden.stride(0),
+            weight_ptr=weight,
+            stride_wv=weight.stride(0),
+            bias_ptr=bias if bias is not None else weight,
+            targets_ptr=targets,
+            active_ptr=active,
+            partial_ptr=partial,
+            N=N,
+            V=V,
+            D=D,
+            splits=splits,
+            inv_temperature=inverse_temperature(temperature),
+            HAS_BIAS=bias is not None,
+            INPUT_PRECISION=_dot_precision(hidden.dtype),
         ),
-        meta, tune, ["N", "V", "D"],
+        meta,
+        tune,
+        ["N", "V", "D"],
     )
     return partial, splits
 
@@ -377,19 +467,41 @@ def finish_statistics(partial, splits, targets, ignore_index, table=None, config
         loss_args = kernel_loss_arguments(DEFAULT_CONFIG)
     meta = _launch.finish_launch()
     launch(
-        _linear_finish_kernel, (triton.cdiv(N, meta["BLOCK_M"]),),
-        dict(partial_ptr=partial, splits=splits, targets_ptr=targets, N=N, ignore_index=int(ignore_index),
-             **outputs, **loss_args, WITH_LOSS=with_loss),
-        meta, (), (), allow_autotune=False,
+        _linear_finish_kernel,
+        (triton.cdiv(N, meta["BLOCK_M"]),),
+        dict(
+            partial_ptr=partial,
+            splits=splits,
+            targets_ptr=targets,
+            N=N,
+            ignore_index=int(ignore_index),
+            **outputs,
+            **loss_args,
+            WITH_LOSS=with_loss,
+        ),
+        meta,
+        (),
+        (),
+        allow_autotune=False,
     )
     return token_out if with_loss else (logp, entropy, lse)
 
 
 def linear_gradients(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-    lse: torch.Tensor, entropy: torch.Tensor, coef_lp: torch.Tensor, coef_ent: torch.Tensor,
-    scale: Optional[torch.Tensor], temperature: float, ignore_index: int,
-    need_hidden: bool = True, need_weight: bool = True, need_bias: bool = True,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    coef_lp: torch.Tensor,
+    coef_ent: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    temperature: float,
+    ignore_index: int,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
 ):
     """(dHidden (N, D), dWeight (V, D), dBias (V,)) in the input dtypes (None where not needed) from the
     per-row coefficients a = coef_lp, b = coef_ent (N,) fp32, times ``scale`` (0-d, on the device).
@@ -413,8 +525,20 @@ def linear_gradients(
     d_weight = torch.empty(V, D, dtype=weight.dtype, device=device) if need_weight else None
     d_bias = torch.empty(V, dtype=torch.float32, device=device) if need_bias and bias is not None else None
     _chunked_gradients(
-        hidden, weight, bias, targets, lse, entropy, coef_lp, coef_ent, scale, temperature, ignore_index,
-        d_hidden, d_weight, d_bias,
+        hidden,
+        weight,
+        bias,
+        targets,
+        lse,
+        entropy,
+        coef_lp,
+        coef_ent,
+        scale,
+        temperature,
+        ignore_index,
+        d_hidden,
+        d_weight,
+        d_bias,
     )
     return _narrowed(d_hidden, hidden.dtype), d_weight, _narrowed(d_bias, None if bias is None else bias.dtype)
 
@@ -425,8 +549,20 @@ def _narrowed(accumulator: Optional[torch.Tensor], dtype: Optional[torch.dtype])
 
 
 def _chunked_gradients(
-    hidden, weight, bias, targets, lse, entropy, coef_lp, coef_ent, scale, temperature, ignore_index,
-    d_hidden, d_weight, d_bias,
+    hidden,
+    weight,
+    bias,
+    targets,
+    lse,
+    entropy,
+    coef_lp,
+    coef_ent,
+    scale,
+    temperature,
+    ignore_index,
+    d_hidden,
+    d_weight,
+    d_bias,
 ) -> None:
     """The chunk loop of ``linear_gradients``: fills d_hidden (N, D) fp32 (accumulated over chunks),
     d_weight (V, D) and d_bias (V,) fp32, each optional. The (N, C) dlogits chunk buffer is local: it is
@@ -448,15 +584,34 @@ def _chunked_gradients(
             _linear_dlogits_kernel,
             lambda meta_, width=width: (triton.cdiv(N, meta_["BLOCK_M"]), triton.cdiv(width, meta_["BLOCK_N"])),
             dict(
-                hidden_ptr=hidden, stride_hn=hidden.stride(0), weight_ptr=weight, stride_wv=weight.stride(0),
-                bias_ptr=bias if bias is not None else weight, targets_ptr=targets, lse_ptr=lse,
-                entropy_ptr=entropy, coef_lp_ptr=coef_lp, coef_ent_ptr=coef_ent, stats_stride=stats_stride,
+                hidden_ptr=hidden,
+                stride_hn=hidden.stride(0),
+                weight_ptr=weight,
+                stride_wv=weight.stride(0),
+                bias_ptr=bias if bias is not None else weight,
+                targets_ptr=targets,
+                lse_ptr=lse,
+                entropy_ptr=entropy,
+                coef_lp_ptr=coef_lp,
+                coef_ent_ptr=coef_ent,
+                stats_stride=stats_stride,
                 scale_ptr=scale_arg,
-                dlogits_ptr=dlogits, stride_gn=dlogits.stride(0), N=N, V=V, D=D, v_begin=v_begin, v_end=v_end,
-                inv_temperature=inverse_temperature(temperature), ignore_index=int(ignore_index),
-                HAS_BIAS=bias is not None, HAS_SCALE=has_scale, INPUT_PRECISION=precision,
+                dlogits_ptr=dlogits,
+                stride_gn=dlogits.stride(0),
+                N=N,
+                V=V,
+                D=D,
+                v_begin=v_begin,
+                v_end=v_end,
+                inv_temperature=inverse_temperature(temperature),
+                ignore_index=int(ignore_index),
+                HAS_BIAS=bias is not None,
+                HAS_SCALE=has_scale,
+                INPUT_PRECISION=precision,
             ),
-            meta, tune, ["N", "D"],
+            meta,
+            tune,
+            ["N", "D"],
         )
         g = dlogits[:, :width]  # (N, width)
         if d_weight is not None:  # dWeight[chunk] = g^T @ hidden, K = N: one writer per tile
@@ -476,11 +631,25 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, accumulate: bool,
         _matmul_kernel,
         lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),),
         dict(
-            a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1), b_ptr=b, stride_bk=b.stride(0),
-            stride_bn=b.stride(1), c_ptr=c, stride_cm=c.stride(0), stride_cn=c.stride(1), M=M, N=N, K=K,
-            ACCUMULATE=accumulate, INPUT_PRECISION=precision, GROUP_M=8,
+            a_ptr=a,
+            stride_am=a.stride(0),
+            stride_ak=a.stride(1),
+            b_ptr=b,
+            stride_bk=b.stride(0),
+            stride_bn=b.stride(1),
+            c_ptr=c,
+            stride_cm=c.stride(0),
+            stride_cn=c.stride(1),
+            M=M,
+            N=N,
+            K=K,
+            ACCUMULATE=accumulate,
+            INPUT_PRECISION=precision,
+            GROUP_M=8,
         ),
-        meta, tune, ["M", "N", "K"],
+        meta,
+        tune,
+        ["M", "N", "K"],
         allow_autotune=not accumulate,  # the tuner would add into c once per trial
     )
 
@@ -506,11 +675,15 @@ def _reshape_grads(ctx, d_hidden, d_weight, d_bias):
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index):
-        h, w, b, flat_targets = _prepare(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets)
+        h, w, b, flat_targets = _prepare(
+            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets
+        )
         active = (flat_targets != ignore_index).to(torch.int8)
         partial, splits = linear_statistics(h, w, b, flat_targets, active, temperature)
         logp, entropy, lse = finish_statistics(partial, splits, flat_targets, ignore_index)
-        ctx.save_for_backward(h, w, b, flat_targets, lse, entropy, hidden, weight, bias)  # the inputs anchor first_order_only
+        ctx.save_for_backward(
+            h, w, b, flat_targets, lse, entropy, hidden, weight, bias
+        )  # the inputs anchor first_order_only
         ctx.hidden_shape = hidden.shape
         ctx.temperature = temperature
         ctx.ignore_index = ignore_index
@@ -522,8 +695,19 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         h, w, b, flat_targets, lse, entropy = ctx.saved_tensors[:6]
         coef_lp, coef_ent = upstream_coefficients(grad_logp, grad_entropy, flat_targets.numel(), lse.device)
         grads = linear_gradients(
-            h, w, b, flat_targets, lse, entropy, coef_lp, coef_ent, None, ctx.temperature, ctx.ignore_index,
-            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            h,
+            w,
+            b,
+            flat_targets,
+            lse,
+            entropy,
+            coef_lp,
+            coef_ent,
+            None,
+            ctx.temperature,
+            ctx.ignore_index,
+            need_hidden=ctx.needs_input_grad[0],
+            need_weight=ctx.needs_input_grad[1],
             need_bias=b is not None and ctx.needs_input_grad[2],
         )
         return (*_reshape_grads(ctx, *grads), None, None, None)
@@ -532,11 +716,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
 class _FusedLinearCalibRLLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index):
-        h, w, b, flat_targets = _prepare(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets)
+        h, w, b, flat_targets = _prepare(
+            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets
+        )
         counted = counted_tokens(table, flat_targets, ignore_index).to(torch.int8)
         partial, splits = linear_statistics(h, w, b, flat_targets, counted, config.temperature)
         token_out = finish_statistics(partial, splits, flat_targets, ignore_index, table=table, config=config)
-        ctx.save_for_backward(h, w, b, flat_targets, token_out, hidden, weight, bias)  # the inputs anchor first_order_only
+        ctx.save_for_backward(
+            h, w, b, flat_targets, token_out, hidden, weight, bias
+        )  # the inputs anchor first_order_only
         ctx.hidden_shape = hidden.shape
         ctx.temperature = config.temperature
         ctx.ignore_index = ignore_index
@@ -547,9 +735,19 @@ class _FusedLinearCalibRLLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *grad_metrics):
         h, w, b, flat_targets, token_out = ctx.saved_tensors[:5]
         grads = linear_gradients(
-            h, w, b, flat_targets, token_out[:, ROW["lse"]], token_out[:, ROW["entropy"]], token_out[:, ROW["coef_a"]],
-            token_out[:, ROW["coef_b"]], grad_loss, ctx.temperature, ctx.ignore_index,
-            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            h,
+            w,
+            b,
+            flat_targets,
+            token_out[:, ROW["lse"]],
+            token_out[:, ROW["entropy"]],
+            token_out[:, ROW["coef_a"]],
+            token_out[:, ROW["coef_b"]],
+            grad_loss,
+            ctx.temperature,
+            ctx.ignore_index,
+            need_hidden=ctx.needs_input_grad[0],
+            need_weight=ctx.needs_input_grad[1],
             need_bias=b is not None and ctx.needs_input_grad[2],
         )
         return (*_reshape_grads(ctx, *grads), None, None, None, None)

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from ..reference import inverse_temperature
 from .._autograd import first_order_only
+from ..reference import inverse_temperature
+from . import _launch
 from ._launch import launch
 from ._softmax import cast_for_store, gradient_row_inputs, logits_grad_tile, logits_row_statistics, token_row_pointers
 
@@ -45,7 +45,7 @@ def _token_logprobs_fwd_kernel(
     entropy_ptr,  # (N,) fp32 out: entropy of softmax(logits / temperature), 0 where ignored
     lse_ptr,  # (N,) fp32 out: logsumexp(logits / temperature), 0 where ignored (for the backward)
     V,  # vocabulary size
-    inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (a multiply, not a divide, per element)
+    inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (one multiply per element)
     ignore_index,  # target value marking a token without log-prob
     BLOCK_N: tl.constexpr,  # token rows per program
     BLOCK_V: tl.constexpr,  # vocabulary tile
@@ -92,8 +92,17 @@ def _logits_grad_kernel(
     row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
     grad_row_ptrs = token_row_pointers(grad_ptr, rows, rows_per_batch, grad_stride_b, grad_stride_t)
     targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
-        targets_ptr, lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr, stats_stride, scale_ptr, rows, in_range,
-        ignore_index, HAS_SCALE,
+        targets_ptr,
+        lse_ptr,
+        entropy_ptr,
+        coef_lp_ptr,
+        coef_ent_ptr,
+        stats_stride,
+        scale_ptr,
+        rows,
+        in_range,
+        ignore_index,
+        HAS_SCALE,
     )
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -103,7 +112,8 @@ def _logits_grad_kernel(
         grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) * inv_temperature
         grad = tl.where(active[:, None], grad, 0.0)
         tl.store(
-            grad_row_ptrs[:, None] + cols[None, :], cast_for_store(grad, grad_ptr.dtype.element_ty),
+            grad_row_ptrs[:, None] + cols[None, :],
+            cast_for_store(grad, grad_ptr.dtype.element_ty),
             mask=in_range[:, None] & in_row,
         )
 
@@ -150,13 +160,26 @@ def logprob_entropy_forward(
         return logp, entropy, lse
     grid, block_n, fixed, tune = row_kernel_launch(V, n)
     launch(
-        _token_logprobs_fwd_kernel, grid,
+        _token_logprobs_fwd_kernel,
+        grid,
         dict(
-            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=n,
-            BLOCK_N=block_n, targets_ptr=targets, logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse, V=V,
-            inv_temperature=inverse_temperature(temperature), ignore_index=int(ignore_index),
+            logits_ptr=rows,
+            stride_b=rows.stride(0),
+            stride_t=rows.stride(1),
+            rows_per_batch=T,
+            n_rows=n,
+            BLOCK_N=block_n,
+            targets_ptr=targets,
+            logp_ptr=logp,
+            entropy_ptr=entropy,
+            lse_ptr=lse,
+            V=V,
+            inv_temperature=inverse_temperature(temperature),
+            ignore_index=int(ignore_index),
         ),
-        fixed, tune, ["V"],
+        fixed,
+        tune,
+        ["V"],
     )
     return logp, entropy, lse
 
@@ -188,16 +211,33 @@ def logits_backward(
     scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
     grid, block_n, fixed, tune = row_kernel_launch(V, B * T)
     launch(
-        _logits_grad_kernel, grid,
+        _logits_grad_kernel,
+        grid,
         dict(
-            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T, n_rows=B * T,
-            BLOCK_N=block_n, grad_ptr=grad, grad_stride_b=grad.stride(0), grad_stride_t=grad.stride(1),
-            targets_ptr=targets, lse_ptr=lse, entropy_ptr=entropy, coef_lp_ptr=coef_lp,
-            coef_ent_ptr=coef_ent, stats_stride=stats_stride, scale_ptr=scale_arg, V=V,
+            logits_ptr=rows,
+            stride_b=rows.stride(0),
+            stride_t=rows.stride(1),
+            rows_per_batch=T,
+            n_rows=B * T,
+            BLOCK_N=block_n,
+            grad_ptr=grad,
+            grad_stride_b=grad.stride(0),
+            grad_stride_t=grad.stride(1),
+            targets_ptr=targets,
+            lse_ptr=lse,
+            entropy_ptr=entropy,
+            coef_lp_ptr=coef_lp,
+            coef_ent_ptr=coef_ent,
+            stats_stride=stats_stride,
+            scale_ptr=scale_arg,
+            V=V,
             inv_temperature=inverse_temperature(temperature),
-            ignore_index=int(ignore_index), HAS_SCALE=has_scale,
+            ignore_index=int(ignore_index),
+            HAS_SCALE=has_scale,
         ),
-        fixed, tune, ["V"],
+        fixed,
+        tune,
+        ["V"],
         allow_autotune=not inplace,  # the tuner would run an in-place launch over its own output
     )
     return grad
@@ -238,7 +278,14 @@ class _TokenLogprobs(torch.autograd.Function):
         rows, flat_targets, lse, entropy, _ = ctx.saved_tensors
         coef_lp, coef_ent = upstream_coefficients(grad_logp, grad_entropy, flat_targets.numel(), lse.device)
         grad_rows = logits_backward(
-            rows, flat_targets, lse, entropy, coef_lp, coef_ent, ctx.temperature, ctx.ignore_index,
+            rows,
+            flat_targets,
+            lse,
+            entropy,
+            coef_lp,
+            coef_ent,
+            ctx.temperature,
+            ctx.ignore_index,
         )
         return grad_rows.view(ctx.logits_shape), None, None, None
 

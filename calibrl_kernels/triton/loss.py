@@ -25,21 +25,24 @@ At N = 16384, V = 151936, bf16 (4.98 GB of logits) that is 3 x 4.98 GB = 14.9 GB
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import coefficients
 from .._autograd import can_overwrite, first_order_only
+from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
+from ..reference import coefficients, inverse_temperature
 from ._launch import launch
 from ._loss_terms import (
-    FIRST_SUMMED_OUTPUT, TOKEN_OUTPUTS, activation_code, loss_epilogue, policy_code, token_is_counted,
+    FIRST_SUMMED_OUTPUT,
+    TOKEN_OUTPUTS,
+    activation_code,
+    loss_epilogue,
+    policy_code,
+    token_is_counted,
 )
 from ._softmax import logits_row_statistics, token_row_pointers
-from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from .logprobs import as_token_rows, logits_backward, row_kernel_launch
-from ..reference import inverse_temperature
 
 ROW = coefficients.ROW
 
@@ -55,7 +58,7 @@ def _calibrl_loss_fwd_kernel(
     out_ptr,  # (N, TOKEN_OUTPUTS) fp32 out: the row table (coefficients.ROW_FIELDS: lp, H, lse, a, b, terms)
     n_tokens,  # N
     V,  # vocabulary size
-    inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (a multiply, not a divide, per element)
+    inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (one multiply per element)
     ignore_index,  # target value of tokens left out of the loss
     clip_low,  # PPO: rho is clipped to [1 - clip_low, 1 + clip_high]
     clip_high,  # upper clip width (DAPO's clip-higher when > clip_low)
@@ -80,9 +83,24 @@ def _calibrl_loss_fwd_kernel(
     target_logit = tl.load(row_ptrs + tl.where(counted, targets, 0), mask=counted, other=0.0).to(tl.float32)
     lp = target_logit * inv_temperature - lse
     loss_epilogue(
-        table_ptr, out_ptr, rows, in_range, counted, lp, entropy, lse,
-        clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef,
-        POLICY, USES_GUIDE, ACTIVATION,
+        table_ptr,
+        out_ptr,
+        rows,
+        in_range,
+        counted,
+        lp,
+        entropy,
+        lse,
+        clip_low,
+        clip_high,
+        dual_clip_c,
+        guide_coef,
+        negative_slope,
+        huber_delta,
+        entropy_coef,
+        POLICY,
+        USES_GUIDE,
+        ACTIVATION,
     )
 
 
@@ -98,10 +116,16 @@ def prepare_token_table(targets: torch.Tensor, inputs: LossInputs, config: Calib
 def kernel_loss_arguments(config: CalibRLConfig) -> dict:
     """The runtime scalars and constexprs of config that every loss kernel takes."""
     return dict(
-        clip_low=float(config.clip_low), clip_high=float(config.clip_high), dual_clip_c=float(config.dual_clip_bound),
-        guide_coef=float(config.guide_coef), negative_slope=float(config.negative_slope),
-        huber_delta=float(config.huber_delta), entropy_coef=float(config.entropy_coef),
-        POLICY=policy_code(config.mode), USES_GUIDE=config.uses_guide, ACTIVATION=activation_code(config),
+        clip_low=float(config.clip_low),
+        clip_high=float(config.clip_high),
+        dual_clip_c=float(config.dual_clip_bound),
+        guide_coef=float(config.guide_coef),
+        negative_slope=float(config.negative_slope),
+        huber_delta=float(config.huber_delta),
+        entropy_coef=float(config.entropy_coef),
+        POLICY=policy_code(config.mode),
+        USES_GUIDE=config.uses_guide,
+        ACTIVATION=activation_code(config),
     )
 
 
@@ -125,14 +149,26 @@ def calibrl_loss_forward(
         return token_out
     grid, block_n, fixed, tune = row_kernel_launch(V, n)
     launch(
-        _calibrl_loss_fwd_kernel, grid,
+        _calibrl_loss_fwd_kernel,
+        grid,
         dict(
-            logits_ptr=rows, stride_b=rows.stride(0), stride_t=rows.stride(1), rows_per_batch=T,
-            targets_ptr=targets, table_ptr=table, out_ptr=token_out, n_tokens=n, V=V,
-            inv_temperature=inverse_temperature(config.temperature), ignore_index=int(ignore_index), BLOCK_N=block_n,
+            logits_ptr=rows,
+            stride_b=rows.stride(0),
+            stride_t=rows.stride(1),
+            rows_per_batch=T,
+            targets_ptr=targets,
+            table_ptr=table,
+            out_ptr=token_out,
+            n_tokens=n,
+            V=V,
+            inv_temperature=inverse_temperature(config.temperature),
+            ignore_index=int(ignore_index),
+            BLOCK_N=block_n,
             **kernel_loss_arguments(config),
         ),
-        fixed, tune, ["V"],
+        fixed,
+        tune,
+        ["V"],
     )
     return token_out
 
@@ -161,8 +197,16 @@ class _FusedCalibRLLoss(torch.autograd.Function):
             )
         rows, flat_targets, token_out, _ = ctx.saved_tensors
         grad = logits_backward(
-            rows, flat_targets, token_out[:, ROW["lse"]], token_out[:, ROW["entropy"]], token_out[:, ROW["coef_a"]],
-            token_out[:, ROW["coef_b"]], ctx.temperature, ctx.ignore_index, scale=grad_loss, inplace=ctx.inplace,
+            rows,
+            flat_targets,
+            token_out[:, ROW["lse"]],
+            token_out[:, ROW["entropy"]],
+            token_out[:, ROW["coef_a"]],
+            token_out[:, ROW["coef_b"]],
+            ctx.temperature,
+            ctx.ignore_index,
+            scale=grad_loss,
+            inplace=ctx.inplace,
         )
         if ctx.inplace:
             ctx.backward_done = True

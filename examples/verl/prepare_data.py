@@ -23,13 +23,15 @@ def convert(jsonl_path: str, parquet_path: str, data_source: str = "calibrl") ->
             for key in ("image", "question", "answer", "expert"):
                 if key not in record:
                     raise ValueError(f"{jsonl_path}:{line_number}: missing field {key!r}")
-            rows.append({
-                "data_source": data_source,
-                "prompt": [{"role": "user", "content": f"<image>{record['question']}\n{INSTRUCTION}"}],
-                "images": [{"image": record["image"]}],
-                "reward_model": {"style": "rule", "ground_truth": record["answer"]},
-                "extra_info": {"index": line_number - 1, "expert": record["expert"]},
-            })
+            rows.append(
+                {
+                    "data_source": data_source,
+                    "prompt": [{"role": "user", "content": f"<image>{record['question']}\n{INSTRUCTION}"}],
+                    "images": [{"image": record["image"]}],
+                    "reward_model": {"style": "rule", "ground_truth": record["answer"]},
+                    "extra_info": {"index": line_number - 1, "expert": record["expert"]},
+                }
+            )
     pd.DataFrame(rows).to_parquet(parquet_path)
     return len(rows)
 

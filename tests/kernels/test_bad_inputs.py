@@ -62,68 +62,127 @@ BAD = {
     "linear D=0": (lambda: call_linear(d=0), ValueError, ("hidden", "D >= 1", "D = 0", "(2, 5, 0)")),
     "linear flat D=0": (
         lambda: ck.linear_token_logprobs(torch.zeros(3, 0), torch.zeros(V, 0), torch.zeros(3, dtype=torch.long)),
-        ValueError, ("hidden", "D = 0", "(3, 0)"),
+        ValueError,
+        ("hidden", "D = 0", "(3, 0)"),
     ),
     "linear N=0, D=0": (
         lambda: ck.linear_token_logprobs(torch.zeros(0, 0), torch.zeros(V, 0), torch.zeros(0, dtype=torch.long)),
-        ValueError, ("hidden", "D = 0"),
+        ValueError,
+        ("hidden", "D = 0"),
     ),
     "token_logprobs V=0": (
-        lambda: ck.token_logprobs(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)), ValueError, ("logits", "V = 0"),
+        lambda: ck.token_logprobs(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)),
+        ValueError,
+        ("logits", "V = 0"),
     ),
     "group_advantages B=0": (
-        lambda: ck.group_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long)), ValueError, ("scores", "B = 0"),
+        lambda: ck.group_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long)),
+        ValueError,
+        ("scores", "B = 0"),
     ),
     "fused scores path B=0": (
-        lambda: call_fused(b=0, advantages=None, scores=torch.zeros(0), group_ids=torch.zeros(0, dtype=torch.long),
-                           config=GRPO),
-        ValueError, ("scores", "B = 0"),
+        lambda: call_fused(
+            b=0, advantages=None, scores=torch.zeros(0), group_ids=torch.zeros(0, dtype=torch.long), config=GRPO
+        ),
+        ValueError,
+        ("scores", "B = 0"),
     ),
     # shape errors name the input at fault
-    "mask (2, 4)": (lambda: call_fused(mask=torch.ones(B, 4)), ValueError, ("mask:", "(2, 5)", "like old_logp", "(2, 4)")),
+    "mask (2, 4)": (
+        lambda: call_fused(mask=torch.ones(B, 4)),
+        ValueError,
+        ("mask:", "(2, 5)", "like old_logp", "(2, 4)"),
+    ),
     "mask (3, 5)": (lambda: call_fused(mask=torch.ones(3, T)), ValueError, ("mask:", "(2, 5)", "(3, 5)")),
     "old_logp": (lambda: call_fused(old_logp=torch.zeros(B, 4)), ValueError, ("old_logp:", "like targets", "(2, 4)")),
     "targets": (
-        lambda: call_fused(targets=torch.zeros(B, 4, dtype=torch.long)), ValueError, ("targets:", "(2, 5)", "(2, 4)"),
+        lambda: call_fused(targets=torch.zeros(B, 4, dtype=torch.long)),
+        ValueError,
+        ("targets:", "(2, 5)", "(2, 4)"),
     ),
     "advantages": (lambda: call_fused(advantages=torch.zeros(3)), ValueError, ("advantages:", "(2,)", "(3,)")),
-    "expert_logp": (lambda: call_fused(expert_logp=torch.zeros(B, 4)), ValueError, ("expert_logp:", "(2, 5)", "(2, 4)")),
+    "expert_logp": (
+        lambda: call_fused(expert_logp=torch.zeros(B, 4)),
+        ValueError,
+        ("expert_logp:", "(2, 5)", "(2, 4)"),
+    ),
     "passed": (lambda: call_fused(passed=torch.tensor([True])), ValueError, ("passed:", "(2,)", "(1,)")),
     "is_expert": (lambda: call_fused(is_expert=torch.tensor([True])), ValueError, ("is_expert:", "(2,)", "(1,)")),
     "expert_mask": (
-        lambda: call_fused(expert_mask=torch.ones(B, 4, dtype=torch.bool)), ValueError, ("expert_mask:", "(2, 5)", "(2, 4)"),
+        lambda: call_fused(expert_mask=torch.ones(B, 4, dtype=torch.bool)),
+        ValueError,
+        ("expert_mask:", "(2, 5)", "(2, 4)"),
     ),
     "scores": (
         lambda: call_fused(advantages=None, scores=torch.zeros(3), group_ids=torch.tensor([0, 0])),
-        ValueError, ("scores:", "(2,)", "(3,)"),
+        ValueError,
+        ("scores:", "(2,)", "(3,)"),
     ),
     "group_ids": (
         lambda: call_fused(advantages=None, scores=torch.zeros(2), group_ids=torch.tensor([0])),
-        ValueError, ("group_ids:", "(2,)", "(1,)"),
+        ValueError,
+        ("group_ids:", "(2,)", "(1,)"),
     ),
-    "linear weight D": (lambda: call_linear(weight=torch.zeros(V, 3)), ValueError, ("weight:", "D = hidden.shape[-1] = 4", "(7, 3)")),
+    "linear weight D": (
+        lambda: call_linear(weight=torch.zeros(V, 3)),
+        ValueError,
+        ("weight:", "D = hidden.shape[-1] = 4", "(7, 3)"),
+    ),
     "linear bias": (lambda: call_linear(bias=torch.zeros(V + 1)), ValueError, ("bias:", "(7,)", "(8,)")),
     "linear mask": (lambda: call_linear(mask=torch.ones(B, 4)), ValueError, ("mask:", "(2, 5)", "(2, 4)")),
     # numeric arguments: bools, strings, NaN / inf refused
-    "temperature bool": (lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=True),
-                         ValueError, ("temperature", "> 0", "True")),
-    "temperature str": (lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature="1"),
-                        ValueError, ("temperature", "'1'")),
-    "temperature np.nan": (lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=np.float32("nan")),
-                           ValueError, ("temperature", "> 0")),
-    "temperature np.bool_": (lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=np.bool_(True)),
-                             ValueError, ("temperature",)),
-    "temperature np 0": (lambda: ck.linear_token_logprobs(torch.zeros(2, D), torch.zeros(V, D), torch.zeros(2, dtype=torch.long),
-                                                           temperature=np.float64(0.0)), ValueError, ("temperature", "> 0")),
-    "ignore_index float": (lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), ignore_index=np.float32(1)),
-                           TypeError, ("ignore_index", "int")),
-    "eps np.inf": (lambda: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), eps=np.float64("inf")), ValueError, ("eps",)),
-    "pass_threshold nan": (lambda: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), pass_threshold=np.float32("nan")),
-                           ValueError, ("pass_threshold", "finite")),
-    "pass_threshold str": (lambda: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), pass_threshold="0.1"),
-                           ValueError, ("pass_threshold", "'0.1'")),
-    "num_groups np.float": (lambda: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), num_groups=np.float32(1)),
-                            TypeError, ("num_groups",)),
+    "temperature bool": (
+        lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=True),
+        ValueError,
+        ("temperature", "> 0", "True"),
+    ),
+    "temperature str": (
+        lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature="1"),
+        ValueError,
+        ("temperature", "'1'"),
+    ),
+    "temperature np.nan": (
+        lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=np.float32("nan")),
+        ValueError,
+        ("temperature", "> 0"),
+    ),
+    "temperature np.bool_": (
+        lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=np.bool_(True)),
+        ValueError,
+        ("temperature",),
+    ),
+    "temperature np 0": (
+        lambda: ck.linear_token_logprobs(
+            torch.zeros(2, D), torch.zeros(V, D), torch.zeros(2, dtype=torch.long), temperature=np.float64(0.0)
+        ),
+        ValueError,
+        ("temperature", "> 0"),
+    ),
+    "ignore_index float": (
+        lambda: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), ignore_index=np.float32(1)),
+        TypeError,
+        ("ignore_index", "int"),
+    ),
+    "eps np.inf": (
+        lambda: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), eps=np.float64("inf")),
+        ValueError,
+        ("eps",),
+    ),
+    "pass_threshold nan": (
+        lambda: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), pass_threshold=np.float32("nan")),
+        ValueError,
+        ("pass_threshold", "finite"),
+    ),
+    "pass_threshold str": (
+        lambda: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), pass_threshold="0.1"),
+        ValueError,
+        ("pass_threshold", "'0.1'"),
+    ),
+    "num_groups np.float": (
+        lambda: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), num_groups=np.float32(1)),
+        TypeError,
+        ("num_groups",),
+    ),
 }
 
 
@@ -152,8 +211,14 @@ def test_empty_batch_gives_zero_loss_and_empty_gradients(op, b, t, backend):
         weight = torch.randn(V, D, generator=g, requires_grad=True)
         out = call_linear(b=b, t=t, hidden=hidden, weight=weight)
         leaves = [hidden, weight]
-    truth = ck.calibrl_loss(torch.zeros(b, t), torch.zeros(b, t), torch.zeros(b), torch.ones(b, t),
-                            expert_logp=torch.zeros(b, t), passed=torch.zeros(b, dtype=torch.bool))
+    truth = ck.calibrl_loss(
+        torch.zeros(b, t),
+        torch.zeros(b, t),
+        torch.zeros(b),
+        torch.ones(b, t),
+        expert_logp=torch.zeros(b, t),
+        passed=torch.zeros(b, dtype=torch.bool),
+    )
     assert float(out.loss.detach()) == float(truth.loss) == 0.0
     assert float(out.pg_loss) == 0.0 and float(out.guide_loss) == 0.0
     out.loss.backward()
@@ -191,22 +256,45 @@ def test_numpy_scalars_and_ints_are_accepted(kind, backend):
     hidden, weight = torch.randn(3, D, generator=g), torch.randn(V, D, generator=g)
     got = ck.linear_token_logprobs(hidden, weight, targets, temperature=temperature)
     torch.testing.assert_close(got, ck.linear_token_logprobs(hidden, weight, targets, temperature=float(temperature)))
-    stats = ck.group_advantages(torch.tensor([0.0, 1.0, 0.5]), torch.tensor([0, 0, 1]), eps=make(1) if integral else make(1e-6),
-                                pass_threshold=make(0) if integral else make(0.2), num_groups=np.int64(2))
+    stats = ck.group_advantages(
+        torch.tensor([0.0, 1.0, 0.5]),
+        torch.tensor([0, 0, 1]),
+        eps=make(1) if integral else make(1e-6),
+        pass_threshold=make(0) if integral else make(0.2),
+        num_groups=np.int64(2),
+    )
     assert stats.passed.tolist() == [False, True, True]  # 1.0 and 0.5 > threshold (0 or 0.2)
-    config = CalibRLConfig(mode="grpo", clip_low=make(0) if integral else make(0.2), temperature=temperature,
-                           dual_clip_c=make(3), entropy_coef=make(0), loss_scale_factor=make(4))
-    assert all(type(getattr(config, f)) is float for f in ("clip_low", "temperature", "dual_clip_c", "loss_scale_factor"))
+    config = CalibRLConfig(
+        mode="grpo",
+        clip_low=make(0) if integral else make(0.2),
+        temperature=temperature,
+        dual_clip_c=make(3),
+        entropy_coef=make(0),
+        loss_scale_factor=make(4),
+    )
+    assert all(
+        type(getattr(config, f)) is float for f in ("clip_low", "temperature", "dual_clip_c", "loss_scale_factor")
+    )
     out = call_fused(config=config)
-    want = call_fused(config=CalibRLConfig(mode="grpo", clip_low=float(config.clip_low), temperature=float(temperature),
-                                           loss_scale_factor=4.0))
+    want = call_fused(
+        config=CalibRLConfig(
+            mode="grpo", clip_low=float(config.clip_low), temperature=float(temperature), loss_scale_factor=4.0
+        )
+    )
     torch.testing.assert_close(out.loss, want.loss)
 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("clip_low", True), ("guide_coef", "0.1"), ("temperature", np.float32("nan")), ("temperature", np.float64("inf")),
-     ("clip_high", np.bool_(False)), ("loss_scale_factor", np.float32("inf")), ("loss_scale_factor", True)],
+    [
+        ("clip_low", True),
+        ("guide_coef", "0.1"),
+        ("temperature", np.float32("nan")),
+        ("temperature", np.float64("inf")),
+        ("clip_high", np.bool_(False)),
+        ("loss_scale_factor", np.float32("inf")),
+        ("loss_scale_factor", True),
+    ],
 )
 def test_config_still_refuses_bools_strings_and_non_finite(field, value):
     with pytest.raises(ValueError, match=f"CalibRLConfig.{field}"):
@@ -215,45 +303,107 @@ def test_config_still_refuses_bools_strings_and_non_finite(field, value):
 
 # ------------------------------------------------------------------ argument x numeric type
 KINDS = {
-    "python int": 2, "numpy int": np.int32(2), "numpy float": np.float64(0.5), "bool": True,
-    "huge int": 2**70, "huger int": 2**1100, "nan": float("nan"), "inf": float("inf"),
+    "python int": 2,
+    "numpy int": np.int32(2),
+    "numpy float": np.float64(0.5),
+    "bool": True,
+    "huge int": 2**70,
+    "huger int": 2**1100,
+    "nan": float("nan"),
+    "inf": float("inf"),
 }
 # argument -> (call(value), {kind: expected exception type or None (accepted)}); every error names the argument
 ARGUMENTS = {
     "ignore_index": (
         lambda v: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), ignore_index=v),
-        {"python int": None, "numpy int": None, "numpy float": TypeError, "bool": TypeError, "huge int": ValueError,
-         "huger int": ValueError, "nan": TypeError, "inf": TypeError},
+        {
+            "python int": None,
+            "numpy int": None,
+            "numpy float": TypeError,
+            "bool": TypeError,
+            "huge int": ValueError,
+            "huger int": ValueError,
+            "nan": TypeError,
+            "inf": TypeError,
+        },
     ),
     "temperature": (
         lambda v: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=v),
-        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
-         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+        {
+            "python int": None,
+            "numpy int": None,
+            "numpy float": None,
+            "bool": ValueError,
+            "huge int": None,
+            "huger int": ValueError,
+            "nan": ValueError,
+            "inf": ValueError,
+        },
     ),
     "eps": (
         lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), eps=v),
-        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
-         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+        {
+            "python int": None,
+            "numpy int": None,
+            "numpy float": None,
+            "bool": ValueError,
+            "huge int": None,
+            "huger int": ValueError,
+            "nan": ValueError,
+            "inf": ValueError,
+        },
     ),
     "pass_threshold": (
         lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), pass_threshold=v),
-        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
-         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+        {
+            "python int": None,
+            "numpy int": None,
+            "numpy float": None,
+            "bool": ValueError,
+            "huge int": None,
+            "huger int": ValueError,
+            "nan": ValueError,
+            "inf": ValueError,
+        },
     ),
     "num_groups": (
         lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 1]), num_groups=v),
-        {"python int": None, "numpy int": None, "numpy float": TypeError, "bool": TypeError, "huge int": ValueError,
-         "huger int": ValueError, "nan": TypeError, "inf": TypeError},
+        {
+            "python int": None,
+            "numpy int": None,
+            "numpy float": TypeError,
+            "bool": TypeError,
+            "huge int": ValueError,
+            "huger int": ValueError,
+            "nan": TypeError,
+            "inf": TypeError,
+        },
     ),
     "CalibRLConfig.clip_high": (
         lambda v: CalibRLConfig(clip_high=v),
-        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
-         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+        {
+            "python int": None,
+            "numpy int": None,
+            "numpy float": None,
+            "bool": ValueError,
+            "huge int": None,
+            "huger int": ValueError,
+            "nan": ValueError,
+            "inf": ValueError,
+        },
     ),
     "CalibRLConfig.loss_scale_factor": (
         lambda v: CalibRLConfig(loss_scale_factor=v),
-        {"python int": None, "numpy int": None, "numpy float": None, "bool": ValueError, "huge int": None,
-         "huger int": ValueError, "nan": ValueError, "inf": ValueError},
+        {
+            "python int": None,
+            "numpy int": None,
+            "numpy float": None,
+            "bool": ValueError,
+            "huge int": None,
+            "huger int": ValueError,
+            "nan": ValueError,
+            "inf": ValueError,
+        },
     ),
 }
 

@@ -40,7 +40,12 @@ def assert_message(excinfo, *parts):
     "logits, targets, error, parts",
     [
         ([[0.0, 1.0]], torch.tensor([0]), TypeError, ("logits", "torch.Tensor", "list")),
-        (torch.zeros(2, V, dtype=torch.long), torch.zeros(2, dtype=torch.long), TypeError, ("logits", "floating", "int64")),
+        (
+            torch.zeros(2, V, dtype=torch.long),
+            torch.zeros(2, dtype=torch.long),
+            TypeError,
+            ("logits", "floating", "int64"),
+        ),
         (torch.zeros(V), torch.zeros((), dtype=torch.long), ValueError, ("logits", "(N, V) or (B, T, V)", "1-d")),
         (torch.zeros(2, V), torch.zeros(3, dtype=torch.long), ValueError, ("targets", "(2,)", "(3,)")),
         (torch.zeros(2, V), torch.zeros(2), TypeError, ("targets", "integer", "float32")),
@@ -81,12 +86,30 @@ def test_value_checks_can_be_switched_off(monkeypatch):
 @pytest.mark.parametrize(
     "hidden, weight, bias, error, parts",
     [
-        (torch.zeros(2, D), torch.zeros(V, D + 1), None, ValueError, ("weight", f"D = hidden.shape[-1] = {D}", f"({V}, {D + 1})")),
-        (torch.zeros(2, D), torch.zeros(V, D, dtype=torch.float64), None, TypeError, ("weight", "torch.float32", "torch.float64")),
+        (
+            torch.zeros(2, D),
+            torch.zeros(V, D + 1),
+            None,
+            ValueError,
+            ("weight", f"D = hidden.shape[-1] = {D}", f"({V}, {D + 1})"),
+        ),
+        (
+            torch.zeros(2, D),
+            torch.zeros(V, D, dtype=torch.float64),
+            None,
+            TypeError,
+            ("weight", "torch.float32", "torch.float64"),
+        ),
         (torch.zeros(2, D), torch.zeros(V, D), torch.zeros(V + 1), ValueError, ("bias", f"({V},)", f"({V + 1},)")),
         (torch.zeros(2, D), torch.zeros(V), None, ValueError, ("weight", "(V, D)", "1-d")),
         (torch.zeros(2, D), torch.zeros(0, D), None, ValueError, ("weight", "V = 0")),
-        (torch.zeros(2, D), torch.zeros(V, D), torch.zeros(V, dtype=torch.float64), TypeError, ("bias", "torch.float32", "torch.float64")),
+        (
+            torch.zeros(2, D),
+            torch.zeros(V, D),
+            torch.zeros(V, dtype=torch.float64),
+            TypeError,
+            ("bias", "torch.float32", "torch.float64"),
+        ),
         (torch.zeros(2, D), torch.zeros(V, D, device="meta"), None, ValueError, ("weight", "cpu", "meta")),
         (torch.zeros(2, D), torch.zeros(V, D), torch.zeros(V, device="meta"), ValueError, ("bias", "cpu", "meta")),
     ],
@@ -109,10 +132,13 @@ def test_flag_arguments_must_be_bools(call):
         if call == "token":
             ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), return_entropy="no")
         elif call == "linear":
-            ck.linear_token_logprobs(torch.zeros(2, D), torch.zeros(V, D), torch.zeros(2, dtype=torch.long), return_entropy=1)
+            ck.linear_token_logprobs(
+                torch.zeros(2, D), torch.zeros(V, D), torch.zeros(2, dtype=torch.long), return_entropy=1
+            )
         else:
-            ck.expert_baseline(torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), torch.tensor([True, False]),
-                               return_mask="no")
+            ck.expert_baseline(
+                torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), torch.tensor([True, False]), return_mask="no"
+            )
     assert_message(excinfo, "expected a bool")
 
 
@@ -123,11 +149,28 @@ def test_flag_arguments_must_be_bools(call):
         (torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), None, ValueError, ("scores", "(B,)", "2-d")),
         (torch.zeros(3), torch.zeros(3), None, TypeError, ("group_ids", "integer", "float32")),
         (torch.zeros(3), torch.zeros(4, dtype=torch.long), None, ValueError, ("group_ids", "(3,)", "(4,)")),
-        (torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(3), TypeError, ("is_expert", "torch.bool", "float32")),
-        (torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.bool), ValueError, ("is_expert", "(3,)", "(2,)")),
+        (
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.long),
+            torch.zeros(3),
+            TypeError,
+            ("is_expert", "torch.bool", "float32"),
+        ),
+        (
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.long),
+            torch.zeros(2, dtype=torch.bool),
+            ValueError,
+            ("is_expert", "(3,)", "(2,)"),
+        ),
         (torch.zeros(0), torch.zeros(0, dtype=torch.long), None, ValueError, ("scores", "B = 0")),
-        (torch.zeros(3), torch.tensor([0, 0, 1]), torch.tensor([False, False, True]), ValueError,
-         ("is_expert", "at least one on-policy row", "group ids [1]")),
+        (
+            torch.zeros(3),
+            torch.tensor([0, 0, 1]),
+            torch.tensor([False, False, True]),
+            ValueError,
+            ("is_expert", "at least one on-policy row", "group ids [1]"),
+        ),
     ],
 )
 def test_group_advantages_bad_inputs(scores, group_ids, is_expert, error, parts):
@@ -159,7 +202,9 @@ def test_group_inputs_on_another_device():
         ck.group_advantages(torch.zeros(2), torch.tensor([0, 1], device="meta"))
     assert_message(excinfo, "group_ids", "cpu", "meta")
     with pytest.raises(ValueError) as excinfo:
-        ck.group_advantages(torch.zeros(2), torch.tensor([0, 1]), is_expert=torch.zeros(2, dtype=torch.bool, device="meta"))
+        ck.group_advantages(
+            torch.zeros(2), torch.tensor([0, 1]), is_expert=torch.zeros(2, dtype=torch.bool, device="meta")
+        )
     assert_message(excinfo, "is_expert", "cpu", "meta")
 
 
@@ -178,7 +223,9 @@ def test_expert_baseline_needs_one_expert_per_group(is_expert, parts):
 
 def test_expert_baseline_bad_kind_and_shapes():
     with pytest.raises(ValueError, match="kind"):
-        ck.expert_baseline(torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), torch.tensor([True, False]), kind="token")
+        ck.expert_baseline(
+            torch.zeros(2, 2), torch.ones(2, 2), torch.tensor([0, 0]), torch.tensor([True, False]), kind="token"
+        )
     with pytest.raises(ValueError) as excinfo:
         ck.expert_baseline(torch.zeros(2, 2), torch.ones(2, 3), torch.tensor([0, 0]), torch.tensor([True, False]))
     assert_message(excinfo, "mask", "(2, 2)", "(2, 3)")
@@ -190,10 +237,18 @@ def test_expert_baseline_bad_kind_and_shapes():
     [
         (dict(old_logp=torch.zeros(B, T + 1)), ValueError, ("old_logp", f"({B}, {T})", f"({B}, {T + 1})")),
         (dict(mask=torch.ones(1, T)), ValueError, ("mask", f"({B}, {T})", f"(1, {T})")),
-        (dict(mask=torch.ones(B, T, dtype=torch.complex64)), TypeError, ("mask", "0/1 or non-negative weights", "complex64")),
+        (
+            dict(mask=torch.ones(B, T, dtype=torch.complex64)),
+            TypeError,
+            ("mask", "0/1 or non-negative weights", "complex64"),
+        ),
         (dict(mask=-torch.ones(B, T)), ValueError, ("mask", "non-negative finite weights", "got -1.0")),
         (dict(mask=torch.full((B, T), float("nan"))), ValueError, ("mask", "non-negative finite weights", "nan")),
-        (dict(expert_mask=torch.ones(B, T + 1, dtype=torch.bool)), ValueError, ("expert_mask", f"({B}, {T})", f"({B}, {T + 1})")),
+        (
+            dict(expert_mask=torch.ones(B, T + 1, dtype=torch.bool)),
+            ValueError,
+            ("expert_mask", f"({B}, {T})", f"({B}, {T + 1})"),
+        ),
         (dict(expert_mask=torch.ones(B, T, dtype=torch.complex64)), TypeError, ("expert_mask", "mask", "complex64")),
         (dict(advantages=torch.zeros(B + 1)), ValueError, ("advantages", f"({B},)", f"({B + 1},)")),
         (dict(advantages=torch.zeros(B, dtype=torch.long)), TypeError, ("advantages", "floating", "int64")),
@@ -231,37 +286,75 @@ def test_fused_loss_bad_inputs():
     with pytest.raises(ValueError, match="give either advantages"):
         ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), None, torch.ones(B, T))
     with pytest.raises(ValueError) as excinfo:
-        ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T + 1), torch.zeros(B), torch.ones(B, T),
-                              config=CalibRLConfig(mode="grpo"))
+        ck.fused_calibrl_loss(
+            logits, targets, torch.zeros(B, T + 1), torch.zeros(B), torch.ones(B, T), config=CalibRLConfig(mode="grpo")
+        )
     assert_message(excinfo, "old_logp", f"({B}, {T})", f"({B}, {T + 1})")
     with pytest.raises(ValueError, match="logits: expected shape"):
-        ck.fused_calibrl_loss(logits[0], targets[0], torch.zeros(T), torch.zeros(T), torch.ones(T),
-                              config=CalibRLConfig(mode="grpo"))
+        ck.fused_calibrl_loss(
+            logits[0], targets[0], torch.zeros(T), torch.zeros(T), torch.ones(T), config=CalibRLConfig(mode="grpo")
+        )
     with pytest.raises(ValueError, match="expert_logp: required for mode='calibrl'; pass it, or pass group_ids"):
-        ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), torch.zeros(B), torch.ones(B, T), passed=torch.ones(B, dtype=torch.bool))
+        ck.fused_calibrl_loss(
+            logits, targets, torch.zeros(B, T), torch.zeros(B), torch.ones(B, T), passed=torch.ones(B, dtype=torch.bool)
+        )
     with pytest.raises(ValueError) as excinfo:  # checked even when advantages make them unnecessary
-        ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), torch.zeros(B), torch.ones(B, T),
-                              scores=torch.zeros(B + 1), config=CalibRLConfig(mode="grpo"))
+        ck.fused_calibrl_loss(
+            logits,
+            targets,
+            torch.zeros(B, T),
+            torch.zeros(B),
+            torch.ones(B, T),
+            scores=torch.zeros(B + 1),
+            config=CalibRLConfig(mode="grpo"),
+        )
     assert_message(excinfo, "scores", f"({B},)", f"({B + 1},)")
     with pytest.raises(TypeError) as excinfo:
-        ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), None, torch.ones(B, T),
-                              scores=torch.zeros(B), group_ids=torch.zeros(B), config=CalibRLConfig(mode="grpo"))
+        ck.fused_calibrl_loss(
+            logits,
+            targets,
+            torch.zeros(B, T),
+            None,
+            torch.ones(B, T),
+            scores=torch.zeros(B),
+            group_ids=torch.zeros(B),
+            config=CalibRLConfig(mode="grpo"),
+        )
     assert_message(excinfo, "group_ids", "integer", "float32")
     with pytest.raises(ValueError) as excinfo:
-        ck.fused_calibrl_loss(logits, targets, torch.zeros(B, T), None, torch.ones(B, T), scores=torch.zeros(B, T),
-                              group_ids=torch.zeros(B, dtype=torch.long), config=CalibRLConfig(mode="grpo"))
+        ck.fused_calibrl_loss(
+            logits,
+            targets,
+            torch.zeros(B, T),
+            None,
+            torch.ones(B, T),
+            scores=torch.zeros(B, T),
+            group_ids=torch.zeros(B, dtype=torch.long),
+            config=CalibRLConfig(mode="grpo"),
+        )
     assert_message(excinfo, "scores", f"({B},)", f"({B}, {T})")
     hidden, weight = torch.zeros(B, T, D), torch.zeros(V, D)
     with pytest.raises(ValueError, match="hidden: expected shape"):
-        ck.fused_linear_calibrl_loss(hidden[0], weight, targets[0], torch.zeros(T), torch.zeros(T), torch.ones(T),
-                                     config=CalibRLConfig(mode="grpo"))
+        ck.fused_linear_calibrl_loss(
+            hidden[0],
+            weight,
+            targets[0],
+            torch.zeros(T),
+            torch.zeros(T),
+            torch.ones(T),
+            config=CalibRLConfig(mode="grpo"),
+        )
 
 
 def test_fused_ops_pass_num_groups_to_group_statistics():
     logits = torch.randn(4, 2, V)
     targets = torch.randint(0, V, (4, 2))
     args = (logits, targets, -torch.rand(4, 2), None, torch.ones(4, 2))
-    kwargs = dict(scores=torch.tensor([1.0, 0.0, 1.0, 1.0]), group_ids=torch.tensor([5, 5, 9, 9]), config=CalibRLConfig(mode="grpo"))
+    kwargs = dict(
+        scores=torch.tensor([1.0, 0.0, 1.0, 1.0]),
+        group_ids=torch.tensor([5, 5, 9, 9]),
+        config=CalibRLConfig(mode="grpo"),
+    )
     same = ck.fused_calibrl_loss(*args, num_groups=2, **kwargs)
     torch.testing.assert_close(same.loss, ck.fused_calibrl_loss(*args, **kwargs).loss)
     with pytest.raises(ValueError, match=r"num_groups: expected the number of distinct group_ids \(2\), got 3"):
@@ -269,8 +362,19 @@ def test_fused_ops_pass_num_groups_to_group_statistics():
 
 
 # ------------------------------------------------------------------ environment variables
-@pytest.mark.parametrize("raw, expected", [("0", False), ("false", False), ("OFF", False), ("no", False),
-                                           ("1", True), ("True", True), ("on", True), ("", True)])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("0", False),
+        ("false", False),
+        ("OFF", False),
+        ("no", False),
+        ("1", True),
+        ("True", True),
+        ("on", True),
+        ("", True),
+    ],
+)
 def test_value_checks_flag_words(monkeypatch, raw, expected):
     monkeypatch.setenv("CALIBRL_VALUE_CHECKS", raw)
     assert _checks.value_checks_enabled() is expected

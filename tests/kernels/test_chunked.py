@@ -7,14 +7,19 @@ must never allocate an (N, V) tensor.
 
 import pytest
 import torch
+from _cpu_helpers import (
+    CONFIGS,
+    assert_loss_outputs_close,
+    chunked_linear_loss,
+    cpp_module_or_skip,
+    loss_and_grads,
+    make_linear_case,
+    max_rel_error,
+    upcast_leaves,
+)
 
 from calibrl_kernels import _dispatch, chunked, ops, reference
 from calibrl_kernels.config import CalibRLConfig
-
-from _cpu_helpers import (
-    CONFIGS, assert_loss_outputs_close, chunked_linear_loss, cpp_module_or_skip, loss_and_grads, make_linear_case,
-    max_rel_error, upcast_leaves,
-)
 
 
 @pytest.fixture(scope="module", params=["torch", "cpp"])
@@ -32,6 +37,7 @@ def _chunked(row_math, rows=7):
 
     def fn(*args, **kwargs):
         return chunked_linear_loss(*args, row_math=row_math, chunk_bytes=budget, **kwargs)
+
     return fn
 
 
@@ -74,8 +80,7 @@ def test_loss_bf16_no_worse_than_reference_in_bf16(row_math, mode):
     ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config)
     # A small budget: several row chunks and several upcast blocks of the bf16 weight.
     with chunked.record_chunks() as chunks:
-        out, grads = loss_and_grads(chunked_linear_loss, case, config, row_math=row_math,
-                                    chunk_bytes=64 * 1024)
+        out, grads = loss_and_grads(chunked_linear_loss, case, config, row_math=row_math, chunk_bytes=64 * 1024)
     assert chunks[0].weight_block_rows < 600
     for name in ("loss", "pg_loss", "guide_loss", "entropy"):
         value = lambda result: float(getattr(result, name).detach())  # noqa: E731
@@ -86,22 +91,32 @@ def test_loss_bf16_no_worse_than_reference_in_bf16(row_math, mode):
         assert max_rel_error(got, want) <= 2 * max_rel_error(base, want) + 1e-6
 
 
-@pytest.mark.parametrize("config", [CalibRLConfig(entropy_coef=0.1), CalibRLConfig(mode="grpo")], ids=["calibrl", "grpo"])
+@pytest.mark.parametrize(
+    "config", [CalibRLConfig(entropy_coef=0.1), CalibRLConfig(mode="grpo")], ids=["calibrl", "grpo"]
+)
 def test_single_token(row_math, config):
     """N = 1: one row of one token (the expert baseline given directly, no expert row in the batch)."""
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(1, 1, 9, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(67, 9, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(67, generator=g, dtype=torch.float64, requires_grad=True)
-    args = (hidden, weight, torch.tensor([[5]]), torch.tensor([[-3.0]], dtype=torch.float64),
-            torch.tensor([0.7], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64))
-    kw = dict(bias=bias, expert_logp=torch.tensor([[-2.0]], dtype=torch.float64), passed=torch.tensor([True]),
-              config=config)
+    args = (
+        hidden,
+        weight,
+        torch.tensor([[5]]),
+        torch.tensor([[-3.0]], dtype=torch.float64),
+        torch.tensor([0.7], dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.float64),
+    )
+    kw = dict(
+        bias=bias, expert_logp=torch.tensor([[-2.0]], dtype=torch.float64), passed=torch.tensor([True]), config=config
+    )
     ref = reference.fused_linear_calibrl_loss(*args, **kw)
     out = chunked_linear_loss(*args, row_math=row_math, **kw)
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
-    for got, want in zip(torch.autograd.grad(out.loss, (hidden, weight, bias)),
-                         torch.autograd.grad(ref.loss, (hidden, weight, bias))):
+    for got, want in zip(
+        torch.autograd.grad(out.loss, (hidden, weight, bias)), torch.autograd.grad(ref.loss, (hidden, weight, bias))
+    ):
         assert max_rel_error(got, want) < 1e-10
 
 
@@ -147,8 +162,14 @@ def test_linear_token_logprobs_values_and_gradients(row_math, dtype, flat):
     ex_lp, ex_ent, ex_grads = run(ex_hidden, exact.weight, exact.bias, fn=reference.linear_token_logprobs)
     ref_lp, ref_ent, ref_grads = run(hidden, case.weight, case.bias, fn=reference.linear_token_logprobs)
     with chunked.record_chunks() as chunks:
-        lp, ent, grads = run(hidden, case.weight, case.bias, fn=chunked.linear_token_logprobs, row_math=row_math,
-                             chunk_bytes=5 * 531 * 4 * row_math.buffers_per_chunk)
+        lp, ent, grads = run(
+            hidden,
+            case.weight,
+            case.bias,
+            fn=chunked.linear_token_logprobs,
+            row_math=row_math,
+            chunk_bytes=5 * 531 * 4 * row_math.buffers_per_chunk,
+        )
     assert len(chunks) == 2 and chunks[0].rows < targets.numel()  # forward + recomputing backward
     assert lp.shape == targets.shape and lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert float(lp.detach().reshape(-1)[0]) == 0.0 and float(ent.detach().reshape(-1)[0]) == 0.0  # ignored
@@ -185,17 +206,28 @@ def test_gradients_skipped_when_nothing_requires_grad(row_math, monkeypatch):
     monkeypatch.setattr(chunked._Gradients, "__init__", spy)
     b = case.batch
     with torch.no_grad():
-        out = chunked_linear_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages,
-                                                   b.mask, bias=case.bias, row_math=row_math, **b.kwargs(config))
+        out = chunked_linear_loss(
+            case.hidden,
+            case.weight,
+            case.targets,
+            b.old_logp,
+            b.advantages,
+            b.mask,
+            bias=case.bias,
+            row_math=row_math,
+            **b.kwargs(config),
+        )
     assert built == [] and not out.loss.requires_grad
     # Only the weight requires grad: only its gradient buffer is built.
     hidden = case.hidden.detach()
-    out = chunked_linear_loss(hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
-                                               row_math=row_math, **b.kwargs(config))
+    out = chunked_linear_loss(
+        hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, row_math=row_math, **b.kwargs(config)
+    )
     assert built == [(False, True, False)]
     (grad_w,) = torch.autograd.grad(out.loss, (case.weight,))
-    ref = reference.fused_linear_calibrl_loss(hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
-                                              **b.kwargs(config))
+    ref = reference.fused_linear_calibrl_loss(
+        hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, **b.kwargs(config)
+    )
     assert max_rel_error(grad_w, torch.autograd.grad(ref.loss, (case.weight,))[0]) < 1e-10
 
 
@@ -225,16 +257,25 @@ def test_never_allocates_n_by_v(row_math):
     budget = 128 * 1024
     assert logits_bytes > 4 * budget
     b = case.batch
-    with chunked.record_chunks() as chunks, torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
+    with (
+        chunked.record_chunks() as chunks,
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         out = chunked_linear_loss(
-            case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, row_math=row_math,
-            chunk_bytes=budget, **b.kwargs(config),
+            case.hidden,
+            case.weight,
+            case.targets,
+            b.old_logp,
+            b.advantages,
+            b.mask,
+            row_math=row_math,
+            chunk_bytes=budget,
+            **b.kwargs(config),
         )
         out.loss.backward()
-        logp = chunked.linear_token_logprobs(case.hidden, case.weight, case.targets, row_math=row_math,
-                                                chunk_bytes=budget)
+        logp = chunked.linear_token_logprobs(
+            case.hidden, case.weight, case.targets, row_math=row_math, chunk_bytes=budget
+        )
         logp.sum().backward()
     assert len(chunks) == 3
     for record in chunks:
@@ -303,10 +344,12 @@ def test_strided_hidden_and_int32_targets(row_math):
     wide = torch.randn(B, T + 3, D, dtype=torch.float64, requires_grad=True)
     b = case.batch
     kw = dict(bias=case.bias, **b.kwargs(config))
-    ref = reference.fused_linear_calibrl_loss(wide[:, 1:-2], case.weight, case.targets, b.old_logp, b.advantages,
-                                              b.mask, **kw)
-    out = chunked_linear_loss(wide[:, 1:-2], case.weight, case.targets.int(), b.old_logp,
-                                               b.advantages, b.mask, row_math=row_math, **kw)
+    ref = reference.fused_linear_calibrl_loss(
+        wide[:, 1:-2], case.weight, case.targets, b.old_logp, b.advantages, b.mask, **kw
+    )
+    out = chunked_linear_loss(
+        wide[:, 1:-2], case.weight, case.targets.int(), b.old_logp, b.advantages, b.mask, row_math=row_math, **kw
+    )
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
     (want,) = torch.autograd.grad(ref.loss, (wide,))
     (got,) = torch.autograd.grad(out.loss, (wide,))
@@ -318,12 +361,16 @@ def test_public_ops_dispatch_to_the_chunked_path(monkeypatch):
     case = make_linear_case(config, seed=16)
     b = case.batch
     monkeypatch.setenv("CALIBRL_IMPL", "torch")
-    assert _dispatch.implementation("fused_linear_calibrl_loss", torch.device("cpu")) is chunked.fused_linear_calibrl_loss
+    assert (
+        _dispatch.implementation("fused_linear_calibrl_loss", torch.device("cpu")) is chunked.fused_linear_calibrl_loss
+    )
     assert _dispatch.implementation("linear_token_logprobs", torch.device("cpu")) is chunked.linear_token_logprobs
-    out = ops.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
-                                        bias=case.bias, **b.kwargs(config))
-    ref = reference.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
-                                              bias=case.bias, **b.kwargs(config))
+    out = ops.fused_linear_calibrl_loss(
+        case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias, **b.kwargs(config)
+    )
+    ref = reference.fused_linear_calibrl_loss(
+        case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias, **b.kwargs(config)
+    )
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -341,8 +388,9 @@ def test_gradients_are_handed_over_without_a_copy(row_math, monkeypatch):
 
     monkeypatch.setattr(chunked._Gradients, "finish", spy)
     b = case.batch
-    out = chunked_linear_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
-                                               row_math=row_math, config=config)
+    out = chunked_linear_loss(
+        case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, row_math=row_math, config=config
+    )
     out.loss.backward()
     assert buffers == [[case.hidden.grad.data_ptr(), case.weight.grad.data_ptr()]]
 
@@ -359,17 +407,17 @@ def test_second_order_gradients_raise(row_math, op):
         if op == "linear_token_logprobs":
             logp, ent = fn(case.hidden, case.weight, case.targets, case.bias, 1.0, -100, True)
             return logp.sum() + ent.sum()
-        return fn(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias,
-                  **b.kwargs(config)).loss
+        return fn(
+            case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias, **b.kwargs(config)
+        ).loss
 
     ours = chunked.linear_token_logprobs if op == "linear_token_logprobs" else chunked_linear_loss
     want = torch.autograd.grad(run(getattr(reference, op)), case.leaves())
-    grads = torch.autograd.grad(run(lambda *a, **k: ours(*a, row_math=row_math, **k)), case.leaves(),
-                                create_graph=True)
+    grads = torch.autograd.grad(run(lambda *a, **k: ours(*a, row_math=row_math, **k)), case.leaves(), create_graph=True)
     for got, expected in zip(grads, want):
         assert got.requires_grad and max_rel_error(got, expected) < 1e-10
     with pytest.raises(RuntimeError, match="differentiate"):
-        sum((g ** 2).sum() for g in grads).backward()
+        sum((g**2).sum() for g in grads).backward()
 
 
 def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
@@ -384,9 +432,15 @@ def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
     targets = torch.tensor([3, 7, 11, -100])
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64) * (targets != -100)
     table = coefficients.token_table(
-        -torch.rand(1, 4, generator=g, dtype=torch.float64), torch.tensor([0.8], dtype=torch.float64), mask,
-        expert_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64), passed=torch.tensor([True]),
-        is_expert=None, expert_mask=None, config=config, dtype=torch.float64,
+        -torch.rand(1, 4, generator=g, dtype=torch.float64),
+        torch.tensor([0.8], dtype=torch.float64),
+        mask,
+        expert_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64),
+        passed=torch.tensor([True]),
+        is_expert=None,
+        expert_mask=None,
+        config=config,
+        dtype=torch.float64,
     )
 
     def gradient(chunk):
@@ -413,7 +467,7 @@ def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
 
 def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     """The spacing of bfloat16 numbers at |x| (fp64; 8 significant bits)."""
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -126)))
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0**-126)))
     return torch.exp2(exponent - 7)
 
 
@@ -427,8 +481,9 @@ def test_bf16_gradients_are_rounded_once_under_a_scaled_backward(row_math, scale
     case = make_linear_case(config, V=600, D=24, dtype=torch.bfloat16, seed=5)
     exact, exact_grads = loss_and_grads(reference.fused_linear_calibrl_loss, upcast_leaves(case), config, scale=scale)
     ref, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config, scale=scale)
-    out, grads = loss_and_grads(chunked_linear_loss, case, config, scale=scale, row_math=row_math,
-                                chunk_bytes=64 * 1024)
+    out, grads = loss_and_grads(
+        chunked_linear_loss, case, config, scale=scale, row_math=row_math, chunk_bytes=64 * 1024
+    )
     for got, want, base, name in zip(grads, exact_grads, ref_grads, ("hidden", "weight", "bias")):
         assert got.dtype == torch.bfloat16, name
         error = (got.double() - want).abs()

@@ -3,12 +3,11 @@ reference."""
 
 import pytest
 import torch
+from _cpu_helpers import CONFIGS, assert_loss_outputs_close, make_batch, token_values_with_ties
 
 from calibrl_kernels import reference
-from calibrl_kernels.reference import coefficients
 from calibrl_kernels.config import CalibRLConfig
-
-from _cpu_helpers import CONFIGS, assert_loss_outputs_close, make_batch, token_values_with_ties
+from calibrl_kernels.reference import coefficients
 
 
 def _both(logp, entropy, batch, config, advantages=None):

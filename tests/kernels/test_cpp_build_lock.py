@@ -23,8 +23,15 @@ def test_a_lock_file_left_by_a_killed_process_does_not_block_the_next_one():
     folder = build._build_directory(build.extension_name(), False)
     leftover = os.path.join(folder, "lock")
     open(leftover, "w").close()  # what a process killed between torch's lock and its release leaves behind
-    code = "from calibrl_kernels.cpu import build; assert build.extension(fallback_warning=False) is not None; print('ok')"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    code = (
+        "from calibrl_kernels.cpu import build; assert build.extension(fallback_warning=False) is not None; print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     assert not os.path.exists(leftover)

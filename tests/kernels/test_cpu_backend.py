@@ -11,16 +11,20 @@ import warnings
 
 import pytest
 import torch
-
-from calibrl_kernels import _dispatch, cpu, ops, reference
-from calibrl_kernels.cpu import build
-from calibrl_kernels.reference import coefficients
-from calibrl_kernels.config import CalibRLConfig
-
 from _cpu_helpers import (
-    CONFIGS, assert_loss_outputs_close, batch_with_ties, cpp_module_or_skip, make_batch, max_rel_error,
+    CONFIGS,
+    assert_loss_outputs_close,
+    batch_with_ties,
+    cpp_module_or_skip,
+    make_batch,
+    max_rel_error,
     simulate_build_failure,
 )
+
+from calibrl_kernels import _dispatch, cpu, ops, reference
+from calibrl_kernels.config import CalibRLConfig
+from calibrl_kernels.cpu import build
+from calibrl_kernels.reference import coefficients
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,8 +137,9 @@ def test_fused_calibrl_loss_low_precision(cpp, dtype, name):
         if run.ours:
             out = cpu.fused_calibrl_loss(x, targets, batch.inputs(), config)
         else:
-            out = reference.fused_calibrl_loss(x, targets, batch.old_logp, batch.advantages, batch.mask,
-                                               **batch.kwargs(config))
+            out = reference.fused_calibrl_loss(
+                x, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config)
+            )
         return out, torch.autograd.grad(out.loss, (x,))[0]
 
     run.ours = False
@@ -163,12 +168,20 @@ def test_row_loss_terms_equal_closed_form_with_ties(cpp, name):
     batch = batch_with_ties(batch, stats[:, coefficients.ROW["logp"]].view(B, T))
     mask = batch.mask * (targets != -100).view(B, T)
     table = coefficients.token_table(
-        batch.old_logp, batch.advantages, mask, expert_logp=batch.expert_logp, passed=batch.passed,
-        is_expert=batch.is_expert, expert_mask=batch.expert_mask, config=config, dtype=torch.float64,
+        batch.old_logp,
+        batch.advantages,
+        mask,
+        expert_logp=batch.expert_logp,
+        passed=batch.passed,
+        is_expert=batch.is_expert,
+        expert_mask=batch.expert_mask,
+        config=config,
+        dtype=torch.float64,
     )
     rows = torch.zeros_like(stats)
-    cpp.row_loss(logits, targets, table, rows, config.mode, config.activation, cpu._rows.loss_params(config), 1.0,
-                 -100, False)
+    cpp.row_loss(
+        logits, targets, table, rows, config.mode, config.activation, cpu._rows.loss_params(config), 1.0, -100, False
+    )
     torch.testing.assert_close(rows[:, :3], stats[:, :3], rtol=0, atol=0)  # logp, entropy, lse
     expected = rows.clone()
     coefficients.fill_row_terms(expected, table, config)
@@ -238,9 +251,11 @@ def test_fallback_when_the_build_fails_warns_once(monkeypatch):
     ok, reason = cpu.availability(torch.device("cpu"))
     assert not ok and "simulated" in reason
     assert _dispatch.selected_impl("fused_calibrl_loss", torch.device("cpu")) == "torch"
-    for call in (lambda: cpu.token_logprobs(logits, targets),
-                 lambda: cpu.fused_calibrl_loss(logits, targets, batch.inputs(), config),
-                 lambda: cpu.fused_linear_calibrl_loss(hidden, weight, targets, batch.inputs(), config)):
+    for call in (
+        lambda: cpu.token_logprobs(logits, targets),
+        lambda: cpu.fused_calibrl_loss(logits, targets, batch.inputs(), config),
+        lambda: cpu.fused_linear_calibrl_loss(hidden, weight, targets, batch.inputs(), config),
+    ):
         with pytest.raises(RuntimeError, match="cpp.*called directly.*simulated: no C\\+\\+ compiler"):
             call()
 
@@ -248,8 +263,9 @@ def test_fallback_when_the_build_fails_warns_once(monkeypatch):
 def _run_python(code: str, timeout: int = 300) -> str:
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("CALIBRL_IMPL", None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
-                         timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -266,8 +282,14 @@ def test_import_and_non_cpp_ops_do_not_build():
 
 def test_prebuild_command_prints_the_library(cpp):
     env = dict(os.environ, PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, "-m", "calibrl_kernels.build", "--quiet"], capture_output=True, text=True,
-                         cwd=REPO, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "calibrl_kernels.build", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "library:" in out.stdout and build.extension_name() in out.stdout
 
@@ -289,8 +311,9 @@ def test_second_order_gradients_raise(cpp, op):
             return logp.sum() + ent.sum()
         if fn_kind == "cpp":
             return cpu.fused_calibrl_loss(fn_logits, targets, batch.inputs(), config).loss
-        return reference.fused_calibrl_loss(fn_logits, targets, batch.old_logp, batch.advantages, batch.mask,
-                                            **batch.kwargs(config)).loss
+        return reference.fused_calibrl_loss(
+            fn_logits, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config)
+        ).loss
 
     (want,) = torch.autograd.grad(run(logits, "reference"), (logits,))
     # A constant incoming gradient (the usual torch.autograd.grad(..., create_graph=True)).
@@ -298,7 +321,7 @@ def test_second_order_gradients_raise(cpp, op):
     assert grad.requires_grad
     assert max_rel_error(grad, want) < 1e-10  # first order is still right under create_graph=True
     with pytest.raises(RuntimeError, match="differentiate"):
-        (grad ** 2).sum().backward()
+        (grad**2).sum().backward()
     # An incoming gradient that itself requires grad (once_differentiable's own check).
     scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(run(logits, "cpp"), (logits,), grad_outputs=scale, create_graph=True)
@@ -390,7 +413,8 @@ def test_forced_cpp_with_a_failed_build_raises_on_every_call(monkeypatch):
         "ops.token_logprobs": lambda: ops.token_logprobs(logits, targets),
         "ops.fused_calibrl_loss": lambda: ops.fused_calibrl_loss(logits, targets, *loss_args, **batch.kwargs(config)),
         "ops.fused_linear_calibrl_loss": lambda: ops.fused_linear_calibrl_loss(
-            hidden, weight, targets, *loss_args, **batch.kwargs(config)),
+            hidden, weight, targets, *loss_args, **batch.kwargs(config)
+        ),
         "cpp.token_logprobs": lambda: cpu.token_logprobs(logits, targets),
         "cpp.linear_token_logprobs": lambda: cpu.linear_token_logprobs(hidden, weight, targets),
         "cpp.fused_calibrl_loss": lambda: cpu.fused_calibrl_loss(logits, targets, batch.inputs(), config),
@@ -428,8 +452,9 @@ def test_fallback_keeps_the_chunk_budget(monkeypatch, op):
                 if op == "linear_token_logprobs":
                     ops.linear_token_logprobs(hidden, weight, targets)
                 else:
-                    ops.fused_linear_calibrl_loss(hidden, weight, targets, batch.old_logp, batch.advantages,
-                                                  batch.mask, **batch.kwargs(config))
+                    ops.fused_linear_calibrl_loss(
+                        hidden, weight, targets, batch.old_logp, batch.advantages, batch.mask, **batch.kwargs(config)
+                    )
     assert [record.rows for record in chunks] == [1]
 
 

@@ -28,8 +28,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from calibrl_kernels import CalibRLConfig, chunked, reference  # noqa: E402
 import calibrl_kernels as ck  # noqa: E402
+from calibrl_kernels import CalibRLConfig, chunked, reference  # noqa: E402
 from calibrl_kernels.config import ACTIVATIONS, BASELINES, LOSS_AGG_MODES, MODES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -40,8 +40,13 @@ LINEAR_EXAMPLES = 30
 FIELDS = ("loss", "pg_loss", "guide_loss", "entropy", "clipfrac", "clipfrac_lower", "ppo_kl")
 LAYOUTS = ("groups-of-one", "zero-variance", "all-expert", "expert-per-group")
 MASKS = ("random", "all-ones", "all-masked", "ignore-index")
-SETTINGS = dict(deadline=None, print_blob=True, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(
+    deadline=None,
+    print_blob=True,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @contextlib.contextmanager
@@ -85,8 +90,10 @@ def make_batch(B, T, V, D, dtype, config, layout, mask_kind, seed):
     """Inputs (leaf tensors in dtype) and the RL fields (fp32) of one drawn problem."""
     g = torch.Generator().manual_seed(seed)
     if D:
-        leaves = {"hidden": (torch.randn(B, T, D, generator=g)).to(dtype),
-                  "weight": (torch.randn(V, D, generator=g) / D**0.5 * 2).to(dtype)}
+        leaves = {
+            "hidden": (torch.randn(B, T, D, generator=g)).to(dtype),
+            "weight": (torch.randn(V, D, generator=g) / D**0.5 * 2).to(dtype),
+        }
     else:
         leaves = {"logits": (torch.randn(B, T, V, generator=g) * 2).to(dtype)}
     targets = torch.randint(0, V, (B, T), generator=g)
@@ -101,7 +108,11 @@ def make_batch(B, T, V, D, dtype, config, layout, mask_kind, seed):
     if layout == "groups-of-one":
         group_ids, is_expert = torch.arange(B), torch.zeros(B, dtype=torch.bool)
     elif layout == "zero-variance":
-        group_ids, is_expert, scores = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool), torch.full((B,), 0.5)
+        group_ids, is_expert, scores = (
+            torch.zeros(B, dtype=torch.long),
+            torch.zeros(B, dtype=torch.bool),
+            torch.full((B,), 0.5),
+        )
     elif layout == "all-expert":
         group_ids, is_expert = torch.zeros(B, dtype=torch.long), torch.ones(B, dtype=torch.bool)
     else:
@@ -109,23 +120,41 @@ def make_batch(B, T, V, D, dtype, config, layout, mask_kind, seed):
     if layout == "all-expert":  # no on-policy row: no group statistics; advantages given directly
         advantages, passed = torch.randn(B, generator=g), scores > config.pass_threshold
     else:
-        stats = reference.group_advantages(scores, group_ids, is_expert, config.norm_by_std, config.adv_eps,
-                                           config.pass_threshold)
+        stats = reference.group_advantages(
+            scores, group_ids, is_expert, config.norm_by_std, config.adv_eps, config.pass_threshold
+        )
         advantages, passed = stats.advantages, stats.passed
     old_logp = -torch.rand(B, T, generator=g) * 3
     expert_shape = (B,) if config.baseline == "sequence-mean" else (B, T)
-    fields = dict(old_logp=old_logp, advantages=advantages.float(), mask=mask,
-                  expert_logp=-torch.rand(expert_shape, generator=g) * 3, passed=passed, is_expert=is_expert)
+    fields = dict(
+        old_logp=old_logp,
+        advantages=advantages.float(),
+        mask=mask,
+        expert_logp=-torch.rand(expert_shape, generator=g) * 3,
+        passed=passed,
+        is_expert=is_expert,
+    )
     return leaves, targets, fields
 
 
 def run(op, leaves, targets, fields, config, dtype=None):
     """The op on fresh leaf copies (cast to dtype if given) -> (LossOutput, gradients by leaf name)."""
-    leaves = {k: (v.detach().to(dtype) if dtype else v.detach().clone()).requires_grad_(True) for k, v in leaves.items()}
+    leaves = {
+        k: (v.detach().to(dtype) if dtype else v.detach().clone()).requires_grad_(True) for k, v in leaves.items()
+    }
     f = {k: (v.to(dtype) if dtype and v.is_floating_point() and k != "mask" else v) for k, v in fields.items()}
     args = [leaves[k] for k in (("hidden", "weight") if "hidden" in leaves else ("logits",))]
-    out = op(*args, targets, f["old_logp"], f["advantages"], f["mask"], expert_logp=f["expert_logp"],
-             passed=f["passed"], is_expert=f["is_expert"], config=config)
+    out = op(
+        *args,
+        targets,
+        f["old_logp"],
+        f["advantages"],
+        f["mask"],
+        expert_logp=f["expert_logp"],
+        passed=f["passed"],
+        is_expert=f["is_expert"],
+        config=config,
+    )
     out.loss.backward()
     return out, {k: v.grad for k, v in leaves.items()}
 
@@ -137,7 +166,9 @@ def check_against_truth(name, out, grads, truth, truth_grads, low_precision):
         if torch.isnan(want):
             assert torch.isnan(value), f"{name}.{field}: {float(value)} where the reference gives nan"
             continue
-        assert abs(float(value - want)) <= atol + rtol * abs(float(want)), f"{name}.{field}: {float(value)} vs {float(want)}"
+        assert abs(float(value - want)) <= atol + rtol * abs(float(want)), (
+            f"{name}.{field}: {float(value)} vs {float(want)}"
+        )
     for key, want in truth_grads.items():
         got = grads[key]
         assert got is not None and got.shape == want.shape, f"{name}: d{key} missing or mis-shaped"
@@ -155,8 +186,9 @@ def test_fused_backends_match_the_reference(problem):
     for backend in ("cpp", "triton"):
         with forced_backend(backend):
             out, grads = run(ck.fused_calibrl_loss, leaves, targets, fields, config)
-        check_against_truth(f"{backend}[{layout},{mask_kind},{dtype}]", out, grads, truth, truth_grads,
-                            dtype == torch.bfloat16)
+        check_against_truth(
+            f"{backend}[{layout},{mask_kind},{dtype}]", out, grads, truth, truth_grads, dtype == torch.bfloat16
+        )
 
 
 @settings(max_examples=LINEAR_EXAMPLES, **SETTINGS)
@@ -169,5 +201,6 @@ def test_linear_backends_match_the_reference(problem):
         # a budget of about two rows per chunk, so the chunked CPU paths loop over several chunks
         with forced_backend(backend), chunked.chunk_bytes_scope(2 * V * 8 * 8):
             out, grads = run(ck.fused_linear_calibrl_loss, leaves, targets, fields, config)
-        check_against_truth(f"{backend}[{layout},{mask_kind},{dtype}]", out, grads, truth, truth_grads,
-                            dtype == torch.bfloat16)
+        check_against_truth(
+            f"{backend}[{layout},{mask_kind},{dtype}]", out, grads, truth, truth_grads, dtype == torch.bfloat16
+        )

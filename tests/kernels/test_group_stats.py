@@ -23,11 +23,13 @@ def _force_triton(monkeypatch):
 def _batch(sizes, device, dtype=torch.float32, seed=0, id_dtype=torch.int64, binary=True):
     """Groups of the given sizes (on-policy rows + one expert each), ids arbitrary, rows shuffled."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([-7, 10 ** 12, 3, 0, 42, -(10 ** 9), 5, 99][: len(sizes)], dtype=torch.int64)
+    ids = torch.tensor([-7, 10**12, 3, 0, 42, -(10**9), 5, 99][: len(sizes)], dtype=torch.int64)
     group_ids = torch.cat([ids[i].repeat(n + 1) for i, n in enumerate(sizes)])
     is_expert = torch.cat([torch.tensor([False] * n + [True]) for n in sizes])
     if binary:
-        scores = (torch.rand(group_ids.numel(), generator=g) > 0.5).to(dtype) + 0.1 * (torch.rand(group_ids.numel(), generator=g) > 0.3).to(dtype)
+        scores = (torch.rand(group_ids.numel(), generator=g) > 0.5).to(dtype) + 0.1 * (
+            torch.rand(group_ids.numel(), generator=g) > 0.3
+        ).to(dtype)
     else:
         scores = torch.randn(group_ids.numel(), generator=g).to(dtype)
     perm = torch.randperm(group_ids.numel(), generator=g)
@@ -69,14 +71,18 @@ def test_without_expert_rows_and_single_row(triton_device):
     ours = ck.group_advantages(scores, ids)
     assert ours.mean.tolist() == [0.0] and ours.std.tolist() == [1.0] and ours.advantages.tolist() == [0.5]
     scores, group_ids, _ = _batch([3, 5], triton_device, seed=1)
-    _assert_stats_equal(ck.group_advantages(scores, group_ids), reference.group_advantages(scores, group_ids), torch.float32)
+    _assert_stats_equal(
+        ck.group_advantages(scores, group_ids), reference.group_advantages(scores, group_ids), torch.float32
+    )
 
 
 def test_group_of_expert_rows_only_is_a_value_error(triton_device, monkeypatch):
     scores = torch.tensor([1.0, 0.0, 1.0], device=triton_device)
     ids = torch.tensor([1, 1, 2], device=triton_device)
     is_expert = torch.tensor([False, False, True], device=triton_device)
-    with pytest.raises(ValueError, match="is_expert: expected every group to have at least one on-policy row.*group ids \\[2\\]"):
+    with pytest.raises(
+        ValueError, match="is_expert: expected every group to have at least one on-policy row.*group ids \\[2\\]"
+    ):
         ck.group_advantages(scores, ids, is_expert=is_expert)
     monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "0")  # a value check: skippable in hot loops
     stats = ck.group_advantages(scores, ids, is_expert=is_expert)
@@ -136,7 +142,9 @@ def test_num_groups_and_no_value_checks_run_no_host_synchronising_operator(dtype
 def test_num_groups_runs_without_cuda_synchronisation(monkeypatch):
     scores, group_ids, is_expert = _batch([4, 2, 3], "cuda", seed=5)
     monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "0")
-    triton_group_stats.group_advantages(scores, group_ids, is_expert, True, num_groups=3)  # compiled before timing anything
+    triton_group_stats.group_advantages(
+        scores, group_ids, is_expert, True, num_groups=3
+    )  # compiled before timing anything
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

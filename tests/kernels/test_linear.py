@@ -20,11 +20,10 @@ import weakref
 
 import pytest
 import torch
+from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, chunked, reference
-
-from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 pytest.importorskip("triton")
 from calibrl_kernels.triton import linear as triton_linear  # noqa: E402  (after the triton check)
@@ -83,7 +82,10 @@ def assert_grad_close(value, truth, scale, rtol, name):
     value, truth = value.detach().double().reshape(scale.shape), truth.detach().double().reshape(scale.shape)
     bound = rtol * (truth.abs() + scale) + 1e-30
     worst = float(((value - truth).abs() / bound).max())
-    assert worst <= 1.0, f"{name}: error {float((value - truth).abs().max()):.3e} exceeds rtol={rtol} of |truth| + scale (ratio {worst:.2f})"
+    assert worst <= 1.0, (
+        f"{name}: error {float((value - truth).abs().max()):.3e} exceeds rtol={rtol} of |truth| + scale "
+        f"(ratio {worst:.2f})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,6 +106,7 @@ def logprob_objective(targets, temperature, w_lp, w_h):
     def objective(logits):
         lp, ent = reference.token_logprobs(logits, targets.reshape(-1), temperature, -100, True)
         return (lp * w_lp.reshape(-1).double()).sum() + (ent * w_h.reshape(-1).double()).sum()
+
     return objective
 
 
@@ -134,7 +137,9 @@ def test_logprobs_temperature_and_3d_hidden(temperature, triton_device):
     hidden, targets = hidden.reshape(2, 3, 24), targets.reshape(2, 3)
     w_lp, w_h = torch.ones(2, 3, device=triton_device), torch.full((2, 3), -0.5, device=triton_device)
     lp, ent, grads = run_logprobs(ck.linear_token_logprobs, hidden, weight, b, targets, temperature, w_lp, w_h)
-    lp64, ent64, grads64 = run_logprobs(reference_logprobs, hidden, weight, b, targets, temperature, w_lp, w_h, torch.float64)
+    lp64, ent64, grads64 = run_logprobs(
+        reference_logprobs, hidden, weight, b, targets, temperature, w_lp, w_h, torch.float64
+    )
     assert lp.shape == (2, 3) and grads[0].shape == (2, 3, 24)
     assert_close_rel(lp, lp64, 1e-5, "logp")
     assert_close_rel(ent, ent64, 1e-5, "entropy")
@@ -163,7 +168,7 @@ def test_logprobs_bf16_error_no_worse_than_twice_the_reference(triton_device):
     scales = gemm_scales(hidden, weight, b, logprob_objective(targets, 1.0, w_lp, w_h))
     for name, a, e, t, scale in zip(("dhidden", "dweight", "dbias"), ours[2], eager[2], truth[2], scales):
         assert_no_worse_than_reference(a, e, t, slack=0.0, name=name + " vs eager bf16")
-        assert_grad_close(a, t, scale, 2 ** -7, name)
+        assert_grad_close(a, t, scale, 2**-7, name)
 
 
 def test_logprobs_all_ignored_and_partial_grads(triton_device):
@@ -208,16 +213,20 @@ def make_batch(B, T, D, V, device, dtype=torch.float32, bias=True, seed=0, maske
     g = torch.Generator().manual_seed(seed + 1)
     if B * T > 2:
         targets[0, -1] = -100
-    old_logp = (reference.linear_token_logprobs(hidden.float(), weight.float(), targets, None if b is None else b.float())
-                + 0.3 * torch.randn(B, T, generator=g).to(device)).detach()
+    old_logp = (
+        reference.linear_token_logprobs(hidden.float(), weight.float(), targets, None if b is None else b.float())
+        + 0.3 * torch.randn(B, T, generator=g).to(device)
+    ).detach()
     if masked == "partial":
         mask = (torch.arange(T)[None, :] < torch.randint(1, T + 1, (B,), generator=g)[:, None]).float().to(device)
     else:
         mask = (torch.ones if masked == "none" else torch.zeros)(B, T, device=device)
     advantages = torch.randn(B, generator=g).to(device)
     kw = dict(
-        expert_logp=(-3 * torch.rand(B, T, generator=g)).to(device), passed=(advantages > 0),
-        is_expert=(torch.arange(B) % 3 == 2).to(device), expert_mask=(torch.rand(B, T, generator=g) > 0.3).to(device),
+        expert_logp=(-3 * torch.rand(B, T, generator=g)).to(device),
+        passed=(advantages > 0),
+        is_expert=(torch.arange(B) % 3 == 2).to(device),
+        expert_mask=(torch.rand(B, T, generator=g) > 0.3).to(device),
     )
     return (hidden, weight, b, targets, old_logp, advantages, mask, kw)
 
@@ -226,7 +235,17 @@ def run_loss(fn, batch, config, dtype=None):
     hidden, weight, b, targets, old_logp, advantages, mask, kw = batch
     h, w, bb = leaves((hidden, weight, b), dtype)
     cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)
-    out = fn(h, w, targets, cast(old_logp), cast(advantages), mask, bias=bb, **{k: cast(v) for k, v in kw.items()}, config=config)
+    out = fn(
+        h,
+        w,
+        targets,
+        cast(old_logp),
+        cast(advantages),
+        mask,
+        bias=bb,
+        **{k: cast(v) for k, v in kw.items()},
+        config=config,
+    )
     out.loss.backward()
     return out, grads_of((h, w, bb))
 
@@ -237,8 +256,15 @@ def loss_objective(batch, config):
 
     def objective(logits):
         return reference.fused_calibrl_loss(
-            logits.reshape(*targets.shape, -1), targets, old_logp.double(), advantages.double(), mask, **kw64, config=config
+            logits.reshape(*targets.shape, -1),
+            targets,
+            old_logp.double(),
+            advantages.double(),
+            mask,
+            **kw64,
+            config=config,
         ).loss
+
     return objective
 
 
@@ -246,7 +272,9 @@ def check_loss_matches_fp64(batch, config, rtol=1e-5):
     ours, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config)
     ref, grads64 = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
     for name in FIELDS:
-        torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name).detach(), rtol=rtol, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            getattr(ours, name).double(), getattr(ref, name).detach(), rtol=rtol, atol=1e-6, msg=name
+        )
     scales = gemm_scales(batch[0], batch[1], batch[2], loss_objective(batch, config))
     for name, a, t, scale in zip(("dhidden", "dweight", "dbias"), grads, grads64, scales):
         if t is not None:
@@ -286,13 +314,17 @@ def test_loss_all_masked(triton_device):
     assert float(ours.loss.detach()) == 0.0 and all(torch.all(g == 0) for g in grads)
 
 
-@pytest.mark.parametrize("config", [CalibRLConfig(entropy_coef=0.01), CalibRLConfig.for_algo("luffy")], ids=["calibrl", "luffy"])
+@pytest.mark.parametrize(
+    "config", [CalibRLConfig(entropy_coef=0.01), CalibRLConfig.for_algo("luffy")], ids=["calibrl", "luffy"]
+)
 def eager_bf16_loss(hidden, weight, targets, old_logp, advantages, mask, *, bias=None, **kw):
     logits = hidden @ weight.t() + (0 if bias is None else bias)  # bf16 matmul, as eager PyTorch
     return reference.fused_calibrl_loss(logits, targets, old_logp, advantages, mask, **kw)
 
 
-@pytest.mark.parametrize("config", [CalibRLConfig(entropy_coef=0.01), CalibRLConfig.for_algo("luffy")], ids=["calibrl", "luffy"])
+@pytest.mark.parametrize(
+    "config", [CalibRLConfig(entropy_coef=0.01), CalibRLConfig.for_algo("luffy")], ids=["calibrl", "luffy"]
+)
 def test_loss_bf16_error_no_worse_than_twice_the_reference(config, triton_device):
     batch = make_batch(4, 4, 40, 97, triton_device, dtype=torch.bfloat16, seed=6)
     ours, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config)
@@ -300,12 +332,14 @@ def test_loss_bf16_error_no_worse_than_twice_the_reference(config, triton_device
     _, grads_eager = run_loss(eager_bf16_loss, batch, config)
     truth, grads64 = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
     for name in FIELDS:
-        assert_no_worse_than_reference(getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name)
+        assert_no_worse_than_reference(
+            getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name
+        )
     scales = gemm_scales(batch[0], batch[1], batch[2], loss_objective(batch, config))
     for name, a, e, t, scale in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads64, scales):
         assert a.dtype == torch.bfloat16
         assert_no_worse_than_reference(a, e, t, slack=0.0, name=name + " vs eager bf16")
-        assert_grad_close(a, t, scale, 2 ** -7, name)
+        assert_grad_close(a, t, scale, 2**-7, name)
 
 
 def test_loss_fp16(triton_device):
@@ -316,12 +350,14 @@ def test_loss_fp16(triton_device):
     _, grads_eager = run_loss(eager_bf16_loss, batch, config)  # eager fp16 here: the matmul runs in the input dtype
     truth, grads64 = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
     for name in FIELDS:
-        assert_no_worse_than_reference(getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name)
+        assert_no_worse_than_reference(
+            getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name
+        )
     scales = gemm_scales(batch[0], batch[1], batch[2], loss_objective(batch, config))
     for name, a, e, t, scale in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads64, scales):
         assert a.dtype == torch.float16
         assert_no_worse_than_reference(a, e, t, slack=0.0, name=name + " vs eager fp16")
-        assert_grad_close(a, t, scale, 2 ** -9, name)  # 4 ulps of fp16, as 2^-7 is for bf16
+        assert_grad_close(a, t, scale, 2**-9, name)  # 4 ulps of fp16, as 2^-7 is for bf16
 
 
 def test_loss_scaled_incoming_gradient_and_frozen_weight(triton_device):
@@ -332,7 +368,13 @@ def test_loss_scaled_incoming_gradient_and_frozen_weight(triton_device):
     (out.loss * -3.0).backward()
     h64 = hidden.double().requires_grad_(True)
     ref = reference.fused_linear_calibrl_loss(
-        h64, weight.double(), targets, old_logp.double(), adv.double(), mask, bias=b.double(),
+        h64,
+        weight.double(),
+        targets,
+        old_logp.double(),
+        adv.double(),
+        mask,
+        bias=b.double(),
         **{k: (v.double() if v.is_floating_point() else v) for k, v in kw.items()},
     )
     (ref.loss * -3.0).backward()
@@ -355,8 +397,9 @@ def test_loss_through_ops_with_scores_and_group_ids(triton_device):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CALIBRL_IMPL", impl)
             h, w, bb = leaves((hidden, weight, b))
-            out = ck.fused_linear_calibrl_loss(h, w, targets, old_logp, None, mask, bias=bb, scores=scores,
-                                               group_ids=group_ids, is_expert=is_expert)
+            out = ck.fused_linear_calibrl_loss(
+                h, w, targets, old_logp, None, mask, bias=bb, scores=scores, group_ids=group_ids, is_expert=is_expert
+            )
             out.loss.backward()
             results.append((out, grads_of((h, w, bb))))
     # a wiring test (scores / group ids resolved on the Triton path); accuracy is tested above
@@ -386,7 +429,9 @@ def test_the_backward_is_chunked_and_never_allocates_n_by_v(triton_device, monke
     monkeypatch.setattr(triton_linear._launch, "LINEAR_CHUNK_BYTES", 6 * 16 * 4)  # GPU: one tile per chunk
     batch = make_batch(2, 3, 16, 150, triton_device, seed=10, masked="none")
     run_loss(ck.fused_linear_calibrl_loss, batch, CalibRLConfig())
-    chunk = triton_linear._launch.linear_chunk_columns(6, 150, 4, triton_linear._launch.linear_tile_launch(torch.float32).block_n)
+    chunk = triton_linear._launch.linear_chunk_columns(
+        6, 150, 4, triton_linear._launch.linear_tile_launch(torch.float32).block_n
+    )
     assert chunk < 150
     assert len(widths) == 2 * -(-150 // chunk)  # dWeight and dHidden GEMM per chunk
     assert max(max(shape) for shape in widths) <= max(chunk, 16)  # no operand spans the vocabulary
@@ -404,7 +449,7 @@ def test_double_backward_raises(op, triton_device):
         value = ck.fused_linear_calibrl_loss(h, w, targets, old_logp, adv, mask, bias=b, **kw).loss
     grad_h, grad_w = torch.autograd.grad(value, (h, w), create_graph=True)
     with pytest.raises(RuntimeError, match="supports first-order gradients only"):
-        (value + (grad_h ** 2).sum() + (grad_w ** 2).sum()).backward()
+        (value + (grad_h**2).sum() + (grad_w**2).sum()).backward()
 
 
 @pytest.mark.parametrize("where", ["nan-weight", "inf-bias"])

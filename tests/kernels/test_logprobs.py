@@ -13,11 +13,10 @@ import textwrap
 
 import pytest
 import torch
+from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 import calibrl_kernels as ck
 from calibrl_kernels import _dispatch, reference
-
-from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy, interpreter only
@@ -54,9 +53,14 @@ def _reference(logits, targets, w_lp, w_h, temperature, dtype=None):
     x = logits.detach().clone()
     if dtype is not None:
         x = x.to(dtype)
-    return _run(x, targets, w_lp.to(x.dtype if x.dtype == torch.float64 else torch.float32),
-                w_h.to(x.dtype if x.dtype == torch.float64 else torch.float32), temperature,
-                fn=lambda *a, **k: reference.token_logprobs(a[0], a[1], k["temperature"], -100, True))
+    return _run(
+        x,
+        targets,
+        w_lp.to(x.dtype if x.dtype == torch.float64 else torch.float32),
+        w_h.to(x.dtype if x.dtype == torch.float64 else torch.float32),
+        temperature,
+        fn=lambda *a, **k: reference.token_logprobs(a[0], a[1], k["temperature"], -100, True),
+    )
 
 
 SHAPES = [(n, v) for v in (1, 7, 1000) for n in (1, 5, 64)] + [(1, 32003), (5, 32003)]
@@ -64,7 +68,9 @@ SHAPES = [(n, v) for v in (1, 7, 1000) for n in (1, 5, 64)] + [(1, 32003), (5, 3
 
 @pytest.mark.parametrize("n, v", SHAPES)
 def test_fp32_values_and_grads_match_fp64_reference(n, v, triton_device):
-    logits, targets, w_lp, w_h = _case(n, v, torch.float32, triton_device, seed=n * 7 + v, ignore_every=3 if n > 1 else 0)
+    logits, targets, w_lp, w_h = _case(
+        n, v, torch.float32, triton_device, seed=n * 7 + v, ignore_every=3 if n > 1 else 0
+    )
     lp, h, grad = _run(logits, targets, w_lp, w_h, 1.0, fn=ck.token_logprobs)
     assert lp.dtype == torch.float32 and h.dtype == torch.float32 and grad.dtype == torch.float32
     lp64, h64, grad64 = _reference(logits, targets, w_lp, w_h, 1.0, dtype=torch.float64)
@@ -172,7 +178,7 @@ def test_double_backward_raises(triton_device):
     lp, h = ck.token_logprobs(x, targets, return_entropy=True)
     (grad,) = torch.autograd.grad(lp.sum() + h.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="supports first-order gradients only"):
-        (lp.sum() + (grad ** 2).sum()).backward()
+        (lp.sum() + (grad**2).sum()).backward()
 
 
 @pytest.mark.parametrize("which", ["logp", "entropy"])
@@ -180,7 +186,11 @@ def test_gradient_through_one_output(which, triton_device):
     logits, targets, _, _ = _case(5, 100, torch.float32, triton_device, seed=2)
     grads = []
     for fn in (ck.token_logprobs, lambda x, y, **k: reference.token_logprobs(x, y, 1.0, -100, True)):
-        x = logits.double().clone().requires_grad_(True) if fn is not ck.token_logprobs else logits.clone().requires_grad_(True)
+        x = (
+            logits.double().clone().requires_grad_(True)
+            if fn is not ck.token_logprobs
+            else logits.clone().requires_grad_(True)
+        )
         lp, h = fn(x, targets, return_entropy=True)
         (lp if which == "logp" else h).sum().backward()
         grads.append(x.grad)
@@ -201,7 +211,7 @@ def test_strided_3d_logits(layout, triton_device):
     g = torch.Generator().manual_seed(4)
     if layout == "row-padded":  # each token row sits in a longer buffer row
         base = torch.randn(B, T, V + 13, generator=g).to(triton_device)
-        logits = base[:, :, 5:5 + V]
+        logits = base[:, :, 5 : 5 + V]
     elif layout == "time-major":
         logits = torch.randn(T, B, V, generator=g).to(triton_device).transpose(0, 1)
     else:
@@ -274,13 +284,16 @@ def test_autotune_wiring(monkeypatch, triton_device):
                 config = self.configs[0]
                 assert not set(config.kwargs) & set(kwargs), "tuned meta-parameters passed twice"
                 self.kernel[grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
             return run
 
     def fake_autotune(configs, key):
         assert configs and all(isinstance(c, _launch.triton.Config) for c in configs)
+
         def wrap(kernel):
             wrapped.append((kernel.__name__, tuple(key)))
             return FakeAutotuner(kernel, configs, key)
+
         return wrap
 
     monkeypatch.setattr(_launch, "autotune_enabled", lambda: True)
@@ -297,9 +310,13 @@ def test_autotune_wiring(monkeypatch, triton_device):
     monkeypatch.setattr(_launch, "_AUTOTUNED", {})
     x = logits.clone().reshape(1, 5, 300).requires_grad_(True)
     out = ck.fused_calibrl_loss(
-        x, targets.reshape(1, 5).clamp_min(0), torch.zeros(1, 5, device=triton_device),
-        torch.ones(1, device=triton_device), torch.ones(1, 5, device=triton_device),
-        config=ck.CalibRLConfig.for_algo("grpo"), inplace_backward=True,
+        x,
+        targets.reshape(1, 5).clamp_min(0),
+        torch.zeros(1, 5, device=triton_device),
+        torch.ones(1, device=triton_device),
+        torch.ones(1, 5, device=triton_device),
+        config=ck.CalibRLConfig.for_algo("grpo"),
+        inplace_backward=True,
     )
     out.loss.backward()
     assert [name for name, _ in wrapped] == ["_calibrl_loss_fwd_kernel"]
@@ -380,8 +397,9 @@ _OFFSET_SCRIPT = textwrap.dedent(
 
 def test_int64_offsets_past_2_pow_31_elements(triton_device):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", _OFFSET_SCRIPT, triton_device.type], capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _OFFSET_SCRIPT, triton_device.type], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, f"rc={out.returncode}\n{out.stdout}\n{out.stderr[-3000:]}"
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["device"].startswith(triton_device.type), result

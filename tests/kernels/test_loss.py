@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
 from calibrl_kernels.config import LossInputs
 from calibrl_kernels.reference.coefficients import ROW_FIELDS, TOKEN_FIELDS, fill_row_terms, loss_output
 
-from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
-
 pytest.importorskip("triton")
+import triton  # noqa: E402  (installed: importorskip above)
+import triton.language as tl  # noqa: E402
+
 from calibrl_kernels.triton import _loss_terms  # noqa: E402  (after the triton check)
 from calibrl_kernels.triton import loss as triton_loss  # noqa: E402
 from calibrl_kernels.triton._loss_terms import focal_factor  # noqa: E402
-
-import triton  # noqa: E402  (installed: importorskip above)
-import triton.language as tl  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -67,7 +66,16 @@ def run_loss(fn, logits, targets, old_logp, advantages, mask, kw, config, upcast
     """LossOutput and dL/dlogits of one implementation (upcast: run on logits.to(upcast))."""
     x = (logits.to(upcast) if upcast is not None else logits).detach().clone().requires_grad_(True)
     cast = (lambda t: t.to(upcast) if t.is_floating_point() else t) if upcast is not None else (lambda t: t)
-    out = fn(x, targets, cast(old_logp), cast(advantages), mask, **{k: cast(v) for k, v in kw.items()}, config=config, **extra)
+    out = fn(
+        x,
+        targets,
+        cast(old_logp),
+        cast(advantages),
+        mask,
+        **{k: cast(v) for k, v in kw.items()},
+        config=config,
+        **extra,
+    )
     out.loss.backward()
     return out, x.grad
 
@@ -114,7 +122,14 @@ CONFIGS = [
 
 def _config_id(config):
     defaults = CalibRLConfig()
-    return "-".join(f"{f}={getattr(config, f)}" for f in config.__dataclass_fields__ if getattr(config, f) != getattr(defaults, f)) or "default"
+    return (
+        "-".join(
+            f"{f}={getattr(config, f)}"
+            for f in config.__dataclass_fields__
+            if getattr(config, f) != getattr(defaults, f)
+        )
+        or "default"
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
@@ -173,7 +188,9 @@ def test_ignore_index_tokens_are_left_out(triton_device):
     assert_close_rel(grad, grad64, 1e-5, "dlogits")
 
 
-@pytest.mark.parametrize("config", [CalibRLConfig(entropy_coef=0.01), CalibRLConfig.for_algo("rlplus")], ids=["calibrl", "rlplus"])
+@pytest.mark.parametrize(
+    "config", [CalibRLConfig(entropy_coef=0.01), CalibRLConfig.for_algo("rlplus")], ids=["calibrl", "rlplus"]
+)
 @pytest.mark.parametrize("V", [1000, 7])
 def test_bf16_error_no_worse_than_twice_the_reference(V, config, triton_device):
     inputs = make_inputs(6, 4, V, triton_device, dtype=torch.bfloat16, seed=5)
@@ -182,7 +199,9 @@ def test_bf16_error_no_worse_than_twice_the_reference(V, config, triton_device):
     truth, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
     assert grad.dtype == torch.bfloat16
     for name in FIELDS:
-        assert_no_worse_than_reference(getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name)
+        assert_no_worse_than_reference(
+            getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name
+        )
     assert_no_worse_than_reference(grad, grad_ref, grad64, slack=1e-3, name="dlogits")
 
 
@@ -204,8 +223,9 @@ def test_scores_and_group_ids_resolved_on_the_triton_path(triton_device):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("CALIBRL_IMPL", impl)
             x = logits.clone().requires_grad_(True)
-            o = ck.fused_calibrl_loss(x, targets, old_logp, None, mask, scores=scores, group_ids=group_ids,
-                                      is_expert=is_expert, config=config)
+            o = ck.fused_calibrl_loss(
+                x, targets, old_logp, None, mask, scores=scores, group_ids=group_ids, is_expert=is_expert, config=config
+            )
             o.loss.backward()
             out.append((o, x.grad))
     for name in FIELDS:
@@ -246,11 +266,15 @@ def test_double_backward_raises(inplace, triton_device):
     out = ck.fused_calibrl_loss(x, targets, old_logp, adv, mask, **kw, inplace_backward=inplace)
     (grad,) = torch.autograd.grad(out.loss, base, create_graph=True)
     with pytest.raises(RuntimeError, match="supports first-order gradients only"):
-        torch.autograd.grad((grad ** 2).sum(), base)
+        torch.autograd.grad((grad**2).sum(), base)
 
 
-NAN_CONFIGS = [CalibRLConfig.for_algo("grpo"), CalibRLConfig(entropy_coef=0.01), CalibRLConfig(activation="relu"),
-               CalibRLConfig.for_algo("rlplus")]
+NAN_CONFIGS = [
+    CalibRLConfig.for_algo("grpo"),
+    CalibRLConfig(entropy_coef=0.01),
+    CalibRLConfig(activation="relu"),
+    CalibRLConfig.for_algo("rlplus"),
+]
 
 
 @pytest.mark.parametrize("config", NAN_CONFIGS, ids=_config_id)
@@ -288,7 +312,9 @@ def test_nan_logits_of_a_masked_token_are_never_read(triton_device):
     ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, config)
     ref, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
     for name in FIELDS:
-        torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name).detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            getattr(ours, name).double(), getattr(ref, name).detach(), rtol=1e-5, atol=1e-6, msg=name
+        )
     assert torch.all(grad[0, 1] == 0)  # (torch's log_softmax backward puts 0 * NaN = NaN there)
     others = torch.ones(4, 3, dtype=torch.bool)
     others[0, 1] = False
@@ -300,8 +326,9 @@ def test_nan_logits_of_a_masked_token_are_never_read(triton_device):
 # ------------------------------------------------------------------------------------------------
 def kernel_outputs(logits, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
     """The kernel's row table as {column name (coefficients.ROW_FIELDS): (B, T) tensor}."""
-    inputs = LossInputs(old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"],
-                        ignore_index)
+    inputs = LossInputs(
+        old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], ignore_index
+    )
     table = triton_loss.prepare_token_table(targets, inputs, config)
     rows = triton_loss.as_token_rows(logits)
     out = triton_loss.calibrl_loss_forward(rows, targets.reshape(-1), table, config, ignore_index)
@@ -312,9 +339,16 @@ def kernel_outputs(logits, targets, old_logp, adv, mask, kw, config, ignore_inde
 def reference_coefficients(lp, entropy, targets, old_logp, adv, mask, kw, config, ignore_index=-100):
     token_mask = mask * (targets != ignore_index)
     _, a, b = reference.gradient_coefficients(
-        lp.double(), entropy.double(), old_logp.double(), adv.double(), token_mask,
-        expert_logp=kw["expert_logp"].double(), passed=kw["passed"], is_expert=kw["is_expert"],
-        expert_mask=kw["expert_mask"], config=config,
+        lp.double(),
+        entropy.double(),
+        old_logp.double(),
+        adv.double(),
+        token_mask,
+        expert_logp=kw["expert_logp"].double(),
+        passed=kw["passed"],
+        is_expert=kw["is_expert"],
+        expert_mask=kw["expert_mask"],
+        config=config,
     )
     return a, b
 
@@ -336,8 +370,11 @@ def test_closed_form_coefficients_match_autograd(config, triton_device):
 
 @pytest.mark.parametrize(
     "config",
-    [CalibRLConfig(entropy_coef=0.02), CalibRLConfig.for_algo("rlplus"),
-     CalibRLConfig(weight_by_advantage=False, mask_beyond_expert=True, loss_agg_mode="seq-mean-token-sum")],
+    [
+        CalibRLConfig(entropy_coef=0.02),
+        CalibRLConfig.for_algo("rlplus"),
+        CalibRLConfig(weight_by_advantage=False, mask_beyond_expert=True, loss_agg_mode="seq-mean-token-sum"),
+    ],
     ids=_config_id,
 )
 def test_tables_are_those_of_every_backend(config, triton_device):
@@ -352,7 +389,7 @@ def test_tables_are_those_of_every_backend(config, triton_device):
     expected = out.clone()
     fill_row_terms(expected, table, config)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
-    summed = loss_output(out[:, ROW_FIELDS.index("pg"):].sum(0), config)
+    summed = loss_output(out[:, ROW_FIELDS.index("pg") :].sum(0), config)
     op = ck.fused_calibrl_loss(logits, targets, old_logp, adv, mask, **kw, config=config)
     for name in FIELDS:
         assert torch.equal(getattr(op, name), getattr(summed, name)), name
@@ -360,7 +397,12 @@ def test_tables_are_those_of_every_backend(config, triton_device):
 
 @pytest.mark.parametrize(
     "config",
-    [CalibRLConfig(), CalibRLConfig(activation="relu"), CalibRLConfig(activation="huber"), CalibRLConfig.for_algo("luffy")],
+    [
+        CalibRLConfig(),
+        CalibRLConfig(activation="relu"),
+        CalibRLConfig(activation="huber"),
+        CalibRLConfig.for_algo("luffy"),
+    ],
     ids=["leaky_relu", "relu", "huber", "luffy"],
 )
 def test_coefficients_at_ties_and_kinks_follow_torch(config, triton_device):

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from _cpu_helpers import CONFIGS, assert_loss_outputs_close, make_linear_case, max_rel_error
 
 import calibrl_kernels as ck
 from calibrl_kernels import reference
-
-from _cpu_helpers import CONFIGS, assert_loss_outputs_close, make_linear_case, max_rel_error
 
 
 @pytest.mark.parametrize("name", ["calibrl", "luffy", "calibrl-options"])
@@ -16,10 +15,30 @@ def test_linear_module_equals_functional(name):
     b = case.batch
     module = ck.LinearCalibRLLoss(config, ignore_index=-1)
     assert isinstance(module, torch.nn.Module) and list(module.parameters()) == []
-    out = module(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias,
-                 expert_logp=b.expert_logp, passed=b.passed, is_expert=b.is_expert, expert_mask=b.expert_mask)
-    ref = reference.fused_linear_calibrl_loss(case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask,
-                                              bias=case.bias, ignore_index=-1, **b.kwargs(config))
+    out = module(
+        case.hidden,
+        case.weight,
+        case.targets,
+        b.old_logp,
+        b.advantages,
+        b.mask,
+        bias=case.bias,
+        expert_logp=b.expert_logp,
+        passed=b.passed,
+        is_expert=b.is_expert,
+        expert_mask=b.expert_mask,
+    )
+    ref = reference.fused_linear_calibrl_loss(
+        case.hidden,
+        case.weight,
+        case.targets,
+        b.old_logp,
+        b.advantages,
+        b.mask,
+        bias=case.bias,
+        ignore_index=-1,
+        **b.kwargs(config),
+    )
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
     for got, want in zip(torch.autograd.grad(out.loss, case.leaves()), torch.autograd.grad(ref.loss, case.leaves())):
         assert max_rel_error(got, want) < 1e-10
@@ -39,14 +58,24 @@ def test_logits_module_with_scores_and_group_ids():
     mask = torch.ones(B, T)
     module = ck.CalibRLLoss(config)
     out = module(logits, targets, old_logp, None, mask, scores=scores, group_ids=group_ids, is_expert=is_expert)
-    ref = ck.fused_calibrl_loss(logits, targets, old_logp, None, mask, scores=scores, group_ids=group_ids,
-                                is_expert=is_expert, config=config)
+    ref = ck.fused_calibrl_loss(
+        logits, targets, old_logp, None, mask, scores=scores, group_ids=group_ids, is_expert=is_expert, config=config
+    )
     assert_loss_outputs_close(out, ref, rtol=1e-12, atol=1e-14)
     stats = reference.group_advantages(scores, group_ids, is_expert=is_expert)
     baseline, expert_mask = reference.expert_baseline(old_logp, mask, group_ids, is_expert, return_mask=True)
-    exact = reference.fused_calibrl_loss(logits, targets, old_logp, stats.advantages, mask, expert_logp=baseline,
-                                         passed=stats.passed, is_expert=is_expert, expert_mask=expert_mask,
-                                         config=config)
+    exact = reference.fused_calibrl_loss(
+        logits,
+        targets,
+        old_logp,
+        stats.advantages,
+        mask,
+        expert_logp=baseline,
+        passed=stats.passed,
+        is_expert=is_expert,
+        expert_mask=expert_mask,
+        config=config,
+    )
     assert_loss_outputs_close(out, exact, rtol=1e-10, atol=1e-12)
     (got,) = torch.autograd.grad(out.loss, (logits,))
     (want,) = torch.autograd.grad(exact.loss, (logits,))
@@ -61,8 +90,14 @@ def test_module_validation_and_repr():
     module = ck.LinearCalibRLLoss()
     assert module.config == ck.CalibRLConfig() and "ignore_index=-100" in repr(module)
     with pytest.raises(ValueError, match="hidden"):
-        module(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), torch.zeros(3),
-               torch.zeros(3), torch.ones(3))
+        module(
+            torch.zeros(3, 4),
+            torch.zeros(5, 4),
+            torch.zeros(3, dtype=torch.long),
+            torch.zeros(3),
+            torch.zeros(3),
+            torch.ones(3),
+        )
 
 
 def test_logits_module_inplace_backward(monkeypatch):
@@ -103,8 +138,9 @@ def test_linear_module_chunk_bytes_option(monkeypatch):
     b = case.batch
     V = case.weight.shape[0]
     args = (case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask)
-    fields = dict(bias=case.bias, expert_logp=b.expert_logp, passed=b.passed, is_expert=b.is_expert,
-                  expert_mask=b.expert_mask)
+    fields = dict(
+        bias=case.bias, expert_logp=b.expert_logp, passed=b.passed, is_expert=b.is_expert, expert_mask=b.expert_mask
+    )
     budget = 3 * V * 8 * 4  # a few fp64 rows per chunk (3 with the torch row math's 4 buffers, 12 with C++)
     module = ck.LinearCalibRLLoss(config, chunk_bytes=budget)
     assert f"chunk_bytes={budget}" in repr(module)

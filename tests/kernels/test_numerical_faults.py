@@ -90,9 +90,13 @@ def test_non_finite_row_is_nan_and_contained(backend, fault):
 
 def _loss_inputs(seed=3):
     g = torch.Generator().manual_seed(seed)
-    return dict(old_logp=torch.randn(B, T, generator=g) - 2, advantages=torch.randn(B, generator=g),
-                expert_logp=torch.randn(B, T, generator=g) - 2, passed=torch.tensor([True, False, True]),
-                is_expert=torch.tensor([False, False, True]))
+    return dict(
+        old_logp=torch.randn(B, T, generator=g) - 2,
+        advantages=torch.randn(B, generator=g),
+        expert_logp=torch.randn(B, T, generator=g) - 2,
+        passed=torch.tensor([True, False, True]),
+        is_expert=torch.tensor([False, False, True]),
+    )
 
 
 @pytest.mark.parametrize("how", ["masked", "ignored"])
@@ -115,8 +119,13 @@ def test_nan_in_unread_tokens_never_reaches_loss_or_gradient(backend, how):
     clean = logits.clone()
     clean[0, 3] = 0.0
     clean[2, 1] = 0.0
-    ref = reference.fused_calibrl_loss(clean.double(), targets, mask=mask.double(), ignore_index=-100,
-                                       **{k: (v.double() if v.is_floating_point() else v) for k, v in args.items()})
+    ref = reference.fused_calibrl_loss(
+        clean.double(),
+        targets,
+        mask=mask.double(),
+        ignore_index=-100,
+        **{k: (v.double() if v.is_floating_point() else v) for k, v in args.items()},
+    )
     torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
 
 
@@ -144,11 +153,15 @@ def test_fused_losses_stay_finite_with_huge_logits(backend, case):
     scale, temperature = (1e4, 1.0) if case == "magnitude 1e4" else (1.0, 1e-4)
     config = CalibRLConfig(temperature=temperature)
     logits, targets = _problem(6, scale)
-    hidden = torch.randn(B, T, D, generator=torch.Generator().manual_seed(7)) * scale ** 0.5
-    weight = torch.randn(V, D, generator=torch.Generator().manual_seed(8)) * scale ** 0.5
+    hidden = torch.randn(B, T, D, generator=torch.Generator().manual_seed(7)) * scale**0.5
+    weight = torch.randn(V, D, generator=torch.Generator().manual_seed(8)) * scale**0.5
     args = _loss_inputs()
     mask = torch.ones(B, T)
-    x, h, w = logits.clone().requires_grad_(True), hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    x, h, w = (
+        logits.clone().requires_grad_(True),
+        hidden.clone().requires_grad_(True),
+        weight.clone().requires_grad_(True),
+    )
     fused = ck.fused_calibrl_loss(x, targets, mask=mask, config=config, **args)
     linear = ck.fused_linear_calibrl_loss(h, w, targets, mask=mask, config=config, **args)
     (fused.loss + linear.loss).backward()

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels import CalibRLConfig, reference
+from calibrl_kernels import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 B, T, V, D = 3, 4, 11, 5
@@ -31,9 +31,12 @@ B, T, V, D = 3, 4, 11, 5
 def _batch(seed=0, b=B):
     g = torch.Generator().manual_seed(seed)
     return dict(
-        old_logp=-torch.rand(b, T, generator=g) * 3, advantages=torch.randn(b, generator=g),
-        mask=(torch.rand(b, T, generator=g) > 0.2).float(), expert_logp=-torch.rand(b, T, generator=g) * 3,
-        passed=torch.arange(b) % 2 == 0, is_expert=torch.arange(b) == b - 1,
+        old_logp=-torch.rand(b, T, generator=g) * 3,
+        advantages=torch.randn(b, generator=g),
+        mask=(torch.rand(b, T, generator=g) > 0.2).float(),
+        expert_logp=-torch.rand(b, T, generator=g) * 3,
+        passed=torch.arange(b) % 2 == 0,
+        is_expert=torch.arange(b) == b - 1,
     )
 
 
@@ -101,15 +104,20 @@ def test_every_integer_target_dtype_gives_the_int64_result(backend, dtype):
     torch.testing.assert_close(got_logp, want_logp, rtol=0, atol=0)
     assert (got_logp[0, 0] != 0) and (got_logp[1, 1] == 0) == signed
     hidden, weight = torch.randn(B, T, D, generator=g), torch.randn(vocab, D, generator=g)
-    torch.testing.assert_close(ck.linear_token_logprobs(hidden, weight, targets.to(dtype)),
-                               ck.linear_token_logprobs(hidden, weight, targets), rtol=0, atol=0)
+    torch.testing.assert_close(
+        ck.linear_token_logprobs(hidden, weight, targets.to(dtype)),
+        ck.linear_token_logprobs(hidden, weight, targets),
+        rtol=0,
+        atol=0,
+    )
     batch = _batch(5)
     want = ck.fused_calibrl_loss(logits, targets, **batch)
     got = ck.fused_calibrl_loss(logits, targets.to(dtype), **batch)
     torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
     got = ck.fused_linear_calibrl_loss(hidden, weight, targets.to(dtype), **batch)
-    torch.testing.assert_close(got.loss, ck.fused_linear_calibrl_loss(hidden, weight, targets, **batch).loss,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        got.loss, ck.fused_linear_calibrl_loss(hidden, weight, targets, **batch).loss, rtol=0, atol=0
+    )
 
 
 def test_uint8_target_156_is_a_token_not_the_wrapped_ignore_index(backend):
@@ -128,8 +136,19 @@ def test_uint8_target_156_is_a_token_not_the_wrapped_ignore_index(backend):
 
 # ------------------------------------------------------------------ temperature and magnitude ranges
 # (magnitude of the logits, temperature): |logits / T| from 1e-30 to 1e30, and T up to 1e300 (uniform).
-RANGES = [(1e-30, 1.0), (1.0, 1e-3), (1.0, 1e-9), (1e9, 1.0), (1e4, 1e-4), (1e18, 1.0), (1.0, 1e-30), (1e30, 1.0),
-          (1.0, 1e300), (1e30, 1e300), (1.0, 1e30)]
+RANGES = [
+    (1e-30, 1.0),
+    (1.0, 1e-3),
+    (1.0, 1e-9),
+    (1e9, 1.0),
+    (1e4, 1e-4),
+    (1e18, 1.0),
+    (1.0, 1e-30),
+    (1e30, 1.0),
+    (1.0, 1e300),
+    (1e30, 1e300),
+    (1.0, 1e30),
+]
 
 
 @pytest.mark.parametrize("scale, temperature", RANGES, ids=[f"x{s:g}-T{t:g}" for s, t in RANGES])
@@ -163,14 +182,21 @@ def test_torch_entropy_is_not_negative_at_sharp_temperatures():
     g = torch.Generator().manual_seed(8)
     logits = torch.randn(64, 50, generator=g) * 3
     for temperature in (1e-2, 1e-3, 1e-4, 1e-6):
-        _, entropy = reference.token_logprobs(logits, torch.zeros(64, dtype=torch.long), temperature=temperature,
-                                              return_entropy=True)
+        _, entropy = reference.token_logprobs(
+            logits, torch.zeros(64, dtype=torch.long), temperature=temperature, return_entropy=True
+        )
         assert (entropy >= 0).all(), (temperature, float(entropy.min()))
 
 
 # ------------------------------------------------------------------ NaN in unused positions
-NAN_PLACES = ("advantage at mask 0", "old_logp at mask 0", "expert_logp at mask 0", "expert row advantage",
-              "expert row expert_logp", "logits at mask 0")
+NAN_PLACES = (
+    "advantage at mask 0",
+    "old_logp at mask 0",
+    "expert_logp at mask 0",
+    "expert row advantage",
+    "expert row expert_logp",
+    "logits at mask 0",
+)
 
 
 def _place_nan(place, logits, batch):
@@ -197,8 +223,9 @@ def _place_nan(place, logits, batch):
 
 def _clean(logits, batch):
     """The same inputs with every NaN replaced by an arbitrary finite value."""
-    return torch.nan_to_num(logits, nan=0.25), {k: (torch.nan_to_num(v, nan=-0.75) if v.is_floating_point() else v)
-                                                for k, v in batch.items()}
+    return torch.nan_to_num(logits, nan=0.25), {
+        k: (torch.nan_to_num(v, nan=-0.75) if v.is_floating_point() else v) for k, v in batch.items()
+    }
 
 
 @pytest.mark.parametrize("place", NAN_PLACES)
@@ -286,21 +313,36 @@ def test_torch_func_with_a_forced_kernel_backend_is_refused_clearly(monkeypatch,
 # ------------------------------------------------------------------ the C++ backend never aborts the process
 RISKY_CPP_CALLS = {
     "target out of range, value checks off": (
-        "CALIBRL_VALUE_CHECKS=0", "ck.token_logprobs(torch.randn(3, 5), torch.tensor([0, 7, 1]))", "ValueError"),
+        "CALIBRL_VALUE_CHECKS=0",
+        "ck.token_logprobs(torch.randn(3, 5), torch.tensor([0, 7, 1]))",
+        "ValueError",
+    ),
     "negative target, value checks off, fused": (
         "CALIBRL_VALUE_CHECKS=0",
         "ck.fused_calibrl_loss(torch.randn(1, 3, 5, requires_grad=True), torch.tensor([[0, -3, 1]]), "
-        "torch.zeros(1, 3), torch.ones(1), torch.ones(1, 3), config=ck.CalibRLConfig(mode='grpo'))", "ValueError"),
+        "torch.zeros(1, 3), torch.ones(1), torch.ones(1, 3), config=ck.CalibRLConfig(mode='grpo'))",
+        "ValueError",
+    ),
     "target out of range, value checks off, lm_head": (
         "CALIBRL_VALUE_CHECKS=0",
-        "ck.linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 9, 1]))", "ValueError"),
+        "ck.linear_token_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 9, 1]))",
+        "ValueError",
+    ),
     "ignore_index outside int8, checks on": (
-        "", "ck.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 4], dtype=torch.int8), ignore_index=200)", None),
+        "",
+        "ck.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 4], dtype=torch.int8), ignore_index=200)",
+        None,
+    ),
     "ignore_index outside uint8 with an out-of-range target": (
-        "", "ck.token_logprobs(torch.randn(3, 5), torch.tensor([0, 200, 4], dtype=torch.uint8), ignore_index=-56)",
-        "ValueError"),
-    "ignore_index 2**70": ("", "ck.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 4]), ignore_index=2**70)",
-                           "ValueError"),
+        "",
+        "ck.token_logprobs(torch.randn(3, 5), torch.tensor([0, 200, 4], dtype=torch.uint8), ignore_index=-56)",
+        "ValueError",
+    ),
+    "ignore_index 2**70": (
+        "",
+        "ck.token_logprobs(torch.randn(3, 5), torch.tensor([0, 1, 4]), ignore_index=2**70)",
+        "ValueError",
+    ),
 }
 
 

@@ -4,6 +4,7 @@ gradcheck in float64, and property tests (hypothesis) of invariances."""
 import itertools
 import math
 
+import _formulas as formulas
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,8 +13,6 @@ from hypothesis import strategies as st
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
 from calibrl_kernels.config import ACTIVATIONS, LOSS_AGG_MODES, MODES
-
-import _formulas as formulas
 
 F64 = torch.float64
 
@@ -63,27 +62,54 @@ CONFIG_GRID = [
 def test_reference_matches_the_written_formulas(overrides, seed):
     cfg = CalibRLConfig(**overrides)
     batch = random_batch(seed)
-    stats = ck.group_advantages(batch["scores"], batch["group_ids"], is_expert=batch["is_expert"], norm_by_std=cfg.norm_by_std)
-    py_stats = formulas.group_stats(batch["scores"].tolist(), batch["group_ids"].tolist(), batch["is_expert"].tolist(),
-                                    norm_by_std=cfg.norm_by_std)
+    stats = ck.group_advantages(
+        batch["scores"], batch["group_ids"], is_expert=batch["is_expert"], norm_by_std=cfg.norm_by_std
+    )
+    py_stats = formulas.group_stats(
+        batch["scores"].tolist(), batch["group_ids"].tolist(), batch["is_expert"].tolist(), norm_by_std=cfg.norm_by_std
+    )
     torch.testing.assert_close(stats.advantages, torch.tensor(py_stats["advantages"], dtype=F64), rtol=0, atol=1e-10)
     assert stats.passed.tolist() == py_stats["passed"]
 
-    b, expert_tokens = ck.expert_baseline(batch["old"], batch["mask"], batch["group_ids"], batch["is_expert"],
-                                          kind=cfg.baseline, return_mask=True)
+    b, expert_tokens = ck.expert_baseline(
+        batch["old"], batch["mask"], batch["group_ids"], batch["is_expert"], kind=cfg.baseline, return_mask=True
+    )
     make_baseline = formulas.position_baseline if cfg.baseline == "position" else formulas.sequence_mean_baseline
-    py_b = make_baseline(to_lists(batch["old"]), to_lists(batch["mask"]), batch["group_ids"].tolist(), batch["is_expert"].tolist())
+    py_b = make_baseline(
+        to_lists(batch["old"]), to_lists(batch["mask"]), batch["group_ids"].tolist(), batch["is_expert"].tolist()
+    )
     torch.testing.assert_close(b, torch.tensor(py_b, dtype=F64), rtol=0, atol=1e-10)
 
-    out = ck.calibrl_loss(batch["logp"], batch["old"], stats.advantages, batch["mask"], expert_logp=b,
-                          passed=stats.passed, is_expert=batch["is_expert"], entropy=batch["entropy"],
-                          expert_mask=expert_tokens, config=cfg)
-    expected = formulas.loss(to_lists(batch["logp"]), to_lists(batch["old"]), py_stats["advantages"],
-                             to_lists(batch["mask"]), cfg, b=py_b, passed=py_stats["passed"],
-                             is_expert=batch["is_expert"].tolist(), entropy=to_lists(batch["entropy"]),
-                             expert_mask=expert_tokens.tolist())
+    out = ck.calibrl_loss(
+        batch["logp"],
+        batch["old"],
+        stats.advantages,
+        batch["mask"],
+        expert_logp=b,
+        passed=stats.passed,
+        is_expert=batch["is_expert"],
+        entropy=batch["entropy"],
+        expert_mask=expert_tokens,
+        config=cfg,
+    )
+    expected = formulas.loss(
+        to_lists(batch["logp"]),
+        to_lists(batch["old"]),
+        py_stats["advantages"],
+        to_lists(batch["mask"]),
+        cfg,
+        b=py_b,
+        passed=py_stats["passed"],
+        is_expert=batch["is_expert"].tolist(),
+        entropy=to_lists(batch["entropy"]),
+        expert_mask=expert_tokens.tolist(),
+    )
     for name, value in expected.items():
-        assert math.isclose(float(getattr(out, name)), value, rel_tol=0, abs_tol=1e-10), (name, float(getattr(out, name)), value)
+        assert math.isclose(float(getattr(out, name)), value, rel_tol=0, abs_tol=1e-10), (
+            name,
+            float(getattr(out, name)),
+            value,
+        )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
@@ -103,7 +129,9 @@ def test_token_logprobs_matches_the_written_formulas(temperature):
 
 
 def test_token_logprobs_allows_minus_infinity_logits():
-    logits = torch.tensor([[0.0, float("-inf"), 1.0], [float("-inf"), 2.0, float("-inf")]], dtype=F64, requires_grad=True)
+    logits = torch.tensor(
+        [[0.0, float("-inf"), 1.0], [float("-inf"), 2.0, float("-inf")]], dtype=F64, requires_grad=True
+    )
     targets = torch.tensor([2, 1])
     logp, entropy = ck.token_logprobs(logits, targets, return_entropy=True)
     lp0, h0 = formulas.token_logprob([0.0, 1.0], 1)
@@ -136,9 +164,15 @@ def test_gradcheck_token_logprobs_both_outputs(temperature):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(activation="tanh"), dict(activation="sigmoid"), dict(activation="huber"),
-     dict(mode="luffy", entropy_coef=0.1), dict(mode="grpo", loss_agg_mode="seq-mean-token-mean"),
-     dict(baseline="sequence-mean", loss_agg_mode="seq-mean-token-sum-norm", entropy_coef=0.05)],
+    [
+        dict(),
+        dict(activation="tanh"),
+        dict(activation="sigmoid"),
+        dict(activation="huber"),
+        dict(mode="luffy", entropy_coef=0.1),
+        dict(mode="grpo", loss_agg_mode="seq-mean-token-mean"),
+        dict(baseline="sequence-mean", loss_agg_mode="seq-mean-token-sum-norm", entropy_coef=0.05),
+    ],
     ids=str,
 )
 def test_gradcheck_calibrl_loss(overrides):
@@ -152,8 +186,17 @@ def test_gradcheck_calibrl_loss(overrides):
     entropy = batch["entropy"].clone().requires_grad_(True)
 
     def loss(lp, ent):
-        return ck.calibrl_loss(lp, batch["old"], stats.advantages, batch["mask"], expert_logp=b, passed=stats.passed,
-                               is_expert=batch["is_expert"], entropy=ent, config=cfg).loss
+        return ck.calibrl_loss(
+            lp,
+            batch["old"],
+            stats.advantages,
+            batch["mask"],
+            expert_logp=b,
+            passed=stats.passed,
+            is_expert=batch["is_expert"],
+            entropy=ent,
+            config=cfg,
+        ).loss
 
     assert torch.autograd.gradcheck(loss, (logp, entropy))
 
@@ -211,9 +254,19 @@ def test_permuting_rows_permutes_per_row_outputs(shape, seed):
     expert_logp = -torch.rand(B, T, generator=g, dtype=F64)
     for agg in ("token-mean", "seq-mean-token-mean"):
         cfg = CalibRLConfig(loss_agg_mode=agg)
-        out = ck.calibrl_loss(lp, old, stats.advantages, mask, expert_logp=expert_logp, passed=stats.passed, entropy=h, config=cfg)
-        out_p = ck.calibrl_loss(lp[perm], old[perm], stats.advantages[perm], mask[perm], expert_logp=expert_logp[perm],
-                                passed=stats.passed[perm], entropy=h[perm], config=cfg)
+        out = ck.calibrl_loss(
+            lp, old, stats.advantages, mask, expert_logp=expert_logp, passed=stats.passed, entropy=h, config=cfg
+        )
+        out_p = ck.calibrl_loss(
+            lp[perm],
+            old[perm],
+            stats.advantages[perm],
+            mask[perm],
+            expert_logp=expert_logp[perm],
+            passed=stats.passed[perm],
+            entropy=h[perm],
+            config=cfg,
+        )
         for a, b in zip(out, out_p):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -256,7 +309,9 @@ def test_fused_ops_resolve_scores_and_group_ids_like_explicit_fields(linear):
     if linear:
         hidden = torch.randn(B, T, D, generator=g, dtype=F64)
         weight = torch.randn(V, D, generator=g, dtype=F64)
-        call = lambda **kw: ck.fused_linear_calibrl_loss(hidden, weight, targets, batch["old"], mask=batch["mask"], config=cfg, **kw)
+        call = lambda **kw: ck.fused_linear_calibrl_loss(
+            hidden, weight, targets, batch["old"], mask=batch["mask"], config=cfg, **kw
+        )
     else:
         logits = torch.randn(B, T, V, generator=g, dtype=F64)
         call = lambda **kw: ck.fused_calibrl_loss(logits, targets, batch["old"], mask=batch["mask"], config=cfg, **kw)

@@ -165,7 +165,9 @@ def test_guide_gradient_is_minus_s_w_and_alpha_on_the_far_side():
     for coef in (1.0, 0.0):
         lp = logp.detach().clone().requires_grad_(True)
         cfg = CalibRLConfig(guide_coef=coef, negative_slope=alpha)
-        ck.calibrl_loss(lp, old, adv, mask, expert_logp=baseline, passed=passed, is_expert=is_expert, config=cfg).loss.backward()
+        ck.calibrl_loss(
+            lp, old, adv, mask, expert_logp=baseline, passed=passed, is_expert=is_expert, config=cfg
+        ).loss.backward()
         grads.append(lp.grad)
     guide_grad = grads[0] - grads[1]  # d(agg(l_guide))/dlp, token-mean over 4 on-policy tokens
     c = 1.0 / (4 + 1e-8)
@@ -183,7 +185,9 @@ def test_guide_gradient_full_strength_for_failed_row_above_baseline():
     baseline = t64([[-1.0], [-1.0]])
     lp = logp.clone().requires_grad_(True)
     cfg = CalibRLConfig(mode="calibrl", guide_coef=1.0)
-    out = ck.calibrl_loss(lp, old, adv, mask, expert_logp=baseline, passed=torch.tensor([False, True]), is_expert=is_expert, config=cfg)
+    out = ck.calibrl_loss(
+        lp, old, adv, mask, expert_logp=baseline, passed=torch.tensor([False, True]), is_expert=is_expert, config=cfg
+    )
     out.loss.backward()
     ppo_grad = -(-0.5) * 1.0  # d(-A rho)/dlp at rho = 1 (unclipped)
     close(lp.grad[0, 0], (ppo_grad + 0.5) / (1 + 1e-8))
@@ -193,8 +197,16 @@ def test_guide_gradient_full_strength_for_failed_row_above_baseline():
 def test_weight_by_advantage_off_uses_unit_weight():
     logp, old, adv, mask, is_expert, passed, baseline = _calibrl_batch()
     on = ck.calibrl_loss(logp, old, adv, mask, expert_logp=baseline, passed=passed, is_expert=is_expert)
-    off = ck.calibrl_loss(logp, old, adv, mask, expert_logp=baseline, passed=passed, is_expert=is_expert,
-                          config=CalibRLConfig(weight_by_advantage=False))
+    off = ck.calibrl_loss(
+        logp,
+        old,
+        adv,
+        mask,
+        expert_logp=baseline,
+        passed=passed,
+        is_expert=is_expert,
+        config=CalibRLConfig(weight_by_advantage=False),
+    )
     z = [[0.1, 2.7], [-0.4, -3.7]]
     act = [[v if v > 0 else 0.5 * v for v in row] for row in z]
     close(on.guide_loss, (0.6 * (act[0][0] + act[0][1]) + 0.4 * (act[1][0] + act[1][1])) / (4 + 1e-8))
@@ -221,8 +233,17 @@ def test_mask_beyond_expert_drops_guide_terms_past_the_expert():
     b, expert_tokens = ck.expert_baseline(old, mask, gids, is_expert, return_mask=True)
     adv, passed = t64([0.0, 1.0]), torch.tensor([True, True])
     keep = ck.calibrl_loss(old, old, adv, mask, expert_logp=b, passed=passed, is_expert=is_expert)
-    drop = ck.calibrl_loss(old, old, adv, mask, expert_logp=b, passed=passed, is_expert=is_expert,
-                           expert_mask=expert_tokens, config=CalibRLConfig(mask_beyond_expert=True))
+    drop = ck.calibrl_loss(
+        old,
+        old,
+        adv,
+        mask,
+        expert_logp=b,
+        passed=passed,
+        is_expert=is_expert,
+        expert_mask=expert_tokens,
+        config=CalibRLConfig(mask_beyond_expert=True),
+    )
     # row 1 (passed, A = 1): z = -(lp - b) = [0.5, 1.3, 3.0 (b = 0 past the expert)]
     close(keep.guide_loss, (0.5 + 1.3 + 3.0) / (3 + 1e-8))
     close(drop.guide_loss, (0.5 + 1.3) / (2 + 1e-8))
@@ -257,8 +278,9 @@ def test_rlplus_focal_factor_is_stop_gradient():
     p, p_old, a = 0.5, 0.25, 0.6
     lp = t64([[math.log(p)]]).requires_grad_(True)
     old = t64([[math.log(p_old)]])
-    out = ck.calibrl_loss(lp, old, t64([a]), torch.ones(1, 1), is_expert=torch.tensor([True]),
-                          config=CalibRLConfig.for_algo("rlplus"))
+    out = ck.calibrl_loss(
+        lp, old, t64([a]), torch.ones(1, 1), is_expert=torch.tensor([True]), config=CalibRLConfig.for_algo("rlplus")
+    )
     out.loss.backward()
     # d/dlp of -A 2p/(1.5 p_old + 0.5) * sg((1-p)^0.5) = -A 2p/(...) * (1-p)^0.5 (dp/dlp = p)
     close(lp.grad[0, 0], -a * 2 * p / (1.5 * p_old + 0.5) * math.sqrt(1 - p) / (1 + 1e-8))
@@ -282,9 +304,15 @@ def test_everything_masked_gives_zero_loss_and_zero_gradient():
     logp = torch.randn(3, 4, dtype=F64).requires_grad_(True)
     mask = torch.zeros(3, 4, dtype=torch.bool)
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
-        out = ck.calibrl_loss(logp, logp.detach(), t64([1.0, -1.0, 0.5]), mask,
-                              expert_logp=torch.zeros(3, 4, dtype=F64), passed=torch.tensor([True, False, True]),
-                              config=CalibRLConfig(loss_agg_mode=mode))
+        out = ck.calibrl_loss(
+            logp,
+            logp.detach(),
+            t64([1.0, -1.0, 0.5]),
+            mask,
+            expert_logp=torch.zeros(3, 4, dtype=F64),
+            passed=torch.tensor([True, False, True]),
+            config=CalibRLConfig(loss_agg_mode=mode),
+        )
         (grad,) = torch.autograd.grad(out.loss, logp)
         close(out.loss.detach(), 0.0)
         assert torch.all(grad == 0)

@@ -46,9 +46,10 @@ def test_device_guard_makes_the_tensors_cuda_device_current():
 
 
 def test_tensors_on_several_devices_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"_stand_in_kernel: expected every tensor argument on one device.*'y_ptr': 'meta'"):
-        _launch.launch(_Kernel(), (1,), dict(x_ptr=torch.zeros(2), y_ptr=torch.zeros(2, device="meta")),
-                              {}, (), ())
+    with pytest.raises(
+        ValueError, match=r"_stand_in_kernel: expected every tensor argument on one device.*'y_ptr': 'meta'"
+    ):
+        _launch.launch(_Kernel(), (1,), dict(x_ptr=torch.zeros(2), y_ptr=torch.zeros(2, device="meta")), {}, (), ())
 
 
 def test_one_tuner_per_candidate_list(monkeypatch):
@@ -59,6 +60,7 @@ def test_one_tuner_per_candidate_list(monkeypatch):
         def wrap(kernel):
             built.append([c.kwargs for c in configs])
             return kernel
+
         return wrap
 
     monkeypatch.setattr(_launch, "autotune_enabled", lambda: True)
