@@ -371,27 +371,22 @@ def check_loss_inputs(
         check_device(name, t, device, logp_name)
         check_bool(name, t)
 
+    def per_row_or_token(name, t, expected):
+        require_tensor(name, t)
+        check_floating(name, t)
+        if tuple(t.shape) not in ((B,), (B, T)):
+            raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
+        check_device(name, t, device, logp_name)
+
     per_token("old_logp", old_logp)
     per_token("mask", mask, floating=False)
     check_mask_dtype("mask", mask)
     check_mask_values("mask", mask)
-    require_tensor("advantages", advantages)
-    check_floating("advantages", advantages)
-    if tuple(advantages.shape) not in ((B,), (B, T)):
-        raise ValueError(
-            f"advantages: expected shape (B,) = {(B,)} or (B, T) = {(B, T)} (like {logp_name}), "
-            f"got {tuple(advantages.shape)}"
-        )
-    check_device("advantages", advantages, device, logp_name)
+    per_row_or_token("advantages", advantages, f"(B,) = {(B,)} or (B, T) = {(B, T)} (like {logp_name})")
     if expert_logp is not None:
-        require_tensor("expert_logp", expert_logp)
-        check_floating("expert_logp", expert_logp)
-        if tuple(expert_logp.shape) not in ((B,), (B, T)):
-            raise ValueError(
-                f"expert_logp: expected shape (B, T) = {(B, T)} (position baseline) or (B,) = {(B,)} "
-                f"(one baseline per row), got {tuple(expert_logp.shape)}"
-            )
-        check_device("expert_logp", expert_logp, device, logp_name)
+        per_row_or_token(
+            "expert_logp", expert_logp, f"(B, T) = {(B, T)} (position baseline) or (B,) = {(B,)} (one baseline per row)"
+        )
     if passed is not None:
         per_row("passed", passed)
     if is_expert is not None:

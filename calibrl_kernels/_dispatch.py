@@ -56,17 +56,7 @@ def _reference_fused_linear_calibrl_loss(
     hidden, weight, targets, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG, bias=None
 ) -> LossOutput:
     """The reference of the lm_head loss under the backend contract (materialises the logits)."""
-    return reference.fused_linear_calibrl_loss(
-        hidden,
-        weight,
-        targets,
-        inputs.old_logp,
-        inputs.advantages,
-        inputs.mask,
-        bias=bias,
-        config=config,
-        **inputs.fields(),
-    )
+    return _reference_fused_calibrl_loss(reference.linear_logits(hidden, weight, bias), targets, inputs, config)
 
 
 # Under torch.func: the reference of every op (plain torch ops, autograd gradients).

@@ -33,6 +33,10 @@ class _ConfiguredLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"config={self.config!r}, ignore_index={self.ignore_index}"
 
+    def _op_options(self) -> dict:
+        """The module's settings as keyword arguments of the functional op."""
+        return dict(ignore_index=self.ignore_index, config=self.config)
+
 
 class CalibRLLoss(_ConfiguredLoss):
     """CalibRL loss (or a baseline's, per ``config.mode``) from logits (B, T, V); see ``ops.fused_calibrl_loss``.
@@ -68,17 +72,8 @@ class CalibRLLoss(_ConfiguredLoss):
         inplace_backward: None uses the module's setting; True / False overrides it for this call.
         """
         inplace = self.inplace_backward if inplace_backward is None else inplace_backward  # the op checks it
-        return ops.fused_calibrl_loss(
-            logits,
-            targets,
-            old_logp,
-            advantages,
-            mask,
-            ignore_index=self.ignore_index,
-            config=self.config,
-            inplace_backward=inplace,
-            **batch_fields,
-        )
+        options = dict(self._op_options(), inplace_backward=inplace)
+        return ops.fused_calibrl_loss(logits, targets, old_logp, advantages, mask, **options, **batch_fields)
 
 
 class LinearCalibRLLoss(_ConfiguredLoss):
@@ -118,15 +113,5 @@ class LinearCalibRLLoss(_ConfiguredLoss):
     ) -> LossOutput:
         """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
         with chunked.chunk_bytes_scope(self.chunk_bytes):
-            return ops.fused_linear_calibrl_loss(
-                hidden,
-                weight,
-                targets,
-                old_logp,
-                advantages,
-                mask,
-                bias=bias,
-                ignore_index=self.ignore_index,
-                config=self.config,
-                **batch_fields,
-            )
+            args = (hidden, weight, targets, old_logp, advantages, mask)
+            return ops.fused_linear_calibrl_loss(*args, bias=bias, **self._op_options(), **batch_fields)

@@ -121,53 +121,21 @@ def calibrl_loss(
     passed, is_expert (B,) bool; entropy (B, T) (needed when config.entropy_coef != 0; gives the
     entropy metric); expert_mask (B, T) (needed when config.mask_beyond_expert).
     """
-    _checks.check_loss_inputs(
-        logp,
-        old_logp,
-        advantages,
-        mask,
-        expert_logp=expert_logp,
-        passed=passed,
-        is_expert=is_expert,
-        entropy=entropy,
-        expert_mask=expert_mask,
-        config=config,
-    )
-    return reference.calibrl_loss(
-        logp,
-        old_logp,
-        advantages,
-        mask,
-        expert_logp=expert_logp,
-        passed=passed,
-        is_expert=is_expert,
-        entropy=entropy,
-        expert_mask=expert_mask,
-        config=config,
-    )
+    fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, entropy=entropy, expert_mask=expert_mask)
+    _checks.check_loss_inputs(logp, old_logp, advantages, mask, config=config, **fields)
+    return reference.calibrl_loss(logp, old_logp, advantages, mask, config=config, **fields)
 
 
-def _loss_inputs(
-    old_logp,
-    advantages,
-    mask,
-    scores,
-    group_ids,
-    expert_logp,
-    passed,
-    is_expert,
-    expert_mask,
-    ignore_index: int,
-    config: CalibRLConfig,
-    num_groups,
-    batch_shape,
+def _resolve_loss_inputs(
+    given: LossInputs, scores, group_ids, num_groups, config: CalibRLConfig, batch_shape
 ) -> LossInputs:
     """Validate the loss fields of a fused op once and resolve them into the LossInputs every backend takes.
 
     advantages / passed come from scores + group_ids when not given (group statistics), the expert baseline
     from the batch's expert rows (group_ids + is_expert) when the mode needs one and it is not given.
-    batch_shape: (B, T) of the targets.
+    given: the caller's fields (advantages / expert_logp may still be None); batch_shape: (B, T) of the targets.
     """
+    old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, _ = given
     _checks.require_tensor("old_logp", old_logp)
     _checks.require_tensor("mask", mask)
     _checks.check_ndim("old_logp", old_logp, (2,), "(B, T)")
@@ -208,7 +176,7 @@ def _loss_inputs(
         logp_name="old_logp",
         computes_entropy=True,
     )
-    return LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index)
+    return given._replace(advantages=advantages, expert_logp=expert_logp, passed=passed, expert_mask=expert_mask)
 
 
 def fused_calibrl_loss(
@@ -246,21 +214,8 @@ def fused_calibrl_loss(
     targets = _checks.token_ids(targets)
     if logits.dim() != 3:
         raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
-    inputs = _loss_inputs(
-        old_logp,
-        advantages,
-        mask,
-        scores,
-        group_ids,
-        expert_logp,
-        passed,
-        is_expert,
-        expert_mask,
-        int(ignore_index),
-        config,
-        num_groups,
-        targets.shape,
-    )
+    given = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, int(ignore_index))
+    inputs = _resolve_loss_inputs(given, scores, group_ids, num_groups, config, targets.shape)
     fn = _dispatch.implementation("fused_calibrl_loss", logits.device, dtype=logits.dtype)
     return fn(logits, targets, inputs, config, inplace_backward)
 
@@ -293,20 +248,7 @@ def fused_linear_calibrl_loss(
     targets = _checks.token_ids(targets)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
-    inputs = _loss_inputs(
-        old_logp,
-        advantages,
-        mask,
-        scores,
-        group_ids,
-        expert_logp,
-        passed,
-        is_expert,
-        expert_mask,
-        int(ignore_index),
-        config,
-        num_groups,
-        targets.shape,
-    )
+    given = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, int(ignore_index))
+    inputs = _resolve_loss_inputs(given, scores, group_ids, num_groups, config, targets.shape)
     fn = _dispatch.implementation("fused_linear_calibrl_loss", hidden.device, dtype=hidden.dtype)
     return fn(hidden, weight, targets, inputs, config, bias)

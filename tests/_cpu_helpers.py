@@ -47,15 +47,15 @@ class Batch(NamedTuple):
     passed: torch.Tensor  # (B,) bool
     is_expert: torch.Tensor  # (B,) bool
 
+    def fields(self) -> dict:
+        """The optional loss fields of this batch as keyword arguments (those of the loss modules' forward)."""
+        return dict(
+            expert_logp=self.expert_logp, passed=self.passed, is_expert=self.is_expert, expert_mask=self.expert_mask
+        )
+
     def kwargs(self, config: CalibRLConfig) -> dict:
         """Keyword arguments of the loss ops for this batch."""
-        return dict(
-            expert_logp=self.expert_logp,
-            passed=self.passed,
-            is_expert=self.is_expert,
-            expert_mask=self.expert_mask,
-            config=config,
-        )
+        return dict(self.fields(), config=config)
 
     def inputs(self, ignore_index: int = -100, mask: Optional[torch.Tensor] = None) -> LossInputs:
         """This batch as the LossInputs a backend takes (mask: another (B, T) mask instead of its own)."""
@@ -187,6 +187,11 @@ class LinearCase(NamedTuple):
     def leaves(self):
         return tuple(t for t in (self.hidden, self.weight, self.bias) if t is not None)
 
+    def loss_args(self) -> tuple:
+        """Positional arguments of the fused linear loss ops: hidden, weight, targets, old_logp, advantages, mask."""
+        b = self.batch
+        return (self.hidden, self.weight, self.targets, b.old_logp, b.advantages, b.mask)
+
 
 def make_linear_case(
     config: CalibRLConfig,
@@ -257,18 +262,7 @@ def chunked_linear_loss(
 def loss_and_grads(fn, case: LinearCase, config: CalibRLConfig, ignore_index=-100, scale=1.0, **extra):
     """Run a fused linear loss fn(hidden, weight, targets, ...) and backpropagate scale * loss."""
     b = case.batch
-    out = fn(
-        case.hidden,
-        case.weight,
-        case.targets,
-        b.old_logp,
-        b.advantages,
-        b.mask,
-        bias=case.bias,
-        ignore_index=ignore_index,
-        **b.kwargs(config),
-        **extra,
-    )
+    out = fn(*case.loss_args(), bias=case.bias, ignore_index=ignore_index, **b.kwargs(config), **extra)
     grads = torch.autograd.grad(out.loss * scale, case.leaves())
     return out, grads
 

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+# The fields of LossOutput, in order (every loss op returns them).
+LOSS_FIELDS = ("loss", "pg_loss", "guide_loss", "entropy", "clipfrac", "clipfrac_lower", "ppo_kl")
+
+
+def cast_floating(t: torch.Tensor, dtype) -> torch.Tensor:
+    """t in dtype if it is a floating tensor and dtype is given (integer / bool tensors unchanged)."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
 
 def max_error(value: torch.Tensor, truth: torch.Tensor) -> float:
     """Largest absolute difference, NaN-aware (matching NaN/inf count as 0)."""

@@ -12,7 +12,7 @@ from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from ..reference import coefficients as coef
 from ..reference import compute_dtype, inverse_temperature
 from ..reference.coefficients import ROW
-from ._rows import loss_params, row_math, row_table, row_view
+from ._rows import row_math, row_table, row_view
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -23,18 +23,7 @@ class _FusedLoss(torch.autograd.Function):
         logits_rows, flat_targets = row_view(logits), targets.reshape(-1).long().contiguous()
         rows = row_table(flat_targets.numel(), logits)
         inv_temperature = inverse_temperature(config.temperature, compute_dtype(logits))
-        math.module.row_loss(
-            logits_rows,
-            flat_targets,
-            table,
-            rows,
-            config.mode,
-            config.activation,
-            loss_params(config),
-            inv_temperature,
-            ignore_index,
-            False,
-        )
+        math.loss(logits_rows, flat_targets, table, rows, config, inv_temperature, ignore_index, False)
         out = coef.loss_output(rows[:, ROW["pg"] :].sum(0), config)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, flat_targets, rows)

@@ -351,17 +351,8 @@ def closed_form_coefficients(
     """The closed-form twin of ``reference.gradient_coefficients``: (LossOutput, a (B, T), b (B, T))."""
     dtype = compute_dtype(logp)
     B, T = logp.shape
-    table = token_table(
-        old_logp,
-        advantages,
-        mask,
-        expert_logp=expert_logp,
-        passed=passed,
-        is_expert=is_expert,
-        expert_mask=expert_mask,
-        config=config,
-        dtype=dtype,
-    )
+    fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, expert_mask=expert_mask)
+    table = token_table(old_logp, advantages, mask, config=config, dtype=dtype, **fields)
     terms = token_terms(logp.detach().to(dtype).reshape(-1), entropy.detach().to(dtype).reshape(-1), table, config)
     sums = torch.stack([getattr(terms, name).sum() for name in TERM_FIELDS])
     return loss_output(sums, config), terms.coef_a.view(B, T), terms.coef_b.view(B, T)

@@ -258,18 +258,8 @@ def fused_calibrl_loss(
         return_entropy=True,
     )
     token_mask = mask.to(logp.dtype) * read.to(logp.dtype)
-    return calibrl_loss(
-        logp,
-        old_logp,
-        advantages,
-        token_mask,
-        expert_logp=expert_logp,
-        passed=passed,
-        is_expert=is_expert,
-        entropy=entropy,
-        expert_mask=expert_mask,
-        config=config,
-    )
+    fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, expert_mask=expert_mask)
+    return calibrl_loss(logp, old_logp, advantages, token_mask, entropy=entropy, config=config, **fields)
 
 
 def fused_linear_calibrl_loss(
@@ -289,18 +279,10 @@ def fused_linear_calibrl_loss(
     config: CalibRLConfig = DEFAULT_CONFIG,
 ) -> LossOutput:
     """Reference twin of the linear fused op: logits = hidden (B, T, D) @ weight (V, D)^T + bias."""
+    logits = linear_logits(hidden, weight, bias)
+    fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, expert_mask=expert_mask)
     return fused_calibrl_loss(
-        linear_logits(hidden, weight, bias),
-        targets,
-        old_logp,
-        advantages,
-        mask,
-        expert_logp=expert_logp,
-        passed=passed,
-        is_expert=is_expert,
-        expert_mask=expert_mask,
-        ignore_index=ignore_index,
-        config=config,
+        logits, targets, old_logp, advantages, mask, ignore_index=ignore_index, config=config, **fields
     )
 
 
@@ -327,18 +309,8 @@ def gradient_coefficients(
     """
     lp = logp.detach().to(compute_dtype(logp)).requires_grad_(True)
     ent = entropy.detach().to(lp.dtype).requires_grad_(True)
-    out = calibrl_loss(
-        lp,
-        old_logp,
-        advantages,
-        mask,
-        expert_logp=expert_logp,
-        passed=passed,
-        is_expert=is_expert,
-        entropy=ent,
-        expert_mask=expert_mask,
-        config=config,
-    )
+    fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, expert_mask=expert_mask)
+    out = calibrl_loss(lp, old_logp, advantages, mask, entropy=ent, config=config, **fields)
     d_lp, d_ent = torch.autograd.grad(out.loss, (lp, ent), allow_unused=True)
     d_lp = torch.zeros_like(lp) if d_lp is None else d_lp
     d_ent = torch.zeros_like(ent) if d_ent is None else d_ent

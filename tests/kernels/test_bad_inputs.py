@@ -312,98 +312,56 @@ KINDS = {
     "nan": float("nan"),
     "inf": float("inf"),
 }
-# argument -> (call(value), {kind: expected exception type or None (accepted)}); every error names the argument
+# {kind: expected exception type or None (accepted)} of an integer argument and of a real-number argument
+INTEGER_ARGUMENT = {
+    "python int": None,
+    "numpy int": None,
+    "numpy float": TypeError,
+    "bool": TypeError,
+    "huge int": ValueError,
+    "huger int": ValueError,
+    "nan": TypeError,
+    "inf": TypeError,
+}
+REAL_ARGUMENT = {
+    "python int": None,
+    "numpy int": None,
+    "numpy float": None,
+    "bool": ValueError,
+    "huge int": None,
+    "huger int": ValueError,
+    "nan": ValueError,
+    "inf": ValueError,
+}
+# argument -> (call(value), expectations); every error names the argument
 ARGUMENTS = {
     "ignore_index": (
         lambda v: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), ignore_index=v),
-        {
-            "python int": None,
-            "numpy int": None,
-            "numpy float": TypeError,
-            "bool": TypeError,
-            "huge int": ValueError,
-            "huger int": ValueError,
-            "nan": TypeError,
-            "inf": TypeError,
-        },
+        INTEGER_ARGUMENT,
     ),
     "temperature": (
         lambda v: ck.token_logprobs(torch.zeros(2, V), torch.zeros(2, dtype=torch.long), temperature=v),
-        {
-            "python int": None,
-            "numpy int": None,
-            "numpy float": None,
-            "bool": ValueError,
-            "huge int": None,
-            "huger int": ValueError,
-            "nan": ValueError,
-            "inf": ValueError,
-        },
+        REAL_ARGUMENT,
     ),
     "eps": (
         lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), eps=v),
-        {
-            "python int": None,
-            "numpy int": None,
-            "numpy float": None,
-            "bool": ValueError,
-            "huge int": None,
-            "huger int": ValueError,
-            "nan": ValueError,
-            "inf": ValueError,
-        },
+        REAL_ARGUMENT,
     ),
     "pass_threshold": (
         lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 0]), pass_threshold=v),
-        {
-            "python int": None,
-            "numpy int": None,
-            "numpy float": None,
-            "bool": ValueError,
-            "huge int": None,
-            "huger int": ValueError,
-            "nan": ValueError,
-            "inf": ValueError,
-        },
+        REAL_ARGUMENT,
     ),
     "num_groups": (
         lambda v: ck.group_advantages(torch.zeros(2), torch.tensor([0, 1]), num_groups=v),
-        {
-            "python int": None,
-            "numpy int": None,
-            "numpy float": TypeError,
-            "bool": TypeError,
-            "huge int": ValueError,
-            "huger int": ValueError,
-            "nan": TypeError,
-            "inf": TypeError,
-        },
+        INTEGER_ARGUMENT,
     ),
     "CalibRLConfig.clip_high": (
         lambda v: CalibRLConfig(clip_high=v),
-        {
-            "python int": None,
-            "numpy int": None,
-            "numpy float": None,
-            "bool": ValueError,
-            "huge int": None,
-            "huger int": ValueError,
-            "nan": ValueError,
-            "inf": ValueError,
-        },
+        REAL_ARGUMENT,
     ),
     "CalibRLConfig.loss_scale_factor": (
         lambda v: CalibRLConfig(loss_scale_factor=v),
-        {
-            "python int": None,
-            "numpy int": None,
-            "numpy float": None,
-            "bool": ValueError,
-            "huge int": None,
-            "huger int": ValueError,
-            "nan": ValueError,
-            "inf": ValueError,
-        },
+        REAL_ARGUMENT,
     ),
 }
 

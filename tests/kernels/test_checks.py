@@ -298,40 +298,21 @@ def test_fused_loss_bad_inputs():
         ck.fused_calibrl_loss(
             logits, targets, torch.zeros(B, T), torch.zeros(B), torch.ones(B, T), passed=torch.ones(B, dtype=torch.bool)
         )
-    with pytest.raises(ValueError) as excinfo:  # checked even when advantages make them unnecessary
-        ck.fused_calibrl_loss(
-            logits,
-            targets,
-            torch.zeros(B, T),
-            torch.zeros(B),
-            torch.ones(B, T),
-            scores=torch.zeros(B + 1),
-            config=CalibRLConfig(mode="grpo"),
+    grpo = CalibRLConfig(mode="grpo")
+
+    def grpo_loss(advantages, **group_fields):
+        return ck.fused_calibrl_loss(
+            logits, targets, torch.zeros(B, T), advantages, torch.ones(B, T), config=grpo, **group_fields
         )
+
+    with pytest.raises(ValueError) as excinfo:  # checked even when advantages make them unnecessary
+        grpo_loss(torch.zeros(B), scores=torch.zeros(B + 1))
     assert_message(excinfo, "scores", f"({B},)", f"({B + 1},)")
     with pytest.raises(TypeError) as excinfo:
-        ck.fused_calibrl_loss(
-            logits,
-            targets,
-            torch.zeros(B, T),
-            None,
-            torch.ones(B, T),
-            scores=torch.zeros(B),
-            group_ids=torch.zeros(B),
-            config=CalibRLConfig(mode="grpo"),
-        )
+        grpo_loss(None, scores=torch.zeros(B), group_ids=torch.zeros(B))
     assert_message(excinfo, "group_ids", "integer", "float32")
     with pytest.raises(ValueError) as excinfo:
-        ck.fused_calibrl_loss(
-            logits,
-            targets,
-            torch.zeros(B, T),
-            None,
-            torch.ones(B, T),
-            scores=torch.zeros(B, T),
-            group_ids=torch.zeros(B, dtype=torch.long),
-            config=CalibRLConfig(mode="grpo"),
-        )
+        grpo_loss(None, scores=torch.zeros(B, T), group_ids=torch.zeros(B, dtype=torch.long))
     assert_message(excinfo, "scores", f"({B},)", f"({B}, {T})")
     hidden, weight = torch.zeros(B, T, D), torch.zeros(V, D)
     with pytest.raises(ValueError, match="hidden: expected shape"):

@@ -206,17 +206,7 @@ def test_gradients_skipped_when_nothing_requires_grad(row_math, monkeypatch):
     monkeypatch.setattr(chunked._Gradients, "__init__", spy)
     b = case.batch
     with torch.no_grad():
-        out = chunked_linear_loss(
-            case.hidden,
-            case.weight,
-            case.targets,
-            b.old_logp,
-            b.advantages,
-            b.mask,
-            bias=case.bias,
-            row_math=row_math,
-            **b.kwargs(config),
-        )
+        out = chunked_linear_loss(*case.loss_args(), bias=case.bias, row_math=row_math, **b.kwargs(config))
     assert built == [] and not out.loss.requires_grad
     # Only the weight requires grad: only its gradient buffer is built.
     hidden = case.hidden.detach()
@@ -235,7 +225,7 @@ def test_backward_accumulates_and_refuses_a_second_pass(row_math):
     config = CalibRLConfig()
     case = make_linear_case(config, seed=14)
     b = case.batch
-    args = (case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask)
+    args = case.loss_args()
     for _ in range(2):
         chunked_linear_loss(*args, bias=case.bias, row_math=row_math, **b.kwargs(config)).loss.backward()
     _, ref_grads = loss_and_grads(reference.fused_linear_calibrl_loss, case, config)
@@ -261,17 +251,7 @@ def test_never_allocates_n_by_v(row_math):
         chunked.record_chunks() as chunks,
         torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof,
     ):
-        out = chunked_linear_loss(
-            case.hidden,
-            case.weight,
-            case.targets,
-            b.old_logp,
-            b.advantages,
-            b.mask,
-            row_math=row_math,
-            chunk_bytes=budget,
-            **b.kwargs(config),
-        )
+        out = chunked_linear_loss(*case.loss_args(), row_math=row_math, chunk_bytes=budget, **b.kwargs(config))
         out.loss.backward()
         logp = chunked.linear_token_logprobs(
             case.hidden, case.weight, case.targets, row_math=row_math, chunk_bytes=budget
@@ -365,12 +345,8 @@ def test_public_ops_dispatch_to_the_chunked_path(monkeypatch):
         _dispatch.implementation("fused_linear_calibrl_loss", torch.device("cpu")) is chunked.fused_linear_calibrl_loss
     )
     assert _dispatch.implementation("linear_token_logprobs", torch.device("cpu")) is chunked.linear_token_logprobs
-    out = ops.fused_linear_calibrl_loss(
-        case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias, **b.kwargs(config)
-    )
-    ref = reference.fused_linear_calibrl_loss(
-        case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias, **b.kwargs(config)
-    )
+    out = ops.fused_linear_calibrl_loss(*case.loss_args(), bias=case.bias, **b.kwargs(config))
+    ref = reference.fused_linear_calibrl_loss(*case.loss_args(), bias=case.bias, **b.kwargs(config))
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
@@ -387,10 +363,7 @@ def test_gradients_are_handed_over_without_a_copy(row_math, monkeypatch):
         return result
 
     monkeypatch.setattr(chunked._Gradients, "finish", spy)
-    b = case.batch
-    out = chunked_linear_loss(
-        case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, row_math=row_math, config=config
-    )
+    out = chunked_linear_loss(*case.loss_args(), row_math=row_math, config=config)
     out.loss.backward()
     assert buffers == [[case.hidden.grad.data_ptr(), case.weight.grad.data_ptr()]]
 
@@ -407,9 +380,7 @@ def test_second_order_gradients_raise(row_math, op):
         if op == "linear_token_logprobs":
             logp, ent = fn(case.hidden, case.weight, case.targets, case.bias, 1.0, -100, True)
             return logp.sum() + ent.sum()
-        return fn(
-            case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask, bias=case.bias, **b.kwargs(config)
-        ).loss
+        return fn(*case.loss_args(), bias=case.bias, **b.kwargs(config)).loss
 
     ours = chunked.linear_token_logprobs if op == "linear_token_logprobs" else chunked_linear_loss
     want = torch.autograd.grad(run(getattr(reference, op)), case.leaves())

@@ -10,11 +10,19 @@ from calibrl_kernels.config import CalibRLConfig
 from calibrl_kernels.reference import coefficients
 
 
-def _both(logp, entropy, batch, config, advantages=None):
+def _assert_closed_form_matches_autograd(
+    logp, entropy, batch, config, advantages=None, rtol=1e-12, atol=1e-15, loss_rtol=1e-12, loss_atol=1e-14
+):
+    """closed_form_coefficients against reference.gradient_coefficients: the loss outputs, a and b.
+
+    Returns the closed form's (LossOutput, a, b)."""
     args = (logp, entropy, batch.old_logp, batch.advantages if advantages is None else advantages, batch.mask)
-    expected = reference.gradient_coefficients(*args, **batch.kwargs(config))
-    actual = coefficients.closed_form_coefficients(*args, **batch.kwargs(config))
-    return actual, expected
+    out, a, b = coefficients.closed_form_coefficients(*args, **batch.kwargs(config))
+    ref_out, ref_a, ref_b = reference.gradient_coefficients(*args, **batch.kwargs(config))
+    assert_loss_outputs_close(out, ref_out, rtol=loss_rtol, atol=loss_atol, what=config.mode)
+    torch.testing.assert_close(a, ref_a, rtol=rtol, atol=atol)
+    torch.testing.assert_close(b, ref_b, rtol=rtol, atol=atol)
+    return out, a, b
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -22,10 +30,7 @@ def test_matches_autograd_fp64_with_ties(name):
     config = CONFIGS[name]
     batch = make_batch(3, 3, 11, config=config, seed=hash(name) % 1000)
     logp, entropy = token_values_with_ties(batch)
-    (out, a, b), (ref_out, ref_a, ref_b) = _both(logp, entropy, batch, config)
-    assert_loss_outputs_close(out, ref_out, rtol=1e-12, atol=1e-14, what=name)
-    torch.testing.assert_close(a, ref_a, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(b, ref_b, rtol=1e-12, atol=1e-15)
+    out, a, b = _assert_closed_form_matches_autograd(logp, entropy, batch, config)
     assert a.abs().sum() > 0, "the test batch should produce non-zero gradients"
 
 
@@ -37,9 +42,7 @@ def test_kinks_use_torch_subgradients(activation):
     baseline = batch.expert_logp
     for offset in (0.0, 1.0, -1.0):
         logp = baseline + offset
-        (out, a, b), (ref_out, ref_a, ref_b) = _both(logp, torch.zeros_like(logp), batch, config)
-        torch.testing.assert_close(a, ref_a, rtol=1e-12, atol=1e-15)
-        assert_loss_outputs_close(out, ref_out, rtol=1e-12, atol=1e-14)
+        _assert_closed_form_matches_autograd(logp, torch.zeros_like(logp), batch, config)
 
 
 def test_clamp_bounds_pass_gradient_and_max_ties_split():
@@ -47,9 +50,7 @@ def test_clamp_bounds_pass_gradient_and_max_ties_split():
     config = CalibRLConfig(mode="grpo", clip_low=0.0, clip_high=0.0)
     batch = make_batch(2, 3, 5, config=config)
     logp = batch.old_logp.clone()
-    (out, a, b), (ref_out, ref_a, ref_b) = _both(logp, torch.ones_like(logp), batch, config)
-    torch.testing.assert_close(a, ref_a, rtol=1e-12, atol=1e-15)
-    assert_loss_outputs_close(out, ref_out, rtol=1e-12, atol=1e-14)
+    _assert_closed_form_matches_autograd(logp, torch.ones_like(logp), batch, config)
 
 
 def test_dual_clip_tie_splits_gradient():
@@ -60,8 +61,7 @@ def test_dual_clip_tie_splits_gradient():
     logp = batch.old_logp + torch.log(torch.tensor(2.0, dtype=torch.float64))
     ratio = torch.exp(logp - batch.old_logp)
     assert bool((ratio == 2.0).any()), "some tokens should hit the tie exactly"
-    (out, a, b), (ref_out, ref_a, ref_b) = _both(logp, torch.ones_like(logp), batch, config, advantages)
-    torch.testing.assert_close(a, ref_a, rtol=1e-12, atol=1e-15)
+    _assert_closed_form_matches_autograd(logp, torch.ones_like(logp), batch, config, advantages)
 
 
 def test_per_token_advantages_and_all_masked():
@@ -69,8 +69,7 @@ def test_per_token_advantages_and_all_masked():
     batch = make_batch(2, 2, 5, config=config, all_masked=True)
     logp, entropy = token_values_with_ties(batch)
     adv = torch.randn(logp.shape, dtype=torch.float64)
-    (out, a, b), (ref_out, ref_a, ref_b) = _both(logp, entropy, batch, config, adv)
-    assert_loss_outputs_close(out, ref_out, rtol=1e-12, atol=1e-14)
+    out, a, b = _assert_closed_form_matches_autograd(logp, entropy, batch, config, adv)
     assert float(a.abs().sum()) == 0.0 and float(b.abs().sum()) == 0.0
 
 
@@ -78,11 +77,9 @@ def test_fp32_inputs_match_fp32_reference():
     config = CONFIGS["calibrl-options"]
     batch = make_batch(3, 4, 9, config=config, dtype=torch.float32)
     logp, entropy = token_values_with_ties(batch, dtype=torch.float32)
-    (out, a, b), (ref_out, ref_a, ref_b) = _both(logp, entropy, batch, config)
+    tolerances = dict(rtol=1e-5, atol=1e-7, loss_rtol=1e-5, loss_atol=1e-6)
+    out, a, b = _assert_closed_form_matches_autograd(logp, entropy, batch, config, **tolerances)
     assert out.loss.dtype == torch.float32 and a.dtype == torch.float32
-    assert_loss_outputs_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a, ref_a, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(b, ref_b, rtol=1e-5, atol=1e-7)
 
 
 def test_table_layout_is_consistent():

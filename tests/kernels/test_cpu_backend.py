@@ -168,15 +168,7 @@ def test_row_loss_terms_equal_closed_form_with_ties(cpp, name):
     batch = batch_with_ties(batch, stats[:, coefficients.ROW["logp"]].view(B, T))
     mask = batch.mask * (targets != -100).view(B, T)
     table = coefficients.token_table(
-        batch.old_logp,
-        batch.advantages,
-        mask,
-        expert_logp=batch.expert_logp,
-        passed=batch.passed,
-        is_expert=batch.is_expert,
-        expert_mask=batch.expert_mask,
-        config=config,
-        dtype=torch.float64,
+        batch.old_logp, batch.advantages, mask, config=config, dtype=torch.float64, **batch.fields()
     )
     rows = torch.zeros_like(stats)
     cpp.row_loss(
@@ -220,19 +212,24 @@ def test_dispatch_picks_cpp_on_cpu(cpp, monkeypatch):
     torch.testing.assert_close(logp, reference.token_logprobs(logits, targets, 1.3), rtol=1e-5, atol=1e-6)
 
 
+def _fallback_inputs():
+    config = CalibRLConfig()
+    batch = make_batch(2, 2, 4, config=config, dtype=torch.float32)
+    B, T = batch.old_logp.shape
+    logits = _logits((B, T, 64), torch.float32).requires_grad_(True)
+    targets = torch.randint(0, 64, (B, T))
+    hidden = _logits((B, T, 6), torch.float32).requires_grad_(True)
+    weight = _logits((64, 6), torch.float32).requires_grad_(True)
+    return config, batch, logits, targets, hidden, weight
+
+
 def test_fallback_when_the_build_fails_warns_once(monkeypatch):
     """Simulated build failure: the dispatcher runs every op on the torch path, with exactly one warning;
     the backend's own functions, called directly, raise naming the build error instead."""
 
     simulate_build_failure(monkeypatch)
     monkeypatch.delenv("CALIBRL_IMPL", raising=False)
-    config = CalibRLConfig()
-    batch = make_batch(2, 2, 4, config=config, dtype=torch.float32)
-    B, T = batch.old_logp.shape
-    logits = _logits((B, T, 40), torch.float32).requires_grad_(True)
-    targets = torch.randint(0, 40, (B, T))
-    hidden = _logits((B, T, 6), torch.float32).requires_grad_(True)
-    weight = _logits((40, 6), torch.float32).requires_grad_(True)
+    config, batch, logits, targets, hidden, weight = _fallback_inputs()
     loss_args = (batch.old_logp, batch.advantages, batch.mask)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -389,17 +386,6 @@ def test_inplace_backward_on_shifted_logits_and_fallback(cpp, monkeypatch):
         fallback = ops.fused_calibrl_loss(y, *args, inplace_backward=True, **batch.kwargs(config))
     fallback.loss.backward()
     assert y.grad is not None and torch.isfinite(y.grad).all()
-
-
-def _fallback_inputs():
-    config = CalibRLConfig()
-    batch = make_batch(2, 2, 4, config=config, dtype=torch.float32)
-    B, T = batch.old_logp.shape
-    logits = _logits((B, T, 64), torch.float32).requires_grad_(True)
-    targets = torch.randint(0, 64, (B, T))
-    hidden = _logits((B, T, 6), torch.float32).requires_grad_(True)
-    weight = _logits((64, 6), torch.float32).requires_grad_(True)
-    return config, batch, logits, targets, hidden, weight
 
 
 def test_forced_cpp_with_a_failed_build_raises_on_every_call(monkeypatch):

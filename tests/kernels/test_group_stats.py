@@ -12,12 +12,10 @@ from calibrl_kernels import reference
 pytest.importorskip("triton")
 from calibrl_kernels.triton import group_stats as triton_group_stats  # noqa: E402  (after the triton check)
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True)
-def _force_triton(monkeypatch):
-    monkeypatch.setenv("CALIBRL_IMPL", "triton")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+    pytest.mark.usefixtures("force_triton"),
+]
 
 
 def _batch(sizes, device, dtype=torch.float32, seed=0, id_dtype=torch.int64, binary=True):

@@ -20,7 +20,7 @@ import weakref
 
 import pytest
 import torch
-from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
+from _triton_helpers import LOSS_FIELDS, assert_close_rel, assert_no_worse_than_reference, cast_floating
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, chunked, reference
@@ -28,14 +28,10 @@ from calibrl_kernels import CalibRLConfig, chunked, reference
 pytest.importorskip("triton")
 from calibrl_kernels.triton import linear as triton_linear  # noqa: E402  (after the triton check)
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-
-FIELDS = ("loss", "pg_loss", "guide_loss", "entropy", "clipfrac", "clipfrac_lower", "ppo_kl")
-
-
-@pytest.fixture(autouse=True)
-def _force_triton(monkeypatch):
-    monkeypatch.setenv("CALIBRL_IMPL", "triton")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+    pytest.mark.usefixtures("force_triton"),
+]
 
 
 def make_head(N, D, V, device, dtype=torch.float32, bias=True, seed=0):
@@ -234,18 +230,9 @@ def make_batch(B, T, D, V, device, dtype=torch.float32, bias=True, seed=0, maske
 def run_loss(fn, batch, config, dtype=None):
     hidden, weight, b, targets, old_logp, advantages, mask, kw = batch
     h, w, bb = leaves((hidden, weight, b), dtype)
-    cast = (lambda t: t.to(dtype) if t.is_floating_point() else t) if dtype is not None else (lambda t: t)
-    out = fn(
-        h,
-        w,
-        targets,
-        cast(old_logp),
-        cast(advantages),
-        mask,
-        bias=bb,
-        **{k: cast(v) for k, v in kw.items()},
-        config=config,
-    )
+    fields = {k: cast_floating(v, dtype) for k, v in kw.items()}
+    old_logp, advantages = cast_floating(old_logp, dtype), cast_floating(advantages, dtype)
+    out = fn(h, w, targets, old_logp, advantages, mask, bias=bb, config=config, **fields)
     out.loss.backward()
     return out, grads_of((h, w, bb))
 
@@ -271,7 +258,7 @@ def loss_objective(batch, config):
 def check_loss_matches_fp64(batch, config, rtol=1e-5):
     ours, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config)
     ref, grads64 = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         torch.testing.assert_close(
             getattr(ours, name).double(), getattr(ref, name).detach(), rtol=rtol, atol=1e-6, msg=name
         )
@@ -317,47 +304,36 @@ def test_loss_all_masked(triton_device):
 @pytest.mark.parametrize(
     "config", [CalibRLConfig(entropy_coef=0.01), CalibRLConfig.for_algo("luffy")], ids=["calibrl", "luffy"]
 )
-def eager_bf16_loss(hidden, weight, targets, old_logp, advantages, mask, *, bias=None, **kw):
-    logits = hidden @ weight.t() + (0 if bias is None else bias)  # bf16 matmul, as eager PyTorch
+def eager_loss(hidden, weight, targets, old_logp, advantages, mask, *, bias=None, **kw):
+    logits = hidden @ weight.t() + (0 if bias is None else bias)  # matmul in the input dtype, as eager PyTorch
     return reference.fused_calibrl_loss(logits, targets, old_logp, advantages, mask, **kw)
 
 
-@pytest.mark.parametrize(
-    "config", [CalibRLConfig(entropy_coef=0.01), CalibRLConfig.for_algo("luffy")], ids=["calibrl", "luffy"]
-)
-def test_loss_bf16_error_no_worse_than_twice_the_reference(config, triton_device):
-    batch = make_batch(4, 4, 40, 97, triton_device, dtype=torch.bfloat16, seed=6)
+# (dtype, config, make_batch sizes and seed, gradient tolerance: 2^-7 for bf16, 4 ulps of fp16 for fp16)
+LOW_PRECISION_CASES = {
+    "bf16-calibrl": (torch.bfloat16, CalibRLConfig(entropy_coef=0.01), (4, 4, 40, 97), 6, 2**-7),
+    "bf16-luffy": (torch.bfloat16, CalibRLConfig.for_algo("luffy"), (4, 4, 40, 97), 6, 2**-7),
+    "fp16-calibrl": (torch.float16, CalibRLConfig(entropy_coef=0.01), (4, 3, 24, 97), 11, 2**-9),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOW_PRECISION_CASES))
+def test_loss_low_precision_error_no_worse_than_twice_the_reference(case, triton_device):
+    dtype, config, sizes, seed, grad_tol = LOW_PRECISION_CASES[case]
+    batch = make_batch(*sizes, triton_device, dtype=dtype, seed=seed)
     ours, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config)
     ref, _ = run_loss(reference.fused_linear_calibrl_loss, batch, config)
-    _, grads_eager = run_loss(eager_bf16_loss, batch, config)
+    _, grads_eager = run_loss(eager_loss, batch, config)  # eager autograd in the input dtype (bf16 / fp16)
     truth, grads64 = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         assert_no_worse_than_reference(
             getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name
         )
     scales = gemm_scales(batch[0], batch[1], batch[2], loss_objective(batch, config))
     for name, a, e, t, scale in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads64, scales):
-        assert a.dtype == torch.bfloat16
-        assert_no_worse_than_reference(a, e, t, slack=0.0, name=name + " vs eager bf16")
-        assert_grad_close(a, t, scale, 2**-7, name)
-
-
-def test_loss_fp16(triton_device):
-    config = CalibRLConfig(entropy_coef=0.01)
-    batch = make_batch(4, 3, 24, 97, triton_device, dtype=torch.float16, seed=11)
-    ours, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config)
-    ref, _ = run_loss(reference.fused_linear_calibrl_loss, batch, config)
-    _, grads_eager = run_loss(eager_bf16_loss, batch, config)  # eager fp16 here: the matmul runs in the input dtype
-    truth, grads64 = run_loss(reference.fused_linear_calibrl_loss, batch, config, torch.float64)
-    for name in FIELDS:
-        assert_no_worse_than_reference(
-            getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name
-        )
-    scales = gemm_scales(batch[0], batch[1], batch[2], loss_objective(batch, config))
-    for name, a, e, t, scale in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads64, scales):
-        assert a.dtype == torch.float16
-        assert_no_worse_than_reference(a, e, t, slack=0.0, name=name + " vs eager fp16")
-        assert_grad_close(a, t, scale, 2**-9, name)  # 4 ulps of fp16, as 2^-7 is for bf16
+        assert a.dtype == dtype
+        assert_no_worse_than_reference(a, e, t, slack=0.0, name=f"{name} vs eager {dtype}")
+        assert_grad_close(a, t, scale, grad_tol, name)
 
 
 def test_loss_scaled_incoming_gradient_and_frozen_weight(triton_device):
@@ -403,7 +379,7 @@ def test_loss_through_ops_with_scores_and_group_ids(triton_device):
             out.loss.backward()
             results.append((out, grads_of((h, w, bb))))
     # a wiring test (scores / group ids resolved on the Triton path); accuracy is tested above
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         torch.testing.assert_close(getattr(results[0][0], name), getattr(results[1][0], name), rtol=1e-5, atol=1e-6)
     for name, a, r in zip(("dhidden", "dweight", "dbias"), results[0][1], results[1][1]):
         assert_close_rel(a, r, 1e-4, name)
@@ -505,7 +481,7 @@ def test_loss_float64_runs_the_chunked_torch_path(triton_device, monkeypatch):
     with chunked.record_chunks() as chunks:
         out, grads = run_loss(ck.fused_linear_calibrl_loss, batch, config, torch.float64)
     assert chunks and out.loss.dtype == torch.float64
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         torch.testing.assert_close(getattr(out, name), getattr(ref, name).detach(), rtol=1e-12, atol=1e-12, msg=name)
     for name, a, r in zip(("dhidden", "dweight", "dbias"), grads, grads_ref):
         assert a.dtype == torch.float64

@@ -19,15 +19,13 @@ import calibrl_kernels as ck
 from calibrl_kernels import _dispatch, reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy, interpreter only
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),  # numpy, interpreter only
+    pytest.mark.usefixtures("force_triton"),
+]
 
 pytest.importorskip("triton")
 from calibrl_kernels import triton as backend  # noqa: E402  (after the triton check)
-
-
-@pytest.fixture(autouse=True)
-def _force_triton(monkeypatch):
-    monkeypatch.setenv("CALIBRL_IMPL", "triton")
 
 
 def _case(n, v, dtype, device, seed=0, ignore_every=0, scale=3.0):

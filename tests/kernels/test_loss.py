@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _triton_helpers import assert_close_rel, assert_no_worse_than_reference
+from _triton_helpers import LOSS_FIELDS, assert_close_rel, assert_no_worse_than_reference, cast_floating
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
@@ -22,14 +22,10 @@ from calibrl_kernels.triton import _loss_terms  # noqa: E402  (after the triton 
 from calibrl_kernels.triton import loss as triton_loss  # noqa: E402
 from calibrl_kernels.triton._loss_terms import focal_factor  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-
-FIELDS = ("loss", "pg_loss", "guide_loss", "entropy", "clipfrac", "clipfrac_lower", "ppo_kl")
-
-
-@pytest.fixture(autouse=True)
-def _force_triton(monkeypatch):
-    monkeypatch.setenv("CALIBRL_IMPL", "triton")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+    pytest.mark.usefixtures("force_triton"),
+]
 
 
 def make_inputs(B, T, V, device, dtype=torch.float32, seed=0, baseline_shape="position", masked="partial"):
@@ -65,17 +61,9 @@ def make_inputs(B, T, V, device, dtype=torch.float32, seed=0, baseline_shape="po
 def run_loss(fn, logits, targets, old_logp, advantages, mask, kw, config, upcast=None, **extra):
     """LossOutput and dL/dlogits of one implementation (upcast: run on logits.to(upcast))."""
     x = (logits.to(upcast) if upcast is not None else logits).detach().clone().requires_grad_(True)
-    cast = (lambda t: t.to(upcast) if t.is_floating_point() else t) if upcast is not None else (lambda t: t)
-    out = fn(
-        x,
-        targets,
-        cast(old_logp),
-        cast(advantages),
-        mask,
-        **{k: cast(v) for k, v in kw.items()},
-        config=config,
-        **extra,
-    )
+    fields = {k: cast_floating(v, upcast) for k, v in kw.items()}
+    old_logp, advantages = cast_floating(old_logp, upcast), cast_floating(advantages, upcast)
+    out = fn(x, targets, old_logp, advantages, mask, config=config, **fields, **extra)
     out.loss.backward()
     return out, x.grad
 
@@ -87,7 +75,7 @@ def reference_fn(*args, **kw):
 def assert_matches_fp64(inputs, config, rtol=1e-5):
     ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, config)
     ref, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         a, b = getattr(ours, name), getattr(ref, name)
         assert a.dtype == torch.float32 and a.shape == ()
         torch.testing.assert_close(a.double(), b.detach(), rtol=rtol, atol=1e-6, msg=name)
@@ -182,7 +170,7 @@ def test_ignore_index_tokens_are_left_out(triton_device):
     inputs = (logits, targets, old_logp, adv, mask, kw)
     ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, CalibRLConfig(), ignore_index=5)
     ref, grad64 = run_loss(reference_fn, *inputs, CalibRLConfig(), upcast=torch.float64, ignore_index=5)
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         torch.testing.assert_close(getattr(ours, name).double(), getattr(ref, name).detach(), rtol=1e-5, atol=1e-6)
     assert torch.all(grad[targets == 5] == 0)
     assert_close_rel(grad, grad64, 1e-5, "dlogits")
@@ -198,7 +186,7 @@ def test_bf16_error_no_worse_than_twice_the_reference(V, config, triton_device):
     ref, grad_ref = run_loss(reference_fn, *inputs, config)
     truth, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
     assert grad.dtype == torch.bfloat16
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         assert_no_worse_than_reference(
             getattr(ours, name), getattr(ref, name), getattr(truth, name).detach(), name=name
         )
@@ -228,7 +216,7 @@ def test_scores_and_group_ids_resolved_on_the_triton_path(triton_device):
             )
             o.loss.backward()
             out.append((o, x.grad))
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         torch.testing.assert_close(getattr(out[0][0], name), getattr(out[1][0], name), rtol=1e-5, atol=1e-6)
     assert_close_rel(out[0][1], out[1][1], 1e-5, "dlogits")
 
@@ -246,8 +234,8 @@ def test_metrics_are_detached_and_loss_differentiable(triton_device):
     logits, targets, old_logp, adv, mask, kw = make_inputs(3, 2, 10, triton_device)
     out = ck.fused_calibrl_loss(logits.requires_grad_(True), targets, old_logp, adv, mask, **kw)
     assert out.loss.requires_grad
-    assert all(not getattr(out, name).requires_grad for name in FIELDS[1:])
-    assert set(out.metrics()) == set(FIELDS)
+    assert all(not getattr(out, name).requires_grad for name in LOSS_FIELDS[1:])
+    assert set(out.metrics()) == set(LOSS_FIELDS)
 
 
 def test_float64_logits_use_the_reference(triton_device):
@@ -288,7 +276,7 @@ def test_nan_and_inf_logits_make_the_loss_nan_like_reference(bad, config, triton
     inputs = (logits, targets, old_logp, adv, mask, kw)
     ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, config)
     ref, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         a, b = getattr(ours, name), getattr(ref, name)
         assert bool(torch.isnan(a)) == bool(torch.isnan(b)), name
         if not torch.isnan(b):
@@ -311,7 +299,7 @@ def test_nan_logits_of_a_masked_token_are_never_read(triton_device):
     config = CalibRLConfig(entropy_coef=0.01)
     ours, grad = run_loss(ck.fused_calibrl_loss, *inputs, config)
     ref, grad64 = run_loss(reference_fn, *inputs, config, upcast=torch.float64)
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         torch.testing.assert_close(
             getattr(ours, name).double(), getattr(ref, name).detach(), rtol=1e-5, atol=1e-6, msg=name
         )
@@ -391,7 +379,7 @@ def test_tables_are_those_of_every_backend(config, triton_device):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-7)
     summed = loss_output(out[:, ROW_FIELDS.index("pg") :].sum(0), config)
     op = ck.fused_calibrl_loss(logits, targets, old_logp, adv, mask, **kw, config=config)
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         assert torch.equal(getattr(op, name), getattr(summed, name)), name
 
 
@@ -432,7 +420,7 @@ def test_inplace_backward_gives_the_same_gradient_and_overwrites_logits(dtype, t
     base = logits.detach().clone().requires_grad_(True)
     produced = base * 1.0
     out = ck.fused_calibrl_loss(produced, targets, old_logp, adv, mask, **kw, config=config, inplace_backward=True)
-    for name in FIELDS:
+    for name in LOSS_FIELDS:
         assert torch.equal(getattr(out, name), getattr(expected_out, name)), name
     (out.loss * 2.0).backward()  # an incoming gradient != 1 is applied on the device
     assert torch.equal(base.grad, expected_grad * 2.0)  # scaling by 2 is exact, so the results are identical

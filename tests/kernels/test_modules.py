@@ -15,30 +15,8 @@ def test_linear_module_equals_functional(name):
     b = case.batch
     module = ck.LinearCalibRLLoss(config, ignore_index=-1)
     assert isinstance(module, torch.nn.Module) and list(module.parameters()) == []
-    out = module(
-        case.hidden,
-        case.weight,
-        case.targets,
-        b.old_logp,
-        b.advantages,
-        b.mask,
-        bias=case.bias,
-        expert_logp=b.expert_logp,
-        passed=b.passed,
-        is_expert=b.is_expert,
-        expert_mask=b.expert_mask,
-    )
-    ref = reference.fused_linear_calibrl_loss(
-        case.hidden,
-        case.weight,
-        case.targets,
-        b.old_logp,
-        b.advantages,
-        b.mask,
-        bias=case.bias,
-        ignore_index=-1,
-        **b.kwargs(config),
-    )
+    out = module(*case.loss_args(), bias=case.bias, **b.fields())
+    ref = reference.fused_linear_calibrl_loss(*case.loss_args(), bias=case.bias, ignore_index=-1, **b.kwargs(config))
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
     for got, want in zip(torch.autograd.grad(out.loss, case.leaves()), torch.autograd.grad(ref.loss, case.leaves())):
         assert max_rel_error(got, want) < 1e-10
@@ -137,10 +115,8 @@ def test_linear_module_chunk_bytes_option(monkeypatch):
     case = make_linear_case(config, seed=23)
     b = case.batch
     V = case.weight.shape[0]
-    args = (case.hidden, case.weight, case.targets, b.old_logp, b.advantages, b.mask)
-    fields = dict(
-        bias=case.bias, expert_logp=b.expert_logp, passed=b.passed, is_expert=b.is_expert, expert_mask=b.expert_mask
-    )
+    args = case.loss_args()
+    fields = dict(b.fields(), bias=case.bias)
     budget = 3 * V * 8 * 4  # a few fp64 rows per chunk (3 with the torch row math's 4 buffers, 12 with C++)
     module = ck.LinearCalibRLLoss(config, chunk_bytes=budget)
     assert f"chunk_bytes={budget}" in repr(module)

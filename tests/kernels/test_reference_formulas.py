@@ -185,18 +185,10 @@ def test_gradcheck_calibrl_loss(overrides):
     logp = batch["logp"].clone().requires_grad_(True)
     entropy = batch["entropy"].clone().requires_grad_(True)
 
+    fields = dict(expert_logp=b, passed=stats.passed, is_expert=batch["is_expert"], config=cfg)
+
     def loss(lp, ent):
-        return ck.calibrl_loss(
-            lp,
-            batch["old"],
-            stats.advantages,
-            batch["mask"],
-            expert_logp=b,
-            passed=stats.passed,
-            is_expert=batch["is_expert"],
-            entropy=ent,
-            config=cfg,
-        ).loss
+        return ck.calibrl_loss(lp, batch["old"], stats.advantages, batch["mask"], entropy=ent, **fields).loss
 
     assert torch.autograd.gradcheck(loss, (logp, entropy))
 

@@ -196,17 +196,9 @@ def test_guide_gradient_full_strength_for_failed_row_above_baseline():
 
 def test_weight_by_advantage_off_uses_unit_weight():
     logp, old, adv, mask, is_expert, passed, baseline = _calibrl_batch()
-    on = ck.calibrl_loss(logp, old, adv, mask, expert_logp=baseline, passed=passed, is_expert=is_expert)
-    off = ck.calibrl_loss(
-        logp,
-        old,
-        adv,
-        mask,
-        expert_logp=baseline,
-        passed=passed,
-        is_expert=is_expert,
-        config=CalibRLConfig(weight_by_advantage=False),
-    )
+    fields = dict(expert_logp=baseline, passed=passed, is_expert=is_expert)
+    on = ck.calibrl_loss(logp, old, adv, mask, **fields)
+    off = ck.calibrl_loss(logp, old, adv, mask, config=CalibRLConfig(weight_by_advantage=False), **fields)
     z = [[0.1, 2.7], [-0.4, -3.7]]
     act = [[v if v > 0 else 0.5 * v for v in row] for row in z]
     close(on.guide_loss, (0.6 * (act[0][0] + act[0][1]) + 0.4 * (act[1][0] + act[1][1])) / (4 + 1e-8))
@@ -232,18 +224,10 @@ def test_mask_beyond_expert_drops_guide_terms_past_the_expert():
     gids, is_expert = torch.tensor([4, 4]), torch.tensor([True, False])
     b, expert_tokens = ck.expert_baseline(old, mask, gids, is_expert, return_mask=True)
     adv, passed = t64([0.0, 1.0]), torch.tensor([True, True])
-    keep = ck.calibrl_loss(old, old, adv, mask, expert_logp=b, passed=passed, is_expert=is_expert)
-    drop = ck.calibrl_loss(
-        old,
-        old,
-        adv,
-        mask,
-        expert_logp=b,
-        passed=passed,
-        is_expert=is_expert,
-        expert_mask=expert_tokens,
-        config=CalibRLConfig(mask_beyond_expert=True),
-    )
+    fields = dict(expert_logp=b, passed=passed, is_expert=is_expert)
+    keep = ck.calibrl_loss(old, old, adv, mask, **fields)
+    config = CalibRLConfig(mask_beyond_expert=True)
+    drop = ck.calibrl_loss(old, old, adv, mask, expert_mask=expert_tokens, config=config, **fields)
     # row 1 (passed, A = 1): z = -(lp - b) = [0.5, 1.3, 3.0 (b = 0 past the expert)]
     close(keep.guide_loss, (0.5 + 1.3 + 3.0) / (3 + 1e-8))
     close(drop.guide_loss, (0.5 + 1.3) / (2 + 1e-8))
