@@ -50,14 +50,14 @@ _warned = False  # the fallback warning was given in this process
 
 
 def extension_name() -> str:
-    """A module name per torch build and per content of the sources and flags.
+    """A module name per torch build, per content of the sources and flags, and per source folder.
 
-    So a library built for another torch is never loaded, and two checkouts / installed versions with
-    different sources that share the torch extensions cache get one build folder each instead of
-    rebuilding over each other's library.
+    So a library built for another torch is never loaded, and two checkouts / installed copies that share
+    the torch extensions cache get one build folder each instead of rebuilding over each other's library
+    (torch's ninja file names the source paths, so even identical sources in two folders would rebuild).
     """
-    digest = hashlib.sha256(repr((CFLAGS, LDFLAGS)).encode())
     src = source_dir()
+    digest = hashlib.sha256(repr((CFLAGS, LDFLAGS, str(src))).encode())
     for name in SOURCES + HEADERS:
         digest.update((src / name).read_bytes())
     torch_version = re.sub(r"\W", "_", torch.__version__)
@@ -96,15 +96,22 @@ def _build_lock(folder: str):
     released by the kernel when its holder dies, so under it a leftover ``lock`` file can only be stale and
     is removed before torch looks at it.
     """
+    with _folder_flock(folder):
+        stale = os.path.join(folder, "lock")
+        if os.path.exists(stale):
+            os.remove(stale)
+        yield
+
+
+@contextlib.contextmanager
+def _folder_flock(folder: str):
+    """Hold the build folder's flock (none on systems without fcntl)."""
     if fcntl is None:
         yield
         return
     with open(os.path.join(folder, "calibrl.flock"), "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            stale = os.path.join(folder, "lock")
-            if os.path.exists(stale):
-                os.remove(stale)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
