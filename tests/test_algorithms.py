@@ -6,6 +6,7 @@ import torch
 import calibrl_kernels as ck
 from calibrl import algorithms
 from calibrl.config import ALGOS
+from calibrl_kernels.config import LossInputs
 
 
 def test_registry_covers_every_algo():
@@ -55,13 +56,7 @@ def test_policy_loss_equals_the_reference_on_explicit_logits(algo):
         b["weight"],
         None,
         b["targets"],
-        old,
-        stats.advantages,
-        b["mask"],
-        stats.passed,
-        b["is_expert"],
-        baseline,
-        baseline_mask,
+        LossInputs(old, stats.advantages, b["mask"], baseline, stats.passed, b["is_expert"], baseline_mask),
         loss_cfg,
     )
     logp, entropy = ck.token_logprobs(b["hidden"] @ b["weight"].T, b["targets"], ignore_index=-100, return_entropy=True)

@@ -304,24 +304,8 @@ class CalibRLGRPOConfig(GRPOConfig):
 
 
 def expert_text(value: Any, column: str, row: int) -> str:
-    """The text of one expert completion: a string, an assistant message, or a list of messages."""
-    if isinstance(value, dict):
-        value = [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
-        assistant = [m for m in value if m.get("role", "assistant") == "assistant"]
-        if not assistant:
-            raise ValueError(f"{column}: row {row} has messages but no assistant message: {value!r}")
-        content = assistant[-1].get("content")
-        if isinstance(content, list):  # content blocks: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        value = content
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{column}: row {row} expected a string or an assistant message, got {type(value).__name__}: {value!r}"
-        )
-    if not value.strip():
-        raise ValueError(f"{column}: row {row} holds an empty expert completion")
-    return value
+    """The text of one expert completion (``calibrl.integrations._core.expert_text``), errors naming column and row."""
+    return _core.expert_text(value, f"{column} (row {row})")
 
 
 def _pad_width(t: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -597,19 +581,19 @@ class CalibRLTrainer(GRPOTrainer):
         return torch.nan_to_num(advantages, nan=0.0).float()
 
     def _expert_completion_ids(self, inputs, num_groups: int, n: int) -> List[List[int]]:
-        ids_list, limit = [], self.max_completion_length
-        for g in range(num_groups):
-            text = expert_text(inputs[g * n][self._expert_column], self._expert_column, g * n)
-            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-            if self.args.expert_append_eos and (not ids or ids[-1] not in self.eos_token_ids):
-                ids = ids + [self.eos_token_ids[0]]
-            if limit is not None and len(ids) > limit:
-                raise ValueError(
-                    f"{self._expert_column}: the expert completion of row {g * n} has {len(ids)} tokens, more than "
-                    f"max_completion_length={limit}; shorten it or raise max_completion_length"
-                )
-            ids_list.append(ids)
-        return ids_list
+        column = self._expert_column
+        eos_ids = self.eos_token_ids if self.args.expert_append_eos else []
+        return [
+            _core.expert_token_ids(
+                expert_text(inputs[g * n][column], column, g * n),
+                lambda text: self._tokenizer(text, add_special_tokens=False)["input_ids"],
+                eos_ids,
+                self.max_completion_length,
+                f"{column} (row {g * n})",
+                "max_completion_length",
+            )
+            for g in range(num_groups)
+        ]
 
     def _append_expert_rows(self, batch, inputs, reward_prompts, scores, group_ids, n, num_groups, mode):
         device = scores.device
