@@ -17,7 +17,7 @@ import torch
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, GroupStats, LossOutput
-from calibrl_kernels.config import LossInputs
+from calibrl_kernels.config import ALGORITHM_PRESETS, LossInputs
 
 IGNORE_INDEX = -100  # target value of padding positions (no log-prob, no loss)
 
@@ -30,14 +30,11 @@ class Algorithm:
     summary: str  # one line for logs and --help
 
 
+# Algorithms whose supervised stage is longer (warm start + extra_sft_steps) before RL.
+LONG_SFT_ALGOS = ("sft+grpo",)
+# --algo name -> (long supervised stage, summary), from calibrl_kernels' one table of algorithms.
 REGISTRY: Dict[str, Tuple[bool, str]] = {
-    "calibrl": (False, "PPO dual-clip term + LeakyReLU calibration against the expert baseline, A = r - mean"),
-    "grpo": (False, "PPO term on on-policy rows, A = (r - mean) / std, seq-mean-token-mean"),
-    "dapo": (False, "PPO term on on-policy rows, A = (r - mean) / std, token-mean"),
-    "drgrpo": (False, "PPO term on on-policy rows, A = r - mean, seq-mean-token-sum-norm"),
-    "luffy": (False, "expert rows trained with LUFFY's shaped term -A p / (p + 0.1), PPO on the rest"),
-    "rlplus": (False, "expert rows trained with RL-PLUS's term, PPO on the rest"),
-    "sft+grpo": (True, "a longer supervised stage on expert responses, then grpo"),
+    name: (name in LONG_SFT_ALGOS, preset.summary) for name, preset in ALGORITHM_PRESETS.items()
 }
 
 

@@ -19,8 +19,9 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from calibrl_kernels import CalibRLConfig
+from calibrl_kernels.config import ALGORITHM_PRESETS
 
-ALGOS = ("calibrl", "grpo", "dapo", "drgrpo", "luffy", "rlplus", "sft+grpo")
+ALGOS = tuple(ALGORITHM_PRESETS)  # --algo choices
 LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(CalibRLConfig))
 
 

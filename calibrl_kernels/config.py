@@ -10,11 +10,50 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
-MODES = ("calibrl", "grpo", "dapo", "drgrpo", "luffy", "rlplus")
+
+class AlgorithmPreset(NamedTuple):
+    """A named algorithm of the comparison: its loss mode, advantage normalisation, aggregation and summary."""
+
+    mode: str
+    norm_by_std: bool  # A = (r - mean) / (std + eps) instead of r - mean
+    loss_agg_mode: str
+    summary: str  # one line for logs and --help
+
+
+# The one table of algorithm names: CalibRLConfig.for_algo, the trainer's --algo choices, and the names the
+# TRL and verl integrations accept are all derived from it. luffy / rlplus use A = r - mean: std-normalising
+# would divide an expert's reward by a zero std when every rollout of a group fails (group statistics
+# exclude the expert).
+ALGORITHM_PRESETS: Dict[str, AlgorithmPreset] = {
+    "calibrl": AlgorithmPreset(
+        "calibrl",
+        False,
+        "token-mean",
+        "PPO dual-clip term + LeakyReLU calibration against the expert baseline, A = r - mean",
+    ),
+    "grpo": AlgorithmPreset(
+        "grpo", True, "seq-mean-token-mean", "PPO term on on-policy rows, A = (r - mean) / std, seq-mean-token-mean"
+    ),
+    "dapo": AlgorithmPreset("dapo", True, "token-mean", "PPO term on on-policy rows, A = (r - mean) / std, token-mean"),
+    "drgrpo": AlgorithmPreset(
+        "drgrpo", False, "seq-mean-token-sum-norm", "PPO term on on-policy rows, A = r - mean, seq-mean-token-sum-norm"
+    ),
+    "luffy": AlgorithmPreset(
+        "luffy", False, "token-mean", "expert rows trained with LUFFY's shaped term -A p / (p + 0.1), PPO on the rest"
+    ),
+    "rlplus": AlgorithmPreset(
+        "rlplus", False, "token-mean", "expert rows trained with RL-PLUS's term, PPO on the rest"
+    ),
+    # The longer supervised warm start is the trainer's; the loss is grpo's.
+    "sft+grpo": AlgorithmPreset(
+        "grpo", True, "seq-mean-token-mean", "a longer supervised stage on expert responses, then grpo"
+    ),
+}
+MODES = tuple(dict.fromkeys(preset.mode for preset in ALGORITHM_PRESETS.values()))  # loss modes, in table order
 ACTIVATIONS = ("leaky_relu", "relu", "tanh", "sigmoid", "huber", "none")
 BASELINES = ("position", "sequence-mean")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -174,27 +213,13 @@ class CalibRLConfig:
 
     @classmethod
     def for_algo(cls, algo: str, **overrides) -> "CalibRLConfig":
-        """The configuration of a named algorithm, as compared in the paper, with overrides.
-
-        calibrl: A = r - mean (Dr.GRPO-style), token-mean, guide on.
-        grpo:    A = (r - mean) / std, seq-mean-token-mean.     sft+grpo: grpo (the warm start is the trainer's).
-        dapo:    A = (r - mean) / std, token-mean.
-        drgrpo:  A = r - mean, seq-mean-token-sum-norm.
-        luffy, rlplus: A = r - mean (std-normalising would divide an expert's reward by a zero std when
-                 every rollout of a group fails, since group statistics exclude the expert), token-mean.
-        """
-        presets = {
-            "calibrl": dict(mode="calibrl", norm_by_std=False, loss_agg_mode="token-mean"),
-            "grpo": dict(mode="grpo", norm_by_std=True, loss_agg_mode="seq-mean-token-mean"),
-            "sft+grpo": dict(mode="grpo", norm_by_std=True, loss_agg_mode="seq-mean-token-mean"),
-            "dapo": dict(mode="dapo", norm_by_std=True, loss_agg_mode="token-mean"),
-            "drgrpo": dict(mode="drgrpo", norm_by_std=False, loss_agg_mode="seq-mean-token-sum-norm"),
-            "luffy": dict(mode="luffy", norm_by_std=False, loss_agg_mode="token-mean"),
-            "rlplus": dict(mode="rlplus", norm_by_std=False, loss_agg_mode="token-mean"),
-        }
-        if algo not in presets:
-            raise ValueError(f"for_algo: algo expected one of {tuple(presets)}, got {algo!r}")
-        return cls(**{**presets[algo], **overrides})
+        """The configuration of a named algorithm of ``ALGORITHM_PRESETS`` (its mode, advantage
+        normalisation and aggregation), with overrides."""
+        if algo not in ALGORITHM_PRESETS:
+            raise ValueError(f"for_algo: algo expected one of {tuple(ALGORITHM_PRESETS)}, got {algo!r}")
+        preset = ALGORITHM_PRESETS[algo]
+        fields = dict(mode=preset.mode, norm_by_std=preset.norm_by_std, loss_agg_mode=preset.loss_agg_mode)
+        return cls(**{**fields, **overrides})
 
 
 DEFAULT_CONFIG = CalibRLConfig()  # the default of every op and module taking a config

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import calibrl_kernels as ck
+from calibrl_kernels.config import ALGORITHM_PRESETS
 
 from . import _core
 
@@ -62,7 +63,6 @@ __all__ = ["CalibRLGRPOConfig", "CalibRLTrainer", "calibrl_batch_loss", "hybrid_
 calibrl_batch_loss = _core.calibrl_batch_loss
 hybrid_batch_fields = _core.hybrid_batch_fields
 
-ALGOS = ("calibrl", "grpo", "luffy", "rlplus")
 # TRL loss types computed exactly as GRPOTrainer._compute_loss does (the others are refused).
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 # The kernels' per-micro-batch aggregation each loss type starts from (then rescaled to TRL's normaliser).
@@ -85,6 +85,8 @@ _FORMER_ALGOS = {
     "drgrpo": "calibrl_algo='grpo', loss_type='dr_grpo', scale_rewards='none'",
     "sft+grpo": "run trl.SFTTrainer on the expert column, then calibrl_algo='grpo'",
 }
+# calibrl_algo choices: the algorithms of the one table that are not TRL loss types here.
+ALGOS = tuple(name for name in ALGORITHM_PRESETS if name not in _FORMER_ALGOS)
 # Flat CLI fields of CalibRLGRPOConfig -> CalibRLConfig fields (None leaves CalibRLConfig's default).
 _FLAT_FIELDS = (
     "guide_coef",

@@ -34,20 +34,13 @@ import numpy as np
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels.config import AGG_EPS, LOG_RATIO_CLAMP, LOSS_AGG_MODES
+from calibrl_kernels.config import AGG_EPS, LOG_RATIO_CLAMP, LOSS_AGG_MODES, MODES
 
 from ... import algorithms
 from .. import _core
 
 # verl policy-loss name -> CalibRLConfig.mode
-POLICY_LOSSES = {
-    "calibrl": "calibrl",
-    "calibrl_grpo": "grpo",
-    "calibrl_dapo": "dapo",
-    "calibrl_drgrpo": "drgrpo",
-    "calibrl_luffy": "luffy",
-    "calibrl_rlplus": "rlplus",
-}
+POLICY_LOSSES = {(mode if mode == "calibrl" else f"calibrl_{mode}"): mode for mode in MODES}
 ADV_ESTIMATOR = "calibrl"
 # verl names of the trainer mode and agent loop in calibrl.integrations.verl.trainer (kept here so that the
 # start-up checks need no verl import).
