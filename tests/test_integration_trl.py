@@ -301,6 +301,24 @@ def test_every_calibrl_field_has_help_text():
         assert len(f.metadata.get("help", "")) > 30, f.name
 
 
+def test_flat_fields_are_generated_from_calibrl_config(tmp_path):
+    import dataclasses as dc
+
+    from calibrl.integrations import trl as ctrl
+
+    kernel = {f.name: f for f in dc.fields(ck.CalibRLConfig)}
+    flat = {f.name[len("calibrl_") :]: f for f in dc.fields(CalibRLGRPOConfig) if f.name.startswith("calibrl_")}
+    flat.pop("algo")
+    # Every CalibRLConfig field is either decided by TRL's own fields or a generated calibrl_<name> flag.
+    assert set(flat) == set(kernel) - set(ctrl._TRL_OWNED)
+    assert set(make_args(tmp_path)._trl_owned_fields()) | {"mode"} == set(ctrl._TRL_OWNED)
+    for name, f in flat.items():
+        assert f.default is None and f.type == f"Optional[{kernel[name].type}]", name
+        assert f.metadata["help"].startswith(kernel[name].metadata["help"]), name
+    args = make_args(tmp_path, calibrl_huber_delta=2.0, calibrl_activation="huber")
+    assert (args.calibrl_config.huber_delta, args.calibrl_config.activation) == (2.0, "huber")
+
+
 def test_expert_text_forms():
     assert expert_text("a", "expert", 0) == "a"
     assert expert_text({"role": "assistant", "content": "b"}, "expert", 0) == "b"
