@@ -1,4 +1,5 @@
-"""The expert-completion parser shared by the TRL and verl integrations (no TRL or verl needed)."""
+"""What the TRL and verl integrations share, checked without TRL or verl: the expert-completion parser and
+the CalibRLConfig field map."""
 
 import pytest
 
@@ -45,3 +46,23 @@ def test_expert_token_ids_appends_eos_once_and_checks_the_limit():
     assert expert_token_ids("abc", encode, [9, 3], 3, "expert", "limit") == [1, 2, 3]
     with pytest.raises(ValueError, match=r"expert: the expert completion has 5 tokens, more than limit=4; shorten"):
         expert_token_ids("abcd", encode, [9], 4, "expert", "limit")
+
+
+def test_verl_field_map_covers_every_calibrl_config_field():
+    import dataclasses
+
+    import calibrl_kernels as ck
+    from calibrl.integrations import verl as cverl  # imports without verl
+
+    defaults = ck.CalibRLConfig()
+    kernel = {f.name for f in dataclasses.fields(ck.CalibRLConfig)}
+    assert set(cverl.VERL_OWNED_FIELDS) <= kernel
+    for name in sorted(kernel - set(cverl.VERL_OWNED_FIELDS)):  # the `calibrl:` section takes every other field
+        assert cverl.calibrl_overrides({name: getattr(defaults, name)}) == {name: getattr(defaults, name)}
+    for name, key in cverl.VERL_OWNED_FIELDS.items():
+        with pytest.raises(ValueError, match=f"calibrl.{name}: set it through verl's {key} instead"):
+            cverl.calibrl_overrides({name: getattr(defaults, name)})
+    with pytest.raises(ValueError, match="calibrl.no_such_field: not a CalibRLConfig field"):
+        cverl.calibrl_overrides({"no_such_field": 1})
+    # verl's policy-loss names come from the loss modes of the one algorithm table.
+    assert sorted(cverl.POLICY_LOSSES.values()) == sorted(ck.config.MODES)
