@@ -24,6 +24,7 @@ import torch
 
 import calibrl_kernels as ck
 from calibrl import algorithms
+from calibrl_kernels.config import LossInputs
 
 from .harness import Timing, Writer, device_name, measure, release, resolve_device, x_name
 from .runner import DTYPES, LOSS_CONFIG, eager_calibrl_loss
@@ -131,13 +132,15 @@ def make_step(provider: str, model, optimizer, batch: Dict[str, torch.Tensor], p
                 model.lm_head.weight,
                 None,
                 batch["targets"],
-                batch["old_logp"],
-                stats.advantages,
-                batch["mask"],
-                stats.passed,
-                batch["is_expert"],
-                expert_logp,
-                expert_mask,
+                LossInputs(
+                    batch["old_logp"],
+                    stats.advantages,
+                    batch["mask"],
+                    expert_logp,
+                    stats.passed,
+                    batch["is_expert"],
+                    expert_mask,
+                ),
                 LOSS_CONFIG,
             ).loss
         loss.backward()

@@ -17,6 +17,7 @@ import torch
 
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, GroupStats, LossOutput
+from calibrl_kernels.config import ALGORITHM_PRESETS, LossInputs
 
 IGNORE_INDEX = -100  # target value of padding positions (no log-prob, no loss)
 
@@ -29,14 +30,11 @@ class Algorithm:
     summary: str  # one line for logs and --help
 
 
+# Algorithms whose supervised stage is longer (warm start + extra_sft_steps) before RL.
+LONG_SFT_ALGOS = ("sft+grpo",)
+# --algo name -> (long supervised stage, summary), from calibrl_kernels' one table of algorithms.
 REGISTRY: Dict[str, Tuple[bool, str]] = {
-    "calibrl": (False, "PPO dual-clip term + LeakyReLU calibration against the expert baseline, A = r - mean"),
-    "grpo": (False, "PPO term on on-policy rows, A = (r - mean) / std, seq-mean-token-mean"),
-    "dapo": (False, "PPO term on on-policy rows, A = (r - mean) / std, token-mean"),
-    "drgrpo": (False, "PPO term on on-policy rows, A = r - mean, seq-mean-token-sum-norm"),
-    "luffy": (False, "expert rows trained with LUFFY's shaped term -A p / (p + 0.1), PPO on the rest"),
-    "rlplus": (False, "expert rows trained with RL-PLUS's term, PPO on the rest"),
-    "sft+grpo": (True, "a longer supervised stage on expert responses, then grpo"),
+    name: (name in LONG_SFT_ALGOS, preset.summary) for name, preset in ALGORITHM_PRESETS.items()
 }
 
 
@@ -73,34 +71,29 @@ def policy_loss(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     targets: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    passed: torch.Tensor,
-    is_expert: torch.Tensor,
-    baseline: Optional[torch.Tensor],
-    baseline_mask: Optional[torch.Tensor],
+    inputs: LossInputs,
     loss: CalibRLConfig,
 ) -> LossOutput:
-    """The algorithm's loss of R rows from hidden (R, T, D) and the lm_head weight (V, D).
+    """The algorithm's loss of R rows from hidden (R, T, D) and the lm_head weight (V, D) [+ bias (V,)].
 
-    targets (R, T) with IGNORE_INDEX on padding; old_logp, mask (R, T); advantages, passed, is_expert (R,);
-    baseline, baseline_mask (R, T) (used when the loss has a guide term). The trainer integrations of
+    targets (R, T) with ``inputs.ignore_index`` (IGNORE_INDEX) on padding; ``inputs``: old_logp, mask (R, T);
+    advantages, passed, is_expert (R,); expert_logp (the baseline b) and expert_mask (R, T), each handed on
+    only when the loss uses it (guide term, mask_beyond_expert). The trainer integrations of
     ``calibrl.integrations`` call this same function, so every path computes one loss.
     """
     return ck.fused_linear_calibrl_loss(
         hidden,
         weight.to(hidden.dtype),
         targets,
-        old_logp,
-        advantages,
-        mask,
+        inputs.old_logp,
+        inputs.advantages,
+        inputs.mask,
         bias=None if bias is None else bias.to(hidden.dtype),
-        expert_logp=baseline if loss.uses_guide else None,
-        passed=passed,
-        is_expert=is_expert,
-        expert_mask=baseline_mask if loss.mask_beyond_expert else None,
-        ignore_index=IGNORE_INDEX,
+        expert_logp=inputs.expert_logp if loss.uses_guide else None,
+        passed=inputs.passed,
+        is_expert=inputs.is_expert,
+        expert_mask=inputs.expert_mask if loss.mask_beyond_expert else None,
+        ignore_index=inputs.ignore_index,
         config=loss,
     )
 

@@ -19,8 +19,9 @@ import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from calibrl_kernels import CalibRLConfig
+from calibrl_kernels.config import ALGORITHM_PRESETS
 
-ALGOS = ("calibrl", "grpo", "dapo", "drgrpo", "luffy", "rlplus", "sft+grpo")
+ALGOS = tuple(ALGORITHM_PRESETS)  # --algo choices
 LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(CalibRLConfig))
 
 
@@ -441,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_flag(parser, f.name, _base_type(train_hints[f.name]), f.metadata["help"])
     group = parser.add_argument_group("loss (CalibRLConfig; default: the --algo preset)")
     hints = typing.get_type_hints(CalibRLConfig)
-    for name in LOSS_FIELDS:
-        _add_flag(group, name, _base_type(hints[name]), f"CalibRLConfig.{name}")
+    for f in dataclasses.fields(CalibRLConfig):
+        _add_flag(group, f.name, _base_type(hints[f.name]), f"CalibRLConfig.{f.name}: {f.metadata['help']}")
     return parser
 
 

@@ -116,19 +116,7 @@ def guide_gradients(
         weight = micro_rows / max(total_rows, 1.0)
         device = dist.device
         hidden, head, bias = forward(**micro.forward_inputs(device))  # (R, T, D), (V, D), (V,) or None
-        args = (
-            hidden,
-            head,
-            bias,
-            micro.targets().to(device),
-            micro.old_logp.to(device),
-            micro.advantages.to(device),
-            micro.response_mask.to(device),
-            micro.passed.to(device),
-            micro.is_expert.to(device),
-            micro.baseline.to(device),
-            micro.baseline_mask.to(device),
-        )
+        args = (hidden, head, bias, micro.targets().to(device), micro.loss_inputs(device))
         full += _flat_gradient(algorithms.policy_loss(*args, loss).loss * weight, params, retain=True).cpu()
         pg += _flat_gradient(algorithms.policy_loss(*args, pg_only).loss * weight, params, retain=False).cpu()
     full = distributed.all_reduce_sum(full.to(dist.device), dist).cpu()

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .logging import read_metrics
+from .run_log import read_metrics
 
 DEFAULT_METRICS = (
     "reward",

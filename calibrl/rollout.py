@@ -11,6 +11,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from calibrl_kernels.config import LossInputs
+
 from .algorithms import IGNORE_INDEX, response_logprobs
 from .model import Policy, PolicyForward, PromptBatch
 from .rewards import Score, score_all, score_response
@@ -55,6 +57,19 @@ class RolloutBatch:
     def targets(self) -> torch.Tensor:
         """(B, T) int64 response tokens with IGNORE_INDEX on padding."""
         return response_targets(self.response_ids, self.response_mask)
+
+    def loss_inputs(self, device: torch.device) -> LossInputs:
+        """The per-token loss inputs of every row on ``device`` (old_logp, advantages, passed, baseline set)."""
+        return LossInputs(
+            old_logp=self.old_logp.to(device),
+            advantages=self.advantages.to(device),
+            mask=self.response_mask.to(device),
+            expert_logp=self.baseline.to(device),
+            passed=self.passed.to(device),
+            is_expert=self.is_expert.to(device),
+            expert_mask=self.baseline_mask.to(device),
+            ignore_index=IGNORE_INDEX,
+        )
 
     def forward_inputs(self, device: torch.device) -> dict:
         """Arguments of PolicyForward for every row of the batch."""

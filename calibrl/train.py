@@ -25,11 +25,11 @@ from .data import DataRows, PromptSampler, RowError, changed_rows, load_eval_row
 from .diagnostics import guide_regime
 from .evaluate import evaluate
 from .exploration import rollout_exploration
-from .logging import RunLogger, peak_memory_mb, reset_peak_memory, rollout_metrics, start_run_dir, truncate_run
 from .model import Policy, PolicyForward, build_tiny_policy, load_policy
 from .rewards import GuardedScorer, load_function, load_reward_fn
 from .rollout import RolloutBatch, collate_responses, collect_rollouts, old_logprobs, response_targets, sequence_inputs
 from .run_lock import RunLock
+from .run_log import RunLogger, peak_memory_mb, reset_peak_memory, rollout_metrics, start_run_dir, truncate_run
 from .step_guard import NonFiniteGuard, TooManyBadSteps, nonfinite_tensors
 from .update import PPOUpdate
 

@@ -131,16 +131,5 @@ class PPOUpdate:
         device = self.dist.device
         hidden, weight, bias = self.module(**micro.forward_inputs(device))  # (R, T, D), (V, D), (V,) or None
         return algorithms.policy_loss(
-            hidden,
-            weight,
-            bias,
-            micro.targets().to(device),
-            micro.old_logp.to(device),
-            micro.advantages.to(device),
-            micro.response_mask.to(device),
-            micro.passed.to(device),
-            micro.is_expert.to(device),
-            micro.baseline.to(device),
-            micro.baseline_mask.to(device),
-            self.loss,
+            hidden, weight, bias, micro.targets().to(device), micro.loss_inputs(device), self.loss
         )

@@ -10,11 +10,50 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
-MODES = ("calibrl", "grpo", "dapo", "drgrpo", "luffy", "rlplus")
+
+class AlgorithmPreset(NamedTuple):
+    """A named algorithm of the comparison: its loss mode, advantage normalisation, aggregation and summary."""
+
+    mode: str
+    norm_by_std: bool  # A = (r - mean) / (std + eps) instead of r - mean
+    loss_agg_mode: str
+    summary: str  # one line for logs and --help
+
+
+# The one table of algorithm names: CalibRLConfig.for_algo, the trainer's --algo choices, and the names the
+# TRL and verl integrations accept are all derived from it. luffy / rlplus use A = r - mean: std-normalising
+# would divide an expert's reward by a zero std when every rollout of a group fails (group statistics
+# exclude the expert).
+ALGORITHM_PRESETS: Dict[str, AlgorithmPreset] = {
+    "calibrl": AlgorithmPreset(
+        "calibrl",
+        False,
+        "token-mean",
+        "PPO dual-clip term + LeakyReLU calibration against the expert baseline, A = r - mean",
+    ),
+    "grpo": AlgorithmPreset(
+        "grpo", True, "seq-mean-token-mean", "PPO term on on-policy rows, A = (r - mean) / std, seq-mean-token-mean"
+    ),
+    "dapo": AlgorithmPreset("dapo", True, "token-mean", "PPO term on on-policy rows, A = (r - mean) / std, token-mean"),
+    "drgrpo": AlgorithmPreset(
+        "drgrpo", False, "seq-mean-token-sum-norm", "PPO term on on-policy rows, A = r - mean, seq-mean-token-sum-norm"
+    ),
+    "luffy": AlgorithmPreset(
+        "luffy", False, "token-mean", "expert rows trained with LUFFY's shaped term -A p / (p + 0.1), PPO on the rest"
+    ),
+    "rlplus": AlgorithmPreset(
+        "rlplus", False, "token-mean", "expert rows trained with RL-PLUS's term, PPO on the rest"
+    ),
+    # The longer supervised warm start is the trainer's; the loss is grpo's.
+    "sft+grpo": AlgorithmPreset(
+        "grpo", True, "seq-mean-token-mean", "a longer supervised stage on expert responses, then grpo"
+    ),
+}
+MODES = tuple(dict.fromkeys(preset.mode for preset in ALGORITHM_PRESETS.values()))  # loss modes, in table order
 ACTIVATIONS = ("leaky_relu", "relu", "tanh", "sigmoid", "huber", "none")
 BASELINES = ("position", "sequence-mean")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -49,6 +88,11 @@ def _fits_float(value) -> bool:
         return False
 
 
+def _knob(default, help_text: str):
+    """A CalibRLConfig field with its help text (the trainer integrations generate their flags from it)."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 def _fail(field: str, expected: str, actual) -> None:
     raise ValueError(f"CalibRLConfig.{field}: expected {expected}, got {actual!r}")
 
@@ -57,44 +101,55 @@ def _fail(field: str, expected: str, actual) -> None:
 class CalibRLConfig:
     """Every knob of the CalibRL loss (and of the baselines the same function offers)."""
 
-    # Which loss: calibrl (PPO + calibrated guide), grpo/dapo/drgrpo (PPO term only, on-policy rows),
-    # luffy / rlplus (expert rows kept, with their expert-token terms).
-    mode: str = "calibrl"
-    # PPO ratio clip: rho is clamped to [1 - clip_low, 1 + clip_high].
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    # Dual clip for negative advantages: the PPO term is capped at -dual_clip_c * A (must be > 1);
-    # None turns it off (plain PPO clipping; TRL's default, delta=None).
-    dual_clip_c: Optional[float] = 3.0
-    # beta: weight of the guide (calibration) term in the total loss.
-    guide_coef: float = 0.1
-    # Activation applied to z = -s * (lp - b); leaky_relu is CalibRL, the others are the paper's ablation.
-    activation: str = "leaky_relu"
-    # alpha: slope of leaky_relu on the z < 0 side (must lie in [0, 1]).
-    negative_slope: float = 0.5
-    # Weight the guide term by w = |A| (group rareness); False uses w = 1.
-    weight_by_advantage: bool = True
-    # Expert baseline b: "position" (authors' code: expert old log-prob at the same index) or
-    # "sequence-mean" (the expert's mean token log-prob, one scalar per group).
-    baseline: str = "position"
-    # Drop guide terms at positions past the expert's length instead of comparing against b = 0.
-    mask_beyond_expert: bool = False
-    # Entropy bonus: loss -= entropy_coef * agg(H).
-    entropy_coef: float = 0.0
-    # How token terms become a scalar: token-mean, seq-mean-token-mean, seq-mean-token-sum,
-    # seq-mean-token-sum-norm (the last divides by loss_scale_factor, default the padded length T).
-    loss_agg_mode: str = "token-mean"
-    # Constant divisor of seq-mean-token-sum-norm (Dr.GRPO); None uses the mask's T.
-    loss_scale_factor: Optional[float] = None
-    # Sampling temperature: fused ops divide logits by it before the softmax.
-    temperature: float = 1.0
-    # Group statistics used when the fused ops are given scores + group ids instead of advantages:
-    # A = r - mean (False) or (r - mean) / (std + adv_eps) (True); a row passes when r > pass_threshold.
-    norm_by_std: bool = False
-    adv_eps: float = 1e-6
-    pass_threshold: float = 0.1
-    # Transition point of the "huber" ablation activation.
-    huber_delta: float = 1.0
+    mode: str = _knob(
+        "calibrl",
+        "Which loss: calibrl (PPO + calibrated guide), grpo / dapo / drgrpo (PPO term only, on-policy rows), "
+        "luffy / rlplus (expert rows kept, with their expert-token terms).",
+    )
+    clip_low: float = _knob(0.2, "PPO ratio clip: rho is clamped to [1 - clip_low, 1 + clip_high].")
+    clip_high: float = _knob(0.2, "PPO ratio clip: rho is clamped to [1 - clip_low, 1 + clip_high].")
+    dual_clip_c: Optional[float] = _knob(
+        3.0,
+        "Dual clip for negative advantages: the PPO term is capped at -dual_clip_c * A (must be > 1); None "
+        "turns it off (plain PPO clipping).",
+    )
+    guide_coef: float = _knob(0.1, "beta, weight of the guide (calibration) term in the total loss.")
+    activation: str = _knob(
+        "leaky_relu",
+        "Guide activation of z = -s * (lp - b): leaky_relu (CalibRL), relu, tanh, sigmoid, huber (the paper's "
+        "ablation), or none (no guide).",
+    )
+    negative_slope: float = _knob(
+        0.5, "alpha, slope of the guide's LeakyReLU on the z < 0 side, where a row already agrees with its expert."
+    )
+    weight_by_advantage: bool = _knob(True, "Weight each row's guide term by w = |A| (group rareness) or by 1.")
+    baseline: str = _knob(
+        "position",
+        "Expert baseline b: position (the expert's old log-prob at the same token index) or sequence-mean "
+        "(its mean token log-prob, one scalar per group).",
+    )
+    mask_beyond_expert: bool = _knob(
+        False, "Drop guide terms at positions past the expert's length (else they compare with b = 0)."
+    )
+    entropy_coef: float = _knob(0.0, "Entropy bonus: loss -= entropy_coef * agg(H), aggregated like the loss.")
+    loss_agg_mode: str = _knob(
+        "token-mean",
+        "How token terms become a scalar: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+        "seq-mean-token-sum-norm (the last divides by loss_scale_factor, default the padded length T).",
+    )
+    loss_scale_factor: Optional[float] = _knob(
+        None, "Constant divisor of seq-mean-token-sum-norm (Dr.GRPO); None uses the mask's T."
+    )
+    temperature: float = _knob(1.0, "Sampling temperature: the fused ops divide logits by it before the softmax.")
+    # Group statistics used when the fused ops are given scores + group ids instead of advantages.
+    norm_by_std: bool = _knob(False, "Advantages A = r - mean (False) or (r - mean) / (std + adv_eps) (True).")
+    adv_eps: float = _knob(1e-6, "eps of the std normalisation of advantages.")
+    pass_threshold: float = _knob(
+        0.1,
+        "A row passes when its reward r > pass_threshold; passing rows are pulled toward the expert baseline, "
+        "failing rows pushed away from it.",
+    )
+    huber_delta: float = _knob(1.0, "Transition point of the huber ablation activation.")
 
     def __post_init__(self) -> None:
         choices = {
@@ -174,27 +229,13 @@ class CalibRLConfig:
 
     @classmethod
     def for_algo(cls, algo: str, **overrides) -> "CalibRLConfig":
-        """The configuration of a named algorithm, as compared in the paper, with overrides.
-
-        calibrl: A = r - mean (Dr.GRPO-style), token-mean, guide on.
-        grpo:    A = (r - mean) / std, seq-mean-token-mean.     sft+grpo: grpo (the warm start is the trainer's).
-        dapo:    A = (r - mean) / std, token-mean.
-        drgrpo:  A = r - mean, seq-mean-token-sum-norm.
-        luffy, rlplus: A = r - mean (std-normalising would divide an expert's reward by a zero std when
-                 every rollout of a group fails, since group statistics exclude the expert), token-mean.
-        """
-        presets = {
-            "calibrl": dict(mode="calibrl", norm_by_std=False, loss_agg_mode="token-mean"),
-            "grpo": dict(mode="grpo", norm_by_std=True, loss_agg_mode="seq-mean-token-mean"),
-            "sft+grpo": dict(mode="grpo", norm_by_std=True, loss_agg_mode="seq-mean-token-mean"),
-            "dapo": dict(mode="dapo", norm_by_std=True, loss_agg_mode="token-mean"),
-            "drgrpo": dict(mode="drgrpo", norm_by_std=False, loss_agg_mode="seq-mean-token-sum-norm"),
-            "luffy": dict(mode="luffy", norm_by_std=False, loss_agg_mode="token-mean"),
-            "rlplus": dict(mode="rlplus", norm_by_std=False, loss_agg_mode="token-mean"),
-        }
-        if algo not in presets:
-            raise ValueError(f"for_algo: algo expected one of {tuple(presets)}, got {algo!r}")
-        return cls(**{**presets[algo], **overrides})
+        """The configuration of a named algorithm of ``ALGORITHM_PRESETS`` (its mode, advantage
+        normalisation and aggregation), with overrides."""
+        if algo not in ALGORITHM_PRESETS:
+            raise ValueError(f"for_algo: algo expected one of {tuple(ALGORITHM_PRESETS)}, got {algo!r}")
+        preset = ALGORITHM_PRESETS[algo]
+        fields = dict(mode=preset.mode, norm_by_std=preset.norm_by_std, loss_agg_mode=preset.loss_agg_mode)
+        return cls(**{**fields, **overrides})
 
 
 DEFAULT_CONFIG = CalibRLConfig()  # the default of every op and module taking a config

@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from calibrl.logging import read_metrics
 from calibrl.rewards import FORMAT_WEIGHT
+from calibrl.run_log import read_metrics
 from calibrl.train import Trainer, main
 
 TIMING_KEYS = {"step_time", "rollout_time", "tokens_per_s", "peak_memory_mb"}  # wall-clock dependent

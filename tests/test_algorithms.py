@@ -6,6 +6,7 @@ import torch
 import calibrl_kernels as ck
 from calibrl import algorithms
 from calibrl.config import ALGOS
+from calibrl_kernels.config import ALGORITHM_PRESETS, MODES, LossInputs
 
 
 def test_registry_covers_every_algo():
@@ -17,6 +18,18 @@ def test_registry_covers_every_algo():
     assert algorithms.make_algorithm("calibrl", {"guide_coef": 0.3}).loss.guide_coef == 0.3
     with pytest.raises(ValueError, match="algo"):
         algorithms.make_algorithm("ppo")
+
+
+def test_every_algorithm_table_derives_from_the_presets():
+    # The trainer's --algo choices and registry, the loss modes and the for_algo presets are one table.
+    assert ALGOS == tuple(ALGORITHM_PRESETS) == tuple(algorithms.REGISTRY)
+    assert MODES == ("calibrl", "grpo", "dapo", "drgrpo", "luffy", "rlplus")
+    for name, preset in ALGORITHM_PRESETS.items():
+        config = ck.CalibRLConfig.for_algo(name)
+        assert (config.mode, config.norm_by_std, config.loss_agg_mode) == preset[:3], name
+        assert algorithms.make_algorithm(name).summary == preset.summary
+    with pytest.raises(ValueError, match=r"for_algo: algo expected one of \('calibrl', .*'sft\+grpo'\)"):
+        ck.CalibRLConfig.for_algo("ppo")
 
 
 def _batch(seed=0, groups=3, n=3, T=5, D=8, V=11):
@@ -55,13 +68,7 @@ def test_policy_loss_equals_the_reference_on_explicit_logits(algo):
         b["weight"],
         None,
         b["targets"],
-        old,
-        stats.advantages,
-        b["mask"],
-        stats.passed,
-        b["is_expert"],
-        baseline,
-        baseline_mask,
+        LossInputs(old, stats.advantages, b["mask"], baseline, stats.passed, b["is_expert"], baseline_mask),
         loss_cfg,
     )
     logp, entropy = ck.token_logprobs(b["hidden"] @ b["weight"].T, b["targets"], ignore_index=-100, return_entropy=True)

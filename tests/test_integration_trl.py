@@ -26,6 +26,7 @@ import calibrl_kernels as ck  # noqa: E402
 from calibrl import algorithms  # noqa: E402
 from calibrl.integrations import _core  # noqa: E402
 from calibrl.integrations.trl import CalibRLGRPOConfig, CalibRLTrainer, expert_text  # noqa: E402
+from calibrl_kernels.config import LossInputs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _tiny_models import char_tokenizer, tiny_causal_lm, tiny_qwen2_vl  # noqa: E402
@@ -192,13 +193,7 @@ def test_loss_and_gradients_equal_the_slim_trainer_and_calibrl_kernels(tmp_path,
             model.lm_head.weight,
             None,
             batch["completion_ids"],
-            old,
-            stats.advantages,
-            mask,
-            stats.passed,
-            is_expert,
-            baseline,
-            baseline_mask,
+            LossInputs(old, stats.advantages, mask, baseline, stats.passed, is_expert, baseline_mask),
             config,
         ).loss
 
@@ -306,13 +301,31 @@ def test_every_calibrl_field_has_help_text():
         assert len(f.metadata.get("help", "")) > 30, f.name
 
 
+def test_flat_fields_are_generated_from_calibrl_config(tmp_path):
+    import dataclasses as dc
+
+    from calibrl.integrations import trl as ctrl
+
+    kernel = {f.name: f for f in dc.fields(ck.CalibRLConfig)}
+    flat = {f.name[len("calibrl_") :]: f for f in dc.fields(CalibRLGRPOConfig) if f.name.startswith("calibrl_")}
+    flat.pop("algo")
+    # Every CalibRLConfig field is either decided by TRL's own fields or a generated calibrl_<name> flag.
+    assert set(flat) == set(kernel) - set(ctrl._TRL_OWNED)
+    assert set(make_args(tmp_path)._trl_owned_fields()) | {"mode"} == set(ctrl._TRL_OWNED)
+    for name, f in flat.items():
+        assert f.default is None and f.type == f"Optional[{kernel[name].type}]", name
+        assert f.metadata["help"].startswith(kernel[name].metadata["help"]), name
+    args = make_args(tmp_path, calibrl_huber_delta=2.0, calibrl_activation="huber")
+    assert (args.calibrl_config.huber_delta, args.calibrl_config.activation) == (2.0, "huber")
+
+
 def test_expert_text_forms():
     assert expert_text("a", "expert", 0) == "a"
     assert expert_text({"role": "assistant", "content": "b"}, "expert", 0) == "b"
     assert expert_text([{"role": "assistant", "content": [{"type": "text", "text": "c"}]}], "expert", 0) == "c"
-    with pytest.raises(TypeError, match="expert: row 3 expected a string"):
+    with pytest.raises(TypeError, match=r"expert \(row 3\): expected a string"):
         expert_text(5, "expert", 3)
-    with pytest.raises(ValueError, match="expert: row 1 holds an empty"):
+    with pytest.raises(ValueError, match=r"expert \(row 1\): expected a non-empty expert completion"):
         expert_text("  ", "expert", 1)
 
 
@@ -332,7 +345,7 @@ def test_missing_expert_value_fails_at_first_batch(tmp_path):
 def test_expert_longer_than_completion_limit_fails_at_first_batch(tmp_path):
     trainer = make_text_trainer(tmp_path, dataset=text_dataset(expert=["2", "a much too long expert", "4", "3"]))
     with pytest.raises(
-        ValueError, match=r"expert: the expert completion of row \d+ has \d+ tokens, more than max_completion_length=6"
+        ValueError, match=r"expert \(row \d+\): the expert completion has \d+ tokens, more than max_completion_length=6"
     ):
         trainer.train()
 

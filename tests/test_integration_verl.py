@@ -23,6 +23,7 @@ import calibrl_kernels as ck  # noqa: E402
 from calibrl.integrations import _core  # noqa: E402
 from calibrl.integrations import verl as cverl  # noqa: E402
 from calibrl_kernels import reference  # noqa: E402
+from calibrl_kernels.config import LossInputs  # noqa: E402
 
 B, T = 6, 7  # 2 groups x (2 on-policy + 1 expert)
 GROUPS = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -138,13 +139,7 @@ def test_registered_loss_equals_the_slim_trainer_path(name):
         w_slim,
         None,
         targets,
-        b["old"],
-        stats.advantages,
-        b["mask"],
-        stats.passed,
-        IS_EXPERT,
-        baseline,
-        baseline_mask,
+        LossInputs(b["old"], stats.advantages, b["mask"], baseline, stats.passed, IS_EXPERT, baseline_mask),
         preset,
     )
     slim.loss.backward()
@@ -388,7 +383,7 @@ def test_plugin_entry_point_registers_everything_on_import_verl():
 
 
 def test_expert_response_ids_and_errors():
-    from calibrl.integrations.verl_trainer import expert_response_ids, expert_text_of
+    from calibrl.integrations.verl.trainer import expert_response_ids, expert_text_of
 
     class Tok:
         eos_token_id = 9
@@ -509,7 +504,7 @@ def run_agent_loops(config, tokenizer, validation=False):
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from calibrl.integrations.verl_trainer import VALIDATION_FLAG, CalibRLExpertAgentLoop
+    from calibrl.integrations.verl.trainer import VALIDATION_FLAG, CalibRLExpertAgentLoop
 
     server = StubRolloutServer()
 
@@ -589,7 +584,7 @@ def written_rollouts(tq, config, tokenizer):
 
 
 def trainer_for(config):
-    from calibrl.integrations.verl_trainer import CalibRLSyncTrainer
+    from calibrl.integrations.verl.trainer import CalibRLSyncTrainer
 
     trainer = object.__new__(CalibRLSyncTrainer)  # its advantage step and loss need only the config
     trainer.config = config
@@ -655,7 +650,7 @@ def independent_calibrl_loss(lp, old, adv, on_policy, passed, baseline, entropy,
 def test_agent_loop_emits_expert_rows_and_none_in_validation():
     from _tiny_models import char_tokenizer
 
-    from calibrl.integrations.verl_trainer import EXPERT_FLAG
+    from calibrl.integrations.verl.trainer import EXPERT_FLAG
 
     tokenizer = char_tokenizer()
     config = composed_config()
@@ -833,7 +828,7 @@ def test_dropped_transfer_queue_write_raises(ray_transfer_queue):
     raises naming the fields instead of letting the actor fail later."""
     from tensordict import TensorDict
 
-    from calibrl.integrations.verl_trainer import put_verified
+    from calibrl.integrations.verl.trainer import put_verified
 
     tq = ray_transfer_queue
     keys = ["drop_0_0", "drop_1_0"]
@@ -907,7 +902,7 @@ def test_unsupported_settings_are_refused_at_start_up(override, message):
     """Each refused setting is named, with the alternative, before any worker starts (trainer construction)."""
     import re
 
-    from calibrl.integrations.verl_trainer import CalibRLSyncTrainer
+    from calibrl.integrations.verl.trainer import CalibRLSyncTrainer
 
     config = composed_config(override)
     problems = cverl.startup_problems(config)
@@ -919,8 +914,8 @@ def test_unsupported_settings_are_refused_at_start_up(override, message):
 def test_example_config_starts_a_synchronous_trainer_and_sizes_the_transfer_queue():
     from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
 
-    from calibrl.integrations.verl_main import check_before_ray
-    from calibrl.integrations.verl_trainer import CalibRLSyncTrainer
+    from calibrl.integrations.verl.main import check_before_ray
+    from calibrl.integrations.verl.trainer import CalibRLSyncTrainer
 
     config = composed_config()
     assert cverl.startup_problems(config) == []

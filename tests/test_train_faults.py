@@ -17,7 +17,7 @@ pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (p
 from _train_helpers import quick_run, rl_records  # noqa: E402
 
 from calibrl import checkpoint  # noqa: E402
-from calibrl.logging import TornLineWarning, metrics_path, read_metrics  # noqa: E402
+from calibrl.run_log import TornLineWarning, metrics_path, read_metrics  # noqa: E402
 from calibrl.step_guard import nonfinite_tensors  # noqa: E402
 from calibrl.train import BAD_STEPS_EXIT_CODE, FAILED_EXIT_CODE, main  # noqa: E402
 
@@ -274,7 +274,7 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path, capsys):
 
 
 def test_jsonl_lines_are_appended_whole_and_only_a_torn_last_line_is_tolerated(tmp_path, monkeypatch):
-    from calibrl.logging import append_line, read_records
+    from calibrl.run_log import append_line, read_records
 
     path = str(tmp_path / "metrics.jsonl")
     writes = []

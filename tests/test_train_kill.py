@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (pip install easy-vqa)")
 
 from calibrl import checkpoint  # noqa: E402
-from calibrl.logging import read_metrics  # noqa: E402
+from calibrl.run_log import read_metrics  # noqa: E402
 from calibrl.train import main  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

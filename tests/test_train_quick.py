@@ -422,7 +422,7 @@ def test_bf16_autocast_run(tmp_path, monkeypatch):
 
 def test_peak_memory_is_measured_per_step():
     """peak_memory_mb covers the time since reset_peak_memory, not the whole process (Linux VmHWM)."""
-    from calibrl.logging import peak_memory_mb, reset_peak_memory
+    from calibrl.run_log import peak_memory_mb, reset_peak_memory
 
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set size")

@@ -14,11 +14,12 @@ those call only the public API of ``calibrl_kernels``.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 import calibrl_kernels as ck
+from calibrl_kernels.config import LossInputs
 
 from .. import algorithms
 
@@ -36,6 +37,57 @@ ROW_FIELDS = (FIELD_IS_EXPERT, FIELD_PASSED, FIELD_GROUP_IDS, FIELD_SCORES, FIEL
 def needs_experts(config: ck.CalibRLConfig) -> bool:
     """Whether a loss with this configuration cannot run without one expert row per group."""
     return config.uses_guide or config.keeps_expert_rows
+
+
+def expert_text(value: Any, where: str) -> str:
+    """The text of one expert completion, as a dataset stores it.
+
+    ``value``: a string, an assistant message ``{"role": "assistant", "content": ...}`` or a list of
+    messages (the last assistant one is taken; a message without ``role`` counts as the assistant's);
+    ``content`` is a string or a list of content blocks whose ``text`` parts are joined. ``where`` names
+    the field (and row) in errors: TypeError for another type, ValueError for no assistant message or an
+    empty completion.
+    """
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
+        assistant = [m for m in value if m.get("role", "assistant") == "assistant"]
+        if not assistant:
+            raise ValueError(f"{where}: messages without an assistant message: {value!r}")
+        content = assistant[-1].get("content")
+        if isinstance(content, list):  # content blocks: keep the text ones
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        value = content
+    if not isinstance(value, str):
+        raise TypeError(f"{where}: expected a string or an assistant message, got {type(value).__name__}: {value!r}")
+    if not value.strip():
+        raise ValueError(f"{where}: expected a non-empty expert completion, got {value!r}")
+    return value
+
+
+def expert_token_ids(
+    text: str,
+    encode: Callable[[str], Sequence[int]],
+    eos_token_ids: Sequence[int],
+    max_tokens: Optional[int],
+    where: str,
+    limit_name: str,
+) -> List[int]:
+    """Token ids of an expert completion as the policy would emit them: ``encode(text)`` plus EOS.
+
+    ``eos_token_ids[0]`` is appended unless the ids already end with one of ``eos_token_ids`` (none is
+    appended when it is empty). More than ``max_tokens`` ids (None: no limit) raise ValueError naming
+    ``where`` and the limit's setting ``limit_name``.
+    """
+    ids = list(encode(text))
+    if eos_token_ids and (not ids or ids[-1] not in eos_token_ids):
+        ids.append(eos_token_ids[0])
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise ValueError(
+            f"{where}: the expert completion has {len(ids)} tokens, more than {limit_name}={max_tokens}; "
+            f"shorten it or raise {limit_name}"
+        )
+    return ids
 
 
 def hybrid_batch_fields(
@@ -110,17 +162,14 @@ def calibrl_batch_loss(
                 bias=None if bias is None else bias.detach(),
                 temperature=config.temperature,
             )
-    return algorithms.policy_loss(
-        hidden,
-        weight,
-        bias,
-        completion_ids,
-        old_logp.float(),
-        fields["advantages"],
-        completion_mask,
-        fields[FIELD_PASSED],
-        fields[FIELD_IS_EXPERT],
-        fields.get(FIELD_EXPERT_LOGP),
-        fields.get(FIELD_EXPERT_MASK),
-        config,
+    inputs = LossInputs(
+        old_logp=old_logp.float(),
+        advantages=fields["advantages"],
+        mask=completion_mask,
+        expert_logp=fields.get(FIELD_EXPERT_LOGP),
+        passed=fields[FIELD_PASSED],
+        is_expert=fields[FIELD_IS_EXPERT],
+        expert_mask=fields.get(FIELD_EXPERT_MASK),
+        ignore_index=algorithms.IGNORE_INDEX,
     )
+    return algorithms.policy_loss(hidden, weight, bias, completion_ids, inputs, config)

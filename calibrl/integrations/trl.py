@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import calibrl_kernels as ck
+from calibrl_kernels.config import ALGORITHM_PRESETS
 
 from . import _core
 
@@ -62,7 +63,6 @@ __all__ = ["CalibRLGRPOConfig", "CalibRLTrainer", "calibrl_batch_loss", "hybrid_
 calibrl_batch_loss = _core.calibrl_batch_loss
 hybrid_batch_fields = _core.hybrid_batch_fields
 
-ALGOS = ("calibrl", "grpo", "luffy", "rlplus")
 # TRL loss types computed exactly as GRPOTrainer._compute_loss does (the others are refused).
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 # The kernels' per-micro-batch aggregation each loss type starts from (then rescaled to TRL's normaliser).
@@ -85,17 +85,28 @@ _FORMER_ALGOS = {
     "drgrpo": "calibrl_algo='grpo', loss_type='dr_grpo', scale_rewards='none'",
     "sft+grpo": "run trl.SFTTrainer on the expert column, then calibrl_algo='grpo'",
 }
-# Flat CLI fields of CalibRLGRPOConfig -> CalibRLConfig fields (None leaves CalibRLConfig's default).
-_FLAT_FIELDS = (
-    "guide_coef",
-    "negative_slope",
-    "activation",
-    "baseline",
-    "mask_beyond_expert",
-    "weight_by_advantage",
-    "pass_threshold",
-    "entropy_coef",
+# calibrl_algo choices: the algorithms of the one table that are not TRL loss types here.
+ALGOS = tuple(name for name in ALGORITHM_PRESETS if name not in _FORMER_ALGOS)
+# CalibRLConfig fields that TRL's own fields (or calibrl_algo) decide: see CalibRLGRPOConfig._trl_owned_fields.
+_TRL_OWNED = (
+    "mode",
+    "clip_low",
+    "clip_high",
+    "temperature",
+    "dual_clip_c",
+    "loss_agg_mode",
+    "loss_scale_factor",
+    "norm_by_std",
+    "adv_eps",
 )
+# Every other CalibRLConfig field is a flat CLI field calibrl_<name> of CalibRLGRPOConfig (None: CalibRLConfig's
+# default), generated from CalibRLConfig with its help text plus the TRL-specific notes below.
+_FLAT_FIELDS = tuple(f.name for f in dataclasses.fields(ck.CalibRLConfig) if f.name not in _TRL_OWNED)
+_TRL_NOTES = {
+    "pass_threshold": "Here r is the weighted sum of the reward functions, before normalisation: set it between "
+    "your reward's fail and pass values.",
+    "entropy_coef": "TRL's own entropy_coef is refused.",
+}
 # Per-row TRL-only field: False on a row whose reward functions all returned None (it gets no loss terms).
 FIELD_SCORABLE = "calibrl_scorable"  # (B,) bool
 # Batch fields whose second dimension is prompt + completion tokens (padded with zeros when the
@@ -116,11 +127,19 @@ _MODEL_INPUT_FIELDS = (
 )
 
 
-def _flat_field(name: str, help_text: str):
-    return field(default=None, metadata={"help": f"{help_text} None: CalibRLConfig's default ({name})."})
+def _with_flat_fields(cls):
+    """Add ``calibrl_<name>: Optional[<type>] = None`` to cls (before @dataclass) for every name of _FLAT_FIELDS."""
+    for f in dataclasses.fields(ck.CalibRLConfig):
+        if f.name in _FLAT_FIELDS:
+            notes = " ".join(text for text in (f.metadata["help"], _TRL_NOTES.get(f.name)) if text)
+            cls.__annotations__[f"calibrl_{f.name}"] = f"Optional[{f.type}]"
+            help_text = f"{notes} None: CalibRLConfig's default ({f.default!r})."
+            setattr(cls, f"calibrl_{f.name}", field(default=None, metadata={"help": help_text}))
+    return cls
 
 
 @dataclass
+@_with_flat_fields
 class CalibRLGRPOConfig(GRPOConfig):
     """GRPOConfig plus the CalibRL mode, its guide-term settings and the dataset's expert column.
 
@@ -182,35 +201,6 @@ class CalibRLGRPOConfig(GRPOConfig):
             "capped at delta * |A|; needs delta >= 1 + epsilon_high. inf: off. None: 3.0 (CalibRL) in "
             "calibrl / luffy / rlplus, off (TRL's default) in grpo."
         },
-    )
-    calibrl_guide_coef: Optional[float] = _flat_field("guide_coef", "beta, weight of the guide term (calibrl mode).")
-    calibrl_negative_slope: Optional[float] = _flat_field(
-        "negative_slope", "alpha, slope of the guide's LeakyReLU where a row already agrees with its expert."
-    )
-    calibrl_activation: Optional[str] = _flat_field(
-        "activation", "Guide activation: leaky_relu (CalibRL), relu, tanh, sigmoid, huber, or none (no guide)."
-    )
-    calibrl_baseline: Optional[str] = _flat_field(
-        "baseline",
-        "Expert baseline b: position (the expert's old log-prob at the same token index) or "
-        "sequence-mean (its mean token log-prob).",
-    )
-    calibrl_mask_beyond_expert: Optional[bool] = _flat_field(
-        "mask_beyond_expert", "Drop guide terms at positions past the expert's length (else they compare with b=0)."
-    )
-    calibrl_weight_by_advantage: Optional[bool] = _flat_field(
-        "weight_by_advantage", "Weight each row's guide term by |A| (True) or by 1 (False)."
-    )
-    calibrl_pass_threshold: Optional[float] = _flat_field(
-        "pass_threshold",
-        "A row passes when its reward (the weighted sum of the reward functions, before "
-        "normalisation) is > this; passing rows are pulled toward the expert baseline, failing "
-        "rows pushed away from it. Set it between your reward's fail and pass values.",
-    )
-    calibrl_entropy_coef: Optional[float] = _flat_field(
-        "entropy_coef",
-        "CalibRL's entropy bonus: loss -= coef * entropy, normalised like the policy term "
-        "(TRL's own entropy_coef is refused).",
     )
 
     def __post_init__(self):
@@ -304,24 +294,8 @@ class CalibRLGRPOConfig(GRPOConfig):
 
 
 def expert_text(value: Any, column: str, row: int) -> str:
-    """The text of one expert completion: a string, an assistant message, or a list of messages."""
-    if isinstance(value, dict):
-        value = [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
-        assistant = [m for m in value if m.get("role", "assistant") == "assistant"]
-        if not assistant:
-            raise ValueError(f"{column}: row {row} has messages but no assistant message: {value!r}")
-        content = assistant[-1].get("content")
-        if isinstance(content, list):  # content blocks: keep the text ones
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        value = content
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{column}: row {row} expected a string or an assistant message, got {type(value).__name__}: {value!r}"
-        )
-    if not value.strip():
-        raise ValueError(f"{column}: row {row} holds an empty expert completion")
-    return value
+    """The text of one expert completion (``calibrl.integrations._core.expert_text``), errors naming column and row."""
+    return _core.expert_text(value, f"{column} (row {row})")
 
 
 def _pad_width(t: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -597,19 +571,19 @@ class CalibRLTrainer(GRPOTrainer):
         return torch.nan_to_num(advantages, nan=0.0).float()
 
     def _expert_completion_ids(self, inputs, num_groups: int, n: int) -> List[List[int]]:
-        ids_list, limit = [], self.max_completion_length
-        for g in range(num_groups):
-            text = expert_text(inputs[g * n][self._expert_column], self._expert_column, g * n)
-            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-            if self.args.expert_append_eos and (not ids or ids[-1] not in self.eos_token_ids):
-                ids = ids + [self.eos_token_ids[0]]
-            if limit is not None and len(ids) > limit:
-                raise ValueError(
-                    f"{self._expert_column}: the expert completion of row {g * n} has {len(ids)} tokens, more than "
-                    f"max_completion_length={limit}; shorten it or raise max_completion_length"
-                )
-            ids_list.append(ids)
-        return ids_list
+        column = self._expert_column
+        eos_ids = self.eos_token_ids if self.args.expert_append_eos else []
+        return [
+            _core.expert_token_ids(
+                expert_text(inputs[g * n][column], column, g * n),
+                lambda text: self._tokenizer(text, add_special_tokens=False)["input_ids"],
+                eos_ids,
+                self.max_completion_length,
+                f"{column} (row {g * n})",
+                "max_completion_length",
+            )
+            for g in range(num_groups)
+        ]
 
     def _append_expert_rows(self, batch, inputs, reward_prompts, scores, group_ids, n, num_groups, mode):
         device = scores.device

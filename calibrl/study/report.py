@@ -18,7 +18,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-from ..logging import read_metrics
+from ..run_log import read_metrics
 from .grid import SLOPE_ALIASES, Run
 
 WINDOW = 5  # RL steps averaged for the start / middle / end entropy

@@ -20,7 +20,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
-from ..logging import read_metrics
+from ..run_log import read_metrics
 from .grid import Run
 from .paired import paired
 from .report import _mean, _mean_std, plot_section

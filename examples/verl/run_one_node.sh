@@ -8,13 +8,13 @@ here="$(cd "$(dirname "$0")" && pwd)"
 : "${MODEL:?set MODEL to a local or hub model path}" "${TRAIN:?set TRAIN to a parquet file}" "${VAL:=$TRAIN}"
 GPUS="${GPUS:-8}"
 # One TransferQueue storage unit per free Ray CPU, at most verl's default 8 (each unit and the TQ controller
-# hold one Ray CPU; more units than CPUs would wait forever, which calibrl.integrations.verl_main refuses).
+# hold one Ray CPU; more units than CPUs would wait forever, which calibrl.integrations.verl.main refuses).
 CPUS="${CPUS:-$(nproc)}"
 TQ_UNITS="${TQ_UNITS:-$(( CPUS > 9 ? 8 : (CPUS > 2 ? CPUS - 1 : 1) ))}"
 # calibrl.yaml's `key: value` lines become hydra overrides `key=value`.
 mapfile -t calibrl_overrides < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e 's/:[[:space:]]*/=/' -e 's/[[:space:]]*$//' "$here/calibrl.yaml")
 # verl's main_ppo behind CalibRL's start-up checks (unsupported settings refused before Ray starts)
-python3 -m calibrl.integrations.verl_main \
+python3 -m calibrl.integrations.verl.main \
     "${calibrl_overrides[@]}" \
     ray_kwargs.ray_init.num_cpus="$(( CPUS > TQ_UNITS + 1 ? CPUS : TQ_UNITS + 1 ))" \
     transfer_queue.backend.SimpleStorage.num_data_storage_units="$TQ_UNITS" \

@@ -1,6 +1,7 @@
-"""CalibRL inside verl 0.9 (tested against verl 0.9.1): registered policy losses and advantage estimator.
+"""The verl plugin proper: CalibRL policy losses and advantage estimator for verl's registries.
 
-Importing this module registers, through verl's own registries,
+``register()`` (called when ``calibrl.integrations.verl`` is imported) registers, through verl's own
+registries,
 
 * policy losses (``verl.trainer.ppo.core_algos.register_policy_loss``), selected with
   ``actor_rollout_ref.actor.policy_loss.loss_mode=NAME``:
@@ -13,7 +14,7 @@ Importing this module registers, through verl's own registries,
 
 verl's stock actor loss (``verl.workers.utils.losses.ppo_loss``) hands a policy loss only
 old/new log-probs, advantages and the mask, so expert baselines and pass flags cannot reach it. The
-smallest addition that carries them is in ``calibrl.integrations.verl_trainer``: an agent loop that
+smallest addition that carries them is in ``calibrl.integrations.verl.trainer``: an agent loop that
 emits each prompt's expert row (``calibrl_expert_agent``), a trainer mode (``calibrl_sync``, a
 ``PPOTrainerSync`` subclass) whose advantage step writes the per-row fields into verl's TransferQueue,
 and ``calibrl_ppo_loss`` (a copy of ``ppo_loss``'s plumbing that also selects those fields), installed
@@ -27,31 +28,21 @@ raise ImportError naming the missing package only when verl itself is needed.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 import calibrl_kernels as ck
-from calibrl_kernels.config import AGG_EPS, LOG_RATIO_CLAMP, LOSS_AGG_MODES
+from calibrl_kernels.config import AGG_EPS, LOG_RATIO_CLAMP, LOSS_AGG_MODES, MODES
 
-from .. import algorithms
-from . import _core
-
-logger = logging.getLogger(__name__)
+from ... import algorithms
+from .. import _core
 
 # verl policy-loss name -> CalibRLConfig.mode
-POLICY_LOSSES = {
-    "calibrl": "calibrl",
-    "calibrl_grpo": "grpo",
-    "calibrl_dapo": "dapo",
-    "calibrl_drgrpo": "drgrpo",
-    "calibrl_luffy": "luffy",
-    "calibrl_rlplus": "rlplus",
-}
+POLICY_LOSSES = {(mode if mode == "calibrl" else f"calibrl_{mode}"): mode for mode in MODES}
 ADV_ESTIMATOR = "calibrl"
-# verl names of the trainer mode and agent loop in calibrl.integrations.verl_trainer (kept here so that the
+# verl names of the trainer mode and agent loop in calibrl.integrations.verl.trainer (kept here so that the
 # start-up checks need no verl import).
 TRAINER_MODE = "calibrl_sync"
 AGENT_LOOP = "calibrl_expert_agent"
@@ -421,7 +412,7 @@ def startup_problems(config: Any) -> List[str]:
     """Every setting of a verl configuration that a CalibRL run cannot honour, each naming the alternative.
 
     ``config`` is verl's full trainer configuration (OmegaConf or nested dicts). Empty when the
-    configuration uses no CalibRL piece. ``CalibRLSyncTrainer`` and ``python -m calibrl.integrations.verl_main``
+    configuration uses no CalibRL piece. ``CalibRLSyncTrainer`` and ``python -m calibrl.integrations.verl.main``
     raise on these before any worker starts.
     """
     loss_mode = _select(config, "actor_rollout_ref.actor.policy_loss.loss_mode", "vanilla")
@@ -561,15 +552,3 @@ def register() -> bool:
     if core_algos.ADV_ESTIMATOR_REGISTRY.get(ADV_ESTIMATOR) is not compute_calibrl_outcome_advantage:
         core_algos.register_adv_est(ADV_ESTIMATOR)(compute_calibrl_outcome_advantage)
     return True
-
-
-def _register_on_import() -> None:
-    if not register():
-        return
-    try:  # the agent loop and trainer mode need verl's v1 trainer stack (ray, TransferQueue, ...)
-        from . import verl_trainer  # noqa: F401
-    except ImportError as error:
-        logger.info("calibrl: verl trainer mode calibrl_sync not registered (%s)", error)
-
-
-_register_on_import()
