@@ -566,8 +566,9 @@ def test_lazy_build_fails_once_under_concurrent_first_calls(monkeypatch):
     assert "simulated: compiler crashed" in str(build.build_error())
 
 
-def test_extension_name_follows_the_sources(monkeypatch, tmp_path):
-    """Checkouts with different C++ sources sharing the torch extensions cache get different build folders."""
+def test_extension_name_follows_the_sources_and_their_folder(monkeypatch, tmp_path):
+    """One build folder per content of the C++ sources and per source folder, so checkouts sharing the torch
+    extensions cache never rebuild over each other (torch's ninja file names the source paths)."""
     import shutil
 
     name = build.extension_name()
@@ -575,7 +576,8 @@ def test_extension_name_follows_the_sources(monkeypatch, tmp_path):
     for file in build.SOURCES + build.HEADERS:
         shutil.copy(build.source_dir() / file, tmp_path / file)
     monkeypatch.setattr(build, "source_dir", lambda: tmp_path)
-    assert build.extension_name() == name
+    copied = build.extension_name()
+    assert copied != name and copied == build.extension_name()  # same sources, another folder
     with open(tmp_path / build.HEADERS[0], "a") as header:
         header.write("\n// edited\n")
-    assert build.extension_name() != name
+    assert build.extension_name() not in (name, copied)
