@@ -42,7 +42,12 @@ def env_flag(name: str, default: bool) -> bool:
 
 
 def value_checks_enabled() -> bool:
-    """Whether checks that read tensor values (and synchronise the device) run (CALIBRL_VALUE_CHECKS)."""
+    """Whether checks that read tensor values (and synchronise the device) run (CALIBRL_VALUE_CHECKS).
+
+    Never inside a ``torch.compile`` region: reading a value there would break the graph (run a step
+    eagerly to have the inputs checked)."""
+    if torch.compiler.is_compiling():
+        return False
     return env_flag("CALIBRL_VALUE_CHECKS", True)
 
 

@@ -18,12 +18,14 @@ Fallbacks, all decided here:
 
 Backend contract (tensors and scalars only, so each entry maps onto a ``torch.library`` schema):
 ``token_logprobs(logits, targets, temperature, ignore_index, return_entropy)``,
-``linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)``,
+``linear_token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_bytes)``,
 ``group_advantages(scores, group_ids, is_expert, norm_by_std, eps, pass_threshold, num_groups)``,
 ``fused_calibrl_loss(logits, targets, inputs: LossInputs, config, inplace_backward)``,
-``fused_linear_calibrl_loss(hidden, weight, targets, inputs: LossInputs, config, bias)``.
-A backend module exposes ``OPS`` (op name -> function) and ``availability(device) -> (bool, reason)``;
-the triton and cpp modules are imported on first use only.
+``fused_linear_calibrl_loss(hidden, weight, targets, inputs: LossInputs, config, bias, chunk_bytes)``.
+A backend module exposes ``OPS`` (op name -> function), ``KERNELS`` (what its ``calibrl::`` operators call,
+see ``calibrl_kernels.library``) and ``availability(device) -> (bool, reason)``; the triton and cpp modules
+are imported on first use only. Under ``torch.compile`` the choice is made once per traced call site,
+outside the graph (``_choose_while_compiling``).
 """
 
 from __future__ import annotations
@@ -67,14 +69,15 @@ _REFERENCE_OPS = {
     "fused_calibrl_loss": _reference_fused_calibrl_loss,
     "fused_linear_calibrl_loss": _reference_fused_linear_calibrl_loss,
 }
-# The torch backend: the reference, except for the lm_head ops, which run the chunked path (torch row
-# math, any device) that never materialises the (N, V) logits.
+# The torch backend: the reference (plain torch ops, which torch.compile traces itself), except for the lm_head
+# ops, which run the chunked path (torch row math, any device) through their calibrl:: operators and never
+# materialise the (N, V) logits.
 _TORCH = types.SimpleNamespace(
     OPS={
         "token_logprobs": reference.token_logprobs,
-        "linear_token_logprobs": chunked.linear_token_logprobs,
         "group_advantages": reference.group_advantages,
         "fused_calibrl_loss": _reference_fused_calibrl_loss,
+        "linear_token_logprobs": chunked.linear_token_logprobs,
         "fused_linear_calibrl_loss": chunked.fused_linear_calibrl_loss,
     },
     availability=lambda device: (True, ""),
@@ -94,7 +97,8 @@ def requested_impl() -> Optional[str]:
     return value
 
 
-def _backend(name: str):
+def backend_module(name: str):
+    """The module of backend ``name`` (imported on first use), or the ImportError that prevented it."""
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(_BACKEND_MODULES[name])
@@ -105,7 +109,7 @@ def _backend(name: str):
 
 def availability(name: str, device: torch.device) -> Tuple[bool, str]:
     """Whether backend ``name`` can run on ``device``, and if not, why."""
-    module = _backend(name)
+    module = backend_module(name)
     if isinstance(module, ImportError):
         return False, f"its module could not be imported ({module})"
     return module.availability(torch.device(device))
@@ -139,7 +143,7 @@ def _choose(op: str, device: torch.device, forced: Optional[str], dtype: Optiona
     else:
         order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
     for name in order:
-        module = _backend(name)
+        module = backend_module(name)
         if isinstance(module, ImportError) or op not in module.OPS:  # checked first: no build for other ops
             continue
         if name == "triton" and dtype == torch.float64 and op in _FP32_KERNEL_OPS:
@@ -149,15 +153,32 @@ def _choose(op: str, device: torch.device, forced: Optional[str], dtype: Optiona
     raise RuntimeError(f"calibrl_kernels: no backend implements {op!r} on {device}")
 
 
+def _choose_while_compiling(op: str, device: torch.device, impl: Optional[str], dtype: Optional[torch.dtype]) -> str:
+    """_choose, made while torch.compile traces: its result is a constant of the graph (the environment,
+    the C++ build and the imports are looked at once, outside the graph). No torch.func transform runs
+    inside a compiled region, so the reference rule does not apply here."""
+    name = _choose(op, device, impl or requested_impl(), dtype)
+    backend_module(name)  # imported now, so that the traced lookup below is a plain attribute access
+    return name
+
+
+# What ``torch.compiler.assume_constant_result`` does (it only sets this attribute; a test checks that it
+# still does), without importing torch._dynamo, and with it triton, when calibrl_kernels is imported.
+_choose_while_compiling._dynamo_marked_constant = True
+
+
 def implementation(
     op: str, device: torch.device, impl: Optional[str] = None, dtype: Optional[torch.dtype] = None
 ) -> Callable:
     """The function implementing ``op`` for tensors on ``device`` of ``dtype`` (the op's main input; None
     for no dtype rule); ``impl`` or CALIBRL_IMPL forces a backend."""
-    name = _choose(op, torch.device(device), impl or requested_impl(), dtype)
+    if torch.compiler.is_compiling():
+        name = _choose_while_compiling(op, torch.device(device), impl, dtype)
+    else:
+        name = _choose(op, torch.device(device), impl or requested_impl(), dtype)
     if name == "reference":
         return _REFERENCE_OPS[op]
-    return _backend(name).OPS[op]
+    return _loaded[name].OPS[op]
 
 
 def selected_impl(

@@ -63,7 +63,6 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._autograd import first_order_only
 from .config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from .reference import coefficients as coef
 from .reference import compute_dtype, inverse_temperature
@@ -416,61 +415,108 @@ def _flatten(hidden: torch.Tensor, targets: torch.Tensor):
 
 
 # --------------------------------------------------------------------------------------------
-# fused_linear_calibrl_loss
+# Kernels of the calibrl:: lm_head operators (calibrl_kernels.library), on a row math
 # --------------------------------------------------------------------------------------------
-class _FusedLinearLoss(torch.autograd.Function):
-    """Loss and metrics in forward with the gradients formed on the way; backward scales them."""
+# Row-table columns of the forward that a gradient pass reads (TorchRowMath: lse, entropy; C++: the others).
+_GRADIENT_STATISTICS = ("lse", "row_max", "log_sum", "entropy")
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index, row_math, budget, grad_enabled):
-        # Under torch.no_grad needs_input_grad still says True: grad_enabled (taken outside) decides.
-        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
-        hidden2d, flat_targets = _flatten(hidden, targets)
-        ops = _Operands(hidden2d, weight, bias, budget)
-        grads = (
-            _Gradients(ops, need_hidden, need_weight, need_bias) if any((need_hidden, need_weight, need_bias)) else None
+
+def _row_table(ops: _Operands) -> torch.Tensor:
+    return torch.zeros(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=ops.hidden.device)
+
+
+def fused_linear_loss_kernel(
+    hidden, weight, bias, targets, table, config: CalibRLConfig, ignore_index, needs, chunk_bytes, *, row_math
+):
+    """(row table (N, ROW_FIELDS), dHidden (N, D), dWeight (V, D), dBias (V,)) in the compute dtype: the loss
+    with its gradients formed on the way (None where ``needs`` says no); backward only scales them."""
+    hidden2d, flat_targets = _flatten(hidden, targets)
+    ops = _Operands(hidden2d, weight, bias, chunk_budget(chunk_bytes))
+    grads = _Gradients(ops, *needs) if any(needs) else None
+    rows = _row_table(ops)
+    inv_temperature = inverse_temperature(config.temperature, ops.dtype)
+
+    def process(chunk, start, end):
+        row_math.loss(
+            chunk,
+            flat_targets[start:end],
+            table[start:end],
+            rows[start:end],
+            config,
+            inv_temperature,
+            ignore_index,
+            grads is not None,
         )
-        rows = torch.empty(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
-        inv_temperature = inverse_temperature(config.temperature, ops.dtype)
 
-        def process(chunk, start, end):
-            row_math.loss(
-                chunk,
-                flat_targets[start:end],
-                table[start:end],
-                rows[start:end],
-                config,
-                inv_temperature,
-                ignore_index,
-                grads is not None,
-            )
+    _stream(ops, row_math, grads, process)
+    if grads is None:
+        return rows, None, None, None
+    return rows, grads.hidden, grads.weight, grads.bias
 
-        _stream(ops, row_math, grads, process)
-        out = coef.loss_output(rows[:, ROW["pg"] :].sum(0), config)
-        if grads is not None:
-            grads.ops = None  # keep only the accumulators until backward
-        ctx.gradients = grads  # finished (scaled, then cast) in backward
-        ctx.hidden_shape = hidden.shape
-        metrics = tuple(out[1:])
-        ctx.mark_non_differentiable(*metrics)
-        return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
 
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_loss, *unused_metric_grads):
-        grads = ctx.gradients
-        if grads is False:
-            raise RuntimeError(
-                "fused_linear_calibrl_loss: backward ran twice through the same forward; its gradients are "
-                "formed in the forward and handed over (not copied) on the first backward, so run the "
-                "forward again instead of retain_graph=True"
-            )
-        ctx.gradients = False  # hand the buffers over: autograd can then keep them without a copy
-        if grads is None:  # nothing required grad
-            return (None,) * 10
-        d_hidden, d_weight, d_bias = grads.finish(grad_loss)
-        d_hidden = None if d_hidden is None else d_hidden.view(ctx.hidden_shape)
-        return (d_hidden, d_weight, d_bias) + (None,) * 7
+def linear_logprobs_kernel(hidden, weight, bias, targets, temperature, ignore_index, chunk_bytes, *, row_math):
+    """The (N, ROW_FIELDS) row table (logp, entropy and the statistics the gradient pass reads)."""
+    hidden2d, flat_targets = _flatten(hidden, targets)
+    ops = _Operands(hidden2d, weight, bias, chunk_budget(chunk_bytes))
+    rows = _row_table(ops)
+    inv_temperature = inverse_temperature(temperature, ops.dtype)
+
+    def process(chunk, start, end):
+        row_math.stats(chunk, flat_targets[start:end], inv_temperature, ignore_index, rows[start:end])
+
+    _stream(ops, row_math, None, process)
+    return rows
+
+
+def linear_logprobs_backward_kernel(
+    hidden,
+    weight,
+    bias,
+    targets,
+    rows,
+    grad_logp,
+    grad_entropy,
+    temperature,
+    ignore_index,
+    needs,
+    chunk_bytes,
+    *,
+    row_math,
+):
+    """(dHidden (N, D), dWeight, dBias) in the inputs' dtypes (None where not needed): each logits chunk is
+    recomputed (see the module docstring) and its gradient formed with a = -dL/dlogp, b = -dL/dH."""
+    hidden2d, flat_targets = _flatten(hidden, targets)
+    ops = _Operands(hidden2d, weight, bias, chunk_budget(chunk_bytes))
+    table = _row_table(ops)
+    columns = [ROW[name] for name in _GRADIENT_STATISTICS]
+    table[:, columns] = rows[:, columns].to(ops.dtype)
+    table[:, ROW["coef_a"]] = -grad_logp.reshape(-1).to(ops.dtype)
+    table[:, ROW["coef_b"]] = -grad_entropy.reshape(-1).to(ops.dtype)
+    grads = _Gradients(ops, *needs)
+    inv_temperature = inverse_temperature(temperature, ops.dtype)
+
+    def process(chunk, start, end):
+        row_math.gradient(chunk, flat_targets[start:end], table[start:end], inv_temperature, ignore_index)
+
+    _stream(ops, row_math, grads, process)
+    return grads.finish()
+
+
+def kernels(get_row_math) -> dict:
+    """The lm_head kernels of the calibrl:: operators on the row math ``get_row_math()`` returns (called
+    per use, so that a backend is built only when its kernels run)."""
+
+    def bind(kernel):
+        return lambda *args: kernel(*args, row_math=get_row_math())
+
+    return {
+        "linear_token_logprobs": bind(linear_logprobs_kernel),
+        "linear_token_logprobs_backward": bind(linear_logprobs_backward_kernel),
+        "fused_linear_calibrl_loss": bind(fused_linear_loss_kernel),
+    }
+
+
+KERNELS = kernels(lambda: TORCH_ROW_MATH)  # the torch backend's (library.KERNEL_MODULES)
 
 
 def fused_linear_calibrl_loss(
@@ -487,76 +533,14 @@ def fused_linear_calibrl_loss(
     """The chunked backend of ``ops.fused_linear_calibrl_loss`` (validated inputs, any device, any float dtype).
 
     hidden (B, T, D), weight (V, D), bias (V,) or None; targets (B, T). Gradients flow to hidden, weight
-    and bias. row_math: ``TORCH_ROW_MATH`` or the C++ row math; chunk_bytes: see ``chunk_budget``.
+    and bias. row_math: ``TORCH_ROW_MATH`` or the C++ row math (its ``name`` picks the operator's impl);
+    chunk_bytes: see ``chunk_budget``.
     """
-    ignore_index = inputs.ignore_index
-    table = coef.loss_token_table(targets, inputs, config, compute_dtype(hidden))
-    outputs = _FusedLinearLoss.apply(
-        hidden,
-        weight,
-        bias,
-        targets,
-        table,
-        config,
-        ignore_index,
-        row_math,
-        chunk_budget(chunk_bytes),
-        torch.is_grad_enabled(),
+    from . import library
+
+    return library.fused_linear_calibrl_loss(row_math.name)(
+        hidden, weight, targets, inputs, config, bias, chunk_bytes=chunk_bytes
     )
-    return LossOutput(*outputs)
-
-
-# --------------------------------------------------------------------------------------------
-# linear_token_logprobs
-# --------------------------------------------------------------------------------------------
-# Row-table columns of the forward that a gradient pass reads (TorchRowMath: lse, entropy; C++: the others).
-_GRADIENT_STATISTICS = ("lse", "row_max", "log_sum", "entropy")
-
-
-class _LinearTokenLogprobs(torch.autograd.Function):
-    """logp and entropy per row; backward recomputes each logits chunk (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, row_math, budget):
-        hidden2d, flat_targets = _flatten(hidden, targets)
-        ops = _Operands(hidden2d, weight, bias, budget)
-        rows = torch.empty(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
-        inv_temperature = inverse_temperature(temperature, ops.dtype)
-
-        def process(chunk, start, end):
-            row_math.stats(chunk, flat_targets[start:end], inv_temperature, ignore_index, rows[start:end])
-
-        _stream(ops, row_math, None, process)
-        statistics = rows[:, [ROW[name] for name in _GRADIENT_STATISTICS]]  # (N, 4) what the gradient pass reads
-        ctx.save_for_backward(hidden, weight, bias, targets, statistics)
-        ctx.settings = (inv_temperature, ignore_index, row_math, budget)
-        return rows[:, ROW["logp"]].clone().view(targets.shape), rows[:, ROW["entropy"]].clone().view(targets.shape)
-
-    @staticmethod
-    @first_order_only
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, statistics = ctx.saved_tensors
-        inv_temperature, ignore_index, row_math, budget = ctx.settings
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if not (need_hidden or need_weight or need_bias):
-            return (None,) * 8
-        hidden2d, flat_targets = _flatten(hidden, targets)
-        ops = _Operands(hidden2d, weight, bias, budget)
-        rows = torch.zeros(ops.num_rows, len(coef.ROW_FIELDS), dtype=ops.dtype, device=hidden.device)
-        rows[:, [ROW[name] for name in _GRADIENT_STATISTICS]] = statistics
-        if grad_logp is not None:
-            rows[:, ROW["coef_a"]] = -grad_logp.reshape(-1).to(ops.dtype)
-        if grad_entropy is not None:
-            rows[:, ROW["coef_b"]] = -grad_entropy.reshape(-1).to(ops.dtype)
-        grads = _Gradients(ops, need_hidden, need_weight, need_bias)
-
-        def process(chunk, start, end):
-            row_math.gradient(chunk, flat_targets[start:end], rows[start:end], inv_temperature, ignore_index)
-
-        _stream(ops, row_math, grads, process)
-        d_hidden, d_weight, d_bias = grads.finish()
-        d_hidden = None if d_hidden is None else d_hidden.view(hidden.shape)
-        return (d_hidden, d_weight, d_bias) + (None,) * 5
 
 
 def linear_token_logprobs(
@@ -575,7 +559,8 @@ def linear_token_logprobs(
 
     Returns logp [, entropy] shaped like targets (fp32; fp64 for fp64 inputs), differentiable in both.
     """
-    logp, entropy = _LinearTokenLogprobs.apply(
-        hidden, weight, bias, targets, float(temperature), ignore_index, row_math, chunk_budget(chunk_bytes)
+    from . import library
+
+    return library.linear_token_logprobs(row_math.name)(
+        hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_bytes=chunk_bytes
     )
-    return (logp, entropy) if return_entropy else logp

@@ -8,6 +8,8 @@ or ``TypeError`` naming the field, the allowed values and the value given.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import numbers
 from typing import Dict, NamedTuple, Optional
@@ -207,6 +209,13 @@ class CalibRLConfig:
             ):
                 _fail("loss_scale_factor", "None or a number > 0", self.loss_scale_factor)
             object.__setattr__(self, "loss_scale_factor", float(self.loss_scale_factor))
+        # The configuration as one string: how it crosses a torch.library schema (see ``from_key``).
+        object.__setattr__(self, "key", json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+    @staticmethod
+    def from_key(key: str) -> "CalibRLConfig":
+        """The configuration whose ``key`` (a JSON string of every field) is ``key``."""
+        return _config_from_key(key)
 
     @property
     def dual_clip_bound(self) -> float:
@@ -236,6 +245,11 @@ class CalibRLConfig:
         preset = ALGORITHM_PRESETS[algo]
         fields = dict(mode=preset.mode, norm_by_std=preset.norm_by_std, loss_agg_mode=preset.loss_agg_mode)
         return cls(**{**fields, **overrides})
+
+
+@functools.lru_cache(maxsize=256)
+def _config_from_key(key: str) -> CalibRLConfig:
+    return CalibRLConfig(**json.loads(key))
 
 
 DEFAULT_CONFIG = CalibRLConfig()  # the default of every op and module taking a config

@@ -1,5 +1,7 @@
 """The C++/OpenMP CPU backend: one module per op (logprobs, loss, linear), the sources in ``csrc/``, built on
-first use by ``build``; ``availability`` builds and says whether the kernels can run (see its docstring).
+first use by ``build``; ``KERNELS`` (what the ``calibrl::`` operators of ``calibrl_kernels.library`` call),
+``OPS`` (the ``_dispatch`` contract, through those operators) and ``availability`` (builds and says whether
+the kernels can run; see its docstring).
 
 Ops (the backend contract of ``calibrl_kernels._dispatch``):
 - ``token_logprobs``: forward = one pass per row (row_stats); backward = one pass writing dlogits.
@@ -15,18 +17,26 @@ from typing import Tuple
 
 import torch
 
-from . import build
+from .. import library
+from . import build, linear, logprobs, loss
 from ._rows import build_failure, cpp_forced
-from .linear import fused_linear_calibrl_loss, linear_token_logprobs
-from .logprobs import token_logprobs
-from .loss import fused_calibrl_loss
 
-OPS = {
-    "token_logprobs": token_logprobs,
-    "fused_calibrl_loss": fused_calibrl_loss,
-    "linear_token_logprobs": linear_token_logprobs,
-    "fused_linear_calibrl_loss": fused_linear_calibrl_loss,
+# The kernels the calibrl:: operators call (calibrl_kernels.library), by kernel name.
+KERNELS = {
+    "token_logprobs": logprobs.token_logprobs,
+    "token_logprobs_backward": logprobs.token_logprobs_backward,
+    "fused_calibrl_loss": loss.fused_calibrl_loss,
+    "fused_calibrl_loss_backward": loss.fused_calibrl_loss_backward,
+    **linear.KERNELS,
 }
+# The backend contract of _dispatch: each op through its calibrl:: operator.
+OPS = library.backend_ops(
+    "cpp", ("token_logprobs", "fused_calibrl_loss", "linear_token_logprobs", "fused_linear_calibrl_loss")
+)
+token_logprobs = OPS["token_logprobs"]
+fused_calibrl_loss = OPS["fused_calibrl_loss"]
+linear_token_logprobs = OPS["linear_token_logprobs"]
+fused_linear_calibrl_loss = OPS["fused_linear_calibrl_loss"]
 
 
 def availability(device: torch.device) -> Tuple[bool, str]:

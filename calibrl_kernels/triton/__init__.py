@@ -1,5 +1,6 @@
 """The Triton backend (one module per op: logprobs, group_stats, loss, linear):
-``OPS`` (op name -> function under the backend contract of ``_dispatch``) and ``availability``.
+``KERNELS`` (what the ``calibrl::`` operators of ``calibrl_kernels.library`` call), ``OPS`` (op name ->
+function under the backend contract of ``_dispatch``, through those operators) and ``availability``.
 
 Importing this module imports triton and builds the kernels; ``_dispatch`` does so on first use only,
 so ``import calibrl_kernels`` never imports triton. Kernels run natively on CUDA tensors, and on CPU
@@ -13,19 +14,32 @@ from typing import Tuple
 
 import torch
 
+from .. import library
+from . import group_stats, linear, logprobs, loss
 from ._launch import BUILT_FOR_INTERPRETER
-from .group_stats import group_advantages
-from .linear import fused_linear_calibrl_loss, linear_token_logprobs
-from .logprobs import token_logprobs
-from .loss import fused_calibrl_loss
 
-OPS = {
-    "token_logprobs": token_logprobs,
-    "group_advantages": group_advantages,
-    "fused_calibrl_loss": fused_calibrl_loss,
-    "linear_token_logprobs": linear_token_logprobs,
-    "fused_linear_calibrl_loss": fused_linear_calibrl_loss,
+# The kernels the calibrl:: operators call (calibrl_kernels.library), by kernel name.
+KERNELS = {
+    "token_logprobs": logprobs.token_logprobs,
+    "token_logprobs_backward": logprobs.token_logprobs_backward,
+    "fused_calibrl_loss": loss.fused_calibrl_loss,
+    "fused_calibrl_loss_backward": loss.fused_calibrl_loss_backward,
+    "linear_token_logprobs": linear.linear_token_logprobs,
+    "linear_token_logprobs_backward": linear.linear_token_logprobs_backward,
+    "fused_linear_calibrl_loss": linear.fused_linear_calibrl_loss,
+    "fused_linear_calibrl_loss_backward": linear.fused_linear_calibrl_loss_backward,
+    "group_advantages": group_stats.group_advantages,
 }
+# The backend contract of _dispatch: each op through its calibrl:: operator.
+OPS = library.backend_ops(
+    "triton",
+    ("token_logprobs", "group_advantages", "fused_calibrl_loss", "linear_token_logprobs", "fused_linear_calibrl_loss"),
+)
+token_logprobs = OPS["token_logprobs"]
+group_advantages = OPS["group_advantages"]
+fused_calibrl_loss = OPS["fused_calibrl_loss"]
+linear_token_logprobs = OPS["linear_token_logprobs"]
+fused_linear_calibrl_loss = OPS["fused_linear_calibrl_loss"]
 
 
 def interpreted() -> bool:

@@ -55,9 +55,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import first_order_only
-from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
-from ..reference import coefficients, inverse_temperature
+from ..config import DEFAULT_CONFIG
+from ..reference import inverse_temperature
+from ..reference.coefficients import ROW
 from . import _launch
 from ._launch import launch
 from ._loss_terms import TOKEN_OUTPUTS, counted_tokens, loss_epilogue, token_is_counted
@@ -70,10 +70,8 @@ from ._softmax import (
     merge_softmax_statistics,
     online_softmax_update,
 )
-from .logprobs import common_stride, upstream_coefficients
-from .loss import kernel_loss_arguments, loss_and_metrics, prepare_token_table
-
-ROW = coefficients.ROW
+from .logprobs import common_stride, statistics_table, upstream_rows
+from .loss import kernel_loss_arguments
 
 # Partial statistics of the split-V forward, one (SPLITS, N) plane each: running max, sum-exp, shifted
 # sum(z e) and the target's logit (constexpr: read inside the kernels).
@@ -665,119 +663,57 @@ def _prepare(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return hidden2, weight2, bias2, targets.reshape(-1).to(torch.int64).contiguous()
 
 
-def _reshape_grads(ctx, d_hidden, d_weight, d_bias):
-    return None if d_hidden is None else d_hidden.view(ctx.hidden_shape), d_weight, d_bias
-
-
 # ----------------------------------------------------------------------------------------------
-# Autograd and the backend ops
+# Kernels of the calibrl::linear_token_logprobs / fused_linear_calibrl_loss operators (library.py)
 # ----------------------------------------------------------------------------------------------
-class _LinearTokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index):
-        h, w, b, flat_targets = _prepare(
-            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets
-        )
-        active = (flat_targets != ignore_index).to(torch.int8)
-        partial, splits = linear_statistics(h, w, b, flat_targets, active, temperature)
-        logp, entropy, lse = finish_statistics(partial, splits, flat_targets, ignore_index)
-        ctx.save_for_backward(
-            h, w, b, flat_targets, lse, entropy, hidden, weight, bias
-        )  # the inputs anchor first_order_only
-        ctx.hidden_shape = hidden.shape
-        ctx.temperature = temperature
-        ctx.ignore_index = ignore_index
-        return logp.view(targets.shape), entropy.view(targets.shape)
-
-    @staticmethod
-    @first_order_only  # a double backward raises instead of being wrong
-    def backward(ctx, grad_logp, grad_entropy):
-        h, w, b, flat_targets, lse, entropy = ctx.saved_tensors[:6]
-        coef_lp, coef_ent = upstream_coefficients(grad_logp, grad_entropy, flat_targets.numel(), lse.device)
-        grads = linear_gradients(
-            h,
-            w,
-            b,
-            flat_targets,
-            lse,
-            entropy,
-            coef_lp,
-            coef_ent,
-            None,
-            ctx.temperature,
-            ctx.ignore_index,
-            need_hidden=ctx.needs_input_grad[0],
-            need_weight=ctx.needs_input_grad[1],
-            need_bias=b is not None and ctx.needs_input_grad[2],
-        )
-        return (*_reshape_grads(ctx, *grads), None, None, None)
+def _detached(hidden, weight, bias, targets):
+    return _prepare(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets)
 
 
-class _FusedLinearCalibRLLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, table, config, ignore_index):
-        h, w, b, flat_targets = _prepare(
-            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), targets
-        )
-        counted = counted_tokens(table, flat_targets, ignore_index).to(torch.int8)
-        partial, splits = linear_statistics(h, w, b, flat_targets, counted, config.temperature)
-        token_out = finish_statistics(partial, splits, flat_targets, ignore_index, table=table, config=config)
-        ctx.save_for_backward(
-            h, w, b, flat_targets, token_out, hidden, weight, bias
-        )  # the inputs anchor first_order_only
-        ctx.hidden_shape = hidden.shape
-        ctx.temperature = config.temperature
-        ctx.ignore_index = ignore_index
-        return loss_and_metrics(ctx, token_out, config)
-
-    @staticmethod
-    @first_order_only  # a double backward raises instead of being wrong
-    def backward(ctx, grad_loss, *grad_metrics):
-        h, w, b, flat_targets, token_out = ctx.saved_tensors[:5]
-        grads = linear_gradients(
-            h,
-            w,
-            b,
-            flat_targets,
-            token_out[:, ROW["lse"]],
-            token_out[:, ROW["entropy"]],
-            token_out[:, ROW["coef_a"]],
-            token_out[:, ROW["coef_b"]],
-            grad_loss,
-            ctx.temperature,
-            ctx.ignore_index,
-            need_hidden=ctx.needs_input_grad[0],
-            need_weight=ctx.needs_input_grad[1],
-            need_bias=b is not None and ctx.needs_input_grad[2],
-        )
-        return (*_reshape_grads(ctx, *grads), None, None, None, None)
+def _gradients(hidden, weight, bias, targets, rows, scale, config_temperature, ignore_index, needs):
+    """(dHidden (N, D) or None, dWeight or None, dBias or None) from a row table with coefficients a, b."""
+    h, w, b, flat_targets = _detached(hidden, weight, bias, targets)
+    return linear_gradients(
+        h,
+        w,
+        b,
+        flat_targets,
+        *(rows[:, ROW[name]] for name in ("lse", "entropy", "coef_a", "coef_b")),
+        scale,
+        config_temperature,
+        ignore_index,
+        need_hidden=needs[0],
+        need_weight=needs[1],
+        need_bias=b is not None and needs[2],
+    )
 
 
-def linear_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
+def linear_token_logprobs(hidden, weight, bias, targets, temperature, ignore_index, chunk_bytes=None) -> torch.Tensor:
+    """hidden (N, D) / (B, T, D), weight (V, D), bias (V,) -> the (N, ROW_FIELDS) fp32 row table (logp,
+    entropy, lse), never materialising (N, V) logits; chunk_bytes is the chunked path's (not read here)."""
+    h, w, b, flat_targets = _detached(hidden, weight, bias, targets)
+    active = (flat_targets != ignore_index).to(torch.int8)
+    partial, splits = linear_statistics(h, w, b, flat_targets, active, temperature)
+    return statistics_table(*finish_statistics(partial, splits, flat_targets, ignore_index))
+
+
+def linear_token_logprobs_backward(
+    hidden, weight, bias, targets, rows, grad_logp, grad_entropy, temperature, ignore_index, needs, chunk_bytes=None
 ):
-    """The Triton backend of ``ops.linear_token_logprobs`` (never materialises (N, V) logits; fp32 / bf16 / fp16)."""
-    logp, entropy = _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), int(ignore_index))
-    return (logp, entropy) if return_entropy else logp
+    """(dHidden (N, D), dWeight, dBias) (None where not needed) from the incoming gradients of logp and entropy."""
+    rows = upstream_rows(rows, grad_logp, grad_entropy)
+    return _gradients(hidden, weight, bias, targets, rows, None, temperature, ignore_index, needs)
 
 
-def fused_linear_calibrl_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    inputs: LossInputs,
-    config: CalibRLConfig = DEFAULT_CONFIG,
-    bias: Optional[torch.Tensor] = None,
-) -> LossOutput:
-    """The Triton backend of ``ops.fused_linear_calibrl_loss``: hidden (B, T, D), weight (V, D), bias (V,).
+def fused_linear_calibrl_loss(hidden, weight, bias, targets, table, config, ignore_index, needs, chunk_bytes=None):
+    """(row table (N, ROW_FIELDS) fp32, None, None, None): the gradients are computed in the backward."""
+    h, w, b, flat_targets = _detached(hidden, weight, bias, targets)
+    counted = counted_tokens(table, flat_targets, ignore_index).to(torch.int8)
+    partial, splits = linear_statistics(h, w, b, flat_targets, counted, config.temperature)
+    rows = finish_statistics(partial, splits, flat_targets, ignore_index, table=table, config=config)
+    return rows, None, None, None
 
-    Gradients flow to hidden, weight and bias; dWeight is deterministic (see the module docstring).
-    """
-    table = prepare_token_table(targets, inputs, config)
-    return LossOutput(*_FusedLinearCalibRLLoss.apply(hidden, weight, bias, targets, table, config, inputs.ignore_index))
+
+def fused_linear_calibrl_loss_backward(hidden, weight, bias, targets, rows, grad_loss, config, ignore_index, needs):
+    """(dHidden (N, D), dWeight, dBias) (None where not needed), scaled by the incoming gradient on the device."""
+    return _gradients(hidden, weight, bias, targets, rows, grad_loss, config.temperature, ignore_index, needs)

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import first_order_only
 from ..reference import inverse_temperature
+from ..reference.coefficients import ROW, ROW_FIELDS
 from . import _launch
 from ._launch import launch
 from ._softmax import cast_for_store, gradient_row_inputs, logits_grad_tile, logits_row_statistics, token_row_pointers
@@ -244,59 +244,40 @@ def logits_backward(
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd and the backend op
+# Kernels of the calibrl::token_logprobs operators (calibrl_kernels.library)
 # ----------------------------------------------------------------------------------------------
-def upstream_coefficients(grad_logp, grad_entropy, n: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """a = -dL/dlogp and b = -dL/dH per row, (N,) fp32 each, from the incoming gradients of (logp, entropy)
-    (None, an unused output, gives zeros)."""
-    zeros = None
-    coefficients = []
-    for grad in (grad_logp, grad_entropy):
-        if grad is None:
-            zeros = torch.zeros(n, dtype=torch.float32, device=device) if zeros is None else zeros
-            coefficients.append(zeros)
-        else:
-            coefficients.append((-grad.reshape(-1)).to(torch.float32).contiguous())
-    return coefficients[0], coefficients[1]
+def statistics_table(logp: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(N, len(ROW_FIELDS)) fp32 row table holding the per-row logp, entropy and lse."""
+    table = torch.zeros(logp.numel(), len(ROW_FIELDS), dtype=torch.float32, device=logp.device)
+    for name, column in (("logp", logp), ("entropy", entropy), ("lse", lse)):
+        table[:, ROW[name]] = column
+    return table
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index):
-        rows = as_token_rows(logits.detach())
-        flat_targets = _flat_targets(targets)
-        logp, entropy, lse = logprob_entropy_forward(rows, flat_targets, temperature, ignore_index)
-        ctx.save_for_backward(rows, flat_targets, lse, entropy, logits)  # logits itself anchors first_order_only
-        ctx.logits_shape = logits.shape
-        ctx.temperature = temperature
-        ctx.ignore_index = ignore_index
-        return logp.view(targets.shape), entropy.view(targets.shape)
-
-    @staticmethod
-    @first_order_only  # a double backward raises instead of being wrong
-    def backward(ctx, grad_logp, grad_entropy):
-        rows, flat_targets, lse, entropy, _ = ctx.saved_tensors
-        coef_lp, coef_ent = upstream_coefficients(grad_logp, grad_entropy, flat_targets.numel(), lse.device)
-        grad_rows = logits_backward(
-            rows,
-            flat_targets,
-            lse,
-            entropy,
-            coef_lp,
-            coef_ent,
-            ctx.temperature,
-            ctx.ignore_index,
-        )
-        return grad_rows.view(ctx.logits_shape), None, None, None
+def upstream_rows(rows: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: torch.Tensor) -> torch.Tensor:
+    """A copy of the row table with a = -dL/dlogp and b = -dL/dH (the incoming gradients) per row."""
+    rows = rows.clone()
+    rows[:, ROW["coef_a"]] = -grad_logp.reshape(-1).to(rows.dtype)
+    rows[:, ROW["coef_b"]] = -grad_entropy.reshape(-1).to(rows.dtype)
+    return rows
 
 
-def token_logprobs(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-):
-    """The Triton backend of ``ops.token_logprobs``: logits (N, V) or (B, T, V) fp32 / bf16 / fp16."""
-    logp, entropy = _TokenLogprobs.apply(logits, targets, float(temperature), int(ignore_index))
-    return (logp, entropy) if return_entropy else logp
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int) -> torch.Tensor:
+    """logits (N, V) or (B, T, V) fp32 / bf16 / fp16, targets like them -> the (N, ROW_FIELDS) fp32 row table."""
+    logp, entropy, lse = logprob_entropy_forward(
+        as_token_rows(logits), _flat_targets(targets), temperature, ignore_index
+    )
+    return statistics_table(logp, entropy, lse)
+
+
+def token_logprobs_backward(logits, targets, rows, grad_logp, grad_entropy, temperature, ignore_index) -> torch.Tensor:
+    """dL/dlogits from the forward's row table and the incoming gradients of logp and entropy."""
+    rows = upstream_rows(rows, grad_logp, grad_entropy)
+    grad = logits_backward(
+        as_token_rows(logits.detach()),
+        _flat_targets(targets),
+        *(rows[:, ROW[name]] for name in ("lse", "entropy", "coef_a", "coef_b")),
+        temperature,
+        ignore_index,
+    )
+    return grad.view(logits.shape)

@@ -29,12 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autograd import can_overwrite, first_order_only
-from ..config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
-from ..reference import coefficients, inverse_temperature
+from ..config import CalibRLConfig
+from ..reference import inverse_temperature
+from ..reference.coefficients import ROW
 from ._launch import launch
 from ._loss_terms import (
-    FIRST_SUMMED_OUTPUT,
     TOKEN_OUTPUTS,
     activation_code,
     loss_epilogue,
@@ -42,9 +41,7 @@ from ._loss_terms import (
     token_is_counted,
 )
 from ._softmax import logits_row_statistics, token_row_pointers
-from .logprobs import as_token_rows, logits_backward, row_kernel_launch
-
-ROW = coefficients.ROW
+from .logprobs import _flat_targets, as_token_rows, logits_backward, row_kernel_launch
 
 
 @triton.jit
@@ -107,12 +104,6 @@ def _calibrl_loss_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side: the token table before launch (``reference.coefficients``), the LossOutput after
 # ----------------------------------------------------------------------------------------------
-def prepare_token_table(targets: torch.Tensor, inputs: LossInputs, config: CalibRLConfig) -> torch.Tensor:
-    """(N, TOKEN_INPUTS) fp32 token table of the loss kernels, N = B * T: ``coefficients.loss_token_table``
-    (the masks and aggregation weights of ``reference.calibrl_loss``, shared by every backend)."""
-    return coefficients.loss_token_table(targets, inputs, config, torch.float32)
-
-
 def kernel_loss_arguments(config: CalibRLConfig) -> dict:
     """The runtime scalars and constexprs of config that every loss kernel takes."""
     return dict(
@@ -127,15 +118,6 @@ def kernel_loss_arguments(config: CalibRLConfig) -> dict:
         USES_GUIDE=config.uses_guide,
         ACTIVATION=activation_code(config),
     )
-
-
-def loss_and_metrics(ctx, token_out: torch.Tensor, config: CalibRLConfig):
-    """The outputs of a loss autograd Function: (loss, *metrics) from the row table (N, TOKEN_OUTPUTS),
-    combined by ``coefficients.loss_output`` (as every backend); metrics marked non-differentiable."""
-    out = coefficients.loss_output(token_out[:, FIRST_SUMMED_OUTPUT:].sum(dim=0), config)
-    metrics = tuple(out[1:])
-    ctx.mark_non_differentiable(*metrics)
-    return (out.loss.clone(),) + metrics  # a clone: loss may be the very tensor of pg_loss
 
 
 def calibrl_loss_forward(
@@ -173,61 +155,22 @@ def calibrl_loss_forward(
     return token_out
 
 
-class _FusedCalibRLLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, table, config, ignore_index, inplace_backward):
-        rows = as_token_rows(logits.detach())
-        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-        token_out = calibrl_loss_forward(rows, flat_targets, table, config, ignore_index)
-        ctx.save_for_backward(rows, flat_targets, token_out, logits)  # logits itself anchors first_order_only
-        ctx.logits_shape = logits.shape
-        ctx.temperature = config.temperature
-        ctx.ignore_index = ignore_index
-        ctx.inplace = inplace_backward and can_overwrite(rows)  # aliasing logits: a fresh buffer (can_overwrite)
-        ctx.backward_done = False
-        return loss_and_metrics(ctx, token_out, config)
-
-    @staticmethod
-    @first_order_only  # a double backward raises instead of being wrong
-    def backward(ctx, grad_loss, *grad_metrics):
-        if ctx.inplace and ctx.backward_done:
-            raise RuntimeError(
-                "fused_calibrl_loss(inplace_backward=True): the logits buffer already holds the gradient of a "
-                "first backward pass; a second backward (retain_graph=True) cannot recompute it"
-            )
-        rows, flat_targets, token_out, _ = ctx.saved_tensors
-        grad = logits_backward(
-            rows,
-            flat_targets,
-            token_out[:, ROW["lse"]],
-            token_out[:, ROW["entropy"]],
-            token_out[:, ROW["coef_a"]],
-            token_out[:, ROW["coef_b"]],
-            ctx.temperature,
-            ctx.ignore_index,
-            scale=grad_loss,
-            inplace=ctx.inplace,
-        )
-        if ctx.inplace:
-            ctx.backward_done = True
-            # Autograd cannot see a kernel's writes: bump the version counter so that any other node
-            # that saved these logits fails loudly instead of reading gradients as logits.
-            torch.autograd.graph.increment_version(rows)
-        return grad.view(ctx.logits_shape), None, None, None, None, None
+def fused_calibrl_loss(logits, targets, table, config: CalibRLConfig, ignore_index: int) -> torch.Tensor:
+    """logits (B, T, V) fp32 / bf16 / fp16, targets (B, T), table from ``coefficients.loss_token_table`` ->
+    the (N, ROW_FIELDS) fp32 row table (statistics, closed-form coefficients and loss terms per token)."""
+    return calibrl_loss_forward(as_token_rows(logits.detach()), _flat_targets(targets), table, config, ignore_index)
 
 
-def fused_calibrl_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    inputs: LossInputs,
-    config: CalibRLConfig = DEFAULT_CONFIG,
-    inplace_backward: bool = False,
-) -> LossOutput:
-    """The Triton backend of ``ops.fused_calibrl_loss``: logits (B, T, V) fp32 / bf16 / fp16, targets (B, T).
-
-    inplace_backward=True writes dL/dlogits over the logits buffer during backward (no gradient
-    buffer: peak memory is the logits alone); afterwards the logits tensor holds its own gradient
-    (``logits.grad`` aliases it when logits is a leaf) and must not be used as logits again.
-    """
-    table = prepare_token_table(targets, inputs, config)
-    return LossOutput(*_FusedCalibRLLoss.apply(logits, targets, table, config, inputs.ignore_index, inplace_backward))
+def fused_calibrl_loss_backward(logits, targets, rows, grad_loss, config: CalibRLConfig, ignore_index: int, out):
+    """dL/dlogits from the forward's row table, scaled by the incoming gradient; out=logits writes it over
+    the logits buffer (``inplace_backward``), out=None into a new tensor."""
+    grad = logits_backward(
+        as_token_rows(logits.detach()),
+        _flat_targets(targets),
+        *(rows[:, ROW[name]] for name in ("lse", "entropy", "coef_a", "coef_b")),
+        config.temperature,
+        ignore_index,
+        scale=grad_loss,
+        inplace=out is not None,
+    )
+    return grad.view(logits.shape)

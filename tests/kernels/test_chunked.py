@@ -355,14 +355,13 @@ def test_gradients_are_handed_over_without_a_copy(row_math, monkeypatch):
     config = CalibRLConfig(mode="grpo")
     case = make_linear_case(config, dtype=torch.float32, bias=False, seed=17)
     buffers = []
-    original = chunked._Gradients.finish
+    original = chunked._Gradients.__init__
 
     def spy(self, *args):
-        result = original(self, *args)
-        buffers.append([t.data_ptr() for t in result if t is not None])
-        return result
+        original(self, *args)
+        buffers.append([t.data_ptr() for t in (self.hidden, self.weight, self.bias) if t is not None])
 
-    monkeypatch.setattr(chunked._Gradients, "finish", spy)
+    monkeypatch.setattr(chunked._Gradients, "__init__", spy)
     out = chunked_linear_loss(*case.loss_args(), row_math=row_math, config=config)
     out.loss.backward()
     assert buffers == [[case.hidden.grad.data_ptr(), case.weight.grad.data_ptr()]]

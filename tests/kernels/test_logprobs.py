@@ -352,7 +352,7 @@ _OFFSET_SCRIPT = textwrap.dedent(
     import torch
     import calibrl_kernels as ck
     from calibrl_kernels import reference
-    from calibrl_kernels.triton.logprobs import token_logprobs
+    from calibrl_kernels.triton import token_logprobs
     V, rows = 40, 3
     stride = 2 ** 30 + 64  # fits int32; rows * stride does not
     storage = torch.empty(stride * (rows - 1) + V, dtype=torch.bfloat16, device=device)

@@ -12,6 +12,7 @@ from _triton_helpers import LOSS_FIELDS, assert_close_rel, assert_no_worse_than_
 import calibrl_kernels as ck
 from calibrl_kernels import CalibRLConfig, reference
 from calibrl_kernels.config import LossInputs
+from calibrl_kernels.reference import coefficients
 from calibrl_kernels.reference.coefficients import ROW_FIELDS, TOKEN_FIELDS, fill_row_terms, loss_output
 
 pytest.importorskip("triton")
@@ -317,7 +318,7 @@ def kernel_outputs(logits, targets, old_logp, adv, mask, kw, config, ignore_inde
     inputs = LossInputs(
         old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], ignore_index
     )
-    table = triton_loss.prepare_token_table(targets, inputs, config)
+    table = coefficients.loss_token_table(targets, inputs, config, torch.float32)
     rows = triton_loss.as_token_rows(logits)
     out = triton_loss.calibrl_loss_forward(rows, targets.reshape(-1), table, config, ignore_index)
     assert out.shape == (targets.numel(), _loss_terms.TOKEN_OUTPUTS)
@@ -371,7 +372,7 @@ def test_tables_are_those_of_every_backend(config, triton_device):
     kernel's own lp and H, and ``coefficients.loss_output`` of its column sums is the op's LossOutput."""
     logits, targets, old_logp, adv, mask, kw = make_inputs(6, 5, 30, triton_device, seed=19)
     inputs = LossInputs(old_logp, adv, mask, kw["expert_logp"], kw["passed"], kw["is_expert"], kw["expert_mask"], -100)
-    table = triton_loss.prepare_token_table(targets, inputs, config)
+    table = coefficients.loss_token_table(targets, inputs, config, torch.float32)
     assert table.shape == (30, len(TOKEN_FIELDS)) and table.dtype == torch.float32
     out = triton_loss.calibrl_loss_forward(triton_loss.as_token_rows(logits), targets.reshape(-1), table, config, -100)
     expected = out.clone()
