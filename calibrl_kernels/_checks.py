@@ -286,6 +286,17 @@ def check_num_groups_argument(num_groups, batch_size: int) -> None:
         raise ValueError(f"num_groups: expected None or an int in [1, B = {batch_size}], got {num_groups}")
 
 
+def chunk_bytes_argument(chunk_bytes) -> Optional[int]:
+    """chunk_bytes, when given, is a positive int: the chunked path's byte budget per logits chunk."""
+    if chunk_bytes is None:
+        return None
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral):
+        raise TypeError(f"chunk_bytes: expected an int (bytes), got {type(chunk_bytes).__name__} {chunk_bytes!r}")
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
+    return int(chunk_bytes)
+
+
 def check_num_groups(num_groups: int, actual: int) -> None:
     """The num_groups a caller promised must equal the number of distinct group ids."""
     if num_groups != actual:

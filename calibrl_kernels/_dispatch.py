@@ -55,16 +55,16 @@ def _reference_fused_calibrl_loss(
 
 
 def _reference_fused_linear_calibrl_loss(
-    hidden, weight, targets, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG, bias=None
+    hidden, weight, targets, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG, bias=None, chunk_bytes=None
 ) -> LossOutput:
-    """The reference of the lm_head loss under the backend contract (materialises the logits)."""
+    """The reference of the lm_head loss under the backend contract (materialises the logits; no chunks)."""
     return _reference_fused_calibrl_loss(reference.linear_logits(hidden, weight, bias), targets, inputs, config)
 
 
 # Under torch.func: the reference of every op (plain torch ops, autograd gradients).
 _REFERENCE_OPS = {
     "token_logprobs": reference.token_logprobs,
-    "linear_token_logprobs": reference.linear_token_logprobs,
+    "linear_token_logprobs": lambda *args, chunk_bytes=None: reference.linear_token_logprobs(*args),
     "group_advantages": reference.group_advantages,
     "fused_calibrl_loss": _reference_fused_calibrl_loss,
     "fused_linear_calibrl_loss": _reference_fused_linear_calibrl_loss,

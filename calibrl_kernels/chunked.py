@@ -57,12 +57,12 @@ import contextlib
 import contextvars
 import functools
 import math
-import numbers
 import os
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from . import _checks
 from .config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 from .reference import coefficients as coef
 from .reference import compute_dtype, inverse_temperature
@@ -78,14 +78,6 @@ _DEFAULT_BUDGET_BOUNDS = (64 * 2**20, 2**30)  # ... between 64 MiB and 1 GiB
 # Chunk plan and its introspection hook
 # --------------------------------------------------------------------------------------------
 _scoped_chunk_bytes: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("calibrl_chunk_bytes", default=None)
-
-
-def _checked_chunk_bytes(chunk_bytes) -> int:
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral):
-        raise TypeError(f"chunk_bytes: expected an int (bytes), got {type(chunk_bytes).__name__} {chunk_bytes!r}")
-    if chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
-    return int(chunk_bytes)
 
 
 def _parse_env_chunk_bytes(raw: str) -> int:
@@ -143,7 +135,7 @@ def chunk_budget(chunk_bytes: Optional[int] = None) -> int:
     if chunk_bytes is None:
         chunk_bytes = _scoped_chunk_bytes.get()
     if chunk_bytes is not None:
-        return _checked_chunk_bytes(chunk_bytes)
+        return _checks.chunk_bytes_argument(chunk_bytes)
     raw = os.environ.get(ENV_CHUNK_BYTES, "")
     return _parse_env_chunk_bytes(raw) if raw.strip() else default_chunk_bytes()
 
@@ -158,7 +150,7 @@ def chunk_bytes_scope(chunk_bytes: Optional[int]) -> Iterator[None]:
     if chunk_bytes is None:
         yield
         return
-    token = _scoped_chunk_bytes.set(_checked_chunk_bytes(chunk_bytes))
+    token = _scoped_chunk_bytes.set(_checks.chunk_bytes_argument(chunk_bytes))
     try:
         yield
     finally:

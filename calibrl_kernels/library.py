@@ -470,7 +470,7 @@ def _(hidden, weight, bias, targets, table, config, ignore_index, needs, chunk_b
     outputs = (hidden.new_empty((), dtype=dtype), hidden.new_empty(METRIC_COUNT, dtype=dtype))
     outputs += (_row_table_like(hidden, targets.numel()),)
     if not forms_gradients_in_forward(impl):
-        return outputs + (_empty(hidden),) * 3
+        return outputs + tuple(_empty(hidden) for _ in range(3))  # three tensors: outputs never alias
     shapes = (hidden.shape[:-1].numel(), hidden.shape[-1]), tuple(weight.shape), (weight.shape[0],)
     return outputs + tuple(
         hidden.new_empty(s, dtype=dtype) if need else _empty(hidden) for s, need in zip(shapes, needs)
@@ -628,7 +628,14 @@ def group_advantages(impl: str):
         count = -1 if num_groups is None else int(num_groups)
         return GroupStats(
             *_group_advantages_op(
-                scores, group_ids, is_expert, bool(norm_by_std), float(eps), float(pass_threshold), count, impl
+                scores.detach(),  # group statistics carry no gradient (advantages are constants of the loss)
+                group_ids,
+                is_expert,
+                bool(norm_by_std),
+                float(eps),
+                float(pass_threshold),
+                count,
+                impl,
             )
         )
 

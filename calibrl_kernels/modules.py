@@ -112,6 +112,6 @@ class LinearCalibRLLoss(_ConfiguredLoss):
         **batch_fields,
     ) -> LossOutput:
         """batch_fields: scores, group_ids, expert_logp, passed, is_expert, expert_mask (as the op)."""
-        with chunked.chunk_bytes_scope(self.chunk_bytes):
-            args = (hidden, weight, targets, old_logp, advantages, mask)
-            return ops.fused_linear_calibrl_loss(*args, bias=bias, **self._op_options(), **batch_fields)
+        args = (hidden, weight, targets, old_logp, advantages, mask)
+        options = dict(bias=bias, chunk_bytes=self.chunk_bytes, **self._op_options())
+        return ops.fused_linear_calibrl_loss(*args, **options, **batch_fields)

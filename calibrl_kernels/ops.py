@@ -45,14 +45,20 @@ def linear_token_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    chunk_bytes: Optional[int] = None,
 ):
-    """token_logprobs of hidden (N, D) or (B, T, D) @ weight (V, D)^T + bias, without (N, V) logits."""
+    """token_logprobs of hidden (N, D) or (B, T, D) @ weight (V, D)^T + bias, without (N, V) logits.
+
+    chunk_bytes: the byte budget of a logits chunk on the CPU chunked path (``chunked.chunk_budget``; None:
+    the innermost ``chunked.chunk_bytes_scope``, env CALIBRL_CHUNK_BYTES, else the default).
+    """
     _checks.check_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index)
     _checks.check_bool_argument("return_entropy", return_entropy)
+    chunk_bytes = _checks.chunk_bytes_argument(chunk_bytes)
     temperature, ignore_index = float(temperature), int(ignore_index)  # NumPy scalars -> Python numbers
     targets = _checks.token_ids(targets)
     fn = _dispatch.implementation("linear_token_logprobs", hidden.device, dtype=hidden.dtype)
-    return fn(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+    return fn(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_bytes=chunk_bytes)
 
 
 def group_advantages(
@@ -95,11 +101,16 @@ def expert_baseline(
     *,
     kind: str = "position",
     return_mask: bool = False,
+    num_groups: Optional[int] = None,
 ):
-    """The expert baseline b (B, T) of every row from its group's expert row; see reference.expert_baseline."""
+    """The expert baseline b (B, T) of every row from its group's expert row; see reference.expert_baseline.
+
+    num_groups: see group_advantages (no data-dependent shapes: traceable by torch.compile).
+    """
     _checks.check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert)
     _checks.check_bool_argument("return_mask", return_mask)
-    return reference.expert_baseline(old_logp, mask, group_ids, is_expert, kind, return_mask)
+    _checks.check_num_groups_argument(num_groups, old_logp.shape[0])
+    return reference.expert_baseline(old_logp, mask, group_ids, is_expert, kind, return_mask, num_groups)
 
 
 def calibrl_loss(
@@ -159,7 +170,9 @@ def _resolve_loss_inputs(
                 "it is built from the batch's expert rows"
             )
         _checks.check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert)
-        expert_logp, built_mask = reference.expert_baseline(old_logp, mask, group_ids, is_expert, config.baseline, True)
+        expert_logp, built_mask = reference.expert_baseline(
+            old_logp, mask, group_ids, is_expert, config.baseline, True, num_groups
+        )
         expert_mask = built_mask if expert_mask is None else expert_mask
     _checks.check_shape("old_logp", old_logp, batch_shape, "(B, T) like targets")
     _checks.check_loss_inputs(
@@ -238,17 +251,20 @@ def fused_linear_calibrl_loss(
     ignore_index: int = -100,
     config: CalibRLConfig = DEFAULT_CONFIG,
     num_groups: Optional[int] = None,
+    chunk_bytes: Optional[int] = None,
 ) -> LossOutput:
     """fused_calibrl_loss starting from hidden states (B, T, D) and the lm_head weight (V, D) [+ bias (V,)].
 
     The (B*T, V) logits are never materialised; gradients flow to hidden, weight and bias.
+    chunk_bytes: see linear_token_logprobs.
     """
     _checks.check_config(config)
     _checks.check_linear_inputs(hidden, weight, targets, bias, config.temperature, ignore_index)
+    chunk_bytes = _checks.chunk_bytes_argument(chunk_bytes)
     targets = _checks.token_ids(targets)
     if hidden.dim() != 3:
         raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
     given = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, int(ignore_index))
     inputs = _resolve_loss_inputs(given, scores, group_ids, num_groups, config, targets.shape)
     fn = _dispatch.implementation("fused_linear_calibrl_loss", hidden.device, dtype=hidden.dtype)
-    return fn(hidden, weight, targets, inputs, config, bias)
+    return fn(hidden, weight, targets, inputs, config, bias, chunk_bytes=chunk_bytes)
