@@ -169,6 +169,11 @@ class TrainConfig:
         "on a shared machine (2 busy-waiting threads on 2 busy cores crawl)",
     )
     quick: bool = _field(False, "a tiny run of a few seconds (tests, smoke checks)")
+    compile: bool = _field(
+        False,
+        "run the policy loss (the fused lm_head op with its group statistics and baseline) under "
+        "torch.compile(fullgraph=True); the model forward stays eager",
+    )
     # --- faults
     max_bad_steps: int = _field(
         3,
@@ -404,6 +409,7 @@ RESUME_SAFE = (
     "out",
     "max_bad_steps",
     "skip_bad_rows",
+    "compile",
     "diagnostics_every",
     "data",
     "eval_data",

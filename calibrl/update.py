@@ -65,6 +65,11 @@ class PPOUpdate:
         # (loss finite) -> gradient norm: clips, steps unless the loss or gradient is not finite, zeroes the gradients
         self.optimizer_step = optimizer_step
         self.loss_finite = True
+        # --compile: the loss's calibrl:: operators compose with torch.compile (no graph break); a micro-batch
+        # of another (R, T) recompiles once, then torch.compile marks those sizes dynamic
+        self.policy_loss = (
+            torch.compile(algorithms.policy_loss, fullgraph=True) if cfg.compile else algorithms.policy_loss
+        )
 
     def __call__(self, batch: RolloutBatch) -> Dict[str, float]:
         """Loss metrics (means over this step's micro-batches, then over processes) and the mean grad norm.
@@ -130,6 +135,4 @@ class PPOUpdate:
     def _loss(self, micro: RolloutBatch):
         device = self.dist.device
         hidden, weight, bias = self.module(**micro.forward_inputs(device))  # (R, T, D), (V, D), (V,) or None
-        return algorithms.policy_loss(
-            hidden, weight, bias, micro.targets().to(device), micro.loss_inputs(device), self.loss
-        )
+        return self.policy_loss(hidden, weight, bias, micro.targets().to(device), micro.loss_inputs(device), self.loss)
