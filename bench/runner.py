@@ -2,8 +2,10 @@
 
 Providers: ``calibrl`` (the public op, default backend), ``calibrl-<impl>`` (the same op with
 ``CALIBRL_IMPL=<impl>``), ``eager`` (fp32 log_softmax + gather + entropy + the reference loss),
-``compiled`` (``torch.compile`` of eager), ``liger`` (Liger-Kernel's nearest loss, where installed) and
-``roofline``: the op's work over the rate of a GEMM (or a copy) timed in the same rounds.
+``compiled`` (``torch.compile`` of eager), ``compiled-calibrl`` (the public op inside a step compiled with
+``torch.compile(fullgraph=True)``: its ``calibrl::`` operators are opaque nodes of the graph), ``liger``
+(Liger-Kernel's nearest loss, where installed) and ``roofline``: the op's work over the rate of a GEMM (or
+a copy) timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .harness import (
 )
 
 CALIBRL, EAGER, COMPILED, LIGER, ROOFLINE = "calibrl", "eager", "compiled", "liger", "roofline"
+COMPILED_CALIBRL = "compiled-calibrl"
 LOSS_CONFIG = ck.CalibRLConfig()  # CalibRL defaults: PPO dual clip + leaky-ReLU guide against the expert
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DIM_ORDER = "NBDVG"  # the order of sizes in x_name
@@ -195,6 +198,8 @@ def providers(op: Op, inputs, device: torch.device, impls: Sequence[str] = (), c
     if compiled:
         compiled_fn = torch.compile(op.eager, dynamic=False)
         forwards[COMPILED] = (lambda: compiled_fn(inputs), grads)
+        compiled_ours = torch.compile(op.calibrl, dynamic=False, fullgraph=True)
+        forwards[COMPILED_CALIBRL] = (lambda: compiled_ours(inputs), grads)
     try:
         if op.liger is None:
             raise Unavailable("Liger-Kernel has no counterpart of this op")

@@ -14,7 +14,7 @@ import contextlib
 import pytest
 import torch
 
-from bench.runner import CALIBRL, COMPILED, DTYPES, EAGER, LIGER, all_ops, providers
+from bench.runner import CALIBRL, COMPILED, COMPILED_CALIBRL, DTYPES, EAGER, LIGER, all_ops, providers
 
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (the bench extra) to run bench/")
 CPU = torch.device("cpu")
@@ -28,7 +28,7 @@ def pytest_generate_tests(metafunc):
             (op, op.sweeps[part][0], provider)
             for op in all_ops().values()
             if op.differentiable
-            for provider in (CALIBRL, EAGER, COMPILED, LIGER)
+            for provider in (CALIBRL, EAGER, COMPILED, COMPILED_CALIBRL, LIGER)
             if provider != LIGER or op.liger is not None
         ]
         metafunc.parametrize("case", cases, ids=[f"{op.name}-{provider}" for op, _, provider in cases])
@@ -43,7 +43,7 @@ def test_forward_backward(benchmark, case):
         torch.manual_seed(0)
         _INPUTS[key] = op.build(dims, DTYPES[sweep.dtype], CPU)
     inputs = _INPUTS[key]
-    forwards, contexts, skipped = providers(op, inputs, CPU, compiled=provider == COMPILED)
+    forwards, contexts, skipped = providers(op, inputs, CPU, compiled=provider in (COMPILED, COMPILED_CALIBRL))
     if provider in skipped:
         pytest.skip(skipped[provider])
     forward, grads = forwards[provider]

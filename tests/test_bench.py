@@ -237,10 +237,14 @@ def test_compiled_provider_runs(tmp_path):
     """The one real torch.compile of the tests (tens of seconds on a CPU when the cache is cold)."""
     op = dataclasses.replace(OPS["token_logprobs"], sweeps={"tiny": [Sweep("N", (8,), {"V": 96})]})
     out = runner.run_suite(
-        "tiny", [op], options(tmp_path, "--compiled", "--providers", "compiled", "--no-plot", "--no-table")
+        "tiny",
+        [op],
+        options(tmp_path, "--compiled", "--providers", "compiled", "compiled-calibrl", "--no-plot", "--no-table"),
     )
-    compiled = [row for row in check_well_formed(out / "kernels.csv") if row["provider"] == "compiled"]
-    assert compiled and all(math.isfinite(float(row["p50"])) for row in compiled), events(out / "kernels.csv")
+    rows = check_well_formed(out / "kernels.csv")
+    for provider in ("compiled", "compiled-calibrl"):
+        compiled = [row for row in rows if row["provider"] == provider]
+        assert compiled and all(math.isfinite(float(row["p50"])) for row in compiled), events(out / "kernels.csv")
 
 
 def test_train_step_providers_compute_the_same_loss():
@@ -492,7 +496,13 @@ def test_pytest_benchmark_entry_point_groups_providers_side_by_side(tmp_path):
         groups.setdefault(entry["group"], set()).add(entry["extra_info"]["provider"])
         assert entry["stats"]["rounds"] == 3
     assert groups == {
-        "fused_linear_calibrl_loss N 8, D 16, V 96 float32 full": {"calibrl", "eager", "compiled", "liger"},
-        "fused_calibrl_loss N 8, V 96 float32 full": {"calibrl", "eager", "compiled"},
-        "token_logprobs N 8, V 96 float32 full": {"calibrl", "eager", "compiled"},
+        "fused_linear_calibrl_loss N 8, D 16, V 96 float32 full": {
+            "calibrl",
+            "eager",
+            "compiled",
+            "compiled-calibrl",
+            "liger",
+        },
+        "fused_calibrl_loss N 8, V 96 float32 full": {"calibrl", "eager", "compiled", "compiled-calibrl"},
+        "token_logprobs N 8, V 96 float32 full": {"calibrl", "eager", "compiled", "compiled-calibrl"},
     }
