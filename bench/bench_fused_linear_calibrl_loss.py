@@ -84,6 +84,11 @@ OP = Op(
             Sweep("N", (8192,), _QWEN_HEAD, modes=("full",), compiled=False, timing=_TWO),
             Sweep("N", (512, 1024), {"D": 512, "V": 32000}, compiled=False),
         ],
+        # our op compiled inside a step (compiled-calibrl) against it eager and against the eager loss compiled
+        "cpu-compile": [
+            Sweep("N", (2048,), {"D": 512, "V": 32000}, timing=_FIVE),
+            Sweep("N", (1024,), _QWEN_HEAD, modes=("full",), timing=_FIVE),
+        ],
         "cpu-vocab": [
             Sweep("V", (8000, 32000, 64000), {"N": 1024, "D": 896}, modes=("full",), timing=_FIVE),
             Sweep("V", (151936, 256000), {"N": 1024, "D": 896}, modes=("full",)),

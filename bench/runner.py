@@ -100,6 +100,7 @@ SUITES: Dict[str, Suite] = {
     "tiny": Suite("cpu", ("tiny",), Timing(1, 2, 3, 0.0), 64, 1 << 20, ("torch",), False, 1, "tiny"),
     "cpu": Suite("cpu", ("cpu",), _CPU, 2048, 256 << 20, ("torch",), train="cpu"),
     "cpu-vocab": Suite("cpu", ("cpu-vocab",), Timing(1, 3, 3, 0.0), 2048, 256 << 20),
+    "cpu-compile": Suite("cpu", ("cpu-compile",), _CPU, 2048, 256 << 20),
     "gpu-targets": Suite("cuda", ("gpu-targets",), _GPU, 8192, 1 << 30),
     "gpu-sweeps": Suite("cuda", ("gpu-sweeps",), _GPU, 8192, 1 << 30, compiled=False),
     "gpu": Suite("cuda", ("gpu-targets", "gpu-sweeps"), _GPU, 8192, 1 << 30, train="gpu"),

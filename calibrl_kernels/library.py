@@ -33,8 +33,6 @@ import importlib
 from typing import List, Optional, Tuple
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
 
 from ._autograd import can_overwrite, first_order_only
 from .config import DEFAULT_CONFIG, CalibRLConfig, GroupStats, LossInputs, LossOutput
@@ -92,11 +90,28 @@ def _loss_and_metrics(rows: torch.Tensor, config: CalibRLConfig) -> Tuple[torch.
 
 def _traced(t: torch.Tensor) -> bool:
     """Whether t is a tracing stand-in (torch.compile / opcheck) rather than real data."""
-    return isinstance(t, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor  # here: importing them at start-up imports triton
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(t, (FakeTensor, FunctionalTensor))
 
 
 def _zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if grad is None else grad
+
+
+def _logprob_outputs(rows: torch.Tensor, targets: torch.Tensor) -> Tensors3:
+    """(logp, entropy) shaped like targets, copied out of the row table, and the row table itself."""
+    shape = targets.shape
+    return rows[:, ROW["logp"]].reshape(shape).clone(), rows[:, ROW["entropy"]].reshape(shape).clone(), rows
+
+
+def _fake_logprob_outputs(like: torch.Tensor, targets: torch.Tensor) -> Tensors3:
+    dtype = compute_dtype(like)
+    per_token = tuple(targets.new_empty(targets.shape, dtype=dtype) for _ in range(2))
+    return per_token + (_row_table_like(like, targets.numel()),)
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,19 +121,12 @@ def _zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Te
 def _token_logprobs_op(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int, impl: str
 ) -> Tensors3:
-    rows = _kernel(impl, "token_logprobs")(logits, targets, temperature, ignore_index)
-    shape = targets.shape
-    return rows[:, ROW["logp"]].reshape(shape).clone(), rows[:, ROW["entropy"]].reshape(shape).clone(), rows
+    return _logprob_outputs(_kernel(impl, "token_logprobs")(logits, targets, temperature, ignore_index), targets)
 
 
 @_token_logprobs_op.register_fake
 def _(logits, targets, temperature, ignore_index, impl):
-    dtype = compute_dtype(logits)
-    return (
-        targets.new_empty(targets.shape, dtype=dtype),
-        targets.new_empty(targets.shape, dtype=dtype),
-        (_row_table_like(logits, targets.numel())),
-    )
+    return _fake_logprob_outputs(logits, targets)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::token_logprobs_backward", mutates_args=())
@@ -302,18 +310,12 @@ def _linear_token_logprobs_op(
 ) -> Tensors3:
     kernel = _kernel(impl, "linear_token_logprobs")
     rows = kernel(hidden, weight, bias, targets, temperature, ignore_index, chunk_bytes or None)
-    shape = targets.shape
-    return rows[:, ROW["logp"]].reshape(shape).clone(), rows[:, ROW["entropy"]].reshape(shape).clone(), rows
+    return _logprob_outputs(rows, targets)
 
 
 @_linear_token_logprobs_op.register_fake
 def _(hidden, weight, bias, targets, temperature, ignore_index, chunk_bytes, impl):
-    dtype = compute_dtype(hidden)
-    return (
-        targets.new_empty(targets.shape, dtype=dtype),
-        targets.new_empty(targets.shape, dtype=dtype),
-        (_row_table_like(hidden, targets.numel())),
-    )
+    return _fake_logprob_outputs(hidden, targets)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::linear_token_logprobs_backward", mutates_args=())

@@ -329,3 +329,28 @@ def test_model_and_loss_step_under_inductor(impl, monkeypatch):
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for a, e in zip(grads, eager_grads):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_export_keeps_the_operator(backend):
+    """torch.export of a module calling the lm_head loss: one calibrl:: node, the eager value."""
+    case = make_linear_case(CONFIG, T=T, D=D, V=V, dtype=torch.float32)
+    b = case.batch
+    head = torch.nn.Linear(D, V, bias=False)
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, hidden, old_logp, advantages, mask, targets, expert_logp, passed, is_expert):
+            fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, config=CalibRLConfig())
+            args = (hidden, self.head.weight, targets, old_logp, advantages, mask)
+            return ck.fused_linear_calibrl_loss(*args, **fields).loss
+
+    args = (case.hidden.detach(), b.old_logp, b.advantages, b.mask, case.targets, b.expert_logp, b.passed, b.is_expert)
+    args = tuple(a.float() if a.is_floating_point() else a for a in args)
+    with torch.no_grad():
+        program = torch.export.export(Head(), args)
+        nodes = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("calibrl.")]
+        assert nodes == ["calibrl.fused_linear_calibrl_loss.default"]
+        torch.testing.assert_close(program.module()(*args), Head()(*args), rtol=1e-6, atol=1e-7)
