@@ -354,3 +354,40 @@ def test_torch_export_keeps_the_operator(backend):
         nodes = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("calibrl.")]
         assert nodes == ["calibrl.fused_linear_calibrl_loss.default"]
         torch.testing.assert_close(program.module()(*args), Head()(*args), rtol=1e-6, atol=1e-7)
+
+
+def test_fsdp2_forward_works_and_dtensor_inputs_are_refused(tmp_path):
+    """One gloo process: a fully_shard(ed) module calling the op in its forward trains as the plain module;
+    a DTensor handed to the operator directly is refused by torch's DTensor dispatch (no sharding rule)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    case = make_linear_case(CONFIG, T=T, D=D, V=V, dtype=torch.float32)
+    b = case.batch
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = torch.nn.Linear(D, V, bias=False)
+            self.lm.weight.data.copy_(case.weight.detach())
+
+        def forward(self, hidden, weight=None):
+            weight = self.lm.weight if weight is None else weight
+            args = (hidden, weight, case.targets, b.old_logp, b.advantages, b.mask)
+            return ck.fused_linear_calibrl_loss(*args, **b.kwargs(CONFIG)).loss
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain, sharded = Head(), Head()
+        fully_shard(sharded, mesh=mesh)
+        plain(case.hidden.detach()).backward()
+        sharded(case.hidden.detach()).backward()
+        torch.testing.assert_close(sharded.lm.weight.grad.full_tensor(), plain.lm.weight.grad, rtol=1e-6, atol=1e-7)
+        weight = distribute_tensor(case.weight.detach(), mesh, [Shard(0)])
+        with pytest.raises(RuntimeError, match="DTensor"):
+            plain(case.hidden.detach(), weight)
+    finally:
+        dist.destroy_process_group()
