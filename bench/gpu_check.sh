@@ -58,7 +58,8 @@ declare -A LIMIT=(
 )
 # The Triton test files: every kernel against its reference, natively compiled on CUDA.
 GPU_TESTS=(tests/kernels/test_logprobs.py tests/kernels/test_loss.py tests/kernels/test_linear.py
-           tests/kernels/test_group_stats.py tests/kernels/test_triton_launch.py)
+           tests/kernels/test_group_stats.py tests/kernels/test_triton_launch.py
+           tests/kernels/test_compile.py::test_triton_operators_compile_natively_on_cuda)
 # What is published to $OUT after every step (with results.tar.gz: 7 files).
 PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml tables.md)
 MAX_FILE_BYTES=$((${GPU_CHECK_MAX_FILE_MB:-15} * 1024 * 1024))

@@ -38,18 +38,34 @@ def _logits_case(dtype=torch.float32, seed=0):
     return case, _leaf(logits)
 
 
+def _on(device: torch.device, value):
+    """value with its tensors moved to device (leaves that required grad stay leaves that require grad)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    moved = value.detach().to(device)
+    return moved.requires_grad_(True) if value.requires_grad else moved
+
+
 # --------------------------------------------------------------------------------------------
 # opcheck on every registered operator, per backend
 # --------------------------------------------------------------------------------------------
-def _operator_calls(impl: str, dtype: torch.dtype):
-    """(operator, args) of every calibrl:: operator backend ``impl`` implements, on small inputs."""
+def _operator_calls(impl: str, dtype: torch.dtype, device: torch.device = torch.device("cpu")):
+    """(operator, args) of every calibrl:: operator backend ``impl`` implements, on small inputs on device."""
     case, logits = _logits_case(dtype)
+    case = case._replace(
+        hidden=_on(device, case.hidden),
+        weight=_on(device, case.weight),
+        bias=_on(device, case.bias),
+        targets=case.targets.to(device),
+        batch=case.batch._replace(**{name: _on(device, t) for name, t in case.batch._asdict().items()}),
+    )
+    logits = _on(device, logits)
     targets, inputs = case.targets, case.batch.inputs()
     table = coef.loss_token_table(targets, inputs, CONFIG, torch.float32 if dtype != torch.float64 else dtype)
     ops = torch.ops.calibrl
     calls = []
     N = targets.numel()
-    grad_tokens = torch.randn(targets.shape, generator=torch.Generator().manual_seed(3))
+    grad_tokens = torch.randn(targets.shape, generator=torch.Generator().manual_seed(3)).to(device)
     if impl in ("cpp", "triton"):
         _, _, rows = ops.token_logprobs(logits.detach(), targets, 0.7, -100, impl)
         calls.append((ops.token_logprobs.default, (logits, targets, 0.7, -100, impl)))
@@ -62,7 +78,7 @@ def _operator_calls(impl: str, dtype: torch.dtype):
         loss_args = (logits, targets, table, CONFIG.key, -100)
         _, _, loss_rows = ops.fused_calibrl_loss(logits.detach(), *loss_args[1:], False, impl)
         calls.append((ops.fused_calibrl_loss.default, loss_args + (False, impl)))
-        backward_args = (targets, loss_rows, torch.tensor(0.5), CONFIG.key, -100, impl)
+        backward_args = (targets, loss_rows, torch.tensor(0.5, device=device), CONFIG.key, -100, impl)
         calls.append((ops.fused_calibrl_loss_backward.default, (logits.detach(),) + backward_args))
         calls.append((ops.fused_calibrl_loss_backward_.default, (logits.detach().clone(),) + backward_args))
     hidden, weight, bias = (t.detach().to(dtype) for t in (case.hidden, case.weight, case.bias))
@@ -83,13 +99,24 @@ def _operator_calls(impl: str, dtype: torch.dtype):
         calls.append(
             (
                 ops.fused_linear_calibrl_loss_backward.default,
-                (hidden, weight, bias, targets, linear_rows, torch.tensor(0.5), CONFIG.key, -100, needs, impl),
+                (
+                    hidden,
+                    weight,
+                    bias,
+                    targets,
+                    linear_rows,
+                    torch.tensor(0.5, device=device),
+                    CONFIG.key,
+                    -100,
+                    needs,
+                    impl,
+                ),
             )
         )
     if impl == "triton":
-        scores = torch.tensor([1.0, 0.0, 1.0, 0.2, 1.0, 0.0], dtype=dtype)
-        group_ids = torch.tensor([7, 7, 7, 3, 3, 3])
-        is_expert = torch.tensor([False, False, True, False, False, True])
+        scores = torch.tensor([1.0, 0.0, 1.0, 0.2, 1.0, 0.0], dtype=dtype, device=device)
+        group_ids = torch.tensor([7, 7, 7, 3, 3, 3], device=device)
+        is_expert = torch.tensor([False, False, True, False, False, True], device=device)
         for num_groups in (2, -1):
             group_args = (scores, group_ids, is_expert, True, 1e-6, 0.1, num_groups, impl)
             calls.append((ops.group_advantages.default, group_args))
@@ -391,3 +418,27 @@ def test_fsdp2_forward_works_and_dtensor_inputs_are_refused(tmp_path):
             plain(case.hidden.detach(), weight)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_triton_operators_compile_natively_on_cuda(monkeypatch):
+    """On a CUDA device: opcheck of every Triton operator, and the lm_head and logits losses compiled by
+    inductor with fullgraph=True equal to eager (the default backend there is Triton)."""
+    monkeypatch.delenv("CALIBRL_IMPL", raising=False)
+    cuda = torch.device("cuda")
+    for op, args in _operator_calls("triton", torch.bfloat16, cuda):
+        torch.library.opcheck(op, args)
+    case = make_linear_case(CONFIG, T=T, D=D, V=V, dtype=torch.float32)
+    b = case.batch._replace(**{name: _on(cuda, t) for name, t in case.batch._asdict().items()})
+    targets = case.targets.to(cuda)
+
+    def linear(h, w):
+        return ck.fused_linear_calibrl_loss(h, w, targets, b.old_logp, b.advantages, b.mask, **b.kwargs(CONFIG)).loss
+
+    def logits_loss(x):
+        return ck.fused_calibrl_loss(x, targets, b.old_logp, b.advantages, b.mask, **b.kwargs(CONFIG)).loss
+
+    hidden, weight = _on(cuda, case.hidden), _on(cuda, case.weight)
+    _assert_compiled_equals_eager(linear, [hidden, weight], backend="inductor", rtol=1e-4, atol=1e-5)
+    logits = (hidden.detach() @ weight.detach().t()).requires_grad_(True)
+    _assert_compiled_equals_eager(logits_loss, [logits], backend="inductor", rtol=1e-4, atol=1e-5)
