@@ -1,12 +1,7 @@
-"""pytest-benchmark over the same ops and providers as ``python -m bench``, for regression tracking.
+"""pytest-benchmark over the ops and providers of ``python -m bench`` (docs/benchmarks.md), one forward + backward
+of each provider at the first point of the op's suite, grouped by op and shape.
 
-    python -m pytest bench/ --benchmark-only                          # the README's CPU shapes (minutes)
-    python -m pytest bench/ --benchmark-only --benchmark-autosave     # keep the run in .benchmarks/
-    python -m pytest bench/ --benchmark-only --bench-sizes tiny       # seconds: the plumbing only
-
-One benchmark = one forward + backward of one provider at the first point of the op's suite; grouped by
-op and shape, so the providers sit side by side. pytest-benchmark times one benchmark after another;
-``python -m bench`` interleaves them (fair ratios on a shared machine) and measures memory and the roofline.
+    python -m pytest bench/ --benchmark-only [--bench-sizes tiny] [--benchmark-autosave]
 """
 
 import contextlib

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_train, harness, plot, runner, table
+from bench import bench_train, harness, runner, table
 from bench.harness import CSV_COLUMNS
 from bench.runner import SUITES, Sweep, all_ops, forced_impl
 
@@ -305,7 +305,7 @@ def test_table_cli_renders_png_with_roofline(tmp_path):
     assert table.main([str(tmp_path), "--plots"]) == 0
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == PNG_MAGIC
-    assert plot.render(tmp_path / "kernels.csv", tmp_path / "png") == [tmp_path / "png" / pngs[0].name]
+    assert table.plot(tmp_path / "kernels.csv", tmp_path / "png") == [tmp_path / "png" / pngs[0].name]
 
 
 def test_csv_writer_refuses_a_foreign_header(tmp_path):
