@@ -115,8 +115,9 @@ publish() {
     mkdir -p "$OUT"
     local file count=0
     for file in "${PUBLISHED[@]}"; do
-        [ "$count" -lt "$MAX_FILES" ] || break
-        if [ "$file" = results.tar.gz ]; then
+        if [ "$count" -ge "$MAX_FILES" ]; then
+            rm -f "$OUT/$file"  # over the file-count cap: one published earlier gives way
+        elif [ "$file" = results.tar.gz ]; then
             tar -czf "$OUT/$file" --exclude=checkpoints --exclude='*.pt' --exclude='*.safetensors' \
                 -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2>/dev/null
             if [ "$(stat -c %s "$OUT/$file" 2>/dev/null || echo 0)" -gt "$MAX_FILE_BYTES" ]; then
