@@ -100,22 +100,14 @@ def make_step(provider: str, model, optimizer, batch: Dict[str, torch.Tensor], p
         )
         states = model.model(input_ids=batch["input_ids"]).last_hidden_state  # (B, P + T, D)
         hidden = states[:, prompt - 1 : -1]  # (B, T, D): the states that predict the response tokens
-        inputs = LossInputs(
-            batch["old_logp"],
-            stats.advantages,
-            batch["mask"],
-            expert_logp,
-            stats.passed,
-            batch["is_expert"],
-            expert_mask,
-        )
+        fields = dict(old_logp=batch["old_logp"], advantages=stats.advantages, mask=batch["mask"], passed=stats.passed)
+        inputs = LossInputs(**fields, expert_logp=expert_logp, is_expert=batch["is_expert"], expert_mask=expert_mask)
+        targets = batch["targets"]  # (B, T)
         if provider == "calibrl":
-            loss = algorithms.policy_loss(
-                hidden, model.lm_head.weight, None, batch["targets"], inputs, LOSS_CONFIG
-            ).loss
+            loss = algorithms.policy_loss(hidden, model.lm_head.weight, None, targets, inputs, LOSS_CONFIG).loss
         else:  # lm_head logits (B, T, V), then the fused loss on logits or the eager one
             loss_of = LOGITS_LOSS.calibrl if provider == "calibrl-logits" else LOGITS_LOSS.eager
-            loss = loss_of(dict(inputs._asdict(), logits=model.lm_head(hidden), targets=batch["targets"]))
+            loss = loss_of(dict(inputs._asdict(), logits=model.lm_head(hidden), targets=targets))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

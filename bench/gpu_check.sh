@@ -87,13 +87,10 @@ else
     KERNELS=(--suite gpu-targets)
     TRAIN_CONFIG=gpu
     unset TRITON_INTERPRET  # the kernels run natively; conftest leaves the interpreter off on CUDA
-    if [ -z "${RESULTS:-}" ]; then
-        GPU_NAME="$("$PYTHON" -c 'import torch; from bench.harness import device_name; print(device_name(torch.device("cuda")))' 2>/dev/null)"
-        if [ -z "$GPU_NAME" ]; then
-            echo "gpu_check: no CUDA device visible to $PYTHON (torch.cuda.is_available() is false); use --dry-run off a GPU" >&2
-            exit 2
-        fi
-        RESULTS="$REPO/bench/results/$GPU_NAME"
+    RESULTS="${RESULTS:-$("$PYTHON" -c 'import torch, bench.harness as h; print(h.results_folder(None, torch.device("cuda")))' 2>/dev/null)}"
+    if [ -z "$RESULTS" ]; then
+        echo "gpu_check: no CUDA device visible to $PYTHON (torch.cuda.is_available() is false); use --dry-run off a GPU" >&2
+        exit 2
     fi
 fi
 mkdir -p "$RESULTS"

@@ -74,15 +74,12 @@ def version_string() -> str:
     """calibrl_kernels' version plus the checkout's commit ('.dirty' when tracked files changed)."""
     from calibrl_kernels import __version__
 
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=10)
-        return done.stdout.strip()
-
+    describe = ["git", "describe", "--always", "--dirty=.dirty", "--exclude=*"]  # the short commit, never a tag
     try:
-        sha, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        done = subprocess.run(describe, cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return __version__
-    return f"{__version__}+g{sha}" + (".dirty" if dirty else "") if sha else __version__
+    return f"{__version__}+g{done.stdout.strip()}" if done.returncode == 0 else __version__
 
 
 @contextlib.contextmanager

@@ -262,11 +262,7 @@ def run_suite(suite_name: str, ops: Sequence[Op], options: argparse.Namespace) -
                     run_point(op, sweep, dims, suite, device, writer, options)
         if suite.train and not options.no_train:
             bench_train.run(suite.train, device, out, timestamp=writer.timestamp)
-    if not options.no_plot:
-        for path in table.plot(out):
-            print(f"plot: {path}")
-    if not options.no_table:
-        (out / "tables.md").write_text(table.render(out))
+    table.report(out, plots=not options.no_plot, out=None if options.no_table else out / "tables.md")
     return out
 
 

@@ -117,19 +117,24 @@ def plot(source, out_dir=None) -> List[Path]:
     return written
 
 
+def report(source, plots: bool, out=None) -> str:
+    """The PNGs beside the CSV(s) at ``source`` (with ``plots``) and the markdown, also written to ``out``."""
+    if plots:
+        for path in plot(source):
+            print(f"plot: {path}")
+    text = render(source)
+    if out:
+        Path(out).write_text(text)
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.table", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a results folder or CSV")
     parser.add_argument("--out", default=None, help="also write the markdown here")
     parser.add_argument("--plots", action="store_true", help="also render the PNGs beside the CSVs")
     args = parser.parse_args(argv)
-    if args.plots:
-        for path in plot(args.source):
-            print(f"plot: {path}")
-    text = render(args.source)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    print(report(args.source, args.plots, args.out))
     return 0
 
 

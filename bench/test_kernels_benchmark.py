@@ -13,7 +13,6 @@ from bench.runner import CALIBRL, COMPILED, COMPILED_CALIBRL, DTYPES, EAGER, LIG
 
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (the bench extra) to run bench/")
 CPU = torch.device("cpu")
-_INPUTS = {}  # one input set alive, shared by the providers of a shape
 
 
 def pytest_generate_tests(metafunc):
@@ -32,12 +31,8 @@ def pytest_generate_tests(metafunc):
 def test_forward_backward(benchmark, case):
     op, sweep, provider = case
     dims = next(sweep.points())
-    key = (op.name, tuple(dims.items()))
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        torch.manual_seed(0)
-        _INPUTS[key] = op.build(dims, DTYPES[sweep.dtype], CPU)
-    inputs = _INPUTS[key]
+    torch.manual_seed(0)
+    inputs = op.build(dims, DTYPES[sweep.dtype], CPU)  # the same inputs for every provider of a shape
     forwards, contexts, skipped = providers(op, inputs, CPU, compiled=provider in (COMPILED, COMPILED_CALIBRL))
     if provider in skipped:
         pytest.skip(skipped[provider])
