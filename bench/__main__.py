@@ -1,4 +1,4 @@
-"""``python -m bench --suite tiny|cpu|cpu-vocab|gpu|gpu-targets|gpu-sweeps``: see bench/__init__.py."""
+"""``python -m bench --suite ...``: see bench/__init__.py."""
 
 import sys
 

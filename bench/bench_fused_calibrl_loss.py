@@ -1,9 +1,6 @@
 """fused_calibrl_loss: log-probs + entropy + CalibRL loss from (B, T, V) logits in one pass.
 
-    python -m bench.bench_fused_calibrl_loss --suite cpu
-
-Roofline: the logits read once (forward), plus the gradient's read and write (forward+backward),
-over the same run's copy bandwidth. Liger (CUDA only): its Triton GRPO loss on logits (DAPO, PPO term only).
+python -m bench.bench_fused_calibrl_loss --suite cpu
 """
 
 import sys
@@ -30,6 +27,7 @@ def calibrl(x):
 
 
 def liger(x, device):
+    """Liger's Triton GRPO loss on logits (DAPO, the PPO term only)."""
     if device.type != "cuda":
         raise Unavailable("Liger's GRPO loss on logits is a Triton kernel for CUDA tensors")
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -64,7 +62,9 @@ def logits_op(name, build, calibrl, eager, liger):
         eager=eager,
         liger=liger,
         floor="copy",
-        work=lambda d, size, mode: d["N"] * d["V"] * size * (1 if mode == "forward" else 3),
+        work=lambda d, size, mode: (
+            d["N"] * d["V"] * size * (1 if mode == "forward" else 3)
+        ),  # logits (+ gradient) bytes
         grad_bytes=lambda d, size: d["N"] * d["V"] * size,
         eager_bytes=lambda d, mode: d["N"] * d["V"] * 4.0 * (3 if mode == "forward" else 5),
         sweeps={

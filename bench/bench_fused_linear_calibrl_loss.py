@@ -1,9 +1,6 @@
 """fused_linear_calibrl_loss: lm_head GEMM + log-probs + entropy + CalibRL loss without (N, V) logits.
 
-    python -m bench.bench_fused_linear_calibrl_loss --suite cpu
-
-Roofline: 2 N D V FLOP forward, 6 N D V forward+backward, over the same run's square-GEMM rate.
-Liger: LigerFusedLinearGRPOLoss (DAPO, beta 0): the PPO term only, without dual clip, guide or entropy.
+python -m bench.bench_fused_linear_calibrl_loss --suite cpu
 """
 
 import math
@@ -44,6 +41,7 @@ def eager(x):
 
 
 def liger(x, device):
+    """LigerFusedLinearGRPOLoss (DAPO, beta 0): the PPO term only, without dual clip, guide or entropy."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     loss_fn = LigerFusedLinearGRPOLoss(

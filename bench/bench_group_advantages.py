@@ -1,9 +1,6 @@
 """group_advantages: per-group reward statistics (forward only; no gradient).
 
-    python -m bench.bench_group_advantages --suite cpu
-
-Roofline: 22 bytes per row (scores, ids and flags read; advantages, weights and flags written) over the
-same run's copy bandwidth.
+python -m bench.bench_group_advantages --suite cpu
 """
 
 import sys
@@ -32,7 +29,7 @@ OP = Op(
     floor="copy",
     calibrl=lambda x: ck.group_advantages(x["scores"], x["group_ids"], is_expert=x["is_expert"]).advantages,
     eager=lambda x: reference.group_advantages(x["scores"], x["group_ids"], x["is_expert"]).advantages,
-    work=lambda d, size, mode: 22.0 * d["B"],
+    work=lambda d, size, mode: 22.0 * d["B"],  # bytes per row: scores, ids, flags read; advantages, weights written
     sweeps={
         "tiny": [Sweep("B", (8, 64), {"G": 4}, modes=("forward",))],
         "cpu": [

@@ -1,9 +1,6 @@
 """token_logprobs: log p(target) and the entropy of (N, V) logits, summed to a scalar.
 
-    python -m bench.bench_token_logprobs --suite cpu
-
-Roofline as for fused_calibrl_loss (bytes over the copy bandwidth). Liger (CUDA only): its
-cross-entropy, -log p without the entropy.
+python -m bench.bench_token_logprobs --suite cpu
 """
 
 import sys
@@ -32,6 +29,7 @@ def eager(x):
 
 
 def liger(x, device):
+    """Liger's cross-entropy: -log p, without the entropy."""
     if device.type != "cuda":
         raise Unavailable("Liger's cross-entropy is a Triton kernel for CUDA tensors")
     from liger_kernel.transformers import LigerCrossEntropyLoss

@@ -1,14 +1,9 @@
-"""Tokens/s and peak memory of one RL update step: the fused linear loss against eager logits.
+"""Tokens/s and peak memory of one RL update step of a Qwen2-architecture model (random weights, built in code).
 
     python -m bench.bench_train --config cpu          # small Qwen2 model on a CPU
     python -m bench.bench_train --config gpu          # Qwen2-0.5B-like width and vocabulary, bf16
 
-A Qwen2-architecture causal LM built in code (random weights, no download) and a synthetic batch of
-B rows (groups whose first row is the expert's) of P prompt + T response tokens. One step = the slim
-trainer's group statistics, expert baseline and loss (``calibrl.algorithms``) + forward + backward +
-AdamW. Providers: ``calibrl`` (hidden states -> ``algorithms.policy_loss``, the fused lm_head loss),
-``calibrl-logits`` (lm_head logits -> ``fused_calibrl_loss``) and ``eager`` (logits -> fp32
-log_softmax -> the reference loss). Tokens/s counts B * (P + T) per step; rows go to ``train.csv``.
+Providers calibrl (fused lm_head loss), calibrl-logits (fused loss on logits), eager: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,12 +17,13 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-import calibrl_kernels as ck
 from calibrl import algorithms
 from calibrl_kernels.config import LossInputs
 
-from .harness import Timing, Writer, device_name, measure, release, resolve_device, x_name
-from .runner import DTYPES, LOSS_CONFIG, eager_calibrl_loss
+from . import harness
+from .bench_fused_calibrl_loss import OP as LOGITS_LOSS
+from .harness import Timing
+from .runner import DTYPES, LOSS_CONFIG
 
 KERNEL = "train_step"
 PROVIDERS = ("calibrl", "calibrl-logits", "eager")
@@ -104,45 +100,14 @@ def make_step(provider: str, model, optimizer, batch: Dict[str, torch.Tensor], p
         )
         states = model.model(input_ids=batch["input_ids"]).last_hidden_state  # (B, P + T, D)
         hidden = states[:, prompt - 1 : -1]  # (B, T, D): the states that predict the response tokens
-        rl = dict(expert_logp=expert_logp, passed=stats.passed, is_expert=batch["is_expert"])
-        if provider == "eager":
-            loss = eager_calibrl_loss(
-                model.lm_head(hidden),
-                dict(
-                    rl,
-                    targets=batch["targets"],
-                    old_logp=batch["old_logp"],
-                    advantages=stats.advantages,
-                    mask=batch["mask"],
-                ),
-            )
-        elif provider == "calibrl-logits":
-            loss = ck.fused_calibrl_loss(
-                model.lm_head(hidden),
-                batch["targets"],
-                batch["old_logp"],
-                stats.advantages,
-                batch["mask"],
-                config=LOSS_CONFIG,
-                **rl,
-            ).loss
-        else:
-            loss = algorithms.policy_loss(
-                hidden,
-                model.lm_head.weight,
-                None,
-                batch["targets"],
-                LossInputs(
-                    batch["old_logp"],
-                    stats.advantages,
-                    batch["mask"],
-                    expert_logp,
-                    stats.passed,
-                    batch["is_expert"],
-                    expert_mask,
-                ),
-                LOSS_CONFIG,
-            ).loss
+        fields = dict(old_logp=batch["old_logp"], advantages=stats.advantages, mask=batch["mask"], passed=stats.passed)
+        inputs = LossInputs(**fields, expert_logp=expert_logp, is_expert=batch["is_expert"], expert_mask=expert_mask)
+        targets = batch["targets"]  # (B, T)
+        if provider == "calibrl":
+            loss = algorithms.policy_loss(hidden, model.lm_head.weight, None, targets, inputs, LOSS_CONFIG).loss
+        else:  # lm_head logits (B, T, V), then the fused loss on logits or the eager one
+            loss_of = LOGITS_LOSS.calibrl if provider == "calibrl-logits" else LOGITS_LOSS.eager
+            loss = loss_of(dict(inputs._asdict(), logits=model.lm_head(hidden), targets=targets))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -151,42 +116,27 @@ def make_step(provider: str, model, optimizer, batch: Dict[str, torch.Tensor], p
     return step
 
 
-def run(
-    config_name: str,
-    device: torch.device,
-    out: Path,
-    timestamp: Optional[str] = None,
-    providers: Sequence[str] = PROVIDERS,
-) -> Path:
+def run(config_name: str, device: torch.device, out: Path, timestamp=None, providers: Sequence[str] = PROVIDERS):
     """Every provider at every response length of ``config_name``, interleaved; rows to ``out/train.csv``."""
     config = CONFIGS[config_name]
-    writer = Writer(out, "train", device, timestamp)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads or previous_threads)
-    try:
+    writer = harness.Writer(out, "train", device, timestamp)
+    sizes = dict(B=config.rows, P=config.prompt, D=config.hidden, L=config.layers, V=config.vocab, dtype=config.dtype)
+    name = harness.x_name("T", sizes)
+    with harness.intra_op_threads(config.threads):
         for response in config.responses:
             tokens = config.rows * (config.prompt + response)
-            name = x_name(
-                "T",
-                dict(
-                    B=config.rows, P=config.prompt, D=config.hidden, L=config.layers, V=config.vocab, dtype=config.dtype
-                ),
-            )
             print(f"{KERNEL}  {name}  T={response} ({tokens} tokens per step)", flush=True)
             steps = {}
             for provider in providers:  # each its own model (same initial weights), AdamW and batch
                 model = build_model(config, device, config.prompt + response)
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-                steps[provider] = make_step(
-                    provider, model, optimizer, synthetic_batch(config, response, device), config.prompt
-                )
-            outcomes = measure(steps, device, config.timing)
+                batch = synthetic_batch(config, response, device)
+                steps[provider] = make_step(provider, model, optimizer, batch, config.prompt)
+            outcomes = harness.measure(steps, device, config.timing)
             for provider in providers:
                 writer.outcome(KERNEL, provider, "full", name, response, outcomes[provider], "tokens/s", tokens)
-            del steps, model, optimizer
-            release(device)
-    finally:
-        torch.set_num_threads(previous_threads)
+            del steps, model, optimizer, batch
+            harness.release(device)
     return writer.csv_path
 
 
@@ -197,9 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / device_name(device)
-    run(args.config, device, out, providers=args.providers)
+    device = harness.resolve_device(args.device)
+    run(args.config, device, harness.results_folder(args.out, device), providers=args.providers)
     return 0
 
 

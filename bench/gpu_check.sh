@@ -1,47 +1,31 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (H100 / H200), made for a time-limited GPU job (a batch allocation, a CI runner):
-# the run ends within GPU_CHECK_BUDGET seconds (default 360), the most valuable steps first, and after every step
-# (passed, failed or stopped at its limit) its results are published to the output folder $OUT (when set), so a
-# job cut short keeps every finished step. Published: at most 7 files of GPU_CHECK_MAX_FILE_MB (15) MiB each.
+# The GPU check, for a time-limited job on a GPU machine (H100 / H200): ordered steps, the most valuable first, each
+# under its own limit cut to the time left, all within GPU_CHECK_BUDGET seconds (default 360). After every step
+# (passed, failed or stopped at its limit) the results so far are published to the output folder $OUT (when set),
+# so a job cut short keeps every finished step. Steps, limits and results: docs/benchmarks.md, "GPU check".
 #
 #   bash bench/gpu_check.sh              # on the GPU machine, from anywhere in the repository
 #   bash bench/gpu_check.sh --dry-run    # anywhere: the plan, then the python steps in a tiny CPU configuration
 #   bash bench/gpu_check.sh --plan       # the plan and its limits only
 #
-# Steps, in order (limit in seconds, each cut to the time left; override with ENV_TIMEOUT, KERNEL_TIMEOUT,
-# TEST_TIMEOUT, TRAIN_TIMEOUT, TRAINER_TIMEOUT, REPORT_TIMEOUT; limits add up to 350 s, 10 s stay for the last publish):
-#   environment  20   versions, GPU, the backends that run
-#   kernels     140   python -m bench --suite gpu-targets: Qwen shapes (N 16384, D 4096, V 151936, bf16), every provider
-#   tests       110   the Triton test files natively on CUDA (no interpreter), pytest-xdist when installed
-#   train        35   python -m bench.bench_train --config gpu (one RL update step, our loss vs eager)
-#   trainer      30   python -m calibrl.train --quick --device cuda (needs easy-vqa; in a scratch folder)
-#   report       15   python -m bench.table: tables.md and the plots
-#   sweeps      rest  python -m bench --suite gpu-sweeps: the N / D / V sweeps, only with 30 s or more left
-#
-# Results in bench/results/<gpu-name>/ (CSV, PNG, tables.md, pytest.xml, a log per step, trainer_quick/ metrics
-# without checkpoints); published after every step: gpu_check.log, steps.log (every step's output), kernels.csv,
-# train.csv, pytest.xml, tables.md, results.tar.gz (the results folder; never a checkpoint; logs keep their end).
-#
-# Packages the GPU machine may lack (liger-kernel, easy-vqa) can come as wheels in .whl/ (ignored by git), installed
-# with `pip install --no-index --no-deps --target /tmp/site` onto PYTHONPATH, never over torch / triton:
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5 easy-vqa==1.0
-#
-# Environment: PYTHON (python3), RESULTS (results folder), TEST_WORKERS (8). Exit status: 0 when every step passed
-# (or was skipped for a missing package), 1 when any failed, timed out or had no time left, 2 for a usage error.
+# Environment: PYTHON (python3); RESULTS (bench/results/<gpu-name>/); OUT; GPU_CHECK_BUDGET (360); step limits
+# ENV_TIMEOUT, KERNEL_TIMEOUT, TEST_TIMEOUT, TRAIN_TIMEOUT, TRAINER_TIMEOUT, REPORT_TIMEOUT; caps on what is
+# published: GPU_CHECK_MAX_FILES (7) files of GPU_CHECK_MAX_FILE_MB (15) MiB (a longer log keeps its end);
+# TEST_WORKERS (8, with pytest-xdist). Packages the GPU machine lacks come as wheels in .whl/, installed with
+# pip --no-index --no-deps into GPU_CHECK_SITE (/tmp/site) on PYTHONPATH, never over torch / triton.
+# Exit status: 0 when every step passed or was skipped for a missing package, 1 when any did not, 2 for bad usage.
 
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 REPO="$(pwd)"
 
-DRY_RUN=0
-PLAN_ONLY=0
+MODE=run
 for arg in "$@"; do
     case "$arg" in
-        --dry-run) DRY_RUN=1 ;;
-        --plan) PLAN_ONLY=1 ;;
-        -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --dry-run) MODE=dry ;;
+        --plan) MODE=plan ;;
+        -h|--help) sed -n '2,/^$/p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "gpu_check: unknown argument '$arg' (expected --dry-run, --plan or --help)" >&2; exit 2 ;;
     esac
 done
@@ -60,8 +44,9 @@ declare -A LIMIT=(
 GPU_TESTS=(tests/kernels/test_logprobs.py tests/kernels/test_loss.py tests/kernels/test_linear.py
            tests/kernels/test_group_stats.py tests/kernels/test_triton_launch.py
            tests/kernels/test_compile.py::test_triton_operators_compile_natively_on_cuda)
-# What is published to $OUT after every step (with results.tar.gz: 7 files).
-PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml tables.md)
+# What is published to $OUT, in this order, up to the file-count cap.
+PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml tables.md results.tar.gz)
+MAX_FILES="${GPU_CHECK_MAX_FILES:-7}"
 MAX_FILE_BYTES=$((${GPU_CHECK_MAX_FILE_MB:-15} * 1024 * 1024))
 
 print_plan() {
@@ -71,15 +56,14 @@ print_plan() {
         echo "  ${name}: limit ${LIMIT[$name]}$([ "${LIMIT[$name]}" = rest ] || echo s)"
         [ "${LIMIT[$name]}" = rest ] || total=$((total + LIMIT[$name]))
     done
-    echo "  step limits add up to ${total}s; results published to \$OUT after every step: ${PUBLISHED[*]} results.tar.gz"
+    echo "  step limits add up to ${total}s; results published to \$OUT after every step: ${PUBLISHED[*]}"
 }
 
-if [ "$PLAN_ONLY" = 1 ]; then
+if [ "$MODE" = plan ]; then
     print_plan
     exit 0
 fi
 
-# Packages brought along as wheels: installed into /tmp/site, never over the machine's torch / triton.
 SITE=""
 if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
     SITE="${GPU_CHECK_SITE:-/tmp/site}"
@@ -92,22 +76,22 @@ fi
 export PYTHONPATH="$REPO${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-if [ "$DRY_RUN" = 1 ]; then
+GPU_ONLY=step  # the steps that a dry run shows instead of running
+if [ "$MODE" = dry ]; then
     DEVICE=cpu
-    KERNEL_SUITE=tiny
+    KERNELS=(--suite tiny --ops group_advantages)
     TRAIN_CONFIG=tiny
+    GPU_ONLY=show
     RESULTS="${RESULTS:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_dry.XXXXXX")}"
 else
     DEVICE=cuda
-    KERNEL_SUITE=gpu-targets
+    KERNELS=(--suite gpu-targets)
     TRAIN_CONFIG=gpu
-    if [ -z "${RESULTS:-}" ]; then
-        GPU_NAME="$("$PYTHON" -c 'import torch; from bench.harness import device_name; print(device_name(torch.device("cuda")))' 2>/dev/null)"
-        if [ -z "$GPU_NAME" ]; then
-            echo "gpu_check: no CUDA device visible to $PYTHON (torch.cuda.is_available() is false); use --dry-run off a GPU" >&2
-            exit 2
-        fi
-        RESULTS="$REPO/bench/results/$GPU_NAME"
+    unset TRITON_INTERPRET  # the kernels run natively; conftest leaves the interpreter off on CUDA
+    RESULTS="${RESULTS:-$("$PYTHON" -c 'import torch, bench.harness as h; print(h.results_folder(None, torch.device("cuda")))' 2>/dev/null)}"
+    if [ -z "$RESULTS" ]; then
+        echo "gpu_check: no CUDA device visible to $PYTHON (torch.cuda.is_available() is false); use --dry-run off a GPU" >&2
+        exit 2
     fi
 fi
 mkdir -p "$RESULTS"
@@ -122,29 +106,29 @@ log() {
     echo "[gpu_check $(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"
 }
 
-# publish: copy the results so far to $OUT (the folder the job keeps). Logs
-# longer than MAX_FILE_BYTES keep their end; the tarball leaves out checkpoints and is dropped if too big.
+# publish: copy the results so far to $OUT, at most MAX_FILES files of MAX_FILE_BYTES each (a longer file keeps its
+# end; the tarball of the results folder leaves out checkpoints and is dropped when too big).
 publish() {
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT"
-    local file size
+    local file count=0
     for file in "${PUBLISHED[@]}"; do
-        [ -f "$RESULTS/$file" ] || continue
-        size=$(stat -c %s "$RESULTS/$file")
-        if [ "$size" -gt "$MAX_FILE_BYTES" ]; then
+        if [ "$count" -ge "$MAX_FILES" ]; then
+            rm -f "$OUT/$file"  # over the file-count cap: one published earlier gives way
+        elif [ "$file" = results.tar.gz ]; then
+            tar -czf "$OUT/$file" --exclude=checkpoints --exclude='*.pt' --exclude='*.safetensors' \
+                -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2>/dev/null
+            if [ "$(stat -c %s "$OUT/$file" 2>/dev/null || echo 0)" -gt "$MAX_FILE_BYTES" ]; then
+                rm -f "$OUT/$file"
+                echo "[gpu_check] $file over $MAX_FILE_BYTES bytes: not published" >>"$LOG"
+            fi
+        elif [ -f "$RESULTS/$file" ]; then
             tail -c "$MAX_FILE_BYTES" "$RESULTS/$file" >"$OUT/$file"
-        else
-            cp "$RESULTS/$file" "$OUT/$file"
         fi
+        [ -f "$OUT/$file" ] && count=$((count + 1))
     done
-    tar -czf "$OUT/results.tar.gz" --exclude='checkpoints' --exclude='*.pt' --exclude='*.safetensors' \
-        -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")" 2>/dev/null
-    if [ -f "$OUT/results.tar.gz" ] && [ "$(stat -c %s "$OUT/results.tar.gz")" -gt "$MAX_FILE_BYTES" ]; then
-        rm -f "$OUT/results.tar.gz"
-        echo "[gpu_check] results.tar.gz over $MAX_FILE_BYTES bytes: not published" >>"$LOG"
-    fi
     echo "[gpu_check +${SECONDS}s] published $(ls "$OUT" | tr '\n' ' ')to $OUT" >>"$LOG"
-    [ -f "$RESULTS/gpu_check.log" ] && cp "$RESULTS/gpu_check.log" "$OUT/gpu_check.log"
+    [ -f "$OUT/gpu_check.log" ] && tail -c "$MAX_FILE_BYTES" "$LOG" >"$OUT/gpu_check.log"
 }
 
 # step NAME COMMAND...: run one step under its limit (cut to the time left), its output to the terminal,
@@ -166,17 +150,13 @@ step() {
     echo "===== step $name (limit ${limit}s): $*" >>"$STEPS_LOG"
     local started=$SECONDS
     timeout --kill-after="$KILL_AFTER" "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log" | tee -a "$STEPS_LOG"
-    local rc=${PIPESTATUS[0]}
-    local took=$((SECONDS - started))
-    if [ "$rc" -eq 0 ]; then
-        log "step $name: ok (${took}s)"
-    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        log "step $name: TIMED OUT after ${took}s"
-        FAILED+=("$name")
-    else
-        log "step $name: FAILED with status $rc (${took}s)"
-        FAILED+=("$name")
-    fi
+    local rc=${PIPESTATUS[0]} took=$((SECONDS - started))
+    case "$rc" in
+        0) log "step $name: ok (${took}s)" ;;
+        124|137) log "step $name: TIMED OUT after ${took}s" ;;
+        *) log "step $name: FAILED with status $rc (${took}s)" ;;
+    esac
+    [ "$rc" -eq 0 ] || FAILED+=("$name")
     publish
 }
 
@@ -188,30 +168,28 @@ show() {
 }
 
 print_plan | tee -a "$LOG"
-log "repository $REPO; results $RESULTS; dry run $DRY_RUN; python $PYTHON; PYTHONPATH $PYTHONPATH; OUT ${OUT:-unset}"
-if [ "$DRY_RUN" = 0 ]; then
-    command -v nvidia-smi >/dev/null && nvidia-smi 2>&1 | tee -a "$LOG"
+log "repository $REPO; results $RESULTS; mode $MODE; python $PYTHON; PYTHONPATH $PYTHONPATH; OUT ${OUT:-unset}"
+if [ "$MODE" = run ] && command -v nvidia-smi >/dev/null; then
+    nvidia-smi 2>&1 | tee -a "$LOG"
 fi
 publish
 
 step environment "$PYTHON" -c '
-import importlib.metadata as metadata, platform, torch
-print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
-      "| available", torch.cuda.is_available())
+import importlib.metadata as metadata, os, platform, torch
+import calibrl_kernels as ck
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
-    print("gpu", i, p.name, p.total_memory // 2**20, "MiB", "| sm", f"{p.major}{p.minor}", "|", p.multi_processor_count,
+    print("gpu", i, p.name, p.total_memory // 2**20, "MiB | sm", f"{p.major}{p.minor} |", p.multi_processor_count,
           "SMs | shared memory per block (opt-in)", getattr(p, "shared_memory_per_block_optin", "?"))
-for name in ("triton", "numpy", "transformers", "liger-kernel", "easy-vqa", "tokenizers", "pytest", "pytest-xdist"):
+for name in ("triton", "transformers", "liger-kernel", "easy-vqa", "tokenizers", "pytest-xdist"):
     try:
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
         print(name, "not installed")
-import os, calibrl_kernels as ck
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print("calibrl_kernels", ck.__version__, ck.__file__)
-# the backends for this device, each forced through CALIBRL_IMPL on a tiny input (cpp is built on first use)
-for impl in ("triton" if device.type == "cuda" else "cpp", "torch"):
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+for impl in ("triton" if device.type == "cuda" else "cpp", "torch"):  # each backend forced on a tiny input
     os.environ["CALIBRL_IMPL"] = impl
     try:
         ck.token_logprobs(torch.randn(4, 11, device=device), torch.zeros(4, dtype=torch.long, device=device))
@@ -220,23 +198,17 @@ for impl in ("triton" if device.type == "cuda" else "cpp", "torch"):
         print("backend", impl, "on", device, "cannot run:", " ".join(str(error).split())[:300])
 '
 
-if [ "$DRY_RUN" = 0 ]; then
-    unset TRITON_INTERPRET  # the kernels run natively; conftest leaves the interpreter off on CUDA
-    step kernels "$PYTHON" -m bench --suite "$KERNEL_SUITE" --device "$DEVICE" --out "$RESULTS" \
-        --no-train --no-plot --no-table
-    PARALLEL=()  # pytest-xdist (on that machine's image) spreads the tests over a few workers
-    if "$PYTHON" -c 'import xdist' 2>/dev/null; then PARALLEL=(-n "${TEST_WORKERS:-8}"); fi
-    step tests "$PYTHON" -m pytest -v -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
-        --junitxml="$RESULTS/pytest.xml" "${GPU_TESTS[@]}"
-else
-    step kernels "$PYTHON" -m bench --suite "$KERNEL_SUITE" --device "$DEVICE" --out "$RESULTS" \
-        --no-train --no-plot --no-table --ops group_advantages
-    show tests "$PYTHON" -m pytest -v -p no:cacheprovider --junitxml="$RESULTS/pytest.xml" "${GPU_TESTS[@]}"
+BENCH=("$PYTHON" -m bench --device "$DEVICE" --out "$RESULTS" --no-train --no-plot --no-table)
+step kernels "${BENCH[@]}" "${KERNELS[@]}"
+PARALLEL=()  # pytest-xdist, where installed, spreads the GPU tests over a few workers
+if [ "$MODE" = run ] && "$PYTHON" -c 'import xdist' 2>/dev/null; then
+    PARALLEL=(-n "${TEST_WORKERS:-8}")
 fi
+$GPU_ONLY tests "$PYTHON" -m pytest -v -p no:cacheprovider ${PARALLEL[@]+"${PARALLEL[@]}"} \
+    --junitxml="$RESULTS/pytest.xml" "${GPU_TESTS[@]}"
 step train "$PYTHON" -m bench.bench_train --config "$TRAIN_CONFIG" --device "$DEVICE" --out "$RESULTS"
 if "$PYTHON" -c 'import easy_vqa, tokenizers' 2>/dev/null; then
-    # the real trainer end to end on this device (bf16 autocast, flash-attn when installed, SDPA otherwise), in
-    # a scratch folder: its checkpoints never enter the results; its metrics and plots are copied over
+    # the real trainer end to end in a scratch folder: its metrics and plots are copied over, never a checkpoint
     SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_trainer.XXXXXX")"
     step trainer "$PYTHON" -m calibrl.train --quick --device "$DEVICE" --out "$SCRATCH" --no-progress
     mkdir -p "$RESULTS/trainer_quick"
@@ -247,22 +219,16 @@ else
     log "step trainer: skipped (easy-vqa or tokenizers not importable; bring easy-vqa as a wheel in .whl/)"
 fi
 step report "$PYTHON" -m bench.table "$RESULTS" --plots --out "$RESULTS/tables.md"
-if [ "$DRY_RUN" = 0 ]; then
-    if [ $((DEADLINE - SECONDS - KILL_AFTER)) -ge "$MIN_SWEEPS" ]; then
-        step sweeps "$PYTHON" -m bench --suite gpu-sweeps --device "$DEVICE" --out "$RESULTS" \
-            --no-train --no-plot --no-table
-    else
-        log "step sweeps: skipped (under ${MIN_SWEEPS}s left)"
-    fi
+if [ "$MODE" = dry ] || [ $((DEADLINE - SECONDS - KILL_AFTER)) -ge "$MIN_SWEEPS" ]; then
+    $GPU_ONLY sweeps "${BENCH[@]}" --suite gpu-sweeps
 else
-    show sweeps "$PYTHON" -m bench --suite gpu-sweeps --device "$DEVICE" --out "$RESULTS" --no-train --no-plot --no-table
+    log "step sweeps: skipped (under ${MIN_SWEEPS}s left)"
 fi
 
 if [ "${#FAILED[@]}" -gt 0 ]; then
     log "done: FAILED steps: ${FAILED[*]} (results in $RESULTS)"
-    publish
-    exit 1
+else
+    log "done: every step passed (results in $RESULTS)"
 fi
-log "done: every step passed (results in $RESULTS)"
 publish
-exit 0
+exit $((${#FAILED[@]} > 0))

@@ -1,11 +1,6 @@
-"""The one timing harness of bench/: interleaved timing, peak memory, long-format CSV.
+"""The one timing harness of bench/: interleaved rounds, peak memory, long-format CSV and events.
 
-Every provider of a measurement (and the roofline's probe) is warmed up, measured for peak memory, then
-timed in rounds, one call of each per round, so a load change on a shared machine hits all alike. A
-round is ``triton.testing.do_bench``'s median on CUDA, one ``perf_counter``-timed call on CPU; rows
-hold p20 / p50 / p80. Peak memory above the allocation before the call: ``max_memory_allocated`` on
-CUDA; on CPU (Linux) the resident-set high-water mark (``VmHWM``, reset through ``clear_refs``) with
-glibc made to map every block of 64 KiB or more, so that no freed heap memory is silently reused.
+Method (rounds, percentiles, how peak memory is read on CUDA and CPU): docs/benchmarks.md, "What is measured".
 """
 
 from __future__ import annotations
@@ -25,29 +20,15 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-CSV_COLUMNS = (
-    "kernel",
-    "provider",
-    "mode",
-    "metric",
-    "unit",
-    "x_name",
-    "x",
-    "p20",
-    "p50",
-    "p80",
-    "device",
-    "timestamp",
-    "version",
-)
+CSV_COLUMNS = tuple("kernel provider mode metric unit x_name x p20 p50 p80 device timestamp version".split())
 MODES = ("forward", "full")
 METRICS = ("speed", "memory")
 MIB = float(2**20)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
 CUDA_WARMUP_MS, CUDA_REP_MS = 25, 100  # do_bench's budget per provider and round
 
 
@@ -79,24 +60,37 @@ def resolve_device(name: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     """'cpu-2core' (the CPUs this process may use), or the GPU's name, e.g. 'nvidia-h100-80gb-hbm3'."""
     if device.type == "cuda":
-        name = re.sub(r"[^a-z0-9._-]+", "-", torch.cuda.get_device_name(device).lower())
-        return name.strip("-") or "cuda"
+        return re.sub(r"[^a-z0-9._-]+", "-", torch.cuda.get_device_name(device).lower()).strip("-") or "cuda"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return f"cpu-{cores}core"
+
+
+def results_folder(out: Optional[str], device: torch.device) -> Path:
+    """``out``, or bench/results/<device>/ by default."""
+    return Path(out) if out else RESULTS / device_name(device)
 
 
 def version_string() -> str:
     """calibrl_kernels' version plus the checkout's commit ('.dirty' when tracked files changed)."""
     from calibrl_kernels import __version__
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-
+    describe = ["git", "describe", "--always", "--dirty=.dirty", "--exclude=*"]  # the short commit, never a tag
     try:
-        sha, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        done = subprocess.run(describe, cwd=RESULTS.parent.parent, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return __version__
-    return f"{__version__}+g{sha}" + (".dirty" if dirty else "") if sha else __version__
+    return f"{__version__}+g{done.stdout.strip()}" if done.returncode == 0 else __version__
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: Optional[int]):
+    """torch's intra-op threads set to ``count`` (None: unchanged) inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count or previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def synchronize(device: torch.device) -> None:
@@ -136,9 +130,9 @@ def _malloc_threshold(threshold: int) -> None:
 _malloc_threshold(_STEADY)  # fixed for the whole run, so that timings do not depend on the measurement order
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+def _proc_kib(path: str, field: str) -> int:
+    with open(path) as lines:
+        return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
 
 
 def peak_bytes(call: Callable[[], object], device: torch.device) -> float:
@@ -156,9 +150,9 @@ def peak_bytes(call: Callable[[], object], device: torch.device) -> float:
         _malloc_threshold(_EXACT)
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")  # VmHWM := VmRSS
-        before = _status_kib("VmRSS")
+        before = _proc_kib("/proc/self/status", "VmRSS")
         result = call()
-        peak = _status_kib("VmHWM") - before
+        peak = _proc_kib("/proc/self/status", "VmHWM") - before
         del result
     except (OSError, StopIteration):  # not Linux, or /proc is read-only
         return math.nan
@@ -172,66 +166,50 @@ def available_bytes(device: torch.device) -> float:
     if device.type == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
     try:
-        with open("/proc/meminfo") as meminfo:
-            return next(float(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+        return _proc_kib("/proc/meminfo", "MemAvailable") * 1024.0
     except (OSError, StopIteration):
         return math.inf
 
 
 # Timing
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:400]}"
-
-
-def measure(
-    calls: Dict[str, Callable[[], object]],
-    device: torch.device,
-    timing: Timing,
-    contexts: Optional[Dict[str, Callable]] = None,
-) -> Dict[str, Outcome]:
-    """Warm up and take the peak memory of every call, then time them interleaved, round by round.
+def measure(calls: Dict[str, Callable], device: torch.device, timing: Timing, contexts=None) -> Dict[str, Outcome]:
+    """Warm up and take the peak memory of every call, then time them interleaved, one call of each per round.
 
     ``contexts`` maps a name to a context-manager factory entered around each of its calls (a forced
     backend). A call that raises is recorded as failed with the reason, and the others go on."""
-    contexts = contexts or {}
     outcomes: Dict[str, Outcome] = {}
-    live: Dict[str, Callable[[], object]] = {}
-    for name, call in calls.items():
+    live = dict(calls)
+
+    def attempt(name: str, run: Callable[[], None]) -> None:
         try:
-            with _context(contexts, name):
-                for _ in range(timing.warmup):
-                    call()
-                synchronize(device)
-                outcomes[name] = Outcome("ok", peak_bytes=peak_bytes(call, device))
-            live[name] = call
+            with (contexts or {}).get(name, contextlib.nullcontext)():
+                run()
         except Exception as error:  # a compile failure, out of memory, a backend error: record it, go on
-            outcomes[name] = Outcome("failed", reason=_reason(error))
+            outcomes[name] = Outcome("failed", reason=f"{type(error).__name__}: {' '.join(str(error).split())[:400]}")
+            del live[name]
             release(device)
+
+    def warm_up(name: str) -> None:
+        for _ in range(timing.warmup):
+            calls[name]()
+        synchronize(device)
+        outcomes[name] = Outcome("ok", peak_bytes=peak_bytes(calls[name], device))
+
+    for name in calls:
+        attempt(name, lambda: warm_up(name))
     started, rounds = time.perf_counter(), 0
-    while (
-        live
-        and rounds < timing.max_rounds
-        and (rounds < timing.min_rounds or time.perf_counter() - started < timing.min_time_s * len(live))
-    ):
-        for name, call in list(live.items()):
-            try:
-                with _context(contexts, name):
-                    outcomes[name].seconds.append(_one_round(call, device))
-            except Exception as error:
-                outcomes[name] = Outcome("failed", reason=_reason(error))
-                del live[name]
-                release(device)
+    while live and rounds < timing.max_rounds:
+        if rounds >= timing.min_rounds and time.perf_counter() - started >= timing.min_time_s * len(live):
+            break
+        for name in list(live):
+            attempt(name, lambda: outcomes[name].seconds.append(_one_round(calls[name], device)))
         rounds += 1
-    live.clear()
     release(device)
     return outcomes
 
 
-def _context(contexts: Dict[str, Callable], name: str):
-    return contexts[name]() if name in contexts else contextlib.nullcontext()
-
-
 def _one_round(call: Callable[[], object], device: torch.device) -> float:
+    """triton.testing.do_bench's median on CUDA, one perf_counter-timed call on CPU."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
@@ -247,20 +225,22 @@ def x_name(axis: str, fixed: Dict[str, object]) -> str:
     return "; ".join([axis] + [f"{key}={value}" for key, value in fixed.items()])
 
 
+def _check_header(path: Path, header: Optional[Sequence[str]]) -> None:
+    if tuple(header or ()) != CSV_COLUMNS:
+        raise ValueError(f"{path}: expected the header {','.join(CSV_COLUMNS)}, found {header}")
+
+
 class Writer:
     """Appends rows to ``<name>.csv`` (header once) and reasons to ``<name>.events.jsonl`` in ``folder``."""
 
     def __init__(self, folder: Path, name: str, device: torch.device, timestamp: Optional[str] = None):
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.csv_path, self.events_path = folder / f"{name}.csv", folder / f"{name}.events.jsonl"
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.csv_path, self.events_path = Path(folder) / f"{name}.csv", Path(folder) / f"{name}.events.jsonl"
         self.device, self.version = device_name(device), version_string()
         self.timestamp = timestamp or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         if self.csv_path.exists() and self.csv_path.stat().st_size > 0:
             with open(self.csv_path, newline="") as existing:
-                header = next(csv.reader(existing), None)
-            if tuple(header or ()) != CSV_COLUMNS:
-                raise ValueError(f"{self.csv_path}: expected the header {','.join(CSV_COLUMNS)}, found {header}")
+                _check_header(self.csv_path, next(csv.reader(existing), None))
         else:
             with open(self.csv_path, "w", newline="") as fresh:
                 csv.writer(fresh).writerow(CSV_COLUMNS)
@@ -269,36 +249,20 @@ class Writer:
         if mode not in MODES or metric not in METRICS:
             raise ValueError(f"mode, metric: expected one of {MODES} and {METRICS}, got {mode!r}, {metric!r}")
         with open(self.csv_path, "a", newline="") as out:
-            csv.writer(out).writerow(
-                [kernel, provider, mode, metric, unit, name, x]
-                + [f"{v:.6g}" for v in values]
-                + [self.device, self.timestamp, self.version]
-            )
+            fields = [kernel, provider, mode, metric, unit, name, x, *(f"{v:.6g}" for v in values)]
+            csv.writer(out).writerow(fields + [self.device, self.timestamp, self.version])
 
-    def outcome(
-        self,
-        kernel: str,
-        provider: str,
-        mode: str,
-        name: str,
-        x,
-        outcome: Outcome,
-        speed_unit: str = "ms",
-        per_second: Optional[float] = None,
-    ) -> None:
-        """Speed (ms per call, or ``per_second`` / time, e.g. tokens/s) and memory rows of one provider."""
+    def outcome(self, kernel, provider, mode, name, x, outcome: Outcome, unit="ms", per_second=None) -> None:
+        """Speed (ms per call, or ``per_second`` / time in ``unit``, e.g. tokens/s) and memory rows of one provider."""
         if outcome.status != "ok":
             self.event(kind=outcome.status, kernel=kernel, provider=provider, mode=mode, x=x, reason=outcome.reason)
-        speeds = [per_second / s if per_second else s * 1e3 for s in outcome.seconds]
-        self.row(kernel, provider, mode, "speed", speed_unit, name, x, percentiles(speeds))
+        speeds = percentiles([per_second / s if per_second else s * 1e3 for s in outcome.seconds])
+        self.row(kernel, provider, mode, "speed", unit, name, x, speeds)
         self.row(kernel, provider, mode, "memory", "MiB", name, x, [outcome.peak_bytes / MIB] * 3)
+        shown = f"p50 {speeds[1]:10.4g} {unit:8s} peak +{outcome.peak_bytes / MIB:9.1f} MiB"
         print(
             f"  {provider:16s} {mode:7s} "
-            + (
-                f"p50 {percentiles(speeds)[1]:10.4g} {speed_unit:8s} peak +{outcome.peak_bytes / MIB:9.1f} MiB"
-                if outcome.status == "ok"
-                else f"{outcome.status}: {outcome.reason}"
-            ),
+            + (shown if outcome.status == "ok" else f"{outcome.status}: {outcome.reason}"),
             flush=True,
         )
 
@@ -310,13 +274,11 @@ class Writer:
 def read_rows(source) -> List[dict]:
     """The latest row of each (kernel, provider, mode, metric, x_name, x, device) in a CSV or a folder of them."""
     source = Path(source)
-    paths: Iterable[Path] = sorted(source.rglob("*.csv")) if source.is_dir() else [source]
     latest: Dict[tuple, dict] = {}
-    for path in paths:
+    for path in sorted(source.rglob("*.csv")) if source.is_dir() else [source]:
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
-            if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-                raise ValueError(f"{path}: expected the columns {','.join(CSV_COLUMNS)}, found {reader.fieldnames}")
+            _check_header(path, reader.fieldnames)
             for row in reader:
                 row.update({key: float(row[key]) for key in ("x", "p20", "p50", "p80")})
                 key = tuple(row[k] for k in ("kernel", "provider", "mode", "metric", "x_name", "x", "device"))

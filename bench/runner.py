@@ -1,11 +1,6 @@
-"""Kernel benchmarks: each op of ``bench/bench_<op>.py`` at its sizes, every provider side by side.
+"""Kernel benchmarks: every op of ``bench/bench_<op>.py`` at its suite's sizes, every provider side by side.
 
-Providers: ``calibrl`` (the public op, default backend), ``calibrl-<impl>`` (the same op with
-``CALIBRL_IMPL=<impl>``), ``eager`` (fp32 log_softmax + gather + entropy + the reference loss),
-``compiled`` (``torch.compile`` of eager), ``compiled-calibrl`` (the public op inside a step compiled with
-``torch.compile(fullgraph=True)``: its ``calibrl::`` operators are opaque nodes of the graph), ``liger``
-(Liger-Kernel's nearest loss, where installed) and ``roofline``: the op's work over the rate of a GEMM (or
-a copy) timed in the same rounds.
+Providers (calibrl, calibrl-<impl>, eager, compiled, compiled-calibrl, liger, roofline): docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -13,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import math
 import os
 from pathlib import Path
@@ -23,19 +19,8 @@ import torch
 import calibrl_kernels as ck
 from calibrl_kernels import reference
 
-from .harness import (
-    MIB,
-    Outcome,
-    Timing,
-    Writer,
-    available_bytes,
-    device_name,
-    measure,
-    percentiles,
-    release,
-    resolve_device,
-    x_name,
-)
+from . import harness
+from .harness import Timing
 
 CALIBRL, EAGER, COMPILED, LIGER, ROOFLINE = "calibrl", "eager", "compiled", "liger", "roofline"
 COMPILED_CALIBRL = "compiled-calibrl"
@@ -176,6 +161,9 @@ def eager_calibrl_loss(logits: torch.Tensor, inputs: Dict[str, torch.Tensor]) ->
 
 
 # One point: every provider, interleaved
+MATERIALISE_LOGITS = (EAGER, COMPILED, f"{CALIBRL}-torch")  # fp32 (N, V) logits: the memory guard's subjects
+
+
 def _probe(op: Op, suite: Suite, dtype: torch.dtype, device: torch.device) -> Tuple[Callable, float]:
     """The roofline's machine probe and its work per call (FLOP of a square GEMM, or bytes a copy moves)."""
     if op.floor == "gemm":
@@ -194,11 +182,12 @@ def providers(op: Op, inputs, device: torch.device, impls: Sequence[str] = (), c
     forwards, contexts, skipped = {}, {}, {}
     for impl in (None, *impls):
         name = CALIBRL if impl is None else f"{CALIBRL}-{impl}"
-        forwards[name], contexts[name] = (lambda: op.calibrl(inputs), grads), lambda impl=impl: forced_impl(impl)
+        forwards[name] = (lambda: op.calibrl(inputs), grads)
+        contexts[name] = lambda impl=impl: forced_impl(impl)
     forwards[EAGER] = (lambda: op.eager(inputs), grads)
     if compiled:
-        compiled_fn = torch.compile(op.eager, dynamic=False)
-        forwards[COMPILED] = (lambda: compiled_fn(inputs), grads)
+        compiled_eager = torch.compile(op.eager, dynamic=False)
+        forwards[COMPILED] = (lambda: compiled_eager(inputs), grads)
         compiled_ours = torch.compile(op.calibrl, dynamic=False, fullgraph=True)
         forwards[COMPILED_CALIBRL] = (lambda: compiled_ours(inputs), grads)
     try:
@@ -210,19 +199,10 @@ def providers(op: Op, inputs, device: torch.device, impls: Sequence[str] = (), c
     return forwards, contexts, skipped
 
 
-def run_point(
-    op: Op,
-    sweep: Sweep,
-    dims: Dict[str, int],
-    suite: Suite,
-    device: torch.device,
-    writer: Writer,
-    options: argparse.Namespace,
-) -> None:
+def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device, writer, options) -> None:
     dtype = DTYPES[sweep.dtype]
-    size = torch.empty((), dtype=dtype).element_size()
-    name = x_name(sweep.axis, dict({k: v for k, v in dims.items() if k != sweep.axis}, dtype=sweep.dtype))
     x = dims[sweep.axis]
+    name = harness.x_name(sweep.axis, dict({k: v for k, v in dims.items() if k != sweep.axis}, dtype=sweep.dtype))
     print(f"{op.name}  {name}  {sweep.axis}={x}", flush=True)
     torch.manual_seed(0)
     inputs = op.build(dims, dtype, device)
@@ -231,83 +211,58 @@ def run_point(
     forwards, contexts, skipped = providers(op, inputs, device, impls, compiled)
     for provider, why in skipped.items():
         writer.event(kind="skipped", kernel=op.name, provider=provider, x=x, reason=why)
-    if options.providers:
-        forwards = {p: f for p, f in forwards.items() if p in options.providers}
+    forwards = {p: f for p, f in forwards.items() if not options.providers or p in options.providers}
     probe, probe_work = _probe(op, suite, dtype, device)
-    cap = min(options.mem_cap_gib * 2**30 if options.mem_cap_gib else math.inf, 0.9 * available_bytes(device))
+    cap = min((options.mem_cap_gib or math.inf) * 2**30, 0.9 * harness.available_bytes(device))
     for mode in [m for m in sweep.modes if m == "forward" or op.differentiable]:
         calls, guarded = {}, {}
         for provider, (forward, grads) in forwards.items():
-            estimate = op.eager_bytes(dims, mode) if provider in (EAGER, COMPILED, f"{CALIBRL}-torch") else 0.0
+            estimate = op.eager_bytes(dims, mode) if provider in MATERIALISE_LOGITS else 0.0
             if estimate > cap:
-                guarded[provider] = Outcome(
-                    "not-run",
-                    reason=f"not run: estimated peak {estimate / 2**30:.1f} GiB "
-                    f"exceeds the memory cap {cap / 2**30:.1f} GiB",
-                )
+                why = f"not run: estimated peak {estimate / 2**30:.1f} GiB exceeds the memory cap {cap / 2**30:.1f} GiB"
+                guarded[provider] = harness.Outcome("not-run", reason=why)
             elif mode == "full":
                 calls[provider] = lambda forward=forward, grads=grads: torch.autograd.grad(forward(), grads)
             else:
                 calls[provider] = forward
-        outcomes = measure(dict(calls, **{ROOFLINE: probe}), device, sweep.timing or suite.timing, contexts)
-        rate = probe_work / percentiles(outcomes.pop(ROOFLINE).seconds)[1]  # FLOP/s or bytes/s, this run's
-        writer.row(op.name, ROOFLINE, mode, "speed", "ms", name, x, [op.work(dims, size, mode) / rate * 1e3] * 3)
-        if mode == "full" and op.grad_bytes(dims, size):
-            writer.row(op.name, ROOFLINE, mode, "memory", "MiB", name, x, [op.grad_bytes(dims, size) / MIB] * 3)
+        outcomes = harness.measure(dict(calls, **{ROOFLINE: probe}), device, sweep.timing or suite.timing, contexts)
+        rate = probe_work / harness.percentiles(outcomes.pop(ROOFLINE).seconds)[1]  # FLOP/s or bytes/s, this run's
+        floor_ms = op.work(dims, dtype.itemsize, mode) / rate * 1e3
+        writer.row(op.name, ROOFLINE, mode, "speed", "ms", name, x, [floor_ms] * 3)
+        grad_mib = op.grad_bytes(dims, dtype.itemsize) / harness.MIB
+        if mode == "full" and grad_mib:
+            writer.row(op.name, ROOFLINE, mode, "memory", "MiB", name, x, [grad_mib] * 3)
         for provider in forwards:
             writer.outcome(op.name, provider, mode, name, x, guarded.get(provider) or outcomes[provider])
     del inputs, forwards, probe
-    release(device)
+    harness.release(device)
 
 
 # Suites and the command line
 def all_ops() -> Dict[str, Op]:
-    from . import (
-        bench_fused_calibrl_loss,
-        bench_fused_linear_calibrl_loss,
-        bench_group_advantages,
-        bench_token_logprobs,
-    )
-
-    modules = (bench_fused_linear_calibrl_loss, bench_fused_calibrl_loss, bench_token_logprobs, bench_group_advantages)
-    return {module.OP.name: module.OP for module in modules}
+    names = ("fused_linear_calibrl_loss", "fused_calibrl_loss", "token_logprobs", "group_advantages")
+    return {name: importlib.import_module(f".bench_{name}", __package__).OP for name in names}
 
 
 def run_suite(suite_name: str, ops: Sequence[Op], options: argparse.Namespace) -> Path:
-    """Every sweep of ``ops`` in the suite, then its train step, plots and ratio tables; returns the folder."""
+    """Every sweep of ``ops`` in the suite, then its train step, plots and tables; returns the results folder."""
+    from . import bench_train, table
+
     suite = SUITES[suite_name]
-    device = resolve_device(options.device or suite.device)
-    out = Path(options.out) if options.out else Path(__file__).resolve().parent / "results" / device_name(device)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads or suite.threads or previous_threads)
-    try:
-        writer = Writer(out, "kernels", device)
-        print(
-            f"suite {suite_name} on {writer.device} ({torch.get_num_threads()} threads), version {writer.version}; "
-            f"results in {out}",
-            flush=True,
-        )
-        writer.event(kind="run", suite=suite_name, threads=torch.get_num_threads())
+    device = harness.resolve_device(options.device or suite.device)
+    out = harness.results_folder(options.out, device)
+    with harness.intra_op_threads(suite.threads):
+        writer = harness.Writer(out, "kernels", device)
+        threads = torch.get_num_threads()
+        print(f"suite {suite_name} on {writer.device} ({threads} threads), {writer.version}; in {out}", flush=True)
+        writer.event(kind="run", suite=suite_name, threads=threads)
         for op in ops:
-            for part in suite.parts:
-                for sweep in op.sweeps.get(part, ()):
-                    for dims in sweep.points():
-                        run_point(op, sweep, dims, suite, device, writer, options)
+            for sweep in [sweep for part in suite.parts for sweep in op.sweeps.get(part, ())]:
+                for dims in sweep.points():
+                    run_point(op, sweep, dims, suite, device, writer, options)
         if suite.train and not options.no_train:
-            from . import bench_train
-
             bench_train.run(suite.train, device, out, timestamp=writer.timestamp)
-    finally:
-        torch.set_num_threads(previous_threads)
-    if not options.no_plot:
-        from . import plot
-
-        for path in plot.render(out, out):
-            print(f"plot: {path}")
-    if not options.no_table:
-        from . import table
-
-        (out / "tables.md").write_text(table.render(out))
+    table.report(out, plots=not options.no_plot, out=None if options.no_table else out / "tables.md")
     return out
 
 
@@ -318,37 +273,21 @@ def parser(prog: str, ops: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, auto (default: the suite's)")
     p.add_argument("--out", default=None, help="results folder (default bench/results/<device>/)")
     p.add_argument("--providers", nargs="+", default=None, help="keep only these (roofline rows are always written)")
-    p.add_argument(
-        "--impls",
-        nargs="*",
-        choices=("triton", "cpp", "torch"),
-        default=None,
-        help="calibrl-<impl> providers, forced through CALIBRL_IMPL (default: the suite's)",
-    )
-    p.add_argument(
-        "--compiled",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run torch.compile of eager (default: the suite's choice)",
-    )
-    p.add_argument(
-        "--mem-cap-gib",
-        type=float,
-        default=None,
-        help="skip providers that materialise logits above this (default: 90%% of the free memory)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: the suite's)")
+    p.add_argument("--impls", nargs="*", choices=("triton", "cpp", "torch"), help="calibrl-<impl> providers")
+    p.add_argument("--compiled", action=argparse.BooleanOptionalAction, help="run the torch.compile providers")
+    p.add_argument("--mem-cap-gib", type=float, help="guard's cap (default: 90%% of the free memory)")
     for flag in ("--no-train", "--no-plot", "--no-table"):
         p.add_argument(flag, action="store_true")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None, only: Optional[str] = None) -> int:
+    """``python -m bench`` (every op), or ``python -m bench.bench_<only>`` (one op, no train step)."""
     ops = all_ops()
     prog = "python -m bench" if only is None else f"python -m bench.bench_{only}"
     options = parser(prog, sorted(ops)).parse_args(argv)
-    chosen = [ops[only]] if only else [op for name, op in ops.items() if not options.ops or name in options.ops]
     if only:
+        options.ops = [only]
         options.no_train = True
-    run_suite(options.suite, chosen, options)
+    run_suite(options.suite, [op for name, op in ops.items() if not options.ops or name in options.ops], options)
     return 0

@@ -1,27 +1,27 @@
-"""Markdown tables of benchmark CSVs: per kernel, sizes and mode, each provider's p50, its time over the
-roofline and over calibrl's, and its peak memory; the train step's tokens/s against eager.
+"""Markdown tables and PNG plots of benchmark CSVs (the latest run of each point).
 
     python -m bench.table bench/results/cpu-2core/ [--out tables.md] [--plots]
+
+Tables: per kernel, sizes and mode, each provider's p50, its time over the roofline and over calibrl's (the
+train step: tokens/s over eager's), and its peak memory. Plots: one figure per kernel and sweep, a row per
+metric, a column per mode, a line per provider (p50, p20-p80 band), the roofline dashed.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
-from .harness import read_rows
+from .harness import METRICS, MODES, read_rows
 
 
 def _fmt(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
-
-
-def _order(provider: str) -> tuple:
-    return (not provider.startswith("calibrl"), provider == "roofline", provider)
 
 
 def render(source) -> str:
@@ -37,50 +37,104 @@ def render(source) -> str:
         "",
     ]
     for (kernel, x_name, mode, x), at in sorted(cells.items()):
-        providers = sorted({p for p, _ in at}, key=_order)
-        if kernel == "train_step":
-            eager = at.get(("eager", "speed"), math.nan)
-            lines += [
-                f"**{kernel}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**",
-                "",
-                "| provider | tokens/s p50 | / eager | peak (MiB) |",
-                "|---|---|---|---|",
-            ]
-            lines += [
-                f"| {p} | {_fmt(at.get((p, 'speed'), math.nan))} | "
-                f"{_fmt(at.get((p, 'speed'), math.nan) / eager)} | {_fmt(at.get((p, 'memory'), math.nan))} |"
-                for p in providers
-            ]
-        else:
-            floor, mine = at.get(("roofline", "speed"), math.nan), at.get(("calibrl", "speed"), math.nan)
-            lines += [
-                f"**{kernel}, {mode}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**",
-                "",
-                "| provider | ms p50 | / roofline | / calibrl | peak above inputs (MiB) |",
-                "|---|---|---|---|---|",
-            ]
-            for p in providers:
-                time, memory = at.get((p, "speed"), math.nan), at.get((p, "memory"), math.nan)
-                lines.append(f"| {p} | {_fmt(time)} | {_fmt(time / floor)} | {_fmt(time / mine)} | {_fmt(memory)} |")
+        train = kernel == "train_step"
+        bases = ("eager",) if train else ("roofline", "calibrl")  # the providers each time is divided by
+        columns = ["tokens/s p50" if train else "ms p50", *(f"/ {b}" for b in bases)]
+        columns.append("peak (MiB)" if train else "peak above inputs (MiB)")
+        lines += [
+            f"**{kernel}{'' if train else ', ' + mode}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**",
+            "",
+            "| provider | " + " | ".join(columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
+        ]
+        for provider in sorted({p for p, _ in at}, key=lambda p: (not p.startswith("calibrl"), p == "roofline", p)):
+            speed = at.get((provider, "speed"), math.nan)
+            ratios = [_fmt(speed / at.get((base, "speed"), math.nan)) for base in bases]
+            fields = [provider, _fmt(speed), *ratios, _fmt(at.get((provider, "memory"), math.nan))]
+            lines.append("| " + " | ".join(fields) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _draw(axis, rows: List[dict]) -> bool:
+    by_provider = defaultdict(list)
+    for row in sorted(rows, key=lambda r: r["x"]):
+        if not math.isnan(row["p50"]):
+            by_provider[row["provider"]].append(row)
+    for provider in sorted(by_provider, key=lambda name: (name == "roofline", name)):
+        points = by_provider[provider]
+        xs, p50 = [r["x"] for r in points], [r["p50"] for r in points]
+        if provider == "roofline":
+            axis.plot(xs, p50, "k--", marker="_", markersize=14, label="roofline (floor)")
+        else:
+            (line,) = axis.plot(xs, p50, marker="o", label=provider)
+            band = ([r["p20"] for r in points], [r["p80"] for r in points])
+            axis.fill_between(xs, *band, color=line.get_color(), alpha=0.15)
+        axis.set_ylabel(points[0]["unit"])
+    if by_provider:
+        axis.set_xscale("log", base=2)
+        positive = all(r["p20"] > 0 for group in by_provider.values() for r in group)
+        axis.set_yscale("log" if positive else "linear")  # a tiny kernel's memory can be 0
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize="small")
+    return bool(by_provider)
+
+
+def plot(source, out_dir=None) -> List[Path]:
+    """One PNG per (device, kernel, sweep) of the CSV(s) at ``source``, beside them by default; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source = Path(source)
+    out = Path(out_dir) if out_dir is not None else (source if source.is_dir() else source.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = defaultdict(list)
+    for row in read_rows(source):
+        groups[(row["device"], row["kernel"], row["x_name"])].append(row)
+    several_devices = len({device for device, _, _ in groups}) > 1
+    written = []
+    for (device, kernel, x_name), group in sorted(groups.items()):
+        metrics = [m for m in METRICS if any(r["metric"] == m for r in group)]
+        modes = [m for m in MODES if any(r["mode"] == m for r in group)]
+        figure, axes = plt.subplots(
+            len(metrics), len(modes), figsize=(5.5 * len(modes), 4 * len(metrics)), squeeze=False
+        )
+        for i, metric in enumerate(metrics):
+            for j, mode in enumerate(modes):
+                drawn = _draw(axes[i][j], [r for r in group if r["metric"] == metric and r["mode"] == mode])
+                axes[i][j].set_visible(drawn)
+                axes[i][j].set_title(f"{metric} / {mode}")
+                axes[i][j].set_xlabel(x_name.split(";")[0])
+        figure.suptitle(f"{kernel} on {device}\n{x_name}   (version {group[0]['version']})", fontsize="medium")
+        figure.tight_layout()
+        name = f"{kernel}__" + re.sub(r"[^a-z0-9._-]+", "-", x_name.lower().replace("; ", "_").replace("=", ""))
+        path = out / (f"{device}__{name}.png" if several_devices else f"{name}.png")
+        figure.savefig(path, dpi=90)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def report(source, plots: bool, out=None) -> str:
+    """The PNGs beside the CSV(s) at ``source`` (with ``plots``) and the markdown, also written to ``out``."""
+    if plots:
+        for path in plot(source):
+            print(f"plot: {path}")
+    text = render(source)
+    if out:
+        Path(out).write_text(text)
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.table", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a results folder or CSV")
     parser.add_argument("--out", default=None, help="also write the markdown here")
-    parser.add_argument("--plots", action="store_true", help="also render the PNGs (bench.plot) beside the CSVs")
+    parser.add_argument("--plots", action="store_true", help="also render the PNGs beside the CSVs")
     args = parser.parse_args(argv)
-    if args.plots:
-        from . import plot
-
-        for path in plot.render(args.source):
-            print(f"plot: {path}")
-    text = render(args.source)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    print(report(args.source, args.plots, args.out))
     return 0
 
 

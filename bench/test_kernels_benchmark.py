@@ -1,12 +1,7 @@
-"""pytest-benchmark over the same ops and providers as ``python -m bench``, for regression tracking.
+"""pytest-benchmark over the ops and providers of ``python -m bench`` (docs/benchmarks.md), one forward + backward
+of each provider at the first point of the op's suite, grouped by op and shape.
 
-    python -m pytest bench/ --benchmark-only                          # the README's CPU shapes (minutes)
-    python -m pytest bench/ --benchmark-only --benchmark-autosave     # keep the run in .benchmarks/
-    python -m pytest bench/ --benchmark-only --bench-sizes tiny       # seconds: the plumbing only
-
-One benchmark = one forward + backward of one provider at the first point of the op's suite; grouped by
-op and shape, so the providers sit side by side. pytest-benchmark times one benchmark after another;
-``python -m bench`` interleaves them (fair ratios on a shared machine) and measures memory and the roofline.
+    python -m pytest bench/ --benchmark-only [--bench-sizes tiny] [--benchmark-autosave]
 """
 
 import contextlib
@@ -18,7 +13,6 @@ from bench.runner import CALIBRL, COMPILED, COMPILED_CALIBRL, DTYPES, EAGER, LIG
 
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (the bench extra) to run bench/")
 CPU = torch.device("cpu")
-_INPUTS = {}  # one input set alive, shared by the providers of a shape
 
 
 def pytest_generate_tests(metafunc):
@@ -37,12 +31,8 @@ def pytest_generate_tests(metafunc):
 def test_forward_backward(benchmark, case):
     op, sweep, provider = case
     dims = next(sweep.points())
-    key = (op.name, tuple(dims.items()))
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        torch.manual_seed(0)
-        _INPUTS[key] = op.build(dims, DTYPES[sweep.dtype], CPU)
-    inputs = _INPUTS[key]
+    torch.manual_seed(0)
+    inputs = op.build(dims, DTYPES[sweep.dtype], CPU)  # the same inputs for every provider of a shape
     forwards, contexts, skipped = providers(op, inputs, CPU, compiled=provider in (COMPILED, COMPILED_CALIBRL))
     if provider in skipped:
         pytest.skip(skipped[provider])

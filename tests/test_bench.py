@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_train, harness, plot, runner, table
+from bench import bench_train, harness, runner, table
 from bench.harness import CSV_COLUMNS
 from bench.runner import SUITES, Sweep, all_ops, forced_impl
 
@@ -305,7 +305,7 @@ def test_table_cli_renders_png_with_roofline(tmp_path):
     assert table.main([str(tmp_path), "--plots"]) == 0
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == PNG_MAGIC
-    assert plot.render(tmp_path / "kernels.csv", tmp_path / "png") == [tmp_path / "png" / pngs[0].name]
+    assert table.plot(tmp_path / "kernels.csv", tmp_path / "png") == [tmp_path / "png" / pngs[0].name]
 
 
 def test_csv_writer_refuses_a_foreign_header(tmp_path):
@@ -422,24 +422,37 @@ def test_gpu_check_dry_run(tmp_path):
         assert "step trainer: skipped" in log
 
 
-def test_gpu_check_steps_cut_at_their_limit_still_publish(tmp_path):
-    """A step stopped at its limit leaves what it printed in $OUT, and the later steps still run."""
+def _fake_python_run(tmp_path, **extra):
+    """gpu_check.sh --dry-run with a python that prints a line and hangs (or fails on the easy_vqa probe)."""
     fake = tmp_path / "python"
     fake.write_text('#!/bin/sh\necho "partial output of $1 $2"\ncase "$*" in *easy_vqa*) exit 1 ;; esac\nsleep 30\n')
     fake.chmod(0o755)
     out = tmp_path / "out"
-    results = tmp_path / "results"
     limits = dict(ENV_TIMEOUT="1", KERNEL_TIMEOUT="1", TRAIN_TIMEOUT="1", REPORT_TIMEOUT="1")
-    started = time.monotonic()
-    env = _script_env(results, PYTHON=str(fake), OUT=str(out), **limits)
+    env = _script_env(tmp_path / "results", PYTHON=str(fake), OUT=str(out), **limits, **extra)
     done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    return done, out
+
+
+def test_gpu_check_steps_cut_at_their_limit_still_publish(tmp_path):
+    """A step stopped at its limit leaves what it printed in $OUT, and the later steps still run."""
+    started = time.monotonic()
+    done, out = _fake_python_run(tmp_path)
     assert done.returncode == 1 and time.monotonic() - started < 60
     log = (out / "gpu_check.log").read_text()
     for name in ("environment", "kernels", "train", "report"):
         assert f"step {name}: TIMED OUT" in log
     assert "FAILED steps: environment kernels train report" in log
     assert (out / "steps.log").read_text().count("partial output of") >= 4
-    _check_published(out)
+    assert "results.tar.gz" in _check_published(out)
+
+
+def test_gpu_check_publishes_within_the_file_count_cap(tmp_path):
+    """GPU_CHECK_MAX_FILES keeps the first files of the published list; later ones are left out."""
+    done, out = _fake_python_run(tmp_path, GPU_CHECK_MAX_FILES="2")
+    assert done.returncode == 1
+    assert {p.name for p in out.iterdir()} == {"gpu_check.log", "steps.log"}
+    assert "FAILED steps: environment kernels train report" in (out / "gpu_check.log").read_text()
 
 
 def test_gpu_check_with_no_time_left_skips_steps(tmp_path):
