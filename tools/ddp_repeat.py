@@ -1,6 +1,6 @@
 """Repeat 2-process DDP quick runs and count how each launch ended (docs/reliability.md).
 
-    python bench/ddp_repeat.py --runs 50 [--out bench/results/cpu-2core/ddp_repeat.txt]
+    python tools/ddp_repeat.py --runs 50 [--out bench/results/cpu-2core/ddp_repeat.txt]
 
 Launches alternate a fresh ``torchrun --nproc_per_node 2 -m calibrl.train --quick`` run and a ``--resume`` of it
 two steps further, with faulthandler on, so a native abort (exit -6 or 134) leaves every thread's stack in its log.
