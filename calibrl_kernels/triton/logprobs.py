@@ -74,11 +74,9 @@ def _logits_grad_kernel(
     grad_stride_b,  # element stride between batch entries of grad
     grad_stride_t,  # element stride between time steps of grad
     targets_ptr,  # (N,) int64 target ids
-    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (from the forward), token t at t * stats_stride
-    entropy_ptr,  # (N,) fp32 entropy (from the forward), same stride
-    coef_lp_ptr,  # (N,) fp32 a = -dL/dlogp per row, same stride
-    coef_ent_ptr,  # (N,) fp32 b = -dL/dH per row, same stride
-    stats_stride,  # element stride between tokens of lse / entropy / coef_lp / coef_ent
+    row_stats,  # (lse, entropy, a, b) (N,) fp32 pointers: the forward's logsumexp of the scaled logits and entropy,
+    # a = -dL/dlp, b = -dL/dH per token (gradient_row_inputs), token t at t * stats_stride
+    stats_stride,  # element stride between tokens of the row_stats vectors
     scale_ptr,  # () fp32 factor on both coefficients (upstream dL_total/dL), read on device; unused without HAS_SCALE
     V,  # vocabulary size
     inv_temperature,  # fp32 runtime scalar 1 / temperature of the forward
@@ -92,17 +90,7 @@ def _logits_grad_kernel(
     row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
     grad_row_ptrs = token_row_pointers(grad_ptr, rows, rows_per_batch, grad_stride_b, grad_stride_t)
     targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
-        targets_ptr,
-        lse_ptr,
-        entropy_ptr,
-        coef_lp_ptr,
-        coef_ent_ptr,
-        stats_stride,
-        scale_ptr,
-        rows,
-        in_range,
-        ignore_index,
-        HAS_SCALE,
+        targets_ptr, row_stats, stats_stride, scale_ptr, rows, in_range, ignore_index, HAS_SCALE
     )
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -141,6 +129,35 @@ def common_stride(*stats: torch.Tensor) -> int:
     return strides.pop()
 
 
+def token_row_arguments(rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int) -> dict:
+    """The launch keywords every per-row logits kernel takes: the (B, T, V) logits view ``rows`` with its strides,
+    the (N,) int64 targets, the vocabulary size, 1 / temperature and ignore_index."""
+    B, T, V = rows.shape
+    return dict(
+        logits_ptr=rows,
+        stride_b=rows.stride(0),
+        stride_t=rows.stride(1),
+        rows_per_batch=T,
+        n_rows=B * T,
+        targets_ptr=targets,
+        V=V,
+        inv_temperature=inverse_temperature(temperature),
+        ignore_index=int(ignore_index),
+    )
+
+
+def gradient_arguments(lse, entropy, coef_lp, coef_ent, scale: Optional[torch.Tensor]) -> dict:
+    """The launch keywords of the logits-gradient kernels (logits and lm_head paths) that carry the per-token
+    statistics and coefficients (N,) fp32 (views with one common stride) and the optional 0-d ``scale``."""
+    has_scale = scale is not None
+    return dict(
+        row_stats=(lse, entropy, coef_lp, coef_ent),
+        stats_stride=common_stride(lse, entropy, coef_lp, coef_ent),
+        scale_ptr=scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp,
+        HAS_SCALE=has_scale,
+    )
+
+
 def row_kernel_launch(vocab_size: int, n_rows: int):
     """(grid, BLOCK_N, fixed meta-parameters, autotune configs) of the per-row logits kernels."""
     config = _launch.row_launch(vocab_size)
@@ -163,19 +180,11 @@ def logprob_entropy_forward(
         _token_logprobs_fwd_kernel,
         grid,
         dict(
-            logits_ptr=rows,
-            stride_b=rows.stride(0),
-            stride_t=rows.stride(1),
-            rows_per_batch=T,
-            n_rows=n,
-            BLOCK_N=block_n,
-            targets_ptr=targets,
+            **token_row_arguments(rows, targets, temperature, ignore_index),
             logp_ptr=logp,
             entropy_ptr=entropy,
             lse_ptr=lse,
-            V=V,
-            inv_temperature=inverse_temperature(temperature),
-            ignore_index=int(ignore_index),
+            BLOCK_N=block_n,
         ),
         fixed,
         tune,
@@ -203,37 +212,21 @@ def logits_backward(
     ``inplace`` writes the gradient over ``rows`` itself and returns it.
     """
     B, T, V = rows.shape
-    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
+    coefficients = gradient_arguments(lse, entropy, coef_lp, coef_ent, scale)
     grad = rows if inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     if B * T == 0:
         return grad
-    has_scale = scale is not None
-    scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
     grid, block_n, fixed, tune = row_kernel_launch(V, B * T)
     launch(
         _logits_grad_kernel,
         grid,
         dict(
-            logits_ptr=rows,
-            stride_b=rows.stride(0),
-            stride_t=rows.stride(1),
-            rows_per_batch=T,
-            n_rows=B * T,
-            BLOCK_N=block_n,
+            **token_row_arguments(rows, targets, temperature, ignore_index),
+            **coefficients,
             grad_ptr=grad,
             grad_stride_b=grad.stride(0),
             grad_stride_t=grad.stride(1),
-            targets_ptr=targets,
-            lse_ptr=lse,
-            entropy_ptr=entropy,
-            coef_lp_ptr=coef_lp,
-            coef_ent_ptr=coef_ent,
-            stats_stride=stats_stride,
-            scale_ptr=scale_arg,
-            V=V,
-            inv_temperature=inverse_temperature(temperature),
-            ignore_index=int(ignore_index),
-            HAS_SCALE=has_scale,
+            BLOCK_N=block_n,
         ),
         fixed,
         tune,
