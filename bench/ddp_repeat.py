@@ -19,23 +19,11 @@ import sys
 import tempfile
 import time
 
+from calibrl.distributed import torchrun_command
+
 
 def launch(out: str, extra) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "calibrl.train",
-        "--quick",
-        "--no-tensorboard",
-        "--out",
-        out,
-        *extra,
-    ]
+    command = torchrun_command(2, "-m", "calibrl.train", "--quick", "--no-tensorboard", "--out", out, *extra)
     env = {**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
