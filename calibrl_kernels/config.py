@@ -309,15 +309,14 @@ class LossInputs(NamedTuple):
     expert_mask: Optional[torch.Tensor] = None  # (B, T) expert's response length (mask_beyond_expert only)
     ignore_index: int = -100  # targets equal to it are left out of the loss
 
+    def optional_fields(self) -> dict:
+        """The optional fields (expert_logp, passed, is_expert, expert_mask: those between mask and ignore_index)
+        as keyword arguments."""
+        return {name: getattr(self, name) for name in self._fields[3:-1]}
+
     def fields(self) -> dict:
         """The optional fields and ignore_index as keyword arguments (the reference's calling convention)."""
-        return dict(
-            expert_logp=self.expert_logp,
-            passed=self.passed,
-            is_expert=self.is_expert,
-            expert_mask=self.expert_mask,
-            ignore_index=self.ignore_index,
-        )
+        return dict(self.optional_fields(), ignore_index=self.ignore_index)
 
 
 class LossOutput(NamedTuple):

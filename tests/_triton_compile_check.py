@@ -265,6 +265,8 @@ def main():
     ):
         where = "/".join(sorted(roles))
         dtype = signature[kernel.arg_names[0]]
+        while isinstance(dtype, tuple):  # a tuple argument (lm_head, logits): its first element, the pointer
+            dtype = dtype[0]
         line = f"{kernel.__name__} [{where}] {dtype} {constexprs} {options}: {usage} dynamic-shared:{shared}"
         print(line + (f" {dot}" if kernel.__name__ in DOT_KERNELS else ""), flush=True)
         assert shared <= SHARED_LIMIT, (

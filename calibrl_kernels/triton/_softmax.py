@@ -125,11 +125,13 @@ def gradient_row_inputs(
 
 
 @triton.jit
-def token_row_pointers(base_ptr, rows, rows_per_batch, stride_b, stride_t):
-    """Pointers [R] to the first entry of token rows ``rows`` ([R] int64) of a (B, T, ...) tensor.
+def token_row_pointers(view, rows, rows_per_batch):
+    """Pointers [R] to the first entry of token rows ``rows`` ([R] int64) of a (B, T, ...) tensor ``view``,
+    given as (base pointer, element stride between batch entries, element stride between time steps).
 
-    Flat row r sits at (r // T, r % T); all offsets are int64.
+    Flat row r sits at (r // T, r % T), T = rows_per_batch; all offsets are int64.
     """
+    base_ptr, stride_b, stride_t = view
     return base_ptr + (rows // rows_per_batch) * stride_b + (rows % rows_per_batch) * stride_t
 
 

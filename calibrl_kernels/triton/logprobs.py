@@ -35,9 +35,7 @@ from ._softmax import cast_for_store, gradient_row_inputs, logits_grad_tile, log
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr,  # (B, T, V) logits (fp32 / bf16 / fp16), last dim contiguous
-    stride_b,  # element stride between batch entries of logits
-    stride_t,  # element stride between time steps of logits
+    logits,  # (logits_ptr, stride_b, stride_t): (B, T, V) logits, last dim contiguous, and its batch / time strides
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
     n_rows,  # N = B * T
     targets_ptr,  # (N,) int64 target ids
@@ -52,7 +50,7 @@ def _token_logprobs_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64
     in_range = rows < n_rows
-    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    row_ptrs = token_row_pointers(logits, rows, rows_per_batch)
     targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
     valid = in_range & (targets != ignore_index)
     lse, entropy = logits_row_statistics(row_ptrs, V, inv_temperature, valid, BLOCK_V)
@@ -65,14 +63,10 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit
 def _logits_grad_kernel(
-    logits_ptr,  # (B, T, V) logits of the forward pass, last dim contiguous
-    stride_b,  # element stride between batch entries of logits
-    stride_t,  # element stride between time steps of logits
+    logits,  # (logits_ptr, stride_b, stride_t): (B, T, V) logits, last dim contiguous, and its batch / time strides
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
     n_rows,  # N = B * T
-    grad_ptr,  # (B, T, V) out: dL/dlogits in the logits dtype; may be logits_ptr itself (in place)
-    grad_stride_b,  # element stride between batch entries of grad
-    grad_stride_t,  # element stride between time steps of grad
+    grad,  # (grad_ptr, stride_b, stride_t) of the (B, T, V) out dL/dlogits, logits dtype; may be the logits (in place)
     targets_ptr,  # (N,) int64 target ids
     row_stats,  # (lse, entropy, a, b) (N,) fp32 pointers: the forward's logsumexp of the scaled logits and entropy,
     # a = -dL/dlp, b = -dL/dH per token (gradient_row_inputs), token t at t * stats_stride
@@ -87,8 +81,8 @@ def _logits_grad_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64
     in_range = rows < n_rows
-    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
-    grad_row_ptrs = token_row_pointers(grad_ptr, rows, rows_per_batch, grad_stride_b, grad_stride_t)
+    row_ptrs = token_row_pointers(logits, rows, rows_per_batch)
+    grad_row_ptrs = token_row_pointers(grad, rows, rows_per_batch)
     targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
         targets_ptr, row_stats, stats_stride, scale_ptr, rows, in_range, ignore_index, HAS_SCALE
     )
@@ -97,11 +91,11 @@ def _logits_grad_kernel(
         in_row = cols[None, :] < V
         x = tl.load(row_ptrs[:, None] + cols[None, :], mask=active[:, None] & in_row, other=float("-inf"))
         z = x.to(tl.float32) * inv_temperature
-        grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) * inv_temperature
-        grad = tl.where(active[:, None], grad, 0.0)
+        d_logits = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent)
+        d_logits = tl.where(active[:, None], d_logits * inv_temperature, 0.0)
         tl.store(
             grad_row_ptrs[:, None] + cols[None, :],
-            cast_for_store(grad, grad_ptr.dtype.element_ty),
+            cast_for_store(d_logits, grad_row_ptrs.dtype.element_ty),
             mask=in_range[:, None] & in_row,
         )
 
@@ -129,21 +123,24 @@ def common_stride(*stats: torch.Tensor) -> int:
     return strides.pop()
 
 
-def token_row_arguments(rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int) -> dict:
-    """The launch keywords every per-row logits kernel takes: the (B, T, V) logits view ``rows`` with its strides,
-    the (N,) int64 targets, the vocabulary size, 1 / temperature and ignore_index."""
+def launch_row_kernel(kernel, rows, targets, temperature: float, ignore_index: int, arguments: dict, **options):
+    """Launch a per-row logits kernel (one program per BLOCK_N token rows) on the (B, T, V) logits view ``rows``
+    (``as_token_rows``) and the (N,) int64 targets, with the kernel's further launch keywords ``arguments``;
+    options: ``launch``'s (allow_autotune)."""
     B, T, V = rows.shape
-    return dict(
-        logits_ptr=rows,
-        stride_b=rows.stride(0),
-        stride_t=rows.stride(1),
+    config = _launch.row_launch(V)
+    common = dict(
+        logits=(rows, rows.stride(0), rows.stride(1)),
         rows_per_batch=T,
         n_rows=B * T,
         targets_ptr=targets,
         V=V,
         inv_temperature=inverse_temperature(temperature),
         ignore_index=int(ignore_index),
+        BLOCK_N=config.block_n,
     )
+    grid = (triton.cdiv(B * T, config.block_n),)
+    launch(kernel, grid, {**common, **arguments}, config.meta(), _launch.row_autotune_configs(), ["V"], **options)
 
 
 def gradient_arguments(lse, entropy, coef_lp, coef_ent, scale: Optional[torch.Tensor]) -> dict:
@@ -158,12 +155,6 @@ def gradient_arguments(lse, entropy, coef_lp, coef_ent, scale: Optional[torch.Te
     )
 
 
-def row_kernel_launch(vocab_size: int, n_rows: int):
-    """(grid, BLOCK_N, fixed meta-parameters, autotune configs) of the per-row logits kernels."""
-    config = _launch.row_launch(vocab_size)
-    return (triton.cdiv(n_rows, config.block_n),), config.block_n, config.meta(), _launch.row_autotune_configs()
-
-
 def logprob_entropy_forward(
     rows: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_index: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,21 +166,8 @@ def logprob_entropy_forward(
     lse = torch.empty_like(logp)
     if n == 0:
         return logp, entropy, lse
-    grid, block_n, fixed, tune = row_kernel_launch(V, n)
-    launch(
-        _token_logprobs_fwd_kernel,
-        grid,
-        dict(
-            **token_row_arguments(rows, targets, temperature, ignore_index),
-            logp_ptr=logp,
-            entropy_ptr=entropy,
-            lse_ptr=lse,
-            BLOCK_N=block_n,
-        ),
-        fixed,
-        tune,
-        ["V"],
-    )
+    outputs = dict(logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse)
+    launch_row_kernel(_token_logprobs_fwd_kernel, rows, targets, temperature, ignore_index, outputs)
     return logp, entropy, lse
 
 
@@ -216,21 +194,14 @@ def logits_backward(
     grad = rows if inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     if B * T == 0:
         return grad
-    grid, block_n, fixed, tune = row_kernel_launch(V, B * T)
-    launch(
+    gradient = dict(coefficients, grad=(grad, grad.stride(0), grad.stride(1)))
+    launch_row_kernel(
         _logits_grad_kernel,
-        grid,
-        dict(
-            **token_row_arguments(rows, targets, temperature, ignore_index),
-            **coefficients,
-            grad_ptr=grad,
-            grad_stride_b=grad.stride(0),
-            grad_stride_t=grad.stride(1),
-            BLOCK_N=block_n,
-        ),
-        fixed,
-        tune,
-        ["V"],
+        rows,
+        targets,
+        temperature,
+        ignore_index,
+        gradient,
         allow_autotune=not inplace,  # the tuner would run an in-place launch over its own output
     )
     return grad

@@ -31,17 +31,14 @@ import triton.language as tl
 
 from ..config import CalibRLConfig
 from ..reference.coefficients import ROW
-from ._launch import launch
 from ._loss_terms import TOKEN_OUTPUTS, kernel_loss_arguments, loss_epilogue, token_is_counted
 from ._softmax import logits_row_statistics, token_row_pointers
-from .logprobs import _flat_targets, as_token_rows, logits_backward, row_kernel_launch, token_row_arguments
+from .logprobs import _flat_targets, as_token_rows, launch_row_kernel, logits_backward
 
 
 @triton.jit
 def _calibrl_loss_fwd_kernel(
-    logits_ptr,  # (B, T, V) logits (fp32 / bf16 / fp16), last dim contiguous
-    stride_b,  # element stride between batch entries of logits
-    stride_t,  # element stride between time steps of logits
+    logits,  # (logits_ptr, stride_b, stride_t): (B, T, V) logits, last dim contiguous, and its batch / time strides
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
     targets_ptr,  # (N,) int64 sampled token ids, N = B * T
     table_ptr,  # (N, TOKEN_INPUTS) fp32 token table of the loss (coefficients.token_table)
@@ -59,7 +56,7 @@ def _calibrl_loss_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64 token indices
     in_range = rows < n_rows
-    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    row_ptrs = token_row_pointers(logits, rows, rows_per_batch)
     targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
     # Tokens without any weight (padding, ignored targets, dropped expert rows) are not read at all.
     counted = token_is_counted(table_ptr, rows, in_range) & (targets != ignore_index)
@@ -83,21 +80,8 @@ def calibrl_loss_forward(
     token_out = torch.zeros(n, TOKEN_OUTPUTS, dtype=torch.float32, device=rows.device)
     if n == 0:
         return token_out
-    grid, block_n, fixed, tune = row_kernel_launch(V, n)
-    launch(
-        _calibrl_loss_fwd_kernel,
-        grid,
-        dict(
-            **token_row_arguments(rows, targets, config.temperature, ignore_index),
-            **kernel_loss_arguments(config),
-            table_ptr=table,
-            out_ptr=token_out,
-            BLOCK_N=block_n,
-        ),
-        fixed,
-        tune,
-        ["V"],
-    )
+    loss = dict(kernel_loss_arguments(config), table_ptr=table, out_ptr=token_out)
+    launch_row_kernel(_calibrl_loss_fwd_kernel, rows, targets, config.temperature, ignore_index, loss)
     return token_out
 
 
