@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any, List
 
 import torch
@@ -28,6 +29,12 @@ class DistInfo:
     @property
     def active(self) -> bool:
         return self.world_size > 1
+
+
+def torchrun_command(nproc: int, *target: str) -> List[str]:
+    """The command line that runs ``target`` (a script and its arguments, or ``-m module ...``) in ``nproc``
+    processes on this machine with this Python (``torchrun --standalone``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
 
 
 def env_world_size() -> int:

@@ -254,6 +254,27 @@ def _config_from_key(key: str) -> CalibRLConfig:
 
 DEFAULT_CONFIG = CalibRLConfig()  # the default of every op and module taking a config
 
+# The method's fixed constants as the fused kernels name them (the C++ kernels read them by these names).
+KERNEL_CONSTANTS = dict(
+    log_ratio_clamp=LOG_RATIO_CLAMP,
+    luffy_gamma=LUFFY_SHAPING_GAMMA,
+    rlplus_old_weight=RLPLUS_OLD_WEIGHT,
+    rlplus_mix=RLPLUS_MIX,
+    rlplus_focal_power=RLPLUS_FOCAL_POWER,
+)
+
+
+# The runtime scalars of a config that every fused loss kernel reads (C++ by name, Triton as a tuple in this order):
+# the PPO clip widths, the dual clip bound c, beta, alpha of leaky_relu, the huber transition, the entropy coefficient.
+KERNEL_SCALARS = ("clip_low", "clip_high", "dual_clip_c", "guide_coef", "negative_slope", "huber_delta", "entropy_coef")
+
+
+def kernel_scalars(config: CalibRLConfig) -> dict:
+    """The KERNEL_SCALARS of ``config`` by name."""
+    values = {name: getattr(config, name) for name in KERNEL_SCALARS}
+    values["dual_clip_c"] = config.dual_clip_bound  # the bound the kernels apply (finite when the dual clip is off)
+    return values
+
 
 class GroupStats(NamedTuple):
     """Group statistics over on-policy rows (expert rows excluded), per row and per group.
@@ -288,15 +309,14 @@ class LossInputs(NamedTuple):
     expert_mask: Optional[torch.Tensor] = None  # (B, T) expert's response length (mask_beyond_expert only)
     ignore_index: int = -100  # targets equal to it are left out of the loss
 
+    def optional_fields(self) -> dict:
+        """The optional fields (expert_logp, passed, is_expert, expert_mask: those between mask and ignore_index)
+        as keyword arguments."""
+        return {name: getattr(self, name) for name in self._fields[3:-1]}
+
     def fields(self) -> dict:
         """The optional fields and ignore_index as keyword arguments (the reference's calling convention)."""
-        return dict(
-            expert_logp=self.expert_logp,
-            passed=self.passed,
-            is_expert=self.is_expert,
-            expert_mask=self.expert_mask,
-            ignore_index=self.ignore_index,
-        )
+        return dict(self.optional_fields(), ignore_index=self.ignore_index)
 
 
 class LossOutput(NamedTuple):

@@ -386,25 +386,15 @@ def _linear_token_logprobs_setup(ctx, inputs, output):
 
 @first_order_only
 def _linear_token_logprobs_backward(ctx, grad_logp, grad_entropy, _grad_rows):
-    hidden, weight, bias, targets, rows = ctx.saved_tensors
+    saved = ctx.saved_tensors  # hidden, weight, bias, targets, rows: the backward operator's first arguments
+    targets = saved[3]
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     if not any(needs):
         return (None,) * 8
     temperature, ignore_index, chunk_bytes, impl = ctx.settings
     grad_logp, grad_entropy = _zeros_if_none(grad_logp, targets), _zeros_if_none(grad_entropy, targets)
     grads = _linear_token_logprobs_backward_op(
-        hidden,
-        weight,
-        bias,
-        targets,
-        rows,
-        grad_logp,
-        grad_entropy,
-        temperature,
-        ignore_index,
-        needs,
-        chunk_bytes,
-        impl,
+        *saved, grad_logp, grad_entropy, temperature, ignore_index, needs, chunk_bytes, impl
     )
     return (*(_or_none(g) if need else None for g, need in zip(grads, needs)),) + (None,) * 5
 

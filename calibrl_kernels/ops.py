@@ -175,21 +175,19 @@ def _resolve_loss_inputs(
         )
         expert_mask = built_mask if expert_mask is None else expert_mask
     _checks.check_shape("old_logp", old_logp, batch_shape, "(B, T) like targets")
+    resolved = given._replace(advantages=advantages, expert_logp=expert_logp, passed=passed, expert_mask=expert_mask)
     _checks.check_loss_inputs(
         old_logp,
         old_logp,
         advantages,
         mask,
-        expert_logp=expert_logp,
-        passed=passed,
-        is_expert=is_expert,
         entropy=None,
-        expert_mask=expert_mask,
         config=config,
         logp_name="old_logp",
         computes_entropy=True,
+        **resolved.optional_fields(),
     )
-    return given._replace(advantages=advantages, expert_logp=expert_logp, passed=passed, expert_mask=expert_mask)
+    return resolved
 
 
 def fused_calibrl_loss(

@@ -7,33 +7,12 @@ import os
 from typing import Dict, NamedTuple, Optional
 
 import torch
+from _configs import CONFIG_MATRIX, CPU_CASES
 
 from calibrl_kernels import reference
-from calibrl_kernels.config import ACTIVATIONS, DEFAULT_CONFIG, LOSS_AGG_MODES, MODES, CalibRLConfig, LossInputs
+from calibrl_kernels.config import DEFAULT_CONFIG, CalibRLConfig, LossInputs
 
-# One config per (mode, activation) pair that makes sense, plus the aggregation modes and options.
-CONFIGS: Dict[str, CalibRLConfig] = {}
-for _mode in MODES:
-    CONFIGS[_mode] = CalibRLConfig(mode=_mode)
-for _act in ACTIVATIONS:
-    CONFIGS[f"calibrl-{_act}"] = CalibRLConfig(activation=_act)
-for _agg in LOSS_AGG_MODES:
-    CONFIGS[f"calibrl-{_agg}"] = CalibRLConfig(loss_agg_mode=_agg, entropy_coef=0.01)
-CONFIGS["calibrl-options"] = CalibRLConfig(
-    mask_beyond_expert=True,
-    weight_by_advantage=False,
-    entropy_coef=0.05,
-    baseline="sequence-mean",
-    loss_agg_mode="seq-mean-token-sum-norm",
-    loss_scale_factor=7.0,
-    clip_low=0.1,
-    clip_high=0.3,
-    guide_coef=0.5,
-)
-CONFIGS["luffy-entropy-seqmean"] = CalibRLConfig(mode="luffy", entropy_coef=0.02, loss_agg_mode="seq-mean-token-mean")
-CONFIGS["rlplus-entropy"] = CalibRLConfig(mode="rlplus", entropy_coef=-0.03)
-CONFIGS["grpo-preset"] = CalibRLConfig.for_algo("grpo", entropy_coef=0.01)
-CONFIGS["dapo-no-dual-clip"] = CalibRLConfig.for_algo("dapo", dual_clip_c=None, clip_high=0.28)
+CONFIGS: Dict[str, CalibRLConfig] = {name: CONFIG_MATRIX[name] for name in CPU_CASES}
 
 
 class Batch(NamedTuple):

@@ -6,17 +6,10 @@ import string
 
 import torch
 
-SPECIAL_TOKENS = [
-    "<pad>",
-    "<eos>",
-    "<unk>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
+from calibrl.model import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
+
+# the tiny tokenizer's own pad / eos / unk, then the chat and vision tokens of the Qwen2-VL vocabulary
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", *(token for token in QWEN_SPECIAL_TOKENS if token != "<|endoftext|>")]
 CHARS = list(string.ascii_letters + string.digits + " .,:?!<>/=+-_'\"\n")
 
 # A ChatML template (what Qwen2-VL's processor expects), written for these tests.
@@ -51,20 +44,37 @@ def char_tokenizer():
     return fast
 
 
-def tiny_causal_lm(vocab_size: int, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
+def tiny_text_config(vocab_size: int, **overrides) -> dict:
+    """The settings of the language model of every tiny model of the tests (one layer of width 32, two attention
+    heads sharing one key/value head), with ``overrides``."""
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    return {**settings, **overrides}
+
+
+def vision_token_ids(tokenizer) -> dict:
+    """The image / video / vision-delimiter token ids of ``tokenizer`` as a Qwen2-VL config names them."""
+    tokens = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in tokens.items()}
+
+
+def tiny_causal_lm(vocab_size: int, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(**tiny_text_config(vocab_size, max_position_embeddings=256))
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0
@@ -78,20 +88,10 @@ def tiny_qwen2_vl(tokenizer, seed: int = 0):
 
     torch.manual_seed(seed)
     vocab = len(tokenizer)
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(name)
-        for name in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    }
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
+        text_config=tiny_text_config(
+            vocab,
             max_position_embeddings=512,
-            tie_word_embeddings=False,
             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
@@ -108,10 +108,7 @@ def tiny_qwen2_vl(tokenizer, seed: int = 0):
             temporal_patch_size=2,
             in_channels=3,
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
     model = Qwen2VLForConditionalGeneration(config)

@@ -71,27 +71,34 @@ def signature_of(kernel, args):
     signature, constexprs, attrs = {}, {}, {}
     constexpr_params = {p.name for p in kernel.params if p.is_constexpr}
     for name in names:
-        value = args[name]
         if name in constexpr_params:
             signature[name] = "constexpr"
-            constexprs[name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + TYPES[value.dtype]
-            attrs[(names.index(name),)] = [["tt.divisibility", 16]]  # a GPU allocation is 16-byte aligned
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int) and value == 1:  # the JIT specialises ints equal to 1 as constants
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        elif isinstance(value, int):
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0 and value != 0:
-                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
+            constexprs[name] = args[name]
         else:
-            raise TypeError(f"{kernel.__name__}.{name}: cannot type {type(value).__name__}")
+            signature[name] = argument_type(kernel, name, args[name], (names.index(name),), constexprs, attrs)
     return signature, constexprs, attrs
+
+
+def argument_type(kernel, name, value, path, constexprs, attrs):
+    """The triton type of a runtime argument at ``path`` (its index, then the element's within a tuple argument),
+    recording the constants and 16-byte divisibility hints the JIT would give it."""
+    if isinstance(value, tuple):
+        return tuple(argument_type(kernel, name, item, path + (i,), constexprs, attrs) for i, item in enumerate(value))
+    if isinstance(value, torch.Tensor):
+        attrs[path] = [["tt.divisibility", 16]]  # a GPU allocation is 16-byte aligned
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int) and value == 1:  # the JIT specialises ints equal to 1 as constants
+        constexprs[path if len(path) > 1 else name] = 1  # a tuple's element by its path
+        return "constexpr"
+    if isinstance(value, int):
+        if value % 16 == 0 and value != 0:
+            attrs[path] = [["tt.divisibility", 16]]
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"{kernel.__name__}.{name}: cannot type {type(value).__name__}")
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -205,11 +212,11 @@ def distinct_variants():
     for kernel, args, spills_matter, role in recorded:
         signature, constexprs, attrs = signature_of(kernel, args)
         options = {"num_warps": args.get("num_warps", 4), "num_stages": args.get("num_stages", 3)}
-        pointers = tuple(sorted((k, v) for k, v in signature.items() if v.startswith("*")))
+        pointers = tuple(sorted((k, v) for k, v in signature.items() if isinstance(v, tuple) or v.startswith("*")))
         full = (
             kernel.__name__,
             tuple(sorted(signature.items())),
-            tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+            tuple(sorted((str(k), str(v)) for k, v in constexprs.items())),
         )
         tuned = (kernel.__name__, pointers, tuple((k, str(constexprs.get(k))) for k in TUNED))
         key = (full if role == "default" else tuned) + (tuple(sorted(options.items())),)
@@ -258,6 +265,8 @@ def main():
     ):
         where = "/".join(sorted(roles))
         dtype = signature[kernel.arg_names[0]]
+        while isinstance(dtype, tuple):  # a tuple argument (lm_head, logits): its first element, the pointer
+            dtype = dtype[0]
         line = f"{kernel.__name__} [{where}] {dtype} {constexprs} {options}: {usage} dynamic-shared:{shared}"
         print(line + (f" {dot}" if kernel.__name__ in DOT_KERNELS else ""), flush=True)
         assert shared <= SHARED_LIMIT, (

@@ -19,44 +19,24 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 def main(out: str, per_device_rows: int) -> None:
-    from _tiny_models import char_tokenizer, tiny_causal_lm
-    from datasets import Dataset
-    from test_integration_trl import scripted_reward, scripted_rollout
+    from _tiny_models import char_tokenizer
+    from test_integration_trl import make_args, scripted_trainer, text_dataset
 
-    from calibrl.integrations.trl import CalibRLGRPOConfig, CalibRLTrainer
+    from calibrl.integrations.trl import CalibRLTrainer
 
     tokenizer = char_tokenizer()
-    answers = ["2", "4", "4", "3"]
-    dataset = Dataset.from_dict(
-        {"prompt": ["1+1=", "2+2=", "3+1=", "2+1="], "answer": answers, "expert": ["ok " + a for a in answers]}
-    )
-    args = CalibRLGRPOConfig(
-        output_dir=out,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
+    dataset = text_dataset(expert=["ok " + a for a in ("2", "4", "4", "3")], n=4)
+    args = make_args(
+        out,
         per_device_train_batch_size=per_device_rows,
         num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        logging_steps=1,
         optim="sgd",
         learning_rate=0.5,
         loss_type="dapo",
         mask_truncated_completions=True,
         calibrl_guide_coef=0.5,
     )
-    trainer = CalibRLTrainer(
-        model=tiny_causal_lm(len(tokenizer)),
-        reward_funcs=scripted_reward,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        rollout_func=scripted_rollout,
-    )
+    trainer = scripted_trainer(CalibRLTrainer, args, tokenizer, dataset)
     trainer.train()
     if trainer.accelerator.is_main_process:
         with open(os.path.join(out, "log_history.json"), "w") as handle:

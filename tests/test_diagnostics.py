@@ -29,6 +29,7 @@ from calibrl.exploration import (
     token_char_spans,
 )
 from calibrl.model import PolicyForward, build_tiny_policy  # noqa: E402
+from calibrl.rewards import FORMAT_VIOLATIONS  # noqa: E402
 from calibrl.rollout import collect_rollouts, old_logprobs  # noqa: E402
 from calibrl_kernels import CalibRLConfig, reference  # noqa: E402
 
@@ -231,17 +232,7 @@ def test_trainer_logs_exploration_and_guide_regime(tmp_path):
         assert (
             all_finite(record)
             and record["response_entropy"] > 0
-            and set(record["format_failures"])
-            == {
-                "truncated",
-                "missing_think",
-                "missing_answer",
-                "extra_tags",
-                "misordered",
-                "text_before",
-                "text_between",
-                "text_after",
-            }
+            and set(record["format_failures"]) == set(FORMAT_VIOLATIONS)
         )
         assert {"eval_pass_at_8", "eval_distinct_answers", "eval_color", "eval_sampled_shape"} <= set(record)
     diagnosed = [r["step"] for r in records if "guide_grad_ratio" in r]

@@ -451,6 +451,18 @@ def scripted_reward(completions, answer, **kwargs):
     return [None if c == "x" else float(c.startswith(a)) + 0.1 * len(c) for c, a in zip(completions, answer)]
 
 
+def scripted_trainer(cls, args, tokenizer, dataset):
+    """A trainer of class ``cls`` on the scripted completions and rewards, with a fresh tiny model (seed 0)."""
+    return cls(
+        model=tiny_causal_lm(len(tokenizer)),
+        reward_funcs=scripted_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        rollout_func=scripted_rollout,
+    )
+
+
 def trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch):
     """CalibRLTrainer and TRL's GRPOTrainer with equal settings and equal tiny models (seed 0)."""
     from trl import GRPOConfig, GRPOTrainer
@@ -485,14 +497,7 @@ def trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch):
         (CalibRLTrainer, CalibRLGRPOConfig(calibrl_algo=algo, **common)),
         (GRPOTrainer, GRPOConfig(delta=delta, **common)),
     ):
-        trainer = cls(
-            model=tiny_causal_lm(len(tokenizer)),
-            reward_funcs=scripted_reward,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            rollout_func=scripted_rollout,
-        )
+        trainer = scripted_trainer(cls, args, tokenizer, dataset)
         trainer.current_gradient_accumulation_steps = 2
         trainer.model.train()
         trainers.append(trainer)

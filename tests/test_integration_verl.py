@@ -64,6 +64,21 @@ def synthetic_batch(seed=0, dtype=torch.float64):
 AGGREGATIONS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
+def verl_policy_loss(name, b, log_prob, advantages, agg, config, **calibrl_fields):
+    """(loss, metrics) of verl's registered policy loss ``name`` on the batch ``b``, called as verl's actor calls
+    it; calibrl_fields: the batch fields the calibrl losses read besides verl's own arguments."""
+    return get_policy_loss_fn(name)(
+        old_log_prob=b["old"],
+        log_prob=log_prob,
+        advantages=advantages,
+        response_mask=b["mask"].bool(),
+        loss_agg_mode=agg,
+        config=config,
+        rollout_is_weights=None,
+        **calibrl_fields,
+    )
+
+
 @pytest.mark.parametrize(
     "name, agg",
     [(n, a) for n in sorted(cverl.POLICY_LOSSES) if n != "calibrl_drgrpo" for a in AGGREGATIONS]
@@ -76,14 +91,13 @@ def test_registered_loss_equals_reference(name, agg):
     mode = cverl.POLICY_LOSSES[name]
     token_adv = b["stats"].advantages[:, None] * b["mask"]  # verl hands token-level advantages
     lp_verl = b["logp"].clone().requires_grad_(True)
-    loss, metrics = get_policy_loss_fn(name)(
-        old_log_prob=b["old"],
-        log_prob=lp_verl,
-        advantages=token_adv,
-        response_mask=b["mask"].bool(),
-        loss_agg_mode=agg,
-        config=config,
-        rollout_is_weights=None,
+    loss, metrics = verl_policy_loss(
+        name,
+        b,
+        lp_verl,
+        token_adv,
+        agg,
+        config,
         expert_logp=b["baseline"],
         passed=b["stats"].passed,
         is_expert=IS_EXPERT,
@@ -146,14 +160,13 @@ def test_registered_loss_equals_the_slim_trainer_path(name):
 
     h_verl, w_verl = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logp, entropy = ck.linear_token_logprobs(h_verl, w_verl, targets, return_entropy=True)
-    loss, metrics = get_policy_loss_fn(name)(
-        old_log_prob=b["old"],
-        log_prob=logp,
-        advantages=stats.advantages[:, None] * b["mask"],
-        response_mask=b["mask"].bool(),
-        loss_agg_mode=preset.loss_agg_mode,
-        config=actor_config(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_scale_factor=scale),
-        rollout_is_weights=None,
+    loss, metrics = verl_policy_loss(
+        name,
+        b,
+        logp,
+        stats.advantages[:, None] * b["mask"],
+        preset.loss_agg_mode,
+        actor_config(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_scale_factor=scale),
         expert_logp=baseline,
         passed=stats.passed,
         is_expert=IS_EXPERT,
@@ -177,15 +190,7 @@ def test_ppo_term_matches_verl_vanilla(agg):
     outs = []
     for name in ("vanilla", "calibrl_dapo"):
         lp = b["logp"].clone().requires_grad_(True)
-        loss, metrics = get_policy_loss_fn(name)(
-            old_log_prob=b["old"],
-            log_prob=lp,
-            advantages=adv,
-            response_mask=b["mask"].bool(),
-            loss_agg_mode=agg,
-            config=config,
-            rollout_is_weights=None,
-        )
+        loss, metrics = verl_policy_loss(name, b, lp, adv, agg, config)
         loss.backward()
         outs.append((loss.detach(), lp.grad, metrics))
     # verl divides by the token count, calibrl_kernels by count + 1e-8 (docs/method.md): relative 1e-8 / count apart.
@@ -205,15 +210,7 @@ def test_global_normalisation_matches_verl_agg_loss():
     local_tokens = on_policy_mask.sum().item()
     config = actor_config()
     config.global_batch_info.update(dp_size=2, batch_num_tokens=3 * local_tokens, global_batch_size=None)
-    loss, _ = get_policy_loss_fn("calibrl_dapo")(
-        old_log_prob=b["old"],
-        log_prob=b["logp"],
-        advantages=adv,
-        response_mask=b["mask"].bool(),
-        loss_agg_mode="token-mean",
-        config=config,
-        is_expert=IS_EXPERT,
-    )
+    loss, _ = verl_policy_loss("calibrl_dapo", b, b["logp"], adv, "token-mean", config, is_expert=IS_EXPERT)
     l_pg, _, _ = reference.ppo_token_terms(b["logp"], b["old"], adv, ck.CalibRLConfig(mode="dapo"))
     expected = agg_loss(l_pg, on_policy_mask, "token-mean", dp_size=2, batch_num_tokens=3 * local_tokens)
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
@@ -222,26 +219,19 @@ def test_global_normalisation_matches_verl_agg_loss():
 def test_calibrl_without_expert_fields_is_a_clear_error():
     b = synthetic_batch()
     with pytest.raises(ValueError, match="expert_logp/passed: loss_mode 'calibrl' needs.*trainer_mode=calibrl_sync"):
-        get_policy_loss_fn("calibrl")(
-            old_log_prob=b["old"],
-            log_prob=b["logp"],
-            advantages=b["mask"],
-            response_mask=b["mask"].bool(),
-            loss_agg_mode="token-mean",
-            config=actor_config(),
-        )
+        verl_policy_loss("calibrl", b, b["logp"], b["mask"], "token-mean", actor_config())
     with pytest.raises(
         ValueError, match="calibrl.clip_low: set it through verl's actor_rollout_ref.actor.clip_ratio_low"
     ):
         cverl.loss_config("calibrl", actor_config(), "token-mean", {"clip_low": 0.1})
     with pytest.raises(ValueError, match=r"expert_logp: expected shape \(B, T\)"):
-        get_policy_loss_fn("calibrl")(
-            old_log_prob=b["old"],
-            log_prob=b["logp"],
-            advantages=b["mask"],
-            response_mask=b["mask"].bool(),
-            loss_agg_mode="token-mean",
-            config=actor_config(),
+        verl_policy_loss(
+            "calibrl",
+            b,
+            b["logp"],
+            b["mask"],
+            "token-mean",
+            actor_config(),
             expert_logp=b["baseline"][:, :3],
             passed=b["stats"].passed,
             is_expert=IS_EXPERT,
@@ -405,33 +395,41 @@ def test_expert_response_ids_and_errors():
         expert_text_of({"raw_prompt": [], "extra_info": {}})
 
 
-def test_example_config_composes_and_passes_verl_validation():
-    """examples/verl/calibrl.yaml, as run_one_node.sh passes it, is a valid verl 0.9 configuration."""
+def example_config(*overrides):
+    """verl's ppo_trainer config composed with examples/verl/calibrl.yaml (as run_one_node.sh passes it), placeholder
+    model and data paths, and ``overrides``."""
     import os
     import re
 
     from hydra import compose, initialize_config_dir
     from verl.trainer import main_ppo
-    from verl.trainer.ppo.utils import need_critic, need_reference_policy
-    from verl.utils.config import omega_conf_to_dataclass, validate_config
 
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "verl", "calibrl.yaml")
     lines = [re.sub(r"#.*", "", line).strip() for line in open(path)]
-    overrides = [re.sub(r":\s*", "=", line, count=1) for line in lines if line] + [
+    example = [re.sub(r":\s*", "=", line, count=1) for line in lines if line] + [
         "actor_rollout_ref.model.path=/nonexistent",
         "data.train_files=/nonexistent.parquet",
         "data.val_files=/nonexistent.parquet",
+    ]
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(main_ppo.__file__), "config"), version_base=None
+    ):
+        return compose(config_name="ppo_trainer", overrides=example + list(overrides))
+
+
+def test_example_config_composes_and_passes_verl_validation():
+    """examples/verl/calibrl.yaml, as run_one_node.sh passes it, is a valid verl 0.9 configuration."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    cfg = example_config(
         "data.train_batch_size=480",
         "actor_rollout_ref.actor.ppo_mini_batch_size=120",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
         "trainer.n_gpus_per_node=8",
         "trainer.nnodes=1",
-    ]
-    with initialize_config_dir(
-        config_dir=os.path.join(os.path.dirname(main_ppo.__file__), "config"), version_base=None
-    ):
-        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    )
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     loss_cfg = cverl.loss_config(
@@ -452,18 +450,7 @@ EXPERT_REWARD = 1.1
 
 def composed_config(*extra):
     """verl's ppo_trainer config with examples/verl/calibrl.yaml and a tiny CPU setting."""
-    import os
-    import re
-
-    from hydra import compose, initialize_config_dir
-    from verl.trainer import main_ppo
-
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "verl", "calibrl.yaml")
-    lines = [re.sub(r"#.*", "", line).strip() for line in open(path)]
-    overrides = [re.sub(r":\s*", "=", line, count=1) for line in lines if line] + [
-        "actor_rollout_ref.model.path=/nonexistent",
-        "data.train_files=/nonexistent.parquet",
-        "data.val_files=/nonexistent.parquet",
+    return example_config(
         "data.train_batch_size=2",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
@@ -473,11 +460,7 @@ def composed_config(*extra):
         f"actor_rollout_ref.rollout.response_length={RESPONSE_LENGTH}",
         f"data.max_response_length={RESPONSE_LENGTH}",
         *extra,
-    ]
-    with initialize_config_dir(
-        config_dir=os.path.join(os.path.dirname(main_ppo.__file__), "config"), version_base=None
-    ):
-        return compose(config_name="ppo_trainer", overrides=overrides)
+    )
 
 
 class StubRolloutServer:

@@ -7,7 +7,6 @@ updates are not zero; each case is then checked against a one-process run of the
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -81,16 +80,8 @@ def ddp_runs(tmp_path_factory):
         COMMON + ["--out", str(dirs["mixed"])] + MIXED,
     ]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "tests", "_train_ddp_worker.py"),
-        json.dumps({"runs": runs, "gradient_checks": checks}),
-    ]
+    worker = os.path.join(ROOT, "tests", "_train_ddp_worker.py")
+    cmd = distributed.torchrun_command(2, worker, json.dumps({"runs": runs, "gradient_checks": checks}))
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return dirs

@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (pip install easy-vqa)")
 
+from _tiny_models import tiny_text_config, vision_token_ids  # noqa: E402
 from _train_helpers import all_finite, comparable, metrics, quick_run, rl_records, saved_config  # noqa: E402
 
 from calibrl import checkpoint  # noqa: E402
@@ -166,18 +167,10 @@ def test_model_path_loads_a_qwen2_5_vl_checkpoint(tmp_path, reference_run):
 
     source = reference_run / "final_model"
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    ids = {
-        t: tokenizer.convert_tokens_to_ids(t)
-        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
-    }
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
+        text_config=tiny_text_config(
+            len(tokenizer),
             num_attention_heads=1,
-            num_key_value_heads=1,
             tie_word_embeddings=True,
             rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
             eos_token_id=tokenizer.eos_token_id,
@@ -195,10 +188,7 @@ def test_model_path_loads_a_qwen2_5_vl_checkpoint(tmp_path, reference_run):
             window_size=32,
             fullatt_block_indexes=[1],
         ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **vision_token_ids(tokenizer),
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)
@@ -228,15 +218,12 @@ def test_model_path_loads_a_text_only_causal_lm(tmp_path, reference_run):
 
     tokenizer = AutoTokenizer.from_pretrained(str(reference_run / "tokenizer"))
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
+        **tiny_text_config(
+            len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        )
     )
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(tmp_path / "lm")

@@ -16,7 +16,9 @@ import sys
 import tempfile
 import time
 
-TRAIN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "calibrl.train"]
+from calibrl.distributed import torchrun_command
+
+TRAIN = torchrun_command(2, "-m", "calibrl.train")
 
 
 def main() -> int:

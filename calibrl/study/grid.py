@@ -61,17 +61,12 @@ class Budget:
 FULL = Budget(
     warm_start_steps=300, rl_steps=60, extra_sft_steps=100, eval_every=10, eval_examples=192, max_new_tokens=20
 )
-# one configuration of each section and of each kind of reference row
-QUICK = Budget(
-    warm_start_steps=3,
-    rl_steps=2,
-    extra_sft_steps=2,
-    eval_every=1,
-    eval_examples=8,
-    max_new_tokens=8,
-    quick=True,
-    only=("calibrl", "grpo", "sft-grpo", "act-relu", "slope-0.25", "baseline-seqmean"),
+# the --quick budget of every study: a few steps of each stage on the trainer's --quick model
+QUICK_STEPS = dict(
+    warm_start_steps=3, rl_steps=2, extra_sft_steps=2, eval_every=1, eval_examples=8, max_new_tokens=8, quick=True
 )
+# one configuration of each section and of each kind of reference row
+QUICK = Budget(**QUICK_STEPS, only=("calibrl", "grpo", "sft-grpo", "act-relu", "slope-0.25", "baseline-seqmean"))
 # v1 as it was run: the authors' reward parsing and one evaluation sample (defaults of calibrl.train then)
 V1_FLAGS = ("--reward-format", "authors", "--eval-samples", "1", "--diagnostics-every", "0")
 FULL = dataclasses.replace(FULL, train_flags=V1_FLAGS)
@@ -102,18 +97,7 @@ FULL_V2 = Budget(
     rl_flags=("--lr", "5e-4", "--warmup-steps", "10"),
     other_seeds=OTHER_SEEDS,
 )
-QUICK_V2 = dataclasses.replace(
-    FULL_V2,
-    warm_start_steps=3,
-    rl_steps=2,
-    extra_sft_steps=2,
-    eval_every=1,
-    eval_examples=8,
-    max_new_tokens=8,
-    primer_steps=2,
-    quick=True,
-    only=("calibrl", "grpo"),
-)
+QUICK_V2 = dataclasses.replace(FULL_V2, **QUICK_STEPS, primer_steps=2, only=("calibrl", "grpo"))
 STUDIES = {"v1": (FULL, QUICK), "v2": (FULL_V2, QUICK_V2)}  # (full, --quick) budget of each configuration
 
 

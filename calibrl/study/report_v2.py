@@ -20,6 +20,7 @@ import math
 import os
 from typing import Dict, List, Optional, Sequence
 
+from ..diagnostics import Z_KEYS
 from ..run_log import read_metrics
 from .grid import Run
 from .paired import paired
@@ -58,16 +59,7 @@ TRAINING = (
     ("answer_entropy", "answer_entropy"),
     ("train_format", "format"),
 )
-REGIME = (
-    "guide_z_pos_passed",
-    "guide_z_neg_passed",
-    "guide_z_pos_failed",
-    "guide_z_neg_failed",
-    "guide_gap_passed",
-    "guide_gap_failed",
-    "guide_grad_ratio",
-    "guide_grad_cos",
-)
+REGIME = tuple(key for key in Z_KEYS if key != "guide_tokens") + ("guide_grad_ratio", "guide_grad_cos")
 COLUMNS = (
     ("name", "section", "label", "seed", "status")
     + tuple(f"{when}_{name}" for when in ("start", "final") for name, _ in EVALS)

@@ -6,14 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import (
-    LOG_RATIO_CLAMP,
-    LUFFY_SHAPING_GAMMA,
-    RLPLUS_FOCAL_POWER,
-    RLPLUS_MIX,
-    RLPLUS_OLD_WEIGHT,
-    CalibRLConfig,
-)
+from ..config import KERNEL_CONSTANTS, CalibRLConfig, kernel_scalars
 from ..reference import coefficients as coef
 from ..reference import compute_dtype
 from . import build
@@ -21,20 +14,7 @@ from . import build
 
 def loss_params(config: CalibRLConfig) -> dict:
     """The numeric loss parameters the C++ row_terms reads (by name)."""
-    return dict(
-        clip_low=config.clip_low,
-        clip_high=config.clip_high,
-        dual_clip_c=config.dual_clip_bound,
-        guide_coef=config.guide_coef,
-        negative_slope=config.negative_slope,
-        huber_delta=config.huber_delta,
-        entropy_coef=config.entropy_coef,
-        log_ratio_clamp=LOG_RATIO_CLAMP,
-        luffy_gamma=LUFFY_SHAPING_GAMMA,
-        rlplus_old_weight=RLPLUS_OLD_WEIGHT,
-        rlplus_mix=RLPLUS_MIX,
-        rlplus_focal_power=RLPLUS_FOCAL_POWER,
-    )
+    return {**kernel_scalars(config), **KERNEL_CONSTANTS}
 
 
 class CppRowMath:

@@ -167,15 +167,7 @@ def loss_token_table(
     """
     token_mask = inputs.mask.to(dtype) * (targets != inputs.ignore_index).to(dtype)  # (B, T)
     return token_table(
-        inputs.old_logp,
-        inputs.advantages,
-        token_mask,
-        expert_logp=inputs.expert_logp,
-        passed=inputs.passed,
-        is_expert=inputs.is_expert,
-        expert_mask=inputs.expert_mask,
-        config=config,
-        dtype=dtype,
+        inputs.old_logp, inputs.advantages, token_mask, config=config, dtype=dtype, **inputs.optional_fields()
     )
 
 

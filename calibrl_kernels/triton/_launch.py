@@ -324,11 +324,21 @@ _AUTOTUNED = {}
 
 def launch_device(kernel, kwargs: dict):
     """The device of a launch: that of its tensor arguments, which must all be on one (None without any)."""
-    devices = {value.device for value in kwargs.values() if isinstance(value, torch.Tensor)}
+    tensors = {name: value for name, value in _flat_arguments(kwargs) if isinstance(value, torch.Tensor)}
+    devices = {value.device for value in tensors.values()}
     if len(devices) > 1:
-        where = {name: str(value.device) for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+        where = {name: str(value.device) for name, value in tensors.items()}
         raise ValueError(f"{kernel.__name__}: expected every tensor argument on one device, got {where}")
     return next(iter(devices), None)
+
+
+def _flat_arguments(kwargs: dict):
+    """(name, value) of every launch argument, the elements of a tuple argument as ``name[i]``."""
+    for name, value in kwargs.items():
+        if isinstance(value, tuple):
+            yield from _flat_arguments({f"{name}[{i}]": item for i, item in enumerate(value)})
+        else:
+            yield name, value
 
 
 def device_guard(device):

@@ -22,6 +22,7 @@ from ..config import (
     RLPLUS_FOCAL_POWER,
     RLPLUS_MIX,
     RLPLUS_OLD_WEIGHT,
+    kernel_scalars,
 )
 from ..reference.coefficients import ROW, ROW_FIELDS, TERM_FIELDS, TOKEN, TOKEN_FIELDS
 
@@ -73,6 +74,18 @@ def policy_code(mode: str) -> int:
 def activation_code(config) -> int:
     """The constexpr ACTIVATION of a CalibRLConfig (any valid code when the loss has no guide term)."""
     return ACTIVATION_CODES[config.activation] if config.uses_guide else 0
+
+
+def kernel_loss_arguments(config) -> dict:
+    """The launch keywords of config that every loss kernel takes: ``loss_scalars``, the fp32 tuple of the
+    config's ``kernel_scalars`` (unpacked by ``calibrl_token_terms``), and the constexprs POLICY, USES_GUIDE,
+    ACTIVATION."""
+    return dict(
+        loss_scalars=tuple(float(value) for value in kernel_scalars(config).values()),
+        POLICY=policy_code(config.mode),
+        USES_GUIDE=config.uses_guide,
+        ACTIVATION=activation_code(config),
+    )
 
 
 # ==============================================================================================
@@ -189,36 +202,25 @@ def guide_activation(z, negative_slope, huber_delta, ACTIVATION: tl.constexpr):
 def calibrl_token_terms(
     lp,
     entropy,
-    old_lp,
-    adv,
-    baseline,
-    sign,
-    guide_weight,
-    is_expert_token,
-    w_loss,
-    w_guide,
-    clip_low,
-    clip_high,
-    dual_clip_c,
-    guide_coef,
-    negative_slope,
-    huber_delta,
-    entropy_coef,
+    token_inputs,
+    loss_scalars,
     POLICY: tl.constexpr,
     USES_GUIDE: tl.constexpr,
     ACTIVATION: tl.constexpr,
 ):
     """Everything the loss needs from one token, in closed form.
 
-    Inputs (elementwise, fp32): lp, entropy of the current policy; old_lp; adv (A); baseline (b, the
-    expert's log-prob baseline); sign (+1 passed, -1 failed); guide_weight (w = |A| or 1);
-    is_expert_token (bool); w_loss and w_guide, the aggregation weights (reference.aggregation_weights)
+    Inputs (elementwise, fp32): lp, entropy of the current policy; token_inputs, the tuple (old_lp, adv (A),
+    baseline (b, the expert's log-prob baseline), sign (+1 passed, -1 failed), guide_weight (w = |A| or 1),
+    is_expert_token (bool), w_loss, w_guide), the last two the aggregation weights (reference.aggregation_weights)
     of the policy/entropy terms and of the guide term (0 where the token does not count).
     Returns (w_loss * l_pg, w_guide * w act(z), clipped, clipped_lower, a, b): the weighted loss
     terms (0 where the weight is 0, whatever the term), the PPO clip flags, and the gradient
     coefficients a = -dL/dlp, b = -dL/dH of L = sum w_loss l_pg + beta sum w_guide w act(z)
-    - entropy_coef sum w_loss H.
+    - entropy_coef sum w_loss H. loss_scalars: the config's runtime scalars (``kernel_scalars``).
     """
+    old_lp, adv, baseline, sign, guide_weight, is_expert_token, w_loss, w_guide = token_inputs
+    clip_low, clip_high, dual_clip_c, guide_coef, negative_slope, huber_delta, entropy_coef = loss_scalars
     pg, d_pg, clipped, clipped_lower = ppo_dual_clip_term(lp, old_lp, adv, clip_low, clip_high, dual_clip_c)
     if POLICY != _POLICY_PPO:  # luffy / rlplus: expert tokens use their own term
         expert_term, d_expert = expert_token_term(lp, old_lp, adv, POLICY)
@@ -323,13 +325,7 @@ def loss_epilogue(
     lp,
     entropy,
     lse,
-    clip_low,
-    clip_high,
-    dual_clip_c,
-    guide_coef,
-    negative_slope,
-    huber_delta,
-    entropy_coef,
+    loss_scalars,
     POLICY: tl.constexpr,
     USES_GUIDE: tl.constexpr,
     ACTIVATION: tl.constexpr,
@@ -338,7 +334,8 @@ def loss_epilogue(
 
     table_ptr: (N, TOKEN_INPUTS) fp32 token table; out_ptr: (N, TOKEN_OUTPUTS) fp32 row table out;
     rows [R] int64 token indices, row_mask [R] which of them exist, counted [R] which have a weight;
-    lp, entropy, lse [R] fp32 (ignored where not counted: such tokens get zeros everywhere).
+    lp, entropy, lse [R] fp32 (ignored where not counted: such tokens get zeros everywhere); loss_scalars and the
+    three constexprs as the loss kernels take them (``kernel_loss_arguments``).
     """
     lp = tl.where(counted, lp, 0.0)
     entropy = tl.where(counted, entropy, 0.0)
@@ -353,27 +350,9 @@ def loss_epilogue(
     w_guide = token_input(table_ptr, rows, row_mask, _IN_C_GUIDE, 0.0)
     w_all = token_input(table_ptr, rows, row_mask, _IN_C_ALL, 0.0)
     w_entropy_metric = token_input(table_ptr, rows, row_mask, _IN_C_ENTROPY_METRIC, 0.0)
+    token_inputs = (old_lp, adv, baseline, sign, guide_weight, is_expert, w_loss, w_guide)
     pg, guide, clipped, clipped_lower, coef_lp, coef_ent = calibrl_token_terms(
-        lp,
-        entropy,
-        old_lp,
-        adv,
-        baseline,
-        sign,
-        guide_weight,
-        is_expert,
-        w_loss,
-        w_guide,
-        clip_low,
-        clip_high,
-        dual_clip_c,
-        guide_coef,
-        negative_slope,
-        huber_delta,
-        entropy_coef,
-        POLICY,
-        USES_GUIDE,
-        ACTIVATION,
+        lp, entropy, token_inputs, loss_scalars, POLICY, USES_GUIDE, ACTIVATION
     )
     in_metric = w_all != 0
     store_token_output(out_ptr, rows, row_mask, _OUT_LOGP, lp)

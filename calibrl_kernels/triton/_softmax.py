@@ -90,10 +90,7 @@ def logits_grad_tile(z, is_target, lse, entropy, coef_lp, coef_ent):
 @triton.jit
 def gradient_row_inputs(
     targets_ptr,
-    lse_ptr,
-    entropy_ptr,
-    coef_lp_ptr,
-    coef_ent_ptr,
+    row_stats,
     stats_stride,
     scale_ptr,
     rows,
@@ -103,14 +100,15 @@ def gradient_row_inputs(
 ):
     """Per-row inputs [R] of the logits-gradient kernels (logits path and lm_head path), for rows ``rows``.
 
-    targets_ptr (N,) int64; lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr: fp32 per-token statistics of
-    the forward and coefficients a = -dL/dlp, b = -dL/dH, token t's at offset t * stats_stride; scale_ptr
+    targets_ptr (N,) int64; row_stats = (lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr): fp32 per-token
+    statistics of the forward and coefficients a = -dL/dlp, b = -dL/dH, token t's at offset t * stats_stride; scale_ptr
     () fp32 factor on a and b (read only with HAS_SCALE). Returns (targets, lse, entropy, a, b, active):
     a = b = 0 on rows that are masked or whose target is ignore_index; ``active`` marks the rows with a
     gradient, the only ones whose logits need reading (the others get zeros). A row whose forward
     statistics are NaN (a NaN or +inf logit) is active whatever its coefficients: its gradient is NaN, as
     torch's log_softmax backward gives, instead of a silent zero.
     """
+    lse_ptr, entropy_ptr, coef_lp_ptr, coef_ent_ptr = row_stats
     targets = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (targets != ignore_index)
     at = rows * stats_stride
@@ -127,11 +125,13 @@ def gradient_row_inputs(
 
 
 @triton.jit
-def token_row_pointers(base_ptr, rows, rows_per_batch, stride_b, stride_t):
-    """Pointers [R] to the first entry of token rows ``rows`` ([R] int64) of a (B, T, ...) tensor.
+def token_row_pointers(view, rows, rows_per_batch):
+    """Pointers [R] to the first entry of token rows ``rows`` ([R] int64) of a (B, T, ...) tensor ``view``,
+    given as (base pointer, element stride between batch entries, element stride between time steps).
 
-    Flat row r sits at (r // T, r % T); all offsets are int64.
+    Flat row r sits at (r // T, r % T), T = rows_per_batch; all offsets are int64.
     """
+    base_ptr, stride_b, stride_t = view
     return base_ptr + (rows // rows_per_batch) * stride_b + (rows % rows_per_batch) * stride_t
 
 

@@ -60,7 +60,7 @@ from ..reference import inverse_temperature
 from ..reference.coefficients import ROW
 from . import _launch
 from ._launch import launch
-from ._loss_terms import TOKEN_OUTPUTS, counted_tokens, loss_epilogue, token_is_counted
+from ._loss_terms import TOKEN_OUTPUTS, counted_tokens, kernel_loss_arguments, loss_epilogue, token_is_counted
 from ._softmax import (
     cast_for_store,
     dot_tile,
@@ -70,8 +70,7 @@ from ._softmax import (
     merge_softmax_statistics,
     online_softmax_update,
 )
-from .logprobs import common_stride, statistics_table, upstream_rows
-from .loss import kernel_loss_arguments
+from .logprobs import gradient_arguments, statistics_table, upstream_rows
 
 # Partial statistics of the split-V forward, one (SPLITS, N) plane each: running max, sum-exp, shifted
 # sum(z e) and the target's logit (constexpr: read inside the kernels).
@@ -80,6 +79,10 @@ _PART_SUM = tl.constexpr(1)
 _PART_SHIFTED = tl.constexpr(2)
 _PART_TARGET = tl.constexpr(3)
 PARTIAL_FIELDS = 4
+# The lm_head operands of the logits kernels are one tuple argument ``lm_head`` (``_lm_head_arguments``):
+# (hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr): hidden (N, D) and weight (V, D), each a pointer and its
+# element stride between rows (last dims contiguous), and the bias (V,) (the weight when there is no bias: not read
+# without HAS_BIAS).
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,11 +90,7 @@ PARTIAL_FIELDS = 4
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def linear_logits_tile(
-    hidden_ptr,
-    stride_hn,
-    weight_ptr,
-    stride_wv,
-    bias_ptr,
+    lm_head,
     rows,
     row_mask,
     cols,
@@ -105,7 +104,9 @@ def linear_logits_tile(
 ):
     """Scaled logits [R, C] fp32 of token rows ``rows`` [R] and vocabulary entries ``cols`` [C] (int64):
     (hidden[rows] . weight[cols] + bias[cols]) / temperature, reducing over D in BLOCK_K steps up to
-    ``d_end`` (D, or 0 to skip the work for rows that need nothing)."""
+    ``d_end`` (D, or 0 to skip the work for rows that need nothing); -inf at the columns outside ``col_mask``.
+    lm_head: the kernels' tuple (hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr) of the lm_head operands."""
+    hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr = lm_head
     acc = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
     for d0 in range(0, d_end, BLOCK_K):
         dd = d0 + tl.arange(0, BLOCK_K)
@@ -115,16 +116,12 @@ def linear_logits_tile(
         acc = dot_tile(h, tl.trans(w), acc, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return acc * inv_temperature
+    return tl.where(col_mask[None, :], acc * inv_temperature, float("-inf"))
 
 
 @triton.jit
 def _linear_stats_kernel(
-    hidden_ptr,  # (N, D) hidden states, last dim contiguous
-    stride_hn,  # element stride between rows of hidden
-    weight_ptr,  # (V, D) lm_head weight, last dim contiguous
-    stride_wv,  # element stride between rows of weight
-    bias_ptr,  # (V,) bias (unused without HAS_BIAS)
+    lm_head,  # (hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr): hidden (N, D), weight (V, D), bias (V,)
     targets_ptr,  # (N,) int64 target ids (ignore_index never matches a column)
     active_ptr,  # (N,) int8: 1 where the row's statistics are needed
     partial_ptr,  # (PARTIAL_FIELDS, SPLITS, N) fp32 out: per split max, sum-exp, shifted sum, target logit
@@ -133,7 +130,7 @@ def _linear_stats_kernel(
     D,  # hidden size (reduction dimension of tl.dot)
     splits,  # SPLITS: programs sharing the vocabulary of one row block
     inv_temperature,  # fp32 runtime scalar 1 / temperature
-    HAS_BIAS: tl.constexpr,  # whether bias_ptr is read
+    HAS_BIAS: tl.constexpr,  # whether the bias of lm_head is read
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs ("ieee" or "tf32")
     BLOCK_M: tl.constexpr,  # token rows per program
     BLOCK_N: tl.constexpr,  # vocabulary tile
@@ -156,23 +153,8 @@ def _linear_stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_mask = cols < v_end
         z = linear_logits_tile(
-            hidden_ptr,
-            stride_hn,
-            weight_ptr,
-            stride_wv,
-            bias_ptr,
-            rows,
-            row_mask,
-            cols,
-            col_mask,
-            D,
-            d_end,
-            inv_temperature,
-            HAS_BIAS,
-            INPUT_PRECISION,
-            BLOCK_K,
+            lm_head, rows, row_mask, cols, col_mask, D, d_end, inv_temperature, HAS_BIAS, INPUT_PRECISION, BLOCK_K
         )
-        z = tl.where(col_mask[None, :], z, float("-inf"))
         m, s, t = online_softmax_update(m, s, t, z)
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
     plane = splits * N
@@ -196,13 +178,7 @@ def _linear_finish_kernel(
     entropy_ptr,  # not WITH_LOSS: (N,) fp32 out entropy (0 where ignored)
     lse_ptr,  # not WITH_LOSS: (N,) fp32 out logsumexp (0 where ignored)
     # The loss scalars and constexprs, as in the logits path's _calibrl_loss_fwd_kernel (unused without WITH_LOSS):
-    clip_low,  # PPO: rho is clipped to [1 - clip_low, 1 + clip_high]
-    clip_high,  # upper clip width
-    dual_clip_c,  # PPO dual clip c for negative advantages
-    guide_coef,  # beta, weight of the guide term
-    negative_slope,  # alpha of leaky_relu
-    huber_delta,  # transition of the huber activation
-    entropy_coef,  # loss -= entropy_coef * agg(H)
+    loss_scalars,  # fp32 tuple of the config's runtime scalars (kernel_scalars)
     POLICY: tl.constexpr,  # policy-term kind (_loss_terms.POLICY_CODES)
     USES_GUIDE: tl.constexpr,  # whether the guide term exists
     ACTIVATION: tl.constexpr,  # guide activation code (_loss_terms.ACTIVATION_CODES)
@@ -230,24 +206,7 @@ def _linear_finish_kernel(
     if WITH_LOSS:
         counted = token_is_counted(table_ptr, rows, row_mask) & valid
         loss_epilogue(
-            table_ptr,
-            out_ptr,
-            rows,
-            row_mask,
-            counted,
-            lp,
-            entropy,
-            lse,
-            clip_low,
-            clip_high,
-            dual_clip_c,
-            guide_coef,
-            negative_slope,
-            huber_delta,
-            entropy_coef,
-            POLICY,
-            USES_GUIDE,
-            ACTIVATION,
+            table_ptr, out_ptr, rows, row_mask, counted, lp, entropy, lse, loss_scalars, POLICY, USES_GUIDE, ACTIVATION
         )
     else:
         tl.store(logp_ptr + rows, tl.where(valid, lp, 0.0), mask=row_mask)
@@ -257,17 +216,11 @@ def _linear_finish_kernel(
 
 @triton.jit
 def _linear_dlogits_kernel(
-    hidden_ptr,  # (N, D) hidden states, last dim contiguous
-    stride_hn,  # element stride between rows of hidden
-    weight_ptr,  # (V, D) lm_head weight, last dim contiguous
-    stride_wv,  # element stride between rows of weight
-    bias_ptr,  # (V,) bias (unused without HAS_BIAS)
+    lm_head,  # (hidden_ptr, stride_hn, weight_ptr, stride_wv, bias_ptr): hidden (N, D), weight (V, D), bias (V,)
     targets_ptr,  # (N,) int64 target ids
-    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (forward), token t at t * stats_stride
-    entropy_ptr,  # (N,) fp32 entropy (forward), same stride
-    coef_lp_ptr,  # (N,) fp32 a = -dL/dlp, same stride
-    coef_ent_ptr,  # (N,) fp32 b = -dL/dH, same stride
-    stats_stride,  # element stride between tokens of lse / entropy / coef_lp / coef_ent
+    row_stats,  # (lse, entropy, a, b) (N,) fp32 pointers: the forward's logsumexp of the scaled logits and entropy,
+    # a = -dL/dlp, b = -dL/dH per token (gradient_row_inputs), token t at t * stats_stride
+    stats_stride,  # element stride between tokens of the row_stats vectors
     scale_ptr,  # () fp32 incoming gradient multiplying a and b (unused without HAS_SCALE)
     dlogits_ptr,  # (N, C) out: dL/dlogits of vocabulary columns [v_begin, v_end), in the input dtype
     stride_gn,  # element stride between rows of dlogits
@@ -278,7 +231,7 @@ def _linear_dlogits_kernel(
     v_end,  # one past its last column
     inv_temperature,  # fp32 runtime scalar 1 / temperature
     ignore_index,  # target value of rows without gradient
-    HAS_BIAS: tl.constexpr,  # whether bias_ptr is read
+    HAS_BIAS: tl.constexpr,  # whether the bias of lm_head is read
     HAS_SCALE: tl.constexpr,  # whether a and b are multiplied by *scale_ptr
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 inputs
     BLOCK_M: tl.constexpr,  # token rows per program
@@ -290,37 +243,12 @@ def _linear_dlogits_kernel(
     row_mask = rows < N
     col_mask = cols < v_end
     targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
-        targets_ptr,
-        lse_ptr,
-        entropy_ptr,
-        coef_lp_ptr,
-        coef_ent_ptr,
-        stats_stride,
-        scale_ptr,
-        rows,
-        row_mask,
-        ignore_index,
-        HAS_SCALE,
+        targets_ptr, row_stats, stats_stride, scale_ptr, rows, row_mask, ignore_index, HAS_SCALE
     )
     d_end = tl.where(tl.max(active.to(tl.int32), axis=0) != 0, D, 0)  # blocks without gradient: zeros
     z = linear_logits_tile(
-        hidden_ptr,
-        stride_hn,
-        weight_ptr,
-        stride_wv,
-        bias_ptr,
-        rows,
-        row_mask,
-        cols,
-        col_mask,
-        D,
-        d_end,
-        inv_temperature,
-        HAS_BIAS,
-        INPUT_PRECISION,
-        BLOCK_K,
+        lm_head, rows, row_mask, cols, col_mask, D, d_end, inv_temperature, HAS_BIAS, INPUT_PRECISION, BLOCK_K
     )
-    z = tl.where(col_mask[None, :], z, float("-inf"))
     grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) * inv_temperature
     grad = tl.where(active[:, None] & col_mask[None, :], grad, 0.0)
     tl.store(
@@ -407,6 +335,20 @@ def _tiles(dtype: torch.dtype, device: torch.device, gemm: bool = False, accumul
     return fixed, fixed.meta(), _launch.linear_autotune_configs(dtype, limit)
 
 
+def _lm_head_arguments(hidden, weight, bias, targets, temperature: float) -> dict:
+    """The launch keywords of the lm_head operands that the logits kernels (statistics, dlogits) share."""
+    return dict(
+        lm_head=(hidden, hidden.stride(0), weight, weight.stride(0), bias if bias is not None else weight),
+        targets_ptr=targets,
+        N=hidden.shape[0],
+        V=weight.shape[0],
+        D=hidden.shape[1],
+        inv_temperature=inverse_temperature(temperature),
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION=_dot_precision(hidden.dtype),
+    )
+
+
 def linear_statistics(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -416,7 +358,7 @@ def linear_statistics(
     temperature: float,
 ):
     """Partial row statistics (PARTIAL_FIELDS, SPLITS, N) fp32 and SPLITS (forward pass over V)."""
-    N, D = hidden.shape
+    N = hidden.shape[0]
     V = weight.shape[0]
     fixed, meta, tune = _tiles(hidden.dtype, hidden.device)
     row_blocks = triton.cdiv(N, fixed.block_m)
@@ -426,21 +368,10 @@ def linear_statistics(
         _linear_stats_kernel,
         lambda meta_: (triton.cdiv(N, meta_["BLOCK_M"]), splits),
         dict(
-            hidden_ptr=hidden,
-            stride_hn=hidden.stride(0),
-            weight_ptr=weight,
-            stride_wv=weight.stride(0),
-            bias_ptr=bias if bias is not None else weight,
-            targets_ptr=targets,
+            **_lm_head_arguments(hidden, weight, bias, targets, temperature),
             active_ptr=active,
             partial_ptr=partial,
-            N=N,
-            V=V,
-            D=D,
             splits=splits,
-            inv_temperature=inverse_temperature(temperature),
-            HAS_BIAS=bias is not None,
-            INPUT_PRECISION=_dot_precision(hidden.dtype),
         ),
         meta,
         tune,
@@ -522,22 +453,12 @@ def linear_gradients(
     d_hidden = torch.empty(N, D, dtype=torch.float32, device=device) if need_hidden else None  # fp32 accumulator
     d_weight = torch.empty(V, D, dtype=weight.dtype, device=device) if need_weight else None
     d_bias = torch.empty(V, dtype=torch.float32, device=device) if need_bias and bias is not None else None
-    _chunked_gradients(
-        hidden,
-        weight,
-        bias,
-        targets,
-        lse,
-        entropy,
-        coef_lp,
-        coef_ent,
-        scale,
-        temperature,
-        ignore_index,
-        d_hidden,
-        d_weight,
-        d_bias,
+    chunk_arguments = dict(  # the launch keywords of _linear_dlogits_kernel that every chunk shares
+        **_lm_head_arguments(hidden, weight, bias, targets, temperature),
+        **gradient_arguments(lse, entropy, coef_lp, coef_ent, scale),
+        ignore_index=int(ignore_index),
     )
+    _chunked_gradients(hidden, weight, chunk_arguments, d_hidden, d_weight, d_bias)
     return _narrowed(d_hidden, hidden.dtype), d_weight, _narrowed(d_bias, None if bias is None else bias.dtype)
 
 
@@ -546,67 +467,25 @@ def _narrowed(accumulator: Optional[torch.Tensor], dtype: Optional[torch.dtype])
     return None if accumulator is None else accumulator.to(dtype)
 
 
-def _chunked_gradients(
-    hidden,
-    weight,
-    bias,
-    targets,
-    lse,
-    entropy,
-    coef_lp,
-    coef_ent,
-    scale,
-    temperature,
-    ignore_index,
-    d_hidden,
-    d_weight,
-    d_bias,
-) -> None:
+def _chunked_gradients(hidden, weight, chunk_arguments: dict, d_hidden, d_weight, d_bias) -> None:
     """The chunk loop of ``linear_gradients``: fills d_hidden (N, D) fp32 (accumulated over chunks),
-    d_weight (V, D) and d_bias (V,) fp32, each optional. The (N, C) dlogits chunk buffer is local: it is
+    d_weight (V, D) and d_bias (V,) fp32, each optional, launching _linear_dlogits_kernel with
+    ``chunk_arguments`` and each chunk's columns. The (N, C) dlogits chunk buffer is local: it is
     freed when this returns, before the accumulators are cast."""
-    N, D = hidden.shape
+    N = hidden.shape[0]
     V = weight.shape[0]
     dtype = hidden.dtype
-    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
     fixed, meta, tune = _tiles(dtype, hidden.device)
     precision = _dot_precision(dtype)
     chunk = _launch.linear_chunk_columns(N, V, hidden.element_size(), fixed.block_n)
     dlogits = torch.empty(N, chunk, dtype=dtype, device=hidden.device)
-    has_scale = scale is not None
-    scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
     for v_begin in range(0, V, chunk):
         v_end = min(V, v_begin + chunk)
         width = v_end - v_begin
         launch(
             _linear_dlogits_kernel,
             lambda meta_, width=width: (triton.cdiv(N, meta_["BLOCK_M"]), triton.cdiv(width, meta_["BLOCK_N"])),
-            dict(
-                hidden_ptr=hidden,
-                stride_hn=hidden.stride(0),
-                weight_ptr=weight,
-                stride_wv=weight.stride(0),
-                bias_ptr=bias if bias is not None else weight,
-                targets_ptr=targets,
-                lse_ptr=lse,
-                entropy_ptr=entropy,
-                coef_lp_ptr=coef_lp,
-                coef_ent_ptr=coef_ent,
-                stats_stride=stats_stride,
-                scale_ptr=scale_arg,
-                dlogits_ptr=dlogits,
-                stride_gn=dlogits.stride(0),
-                N=N,
-                V=V,
-                D=D,
-                v_begin=v_begin,
-                v_end=v_end,
-                inv_temperature=inverse_temperature(temperature),
-                ignore_index=int(ignore_index),
-                HAS_BIAS=bias is not None,
-                HAS_SCALE=has_scale,
-                INPUT_PRECISION=precision,
-            ),
+            dict(**chunk_arguments, dlogits_ptr=dlogits, stride_gn=dlogits.stride(0), v_begin=v_begin, v_end=v_end),
             meta,
             tune,
             ["N", "D"],

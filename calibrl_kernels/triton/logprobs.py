@@ -35,9 +35,7 @@ from ._softmax import cast_for_store, gradient_row_inputs, logits_grad_tile, log
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr,  # (B, T, V) logits (fp32 / bf16 / fp16), last dim contiguous
-    stride_b,  # element stride between batch entries of logits
-    stride_t,  # element stride between time steps of logits
+    logits,  # (logits_ptr, stride_b, stride_t): (B, T, V) logits, last dim contiguous, and its batch / time strides
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
     n_rows,  # N = B * T
     targets_ptr,  # (N,) int64 target ids
@@ -52,7 +50,7 @@ def _token_logprobs_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64
     in_range = rows < n_rows
-    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    row_ptrs = token_row_pointers(logits, rows, rows_per_batch)
     targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
     valid = in_range & (targets != ignore_index)
     lse, entropy = logits_row_statistics(row_ptrs, V, inv_temperature, valid, BLOCK_V)
@@ -65,20 +63,14 @@ def _token_logprobs_fwd_kernel(
 
 @triton.jit
 def _logits_grad_kernel(
-    logits_ptr,  # (B, T, V) logits of the forward pass, last dim contiguous
-    stride_b,  # element stride between batch entries of logits
-    stride_t,  # element stride between time steps of logits
+    logits,  # (logits_ptr, stride_b, stride_t): (B, T, V) logits, last dim contiguous, and its batch / time strides
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
     n_rows,  # N = B * T
-    grad_ptr,  # (B, T, V) out: dL/dlogits in the logits dtype; may be logits_ptr itself (in place)
-    grad_stride_b,  # element stride between batch entries of grad
-    grad_stride_t,  # element stride between time steps of grad
+    grad,  # (grad_ptr, stride_b, stride_t) of the (B, T, V) out dL/dlogits, logits dtype; may be the logits (in place)
     targets_ptr,  # (N,) int64 target ids
-    lse_ptr,  # (N,) fp32 logsumexp of the scaled logits (from the forward), token t at t * stats_stride
-    entropy_ptr,  # (N,) fp32 entropy (from the forward), same stride
-    coef_lp_ptr,  # (N,) fp32 a = -dL/dlogp per row, same stride
-    coef_ent_ptr,  # (N,) fp32 b = -dL/dH per row, same stride
-    stats_stride,  # element stride between tokens of lse / entropy / coef_lp / coef_ent
+    row_stats,  # (lse, entropy, a, b) (N,) fp32 pointers: the forward's logsumexp of the scaled logits and entropy,
+    # a = -dL/dlp, b = -dL/dH per token (gradient_row_inputs), token t at t * stats_stride
+    stats_stride,  # element stride between tokens of the row_stats vectors
     scale_ptr,  # () fp32 factor on both coefficients (upstream dL_total/dL), read on device; unused without HAS_SCALE
     V,  # vocabulary size
     inv_temperature,  # fp32 runtime scalar 1 / temperature of the forward
@@ -89,31 +81,21 @@ def _logits_grad_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64
     in_range = rows < n_rows
-    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
-    grad_row_ptrs = token_row_pointers(grad_ptr, rows, rows_per_batch, grad_stride_b, grad_stride_t)
+    row_ptrs = token_row_pointers(logits, rows, rows_per_batch)
+    grad_row_ptrs = token_row_pointers(grad, rows, rows_per_batch)
     targets, lse, entropy, coef_lp, coef_ent, active = gradient_row_inputs(
-        targets_ptr,
-        lse_ptr,
-        entropy_ptr,
-        coef_lp_ptr,
-        coef_ent_ptr,
-        stats_stride,
-        scale_ptr,
-        rows,
-        in_range,
-        ignore_index,
-        HAS_SCALE,
+        targets_ptr, row_stats, stats_stride, scale_ptr, rows, in_range, ignore_index, HAS_SCALE
     )
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols[None, :] < V
         x = tl.load(row_ptrs[:, None] + cols[None, :], mask=active[:, None] & in_row, other=float("-inf"))
         z = x.to(tl.float32) * inv_temperature
-        grad = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent) * inv_temperature
-        grad = tl.where(active[:, None], grad, 0.0)
+        d_logits = logits_grad_tile(z, cols[None, :] == targets[:, None], lse, entropy, coef_lp, coef_ent)
+        d_logits = tl.where(active[:, None], d_logits * inv_temperature, 0.0)
         tl.store(
             grad_row_ptrs[:, None] + cols[None, :],
-            cast_for_store(grad, grad_ptr.dtype.element_ty),
+            cast_for_store(d_logits, grad_row_ptrs.dtype.element_ty),
             mask=in_range[:, None] & in_row,
         )
 
@@ -141,10 +123,36 @@ def common_stride(*stats: torch.Tensor) -> int:
     return strides.pop()
 
 
-def row_kernel_launch(vocab_size: int, n_rows: int):
-    """(grid, BLOCK_N, fixed meta-parameters, autotune configs) of the per-row logits kernels."""
-    config = _launch.row_launch(vocab_size)
-    return (triton.cdiv(n_rows, config.block_n),), config.block_n, config.meta(), _launch.row_autotune_configs()
+def launch_row_kernel(kernel, rows, targets, temperature: float, ignore_index: int, arguments: dict, **options):
+    """Launch a per-row logits kernel (one program per BLOCK_N token rows) on the (B, T, V) logits view ``rows``
+    (``as_token_rows``) and the (N,) int64 targets, with the kernel's further launch keywords ``arguments``;
+    options: ``launch``'s (allow_autotune)."""
+    B, T, V = rows.shape
+    config = _launch.row_launch(V)
+    common = dict(
+        logits=(rows, rows.stride(0), rows.stride(1)),
+        rows_per_batch=T,
+        n_rows=B * T,
+        targets_ptr=targets,
+        V=V,
+        inv_temperature=inverse_temperature(temperature),
+        ignore_index=int(ignore_index),
+        BLOCK_N=config.block_n,
+    )
+    grid = (triton.cdiv(B * T, config.block_n),)
+    launch(kernel, grid, {**common, **arguments}, config.meta(), _launch.row_autotune_configs(), ["V"], **options)
+
+
+def gradient_arguments(lse, entropy, coef_lp, coef_ent, scale: Optional[torch.Tensor]) -> dict:
+    """The launch keywords of the logits-gradient kernels (logits and lm_head paths) that carry the per-token
+    statistics and coefficients (N,) fp32 (views with one common stride) and the optional 0-d ``scale``."""
+    has_scale = scale is not None
+    return dict(
+        row_stats=(lse, entropy, coef_lp, coef_ent),
+        stats_stride=common_stride(lse, entropy, coef_lp, coef_ent),
+        scale_ptr=scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp,
+        HAS_SCALE=has_scale,
+    )
 
 
 def logprob_entropy_forward(
@@ -158,29 +166,8 @@ def logprob_entropy_forward(
     lse = torch.empty_like(logp)
     if n == 0:
         return logp, entropy, lse
-    grid, block_n, fixed, tune = row_kernel_launch(V, n)
-    launch(
-        _token_logprobs_fwd_kernel,
-        grid,
-        dict(
-            logits_ptr=rows,
-            stride_b=rows.stride(0),
-            stride_t=rows.stride(1),
-            rows_per_batch=T,
-            n_rows=n,
-            BLOCK_N=block_n,
-            targets_ptr=targets,
-            logp_ptr=logp,
-            entropy_ptr=entropy,
-            lse_ptr=lse,
-            V=V,
-            inv_temperature=inverse_temperature(temperature),
-            ignore_index=int(ignore_index),
-        ),
-        fixed,
-        tune,
-        ["V"],
-    )
+    outputs = dict(logp_ptr=logp, entropy_ptr=entropy, lse_ptr=lse)
+    launch_row_kernel(_token_logprobs_fwd_kernel, rows, targets, temperature, ignore_index, outputs)
     return logp, entropy, lse
 
 
@@ -203,41 +190,18 @@ def logits_backward(
     ``inplace`` writes the gradient over ``rows`` itself and returns it.
     """
     B, T, V = rows.shape
-    stats_stride = common_stride(lse, entropy, coef_lp, coef_ent)
+    coefficients = gradient_arguments(lse, entropy, coef_lp, coef_ent, scale)
     grad = rows if inplace else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     if B * T == 0:
         return grad
-    has_scale = scale is not None
-    scale_arg = scale.detach().to(torch.float32).reshape(()).contiguous() if has_scale else coef_lp
-    grid, block_n, fixed, tune = row_kernel_launch(V, B * T)
-    launch(
+    gradient = dict(coefficients, grad=(grad, grad.stride(0), grad.stride(1)))
+    launch_row_kernel(
         _logits_grad_kernel,
-        grid,
-        dict(
-            logits_ptr=rows,
-            stride_b=rows.stride(0),
-            stride_t=rows.stride(1),
-            rows_per_batch=T,
-            n_rows=B * T,
-            BLOCK_N=block_n,
-            grad_ptr=grad,
-            grad_stride_b=grad.stride(0),
-            grad_stride_t=grad.stride(1),
-            targets_ptr=targets,
-            lse_ptr=lse,
-            entropy_ptr=entropy,
-            coef_lp_ptr=coef_lp,
-            coef_ent_ptr=coef_ent,
-            stats_stride=stats_stride,
-            scale_ptr=scale_arg,
-            V=V,
-            inv_temperature=inverse_temperature(temperature),
-            ignore_index=int(ignore_index),
-            HAS_SCALE=has_scale,
-        ),
-        fixed,
-        tune,
-        ["V"],
+        rows,
+        targets,
+        temperature,
+        ignore_index,
+        gradient,
         allow_autotune=not inplace,  # the tuner would run an in-place launch over its own output
     )
     return grad

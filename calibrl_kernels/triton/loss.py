@@ -30,40 +30,24 @@ import triton
 import triton.language as tl
 
 from ..config import CalibRLConfig
-from ..reference import inverse_temperature
 from ..reference.coefficients import ROW
-from ._launch import launch
-from ._loss_terms import (
-    TOKEN_OUTPUTS,
-    activation_code,
-    loss_epilogue,
-    policy_code,
-    token_is_counted,
-)
+from ._loss_terms import TOKEN_OUTPUTS, kernel_loss_arguments, loss_epilogue, token_is_counted
 from ._softmax import logits_row_statistics, token_row_pointers
-from .logprobs import _flat_targets, as_token_rows, logits_backward, row_kernel_launch
+from .logprobs import _flat_targets, as_token_rows, launch_row_kernel, logits_backward
 
 
 @triton.jit
 def _calibrl_loss_fwd_kernel(
-    logits_ptr,  # (B, T, V) logits (fp32 / bf16 / fp16), last dim contiguous
-    stride_b,  # element stride between batch entries of logits
-    stride_t,  # element stride between time steps of logits
+    logits,  # (logits_ptr, stride_b, stride_t): (B, T, V) logits, last dim contiguous, and its batch / time strides
     rows_per_batch,  # T: flat token row r sits at (r // T, r % T)
     targets_ptr,  # (N,) int64 sampled token ids, N = B * T
     table_ptr,  # (N, TOKEN_INPUTS) fp32 token table of the loss (coefficients.token_table)
     out_ptr,  # (N, TOKEN_OUTPUTS) fp32 out: the row table (coefficients.ROW_FIELDS: lp, H, lse, a, b, terms)
-    n_tokens,  # N
+    n_rows,  # N
     V,  # vocabulary size
     inv_temperature,  # fp32 runtime scalar 1 / temperature: logits are scaled by it (one multiply per element)
     ignore_index,  # target value of tokens left out of the loss
-    clip_low,  # PPO: rho is clipped to [1 - clip_low, 1 + clip_high]
-    clip_high,  # upper clip width (DAPO's clip-higher when > clip_low)
-    dual_clip_c,  # PPO dual clip c for negative advantages
-    guide_coef,  # beta, weight of the guide term
-    negative_slope,  # alpha of leaky_relu
-    huber_delta,  # transition of the huber activation
-    entropy_coef,  # loss -= entropy_coef * agg(H)
+    loss_scalars,  # fp32 tuple of the config's runtime scalars (config's kernel_scalars: clip widths, c, beta, ...)
     POLICY: tl.constexpr,  # policy-term kind (_loss_terms.POLICY_CODES: PPO, or LUFFY / RLPLUS on expert tokens)
     USES_GUIDE: tl.constexpr,  # whether the guide term exists (mode calibrl, activation != none)
     ACTIVATION: tl.constexpr,  # guide activation code (_loss_terms.ACTIVATION_CODES; unused without USES_GUIDE)
@@ -71,8 +55,8 @@ def _calibrl_loss_fwd_kernel(
     BLOCK_V: tl.constexpr,  # vocabulary tile
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [R] int64 token indices
-    in_range = rows < n_tokens
-    row_ptrs = token_row_pointers(logits_ptr, rows, rows_per_batch, stride_b, stride_t)
+    in_range = rows < n_rows
+    row_ptrs = token_row_pointers(logits, rows, rows_per_batch)
     targets = tl.load(targets_ptr + rows, mask=in_range, other=ignore_index)
     # Tokens without any weight (padding, ignored targets, dropped expert rows) are not read at all.
     counted = token_is_counted(table_ptr, rows, in_range) & (targets != ignore_index)
@@ -80,46 +64,13 @@ def _calibrl_loss_fwd_kernel(
     target_logit = tl.load(row_ptrs + tl.where(counted, targets, 0), mask=counted, other=0.0).to(tl.float32)
     lp = target_logit * inv_temperature - lse
     loss_epilogue(
-        table_ptr,
-        out_ptr,
-        rows,
-        in_range,
-        counted,
-        lp,
-        entropy,
-        lse,
-        clip_low,
-        clip_high,
-        dual_clip_c,
-        guide_coef,
-        negative_slope,
-        huber_delta,
-        entropy_coef,
-        POLICY,
-        USES_GUIDE,
-        ACTIVATION,
+        table_ptr, out_ptr, rows, in_range, counted, lp, entropy, lse, loss_scalars, POLICY, USES_GUIDE, ACTIVATION
     )
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side: the token table before launch (``reference.coefficients``), the LossOutput after
 # ----------------------------------------------------------------------------------------------
-def kernel_loss_arguments(config: CalibRLConfig) -> dict:
-    """The runtime scalars and constexprs of config that every loss kernel takes."""
-    return dict(
-        clip_low=float(config.clip_low),
-        clip_high=float(config.clip_high),
-        dual_clip_c=float(config.dual_clip_bound),
-        guide_coef=float(config.guide_coef),
-        negative_slope=float(config.negative_slope),
-        huber_delta=float(config.huber_delta),
-        entropy_coef=float(config.entropy_coef),
-        POLICY=policy_code(config.mode),
-        USES_GUIDE=config.uses_guide,
-        ACTIVATION=activation_code(config),
-    )
-
-
 def calibrl_loss_forward(
     rows: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, config: CalibRLConfig, ignore_index: int
 ) -> torch.Tensor:
@@ -129,29 +80,8 @@ def calibrl_loss_forward(
     token_out = torch.zeros(n, TOKEN_OUTPUTS, dtype=torch.float32, device=rows.device)
     if n == 0:
         return token_out
-    grid, block_n, fixed, tune = row_kernel_launch(V, n)
-    launch(
-        _calibrl_loss_fwd_kernel,
-        grid,
-        dict(
-            logits_ptr=rows,
-            stride_b=rows.stride(0),
-            stride_t=rows.stride(1),
-            rows_per_batch=T,
-            targets_ptr=targets,
-            table_ptr=table,
-            out_ptr=token_out,
-            n_tokens=n,
-            V=V,
-            inv_temperature=inverse_temperature(config.temperature),
-            ignore_index=int(ignore_index),
-            BLOCK_N=block_n,
-            **kernel_loss_arguments(config),
-        ),
-        fixed,
-        tune,
-        ["V"],
-    )
+    loss = dict(kernel_loss_arguments(config), table_ptr=table, out_ptr=token_out)
+    launch_row_kernel(_calibrl_loss_fwd_kernel, rows, targets, config.temperature, ignore_index, loss)
     return token_out
 
 

@@ -177,30 +177,38 @@ def check_against_truth(name, out, grads, truth, truth_grads, low_precision):
         assert err <= atol * scale + rtol * scale, f"{name}: d{key} error {err:.3e} at scale {scale:.3e}"
 
 
-@settings(max_examples=FUSED_EXAMPLES, **SETTINGS)
-@given(problems(linear=False))
-def test_fused_backends_match_the_reference(problem):
+def check_backends(problem, op, reference_op, backends, chunk_scope=contextlib.nullcontext):
+    """``op`` on each of ``backends`` against ``reference_op`` in fp64, on the batch of ``problem``;
+    ``chunk_scope(V)`` is entered around each backend's run."""
     B, T, V, D, dtype, config, layout, mask_kind, seed = problem
     leaves, targets, fields = make_batch(*problem)
-    truth, truth_grads = run(reference.fused_calibrl_loss, leaves, targets, fields, config, dtype=torch.float64)
-    for backend in ("cpp", "triton"):
-        with forced_backend(backend):
-            out, grads = run(ck.fused_calibrl_loss, leaves, targets, fields, config)
+    truth, truth_grads = run(reference_op, leaves, targets, fields, config, dtype=torch.float64)
+    for backend in backends:
+        with forced_backend(backend), chunk_scope(V):
+            out, grads = run(op, leaves, targets, fields, config)
         check_against_truth(
             f"{backend}[{layout},{mask_kind},{dtype}]", out, grads, truth, truth_grads, dtype == torch.bfloat16
         )
+
+
+@settings(max_examples=FUSED_EXAMPLES, **SETTINGS)
+@given(problems(linear=False))
+def test_fused_backends_match_the_reference(problem):
+    check_backends(problem, ck.fused_calibrl_loss, reference.fused_calibrl_loss, ("cpp", "triton"))
+
+
+def _two_rows_per_chunk(V):
+    """A chunk budget of about two rows, so the chunked CPU paths loop over several chunks."""
+    return chunked.chunk_bytes_scope(2 * V * 8 * 8)
 
 
 @settings(max_examples=LINEAR_EXAMPLES, **SETTINGS)
 @given(problems(linear=True))
 def test_linear_backends_match_the_reference(problem):
-    B, T, V, D, dtype, config, layout, mask_kind, seed = problem
-    leaves, targets, fields = make_batch(*problem)
-    truth, truth_grads = run(reference.fused_linear_calibrl_loss, leaves, targets, fields, config, dtype=torch.float64)
-    for backend in ("torch", "cpp", "triton"):
-        # a budget of about two rows per chunk, so the chunked CPU paths loop over several chunks
-        with forced_backend(backend), chunked.chunk_bytes_scope(2 * V * 8 * 8):
-            out, grads = run(ck.fused_linear_calibrl_loss, leaves, targets, fields, config)
-        check_against_truth(
-            f"{backend}[{layout},{mask_kind},{dtype}]", out, grads, truth, truth_grads, dtype == torch.bfloat16
-        )
+    check_backends(
+        problem,
+        ck.fused_linear_calibrl_loss,
+        reference.fused_linear_calibrl_loss,
+        ("torch", "cpp", "triton"),
+        _two_rows_per_chunk,
+    )

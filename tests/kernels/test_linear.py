@@ -20,6 +20,7 @@ import weakref
 
 import pytest
 import torch
+from _configs import LINEAR_KERNEL_CASES, configs
 from _triton_helpers import LOSS_FIELDS, assert_close_rel, assert_no_worse_than_reference, cast_floating
 
 import calibrl_kernels as ck
@@ -270,18 +271,7 @@ def check_loss_matches_fp64(batch, config, rtol=1e-5):
     return ours, grads
 
 
-CONFIGS = [
-    CalibRLConfig(entropy_coef=0.02),
-    CalibRLConfig(activation="tanh", mask_beyond_expert=True),
-    CalibRLConfig(activation="huber", weight_by_advantage=False),
-    CalibRLConfig.for_algo("grpo"),
-    CalibRLConfig.for_algo("dapo", clip_high=0.28),
-    CalibRLConfig.for_algo("drgrpo"),
-    CalibRLConfig.for_algo("luffy"),
-    CalibRLConfig.for_algo("rlplus", entropy_coef=0.01),
-    CalibRLConfig(temperature=0.7),
-    CalibRLConfig(temperature=1.3, loss_agg_mode="seq-mean-token-sum"),
-]
+CONFIGS = configs(LINEAR_KERNEL_CASES)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.mode}-{c.activation}-T{c.temperature}-{c.loss_agg_mode}")

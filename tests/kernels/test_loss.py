@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _configs import LOGITS_KERNEL_CASES, NAN_CASES, configs
 from _triton_helpers import LOSS_FIELDS, assert_close_rel, assert_no_worse_than_reference, cast_floating
 
 import calibrl_kernels as ck
@@ -84,29 +85,7 @@ def assert_matches_fp64(inputs, config, rtol=1e-5):
     return ours, grad
 
 
-CONFIGS = [
-    CalibRLConfig(),
-    CalibRLConfig(activation="relu"),
-    CalibRLConfig(activation="tanh"),
-    CalibRLConfig(activation="sigmoid"),
-    CalibRLConfig(activation="huber", huber_delta=0.7),
-    CalibRLConfig(activation="none"),
-    CalibRLConfig(negative_slope=0.0, guide_coef=0.5),
-    CalibRLConfig(weight_by_advantage=False),
-    CalibRLConfig(mask_beyond_expert=True),
-    CalibRLConfig(entropy_coef=0.05),
-    CalibRLConfig.for_algo("grpo"),
-    CalibRLConfig.for_algo("dapo", clip_high=0.28),
-    CalibRLConfig.for_algo("drgrpo"),
-    CalibRLConfig.for_algo("drgrpo", loss_scale_factor=7.0),
-    CalibRLConfig.for_algo("luffy"),
-    CalibRLConfig.for_algo("rlplus", entropy_coef=0.01),
-    CalibRLConfig(loss_agg_mode="seq-mean-token-mean", entropy_coef=0.02),
-    CalibRLConfig(loss_agg_mode="seq-mean-token-sum"),
-    CalibRLConfig(loss_agg_mode="seq-mean-token-sum-norm", mask_beyond_expert=True),
-    CalibRLConfig(dual_clip_c=1.5, clip_low=0.1, clip_high=0.1),
-    CalibRLConfig(dual_clip_c=None, clip_low=0.1, clip_high=0.1),
-]
+CONFIGS = configs(LOGITS_KERNEL_CASES)
 
 
 def _config_id(config):
@@ -258,12 +237,7 @@ def test_double_backward_raises(inplace, triton_device):
         torch.autograd.grad((grad**2).sum(), base)
 
 
-NAN_CONFIGS = [
-    CalibRLConfig.for_algo("grpo"),
-    CalibRLConfig(entropy_coef=0.01),
-    CalibRLConfig(activation="relu"),
-    CalibRLConfig.for_algo("rlplus"),
-]
+NAN_CONFIGS = configs(NAN_CASES)
 
 
 @pytest.mark.parametrize("config", NAN_CONFIGS, ids=_config_id)
