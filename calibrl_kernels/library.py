@@ -98,8 +98,9 @@ def _traced(t: torch.Tensor) -> bool:
     return isinstance(t, (FakeTensor, FunctionalTensor))
 
 
-def _zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if grad is None else grad
+def _zeros_if_none(grad: Optional[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """An incoming per-token gradient, zeros (fp32, shaped like targets) for an output that received none."""
+    return torch.zeros(targets.shape, dtype=torch.float32, device=targets.device) if grad is None else grad
 
 
 def _logprob_outputs(rows: torch.Tensor, targets: torch.Tensor) -> Tensors3:
