@@ -147,6 +147,10 @@ def _resolve_loss_inputs(
     given: the caller's fields (advantages / expert_logp may still be None); batch_shape: (B, T) of the targets.
     """
     old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, _ = given
+    # While torch.compile traces, without num_groups: B group slots, an upper bound on the number of groups,
+    # so that no size depends on the data (torch.unique would break the graph); the per-row advantages, pass
+    # flags and baseline are those of the exact groups (slots past the last group stay empty and unread).
+    group_slots = old_logp.shape[0] if num_groups is None and torch.compiler.is_compiling() else None
     _checks.require_tensor("old_logp", old_logp)
     _checks.require_tensor("mask", mask)
     _checks.check_ndim("old_logp", old_logp, (2,), "(B, T)")
@@ -156,9 +160,11 @@ def _resolve_loss_inputs(
             raise ValueError("advantages: give either advantages (B,) / (B, T) or both scores (B,) and group_ids (B,)")
         _checks.check_group_inputs(scores, group_ids, is_expert)
         _checks.check_num_groups_argument(num_groups, scores.numel())
-        stats = _group_advantages(
-            scores, group_ids, is_expert, config.norm_by_std, config.adv_eps, config.pass_threshold, num_groups
-        )
+        settings = (config.norm_by_std, config.adv_eps, config.pass_threshold)
+        if group_slots is None:
+            stats = _group_advantages(scores, group_ids, is_expert, *settings, num_groups)
+        else:  # traced: the torch statistics over the slots (their per-row outputs are all the loss reads)
+            stats = reference.group_advantages(scores, group_ids, is_expert, *settings, group_slots)
         advantages = stats.advantages
         passed = stats.passed if passed is None else passed
     elif passed is None and scores is not None:
@@ -171,7 +177,13 @@ def _resolve_loss_inputs(
             )
         _checks.check_expert_baseline_inputs(old_logp, mask, group_ids, is_expert)
         expert_logp, built_mask = reference.expert_baseline(
-            old_logp, mask, group_ids, is_expert, config.baseline, True, num_groups
+            old_logp,
+            mask,
+            group_ids,
+            is_expert,
+            config.baseline,
+            True,
+            num_groups if group_slots is None else group_slots,
         )
         expert_mask = built_mask if expert_mask is None else expert_mask
     _checks.check_shape("old_logp", old_logp, batch_shape, "(B, T) like targets")
