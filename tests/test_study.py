@@ -87,7 +87,7 @@ def test_run_row_windows_and_collapse(tmp_path):
 
 def test_quick_study_writes_outputs_and_resume_skips_finished_runs(tmp_path, capsys):
     out, results = tmp_path / "study", tmp_path / "results"
-    assert study_main(["--quick", "--out", str(out), "--results", str(results), "--no-progress"]) == 0
+    assert study_main(["--config", "v1", "--quick", "--out", str(out), "--results", str(results), "--no-progress"]) == 0
     first = capsys.readouterr().out
     expected = 1 + len(QUICK.only)  # one warm start and each configuration, one seed
     assert f"{expected} runs done, 0 skipped" in first
@@ -105,7 +105,7 @@ def test_quick_study_writes_outputs_and_resume_skips_finished_runs(tmp_path, cap
     stamp = done.stat().st_mtime_ns
     # a second call skips every finished run; a run whose marker is gone is continued with --resume
     os.remove(out / "grpo-seed0" / DONE_FILE)
-    assert study_main(["--quick", "--out", str(out), "--results", str(results), "--no-progress"]) == 0
+    assert study_main(["--config", "v1", "--quick", "--out", str(out), "--results", str(results), "--no-progress"]) == 0
     assert f"1 runs done, {expected - 1} skipped" in capsys.readouterr().out
     assert done.stat().st_mtime_ns == stamp
     commands = [line for line in (out / "grpo-seed0" / "train.log").read_text().splitlines() if line.startswith("$ ")]
@@ -282,7 +282,7 @@ def test_v2_report_pairs_by_seed_and_counts_failed_runs(tmp_path):
 
 def test_quick_v2_study_runs_the_primer_and_reports(tmp_path, capsys):
     out = tmp_path / "study"
-    assert study_main(["--config", "v2", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert study_main(["--quick", "--out", str(out), "--no-progress"]) == 0
     assert f"{2 + len(QUICK_V2.only)} runs done, 0 skipped" in capsys.readouterr().out
     commands = (out / "calibrl-seed0" / "train.log").read_text().splitlines()[0]
     assert "primer-seed0" in commands and "--reward-format strict" in commands
@@ -291,3 +291,27 @@ def test_quick_v2_study_runs_the_primer_and_reports(tmp_path, capsys):
     assert sorted(r["name"] for r in rows) == ["calibrl-seed0", "grpo-seed0"]
     assert all(r["status"] == "done" and r["final_id_pass8"] != "" for r in rows)
     assert "difference to grpo of the same seed" in (out / "results.md").read_text()
+
+
+def test_v2_report_keeps_earlier_rows_and_pairs_ablations_with_calibrl(tmp_path):
+    main = [Run(f"{key}-seed{s}", "main", key, s, ()) for key in ("calibrl", "grpo") for s in range(2)]
+    ablation = [Run(f"act-tanh-seed{s}", "activation", "tanh", s, ()) for s in range(2)]
+    for s in range(2):
+        _write_run(tmp_path / "first" / f"grpo-seed{s}", 0.4, entropy_end=7.0, distinct_end=1.5, regime=False)
+        _write_run(tmp_path / "first" / f"calibrl-seed{s}", 0.5, entropy_end=8.0, distinct_end=3.0)
+        _write_run(tmp_path / "second" / f"act-tanh-seed{s}", 0.3 + 0.1 * s, entropy_end=8.0, distinct_end=3.0)
+    out = tmp_path / "out"
+    report_v2.write_report(main, str(tmp_path / "first"), str(out))
+    first_curves = (out / "curves_main.png").read_bytes()
+    # the main runs' folders are not in the second study folder: their rows come from the earlier CSV
+    outputs = report_v2.write_report(main + ablation, str(tmp_path / "second"), str(out))
+    assert "plot_main" not in outputs and (out / "curves_main.png").read_bytes() == first_curves
+    assert (out / "curves_activation.png").stat().st_size > 10_000
+    with open(outputs["csv"], newline="") as handle:
+        rows = {r["name"]: r for r in csv.DictReader(handle)}
+    assert all(rows[r.name]["status"] == "done" for r in main + ablation)
+    table = (out / "results.md").read_text()
+    assert "Rows taken from the earlier results.csv (run folders not present): calibrl-seed0" in table
+    assert "difference to calibrl of the same seed" in table
+    assert paired_stats.paired([0.3 - 0.5, 0.4 - 0.5]).cell() in table  # tanh - calibrl, by seed
+    assert paired_stats.paired([0.3 - 0.4, 0.4 - 0.4]).cell() in table  # tanh - grpo, by seed

@@ -1,8 +1,8 @@
 """``python -m calibrl.study``: does CalibRL keep exploration alive? Every algorithm and ablation over seeds.
 
-    python -m calibrl.study                      # the first study ("v1", about 50 minutes on 2 cores), runs/study
-    python -m calibrl.study --config v2          # the second study's main comparison, runs/study-v2
-    python -m calibrl.study --config v2 --sections activation slope baseline   # its ablations
+    python -m calibrl.study                      # the study ("v2"): main comparison, ~2 hours on 2 cores, runs/study-v2
+    python -m calibrl.study --sections activation slope baseline   # its ablations (a second command)
+    python -m calibrl.study --config v1          # the first study as it was run (about 50 minutes), runs/study
     python -m calibrl.study --report-only        # re-render results.csv / results.md / curves_*.png
     python -m calibrl.study --quick --out /tmp/s # plumbing check in well under a minute (tests)
 
@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m calibrl.study", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--config",
-        default="v1",
+        default="v2",
         choices=tuple(STUDIES),
-        help="v1: the first study as it was run; v2: the second (see calibrl/study/grid.py)",
+        help="v2: the study (default); v1: the first study as it was run (see calibrl/study/grid.py)",
     )
     parser.add_argument(
         "--out", default=None, help="study folder, one folder per run (default runs/study for v1, runs/study-v2 for v2)"

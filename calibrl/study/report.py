@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..run_log import read_metrics
 from .grid import SLOPE_ALIASES, Run
@@ -247,6 +247,17 @@ def plot_section(
     plt.close(fig)
 
 
+def save_tables(results_dir: str, rows: Sequence, write_rows: Callable, table: str) -> Dict[str, str]:
+    """``results.csv`` (``write_rows(rows, path)``) and ``results.md`` (the Markdown ``table``) in
+    ``results_dir``; returns {"csv": path, "table": path}."""
+    os.makedirs(results_dir, exist_ok=True)
+    outputs = {"csv": os.path.join(results_dir, "results.csv"), "table": os.path.join(results_dir, "results.md")}
+    write_rows(rows, outputs["csv"])
+    with open(outputs["table"], "w", encoding="utf-8") as handle:
+        handle.write(table)
+    return outputs
+
+
 def write_report(
     runs: Sequence[Run], study_dir: str, results_dir: Optional[str] = None, header: str = ""
 ) -> Dict[str, str]:
@@ -254,16 +265,12 @@ def write_report(
     from .runner import is_done
 
     results_dir = results_dir or study_dir
-    os.makedirs(results_dir, exist_ok=True)
     rows = [
         run_row(run, os.path.join(study_dir, run.name))
         for run in runs
         if run.section != "warmstart" and is_done(os.path.join(study_dir, run.name))
     ]
-    outputs = {"csv": os.path.join(results_dir, "results.csv"), "table": os.path.join(results_dir, "results.md")}
-    write_csv(rows, outputs["csv"])
-    with open(outputs["table"], "w", encoding="utf-8") as handle:
-        handle.write(markdown_table(rows, header))
+    outputs = save_tables(results_dir, rows, write_csv, markdown_table(rows, header))
     for section, groups in section_groups(rows).items():
         outputs[f"plot_{section}"] = os.path.join(results_dir, f"curves_{section}.png")
         plot_section(groups, study_dir, SECTION_TITLES.get(section, section), outputs[f"plot_{section}"])

@@ -24,13 +24,14 @@ from ..diagnostics import Z_KEYS
 from ..run_log import read_metrics
 from .grid import Run
 from .paired import paired
-from .report import _mean, _mean_std, plot_section
+from .report import _mean, _mean_std, plot_section, save_tables
 from .runner import failure_message, is_done
 
 WINDOW = 10  # RL steps averaged at the start and the end of training metrics
 COLLAPSE_RATIO = 0.5  # end / start at most this: response-level exploration collapsed
 FORMAT_BROKEN = 0.5  # final sampled in-domain format rate below this: the run broke its format
 REFERENCE = "grpo"  # paired differences are taken to this configuration of the same seed
+ABLATION_REFERENCE = "calibrl"  # the ablation sections are also paired with the calibrl run of the same seed
 SECTION_TITLES = {
     "main": "Algorithms (every run from its seed's warm start + primer; sft+grpo adds its SFT on the RL images)",
     "activation": "Activation ablation of the guide term (calibrl; leaky_relu 0.5 is the main table's calibrl row)",
@@ -102,6 +103,25 @@ def run_row(run: Run, run_dir: str) -> Dict[str, object]:
     return row
 
 
+INTEGER_COLUMNS = ("seed", "collapsed", "format_broken", "rl_steps")
+TEXT_COLUMNS = ("name", "section", "label", "status")
+
+
+def earlier_rows(path: str) -> Dict[str, Dict[str, object]]:
+    """The finished rows of an earlier ``results.csv`` by run name, typed as ``run_row`` makes them ({} when
+    there is no such file). The report falls back on them for runs whose folders are not here."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["status"] == "done"]
+    return {
+        row["name"]: {
+            k: (v if k in TEXT_COLUMNS else int(v) if k in INTEGER_COLUMNS else float(v)) for k, v in row.items()
+        }
+        for row in rows
+    }
+
+
 def write_csv(rows: Sequence[Dict[str, object]], path: str) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -156,6 +176,14 @@ REGIME_COLUMNS = (
 )
 
 
+def _paired_cells(done: Sequence[Dict[str, object]], reference: Dict[int, Dict[str, object]]) -> List[str]:
+    """One cell per paired column: the differences of ``done`` to the reference run of the same seed."""
+    return [
+        paired([float(m[k]) - float(reference[int(m["seed"])][k]) for m in done if int(m["seed"]) in reference]).cell()
+        for _, k in PAIRED_COLUMNS
+    ]
+
+
 def _table(title: str, headers: Sequence[str], lines: Sequence[Sequence[str]]) -> List[str]:
     return ["", f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
         "| " + " | ".join(cells) + " |" for cells in lines
@@ -165,7 +193,12 @@ def _table(title: str, headers: Sequence[str], lines: Sequence[Sequence[str]]) -
 def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
     lines = [header] if header else []
     groups = _groups(rows)
-    reference = {int(r["seed"]): r for r in rows if r["label"] == REFERENCE and r["status"] == "done"}
+    references = {
+        name: {
+            int(r["seed"]): r for r in rows if r["label"] == name and r["section"] == "main" and r["status"] == "done"
+        }
+        for name in (REFERENCE, ABLATION_REFERENCE)
+    }
     main = groups.get("main", {})
     starts = [
         ("RL start (every run but sft+grpo)", main.get("calibrl") or main.get(REFERENCE) or []),
@@ -192,7 +225,7 @@ def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
     )
     for section, labels in groups.items():
         title = SECTION_TITLES.get(section, section)
-        final_lines, paired_lines, regime_lines = [], [], []
+        final_lines, paired_lines, regime_lines = [], {}, []
         for label, members in labels.items():
             done = [m for m in members if m["status"] == "done"]
             broken = sum(int(m["format_broken"] == 1) for m in done)
@@ -208,20 +241,9 @@ def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
                     _start_end(members, "start_id_distinct", "final_id_distinct"),
                 ]
             )
-            if label != REFERENCE:
-                paired_lines.append(
-                    [label]
-                    + [
-                        paired(
-                            [
-                                float(m[k]) - float(reference[int(m["seed"])][k])
-                                for m in done
-                                if int(m["seed"]) in reference
-                            ]
-                        ).cell()
-                        for _, k in PAIRED_COLUMNS
-                    ]
-                )
+            for name, by_seed in references.items():
+                if label != name and (section != "main" or name == REFERENCE):
+                    paired_lines.setdefault(name, []).append([label] + _paired_cells(done, by_seed))
             regime_lines.append([label] + [_mean_std(_values(members, k)) for _, k in REGIME_COLUMNS])
         lines += _table(
             f"{title}: final values (mean ± std over finished runs)",
@@ -230,12 +252,13 @@ def markdown_report(rows: Sequence[Dict[str, object]], header: str = "") -> str:
             + ["resp. entropy start -> end", "distinct answers start -> end"],
             final_lines,
         )
-        if paired_lines and reference:
-            lines += _table(
-                f"{title}: difference to {REFERENCE} of the same seed (mean [95% t interval] sign counts)",
-                ["run"] + [h for h, _ in PAIRED_COLUMNS],
-                paired_lines,
-            )
+        for name, paired_rows in paired_lines.items():
+            if references[name]:
+                lines += _table(
+                    f"{title}: difference to {name} of the same seed (mean [95% t interval] sign counts)",
+                    ["run"] + [h for h, _ in PAIRED_COLUMNS],
+                    paired_rows,
+                )
         lines += _table(
             f"{title}: guide regime (means over each run's diagnostic steps, then over seeds)",
             ["run"] + [h for h, _ in REGIME_COLUMNS],
@@ -264,15 +287,34 @@ PANELS = (
 def write_report(
     runs: Sequence[Run], study_dir: str, results_dir: Optional[str] = None, header: str = ""
 ) -> Dict[str, str]:
-    """CSV, Markdown and PNGs of every planned RL run in ``runs``; returns {what: path}."""
+    """CSV, Markdown and PNGs of every planned RL run in ``runs``; returns {what: path}.
+
+    A run whose folder holds no finished run but which has a finished row in the ``results.csv`` already in
+    ``results_dir`` keeps that row (the ablations can be rendered beside a main comparison whose run folders
+    are gone); the table's header lists those runs. Curves are drawn from run folders only: a section
+    without any keeps the PNG already there."""
     results_dir = results_dir or study_dir
-    os.makedirs(results_dir, exist_ok=True)
-    rows = [run_row(run, os.path.join(study_dir, run.name)) for run in runs if run.section != "warmstart"]
-    outputs = {"csv": os.path.join(results_dir, "results.csv"), "table": os.path.join(results_dir, "results.md")}
-    write_csv(rows, outputs["csv"])
-    with open(outputs["table"], "w", encoding="utf-8") as handle:
-        handle.write(markdown_report(rows, header))
-    for section, labels in _groups([r for r in rows if r["status"] == "done"]).items():
-        outputs[f"plot_{section}"] = os.path.join(results_dir, f"curves_{section}.png")
-        plot_section(labels, study_dir, SECTION_TITLES.get(section, section), outputs[f"plot_{section}"], PANELS)
+    kept = earlier_rows(os.path.join(results_dir, "results.csv"))
+    rows, reused = [], []
+    for run in runs:
+        if run.section == "warmstart":
+            continue
+        row = run_row(run, os.path.join(study_dir, run.name))
+        if row["status"] != "done" and run.name in kept:
+            row = {**kept[run.name], "name": run.name, "section": run.section, "label": run.label, "seed": run.seed}
+            reused.append(run.name)
+        rows.append(row)
+    if reused:
+        note = f"Rows taken from the earlier results.csv (run folders not present): {', '.join(reused)}."
+        header = f"{header}\n{note}" if header else note
+    outputs = save_tables(results_dir, rows, write_csv, markdown_report(rows, header))
+    for section, labels in _groups(rows).items():
+        drawn = {
+            label: [m for m in members if is_done(os.path.join(study_dir, str(m["name"])))]
+            for label, members in labels.items()
+        }
+        drawn = {label: members for label, members in drawn.items() if members}
+        if drawn:
+            outputs[f"plot_{section}"] = os.path.join(results_dir, f"curves_{section}.png")
+            plot_section(drawn, study_dir, SECTION_TITLES.get(section, section), outputs[f"plot_{section}"], PANELS)
     return outputs
