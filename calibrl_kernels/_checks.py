@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import CalibRLConfig
+from .config import CalibRLConfig, LossInputs
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -350,23 +350,19 @@ def check_config(config) -> None:
 
 def check_loss_inputs(
     logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
+    inputs: LossInputs,
     *,
-    expert_logp: Optional[torch.Tensor],
-    passed: Optional[torch.Tensor],
-    is_expert: Optional[torch.Tensor],
     entropy: Optional[torch.Tensor],
-    expert_mask: Optional[torch.Tensor],
     config: CalibRLConfig,
     logp_name: str = "logp",
     computes_entropy: bool = False,
 ) -> None:
-    """Validate the (B, T) / (B,) tensors of the loss against logp's shape and device.
+    """Validate the (B, T) / (B,) tensors of the loss (inputs, entropy) against logp's shape and device.
 
-    Fused ops pass old_logp as ``logp`` (logp_name="old_logp") and computes_entropy=True.
+    inputs.ignore_index is not read. Fused ops pass old_logp as ``logp`` (logp_name="old_logp") and
+    computes_entropy=True.
     """
+    old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, _ = inputs
     check_config(config)
     require_tensor(logp_name, logp)
     check_floating(logp_name, logp)

@@ -132,9 +132,10 @@ def calibrl_loss(
     passed, is_expert (B,) bool; entropy (B, T) (needed when config.entropy_coef != 0; gives the
     entropy metric); expert_mask (B, T) (needed when config.mask_beyond_expert).
     """
-    fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, entropy=entropy, expert_mask=expert_mask)
-    _checks.check_loss_inputs(logp, old_logp, advantages, mask, config=config, **fields)
-    return reference.calibrl_loss(logp, old_logp, advantages, mask, config=config, **fields)
+    inputs = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask)
+    _checks.check_loss_inputs(logp, inputs, entropy=entropy, config=config)
+    fields = inputs.optional_fields()
+    return reference.calibrl_loss(logp, old_logp, advantages, mask, entropy=entropy, config=config, **fields)
 
 
 def _resolve_loss_inputs(
@@ -189,15 +190,7 @@ def _resolve_loss_inputs(
     _checks.check_shape("old_logp", old_logp, batch_shape, "(B, T) like targets")
     resolved = given._replace(advantages=advantages, expert_logp=expert_logp, passed=passed, expert_mask=expert_mask)
     _checks.check_loss_inputs(
-        old_logp,
-        old_logp,
-        advantages,
-        mask,
-        entropy=None,
-        config=config,
-        logp_name="old_logp",
-        computes_entropy=True,
-        **resolved.optional_fields(),
+        old_logp, resolved, entropy=None, config=config, logp_name="old_logp", computes_entropy=True
     )
     return resolved
 

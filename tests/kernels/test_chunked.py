@@ -19,7 +19,7 @@ from _cpu_helpers import (
 )
 
 from calibrl_kernels import _dispatch, chunked, ops, reference
-from calibrl_kernels.config import CalibRLConfig
+from calibrl_kernels.config import CalibRLConfig, LossInputs
 
 
 @pytest.fixture(scope="module", params=["torch", "cpp"])
@@ -401,17 +401,14 @@ def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
     logits = torch.randn(4, V, generator=g, dtype=torch.float64) * 2
     targets = torch.tensor([3, 7, 11, -100])
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64) * (targets != -100)
-    table = coefficients.token_table(
-        -torch.rand(1, 4, generator=g, dtype=torch.float64),
-        torch.tensor([0.8], dtype=torch.float64),
-        mask,
+    inputs = LossInputs(
+        old_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64),
+        advantages=torch.tensor([0.8], dtype=torch.float64),
+        mask=mask,
         expert_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64),
         passed=torch.tensor([True]),
-        is_expert=None,
-        expert_mask=None,
-        config=config,
-        dtype=torch.float64,
     )
+    table = coefficients.token_table(inputs, config, torch.float64)
 
     def gradient(chunk):
         chunk = chunk.clone()
