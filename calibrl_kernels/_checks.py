@@ -152,6 +152,12 @@ def check_ndim(name: str, t: torch.Tensor, allowed: Sequence[int], what: str) ->
         raise ValueError(f"{name}: expected {what}, got a {t.dim()}-d tensor of shape {tuple(t.shape)}")
 
 
+def check_token_batch(name: str, t: torch.Tensor, what: str) -> None:
+    """The main input of a fused loss op: B rows of T tokens, what = "(B, T, V)" (logits) or "(B, T, D)" (hidden)."""
+    if t.dim() != 3:
+        raise ValueError(f"{name}: expected shape {what}, got {tuple(t.shape)}")
+
+
 def check_device(name: str, t: torch.Tensor, device: torch.device, reference_name: str) -> None:
     if t.device != device:
         raise ValueError(

@@ -228,8 +228,7 @@ def fused_calibrl_loss(
     _checks.check_config(config)
     _checks.check_token_logprobs_inputs(logits, targets, config.temperature, ignore_index)
     targets = _checks.token_ids(targets)
-    if logits.dim() != 3:
-        raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
+    _checks.check_token_batch("logits", logits, "(B, T, V)")
     given = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, int(ignore_index))
     inputs = _resolve_loss_inputs(given, scores, group_ids, num_groups, config, targets.shape)
     fn = _dispatch.implementation("fused_calibrl_loss", logits.device, dtype=logits.dtype)
@@ -265,8 +264,7 @@ def fused_linear_calibrl_loss(
     _checks.check_linear_inputs(hidden, weight, targets, bias, config.temperature, ignore_index)
     chunk_bytes = _checks.chunk_bytes_argument(chunk_bytes)
     targets = _checks.token_ids(targets)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
+    _checks.check_token_batch("hidden", hidden, "(B, T, D)")
     given = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, int(ignore_index))
     inputs = _resolve_loss_inputs(given, scores, group_ids, num_groups, config, targets.shape)
     fn = _dispatch.implementation("fused_linear_calibrl_loss", hidden.device, dtype=hidden.dtype)
