@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import CalibRLConfig
+from .config import CalibRLConfig, LossInputs
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -150,6 +150,12 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], what: str, 
 def check_ndim(name: str, t: torch.Tensor, allowed: Sequence[int], what: str) -> None:
     if t.dim() not in allowed:
         raise ValueError(f"{name}: expected {what}, got a {t.dim()}-d tensor of shape {tuple(t.shape)}")
+
+
+def check_token_batch(name: str, t: torch.Tensor, what: str) -> None:
+    """The main input of a fused loss op: B rows of T tokens, what = "(B, T, V)" (logits) or "(B, T, D)" (hidden)."""
+    if t.dim() != 3:
+        raise ValueError(f"{name}: expected shape {what}, got {tuple(t.shape)}")
 
 
 def check_device(name: str, t: torch.Tensor, device: torch.device, reference_name: str) -> None:
@@ -350,23 +356,19 @@ def check_config(config) -> None:
 
 def check_loss_inputs(
     logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
+    inputs: LossInputs,
     *,
-    expert_logp: Optional[torch.Tensor],
-    passed: Optional[torch.Tensor],
-    is_expert: Optional[torch.Tensor],
     entropy: Optional[torch.Tensor],
-    expert_mask: Optional[torch.Tensor],
     config: CalibRLConfig,
     logp_name: str = "logp",
     computes_entropy: bool = False,
 ) -> None:
-    """Validate the (B, T) / (B,) tensors of the loss against logp's shape and device.
+    """Validate the (B, T) / (B,) tensors of the loss (inputs, entropy) against logp's shape and device.
 
-    Fused ops pass old_logp as ``logp`` (logp_name="old_logp") and computes_entropy=True.
+    inputs.ignore_index is not read. Fused ops pass old_logp as ``logp`` (logp_name="old_logp") and
+    computes_entropy=True.
     """
+    old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, _ = inputs
     check_config(config)
     require_tensor(logp_name, logp)
     check_floating(logp_name, logp)

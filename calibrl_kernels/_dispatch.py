@@ -37,7 +37,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import chunked, reference
+from . import library, reference
 from .config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
 
 IMPLS = ("triton", "cpp", "torch")
@@ -71,14 +71,13 @@ _REFERENCE_OPS = {
 }
 # The torch backend: the reference (plain torch ops, which torch.compile traces itself), except for the lm_head
 # ops, which run the chunked path (torch row math, any device) through their calibrl:: operators and never
-# materialise the (N, V) logits.
+# materialise the (N, V) logits: built like the other backends' OPS (library.KERNEL_MODULES["torch"]).
 _TORCH = types.SimpleNamespace(
     OPS={
         "token_logprobs": reference.token_logprobs,
         "group_advantages": reference.group_advantages,
         "fused_calibrl_loss": _reference_fused_calibrl_loss,
-        "linear_token_logprobs": chunked.linear_token_logprobs,
-        "fused_linear_calibrl_loss": chunked.fused_linear_calibrl_loss,
+        **library.backend_ops("torch", ("linear_token_logprobs", "fused_linear_calibrl_loss")),
     },
     availability=lambda device: (True, ""),
 )

@@ -1,6 +1,7 @@
 """Chunked path of the fused lm_head ops: from hidden states and the lm_head weight, never (N, V) logits.
 
-``linear_token_logprobs`` and ``fused_linear_calibrl_loss`` stream the N = B*T token rows in chunks.
+``linear_token_logprobs`` and ``fused_linear_calibrl_loss`` stream the N = B*T token rows in chunks (the
+``KERNELS`` that the ``calibrl::`` operators of ``library`` call on the torch and cpp backends).
 For each chunk of n rows:
 
 1. logits chunk Z (n, V) = h (n, D) @ W^T (+ bias), one GEMM into a reused buffer,
@@ -34,7 +35,7 @@ Layouts were compared too (W^T copied contiguous for an NN logits GEMM, logits^T
 accumulated): none was faster beyond the noise, so the GEMMs read the operands as they are.
 
 Memory: the chunk holds ``rows * V`` logits of the compute dtype (plus, for the torch row math, up to three
-temporaries of its size). A byte budget bounds it: ``chunk_bytes=`` (these functions and
+temporaries of its size). A byte budget bounds it: ``chunk_bytes=`` (of the lm_head ops and
 ``LinearCalibRLLoss(chunk_bytes=...)``), else env ``CALIBRL_CHUNK_BYTES`` (a positive whole number of
 bytes), else ``default_chunk_bytes()``: 1/16 of the machine's memory (the cgroup limit where one is set),
 between 64 MiB and 1 GiB. Where 512 rows do not fit the budget, the rows are as many as it allows. So
@@ -63,7 +64,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from . import _checks
-from .config import DEFAULT_CONFIG, CalibRLConfig, LossInputs, LossOutput
+from .config import CalibRLConfig
 from .reference import coefficients as coef
 from .reference import compute_dtype, inverse_temperature
 
@@ -509,50 +510,3 @@ def kernels(get_row_math) -> dict:
 
 
 KERNELS = kernels(lambda: TORCH_ROW_MATH)  # the torch backend's (library.KERNEL_MODULES)
-
-
-def fused_linear_calibrl_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    inputs: LossInputs,
-    config: CalibRLConfig = DEFAULT_CONFIG,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    row_math=TORCH_ROW_MATH,
-    chunk_bytes: Optional[int] = None,
-) -> LossOutput:
-    """The chunked backend of ``ops.fused_linear_calibrl_loss`` (validated inputs, any device, any float dtype).
-
-    hidden (B, T, D), weight (V, D), bias (V,) or None; targets (B, T). Gradients flow to hidden, weight
-    and bias. row_math: ``TORCH_ROW_MATH`` or the C++ row math (its ``name`` picks the operator's impl);
-    chunk_bytes: see ``chunk_budget``.
-    """
-    from . import library
-
-    return library.fused_linear_calibrl_loss(row_math.name)(
-        hidden, weight, targets, inputs, config, bias, chunk_bytes=chunk_bytes
-    )
-
-
-def linear_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-    *,
-    row_math=TORCH_ROW_MATH,
-    chunk_bytes: Optional[int] = None,
-):
-    """The chunked twin of ``reference.linear_token_logprobs``: hidden (N, D) / (B, T, D), weight (V, D).
-
-    Returns logp [, entropy] shaped like targets (fp32; fp64 for fp64 inputs), differentiable in both.
-    """
-    from . import library
-
-    return library.linear_token_logprobs(row_math.name)(
-        hidden, weight, targets, bias, temperature, ignore_index, return_entropy, chunk_bytes=chunk_bytes
-    )

@@ -132,9 +132,10 @@ def calibrl_loss(
     passed, is_expert (B,) bool; entropy (B, T) (needed when config.entropy_coef != 0; gives the
     entropy metric); expert_mask (B, T) (needed when config.mask_beyond_expert).
     """
-    fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, entropy=entropy, expert_mask=expert_mask)
-    _checks.check_loss_inputs(logp, old_logp, advantages, mask, config=config, **fields)
-    return reference.calibrl_loss(logp, old_logp, advantages, mask, config=config, **fields)
+    inputs = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask)
+    _checks.check_loss_inputs(logp, inputs, entropy=entropy, config=config)
+    fields = inputs.optional_fields()
+    return reference.calibrl_loss(logp, old_logp, advantages, mask, entropy=entropy, config=config, **fields)
 
 
 def _resolve_loss_inputs(
@@ -189,15 +190,7 @@ def _resolve_loss_inputs(
     _checks.check_shape("old_logp", old_logp, batch_shape, "(B, T) like targets")
     resolved = given._replace(advantages=advantages, expert_logp=expert_logp, passed=passed, expert_mask=expert_mask)
     _checks.check_loss_inputs(
-        old_logp,
-        old_logp,
-        advantages,
-        mask,
-        entropy=None,
-        config=config,
-        logp_name="old_logp",
-        computes_entropy=True,
-        **resolved.optional_fields(),
+        old_logp, resolved, entropy=None, config=config, logp_name="old_logp", computes_entropy=True
     )
     return resolved
 
@@ -235,8 +228,7 @@ def fused_calibrl_loss(
     _checks.check_config(config)
     _checks.check_token_logprobs_inputs(logits, targets, config.temperature, ignore_index)
     targets = _checks.token_ids(targets)
-    if logits.dim() != 3:
-        raise ValueError(f"logits: expected shape (B, T, V), got {tuple(logits.shape)}")
+    _checks.check_token_batch("logits", logits, "(B, T, V)")
     given = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, int(ignore_index))
     inputs = _resolve_loss_inputs(given, scores, group_ids, num_groups, config, targets.shape)
     fn = _dispatch.implementation("fused_calibrl_loss", logits.device, dtype=logits.dtype)
@@ -272,8 +264,7 @@ def fused_linear_calibrl_loss(
     _checks.check_linear_inputs(hidden, weight, targets, bias, config.temperature, ignore_index)
     chunk_bytes = _checks.chunk_bytes_argument(chunk_bytes)
     targets = _checks.token_ids(targets)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden: expected shape (B, T, D), got {tuple(hidden.shape)}")
+    _checks.check_token_batch("hidden", hidden, "(B, T, D)")
     given = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, int(ignore_index))
     inputs = _resolve_loss_inputs(given, scores, group_ids, num_groups, config, targets.shape)
     fn = _dispatch.implementation("fused_linear_calibrl_loss", hidden.device, dtype=hidden.dtype)

@@ -230,12 +230,13 @@ def chunked_linear_loss(
     config=DEFAULT_CONFIG,
     **extra,
 ):
-    """``chunked.fused_linear_calibrl_loss`` (the backend, taking LossInputs) called like the reference's twin;
-    extra: row_math, chunk_bytes."""
-    from calibrl_kernels import chunked
+    """The chunked path of ``fused_linear_calibrl_loss`` (the backend entry, taking LossInputs) called like the
+    reference's twin; extra: row_math (its name picks the backend, default the torch row math), chunk_bytes."""
+    from calibrl_kernels import chunked, library
 
     inputs = LossInputs(old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, ignore_index)
-    return chunked.fused_linear_calibrl_loss(hidden, weight, targets, inputs, config, bias, **extra)
+    impl = extra.pop("row_math", chunked.TORCH_ROW_MATH).name
+    return library.fused_linear_calibrl_loss(impl)(hidden, weight, targets, inputs, config, bias, **extra)
 
 
 def loss_and_grads(fn, case: LinearCase, config: CalibRLConfig, ignore_index=-100, scale=1.0, **extra):

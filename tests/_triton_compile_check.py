@@ -169,7 +169,9 @@ def run_launchers_at(B, T, V, N, D, full):
         triton_loss.calibrl_loss_forward(rows, targets, table, config, -100)
     for dtype in (torch.float32, torch.float64) if full else (torch.float32,):
         for norm in (False, True):
-            triton_group_stats.group_advantages(torch.rand(N, dtype=dtype), torch.arange(N) // 3, None, norm)
+            triton_group_stats.group_advantages(
+                torch.rand(N, dtype=dtype), torch.arange(N) // 3, None, norm, 1e-6, 0.1, None
+            )
     run_linear_launchers(
         V, N, D, (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,), configs[0]
     )

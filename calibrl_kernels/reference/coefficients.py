@@ -26,19 +26,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ..config import (
-    DEFAULT_CONFIG,
-    LOG_RATIO_CLAMP,
-    LUFFY_SHAPING_GAMMA,
-    RLPLUS_FOCAL_POWER,
-    RLPLUS_MIX,
-    RLPLUS_OLD_WEIGHT,
-    CalibRLConfig,
-    LossInputs,
-    LossOutput,
-)
+from ..config import DEFAULT_CONFIG, LOG_RATIO_CLAMP, LUFFY_SHAPING_GAMMA, CalibRLConfig, LossInputs, LossOutput
 from .logprobs import compute_dtype
-from .loss import aggregation_weights
+from .loss import aggregation_weights, expert_token_term
 
 # Columns of the token table (N, len(TOKEN_FIELDS)): per-token inputs of the loss, compute dtype.
 TOKEN_FIELDS = (
@@ -116,23 +106,14 @@ def token_weights(
     )
 
 
-def token_table(
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    expert_logp: Optional[torch.Tensor],
-    passed: Optional[torch.Tensor],
-    is_expert: Optional[torch.Tensor],
-    expert_mask: Optional[torch.Tensor],
-    config: CalibRLConfig,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def token_table(inputs: LossInputs, config: CalibRLConfig, dtype: torch.dtype) -> torch.Tensor:
     """Pack the per-token inputs of the loss into a (B*T, len(TOKEN_FIELDS)) table of ``dtype``.
 
-    old_logp, mask (B, T) (mask already zero at ignored targets); advantages (B,) or (B, T);
-    expert_logp (B,) or (B, T); passed, is_expert (B,) bool; expert_mask (B, T).
+    inputs.old_logp, inputs.mask (B, T): the mask already zero at ignored targets (inputs.ignore_index is
+    not read; ``loss_token_table`` applies it); advantages (B,) or (B, T); expert_logp (B,) or (B, T);
+    passed, is_expert (B,) bool; expert_mask (B, T).
     """
+    old_logp, advantages, mask, expert_logp, passed, is_expert, expert_mask, _ = inputs
     B, T = old_logp.shape
     device = old_logp.device
 
@@ -166,9 +147,7 @@ def loss_token_table(
     targets (B, T); tokens whose target is ignore_index leave the loss, as in the reference.
     """
     token_mask = inputs.mask.to(dtype) * (targets != inputs.ignore_index).to(dtype)  # (B, T)
-    return token_table(
-        inputs.old_logp, inputs.advantages, token_mask, config=config, dtype=dtype, **inputs.optional_fields()
-    )
+    return token_table(inputs._replace(mask=token_mask), config, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,16 +186,12 @@ def ppo_term_and_slope(lp, old_lp, adv, config: CalibRLConfig):
 
 
 def expert_term_and_slope(lp, old_lp, adv, mode: str):
-    """The luffy / rlplus expert-token term and its derivative w.r.t. lp (reference.expert_token_term)."""
-    p = torch.exp(lp)
-    if mode == "luffy":
-        term = -adv * p / (p + LUFFY_SHAPING_GAMMA)
+    """The luffy / rlplus expert-token term (reference.expert_token_term itself) and its derivative w.r.t. lp."""
+    term = expert_token_term(lp, old_lp, adv, mode)  # raises for a mode without an expert-token term
+    if mode == "luffy":  # -A p / (p + gamma)
+        p = torch.exp(lp)
         return term, -adv * LUFFY_SHAPING_GAMMA * p / (p + LUFFY_SHAPING_GAMMA) ** 2
-    if mode == "rlplus":
-        focal = (1.0 - p).clamp_min(0.0) ** RLPLUS_FOCAL_POWER  # constant (stop-gradient) factor
-        term = -adv * 2.0 * p / (RLPLUS_OLD_WEIGHT * torch.exp(old_lp) + RLPLUS_MIX) * focal
-        return term, term  # the term is linear in p and dp/dlp = p
-    raise ValueError(f"mode {mode!r} has no expert-token term")
+    return term, term  # rlplus: linear in p (its focal factor is a stop-gradient) and dp/dlp = p
 
 
 def guide_activation_and_slope(z, config: CalibRLConfig):
@@ -328,23 +303,16 @@ def loss_output(term_sums: torch.Tensor, config: CalibRLConfig) -> LossOutput:
 
 
 def closed_form_coefficients(
-    logp: torch.Tensor,
-    entropy: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    expert_logp: Optional[torch.Tensor] = None,
-    passed: Optional[torch.Tensor] = None,
-    is_expert: Optional[torch.Tensor] = None,
-    expert_mask: Optional[torch.Tensor] = None,
-    config: CalibRLConfig = DEFAULT_CONFIG,
+    logp: torch.Tensor, entropy: torch.Tensor, inputs: LossInputs, config: CalibRLConfig = DEFAULT_CONFIG
 ):
-    """The closed-form twin of ``reference.gradient_coefficients``: (LossOutput, a (B, T), b (B, T))."""
+    """The closed-form twin of ``reference.gradient_coefficients``: (LossOutput, a (B, T), b (B, T)).
+
+    logp, entropy (B, T); inputs: the loss's other tensors (inputs.mask is the token mask, as in
+    ``token_table``), which ``gradient_coefficients`` takes as separate arguments.
+    """
     dtype = compute_dtype(logp)
     B, T = logp.shape
-    fields = dict(expert_logp=expert_logp, passed=passed, is_expert=is_expert, expert_mask=expert_mask)
-    table = token_table(old_logp, advantages, mask, config=config, dtype=dtype, **fields)
+    table = token_table(inputs, config, dtype)
     terms = token_terms(logp.detach().to(dtype).reshape(-1), entropy.detach().to(dtype).reshape(-1), table, config)
     sums = torch.stack([getattr(terms, name).sum() for name in TERM_FIELDS])
     return loss_output(sums, config), terms.coef_a.view(B, T), terms.coef_b.view(B, T)

@@ -17,8 +17,6 @@ value check does (so does the check that every group has an on-policy row).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -103,16 +101,12 @@ def _group_count(run_index: torch.Tensor) -> int:
 
 
 def group_advantages(
-    scores: torch.Tensor,
-    group_ids: torch.Tensor,
-    is_expert: Optional[torch.Tensor] = None,
-    norm_by_std: bool = False,
-    eps: float = 1e-6,
-    pass_threshold: float = 0.1,
-    num_groups: Optional[int] = None,
+    scores, group_ids, is_expert, norm_by_std: bool, eps: float, pass_threshold: float, num_groups
 ) -> GroupStats:
     """The Triton twin of ``reference.group_advantages`` (same results up to the order of the sums: the
-    divisions and the square root round as torch's, also on the GPU); ``num_groups`` avoids the sync."""
+    divisions and the square root round as torch's, also on the GPU); ``num_groups`` (None or an int) avoids
+    the sync. The kernel of the ``calibrl::group_advantages`` operator: every argument is given, validated by
+    ``ops.group_advantages`` (whose defaults are the op's only ones)."""
     dt = compute_dtype(scores)
     device = scores.device
     B = scores.numel()

@@ -5,6 +5,8 @@ the gradients of hidden, weight and bias, for every mode / activation / aggregat
 must never allocate an (N, V) tensor.
 """
 
+import functools
+
 import pytest
 import torch
 from _cpu_helpers import (
@@ -18,8 +20,8 @@ from _cpu_helpers import (
     upcast_leaves,
 )
 
-from calibrl_kernels import _dispatch, chunked, ops, reference
-from calibrl_kernels.config import CalibRLConfig
+from calibrl_kernels import _dispatch, chunked, library, ops, reference
+from calibrl_kernels.config import CalibRLConfig, LossInputs
 
 
 @pytest.fixture(scope="module", params=["torch", "cpp"])
@@ -166,8 +168,7 @@ def test_linear_token_logprobs_values_and_gradients(row_math, dtype, flat):
             hidden,
             case.weight,
             case.bias,
-            fn=chunked.linear_token_logprobs,
-            row_math=row_math,
+            fn=library.linear_token_logprobs(row_math.name),
             chunk_bytes=5 * 531 * 4 * row_math.buffers_per_chunk,
         )
     assert len(chunks) == 2 and chunks[0].rows < targets.numel()  # forward + recomputing backward
@@ -181,14 +182,14 @@ def test_linear_token_logprobs_values_and_gradients(row_math, dtype, flat):
 
 def test_linear_token_logprobs_logp_only_and_no_grad(row_math):
     case = make_linear_case(CalibRLConfig(), V=90, seed=12)
-    logp = chunked.linear_token_logprobs(case.hidden, case.weight, case.targets, case.bias, row_math=row_math)
+    logp = library.linear_token_logprobs(row_math.name)(case.hidden, case.weight, case.targets, case.bias)
     ref = reference.linear_token_logprobs(case.hidden, case.weight, case.targets, case.bias)
     got = torch.autograd.grad(logp.sum(), case.leaves())
     want = torch.autograd.grad(ref.sum(), case.leaves())
     for g, w in zip(got, want):
         assert max_rel_error(g, w) < 1e-10
     with torch.no_grad():
-        logp2 = chunked.linear_token_logprobs(case.hidden, case.weight, case.targets, case.bias, row_math=row_math)
+        logp2 = library.linear_token_logprobs(row_math.name)(case.hidden, case.weight, case.targets, case.bias)
     assert not logp2.requires_grad
     torch.testing.assert_close(logp2, logp.detach(), rtol=0, atol=0)
 
@@ -253,9 +254,7 @@ def test_never_allocates_n_by_v(row_math):
     ):
         out = chunked_linear_loss(*case.loss_args(), row_math=row_math, chunk_bytes=budget, **b.kwargs(config))
         out.loss.backward()
-        logp = chunked.linear_token_logprobs(
-            case.hidden, case.weight, case.targets, row_math=row_math, chunk_bytes=budget
-        )
+        logp = library.linear_token_logprobs(row_math.name)(case.hidden, case.weight, case.targets, chunk_bytes=budget)
         logp.sum().backward()
     assert len(chunks) == 3
     for record in chunks:
@@ -341,11 +340,11 @@ def test_public_ops_dispatch_to_the_chunked_path(monkeypatch):
     case = make_linear_case(config, seed=16)
     b = case.batch
     monkeypatch.setenv("CALIBRL_IMPL", "torch")
-    assert (
-        _dispatch.implementation("fused_linear_calibrl_loss", torch.device("cpu")) is chunked.fused_linear_calibrl_loss
-    )
-    assert _dispatch.implementation("linear_token_logprobs", torch.device("cpu")) is chunked.linear_token_logprobs
-    out = ops.fused_linear_calibrl_loss(*case.loss_args(), bias=case.bias, **b.kwargs(config))
+    assert _dispatch.selected_impl("fused_linear_calibrl_loss", torch.device("cpu")) == "torch"
+    with chunked.record_chunks() as chunks:
+        out = ops.fused_linear_calibrl_loss(*case.loss_args(), bias=case.bias, **b.kwargs(config))
+        ops.linear_token_logprobs(case.hidden, case.weight, case.targets, bias=case.bias)
+    assert len(chunks) == 2  # both ops ran the chunked path (torch row math)
     ref = reference.fused_linear_calibrl_loss(*case.loss_args(), bias=case.bias, **b.kwargs(config))
     assert_loss_outputs_close(out, ref, rtol=1e-10, atol=1e-12)
 
@@ -381,9 +380,12 @@ def test_second_order_gradients_raise(row_math, op):
             return logp.sum() + ent.sum()
         return fn(*case.loss_args(), bias=case.bias, **b.kwargs(config)).loss
 
-    ours = chunked.linear_token_logprobs if op == "linear_token_logprobs" else chunked_linear_loss
+    if op == "linear_token_logprobs":
+        ours = library.linear_token_logprobs(row_math.name)
+    else:
+        ours = functools.partial(chunked_linear_loss, row_math=row_math)
     want = torch.autograd.grad(run(getattr(reference, op)), case.leaves())
-    grads = torch.autograd.grad(run(lambda *a, **k: ours(*a, row_math=row_math, **k)), case.leaves(), create_graph=True)
+    grads = torch.autograd.grad(run(ours), case.leaves(), create_graph=True)
     for got, expected in zip(grads, want):
         assert got.requires_grad and max_rel_error(got, expected) < 1e-10
     with pytest.raises(RuntimeError, match="differentiate"):
@@ -401,17 +403,14 @@ def test_row_math_gives_zero_rows_where_a_and_b_are_zero(row_math):
     logits = torch.randn(4, V, generator=g, dtype=torch.float64) * 2
     targets = torch.tensor([3, 7, 11, -100])
     mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]], dtype=torch.float64) * (targets != -100)
-    table = coefficients.token_table(
-        -torch.rand(1, 4, generator=g, dtype=torch.float64),
-        torch.tensor([0.8], dtype=torch.float64),
-        mask,
+    inputs = LossInputs(
+        old_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64),
+        advantages=torch.tensor([0.8], dtype=torch.float64),
+        mask=mask,
         expert_logp=-torch.rand(1, 4, generator=g, dtype=torch.float64),
         passed=torch.tensor([True]),
-        is_expert=None,
-        expert_mask=None,
-        config=config,
-        dtype=torch.float64,
     )
+    table = coefficients.token_table(inputs, config, torch.float64)
 
     def gradient(chunk):
         chunk = chunk.clone()

@@ -16,9 +16,10 @@ def _assert_closed_form_matches_autograd(
     """closed_form_coefficients against reference.gradient_coefficients: the loss outputs, a and b.
 
     Returns the closed form's (LossOutput, a, b)."""
-    args = (logp, entropy, batch.old_logp, batch.advantages if advantages is None else advantages, batch.mask)
-    out, a, b = coefficients.closed_form_coefficients(*args, **batch.kwargs(config))
-    ref_out, ref_a, ref_b = reference.gradient_coefficients(*args, **batch.kwargs(config))
+    inputs = batch.inputs()._replace(advantages=batch.advantages if advantages is None else advantages)
+    out, a, b = coefficients.closed_form_coefficients(logp, entropy, inputs, config)
+    args = (logp, entropy, inputs.old_logp, inputs.advantages, inputs.mask)
+    ref_out, ref_a, ref_b = reference.gradient_coefficients(*args, config=config, **inputs.optional_fields())
     assert_loss_outputs_close(out, ref_out, rtol=loss_rtol, atol=loss_atol, what=config.mode)
     torch.testing.assert_close(a, ref_a, rtol=rtol, atol=atol)
     torch.testing.assert_close(b, ref_b, rtol=rtol, atol=atol)

@@ -167,9 +167,7 @@ def test_row_loss_terms_equal_closed_form_with_ties(cpp, name):
     cpp.row_stats(logits, targets, 1.0, -100, stats)
     batch = batch_with_ties(batch, stats[:, coefficients.ROW["logp"]].view(B, T))
     mask = batch.mask * (targets != -100).view(B, T)
-    table = coefficients.token_table(
-        batch.old_logp, batch.advantages, mask, config=config, dtype=torch.float64, **batch.fields()
-    )
+    table = coefficients.token_table(batch.inputs(mask=mask), config, torch.float64)
     rows = torch.zeros_like(stats)
     cpp.row_loss(
         logits, targets, table, rows, config.mode, config.activation, cpu._rows.loss_params(config), 1.0, -100, False

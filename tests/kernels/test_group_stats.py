@@ -130,7 +130,7 @@ def test_num_groups_and_no_value_checks_run_no_host_synchronising_operator(dtype
     scores, group_ids, is_expert = _batch([4, 2, 3], triton_device, dtype, seed=4)
     monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "0")
     with _OperatorLog() as log:
-        stats = triton_group_stats.group_advantages(scores, group_ids, is_expert, True, eps=1e-3, num_groups=3)
+        stats = triton_group_stats.group_advantages(scores, group_ids, is_expert, True, 1e-3, 0.1, 3)
     synchronising = sorted({name for name in log.names if name.split("::")[-1].split(".")[0] in _HOST_SYNC_OPS})
     assert not synchronising, f"host-synchronising operators: {synchronising}"
     _assert_stats_equal(stats, reference.group_advantages(scores, group_ids, is_expert, True, eps=1e-3), dtype)
@@ -141,12 +141,12 @@ def test_num_groups_runs_without_cuda_synchronisation(monkeypatch):
     scores, group_ids, is_expert = _batch([4, 2, 3], "cuda", seed=5)
     monkeypatch.setenv("CALIBRL_VALUE_CHECKS", "0")
     triton_group_stats.group_advantages(
-        scores, group_ids, is_expert, True, num_groups=3
+        scores, group_ids, is_expert, True, 1e-6, 0.1, 3
     )  # compiled before timing anything
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        stats = triton_group_stats.group_advantages(scores, group_ids, is_expert, True, num_groups=3)
+        stats = triton_group_stats.group_advantages(scores, group_ids, is_expert, True, 1e-6, 0.1, 3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     _assert_stats_equal(stats, reference.group_advantages(scores, group_ids, is_expert, True), torch.float32)
