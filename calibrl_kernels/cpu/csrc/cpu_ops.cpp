@@ -188,18 +188,15 @@ LossParams parse_params(const std::string& mode, const std::string& activation,
   p.activation = activations.at(activation);
   p.keeps_expert_rows = p.mode == Mode::kLuffy || p.mode == Mode::kRlplus;
   p.uses_guide = p.mode == Mode::kCalibrl && p.activation != Activation::kNone;
-  p.clip_low = param(values, "clip_low");
-  p.clip_high = param(values, "clip_high");
-  p.dual_clip_c = param(values, "dual_clip_c");
-  p.guide_coef = param(values, "guide_coef");
-  p.negative_slope = param(values, "negative_slope");
-  p.huber_delta = param(values, "huber_delta");
-  p.entropy_coef = param(values, "entropy_coef");
-  p.log_ratio_clamp = param(values, "log_ratio_clamp");
-  p.luffy_gamma = param(values, "luffy_gamma");
-  p.rlplus_old_weight = param(values, "rlplus_old_weight");
-  p.rlplus_mix = param(values, "rlplus_mix");
-  p.rlplus_focal_power = param(values, "rlplus_focal_power");
+  // config.KERNEL_SCALARS and KERNEL_CONSTANTS, by the names the Python side hands them over with
+  static const std::pair<const char*, double LossParams::*> scalars[] = {
+      {"clip_low", &LossParams::clip_low},             {"clip_high", &LossParams::clip_high},
+      {"dual_clip_c", &LossParams::dual_clip_c},       {"guide_coef", &LossParams::guide_coef},
+      {"negative_slope", &LossParams::negative_slope}, {"huber_delta", &LossParams::huber_delta},
+      {"entropy_coef", &LossParams::entropy_coef},     {"log_ratio_clamp", &LossParams::log_ratio_clamp},
+      {"luffy_gamma", &LossParams::luffy_gamma},       {"rlplus_old_weight", &LossParams::rlplus_old_weight},
+      {"rlplus_mix", &LossParams::rlplus_mix},         {"rlplus_focal_power", &LossParams::rlplus_focal_power}};
+  for (const auto& [key, member] : scalars) p.*member = param(values, key);
   return p;
 }
 
