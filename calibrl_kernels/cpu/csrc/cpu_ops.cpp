@@ -167,6 +167,16 @@ void check_target_values(const at::Tensor& targets, int64_t ignore_index, int64_
 
 at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The checks of every entry point: its logits, targets (their values too) and row table; the logits' layout.
+RowLayout check_row_inputs(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                           const at::Tensor& rows) {
+  const RowLayout layout = check_logits(logits, "logits");
+  check_targets(targets, layout.rows);
+  check_target_values(targets, ignore_index, layout.vocab);
+  check_table(rows, "rows", layout.rows, row::kCount, accumulation_type(logits.scalar_type()));
+  return layout;
+}
+
 double param(const std::map<std::string, double>& values, const std::string& key) {
   const auto it = values.find(key);
   TORCH_CHECK(it != values.end(), "loss parameters: missing ", key);
@@ -209,11 +219,8 @@ void row_stats(const at::Tensor& logits,   // raw logits, one token per row
                double inv_temperature,     // 1 / T
                int64_t ignore_index,       // target value of ignored tokens
                at::Tensor rows) {          // (n, row::kCount) row table (float; double for double logits)
-  const RowLayout layout = check_logits(logits, "logits");
+  const RowLayout layout = check_row_inputs(logits, targets, ignore_index, rows);
   const int64_t n = layout.rows;
-  check_targets(targets, n);
-  check_target_values(targets, ignore_index, layout.vocab);
-  check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = logits.const_data_ptr<scalar_t>();
@@ -233,15 +240,12 @@ void row_gradient(const at::Tensor& logits,  // raw logits, one token per row
                   double inv_temperature,    // 1 / T
                   int64_t ignore_index,      // target value of ignored tokens
                   at::Tensor out) {          // the gradient, shape and dtype of logits (may be logits itself)
-  const RowLayout layout = check_logits(logits, "logits");
+  const RowLayout layout = check_row_inputs(logits, targets, ignore_index, rows);
   const RowLayout out_layout = check_logits(out, "out");
   const int64_t n = layout.rows;
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type(),
               "out: expected the shape and dtype of logits ", logits.sizes(), " ", logits.scalar_type(), ", got ",
               out.sizes(), " ", out.scalar_type());
-  check_targets(targets, n);
-  check_target_values(targets, ignore_index, layout.vocab);
-  check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_gradient", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = logits.const_data_ptr<scalar_t>();
@@ -266,13 +270,9 @@ void row_loss(at::Tensor logits,                            // raw logits; dL/dl
               double inv_temperature,                       // 1 / T
               int64_t ignore_index,                         // target value of ignored tokens
               bool form_gradient) {                         // also write the gradient over the logits
-  const RowLayout layout = check_logits(logits, "logits");
+  const RowLayout layout = check_row_inputs(logits, targets, ignore_index, rows);
   const int64_t n = layout.rows;
-  check_targets(targets, n);
-  check_target_values(targets, ignore_index, layout.vocab);
-  const at::ScalarType acc = accumulation_type(logits.scalar_type());
-  check_table(rows, "rows", n, row::kCount, acc);
-  check_table(tokens, "tokens", n, token::kCount, acc);
+  check_table(tokens, "tokens", n, token::kCount, accumulation_type(logits.scalar_type()));
   const LossParams params = parse_params(mode, activation, values);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
