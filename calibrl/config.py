@@ -33,8 +33,10 @@ class ConfigError(ValueError):
     """A setting (flag, config file or resumed run) that cannot work; ``main`` reports it like argparse."""
 
 
-def _field(default, help_text: str):
-    return dataclasses.field(default=default, metadata={"help": help_text})
+def _field(default, help_text: str, low=None, high=None):
+    """A TrainConfig field; ``low`` / ``high``: the range of a numeric field (``high`` None: unbounded)."""
+    metadata = {"help": help_text} if low is None else {"help": help_text, "low": low, "high": high}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
@@ -53,8 +55,8 @@ class TrainConfig:
         "a second held-out JSONL (e.g. out-of-domain questions), evaluated "
         "beside eval_data; its metrics are logged as ood_eval_*",
     )
-    train_examples: int = _field(0, "use only the first N training questions (0: all)")
-    eval_examples: int = _field(512, "held-out questions per greedy evaluation (0: all)")
+    train_examples: int = _field(0, "use only the first N training questions (0: all)", low=0)
+    eval_examples: int = _field(512, "held-out questions per greedy evaluation (0: all)", low=0)
     reward_fn: Optional[str] = _field(
         None,
         "your verifier as 'package.module:function' (response, answer) -> Score "
@@ -74,68 +76,80 @@ class TrainConfig:
         "a <think>/<answer> format instruction for --model",
     )
     # --- the tiny built-in model (ignored with --model)
-    image_size: int = _field(64, "images are resized to image_size x image_size pixels")
-    patch_size: int = _field(8, "vision patch size; (image_size / patch_size)^2 / 4 visual tokens per image")
-    vision_dim: int = _field(96, "vision tower width")
-    vision_depth: int = _field(2, "vision tower blocks")
-    hidden_size: int = _field(192, "language model width (a multiple of 16 * num_heads)")
-    num_layers: int = _field(3, "language model decoder layers")
-    num_heads: int = _field(2, "attention heads of the language model")
-    mlp_ratio: int = _field(4, "MLP width / hidden_size in the language model")
-    vocab_size: int = _field(512, "upper bound of the BPE vocabulary trained on the task text")
+    image_size: int = _field(64, "images are resized to image_size x image_size pixels", low=1)
+    patch_size: int = _field(8, "vision patch size; (image_size / patch_size)^2 / 4 visual tokens per image", low=1)
+    vision_dim: int = _field(96, "vision tower width", low=1)
+    vision_depth: int = _field(2, "vision tower blocks", low=1)
+    hidden_size: int = _field(192, "language model width (a multiple of 16 * num_heads)", low=1)
+    num_layers: int = _field(3, "language model decoder layers", low=1)
+    num_heads: int = _field(2, "attention heads of the language model", low=1)
+    mlp_ratio: int = _field(4, "MLP width / hidden_size in the language model", low=1)
+    vocab_size: int = _field(512, "upper bound of the BPE vocabulary trained on the task text", low=1)
     init_from: Optional[str] = _field(
         None,
         "start from the latest checkpoint of this run folder (its weights and "
         "tokenizer; the model flags must match it) instead of a fresh model",
     )
     # --- supervised warm start on expert traces
-    sft_steps: int = _field(350, "supervised steps on expert responses before RL")
-    extra_sft_steps: int = _field(100, "sft+grpo only: further supervised steps (its SFT stage is longer)")
+    sft_steps: int = _field(350, "supervised steps on expert responses before RL", low=0)
+    extra_sft_steps: int = _field(100, "sft+grpo only: further supervised steps (its SFT stage is longer)", low=0)
     sft_batch_size: int = _field(
-        32, "questions per supervised step, over all processes (a multiple of the number of processes under torchrun)"
+        32,
+        "questions per supervised step, over all processes (a multiple of the number of processes under torchrun)",
+        low=1,
     )
-    sft_lr: float = _field(5e-4, "learning rate of the warm start (2e-3 never learns to look at the image)")
+    sft_lr: float = _field(5e-4, "learning rate of the warm start (2e-3 never learns to look at the image)", low=0.0)
     # --- RL
-    max_steps: int = _field(80, "RL steps (each: rollouts, group statistics, PPO updates)")
+    max_steps: int = _field(80, "RL steps (each: rollouts, group statistics, PPO updates)", low=0)
     prompts_per_step: int = _field(
         8,
         "P: prompts (groups) per RL step, over all processes (a multiple of the "
         "number of processes under torchrun: each samples P / processes prompts)",
+        low=1,
     )
-    rollouts_per_prompt: int = _field(8, "n: on-policy responses per prompt (plus 1 expert row)")
-    max_new_tokens: int = _field(24, "longest sampled response")
+    rollouts_per_prompt: int = _field(8, "n: on-policy responses per prompt (plus 1 expert row)", low=1)
+    max_new_tokens: int = _field(24, "longest sampled response", low=1)
     lr: float = _field(
-        5e-5, "learning rate of the RL updates (AdamW, fresh after the warm start; 2e-4 degrades the tiny model)"
+        5e-5,
+        "learning rate of the RL updates (AdamW, fresh after the warm start; 2e-4 degrades the tiny model)",
+        low=0.0,
     )
-    weight_decay: float = _field(0.01, "AdamW weight decay")
-    grad_clip: float = _field(1.0, "global gradient-norm clip (0: none)")
-    warmup_steps: int = _field(20, "linear learning-rate warmup (optimizer steps) at the start of each phase")
-    ppo_epochs: int = _field(1, "passes over each RL batch")
+    weight_decay: float = _field(0.01, "AdamW weight decay", low=0.0)
+    grad_clip: float = _field(1.0, "global gradient-norm clip (0: none)", low=0.0)
+    warmup_steps: int = _field(20, "linear learning-rate warmup (optimizer steps) at the start of each phase", low=0)
+    ppo_epochs: int = _field(1, "passes over each RL batch", low=1)
     mini_batches: int = _field(
         2,
         "optimizer steps per epoch: the step's P groups (over all processes) are split "
         "into this many mini-batches (at most P); under torchrun a process holding no "
         "group of a mini-batch takes part with a zero-weight pass",
+        low=1,
     )
     micro_batch_rows: int = _field(
         0,
         "rows per forward/backward of each process within a mini-batch "
         "(0: the process's whole share of the mini-batch)",
+        low=0,
     )
-    mix_ratio: float = _field(1.0, "probability that a group keeps its expert row in the batch")
+    mix_ratio: float = _field(1.0, "probability that a group keeps its expert row in the batch", low=0.0, high=1.0)
     mixup_policy: str = _field(
         "always",
         "'always' (mix_ratio) or 'pass' (keep the expert when the pass rate lies in [pass_ratio_low, pass_ratio_high])",
     )
-    pass_ratio_low: float = _field(0.0, "mixup_policy=pass: lowest pass rate that keeps the expert row")
-    pass_ratio_high: float = _field(1.0, "mixup_policy=pass: highest pass rate that keeps the expert row")
+    pass_ratio_low: float = _field(
+        0.0, "mixup_policy=pass: lowest pass rate that keeps the expert row", low=0.0, high=1.0
+    )
+    pass_ratio_high: float = _field(
+        1.0, "mixup_policy=pass: highest pass rate that keeps the expert row", low=0.0, high=1.0
+    )
     # --- evaluation, logging, checkpoints
-    eval_every: int = _field(10, "greedy held-out evaluation every K RL steps (and after the warm start)")
-    eval_batch_size: int = _field(128, "prompts per evaluation generate call of each process")
+    eval_every: int = _field(10, "greedy held-out evaluation every K RL steps (and after the warm start)", low=1)
+    eval_batch_size: int = _field(128, "prompts per evaluation generate call of each process", low=1)
     eval_samples: int = _field(
         1,
         "temperature-1 samples per held-out question: eval_sampled_* are their means; "
         "> 1 adds eval_distinct_answers, >= 8 eval_pass_at_8 (the study uses 8)",
+        low=1,
     )
     eval_metrics: Optional[str] = _field(
         None,
@@ -147,15 +161,17 @@ class TrainConfig:
         5,
         "log the guide regime (calibrl.diagnostics: z shares, guide / PG gradient "
         "norms and cosine) every K RL steps (0: never)",
+        low=0,
     )
-    save_every: int = _field(20, "checkpoint every K steps (also at the end and on Ctrl-C)")
-    keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (oldest removed; 0 keeps all)")
+    save_every: int = _field(20, "checkpoint every K steps (also at the end and on Ctrl-C)", low=1)
+    keep_checkpoints: int = _field(2, "checkpoints kept in the run folder (oldest removed; 0 keeps all)", low=0)
     out: Optional[str] = _field(None, "run folder; default runs/<algo>-seed<seed>")
     resume: Optional[str] = _field(None, "continue the run in this folder from its latest checkpoint")
     tensorboard: bool = _field(True, "also write TensorBoard event files")
     progress: bool = _field(True, "show the tqdm progress bar")
     # --- machine
-    seed: int = _field(0, "seed of model init, data order and sampling")
+    # below 2**31: numpy seeds the processes with seed + 1000 * rank, below 2**32
+    seed: int = _field(0, "seed of model init, data order and sampling", low=0, high=2**31 - 1)
     device: str = _field("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str = _field(
         "auto",
@@ -167,6 +183,7 @@ class TrainConfig:
         1,
         "torch CPU threads (0: torch's default); 1 is fastest for the tiny model and robust "
         "on a shared machine (2 busy-waiting threads on 2 busy cores crawl)",
+        low=0,
     )
     quick: bool = _field(False, "a tiny run of a few seconds (tests, smoke checks)")
     compile: bool = _field(
@@ -179,6 +196,7 @@ class TrainConfig:
         3,
         "stop (after checkpointing the last good state) when this many steps in a row "
         "had a non-finite loss or gradient; such a step never updates the weights",
+        low=1,
     )
     skip_bad_rows: bool = _field(
         False,
@@ -258,51 +276,9 @@ class TrainConfig:
         return values
 
 
-# Allowed values of every numeric field: (lowest, highest or None); ints for integer fields.
+# Allowed values of every numeric field, from its declaration: (lowest, highest or None); ints for integer fields.
 NUMERIC_RANGES: Dict[str, Tuple[Any, Any]] = {
-    **{
-        name: (0, None)
-        for name in (
-            "train_examples",
-            "eval_examples",
-            "sft_steps",
-            "extra_sft_steps",
-            "max_steps",
-            "warmup_steps",
-            "micro_batch_rows",
-            "keep_checkpoints",
-            "threads",
-            "diagnostics_every",
-        )
-    },
-    **{
-        name: (1, None)
-        for name in (
-            "image_size",
-            "patch_size",
-            "vision_dim",
-            "vision_depth",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "mlp_ratio",
-            "vocab_size",
-            "sft_batch_size",
-            "prompts_per_step",
-            "rollouts_per_prompt",
-            "max_new_tokens",
-            "ppo_epochs",
-            "mini_batches",
-            "eval_every",
-            "eval_batch_size",
-            "eval_samples",
-            "save_every",
-            "max_bad_steps",
-        )
-    },
-    "seed": (0, 2**31 - 1),  # numpy seeds the processes with seed + 1000 * rank, below 2**32
-    **{name: (0.0, None) for name in ("sft_lr", "lr", "weight_decay", "grad_clip")},
-    **{name: (0.0, 1.0) for name in ("mix_ratio", "pass_ratio_low", "pass_ratio_high")},
+    f.name: (f.metadata["low"], f.metadata["high"]) for f in dataclasses.fields(TrainConfig) if "low" in f.metadata
 }
 
 POSITIVE = ("sft_lr", "lr")  # fields whose lowest value is excluded

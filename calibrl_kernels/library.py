@@ -637,14 +637,9 @@ def group_advantages(impl: str):
 
 def backend_ops(impl: str, names) -> dict:
     """The ``OPS`` table of backend ``impl`` for the op ``names`` it implements (the ``_dispatch`` contract)."""
-    makers = dict(
-        token_logprobs=token_logprobs,
-        fused_calibrl_loss=fused_calibrl_loss,
-        linear_token_logprobs=linear_token_logprobs,
-        fused_linear_calibrl_loss=fused_linear_calibrl_loss,
-        group_advantages=group_advantages,
-    )
-    return {name: makers[name](impl) for name in names}
+    makers = (token_logprobs, fused_calibrl_loss, linear_token_logprobs, fused_linear_calibrl_loss, group_advantages)
+    by_name = {maker.__name__: maker for maker in makers}  # each maker is named after its op
+    return {name: by_name[name](impl) for name in names}
 
 
 def registered_ops() -> List[str]:

@@ -44,19 +44,40 @@ def char_tokenizer():
     return fast
 
 
+# The width of the language model of every tiny model; a vision tower's merger projects its patches to it.
+TEXT_WIDTH = 32
+
+
 def tiny_text_config(vocab_size: int, **overrides) -> dict:
-    """The settings of the language model of every tiny model of the tests (one layer of width 32, two attention
-    heads sharing one key/value head), with ``overrides``."""
+    """The settings of the language model of every tiny model of the tests (one layer of width TEXT_WIDTH, two
+    attention heads sharing one key/value head), with ``overrides``."""
     settings = dict(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=2 * TEXT_WIDTH,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
         tie_word_embeddings=False,
     )
     return {**settings, **overrides}
+
+
+def tokenizer_text_config(tokenizer, **overrides) -> dict:
+    """``tiny_text_config`` for ``tokenizer``: its vocabulary size and its eos / pad token ids."""
+    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return tiny_text_config(len(tokenizer), **ids, **overrides)
+
+
+def tiny_vl_config(config_class, tokenizer, vision_config: dict, tie_word_embeddings: bool = False, **text_overrides):
+    """A ``config_class`` (Qwen2-VL or Qwen2.5-VL) for ``tokenizer``: the tiny language model with
+    ``text_overrides``, the ``vision_config`` tower and the tokenizer's vision token ids."""
+    return config_class(
+        text_config=tokenizer_text_config(tokenizer, tie_word_embeddings=tie_word_embeddings, **text_overrides),
+        vision_config=vision_config,
+        **vision_token_ids(tokenizer),
+        tie_word_embeddings=tie_word_embeddings,
+    )
 
 
 def vision_token_ids(tokenizer) -> dict:
@@ -82,34 +103,25 @@ def tiny_causal_lm(vocab_size: int, seed: int = 0):
 
 
 def tiny_qwen2_vl(tokenizer, seed: int = 0):
-    """A Qwen2-VL-architecture model (vision 1 layer x 32, text 1 layer x 32) and its processor."""
+    """A Qwen2-VL-architecture model (vision 1 layer x 32, text 1 layer x TEXT_WIDTH) and its processor."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
-    vocab = len(tokenizer)
-    config = Qwen2VLConfig(
-        text_config=tiny_text_config(
-            vocab,
-            max_position_embeddings=512,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=1,
-            embed_dim=32,
-            hidden_size=32,
-            num_heads=2,
-            mlp_ratio=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-        ),
-        **vision_token_ids(tokenizer),
-        tie_word_embeddings=False,
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=TEXT_WIDTH,  # the merger's output
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    mrope = {"type": "mrope", "mrope_section": [2, 3, 3]}
+    config = tiny_vl_config(
+        Qwen2VLConfig, tokenizer, vision, max_position_embeddings=512, rope_scaling=mrope, bos_token_id=None
     )
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

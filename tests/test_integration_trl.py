@@ -49,8 +49,9 @@ def text_dataset(expert=None, n=4):
     return Dataset.from_dict(columns)
 
 
-def make_args(tmp_path, **overrides):
-    kwargs = dict(
+def run_settings(tmp_path, **overrides) -> dict:
+    """The training arguments of every test run (CPU, fp32, 2 steps, no reports or checkpoints), with ``overrides``."""
+    settings = dict(
         output_dir=str(tmp_path),
         use_cpu=True,
         bf16=False,
@@ -65,8 +66,11 @@ def make_args(tmp_path, **overrides):
         seed=0,
         disable_tqdm=True,
     )
-    kwargs.update(overrides)
-    return CalibRLGRPOConfig(**kwargs)
+    return {**settings, **overrides}
+
+
+def make_args(tmp_path, **overrides):
+    return CalibRLGRPOConfig(**run_settings(tmp_path, **overrides))
 
 
 def make_text_trainer(tmp_path, dataset=None, **overrides):
@@ -468,19 +472,13 @@ def trl_trainer_pair(tmp_path, algo, loss_type, monkeypatch):
     from trl import GRPOConfig, GRPOTrainer
 
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
-    common = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
+    common = run_settings(
+        tmp_path,
         per_device_train_batch_size=8,
         num_generations=4,
         steps_per_generation=2,
         gradient_accumulation_steps=2,
         num_iterations=2,  # TRL then computes old log-probs at generation (used by the off-policy half)
-        max_completion_length=6,
         mask_truncated_completions=True,
         loss_type=loss_type,
         scale_rewards="group",

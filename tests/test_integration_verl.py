@@ -90,34 +90,13 @@ def test_registered_loss_equals_reference(name, agg):
     config = actor_config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, loss_scale_factor=scale)
     mode = cverl.POLICY_LOSSES[name]
     token_adv = b["stats"].advantages[:, None] * b["mask"]  # verl hands token-level advantages
+    fields = dict(expert_logp=b["baseline"], passed=b["stats"].passed, is_expert=IS_EXPERT, entropy=b["entropy"])
     lp_verl = b["logp"].clone().requires_grad_(True)
-    loss, metrics = verl_policy_loss(
-        name,
-        b,
-        lp_verl,
-        token_adv,
-        agg,
-        config,
-        expert_logp=b["baseline"],
-        passed=b["stats"].passed,
-        is_expert=IS_EXPERT,
-        expert_mask=b["expert_mask"],
-        entropy=b["entropy"],
-    )
+    loss, metrics = verl_policy_loss(name, b, lp_verl, token_adv, agg, config, expert_mask=b["expert_mask"], **fields)
     loss.backward()
     cfg = ck.CalibRLConfig(mode=mode, clip_low=0.2, clip_high=0.28, loss_agg_mode=agg, loss_scale_factor=scale)
     lp_ref = b["logp"].clone().requires_grad_(True)
-    expected = reference.calibrl_loss(
-        lp_ref,
-        b["old"],
-        token_adv,
-        b["mask"],
-        expert_logp=b["baseline"],
-        passed=b["stats"].passed,
-        is_expert=IS_EXPERT,
-        entropy=b["entropy"],
-        config=cfg,
-    )
+    expected = reference.calibrl_loss(lp_ref, b["old"], token_adv, b["mask"], config=cfg, **fields)
     expected.loss.backward()
     torch.testing.assert_close(loss, expected.loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lp_verl.grad, lp_ref.grad, rtol=1e-12, atol=1e-12)

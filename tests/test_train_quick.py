@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("easy_vqa", reason="the trainer tests use easy-vqa's data (pip install easy-vqa)")
 
-from _tiny_models import tiny_text_config, vision_token_ids  # noqa: E402
+from _tiny_models import TEXT_WIDTH, tiny_vl_config, tokenizer_text_config  # noqa: E402
 from _train_helpers import all_finite, comparable, metrics, quick_run, rl_records, saved_config  # noqa: E402
 
 from calibrl import checkpoint  # noqa: E402
@@ -167,29 +167,21 @@ def test_model_path_loads_a_qwen2_5_vl_checkpoint(tmp_path, reference_run):
 
     source = reference_run / "final_model"
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    config = Qwen2_5_VLConfig(
-        text_config=tiny_text_config(
-            len(tokenizer),
-            num_attention_heads=1,
-            tie_word_embeddings=True,
-            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=1,
-            out_hidden_size=32,
-            patch_size=8,
-            temporal_patch_size=1,
-            spatial_merge_size=2,
-            window_size=32,
-            fullatt_block_indexes=[1],
-        ),
-        **vision_token_ids(tokenizer),
-        tie_word_embeddings=True,
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=1,
+        out_hidden_size=TEXT_WIDTH,  # the merger's output
+        patch_size=8,
+        temporal_patch_size=1,
+        spatial_merge_size=2,
+        window_size=32,
+        fullatt_block_indexes=[1],
+    )
+    mrope = {"type": "mrope", "mrope_section": [4, 6, 6]}
+    config = tiny_vl_config(
+        Qwen2_5_VLConfig, tokenizer, vision, tie_word_embeddings=True, num_attention_heads=1, rope_scaling=mrope
     )
     torch.manual_seed(0)
     Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp_path / "vl25")
@@ -217,14 +209,7 @@ def test_model_path_loads_a_text_only_causal_lm(tmp_path, reference_run):
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(reference_run / "tokenizer"))
-    config = Qwen2Config(
-        **tiny_text_config(
-            len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=True,
-        )
-    )
+    config = Qwen2Config(**tokenizer_text_config(tokenizer, tie_word_embeddings=True))
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")

@@ -83,14 +83,13 @@ V2_FLAGS = (
 )
 # v2's regime, chosen from the probe recorded in docs/study/v2_probe.md (GRPO's behaviour only for the lr):
 # a 60-step primer crosses the guide's bend on about 40% of guided tokens; lr 5e-4 (10 warm-up steps, then
-# constant) took GRPO's per-response entropy to 24% of its first 10 steps' value within 100 steps
-FULL_V2 = Budget(
-    warm_start_steps=300,
+# constant) took GRPO's per-response entropy to 24% of its first 10 steps' value within 100 steps. The warm
+# start, the sft+grpo stage and the response length are v1's.
+FULL_V2 = dataclasses.replace(
+    FULL,
     rl_steps=100,
-    extra_sft_steps=100,
     eval_every=20,
     eval_examples=96,
-    max_new_tokens=20,
     version="v2",
     primer_steps=60,
     train_flags=V2_FLAGS,

@@ -167,6 +167,16 @@ void check_target_values(const at::Tensor& targets, int64_t ignore_index, int64_
 
 at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The checks of every entry point: its logits, targets (their values too) and row table; the logits' layout.
+RowLayout check_row_inputs(const at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
+                           const at::Tensor& rows) {
+  const RowLayout layout = check_logits(logits, "logits");
+  check_targets(targets, layout.rows);
+  check_target_values(targets, ignore_index, layout.vocab);
+  check_table(rows, "rows", layout.rows, row::kCount, accumulation_type(logits.scalar_type()));
+  return layout;
+}
+
 double param(const std::map<std::string, double>& values, const std::string& key) {
   const auto it = values.find(key);
   TORCH_CHECK(it != values.end(), "loss parameters: missing ", key);
@@ -188,18 +198,15 @@ LossParams parse_params(const std::string& mode, const std::string& activation,
   p.activation = activations.at(activation);
   p.keeps_expert_rows = p.mode == Mode::kLuffy || p.mode == Mode::kRlplus;
   p.uses_guide = p.mode == Mode::kCalibrl && p.activation != Activation::kNone;
-  p.clip_low = param(values, "clip_low");
-  p.clip_high = param(values, "clip_high");
-  p.dual_clip_c = param(values, "dual_clip_c");
-  p.guide_coef = param(values, "guide_coef");
-  p.negative_slope = param(values, "negative_slope");
-  p.huber_delta = param(values, "huber_delta");
-  p.entropy_coef = param(values, "entropy_coef");
-  p.log_ratio_clamp = param(values, "log_ratio_clamp");
-  p.luffy_gamma = param(values, "luffy_gamma");
-  p.rlplus_old_weight = param(values, "rlplus_old_weight");
-  p.rlplus_mix = param(values, "rlplus_mix");
-  p.rlplus_focal_power = param(values, "rlplus_focal_power");
+  // config.KERNEL_SCALARS and KERNEL_CONSTANTS, by the names the Python side hands them over with
+  static const std::pair<const char*, double LossParams::*> scalars[] = {
+      {"clip_low", &LossParams::clip_low},             {"clip_high", &LossParams::clip_high},
+      {"dual_clip_c", &LossParams::dual_clip_c},       {"guide_coef", &LossParams::guide_coef},
+      {"negative_slope", &LossParams::negative_slope}, {"huber_delta", &LossParams::huber_delta},
+      {"entropy_coef", &LossParams::entropy_coef},     {"log_ratio_clamp", &LossParams::log_ratio_clamp},
+      {"luffy_gamma", &LossParams::luffy_gamma},       {"rlplus_old_weight", &LossParams::rlplus_old_weight},
+      {"rlplus_mix", &LossParams::rlplus_mix},         {"rlplus_focal_power", &LossParams::rlplus_focal_power}};
+  for (const auto& [key, member] : scalars) p.*member = param(values, key);
   return p;
 }
 
@@ -212,11 +219,8 @@ void row_stats(const at::Tensor& logits,   // raw logits, one token per row
                double inv_temperature,     // 1 / T
                int64_t ignore_index,       // target value of ignored tokens
                at::Tensor rows) {          // (n, row::kCount) row table (float; double for double logits)
-  const RowLayout layout = check_logits(logits, "logits");
+  const RowLayout layout = check_row_inputs(logits, targets, ignore_index, rows);
   const int64_t n = layout.rows;
-  check_targets(targets, n);
-  check_target_values(targets, ignore_index, layout.vocab);
-  check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = logits.const_data_ptr<scalar_t>();
@@ -236,15 +240,12 @@ void row_gradient(const at::Tensor& logits,  // raw logits, one token per row
                   double inv_temperature,    // 1 / T
                   int64_t ignore_index,      // target value of ignored tokens
                   at::Tensor out) {          // the gradient, shape and dtype of logits (may be logits itself)
-  const RowLayout layout = check_logits(logits, "logits");
+  const RowLayout layout = check_row_inputs(logits, targets, ignore_index, rows);
   const RowLayout out_layout = check_logits(out, "out");
   const int64_t n = layout.rows;
   TORCH_CHECK(out.sizes() == logits.sizes() && out.scalar_type() == logits.scalar_type(),
               "out: expected the shape and dtype of logits ", logits.sizes(), " ", logits.scalar_type(), ", got ",
               out.sizes(), " ", out.scalar_type());
-  check_targets(targets, n);
-  check_target_values(targets, ignore_index, layout.vocab);
-  check_table(rows, "rows", n, row::kCount, accumulation_type(logits.scalar_type()));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_gradient", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = logits.const_data_ptr<scalar_t>();
@@ -269,13 +270,9 @@ void row_loss(at::Tensor logits,                            // raw logits; dL/dl
               double inv_temperature,                       // 1 / T
               int64_t ignore_index,                         // target value of ignored tokens
               bool form_gradient) {                         // also write the gradient over the logits
-  const RowLayout layout = check_logits(logits, "logits");
+  const RowLayout layout = check_row_inputs(logits, targets, ignore_index, rows);
   const int64_t n = layout.rows;
-  check_targets(targets, n);
-  check_target_values(targets, ignore_index, layout.vocab);
-  const at::ScalarType acc = accumulation_type(logits.scalar_type());
-  check_table(rows, "rows", n, row::kCount, acc);
-  check_table(tokens, "tokens", n, token::kCount, acc);
+  check_table(tokens, "tokens", n, token::kCount, accumulation_type(logits.scalar_type()));
   const LossParams params = parse_params(mode, activation, values);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "calibrl_row_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
