@@ -1,9 +1,5 @@
-"""group_advantages: per-group reward statistics (forward only; no gradient).
-
-python -m bench.bench_group_advantages --suite cpu
-"""
-
-import sys
+"""group_advantages: per-group reward statistics (forward only; no gradient):
+``python -m bench.bench_group_advantages --suite cpu``."""
 
 import torch
 
@@ -14,12 +10,9 @@ from .runner import Op, Sweep, main
 
 
 def build(dims, dtype, device):
-    row = torch.arange(dims["B"], device=device)
-    return {
-        "scores": torch.rand(dims["B"], device=device),  # (B,)
-        "group_ids": (row // dims["G"]) * 7919 + 3,  # (B,) arbitrary int64 ids
-        "is_expert": row % dims["G"] == 0,
-    }  # (B,)
+    row = torch.arange(dims["B"], device=device)  # (B,)
+    ids = (row // dims["G"]) * 7919 + 3  # arbitrary int64 ids
+    return {"scores": torch.rand(dims["B"], device=device), "group_ids": ids, "is_expert": row % dims["G"] == 0}
 
 
 OP = Op(
@@ -41,4 +34,4 @@ OP = Op(
 )
 
 if __name__ == "__main__":
-    sys.exit(main(only="group_advantages"))
+    raise SystemExit(main(only="group_advantages"))

@@ -1,9 +1,5 @@
-"""token_logprobs: log p(target) and the entropy of (N, V) logits, summed to a scalar.
-
-python -m bench.bench_token_logprobs --suite cpu
-"""
-
-import sys
+"""token_logprobs: log p(target) and the entropy of (N, V) logits, summed to a scalar:
+``python -m bench.bench_token_logprobs --suite cpu``."""
 
 import torch
 
@@ -44,4 +40,4 @@ for _sweep in OP.sweeps["gpu-targets"]:
     _sweep.compiled = False
 
 if __name__ == "__main__":
-    sys.exit(main(only="token_logprobs"))
+    raise SystemExit(main(only="token_logprobs"))
