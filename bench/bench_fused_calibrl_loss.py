@@ -34,7 +34,7 @@ def liger(x, device):
     return (lambda: triton_grpo_loss(*args, **options)[0]), [extended]
 
 
-def logits_op(name, build, calibrl, eager, liger):
+def logits_op(name, build, calibrl, eager, liger, compiled_targets=True):
     """The roofline, memory floor and sizes shared by the ops on (N, V) logits."""
     return Op(
         name=name,
@@ -52,7 +52,7 @@ def logits_op(name, build, calibrl, eager, liger):
                 Sweep("N", (2048,), {"V": 32000}, timing=Timing(1, 5, 15, 2.0)),
                 Sweep("N", (512, 1024), {"V": 32000}, compiled=False),
             ],
-            "gpu-targets": [Sweep("N", (16384,), {"V": 151936}, dtype="bfloat16")],
+            "gpu-targets": [Sweep("N", (16384,), {"V": 151936}, dtype="bfloat16", compiled=compiled_targets)],
             "gpu-sweeps": [Sweep("N", (2048, 4096, 8192), {"V": 151936}, dtype="bfloat16", compiled=False)],
         },
     )

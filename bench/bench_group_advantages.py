@@ -18,18 +18,15 @@ def build(dims, dtype, device):
 OP = Op(
     name="group_advantages",
     build=build,
-    differentiable=False,
+    differentiable=False,  # forward mode only
     floor="copy",
     calibrl=lambda x: ck.group_advantages(x["scores"], x["group_ids"], is_expert=x["is_expert"]).advantages,
     eager=lambda x: reference.group_advantages(x["scores"], x["group_ids"], x["is_expert"]).advantages,
     work=lambda d, size, mode: 22.0 * d["B"],  # bytes per row: scores, ids, flags read; advantages, weights written
     sweeps={
-        "tiny": [Sweep("B", (8, 64), {"G": 4}, modes=("forward",))],
-        "cpu": [
-            Sweep("B", (16384,), {"G": 8}, modes=("forward",)),
-            Sweep("B", (1024, 262144), {"G": 8}, modes=("forward",), compiled=False),
-        ],
-        "gpu-sweeps": [Sweep("B", (4096, 65536, 1048576), {"G": 8}, modes=("forward",), compiled=False)],
+        "tiny": [Sweep("B", (8, 64), {"G": 4})],
+        "cpu": [Sweep("B", (16384,), {"G": 8}), Sweep("B", (1024, 262144), {"G": 8}, compiled=False)],
+        "gpu-sweeps": [Sweep("B", (4096, 65536, 1048576), {"G": 8}, compiled=False)],
     },
 )
 

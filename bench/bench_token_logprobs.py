@@ -35,9 +35,7 @@ def liger(x, device):
     return (lambda: -loss_fn(logits, x["targets"]).sum()), [logits]
 
 
-OP = logits_op("token_logprobs", build, calibrl, eager, liger)
-for _sweep in OP.sweeps["gpu-targets"]:
-    _sweep.compiled = False
+OP = logits_op("token_logprobs", build, calibrl, eager, liger, compiled_targets=False)
 
 if __name__ == "__main__":
     raise SystemExit(main(only="token_logprobs"))

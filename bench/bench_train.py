@@ -1,7 +1,5 @@
-"""Tokens/s and peak memory of one RL update step of a Qwen2-architecture model (random weights, built in code).
-
-python -m bench.bench_train --config tiny|cpu|gpu   # gpu: Qwen2-0.5B-like width and vocabulary, bf16
-"""
+"""Tokens/s and peak memory of one RL update step of a Qwen2-architecture model (random weights, built in code):
+``python -m bench.bench_train --config tiny|cpu|gpu`` (gpu: Qwen2-0.5B-like width and vocabulary, bf16)."""
 
 from __future__ import annotations
 
@@ -53,12 +51,10 @@ def build_model(config: TrainConfig, device: torch.device, max_positions: int) -
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sizes = dict(vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate)
-    layers = dict(
-        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.kv_heads
-    )
+    heads = dict(num_attention_heads=config.heads, num_key_value_heads=config.kv_heads)
     fixed = dict(max_position_embeddings=max_positions, tie_word_embeddings=False, use_cache=False)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**sizes, **layers, **fixed))
+    model = Qwen2ForCausalLM(Qwen2Config(**sizes, **heads, **fixed, num_hidden_layers=config.layers))
     return model.to(device=device, dtype=DTYPES[config.dtype]).train()
 
 
@@ -80,21 +76,18 @@ def synthetic_batch(config: TrainConfig, response: int, device: torch.device) ->
 
 
 def make_step(provider: str, config: TrainConfig, response: int, device: torch.device):
-    """One RL update step with the loss of ``provider`` on its own model (same initial weights), AdamW and batch;
-    returns the loss."""
+    """One RL update step (returning the loss) of ``provider`` with its own model (same weights), AdamW and batch."""
     model = build_model(config, device, config.prompt + response)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = synthetic_batch(config, response, device)
 
     def step() -> torch.Tensor:
-        ids, experts = batch["group_ids"], batch["is_expert"]
+        ids, experts, old_logp, mask = (batch[key] for key in ("group_ids", "is_expert", "old_logp", "mask"))
         stats = algorithms.group_statistics(batch["scores"], ids, experts, LOSS_CONFIG)
-        expert_logp, expert_mask = algorithms.expert_baseline(
-            batch["old_logp"], batch["mask"], ids, experts, LOSS_CONFIG
-        )
+        expert_logp, expert_mask = algorithms.expert_baseline(old_logp, mask, ids, experts, LOSS_CONFIG)
         states = model.model(input_ids=batch["input_ids"]).last_hidden_state  # (B, P + T, D)
         hidden = states[:, config.prompt - 1 : -1]  # (B, T, D): the states that predict the response tokens
-        fields = dict(old_logp=batch["old_logp"], advantages=stats.advantages, mask=batch["mask"], passed=stats.passed)
+        fields = dict(old_logp=old_logp, advantages=stats.advantages, mask=mask, passed=stats.passed)
         inputs = LossInputs(**fields, expert_logp=expert_logp, is_expert=experts, expert_mask=expert_mask)
         targets = batch["targets"]  # (B, T)
         if provider == "calibrl":

@@ -29,13 +29,11 @@ RESERVE=10       # seconds kept for the last publish
 KILL_AFTER=5     # a step ignoring SIGTERM at its limit is killed this much later (counted in its limit)
 MIN_SWEEPS=30    # the sweeps run only with this much time left
 STEP_NAMES=(environment kernels tests train trainer report sweeps)
-declare -A LIMIT=(
-    [environment]="${ENV_TIMEOUT:-20}" [kernels]="${KERNEL_TIMEOUT:-140}" [tests]="${TEST_TIMEOUT:-110}"
-    [train]="${TRAIN_TIMEOUT:-35}" [trainer]="${TRAINER_TIMEOUT:-30}" [report]="${REPORT_TIMEOUT:-15}" [sweeps]=rest
-)
+declare -A LIMIT=([environment]="${ENV_TIMEOUT:-20}" [kernels]="${KERNEL_TIMEOUT:-140}"
+    [tests]="${TEST_TIMEOUT:-110}" [train]="${TRAIN_TIMEOUT:-35}" [trainer]="${TRAINER_TIMEOUT:-30}"
+    [report]="${REPORT_TIMEOUT:-15}" [sweeps]=rest)
 # The Triton test files: every kernel against its reference, natively compiled on CUDA.
-GPU_TESTS=(tests/kernels/test_logprobs.py tests/kernels/test_loss.py tests/kernels/test_linear.py
-           tests/kernels/test_group_stats.py tests/kernels/test_triton_launch.py
+GPU_TESTS=(tests/kernels/test_{logprobs,loss,linear,group_stats,triton_launch}.py
            tests/kernels/test_compile.py::test_triton_operators_compile_natively_on_cuda)
 # What is published to $OUT, in this order, up to the file-count cap.
 PUBLISHED=(gpu_check.log steps.log kernels.csv train.csv pytest.xml tables.md results.tar.gz)
@@ -71,9 +69,8 @@ else
     RESULTS="${RESULTS:-$("$PYTHON" -c 'import torch, bench.harness as h; print(h.results_folder(None, torch.device("cuda")))' 2>/dev/null)}"
     [ -n "$RESULTS" ] || { echo "gpu_check: no CUDA device visible to $PYTHON; use --dry-run off a GPU" >&2; exit 2; }
 fi
-mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log" STEPS_LOG="$RESULTS/steps.log" FAILED=() DEADLINE=$((SECONDS + BUDGET - RESERVE))
-: >"$LOG" && : >"$STEPS_LOG"
+mkdir -p "$RESULTS" && : >"$LOG" && : >"$STEPS_LOG"
 
 log() { echo "[gpu_check $(date -u +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
 

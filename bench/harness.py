@@ -22,8 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 CSV_COLUMNS = tuple("kernel provider mode metric unit x_name x p20 p50 p80 device timestamp version".split())
-MODES = ("forward", "full")
-METRICS = ("speed", "memory")
+MODES, METRICS = ("forward", "full"), ("speed", "memory")
 MIB = float(2**20)
 RESULTS = Path(__file__).resolve().parent / "results"
 CUDA_WARMUP_MS, CUDA_REP_MS = 25, 100  # do_bench's budget per provider and round
@@ -166,10 +165,8 @@ def available_bytes(device: torch.device) -> float:
 
 
 def measure(calls: Dict[str, Callable], device: torch.device, timing: Timing, contexts=None) -> Dict[str, Outcome]:
-    """Warm up and take the peak memory of every call, then time them interleaved, one call of each per round.
-
-    ``contexts`` maps a name to a context-manager factory entered around each of its calls (a forced
-    backend). A call that raises is recorded as failed with the reason, and the others go on."""
+    """Warm up and take the peak memory of every call, then time them interleaved, one call of each per round, each
+    inside its ``contexts`` factory if any (a forced backend); a call that raises is recorded as failed."""
     outcomes: Dict[str, Outcome] = {}
     live = dict(calls)
 

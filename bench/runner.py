@@ -94,7 +94,7 @@ SUITES: Dict[str, Suite] = {
 def forced_impl(impl: Optional[str]):
     """CALIBRL_IMPL set to ``impl`` (unset for None: the default backend) inside the block."""
     previous = os.environ.pop("CALIBRL_IMPL", None)
-    os.environ.update({"CALIBRL_IMPL": impl} if impl else {})
+    os.environ.update({"CALIBRL_IMPL": impl} if impl is not None else {})
     try:
         yield
     finally:
@@ -168,10 +168,8 @@ def providers(op: Op, inputs, device: torch.device, impls: Sequence[str] = (), c
         contexts[name] = lambda impl=impl: forced_impl(impl)
     forwards[EAGER] = (lambda: op.eager(inputs), grads)
     if compiled:
-        compiled_eager = torch.compile(op.eager, dynamic=False)
-        forwards[COMPILED] = (lambda: compiled_eager(inputs), grads)
-        compiled_ours = torch.compile(op.calibrl, dynamic=False, fullgraph=True)
-        forwards[COMPILED_CALIBRL] = (lambda: compiled_ours(inputs), grads)
+        eager, ours = torch.compile(op.eager, dynamic=False), torch.compile(op.calibrl, dynamic=False, fullgraph=True)
+        forwards.update({COMPILED: (lambda: eager(inputs), grads), COMPILED_CALIBRL: (lambda: ours(inputs), grads)})
     try:
         if op.liger is None:
             raise Unavailable("Liger-Kernel has no counterpart of this op")

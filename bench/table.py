@@ -1,7 +1,5 @@
-"""Markdown tables and PNG plots of benchmark CSVs (the latest run of each point).
-
-python -m bench.table bench/results/cpu-2core/ [--out tables.md] [--plots]
-"""
+"""Markdown tables and PNG plots of benchmark CSVs (the latest run of each point):
+``python -m bench.table bench/results/cpu-2core/ [--out tables.md] [--plots]``."""
 
 from __future__ import annotations
 
@@ -20,8 +18,7 @@ def _fmt(value: float) -> str:
 
 
 def render(source) -> str:
-    """Per kernel, sizes and mode: each provider's p50, its time over the roofline's and calibrl's (the train step:
-    tokens/s over eager's) and its peak memory."""
+    """Per kernel, sizes and mode: each provider's p50, over the roofline's and calibrl's (train: eager's), peak."""
     rows = read_rows(source)
     cells = defaultdict(dict)  # (kernel, x_name, mode, x) -> {(provider, metric): p50}
     for row in rows:
@@ -48,9 +45,8 @@ def render(source) -> str:
 
 def _draw(axis, rows: List[dict]) -> bool:
     by_provider = defaultdict(list)
-    for row in sorted(rows, key=lambda r: r["x"]):
-        if not math.isnan(row["p50"]):
-            by_provider[row["provider"]].append(row)
+    for row in sorted((r for r in rows if not math.isnan(r["p50"])), key=lambda r: r["x"]):
+        by_provider[row["provider"]].append(row)
     for provider in sorted(by_provider, key=lambda name: (name == "roofline", name)):
         points = by_provider[provider]
         xs, p50 = [r["x"] for r in points], [r["p50"] for r in points]
@@ -71,8 +67,7 @@ def _draw(axis, rows: List[dict]) -> bool:
 
 
 def plot(source, out_dir=None) -> List[Path]:
-    """One PNG per (device, kernel, sweep) of the CSV(s) at ``source`` (beside them by default): a row per metric, a
-    column per mode, a line per provider (p50, p20-p80 band), the roofline dashed; returns the paths."""
+    """One PNG per (device, kernel, sweep) of the CSV(s) at ``source`` (beside them by default); returns the paths."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
     source = Path(source)
@@ -106,9 +101,8 @@ def plot(source, out_dir=None) -> List[Path]:
 
 def report(source, plots: bool, out=None) -> str:
     """The PNGs beside the CSV(s) at ``source`` (with ``plots``) and the markdown, also written to ``out``."""
-    if plots:
-        for path in plot(source):
-            print(f"plot: {path}")
+    for path in plot(source) if plots else ():
+        print(f"plot: {path}")
     text = render(source)
     if out:
         Path(out).write_text(text)
