@@ -1,17 +1,14 @@
-"""fused_linear_calibrl_loss: lm_head GEMM + log-probs + entropy + CalibRL loss without (N, V) logits.
-
-python -m bench.bench_fused_linear_calibrl_loss --suite cpu
-"""
+"""fused_linear_calibrl_loss: lm_head GEMM + log-probs + entropy + CalibRL loss without (N, V) logits:
+``python -m bench.bench_fused_linear_calibrl_loss --suite cpu``."""
 
 import math
-import sys
 
 import torch
 
 import calibrl_kernels as ck
 
 from .harness import Timing
-from .runner import LOSS_CONFIG, Op, Sweep, eager_calibrl_loss, loss_kwargs, main, rl_batch
+from .runner import LOSS_CONFIG, Op, Sweep, eager_calibrl_loss, main, rl_batch, rl_loss
 
 
 def build(dims, dtype, device):
@@ -24,16 +21,7 @@ def build(dims, dtype, device):
 
 
 def calibrl(x):
-    return ck.fused_linear_calibrl_loss(
-        x["hidden"],
-        x["weight"],
-        x["targets"],
-        x["old_logp"],
-        x["advantages"],
-        x["mask"],
-        config=LOSS_CONFIG,
-        **loss_kwargs(x),
-    ).loss
+    return rl_loss(ck.fused_linear_calibrl_loss, x, x["hidden"], x["weight"], x["targets"])
 
 
 def eager(x):
@@ -44,20 +32,11 @@ def liger(x, device):
     """LigerFusedLinearGRPOLoss (DAPO, beta 0): the PPO term only, without dual clip, guide or entropy."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    loss_fn = LigerFusedLinearGRPOLoss(
-        beta=0.0,
-        compiled=device.type == "cuda",
-        use_ref_model=False,
-        loss_type="dapo",
-        epsilon_low=LOSS_CONFIG.clip_low,
-        epsilon_high=LOSS_CONFIG.clip_high,
-        temperature=1.0,
-    )
-    return (
-        lambda: loss_fn(
-            x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"], old_per_token_logps=x["old_logp"]
-        )[0]
-    ), [x["hidden"], x["weight"]]
+    clip = dict(epsilon_low=LOSS_CONFIG.clip_low, epsilon_high=LOSS_CONFIG.clip_high)
+    options = dict(beta=0.0, use_ref_model=False, loss_type="dapo", temperature=1.0, **clip)
+    loss_fn = LigerFusedLinearGRPOLoss(compiled=device.type == "cuda", **options)
+    args = (x["hidden"], x["weight"], x["targets"], x["mask"], x["advantages"])
+    return (lambda: loss_fn(*args, old_per_token_logps=x["old_logp"])[0]), [x["hidden"], x["weight"]]
 
 
 _QWEN_HEAD = {"D": 896, "V": 151936}
@@ -69,8 +48,8 @@ OP = Op(
     build=build,
     calibrl=calibrl,
     eager=eager,
-    liger=liger,
     floor="gemm",
+    liger=liger,
     work=lambda d, size, mode: (2 if mode == "forward" else 6) * d["N"] * d["D"] * d["V"],
     grad_bytes=lambda d, size: (d["N"] + d["V"]) * d["D"] * size,
     eager_bytes=lambda d, mode: d["N"] * d["V"] * 4.0 * (4 if mode == "forward" else 6),
@@ -101,4 +80,4 @@ OP = Op(
 )
 
 if __name__ == "__main__":
-    sys.exit(main(only="fused_linear_calibrl_loss"))
+    raise SystemExit(main(only="fused_linear_calibrl_loss"))

@@ -1,9 +1,5 @@
-"""token_logprobs: log p(target) and the entropy of (N, V) logits, summed to a scalar.
-
-python -m bench.bench_token_logprobs --suite cpu
-"""
-
-import sys
+"""token_logprobs: log p(target) and the entropy of (N, V) logits, summed to a scalar:
+``python -m bench.bench_token_logprobs --suite cpu``."""
 
 import torch
 
@@ -39,9 +35,7 @@ def liger(x, device):
     return (lambda: -loss_fn(logits, x["targets"]).sum()), [logits]
 
 
-OP = logits_op("token_logprobs", build, calibrl, eager, liger)
-for _sweep in OP.sweeps["gpu-targets"]:
-    _sweep.compiled = False
+OP = logits_op("token_logprobs", build, calibrl, eager, liger, compiled_targets=False)
 
 if __name__ == "__main__":
-    sys.exit(main(only="token_logprobs"))
+    raise SystemExit(main(only="token_logprobs"))

@@ -1,16 +1,10 @@
-"""Tokens/s and peak memory of one RL update step of a Qwen2-architecture model (random weights, built in code).
-
-    python -m bench.bench_train --config cpu          # small Qwen2 model on a CPU
-    python -m bench.bench_train --config gpu          # Qwen2-0.5B-like width and vocabulary, bf16
-
-Providers calibrl (fused lm_head loss), calibrl-logits (fused loss on logits), eager: docs/benchmarks.md.
-"""
+"""Tokens/s and peak memory of one RL update step of a Qwen2-architecture model (random weights, built in code):
+``python -m bench.bench_train --config tiny|cpu|gpu`` (gpu: Qwen2-0.5B-like width and vocabulary, bf16)."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -56,20 +50,11 @@ CONFIGS: Dict[str, TrainConfig] = {
 def build_model(config: TrainConfig, device: torch.device, max_positions: int) -> torch.nn.Module:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    sizes = dict(vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate)
+    heads = dict(num_attention_heads=config.heads, num_key_value_heads=config.kv_heads)
+    fixed = dict(max_position_embeddings=max_positions, tie_word_embeddings=False, use_cache=False)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=config.vocab,
-            hidden_size=config.hidden,
-            intermediate_size=config.intermediate,
-            num_hidden_layers=config.layers,
-            num_attention_heads=config.heads,
-            num_key_value_heads=config.kv_heads,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-            use_cache=False,
-        )
-    )
+    model = Qwen2ForCausalLM(Qwen2Config(**sizes, **heads, **fixed, num_hidden_layers=config.layers))
     return model.to(device=device, dtype=DTYPES[config.dtype]).train()
 
 
@@ -90,18 +75,20 @@ def synthetic_batch(config: TrainConfig, response: int, device: torch.device) ->
     return batch
 
 
-def make_step(provider: str, model, optimizer, batch: Dict[str, torch.Tensor], prompt: int):
-    """One RL update step with the loss of ``provider``; returns the loss."""
+def make_step(provider: str, config: TrainConfig, response: int, device: torch.device):
+    """One RL update step (returning the loss) of ``provider`` with its own model (same weights), AdamW and batch."""
+    model = build_model(config, device, config.prompt + response)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = synthetic_batch(config, response, device)
 
     def step() -> torch.Tensor:
-        stats = algorithms.group_statistics(batch["scores"], batch["group_ids"], batch["is_expert"], LOSS_CONFIG)
-        expert_logp, expert_mask = algorithms.expert_baseline(
-            batch["old_logp"], batch["mask"], batch["group_ids"], batch["is_expert"], LOSS_CONFIG
-        )
+        ids, experts, old_logp, mask = (batch[key] for key in ("group_ids", "is_expert", "old_logp", "mask"))
+        stats = algorithms.group_statistics(batch["scores"], ids, experts, LOSS_CONFIG)
+        expert_logp, expert_mask = algorithms.expert_baseline(old_logp, mask, ids, experts, LOSS_CONFIG)
         states = model.model(input_ids=batch["input_ids"]).last_hidden_state  # (B, P + T, D)
-        hidden = states[:, prompt - 1 : -1]  # (B, T, D): the states that predict the response tokens
-        fields = dict(old_logp=batch["old_logp"], advantages=stats.advantages, mask=batch["mask"], passed=stats.passed)
-        inputs = LossInputs(**fields, expert_logp=expert_logp, is_expert=batch["is_expert"], expert_mask=expert_mask)
+        hidden = states[:, config.prompt - 1 : -1]  # (B, T, D): the states that predict the response tokens
+        fields = dict(old_logp=old_logp, advantages=stats.advantages, mask=mask, passed=stats.passed)
+        inputs = LossInputs(**fields, expert_logp=expert_logp, is_expert=experts, expert_mask=expert_mask)
         targets = batch["targets"]  # (B, T)
         if provider == "calibrl":
             loss = algorithms.policy_loss(hidden, model.lm_head.weight, None, targets, inputs, LOSS_CONFIG).loss
@@ -126,16 +113,11 @@ def run(config_name: str, device: torch.device, out: Path, timestamp=None, provi
         for response in config.responses:
             tokens = config.rows * (config.prompt + response)
             print(f"{KERNEL}  {name}  T={response} ({tokens} tokens per step)", flush=True)
-            steps = {}
-            for provider in providers:  # each its own model (same initial weights), AdamW and batch
-                model = build_model(config, device, config.prompt + response)
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-                batch = synthetic_batch(config, response, device)
-                steps[provider] = make_step(provider, model, optimizer, batch, config.prompt)
+            steps = {provider: make_step(provider, config, response, device) for provider in providers}
             outcomes = harness.measure(steps, device, config.timing)
             for provider in providers:
                 writer.outcome(KERNEL, provider, "full", name, response, outcomes[provider], "tokens/s", tokens)
-            del steps, model, optimizer, batch
+            del steps
             harness.release(device)
     return writer.csv_path
 
@@ -153,4 +135,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -2,9 +2,4 @@
 
 
 def pytest_addoption(parser):
-    parser.addoption(
-        "--bench-sizes",
-        default="cpu",
-        choices=("tiny", "cpu"),
-        help="which sizes of python -m bench's suites bench/test_kernels_benchmark.py times",
-    )
+    parser.addoption("--bench-sizes", default="cpu", choices=("tiny", "cpu"), help="the python -m bench suite's sizes")

@@ -1,13 +1,10 @@
-"""The one timing harness of bench/: interleaved rounds, peak memory, long-format CSV and events.
-
-Method (rounds, percentiles, how peak memory is read on CUDA and CPU): docs/benchmarks.md, "What is measured".
-"""
+"""The one timing harness of bench/: interleaved rounds, peak memory, long-format CSV and events (the method:
+docs/benchmarks.md, "What is measured")."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import ctypes.util
 import dataclasses
 import datetime
@@ -25,8 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 CSV_COLUMNS = tuple("kernel provider mode metric unit x_name x p20 p50 p80 device timestamp version".split())
-MODES = ("forward", "full")
-METRICS = ("speed", "memory")
+MODES, METRICS = ("forward", "full"), ("speed", "memory")
 MIB = float(2**20)
 RESULTS = Path(__file__).resolve().parent / "results"
 CUDA_WARMUP_MS, CUDA_REP_MS = 25, 100  # do_bench's budget per provider and round
@@ -49,9 +45,7 @@ class Outcome:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: expected an available device, got {name!r} but CUDA is not available")
     return device
@@ -66,7 +60,6 @@ def device_name(device: torch.device) -> str:
 
 
 def results_folder(out: Optional[str], device: torch.device) -> Path:
-    """``out``, or bench/results/<device>/ by default."""
     return Path(out) if out else RESULTS / device_name(device)
 
 
@@ -171,12 +164,9 @@ def available_bytes(device: torch.device) -> float:
         return math.inf
 
 
-# Timing
 def measure(calls: Dict[str, Callable], device: torch.device, timing: Timing, contexts=None) -> Dict[str, Outcome]:
-    """Warm up and take the peak memory of every call, then time them interleaved, one call of each per round.
-
-    ``contexts`` maps a name to a context-manager factory entered around each of its calls (a forced
-    backend). A call that raises is recorded as failed with the reason, and the others go on."""
+    """Warm up and take the peak memory of every call, then time them interleaved, one call of each per round, each
+    inside its ``contexts`` factory if any (a forced backend); a call that raises is recorded as failed."""
     outcomes: Dict[str, Outcome] = {}
     live = dict(calls)
 
@@ -219,7 +209,6 @@ def _one_round(call: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-# CSV (long format) and events
 def x_name(axis: str, fixed: Dict[str, object]) -> str:
     """'N; D=512; V=32000; dtype=float32': the swept axis, then the fixed sizes."""
     return "; ".join([axis] + [f"{key}={value}" for key, value in fixed.items()])
@@ -260,11 +249,8 @@ class Writer:
         self.row(kernel, provider, mode, "speed", unit, name, x, speeds)
         self.row(kernel, provider, mode, "memory", "MiB", name, x, [outcome.peak_bytes / MIB] * 3)
         shown = f"p50 {speeds[1]:10.4g} {unit:8s} peak +{outcome.peak_bytes / MIB:9.1f} MiB"
-        print(
-            f"  {provider:16s} {mode:7s} "
-            + (shown if outcome.status == "ok" else f"{outcome.status}: {outcome.reason}"),
-            flush=True,
-        )
+        shown = shown if outcome.status == "ok" else f"{outcome.status}: {outcome.reason}"
+        print(f"  {provider:16s} {mode:7s} {shown}", flush=True)
 
     def event(self, **fields) -> None:
         with open(self.events_path, "a") as out:

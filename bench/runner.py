@@ -1,7 +1,5 @@
-"""Kernel benchmarks: every op of ``bench/bench_<op>.py`` at its suite's sizes, every provider side by side.
-
-Providers (calibrl, calibrl-<impl>, eager, compiled, compiled-calibrl, liger, roofline): docs/benchmarks.md.
-"""
+"""Kernel benchmarks: every op of ``bench/bench_<op>.py`` at its suite's sizes, every provider side by side
+(providers: docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -22,8 +20,8 @@ from calibrl_kernels import reference
 from . import harness
 from .harness import Timing
 
-CALIBRL, EAGER, COMPILED, LIGER, ROOFLINE = "calibrl", "eager", "compiled", "liger", "roofline"
-COMPILED_CALIBRL = "compiled-calibrl"
+CALIBRL, EAGER, COMPILED, COMPILED_CALIBRL, LIGER = "calibrl", "eager", "compiled", "compiled-calibrl", "liger"
+ROOFLINE = "roofline"
 LOSS_CONFIG = ck.CalibRLConfig()  # CalibRL defaults: PPO dual clip + leaky-ReLU guide against the expert
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DIM_ORDER = "NBDVG"  # the order of sizes in x_name
@@ -96,17 +94,14 @@ SUITES: Dict[str, Suite] = {
 def forced_impl(impl: Optional[str]):
     """CALIBRL_IMPL set to ``impl`` (unset for None: the default backend) inside the block."""
     previous = os.environ.pop("CALIBRL_IMPL", None)
-    if impl is not None:
-        os.environ["CALIBRL_IMPL"] = impl
+    os.environ.update({"CALIBRL_IMPL": impl} if impl is not None else {})
     try:
         yield
     finally:
         os.environ.pop("CALIBRL_IMPL", None)
-        if previous is not None:
-            os.environ["CALIBRL_IMPL"] = previous
+        os.environ.update({"CALIBRL_IMPL": previous} if previous is not None else {})
 
 
-# Shared inputs and the eager computation
 def split_tokens(num_tokens: int, max_row: int = 512) -> Tuple[int, int]:
     """N tokens as (B rows, T tokens per row): about 8 rows, T at most ``max_row``."""
     tokens = min(max_row, max(1, num_tokens // 8))
@@ -125,20 +120,17 @@ def rl_batch(num_tokens: int, vocab: int, device: torch.device) -> Dict[str, tor
     mask = (torch.arange(tokens, device=device)[None, :] < lengths[:, None]).float()  # (B, T)
     old_logp = -math.log(vocab) + 0.1 * torch.randn(rows, tokens, device=device)  # (B, T)
     stats = ck.group_advantages(torch.rand(rows, device=device), group_ids, is_expert=is_expert)
-    return {
-        "targets": torch.randint(0, vocab, (rows, tokens), device=device),
-        "old_logp": old_logp,
-        "advantages": stats.advantages,
-        "mask": mask,
-        "passed": stats.passed,
-        "is_expert": is_expert,
-        "expert_logp": ck.expert_baseline(old_logp, mask, group_ids, is_expert),
-    }
+    targets = torch.randint(0, vocab, (rows, tokens), device=device)
+    expert_logp = ck.expert_baseline(old_logp, mask, group_ids, is_expert)
+    fields = dict(old_logp=old_logp, advantages=stats.advantages, mask=mask, passed=stats.passed)
+    return dict(fields, targets=targets, is_expert=is_expert, expert_logp=expert_logp)
 
 
-def loss_kwargs(inputs: Dict[str, torch.Tensor]) -> dict:
-    """The RL fields of a batch as the keyword arguments of the public loss ops."""
-    return {key: inputs[key] for key in ("expert_logp", "passed", "is_expert")}
+def rl_loss(loss_fn: Callable, inputs: Dict[str, torch.Tensor], *head, **extra) -> torch.Tensor:
+    """``loss_fn(*head, old_logp, advantages, mask, <the batch's RL keywords>, **extra).loss`` (CalibRL defaults)."""
+    fields = [inputs[key] for key in ("old_logp", "advantages", "mask")]
+    keywords = {key: inputs[key] for key in ("expert_logp", "passed", "is_expert")}
+    return loss_fn(*head, *fields, config=LOSS_CONFIG, **keywords, **extra).loss
 
 
 def eager_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -149,18 +141,9 @@ def eager_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor) -> Tuple
 
 def eager_calibrl_loss(logits: torch.Tensor, inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
     logp, entropy = eager_logprobs_entropy(logits, inputs["targets"])
-    return reference.calibrl_loss(
-        logp,
-        inputs["old_logp"],
-        inputs["advantages"],
-        inputs["mask"],
-        entropy=entropy,
-        config=LOSS_CONFIG,
-        **loss_kwargs(inputs),
-    ).loss
+    return rl_loss(reference.calibrl_loss, inputs, logp, entropy=entropy)
 
 
-# One point: every provider, interleaved
 MATERIALISE_LOGITS = (EAGER, COMPILED, f"{CALIBRL}-torch")  # fp32 (N, V) logits: the memory guard's subjects
 
 
@@ -170,8 +153,7 @@ def _probe(op: Op, suite: Suite, dtype: torch.dtype, device: torch.device) -> Tu
         a = torch.randn(suite.gemm_size, suite.gemm_size, device=device).to(dtype)
         out = torch.empty_like(a)
         return (lambda: torch.mm(a, a, out=out)), 2.0 * suite.gemm_size**3
-    source = torch.ones(suite.copy_bytes // 4, device=device)
-    target = torch.empty_like(source)
+    source, target = torch.ones(suite.copy_bytes // 4, device=device), torch.empty(suite.copy_bytes // 4, device=device)
     return (lambda: target.copy_(source)), 2.0 * suite.copy_bytes
 
 
@@ -186,10 +168,8 @@ def providers(op: Op, inputs, device: torch.device, impls: Sequence[str] = (), c
         contexts[name] = lambda impl=impl: forced_impl(impl)
     forwards[EAGER] = (lambda: op.eager(inputs), grads)
     if compiled:
-        compiled_eager = torch.compile(op.eager, dynamic=False)
-        forwards[COMPILED] = (lambda: compiled_eager(inputs), grads)
-        compiled_ours = torch.compile(op.calibrl, dynamic=False, fullgraph=True)
-        forwards[COMPILED_CALIBRL] = (lambda: compiled_ours(inputs), grads)
+        eager, ours = torch.compile(op.eager, dynamic=False), torch.compile(op.calibrl, dynamic=False, fullgraph=True)
+        forwards.update({COMPILED: (lambda: eager(inputs), grads), COMPILED_CALIBRL: (lambda: ours(inputs), grads)})
     try:
         if op.liger is None:
             raise Unavailable("Liger-Kernel has no counterpart of this op")
@@ -200,8 +180,7 @@ def providers(op: Op, inputs, device: torch.device, impls: Sequence[str] = (), c
 
 
 def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device, writer, options) -> None:
-    dtype = DTYPES[sweep.dtype]
-    x = dims[sweep.axis]
+    dtype, x = DTYPES[sweep.dtype], dims[sweep.axis]
     name = harness.x_name(sweep.axis, dict({k: v for k, v in dims.items() if k != sweep.axis}, dtype=sweep.dtype))
     print(f"{op.name}  {name}  {sweep.axis}={x}", flush=True)
     torch.manual_seed(0)
@@ -238,7 +217,6 @@ def run_point(op: Op, sweep: Sweep, dims: Dict[str, int], suite: Suite, device, 
     harness.release(device)
 
 
-# Suites and the command line
 def all_ops() -> Dict[str, Op]:
     names = ("fused_linear_calibrl_loss", "fused_calibrl_loss", "token_logprobs", "group_advantages")
     return {name: importlib.import_module(f".bench_{name}", __package__).OP for name in names}
@@ -287,7 +265,6 @@ def main(argv: Optional[Sequence[str]] = None, only: Optional[str] = None) -> in
     prog = "python -m bench" if only is None else f"python -m bench.bench_{only}"
     options = parser(prog, sorted(ops)).parse_args(argv)
     if only:
-        options.ops = [only]
-        options.no_train = True
+        options.ops, options.no_train = [only], True
     run_suite(options.suite, [op for name, op in ops.items() if not options.ops or name in options.ops], options)
     return 0

@@ -1,18 +1,11 @@
-"""Markdown tables and PNG plots of benchmark CSVs (the latest run of each point).
-
-    python -m bench.table bench/results/cpu-2core/ [--out tables.md] [--plots]
-
-Tables: per kernel, sizes and mode, each provider's p50, its time over the roofline and over calibrl's (the
-train step: tokens/s over eager's), and its peak memory. Plots: one figure per kernel and sweep, a row per
-metric, a column per mode, a line per provider (p50, p20-p80 band), the roofline dashed.
-"""
+"""Markdown tables and PNG plots of benchmark CSVs (the latest run of each point):
+``python -m bench.table bench/results/cpu-2core/ [--out tables.md] [--plots]``."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -25,28 +18,22 @@ def _fmt(value: float) -> str:
 
 
 def render(source) -> str:
+    """Per kernel, sizes and mode: each provider's p50, over the roofline's and calibrl's (train: eager's), peak."""
     rows = read_rows(source)
     cells = defaultdict(dict)  # (kernel, x_name, mode, x) -> {(provider, metric): p50}
     for row in rows:
         cells[(row["kernel"], row["x_name"], row["mode"], row["x"])][(row["provider"], row["metric"])] = row["p50"]
+    devices, versions = (", ".join(sorted({row[key] for row in rows})) for key in ("device", "version"))
     stamps = sorted({row["timestamp"] for row in rows})
-    lines = [
-        f"Measured on {', '.join(sorted({r['device'] for r in rows}))}; version "
-        f"{', '.join(sorted({r['version'] for r in rows}))}; runs {stamps[0] if stamps else '-'}"
-        f"{' .. ' + stamps[-1] if len(stamps) > 1 else ''}.",
-        "",
-    ]
+    runs = stamps[0] + (" .. " + stamps[-1] if len(stamps) > 1 else "") if stamps else "-"
+    lines = [f"Measured on {devices}; version {versions}; runs {runs}.", ""]
     for (kernel, x_name, mode, x), at in sorted(cells.items()):
         train = kernel == "train_step"
         bases = ("eager",) if train else ("roofline", "calibrl")  # the providers each time is divided by
         columns = ["tokens/s p50" if train else "ms p50", *(f"/ {b}" for b in bases)]
         columns.append("peak (MiB)" if train else "peak above inputs (MiB)")
-        lines += [
-            f"**{kernel}{'' if train else ', ' + mode}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**",
-            "",
-            "| provider | " + " | ".join(columns) + " |",
-            "|---" * (len(columns) + 1) + "|",
-        ]
+        title = f"**{kernel}{'' if train else ', ' + mode}, {x_name.split(';')[0]}={x:g}; {x_name.partition('; ')[2]}**"
+        lines += [title, "", "| provider | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for provider in sorted({p for p, _ in at}, key=lambda p: (not p.startswith("calibrl"), p == "roofline", p)):
             speed = at.get((provider, "speed"), math.nan)
             ratios = [_fmt(speed / at.get((base, "speed"), math.nan)) for base in bases]
@@ -58,9 +45,8 @@ def render(source) -> str:
 
 def _draw(axis, rows: List[dict]) -> bool:
     by_provider = defaultdict(list)
-    for row in sorted(rows, key=lambda r: r["x"]):
-        if not math.isnan(row["p50"]):
-            by_provider[row["provider"]].append(row)
+    for row in sorted((r for r in rows if not math.isnan(r["p50"])), key=lambda r: r["x"]):
+        by_provider[row["provider"]].append(row)
     for provider in sorted(by_provider, key=lambda name: (name == "roofline", name)):
         points = by_provider[provider]
         xs, p50 = [r["x"] for r in points], [r["p50"] for r in points]
@@ -81,11 +67,8 @@ def _draw(axis, rows: List[dict]) -> bool:
 
 
 def plot(source, out_dir=None) -> List[Path]:
-    """One PNG per (device, kernel, sweep) of the CSV(s) at ``source``, beside them by default; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One PNG per (device, kernel, sweep) of the CSV(s) at ``source`` (beside them by default); returns the paths."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry
 
     source = Path(source)
     out = Path(out_dir) if out_dir is not None else (source if source.is_dir() else source.parent)
@@ -98,9 +81,9 @@ def plot(source, out_dir=None) -> List[Path]:
     for (device, kernel, x_name), group in sorted(groups.items()):
         metrics = [m for m in METRICS if any(r["metric"] == m for r in group)]
         modes = [m for m in MODES if any(r["mode"] == m for r in group)]
-        figure, axes = plt.subplots(
-            len(metrics), len(modes), figsize=(5.5 * len(modes), 4 * len(metrics)), squeeze=False
-        )
+        shape = (len(metrics), len(modes))
+        figure = Figure(figsize=(5.5 * shape[1], 4 * shape[0]))
+        axes = figure.subplots(*shape, squeeze=False)
         for i, metric in enumerate(metrics):
             for j, mode in enumerate(modes):
                 drawn = _draw(axes[i][j], [r for r in group if r["metric"] == metric and r["mode"] == mode])
@@ -112,16 +95,14 @@ def plot(source, out_dir=None) -> List[Path]:
         name = f"{kernel}__" + re.sub(r"[^a-z0-9._-]+", "-", x_name.lower().replace("; ", "_").replace("=", ""))
         path = out / (f"{device}__{name}.png" if several_devices else f"{name}.png")
         figure.savefig(path, dpi=90)
-        plt.close(figure)
         written.append(path)
     return written
 
 
 def report(source, plots: bool, out=None) -> str:
     """The PNGs beside the CSV(s) at ``source`` (with ``plots``) and the markdown, also written to ``out``."""
-    if plots:
-        for path in plot(source):
-            print(f"plot: {path}")
+    for path in plot(source) if plots else ():
+        print(f"plot: {path}")
     text = render(source)
     if out:
         Path(out).write_text(text)
@@ -139,4 +120,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
