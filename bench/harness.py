@@ -199,14 +199,15 @@ def measure(calls: Dict[str, Callable], device: torch.device, timing: Timing, co
 
 
 def _one_round(call: Callable[[], object], device: torch.device) -> float:
-    """triton.testing.do_bench's median on CUDA, one perf_counter-timed call on CPU."""
+    """triton.testing.do_bench's median on CUDA; on CPU one call timed by torch.utils.benchmark (at the
+    process's thread count: its Timer would otherwise pin one thread)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return do_bench(call, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, return_mode="median") / 1e3
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
+    from torch.utils.benchmark import Timer
+
+    return Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads()).timeit(1).median
 
 
 def x_name(axis: str, fixed: Dict[str, object]) -> str:
