@@ -7,6 +7,7 @@ No research outcome is asserted here; the committed results come from the full s
 import csv
 import json
 import os
+import re
 
 import pytest
 
@@ -315,3 +316,34 @@ def test_v2_report_keeps_earlier_rows_and_pairs_ablations_with_calibrl(tmp_path)
     assert "difference to calibrl of the same seed" in table
     assert paired_stats.paired([0.3 - 0.5, 0.4 - 0.5]).cell() in table  # tanh - calibrl, by seed
     assert paired_stats.paired([0.3 - 0.4, 0.4 - 0.4]).cell() in table  # tanh - grpo, by seed
+
+
+def test_readme_study_table_is_the_committed_results():
+    """The README's study table quotes docs/study/v2/results.csv: means, seed counts and paired intervals."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = list(report_v2.earlier_rows(os.path.join(root, "docs", "study", "v2", "results.csv")).values())
+    main = report_v2._groups([r for r in rows if r["section"] == "main"])["main"]
+    grpo = {int(r["seed"]): r for r in main["grpo"]}
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    names = {"none (no guide)": "calibrl without its guide"}
+    for label, members in main.items():
+        line = next(x for x in readme.splitlines() if x.startswith(f"| {names.get(label, label)} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == str(len(members))
+        assert cells[2] == str(sum(int(m["collapsed"]) for m in members))
+        assert cells[3] == str(sum(int(m["format_broken"]) for m in members))
+        # the CSV keeps 4 decimals, the tables 3: recomputed numbers agree to within a rounding step
+        assert _numbers(cells[4]) == pytest.approx(
+            _numbers(report._mean_std(report_v2._values(members, "final_id_sampled"))), abs=2e-3
+        )
+        assert _numbers(cells[5]) == pytest.approx(
+            _numbers(report._mean_std(report_v2._values(members, "final_ood_color"))), abs=2e-3
+        )
+        if label != "grpo":
+            differences = [m["final_id_sampled"] - grpo[int(m["seed"])]["final_id_sampled"] for m in members]
+            assert _numbers(cells[7]) == pytest.approx(_numbers(paired_stats.paired(differences).cell()), abs=2e-3)
+
+
+def _numbers(cell: str) -> list:
+    """The numbers of a table cell ("0.081 ± 0.119", "-0.078 [-0.226, +0.070] 1+/3-"), sign counts included."""
+    return [float(x) for x in re.findall(r"[-+]?\d+(?:\.\d+)?", cell)]
