@@ -199,15 +199,16 @@ def measure(calls: Dict[str, Callable], device: torch.device, timing: Timing, co
 
 
 def _one_round(call: Callable[[], object], device: torch.device) -> float:
-    """triton.testing.do_bench's median on CUDA; on CPU one call timed by torch.utils.benchmark (at the
-    process's thread count: its Timer would otherwise pin one thread)."""
+    """triton.testing.do_bench's median on CUDA, one perf_counter-timed call on CPU. (Not
+    torch.utils.benchmark's Timer: its timeit runs two warm-up calls before each timed one, which would
+    triple every CPU round and run each provider three times in a row instead of interleaving them.)"""
     if device.type == "cuda":
         from triton.testing import do_bench
 
         return do_bench(call, warmup=CUDA_WARMUP_MS, rep=CUDA_REP_MS, return_mode="median") / 1e3
-    from torch.utils.benchmark import Timer
-
-    return Timer("call()", globals={"call": call}, num_threads=torch.get_num_threads()).timeit(1).median
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
 
 
 def x_name(axis: str, fixed: Dict[str, object]) -> str:
